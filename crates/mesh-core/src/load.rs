@@ -1,0 +1,210 @@
+//! Counting the work a node has in hand, so its load can be gossiped without embedders doing
+//! arithmetic by hand.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicU32, Ordering},
+};
+
+use tokio::sync::Notify;
+
+/// Tracks pending tasks (queued plus executing) and the node's concurrency limit.
+///
+/// Every change wakes the membership task, which publishes a new [`crate::NodeState`] version
+/// (coalesced and rate-limited, so a burst of task starts costs one update, not thousands).
+/// Cloning is cheap; all clones share the counters.
+///
+/// ```
+/// use mesh_core::LoadTracker;
+///
+/// let load = LoadTracker::new(2);
+/// let first = load.begin_task();
+/// let second = load.try_begin_task().expect("one slot left");
+/// assert!(load.try_begin_task().is_none(), "full");
+/// assert_eq!(load.pending(), 2);
+/// drop((first, second));
+/// assert_eq!(load.pending(), 0);
+/// assert_eq!(load.peak_pending(), 2);
+/// ```
+#[derive(Debug, Clone)]
+pub struct LoadTracker {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    pending: AtomicU32,
+    peak: AtomicU32,
+    max_concurrency: AtomicU32,
+    changed: Notify,
+}
+
+impl LoadTracker {
+    /// A tracker with no pending tasks and the given concurrency limit.
+    pub fn new(max_concurrency: u32) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                pending: AtomicU32::new(0),
+                peak: AtomicU32::new(0),
+                max_concurrency: AtomicU32::new(max_concurrency),
+                changed: Notify::new(),
+            }),
+        }
+    }
+
+    /// Counts one more pending task until the returned guard is dropped.
+    ///
+    /// Always succeeds, even over the limit: queued work counts as load too.
+    pub fn begin_task(&self) -> TaskGuard {
+        let now = self
+            .inner
+            .pending
+            .fetch_add(1, Ordering::AcqRel)
+            .saturating_add(1);
+        self.inner.peak.fetch_max(now, Ordering::AcqRel);
+        self.inner.changed.notify_one();
+        TaskGuard {
+            tracker: self.clone(),
+        }
+    }
+
+    /// Like [`LoadTracker::begin_task`], but only while fewer than `max_concurrency` tasks
+    /// are pending.
+    pub fn try_begin_task(&self) -> Option<TaskGuard> {
+        let max = self.inner.max_concurrency.load(Ordering::Acquire);
+        let mut current = self.inner.pending.load(Ordering::Acquire);
+        loop {
+            if current >= max {
+                return None;
+            }
+            match self.inner.pending.compare_exchange_weak(
+                current,
+                current + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => break,
+                Err(actual) => current = actual,
+            }
+        }
+        self.inner.peak.fetch_max(current + 1, Ordering::AcqRel);
+        self.inner.changed.notify_one();
+        Some(TaskGuard {
+            tracker: self.clone(),
+        })
+    }
+
+    /// Tasks currently pending.
+    pub fn pending(&self) -> u32 {
+        self.inner.pending.load(Ordering::Acquire)
+    }
+
+    /// The most tasks ever pending at once.
+    pub fn peak_pending(&self) -> u32 {
+        self.inner.peak.load(Ordering::Acquire)
+    }
+
+    /// The concurrency limit.
+    pub fn max_concurrency(&self) -> u32 {
+        self.inner.max_concurrency.load(Ordering::Acquire)
+    }
+
+    /// Changes the concurrency limit; peers learn it with the next state update.
+    pub fn set_max_concurrency(&self, max_concurrency: u32) {
+        let previous = self
+            .inner
+            .max_concurrency
+            .swap(max_concurrency, Ordering::AcqRel);
+        if previous != max_concurrency {
+            self.inner.changed.notify_one();
+        }
+    }
+
+    /// `pending / max_concurrency`, infinite when the limit is zero.
+    pub fn load_ratio(&self) -> f64 {
+        let max = self.max_concurrency();
+        if max == 0 {
+            f64::INFINITY
+        } else {
+            f64::from(self.pending()) / f64::from(max)
+        }
+    }
+
+    /// Resolves after the next change (used by the membership task).
+    pub(crate) async fn changed(&self) {
+        self.inner.changed.notified().await;
+    }
+
+    fn end_task(&self) {
+        // Saturating: a guard can only exist after an increment, so this never underflows,
+        // but a saturating update keeps that true even if a future change breaks the pairing.
+        let _ = self
+            .inner
+            .pending
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| {
+                Some(p.saturating_sub(1))
+            });
+        self.inner.changed.notify_one();
+    }
+}
+
+/// One pending task; dropping it ends the task.
+#[derive(Debug)]
+#[must_use = "the task ends as soon as the guard is dropped"]
+pub struct TaskGuard {
+    tracker: LoadTracker,
+}
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        self.tracker.end_task();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guards_count_and_uncount() {
+        let load = LoadTracker::new(4);
+        let guards: Vec<_> = (0..6).map(|_| load.begin_task()).collect();
+        assert_eq!(load.pending(), 6);
+        assert_eq!(load.load_ratio(), 1.5);
+        drop(guards);
+        assert_eq!(load.pending(), 0);
+        assert_eq!(load.peak_pending(), 6);
+    }
+
+    #[test]
+    fn try_begin_respects_the_limit_under_contention() {
+        let load = LoadTracker::new(50);
+        let guards = std::sync::Mutex::new(Vec::new());
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..100 {
+                        if let Some(g) = load.try_begin_task() {
+                            guards.lock().unwrap().push(g);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(guards.lock().unwrap().len(), 50);
+        assert_eq!(load.pending(), 50);
+    }
+
+    #[tokio::test]
+    async fn changes_wake_the_publisher() {
+        let load = LoadTracker::new(1);
+        let waiter = {
+            let load = load.clone();
+            tokio::spawn(async move { load.changed().await })
+        };
+        tokio::task::yield_now().await;
+        load.set_max_concurrency(3);
+        waiter.await.unwrap();
+        assert_eq!(load.max_concurrency(), 3);
+    }
+}

@@ -1,0 +1,660 @@
+//! The handle embedders hold, and the builder that starts the membership task.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use mesh_discovery::{DynDiscover, LastKnownGood};
+use tokio::{
+    net::UdpSocket,
+    sync::{Notify, broadcast, mpsc, oneshot, watch},
+    task::JoinHandle,
+};
+
+use crate::{
+    Identity, LoadTracker, LocalStatus, MeshEvent, MeshStats, NodeId, NodeState, StateError, Tags,
+    Timing, TimingError,
+    agent::{Agent, AgentParts, Input},
+    identity::generation_now,
+    state::{validate_endpoint, validate_tags},
+    stats::{Counters, Dropped},
+    transport::Transport,
+    view::{Member, MembershipView, PeerStatus},
+    wire::{Envelope, MAX_DATAGRAM},
+};
+
+/// Capacity of the event channel; slower receivers lose the oldest events.
+const EVENT_CAPACITY: usize = 1024;
+/// Datagrams queued between the receive task and the membership task before new ones are
+/// dropped (counted as overload).
+const INPUT_CAPACITY: usize = 1024;
+
+/// The fields of our state that embedders set (load comes from the [`LoadTracker`]).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct LocalFields {
+    pub(crate) grpc_endpoint: Option<String>,
+    pub(crate) tags: Tags,
+    pub(crate) draining: bool,
+}
+
+/// State shared by handles and the membership task.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    view: ArcSwap<MembershipView>,
+    view_epoch: watch::Sender<u64>,
+    pub(crate) events: broadcast::Sender<MeshEvent>,
+    local: Mutex<LocalFields>,
+    pub(crate) local_changed: Notify,
+    pub(crate) discovery_wanted: Notify,
+    pub(crate) load: LoadTracker,
+    pub(crate) counters: Counters,
+}
+
+impl Shared {
+    pub(crate) fn lock_local(&self) -> MutexGuard<'_, LocalFields> {
+        self.local
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(crate) fn publish_view(&self, view: MembershipView) {
+        let epoch = view.epoch;
+        self.view.store(Arc::new(view));
+        self.view_epoch.send_replace(epoch);
+    }
+}
+
+/// A running member of the mesh.
+///
+/// Cheap to clone; every clone controls the same node. The membership task stops when
+/// [`Membership::leave`] or [`Membership::shutdown`] is called, or when the last clone is
+/// dropped.
+///
+/// ```no_run
+/// use mesh_core::{Membership, NodeId, Timing};
+///
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// let node = Membership::builder(NodeId::new("worker-1")?)
+///     .bind_addr("127.0.0.1:0".parse()?)
+///     .seeds(["127.0.0.1:7946".parse()?])
+///     .timing(Timing::local())
+///     .max_concurrency(8)
+///     .start()
+///     .await?;
+///
+/// let task = node.load().begin_task(); // peers see one more pending task
+/// for peer in node.view().peers() {
+///     println!("{} ratio {:?}", peer.node_id(), peer.state().map(|s| s.load_ratio()));
+/// }
+/// drop(task);
+/// node.leave().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Membership {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    shared: Arc<Shared>,
+    inputs: mpsc::Sender<Input>,
+    shutdown: watch::Sender<bool>,
+    task: Mutex<Option<JoinHandle<()>>>,
+    local_addr: SocketAddr,
+    node_id: NodeId,
+    timing: Timing,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.shutdown.send_replace(true);
+    }
+}
+
+impl Membership {
+    /// Starts configuring a node with the given id.
+    pub fn builder(node_id: NodeId) -> MembershipBuilder {
+        MembershipBuilder::new(node_id)
+    }
+
+    /// The current membership snapshot. Lock-free; never waits on the membership task.
+    pub fn view(&self) -> Arc<MembershipView> {
+        self.inner.shared.view.load_full()
+    }
+
+    /// Waits until `condition` holds for the membership view, and returns that view.
+    ///
+    /// Wrap it in [`tokio::time::timeout`] to bound the wait. Returns the last view if the
+    /// membership task stops first.
+    pub async fn wait_until(
+        &self,
+        mut condition: impl FnMut(&MembershipView) -> bool,
+    ) -> Arc<MembershipView> {
+        let mut epochs = self.inner.shared.view_epoch.subscribe();
+        loop {
+            let view = self.view();
+            if condition(&view) || epochs.changed().await.is_err() {
+                return view;
+            }
+        }
+    }
+
+    /// A receiver of membership events from now on.
+    pub fn events(&self) -> broadcast::Receiver<MeshEvent> {
+        self.inner.shared.events.subscribe()
+    }
+
+    /// This node's load tracker: hand out task guards from it.
+    pub fn load(&self) -> &LoadTracker {
+        &self.inner.shared.load
+    }
+
+    /// This node's current identity (its generation changes if it had to rejoin).
+    pub fn identity(&self) -> Identity {
+        self.view().local().identity().clone()
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> &NodeId {
+        &self.inner.node_id
+    }
+
+    /// The address the gossip socket is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner.local_addr
+    }
+
+    /// The timing this node runs with.
+    pub fn timing(&self) -> &Timing {
+        &self.inner.timing
+    }
+
+    /// Gossip counters.
+    pub fn stats(&self) -> MeshStats {
+        self.inner.shared.counters.snapshot()
+    }
+
+    /// Replaces this node's tags. Refused, leaving the old tags in place, if a tag breaks a rule
+    /// or the state would exceed [`crate::MAX_STATE_SIZE`].
+    pub fn set_tags(&self, tags: Tags) -> Result<(), StateError> {
+        self.update_local(|fields| fields.tags = tags)
+    }
+
+    /// Sets or clears the gRPC endpoint peers forward calls to.
+    pub fn set_grpc_endpoint(&self, endpoint: Option<String>) -> Result<(), StateError> {
+        self.update_local(|fields| fields.grpc_endpoint = endpoint)
+    }
+
+    /// Marks the node draining (a member that takes no new work) or not.
+    pub fn set_draining(&self, draining: bool) -> Result<(), StateError> {
+        self.update_local(|fields| fields.draining = draining)
+    }
+
+    /// Shorthand for [`LoadTracker::set_max_concurrency`].
+    pub fn set_max_concurrency(&self, max_concurrency: u32) {
+        self.load().set_max_concurrency(max_concurrency);
+    }
+
+    fn update_local(&self, change: impl FnOnce(&mut LocalFields)) -> Result<(), StateError> {
+        if self.is_stopped() {
+            return Err(StateError::Stopped);
+        }
+        let shared = &self.inner.shared;
+        let mut fields = shared.lock_local();
+        let mut candidate = fields.clone();
+        change(&mut candidate);
+        check_local(&self.inner.node_id, &candidate)?;
+        *fields = candidate;
+        drop(fields);
+        shared.local_changed.notify_one();
+        Ok(())
+    }
+
+    /// Announces this node to `addrs` now (they are also remembered and re-announced to while
+    /// the node is isolated).
+    pub async fn join(
+        &self,
+        addrs: impl IntoIterator<Item = SocketAddr>,
+    ) -> Result<(), StoppedError> {
+        self.inner
+            .inputs
+            .send(Input::Join(addrs.into_iter().collect()))
+            .await
+            .map_err(|_| StoppedError)
+    }
+
+    /// Leaves the cluster gracefully and stops: marks the node draining, tells every member it
+    /// is leaving (they report it as left, not failed), and returns within
+    /// [`Timing::leave_timeout`].
+    pub async fn leave(&self) -> Result<(), LeaveError> {
+        let (reply, done) = oneshot::channel();
+        if self.inner.inputs.send(Input::Leave(reply)).await.is_err() {
+            return Err(LeaveError::Stopped);
+        }
+        let timeout = self.inner.timing.leave_timeout;
+        let result = match tokio::time::timeout(timeout, done).await {
+            Ok(_) => Ok(()),
+            Err(_) => Err(LeaveError::Timeout { after: timeout }),
+        };
+        self.shutdown().await;
+        result
+    }
+
+    /// Stops the node at once, without telling anyone: peers will detect it as failed.
+    pub async fn shutdown(&self) {
+        self.inner.shutdown.send_replace(true);
+        let task = self
+            .inner
+            .task
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+    }
+
+    fn is_stopped(&self) -> bool {
+        *self.inner.shutdown.borrow() || self.inner.inputs.is_closed()
+    }
+}
+
+fn check_local(node_id: &NodeId, fields: &LocalFields) -> Result<(), StateError> {
+    validate_tags(&fields.tags)?;
+    if let Some(endpoint) = &fields.grpc_endpoint {
+        validate_endpoint(endpoint)?;
+    }
+    let mut state = NodeState::new(node_id.clone(), 0, 0);
+    state.grpc_endpoint = fields.grpc_endpoint.clone();
+    state.tags = fields.tags.clone();
+    state.draining = fields.draining;
+    state.check_worst_case_size()
+}
+
+/// The membership task has stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the mesh has stopped")]
+pub struct StoppedError;
+
+/// [`Membership::leave`] did not complete cleanly.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum LeaveError {
+    /// The node had already stopped.
+    #[error("the mesh had already stopped")]
+    Stopped,
+    /// The leave did not finish in time; the node stopped anyway.
+    #[error("leaving did not finish within {after:?}; the node stopped anyway")]
+    Timeout {
+        /// The bound that passed.
+        after: Duration,
+    },
+}
+
+/// A node could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// Binding the gossip socket failed.
+    #[error("binding the gossip socket to {addr} failed: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The transport could not report its address.
+    #[error("reading the gossip socket's local address failed: {0}")]
+    LocalAddr(#[source] std::io::Error),
+    /// Bound to `0.0.0.0`/`::` with no advertise address: peers would not know where to reach
+    /// us.
+    #[error(
+        "the gossip socket is bound to {bind}, which peers cannot reach; set an advertise address"
+    )]
+    AdvertiseRequired {
+        /// The bound address.
+        bind: SocketAddr,
+    },
+    /// The timing is invalid.
+    #[error(transparent)]
+    Timing(#[from] TimingError),
+    /// The initial state is invalid (tags, endpoint or size).
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+/// Configures and starts a [`Membership`].
+#[derive(Clone)]
+#[must_use = "a builder does nothing until started"]
+pub struct MembershipBuilder {
+    node_id: NodeId,
+    bind_addr: SocketAddr,
+    advertise_addr: Option<SocketAddr>,
+    timing: Timing,
+    seeds: Vec<SocketAddr>,
+    discovery: Option<Arc<dyn DynDiscover>>,
+    fields: LocalFields,
+    load: Option<LoadTracker>,
+    max_concurrency: u32,
+    generation: Option<u64>,
+    rng_seed: Option<u64>,
+}
+
+impl std::fmt::Debug for MembershipBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MembershipBuilder")
+            .field("node_id", &self.node_id)
+            .field("bind_addr", &self.bind_addr)
+            .field("advertise_addr", &self.advertise_addr)
+            .field("seeds", &self.seeds)
+            .field("discovery", &self.discovery.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The default gossip port (memberlist's).
+pub const DEFAULT_GOSSIP_PORT: u16 = 7946;
+
+impl MembershipBuilder {
+    fn new(node_id: NodeId) -> Self {
+        Self {
+            node_id,
+            bind_addr: SocketAddr::from(([0, 0, 0, 0], DEFAULT_GOSSIP_PORT)),
+            advertise_addr: None,
+            timing: Timing::lan(),
+            seeds: Vec::new(),
+            discovery: None,
+            fields: LocalFields::default(),
+            load: None,
+            max_concurrency: 0,
+            generation: None,
+            rng_seed: None,
+        }
+    }
+
+    /// Where the gossip socket binds. Default `0.0.0.0:7946`; use port 0 for an ephemeral port.
+    pub fn bind_addr(mut self, addr: SocketAddr) -> Self {
+        self.bind_addr = addr;
+        self
+    }
+
+    /// The address peers reach us at, when it differs from the bound one (containers, NAT).
+    /// Required when binding to an unspecified address such as `0.0.0.0`.
+    pub fn advertise_addr(mut self, addr: SocketAddr) -> Self {
+        self.advertise_addr = Some(addr);
+        self
+    }
+
+    /// Timing preset; default [`Timing::lan`].
+    pub fn timing(mut self, timing: Timing) -> Self {
+        self.timing = timing;
+        self
+    }
+
+    /// Gossip addresses to announce to at start and whenever the node is isolated.
+    pub fn seeds(mut self, seeds: impl IntoIterator<Item = SocketAddr>) -> Self {
+        self.seeds.extend(seeds);
+        self
+    }
+
+    /// A discovery source asked every [`Timing::discovery_interval`] (and more often while the
+    /// node is isolated); every address that is not a member is announced to.
+    pub fn discovery(mut self, discovery: impl DynDiscover) -> Self {
+        self.discovery = Some(Arc::new(discovery));
+        self
+    }
+
+    /// Like [`MembershipBuilder::discovery`], for a source chosen at run time.
+    pub fn discovery_dyn(mut self, discovery: Arc<dyn DynDiscover>) -> Self {
+        self.discovery = Some(discovery);
+        self
+    }
+
+    /// The gRPC endpoint peers should forward calls to.
+    pub fn grpc_endpoint(mut self, endpoint: impl Into<String>) -> Self {
+        self.fields.grpc_endpoint = Some(endpoint.into());
+        self
+    }
+
+    /// Initial tags.
+    pub fn tags(mut self, tags: Tags) -> Self {
+        self.fields.tags = tags;
+        self
+    }
+
+    /// Initial concurrency limit (default 0: the node takes no forwarded work until set).
+    pub fn max_concurrency(mut self, max_concurrency: u32) -> Self {
+        self.max_concurrency = max_concurrency;
+        self
+    }
+
+    /// Start draining.
+    pub fn draining(mut self, draining: bool) -> Self {
+        self.fields.draining = draining;
+        self
+    }
+
+    /// Use an existing load tracker (its concurrency limit wins over
+    /// [`MembershipBuilder::max_concurrency`]).
+    pub fn load_tracker(mut self, load: LoadTracker) -> Self {
+        self.load = Some(load);
+        self
+    }
+
+    /// Fix the identity generation instead of taking the wall clock (tests, simulations).
+    pub fn generation(mut self, generation: u64) -> Self {
+        self.generation = Some(generation);
+        self
+    }
+
+    /// Seed every random choice (probe order, gossip targets) for reproducible simulations.
+    pub fn rng_seed(mut self, seed: u64) -> Self {
+        self.rng_seed = Some(seed);
+        self
+    }
+
+    /// Binds a UDP socket and starts the node.
+    pub async fn start(self) -> Result<Membership, StartError> {
+        let addr = self.bind_addr;
+        let socket = UdpSocket::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })?;
+        self.start_with_transport(socket).await
+    }
+
+    /// Starts the node on a transport of your own (a simulated network, a pre-bound socket).
+    pub async fn start_with_transport<T: Transport>(
+        self,
+        transport: T,
+    ) -> Result<Membership, StartError> {
+        self.timing.validate()?;
+        check_local(&self.node_id, &self.fields)?;
+        let local_addr = transport.local_addr().map_err(StartError::LocalAddr)?;
+        let advertise = match self.advertise_addr {
+            Some(addr) => addr,
+            None if local_addr.ip().is_unspecified() => {
+                return Err(StartError::AdvertiseRequired { bind: local_addr });
+            }
+            None => local_addr,
+        };
+        let identity = Identity::new(
+            self.node_id.clone(),
+            advertise,
+            self.generation.unwrap_or_else(generation_now),
+        );
+        let load = self
+            .load
+            .unwrap_or_else(|| LoadTracker::new(self.max_concurrency));
+        let (events, _) = broadcast::channel(EVENT_CAPACITY);
+        let (view_epoch, _) = watch::channel(0);
+        let shared = Arc::new(Shared {
+            view: ArcSwap::from_pointee(initial_view(&identity)),
+            view_epoch,
+            events,
+            local: Mutex::new(self.fields),
+            local_changed: Notify::new(),
+            discovery_wanted: Notify::new(),
+            load,
+            counters: Counters::default(),
+        });
+        let (inputs_tx, inputs_rx) = mpsc::channel(INPUT_CAPACITY);
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let transport = Arc::new(transport);
+        let envelope = Envelope::default();
+
+        let receiver = tokio::spawn(receive_loop(
+            Arc::clone(&transport),
+            envelope.clone(),
+            inputs_tx.clone(),
+            Arc::clone(&shared),
+        ));
+        let discovery = self.discovery.map(|discovery| {
+            tokio::spawn(discovery_loop(
+                discovery,
+                self.timing.discovery_interval,
+                inputs_tx.clone(),
+                Arc::clone(&shared),
+            ))
+        });
+
+        let agent = Agent::new(AgentParts {
+            identity,
+            transport,
+            local_addr,
+            envelope,
+            shared: Arc::clone(&shared),
+            timing: self.timing.clone(),
+            seeds: self.seeds,
+            rng_seed: self.rng_seed,
+        });
+        let task = tokio::spawn(async move {
+            agent.run(inputs_rx, shutdown_rx).await;
+            receiver.abort();
+            if let Some(discovery) = discovery {
+                discovery.abort();
+            }
+        });
+        Ok(Membership {
+            inner: Arc::new(Inner {
+                shared,
+                inputs: inputs_tx,
+                shutdown: shutdown_tx,
+                task: Mutex::new(Some(task)),
+                local_addr,
+                node_id: self.node_id,
+                timing: self.timing,
+            }),
+        })
+    }
+}
+
+fn initial_view(identity: &Identity) -> MembershipView {
+    MembershipView {
+        local: Member {
+            identity: identity.clone(),
+            status: PeerStatus::Alive,
+            state: None,
+            refreshed_at: None,
+            local: true,
+        },
+        peers: Vec::new(),
+        status: LocalStatus::Joining,
+        epoch: 0,
+    }
+}
+
+/// Reads datagrams, checks their envelope, and hands the valid ones to the membership task.
+/// Garbage is counted and dropped here, off the membership task.
+async fn receive_loop<T: Transport>(
+    transport: Arc<T>,
+    envelope: Envelope,
+    inputs: mpsc::Sender<Input>,
+    shared: Arc<Shared>,
+) {
+    // One byte more than the budget, so an oversized datagram is seen as such, not truncated.
+    let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+    let mut consecutive_errors = 0u32;
+    loop {
+        let (len, from) = match transport.recv_from(&mut buf).await {
+            Ok(received) => {
+                consecutive_errors = 0;
+                received
+            }
+            Err(error) => {
+                // Some platforms report ICMP errors of earlier sends here; keep reading, but
+                // never spin on a socket that keeps failing.
+                consecutive_errors = consecutive_errors.saturating_add(1);
+                tracing::debug!(%error, "gossip socket receive error");
+                if consecutive_errors > 8 {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                continue;
+            }
+        };
+        shared.counters.received();
+        let (kind, body) = match envelope.open(&buf[..len]) {
+            Ok(opened) => opened,
+            Err(error) => {
+                let why = match error {
+                    crate::WireError::Unauthenticated
+                    | crate::WireError::MissingEncryption
+                    | crate::WireError::UnexpectedEncryption => {
+                        Dropped::Unauthenticated(error.label())
+                    }
+                    _ => Dropped::Malformed(error.label()),
+                };
+                shared.counters.dropped(why);
+                tracing::debug!(%from, %error, "dropped datagram");
+                continue;
+            }
+        };
+        let input = Input::Datagram {
+            kind,
+            body: Bytes::copy_from_slice(body),
+        };
+        match inputs.try_send(input) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => shared.counters.dropped(Dropped::Overload),
+            Err(mpsc::error::TrySendError::Closed(_)) => return,
+        }
+    }
+}
+
+/// Asks the discovery source for peers on an interval, or sooner when the membership task
+/// wants it (isolated). A failed or empty answer keeps the last good one in use.
+async fn discovery_loop(
+    discovery: Arc<dyn DynDiscover>,
+    interval: Duration,
+    inputs: mpsc::Sender<Input>,
+    shared: Arc<Shared>,
+) {
+    let discovery = LastKnownGood::new(discovery);
+    loop {
+        // Boxed as `Send` here, where the source type is concrete: proving it through the
+        // generic `refresh` future trips a higher-ranked lifetime limitation of rustc.
+        let refreshing: std::pin::Pin<Box<dyn Future<Output = _> + Send + '_>> =
+            Box::pin(discovery.refresh());
+        let refresh = refreshing.await;
+        if let Some(error) = refresh.error() {
+            metrics::counter!("mesh_discovery_failures_total").increment(1);
+            tracing::warn!(%error, age = ?refresh.age, "peer discovery failed; keeping the last good answer");
+        }
+        if inputs
+            .send(Input::Discovered(refresh.addrs.to_vec()))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            () = shared.discovery_wanted.notified() => {}
+        }
+    }
+}

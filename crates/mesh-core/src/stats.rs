@@ -1,0 +1,91 @@
+//! Counters of what the gossip layer did with datagrams, also exported through the `metrics`
+//! facade (`mesh_datagrams_*`).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A snapshot of the gossip counters ([`crate::Membership::stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MeshStats {
+    /// Datagrams read from the socket.
+    pub datagrams_received: u64,
+    /// Datagrams handed to the socket.
+    pub datagrams_sent: u64,
+    /// Datagrams the socket refused (buffer full, unreachable): gossip tolerates loss.
+    pub send_failures: u64,
+    /// Datagrams dropped because their envelope was malformed (bad magic, version, kind, size).
+    pub dropped_malformed: u64,
+    /// Datagrams dropped because they failed authentication or encryption was missing.
+    pub dropped_unauthenticated: u64,
+    /// Datagrams dropped because the membership task was too far behind to take them.
+    pub dropped_overload: u64,
+    /// Well-enveloped datagrams foca rejected (undecodable SWIM packet, data from ourselves…).
+    pub foca_rejected: u64,
+    /// Node states rejected as undecodable or invalid.
+    pub states_rejected: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    received: AtomicU64,
+    sent: AtomicU64,
+    send_failures: AtomicU64,
+    malformed: AtomicU64,
+    unauthenticated: AtomicU64,
+    overload: AtomicU64,
+    foca_rejected: AtomicU64,
+    states_rejected: AtomicU64,
+}
+
+/// Why a datagram was dropped, for counting.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Dropped {
+    Malformed(&'static str),
+    Unauthenticated(&'static str),
+    Overload,
+    FocaRejected,
+    StateRejected,
+}
+
+impl Counters {
+    pub(crate) fn received(&self) {
+        self.received.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("mesh_datagrams_received_total").increment(1);
+    }
+
+    pub(crate) fn sent(&self, ok: bool) {
+        if ok {
+            self.sent.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("mesh_datagrams_sent_total").increment(1);
+        } else {
+            self.send_failures.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("mesh_datagram_send_failures_total").increment(1);
+        }
+    }
+
+    pub(crate) fn dropped(&self, why: Dropped) {
+        let (counter, reason) = match why {
+            Dropped::Malformed(reason) => (&self.malformed, reason),
+            Dropped::Unauthenticated(reason) => (&self.unauthenticated, reason),
+            Dropped::Overload => (&self.overload, "overload"),
+            Dropped::FocaRejected => (&self.foca_rejected, "foca_rejected"),
+            Dropped::StateRejected => (&self.states_rejected, "state_rejected"),
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("mesh_datagrams_dropped_total", "reason" => reason).increment(1);
+    }
+
+    pub(crate) fn snapshot(&self) -> MeshStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        MeshStats {
+            datagrams_received: get(&self.received),
+            datagrams_sent: get(&self.sent),
+            send_failures: get(&self.send_failures),
+            dropped_malformed: get(&self.malformed),
+            dropped_unauthenticated: get(&self.unauthenticated),
+            dropped_overload: get(&self.overload),
+            foca_rejected: get(&self.foca_rejected),
+            states_rejected: get(&self.states_rejected),
+        }
+    }
+}

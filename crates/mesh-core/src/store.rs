@@ -1,0 +1,285 @@
+//! The table of every node's latest state, and the foca broadcast handler that feeds it.
+//!
+//! Node states travel three ways (see the crate docs): piggybacked on SWIM messages as foca
+//! custom broadcasts, pushed directly by their owner, and refreshed periodically. All three end
+//! here, where a state is kept only if its `(generation, version)` is newer than what we hold.
+//! Foca re-disseminates exactly the states [`StateGossip::receive_item`] reports as new, so a
+//! stale copy still circulating dies out instead of undoing a newer one.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, MutexGuard},
+};
+
+use tokio::time::Instant;
+
+use crate::{Identity, NodeId, NodeState, StateError};
+
+/// What applying a received state did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Applied {
+    /// A newer version replaced ours (or it is the first we hold).
+    New,
+    /// The same version as ours arrived directly from its owner: it is still current.
+    Refreshed,
+    /// Older than ours, or about a life of the node that is known to be over.
+    Stale,
+}
+
+#[derive(Debug)]
+pub(crate) struct Entry {
+    pub(crate) state: Arc<NodeState>,
+    pub(crate) refreshed_at: Instant,
+}
+
+/// Latest state per node, plus the generations known to be dead.
+#[derive(Debug, Default)]
+pub(crate) struct StateStore {
+    entries: HashMap<NodeId, Entry>,
+    /// Highest generation of each node id that went down, so late copies of its last state
+    /// (still piggybacked somewhere) are not resurrected.
+    buried: HashMap<NodeId, (u64, Instant)>,
+    /// States accepted since the owner last drained them; they become `Updated` events.
+    accepted: Vec<Arc<NodeState>>,
+    /// Set when anything readers can see changed (new state, refreshed age).
+    dirty: bool,
+}
+
+impl StateStore {
+    pub(crate) fn apply(&mut self, state: NodeState, now: Instant, direct: bool) -> Applied {
+        if self
+            .buried
+            .get(&state.node_id)
+            .is_some_and(|(generation, _)| state.generation <= *generation)
+        {
+            return Applied::Stale;
+        }
+        if let Some(entry) = self.entries.get_mut(&state.node_id)
+            && !state.is_newer_than(&entry.state)
+        {
+            if direct && *entry.state == state {
+                entry.refreshed_at = now;
+                self.dirty = true;
+                return Applied::Refreshed;
+            }
+            return Applied::Stale;
+        }
+        let state = Arc::new(state);
+        self.accepted.push(Arc::clone(&state));
+        self.entries.insert(
+            state.node_id.clone(),
+            Entry {
+                state,
+                refreshed_at: now,
+            },
+        );
+        self.dirty = true;
+        Applied::New
+    }
+
+    /// Forgets the state of a life that ended, and refuses it from now on.
+    pub(crate) fn bury(&mut self, identity: &Identity, now: Instant) {
+        let node_id = identity.node_id();
+        if self
+            .entries
+            .get(node_id)
+            .is_some_and(|e| e.state.generation <= identity.generation())
+        {
+            self.entries.remove(node_id);
+            self.dirty = true;
+        }
+        let tomb = self
+            .buried
+            .entry(node_id.clone())
+            .or_insert((identity.generation(), now));
+        if identity.generation() >= tomb.0 {
+            *tomb = (identity.generation(), now);
+        }
+    }
+
+    pub(crate) fn get(&self, node_id: &NodeId) -> Option<&Entry> {
+        self.entries.get(node_id)
+    }
+
+    /// Drops states that belong to no current member and tombstones older than `keep`.
+    pub(crate) fn prune(
+        &mut self,
+        is_member: impl Fn(&NodeId, u64) -> bool,
+        now: Instant,
+        keep: std::time::Duration,
+    ) {
+        let before = self.entries.len();
+        self.entries.retain(|id, e| {
+            is_member(id, e.state.generation) || now.duration_since(e.refreshed_at) < keep
+        });
+        if self.entries.len() != before {
+            self.dirty = true;
+        }
+        self.buried
+            .retain(|_, (_, since)| now.duration_since(*since) < keep);
+    }
+
+    pub(crate) fn take_accepted(&mut self) -> Vec<Arc<NodeState>> {
+        std::mem::take(&mut self.accepted)
+    }
+
+    pub(crate) fn take_dirty(&mut self) -> bool {
+        std::mem::replace(&mut self.dirty, false)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+}
+
+/// Shared between the foca broadcast handler and the task that owns foca. Only that one task
+/// ever locks it, so the lock is never contended; it exists because foca owns its handler.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SharedStore(Arc<Mutex<StateStore>>);
+
+impl SharedStore {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, StateStore> {
+        // A poisoned lock means a panic elsewhere in this task; the data is still consistent
+        // (every mutation is a single insert/remove), so keep going.
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// The key foca uses to replace an older state of a node that is still being disseminated.
+#[derive(Debug, Clone)]
+pub(crate) struct StateKey {
+    node_id: NodeId,
+    rank: (u64, u64),
+}
+
+impl foca::Invalidates for StateKey {
+    fn invalidates(&self, other: &Self) -> bool {
+        self.node_id == other.node_id && self.rank > other.rank
+    }
+}
+
+/// foca's custom-broadcast handler for node states.
+pub(crate) struct StateGossip {
+    store: SharedStore,
+}
+
+impl StateGossip {
+    pub(crate) fn new(store: SharedStore) -> Self {
+        Self { store }
+    }
+}
+
+impl foca::BroadcastHandler<Identity> for StateGossip {
+    type Key = StateKey;
+    type Error = StateError;
+
+    fn receive_item(
+        &mut self,
+        data: &[u8],
+        _sender: Option<&Identity>,
+    ) -> Result<Option<StateKey>, StateError> {
+        let state = NodeState::decode(data)?;
+        let key = StateKey {
+            node_id: state.node_id.clone(),
+            rank: (state.generation, state.version),
+        };
+        match self.store.lock().apply(state, Instant::now(), false) {
+            Applied::New => Ok(Some(key)),
+            Applied::Refreshed | Applied::Stale => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use foca::{BroadcastHandler, Invalidates};
+
+    use super::*;
+
+    fn state(node: &str, generation: u64, version: u64) -> NodeState {
+        let mut s = NodeState::new(NodeId::new(node).unwrap(), generation, version);
+        s.max_concurrency = 4;
+        s
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn newer_replaces_older_and_stale_is_dropped() {
+        let mut store = StateStore::default();
+        let now = Instant::now();
+        assert_eq!(store.apply(state("a", 1, 1), now, false), Applied::New);
+        assert_eq!(store.apply(state("a", 1, 3), now, false), Applied::New);
+        assert_eq!(store.apply(state("a", 1, 2), now, false), Applied::Stale);
+        assert_eq!(store.apply(state("a", 1, 3), now, false), Applied::Stale);
+        assert_eq!(store.apply(state("a", 2, 1), now, false), Applied::New);
+        assert_eq!(
+            store.get(&NodeId::new("a").unwrap()).unwrap().state.version,
+            1
+        );
+        assert_eq!(store.take_accepted().len(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn direct_push_of_the_same_version_refreshes_age() {
+        let mut store = StateStore::default();
+        let t0 = Instant::now();
+        store.apply(state("a", 1, 1), t0, false);
+        let t1 = t0 + Duration::from_secs(5);
+        assert_eq!(store.apply(state("a", 1, 1), t1, false), Applied::Stale);
+        assert_eq!(store.apply(state("a", 1, 1), t1, true), Applied::Refreshed);
+        assert_eq!(
+            store.get(&NodeId::new("a").unwrap()).unwrap().refreshed_at,
+            t1
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn buried_lives_stay_buried_but_a_restart_is_accepted() {
+        let mut store = StateStore::default();
+        let now = Instant::now();
+        store.apply(state("a", 5, 9), now, false);
+        let dead = Identity::new(NodeId::new("a").unwrap(), "127.0.0.1:1".parse().unwrap(), 5);
+        store.bury(&dead, now);
+        assert_eq!(store.len(), 0);
+        assert_eq!(store.apply(state("a", 5, 10), now, false), Applied::Stale);
+        assert_eq!(store.apply(state("a", 6, 1), now, false), Applied::New);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn prune_drops_non_members_after_grace() {
+        let mut store = StateStore::default();
+        let now = Instant::now();
+        store.apply(state("a", 1, 1), now, false);
+        store.apply(state("b", 1, 1), now, false);
+        let later = now + Duration::from_secs(60);
+        store.prune(|id, _| id.as_str() == "a", later, Duration::from_secs(30));
+        assert_eq!(store.len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn handler_reports_only_new_states_for_dissemination() {
+        let store = SharedStore::default();
+        let mut gossip = StateGossip::new(store.clone());
+        let bytes = state("a", 1, 1).encode().unwrap();
+        assert!(gossip.receive_item(&bytes, None).unwrap().is_some());
+        assert!(gossip.receive_item(&bytes, None).unwrap().is_none());
+        assert!(gossip.receive_item(b"\xff\xff", None).is_err());
+    }
+
+    #[test]
+    fn keys_invalidate_older_versions_of_the_same_node_only() {
+        let key = |n: &str, g, v| StateKey {
+            node_id: NodeId::new(n).unwrap(),
+            rank: (g, v),
+        };
+        assert!(key("a", 1, 2).invalidates(&key("a", 1, 1)));
+        assert!(key("a", 2, 0).invalidates(&key("a", 1, 9)));
+        assert!(!key("a", 1, 1).invalidates(&key("a", 1, 2)));
+        assert!(!key("a", 1, 1).invalidates(&key("a", 1, 1)));
+        assert!(!key("b", 9, 9).invalidates(&key("a", 1, 1)));
+    }
+}

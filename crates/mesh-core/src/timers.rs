@@ -1,0 +1,97 @@
+//! One scheduler for every timer of the membership task, delivering in deadline order.
+//!
+//! Spawning a sleep per timer lets the runtime wake them in any order once they are due
+//! together, which confuses foca's probe cycle (foca issue #26). Keeping them in one heap,
+//! ordered by deadline and then by submission, delivers them exactly in order.
+
+use std::{cmp::Ordering, collections::BinaryHeap};
+
+use tokio::time::Instant;
+
+pub(crate) struct TimerQueue<E> {
+    heap: BinaryHeap<Scheduled<E>>,
+    next_seq: u64,
+}
+
+struct Scheduled<E> {
+    at: Instant,
+    seq: u64,
+    event: E,
+}
+
+impl<E> PartialEq for Scheduled<E> {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+
+impl<E> Eq for Scheduled<E> {}
+
+impl<E> PartialOrd for Scheduled<E> {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl<E> Ord for Scheduled<E> {
+    // Reversed: BinaryHeap is a max-heap and we want the earliest deadline first.
+    fn cmp(&self, other: &Self) -> Ordering {
+        (other.at, other.seq).cmp(&(self.at, self.seq))
+    }
+}
+
+impl<E> TimerQueue<E> {
+    pub(crate) fn new() -> Self {
+        Self {
+            heap: BinaryHeap::new(),
+            next_seq: 0,
+        }
+    }
+
+    pub(crate) fn schedule(&mut self, at: Instant, event: E) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.heap.push(Scheduled { at, seq, event });
+    }
+
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
+        self.heap.peek().map(|s| s.at)
+    }
+
+    /// The earliest event due at `now`, if any.
+    pub(crate) fn pop_due(&mut self, now: Instant) -> Option<E> {
+        if self.heap.peek()?.at <= now {
+            self.heap.pop().map(|s| s.event)
+        } else {
+            None
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.heap.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn delivers_by_deadline_then_submission_order() {
+        let mut q = TimerQueue::new();
+        let t0 = Instant::now();
+        q.schedule(t0 + Duration::from_millis(30), "c");
+        q.schedule(t0 + Duration::from_millis(10), "a");
+        q.schedule(t0 + Duration::from_millis(30), "d");
+        q.schedule(t0 + Duration::from_millis(20), "b");
+        assert_eq!(q.next_deadline(), Some(t0 + Duration::from_millis(10)));
+        assert_eq!(q.pop_due(t0), None);
+        let later = t0 + Duration::from_millis(100);
+        let order: Vec<_> = std::iter::from_fn(|| q.pop_due(later)).collect();
+        assert_eq!(order, ["a", "b", "c", "d"]);
+        assert_eq!(q.len(), 0);
+    }
+}

@@ -1,0 +1,244 @@
+//! Timing presets and how they map onto foca's SWIM configuration.
+
+use std::{
+    num::{NonZeroU32, NonZeroUsize},
+    time::Duration,
+};
+
+/// Every interval the mesh runs on. Start from a preset ([`Timing::lan`], [`Timing::wan`],
+/// [`Timing::local`]) and adjust fields as needed; all nodes of a cluster should agree.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Timing {
+    /// How often each node probes one member (SWIM protocol period).
+    pub probe_period: Duration,
+    /// How long a direct probe waits for its ack before asking others to probe indirectly.
+    /// Must be shorter than `probe_period`.
+    pub probe_rtt: Duration,
+    /// Suspicion timeout is `suspicion_multiplier × max(1, log10(cluster size)) × probe_period`
+    /// (memberlist's formula): larger clusters wait longer before declaring a suspect down.
+    pub suspicion_multiplier: f64,
+    /// How often membership updates are gossiped, and to how many members, besides
+    /// piggybacking on probes.
+    pub gossip_interval: Duration,
+    /// Members gossiped to every `gossip_interval`.
+    pub gossip_fanout: NonZeroUsize,
+    /// How often a member asks a random peer for its member list (finds the full roster sooner
+    /// after joining a large cluster).
+    pub announce_interval: Duration,
+    /// How often a member announces itself to members it considers down: this is how the two
+    /// sides of a healed partition find each other again.
+    pub announce_to_down_interval: Duration,
+    /// How long a down member is remembered (its address keeps being announced to).
+    pub remove_down_after: Duration,
+    /// While isolated or joining, how often to announce to every discovered address.
+    pub rejoin_interval: Duration,
+    /// How often the discovery source is asked again for peers.
+    pub discovery_interval: Duration,
+    /// Minimum time between two published versions of our own state: load changes within
+    /// it are coalesced into one update.
+    pub state_publish_interval: Duration,
+    /// How often our current state is re-sent to peers even if unchanged (anti-entropy); a peer
+    /// whose state has not been refreshed for several of these is stale.
+    pub state_refresh_interval: Duration,
+    /// The most peers a state change is pushed to directly; the rest learn it by gossip.
+    pub state_push_fanout: NonZeroUsize,
+    /// The longest [`crate::Membership::leave`] takes.
+    pub leave_timeout: Duration,
+}
+
+impl Timing {
+    /// For a data-centre network: one-second probes, like memberlist's `DefaultLANConfig`.
+    pub fn lan() -> Self {
+        Self {
+            probe_period: Duration::from_secs(1),
+            probe_rtt: Duration::from_millis(500),
+            suspicion_multiplier: 4.0,
+            gossip_interval: Duration::from_millis(200),
+            gossip_fanout: nz(3),
+            announce_interval: Duration::from_secs(30),
+            announce_to_down_interval: Duration::from_secs(10),
+            remove_down_after: Duration::from_secs(15 * 60),
+            rejoin_interval: Duration::from_secs(2),
+            discovery_interval: Duration::from_secs(30),
+            state_publish_interval: Duration::from_millis(100),
+            state_refresh_interval: Duration::from_secs(2),
+            state_push_fanout: nz(32),
+            leave_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// For links between regions: five-second probes, like memberlist's `DefaultWANConfig`.
+    pub fn wan() -> Self {
+        Self {
+            probe_period: Duration::from_secs(5),
+            probe_rtt: Duration::from_secs(3),
+            suspicion_multiplier: 6.0,
+            gossip_interval: Duration::from_millis(500),
+            gossip_fanout: nz(4),
+            announce_interval: Duration::from_secs(60),
+            announce_to_down_interval: Duration::from_secs(30),
+            remove_down_after: Duration::from_secs(30 * 60),
+            rejoin_interval: Duration::from_secs(10),
+            discovery_interval: Duration::from_secs(60),
+            state_publish_interval: Duration::from_millis(500),
+            state_refresh_interval: Duration::from_secs(10),
+            state_push_fanout: nz(32),
+            leave_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// For nodes on one machine (tests, the demo): everything within a second or two.
+    pub fn local() -> Self {
+        Self {
+            probe_period: Duration::from_millis(200),
+            probe_rtt: Duration::from_millis(100),
+            suspicion_multiplier: 5.0,
+            gossip_interval: Duration::from_millis(50),
+            gossip_fanout: nz(3),
+            announce_interval: Duration::from_secs(1),
+            announce_to_down_interval: Duration::from_secs(1),
+            remove_down_after: Duration::from_secs(30),
+            rejoin_interval: Duration::from_millis(300),
+            discovery_interval: Duration::from_secs(1),
+            state_publish_interval: Duration::from_millis(20),
+            state_refresh_interval: Duration::from_millis(500),
+            state_push_fanout: nz(32),
+            leave_timeout: Duration::from_secs(1),
+        }
+    }
+
+    /// Checks the relations foca relies on; the error names the field and the rule.
+    pub fn validate(&self) -> Result<(), TimingError> {
+        let positive = [
+            ("probe_period", self.probe_period),
+            ("probe_rtt", self.probe_rtt),
+            ("gossip_interval", self.gossip_interval),
+            ("announce_interval", self.announce_interval),
+            ("announce_to_down_interval", self.announce_to_down_interval),
+            ("rejoin_interval", self.rejoin_interval),
+            ("discovery_interval", self.discovery_interval),
+            ("state_refresh_interval", self.state_refresh_interval),
+            ("leave_timeout", self.leave_timeout),
+        ];
+        for (field, value) in positive {
+            if value.is_zero() {
+                return Err(TimingError {
+                    field,
+                    rule: "must be greater than zero",
+                });
+            }
+        }
+        if self.probe_rtt >= self.probe_period {
+            return Err(TimingError {
+                field: "probe_rtt",
+                rule: "must be shorter than probe_period",
+            });
+        }
+        if !(self.suspicion_multiplier.is_finite() && self.suspicion_multiplier >= 1.0) {
+            return Err(TimingError {
+                field: "suspicion_multiplier",
+                rule: "must be a finite number of at least 1",
+            });
+        }
+        if self.suspicion_timeout(u32::MAX) > Duration::from_secs(24 * 3600) {
+            return Err(TimingError {
+                field: "suspicion_multiplier",
+                rule: "gives a suspicion timeout over a day",
+            });
+        }
+        Ok(())
+    }
+
+    /// The suspicion timeout for a cluster of `cluster_size` members.
+    pub fn suspicion_timeout(&self, cluster_size: u32) -> Duration {
+        let scale = f64::max(1.0, f64::from(cluster_size.max(1)).log10());
+        self.probe_period.mul_f64(scale * self.suspicion_multiplier)
+    }
+
+    /// The foca configuration for a cluster of `cluster_size` members and datagrams of at most
+    /// `max_packet_size` bytes of foca payload.
+    pub(crate) fn foca_config(&self, cluster_size: u32, max_packet_size: usize) -> foca::Config {
+        let size = NonZeroU32::new(cluster_size.max(1)).unwrap_or(NonZeroU32::MIN);
+        let mut config = foca::Config::new_lan(size);
+        config.probe_period = self.probe_period;
+        config.probe_rtt = self.probe_rtt;
+        config.suspect_to_down_after = self.suspicion_timeout(size.get());
+        config.remove_down_after = Some(self.remove_down_after);
+        config.max_packet_size = NonZeroUsize::new(max_packet_size).unwrap_or(NonZeroUsize::MIN);
+        config.notify_down_members = true;
+        config.periodic_announce = Some(foca::PeriodicParams {
+            frequency: self.announce_interval,
+            num_members: nz(1),
+        });
+        config.periodic_announce_to_down_members = Some(foca::PeriodicParams {
+            frequency: self.announce_to_down_interval,
+            num_members: nz(2),
+        });
+        config.periodic_gossip = Some(foca::PeriodicParams {
+            frequency: self.gossip_interval,
+            num_members: self.gossip_fanout,
+        });
+        config
+    }
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self::lan()
+    }
+}
+
+const fn nz(n: usize) -> NonZeroUsize {
+    match NonZeroUsize::new(n) {
+        Some(n) => n,
+        None => NonZeroUsize::MIN,
+    }
+}
+
+/// A [`Timing`] field broke a rule.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid timing: {field} {rule}")]
+pub struct TimingError {
+    /// The field.
+    pub field: &'static str,
+    /// The rule it broke.
+    pub rule: &'static str,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_are_valid() {
+        for timing in [Timing::lan(), Timing::wan(), Timing::local()] {
+            timing.validate().unwrap();
+        }
+    }
+
+    #[test]
+    fn suspicion_grows_with_cluster_size() {
+        let t = Timing::lan();
+        assert_eq!(t.suspicion_timeout(5), Duration::from_secs(4));
+        assert_eq!(t.suspicion_timeout(100), Duration::from_secs(8));
+        let small = t.foca_config(3, 1396);
+        let large = t.foca_config(1000, 1396);
+        assert!(large.suspect_to_down_after > small.suspect_to_down_after);
+        assert!(large.max_transmissions > small.max_transmissions);
+        assert_eq!(small.max_packet_size.get(), 1396);
+    }
+
+    #[test]
+    fn invalid_timing_names_the_field() {
+        let mut t = Timing::local();
+        t.probe_rtt = t.probe_period;
+        assert_eq!(
+            t.validate().unwrap_err().to_string(),
+            "invalid timing: probe_rtt must be shorter than probe_period"
+        );
+        let mut t = Timing::local();
+        t.gossip_interval = Duration::ZERO;
+        assert_eq!(t.validate().unwrap_err().field, "gossip_interval");
+    }
+}

@@ -1,0 +1,369 @@
+//! Real UDP on 127.0.0.1, ephemeral ports. Waits are bounded polls on the membership view or
+//! the event stream, never fixed sleeps.
+
+use std::{collections::BTreeMap, future::Future, net::SocketAddr, time::Duration};
+
+use mesh_core::{
+    LocalStatus, Membership, MembershipView, MeshEvent, NodeId, StartError, StateError, Timing,
+};
+use tokio::{net::UdpSocket, sync::broadcast, time::timeout};
+
+/// Generous: these are upper bounds for a loaded CI machine, not expectations.
+const BOUND: Duration = Duration::from_secs(30);
+
+async fn node(name: &str, seeds: &[SocketAddr]) -> Membership {
+    Membership::builder(NodeId::new(name).unwrap())
+        .bind_addr("127.0.0.1:0".parse().unwrap())
+        .seeds(seeds.iter().copied())
+        .timing(Timing::local())
+        .max_concurrency(4)
+        .grpc_endpoint(format!("http://{name}.test:50051"))
+        .start()
+        .await
+        .unwrap()
+}
+
+async fn bounded<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    timeout(BOUND, fut)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {BOUND:?} waiting for {what}"))
+}
+
+/// Starts `n` nodes, all seeded with the first one only.
+async fn cluster(n: usize) -> Vec<Membership> {
+    let seed = node("node-0", &[]).await;
+    let seed_addr = seed.local_addr();
+    let mut nodes = vec![seed];
+    for i in 1..n {
+        nodes.push(node(&format!("node-{i}"), &[seed_addr]).await);
+    }
+    for member in &nodes {
+        bounded(
+            "every node to see the whole cluster",
+            member.wait_until(|v| v.len() == n),
+        )
+        .await;
+    }
+    nodes
+}
+
+async fn next_event_about(
+    events: &mut broadcast::Receiver<MeshEvent>,
+    node: &str,
+    mut wanted: impl FnMut(&MeshEvent) -> bool,
+) -> MeshEvent {
+    bounded(&format!("an event about {node}"), async {
+        loop {
+            match events.recv().await {
+                Ok(event) if wanted(&event) => return event,
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => panic!("event stream closed"),
+            }
+        }
+    })
+    .await
+}
+
+fn ids(view: &MembershipView) -> Vec<String> {
+    view.members().map(|m| m.node_id().to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_nodes_joined_through_one_seed_all_see_five_members() {
+    let nodes = cluster(5).await;
+    for member in &nodes {
+        let view = member.view();
+        assert_eq!(view.len(), 5, "{:?}", ids(&view));
+        assert_eq!(view.status(), LocalStatus::Active);
+        let mut seen = ids(&view);
+        seen.sort();
+        assert_eq!(seen, ["node-0", "node-1", "node-2", "node-3", "node-4"]);
+    }
+    // Every node also has every peer's state (join sync), with its endpoint.
+    for member in &nodes {
+        let view = bounded(
+            "every peer state",
+            member.wait_until(|v| v.peers().iter().all(|p| p.state().is_some())),
+        )
+        .await;
+        for peer in view.peers() {
+            let state = peer.state().unwrap();
+            assert_eq!(
+                state.grpc_endpoint.as_deref(),
+                Some(format!("http://{}.test:50051", peer.node_id()).as_str())
+            );
+            assert_eq!(state.max_concurrency, 4);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_change_on_one_node_is_seen_by_all_others() {
+    let nodes = cluster(5).await;
+    let busy = &nodes[3];
+    let guards: Vec<_> = (0..3).map(|_| busy.load().begin_task()).collect();
+    busy.set_max_concurrency(6);
+    busy.set_tags(BTreeMap::from([("pool".to_owned(), "gpu".to_owned())]))
+        .unwrap();
+    for other in nodes.iter().filter(|n| n.node_id() != busy.node_id()) {
+        let view = bounded(
+            "the load change to reach every node",
+            other.wait_until(|v| {
+                v.get("node-3")
+                    .and_then(|m| m.state())
+                    .is_some_and(|s| s.pending == 3 && s.max_concurrency == 6)
+            }),
+        )
+        .await;
+        let state = view.get("node-3").unwrap().state().unwrap();
+        assert_eq!(state.load_ratio(), 0.5);
+        assert_eq!(state.tags.get("pool").map(String::as_str), Some("gpu"));
+        assert!(view.get("node-3").unwrap().age().is_some());
+    }
+    drop(guards);
+    for other in &nodes {
+        bounded(
+            "the load to drop back to zero everywhere",
+            other.wait_until(|v| {
+                v.get("node-3")
+                    .and_then(|m| m.state())
+                    .is_some_and(|s| s.pending == 0)
+            }),
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_dropped_without_leaving_is_reported_failed_by_every_other_node() {
+    let nodes = cluster(5).await;
+    let mut events: Vec<_> = nodes.iter().map(Membership::events).collect();
+    let victim = nodes[2].identity();
+    nodes[2].shutdown().await;
+    for (i, member) in nodes.iter().enumerate() {
+        if i == 2 {
+            continue;
+        }
+        let event = next_event_about(&mut events[i], "node-2", |e| {
+            matches!(e, MeshEvent::Failed(id) | MeshEvent::Left(id) if id.node_id().as_str() == "node-2")
+        })
+        .await;
+        assert_eq!(
+            event,
+            MeshEvent::Failed(victim.clone()),
+            "on {}",
+            member.node_id()
+        );
+        let view = bounded(
+            "node-2 to leave the view",
+            member.wait_until(|v| v.len() == 4),
+        )
+        .await;
+        assert!(view.get("node-2").is_none());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_leave_is_reported_as_left() {
+    let nodes = cluster(5).await;
+    let mut events: Vec<_> = nodes.iter().map(Membership::events).collect();
+    let leaver = nodes[4].identity();
+    bounded("leave to return", nodes[4].leave()).await.unwrap();
+    for (i, member) in nodes.iter().enumerate().take(4) {
+        let event = next_event_about(&mut events[i], "node-4", |e| {
+            matches!(e, MeshEvent::Failed(id) | MeshEvent::Left(id) if id.node_id().as_str() == "node-4")
+        })
+        .await;
+        assert_eq!(
+            event,
+            MeshEvent::Left(leaver.clone()),
+            "on {}",
+            member.node_id()
+        );
+        assert!(member.view().get("node-4").is_none());
+    }
+    // Leaving is final for the handle.
+    assert!(matches!(
+        nodes[4].set_draining(false),
+        Err(StateError::Stopped)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_with_the_same_node_id_replaces_the_old_entry() {
+    let mut nodes = cluster(4).await;
+    let old = nodes[1].identity();
+    let seed_addr = nodes[0].local_addr();
+    let mut watchers: Vec<_> = nodes.iter().map(Membership::events).collect();
+
+    // The process dies without a word and comes back at once on a new port with the same id,
+    // before the failure detector could notice.
+    nodes[1].shutdown().await;
+    let restarted = node("node-1", &[seed_addr]).await;
+    let new = restarted.identity();
+    assert_ne!(new.addr(), old.addr());
+    assert!(new.generation() > old.generation());
+    nodes[1] = restarted;
+
+    for (i, member) in nodes.iter().enumerate() {
+        if i == 1 {
+            continue;
+        }
+        let view = bounded(
+            "the new life to replace the old one",
+            member.wait_until(|v| v.get("node-1").is_some_and(|m| m.identity() == &new)),
+        )
+        .await;
+        assert_eq!(
+            view.len(),
+            4,
+            "never two entries for node-1: {:?}",
+            ids(&view)
+        );
+        let event = next_event_about(&mut watchers[i], "node-1", |e| {
+            matches!(e, MeshEvent::Rejoined { current, .. } if current == &new)
+                || matches!(e, MeshEvent::Joined(id) if id == &new)
+        })
+        .await;
+        assert_eq!(
+            event,
+            MeshEvent::Rejoined {
+                previous: old.clone(),
+                current: new.clone()
+            }
+        );
+    }
+    // Over the next moments, no view ever shows the old life again.
+    for member in &nodes {
+        let view = member.view();
+        let lives: Vec<_> = view
+            .members()
+            .filter(|m| m.node_id().as_str() == "node-1")
+            .collect();
+        assert_eq!(lives.len(), 1);
+        assert_eq!(lives[0].identity(), &new);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_state_is_refused_with_size_and_limit_and_the_node_keeps_working() {
+    let nodes = cluster(2).await;
+    let big: BTreeMap<String, String> = (0..40)
+        .map(|i| (format!("property-{i}"), "x".repeat(40)))
+        .collect();
+    let error = nodes[0].set_tags(big).unwrap_err();
+    let message = error.to_string();
+    assert!(
+        matches!(error, StateError::TooLarge { limit: 1024, .. }),
+        "{error:?}"
+    );
+    assert!(message.contains("over the 1024-byte limit"), "{message}");
+
+    let bad_tag = BTreeMap::from([(String::new(), "x".to_owned())]);
+    let error = nodes[0].set_tags(bad_tag).unwrap_err();
+    assert_eq!(error.to_string(), "invalid tag \"\": the key is empty");
+
+    let error = nodes[0]
+        .set_grpc_endpoint(Some("http://has space:1".into()))
+        .unwrap_err();
+    assert!(error.to_string().contains("whitespace"), "{error}");
+
+    // The previous state stays in force and changes still flow.
+    nodes[0]
+        .set_tags(BTreeMap::from([("os".to_owned(), "linux".to_owned())]))
+        .unwrap();
+    bounded(
+        "the valid change to arrive",
+        nodes[1].wait_until(|v| {
+            v.get("node-0")
+                .and_then(|m| m.state())
+                .is_some_and(|s| s.tags.get("os").is_some_and(|os| os == "linux"))
+        }),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn bad_node_ids_are_rejected_with_the_value_and_the_rule() {
+    let error = NodeId::new("worker:1").unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "invalid node id \"worker:1\": it contains a character outside [A-Za-z0-9._-]; \
+         a node id is 1-63 characters of [A-Za-z0-9._-] (a DNS label)"
+    );
+    assert!(NodeId::new("").is_err());
+    assert!(NodeId::new("a".repeat(64)).is_err());
+}
+
+#[tokio::test]
+async fn binding_to_an_unspecified_address_needs_an_advertise_address() {
+    let error = Membership::builder(NodeId::new("a").unwrap())
+        .bind_addr("0.0.0.0:0".parse().unwrap())
+        .start()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, StartError::AdvertiseRequired { .. }),
+        "{error}"
+    );
+    assert!(error.to_string().contains("set an advertise address"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_datagrams_are_dropped_and_counted_while_the_node_keeps_working() {
+    let nodes = cluster(3).await;
+    let target = nodes[0].local_addr();
+    let attacker = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let garbage: Vec<Vec<u8>> = vec![
+        vec![],
+        b"hello".to_vec(),
+        b"ms".to_vec(),
+        b"ms\x02\x01".to_vec(),                 // unknown envelope version
+        b"ms\x01\x55payload".to_vec(),          // unknown kind
+        b"ms\x01\x81ciphertext".to_vec(),       // encrypted, but we have no key
+        vec![0xAB; 1500],                       // over the datagram budget
+        b"ms\x01\x01\xff\xff\xff\xff".to_vec(), // valid envelope, garbage foca packet
+        b"ms\x01\x02\x00\x01".to_vec(),         // valid envelope, garbage node state
+        b"ms\x01\x03\x09".to_vec(),             // valid envelope, garbage leave notice
+    ];
+    for datagram in &garbage {
+        attacker.send_to(datagram, target).await.unwrap();
+    }
+    let before = nodes[0].stats();
+    let stats = bounded("every garbage datagram to be counted", async {
+        loop {
+            let s = nodes[0].stats();
+            let dropped = s.dropped_malformed
+                + s.dropped_unauthenticated
+                + s.foca_rejected
+                + s.states_rejected;
+            if dropped >= garbage.len() as u64 {
+                return s;
+            }
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(stats.dropped_malformed >= 6, "{stats:?}");
+    assert!(stats.dropped_unauthenticated >= 1, "{stats:?}");
+    assert!(stats.foca_rejected >= 1, "{stats:?}");
+    assert!(stats.states_rejected >= 1, "{stats:?}");
+    assert!(stats.datagrams_received > before.datagrams_received);
+
+    // Still a healthy member that gossips load.
+    let _task = nodes[0].load().begin_task();
+    for other in &nodes[1..] {
+        bounded(
+            "load from the attacked node",
+            other.wait_until(|v| {
+                v.get("node-0")
+                    .and_then(|m| m.state())
+                    .is_some_and(|s| s.pending == 1)
+            }),
+        )
+        .await;
+    }
+    assert_eq!(nodes[0].view().len(), 3);
+}
