@@ -1,0 +1,205 @@
+//! [`Node`]: one member of the mesh, started from code.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use mesh_core::{
+    LeaveError, LoadTracker, Membership, MembershipView, MeshEvent, NodeId, NodeIdError,
+    StartError, Tags, Timing,
+};
+use mesh_discovery::DynDiscover;
+use tokio::sync::broadcast;
+
+/// One member of the mesh: membership, load gossip and discovery, started together.
+///
+/// Cheap to clone. Built with [`Node::builder`].
+#[derive(Debug, Clone)]
+pub struct Node {
+    membership: Membership,
+}
+
+impl Node {
+    /// Starts configuring a node.
+    pub fn builder() -> NodeBuilder {
+        NodeBuilder::default()
+    }
+
+    /// The membership handle: view, events, load, state setters.
+    pub fn membership(&self) -> &Membership {
+        &self.membership
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> &NodeId {
+        self.membership.node_id()
+    }
+
+    /// The address the gossip socket is bound to.
+    pub fn gossip_addr(&self) -> SocketAddr {
+        self.membership.local_addr()
+    }
+
+    /// The current membership snapshot (lock-free).
+    pub fn view(&self) -> Arc<MembershipView> {
+        self.membership.view()
+    }
+
+    /// Membership events from now on.
+    pub fn events(&self) -> broadcast::Receiver<MeshEvent> {
+        self.membership.events()
+    }
+
+    /// The load tracker whose task guards drive the gossiped load.
+    pub fn load(&self) -> &LoadTracker {
+        self.membership.load()
+    }
+
+    /// Leaves the cluster gracefully (peers report "left", not "failed") and stops.
+    pub async fn leave(&self) -> Result<(), LeaveError> {
+        self.membership.leave().await
+    }
+
+    /// Stops at once without telling peers.
+    pub async fn shutdown(&self) {
+        self.membership.shutdown().await;
+    }
+}
+
+/// Configures a [`Node`]. Setters that can fail return `Result<Self, _>` so a bad value is
+/// reported where it is set.
+#[derive(Default)]
+#[must_use = "a builder does nothing until started"]
+pub struct NodeBuilder {
+    node_id: Option<NodeId>,
+    gossip_bind: Option<SocketAddr>,
+    gossip_advertise: Option<SocketAddr>,
+    grpc_endpoint: Option<String>,
+    seeds: Vec<SocketAddr>,
+    discovery: Option<Arc<dyn DynDiscover>>,
+    timing: Option<Timing>,
+    max_concurrency: u32,
+    tags: Tags,
+    load: Option<LoadTracker>,
+    rng_seed: Option<u64>,
+}
+
+impl std::fmt::Debug for NodeBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeBuilder")
+            .field("node_id", &self.node_id)
+            .field("gossip_bind", &self.gossip_bind)
+            .field("gossip_advertise", &self.gossip_advertise)
+            .field("grpc_endpoint", &self.grpc_endpoint)
+            .field("seeds", &self.seeds)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NodeBuilder {
+    /// The node's id: 1-63 characters of `[A-Za-z0-9._-]`. Required.
+    pub fn node_id(mut self, node_id: impl AsRef<str>) -> Result<Self, NodeIdError> {
+        self.node_id = Some(NodeId::new(node_id)?);
+        Ok(self)
+    }
+
+    /// Where the gossip socket binds (default `0.0.0.0:7946`).
+    pub fn gossip_bind(mut self, addr: SocketAddr) -> Self {
+        self.gossip_bind = Some(addr);
+        self
+    }
+
+    /// The gossip address peers use, when it differs from the bound one.
+    pub fn gossip_advertise(mut self, addr: SocketAddr) -> Self {
+        self.gossip_advertise = Some(addr);
+        self
+    }
+
+    /// The gRPC endpoint peers forward calls to, e.g. `http://10.0.0.7:50051`.
+    pub fn grpc_endpoint(mut self, endpoint: impl Into<String>) -> Self {
+        self.grpc_endpoint = Some(endpoint.into());
+        self
+    }
+
+    /// Gossip addresses to join through.
+    pub fn seeds(mut self, seeds: impl IntoIterator<Item = SocketAddr>) -> Self {
+        self.seeds.extend(seeds);
+        self
+    }
+
+    /// A discovery source (static list, DNS) polled for the node's whole life.
+    pub fn discovery(mut self, discovery: impl DynDiscover) -> Self {
+        self.discovery = Some(Arc::new(discovery));
+        self
+    }
+
+    /// Timing preset (default [`Timing::lan`]).
+    pub fn timing(mut self, timing: Timing) -> Self {
+        self.timing = Some(timing);
+        self
+    }
+
+    /// How many tasks this node runs at once.
+    pub fn max_concurrency(mut self, max_concurrency: u32) -> Self {
+        self.max_concurrency = max_concurrency;
+        self
+    }
+
+    /// Platform properties advertised to routers.
+    pub fn tags(mut self, tags: Tags) -> Self {
+        self.tags = tags;
+        self
+    }
+
+    /// Share an existing load tracker (for example one the executor already holds).
+    pub fn load_tracker(mut self, load: LoadTracker) -> Self {
+        self.load = Some(load);
+        self
+    }
+
+    /// Seed every random choice, for reproducible simulations.
+    pub fn rng_seed(mut self, seed: u64) -> Self {
+        self.rng_seed = Some(seed);
+        self
+    }
+
+    /// Starts the node.
+    pub async fn start(self) -> Result<Node, NodeError> {
+        let node_id = self.node_id.ok_or(NodeError::MissingNodeId)?;
+        let mut builder = Membership::builder(node_id)
+            .timing(self.timing.unwrap_or_default())
+            .seeds(self.seeds)
+            .max_concurrency(self.max_concurrency)
+            .tags(self.tags);
+        if let Some(addr) = self.gossip_bind {
+            builder = builder.bind_addr(addr);
+        }
+        if let Some(addr) = self.gossip_advertise {
+            builder = builder.advertise_addr(addr);
+        }
+        if let Some(endpoint) = self.grpc_endpoint {
+            builder = builder.grpc_endpoint(endpoint);
+        }
+        if let Some(discovery) = self.discovery {
+            builder = builder.discovery_dyn(discovery);
+        }
+        if let Some(load) = self.load {
+            builder = builder.load_tracker(load);
+        }
+        if let Some(seed) = self.rng_seed {
+            builder = builder.rng_seed(seed);
+        }
+        let membership = builder.start().await?;
+        Ok(Node { membership })
+    }
+}
+
+/// A [`Node`] could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// No node id was given.
+    #[error("a node id is required (NodeBuilder::node_id)")]
+    MissingNodeId,
+    /// The membership layer could not start.
+    #[error(transparent)]
+    Start(#[from] StartError),
+}
