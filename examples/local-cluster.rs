@@ -31,8 +31,7 @@ struct Args {
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .init();
     let args = Args::parse();
@@ -63,12 +62,20 @@ async fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         }
         nodes.push(builder.start().await?);
     }
-    println!("started {n} nodes, all joining through {}", nodes[0].gossip_addr());
+    println!(
+        "started {n} nodes, all joining through {}",
+        nodes[0].gossip_addr()
+    );
 
     for node in &nodes {
         tokio::time::timeout(limit, node.membership().wait_until(|v| v.len() == n))
             .await
-            .map_err(|_| format!("{} did not see {n} members within {limit:?}", node.node_id()))?;
+            .map_err(|_| {
+                format!(
+                    "{} did not see {n} members within {limit:?}",
+                    node.node_id()
+                )
+            })?;
     }
     println!(
         "converged: every node sees {n} members after {:.0?}",
@@ -80,7 +87,11 @@ async fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let guards: Vec<_> = nodes
         .iter()
         .enumerate()
-        .flat_map(|(i, node)| (0..2 * i).map(|_| node.load().begin_task()).collect::<Vec<_>>())
+        .flat_map(|(i, node)| {
+            (0..2 * i)
+                .map(|_| node.load().begin_task())
+                .collect::<Vec<_>>()
+        })
         .collect();
     for observer in &nodes {
         tokio::time::timeout(
@@ -94,7 +105,12 @@ async fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             }),
         )
         .await
-        .map_err(|_| format!("{} did not learn every load within {limit:?}", observer.node_id()))?;
+        .map_err(|_| {
+            format!(
+                "{} did not learn every load within {limit:?}",
+                observer.node_id()
+            )
+        })?;
     }
     println!(
         "load changes reached every node after {:.0?}\n",
@@ -118,7 +134,12 @@ async fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             }
         })
         .await
-        .map_err(|_| format!("failure of {} not detected within {limit:?}", victim.node_id()))?;
+        .map_err(|_| {
+            format!(
+                "failure of {} not detected within {limit:?}",
+                victim.node_id()
+            )
+        })?;
         println!(
             "\nkilled {}: {} reported it failed after {:.0?}",
             victim.node_id(),
@@ -149,7 +170,10 @@ fn print_matrix(nodes: &[Node]) {
             let cell = view
                 .get(subject.node_id().as_str())
                 .and_then(|m| m.state())
-                .map_or_else(|| "?".to_owned(), |s| format!("{}/{}", s.pending, s.max_concurrency));
+                .map_or_else(
+                    || "?".to_owned(),
+                    |s| format!("{}/{}", s.pending, s.max_concurrency),
+                );
             print!(" {cell:>8}");
         }
         println!();

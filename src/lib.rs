@@ -34,7 +34,7 @@ mod node;
 
 pub use mesh_core::{
     Identity, LoadTracker, LocalStatus, Member, MembershipView, MeshEvent, NodeId, NodeIdError,
-    NodeState, PeerStatus, TaskGuard, Tags, Timing,
+    NodeState, PeerStatus, Tags, TaskGuard, Timing,
 };
 pub use node::{Node, NodeBuilder, NodeError};
 

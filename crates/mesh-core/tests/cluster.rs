@@ -367,3 +367,75 @@ async fn garbage_datagrams_are_dropped_and_counted_while_the_node_keeps_working(
     }
     assert_eq!(nodes[0].view().len(), 3);
 }
+
+/// A discovery source whose answer the test changes while the node runs.
+#[derive(Clone, Default)]
+struct Settable(std::sync::Arc<std::sync::Mutex<Vec<SocketAddr>>>);
+
+impl mesh_discovery::Discover for Settable {
+    async fn discover(&self) -> Result<Vec<SocketAddr>, mesh_discovery::DiscoveryError> {
+        Ok(self.0.lock().unwrap().clone())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_isolated_node_keeps_announcing_to_discovery_results() {
+    let discovery = Settable::default();
+    let lonely = Membership::builder(NodeId::new("lonely").unwrap())
+        .bind_addr("127.0.0.1:0".parse().unwrap())
+        .discovery(discovery.clone())
+        .timing(Timing::local())
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(lonely.view().status(), LocalStatus::Joining);
+
+    // Peers appear in discovery only later, as pods of a scale-up would.
+    let others = cluster(2).await;
+    discovery
+        .0
+        .lock()
+        .unwrap()
+        .extend([others[1].local_addr(), lonely.local_addr()]);
+    let view = bounded(
+        "the lonely node to find the cluster",
+        lonely.wait_until(|v| v.len() == 3),
+    )
+    .await;
+    assert_eq!(view.status(), LocalStatus::Active);
+
+    // Losing every peer makes it isolated; a new peer in discovery brings it back.
+    for other in &others {
+        other.shutdown().await;
+    }
+    bounded(
+        "isolation",
+        lonely.wait_until(|v| v.status() == LocalStatus::Isolated),
+    )
+    .await;
+    let rescuer = node("rescuer", &[]).await;
+    *discovery.0.lock().unwrap() = vec![rescuer.local_addr()];
+    bounded(
+        "the isolated node to rejoin through discovery",
+        lonely.wait_until(|v| v.status() == LocalStatus::Active && v.get("rescuer").is_some()),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_is_gossiped_and_the_node_stays_a_member() {
+    let nodes = cluster(3).await;
+    nodes[1].set_draining(true).unwrap();
+    for other in [&nodes[0], &nodes[2]] {
+        let view = bounded(
+            "draining to be seen",
+            other.wait_until(|v| {
+                v.get("node-1")
+                    .and_then(|m| m.state())
+                    .is_some_and(|s| s.draining)
+            }),
+        )
+        .await;
+        assert_eq!(view.len(), 3, "a draining node is still a member");
+    }
+}
