@@ -90,7 +90,7 @@ pub use load::{LoadTracker, TaskGuard};
 pub use membership::{
     DEFAULT_GOSSIP_PORT, LeaveError, Membership, MembershipBuilder, StartError, StoppedError,
 };
-pub use node_id::{MAX_NODE_ID_LEN, NodeId, NodeIdError};
+pub use node_id::{MAX_NODE_ID_LEN, NodeId, NodeIdError, abbreviate};
 pub use state::{
     MAX_ENDPOINT_LEN, MAX_STATE_SIZE, MAX_TAG_KEY_LEN, MAX_TAG_VALUE_LEN, NodeState, StateError,
     Tags,

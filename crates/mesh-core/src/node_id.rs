@@ -65,8 +65,14 @@ fn validate(value: &str) -> Result<(), NodeIdError> {
     })
 }
 
-/// Keeps error messages bounded when the rejected input is huge.
-pub(crate) fn abbreviate(value: &str) -> String {
+/// Shortens `value` for an error message, so a huge rejected input gives a bounded message:
+/// the first 80 bytes (cut at a character boundary) and the total length.
+///
+/// ```
+/// assert_eq!(mesh_core::abbreviate("short"), "short");
+/// assert_eq!(mesh_core::abbreviate(&"x".repeat(100)), format!("{}… (100 bytes)", "x".repeat(80)));
+/// ```
+pub fn abbreviate(value: &str) -> String {
     const SHOWN: usize = 80;
     if value.len() <= SHOWN {
         return value.to_owned();
