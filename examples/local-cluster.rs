@@ -126,10 +126,10 @@ async fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         victim.shutdown().await;
         tokio::time::timeout(limit, async {
             loop {
-                if let Ok(MeshEvent::Failed(id)) = events.recv().await {
-                    if id.node_id() == victim.node_id() {
-                        return;
-                    }
+                if let Ok(MeshEvent::Failed(id)) = events.recv().await
+                    && id.node_id() == victim.node_id()
+                {
+                    return;
                 }
             }
         })

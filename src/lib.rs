@@ -30,6 +30,8 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod demo;
 mod node;
 
 pub use mesh_core::{
@@ -38,10 +40,16 @@ pub use mesh_core::{
 };
 pub use node::{Node, NodeBuilder, NodeError};
 
+pub use mesh_route::{LeastLoaded, OperationId, RouteRequest, Router, Strategy};
+
 /// The membership layer, re-exported whole.
 pub use mesh_core as core;
 /// Peer discovery, re-exported whole.
 pub use mesh_discovery as discovery;
+/// Generated gRPC code (admin API, demo execution API), re-exported whole.
+pub use mesh_proto as proto;
+/// Routing and forwarding, re-exported whole.
+pub use mesh_route as route;
 
 /// Compiles and runs the examples in `README.md`, so the README cannot drift from the API.
 #[cfg(doctest)]

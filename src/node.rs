@@ -7,14 +7,17 @@ use mesh_core::{
     StartError, Tags, Timing,
 };
 use mesh_discovery::DynDiscover;
+use mesh_route::{ChannelConfig, Router, Strategy};
 use tokio::sync::broadcast;
 
-/// One member of the mesh: membership, load gossip and discovery, started together.
+/// One member of the mesh: membership, load gossip, discovery and the router, started
+/// together.
 ///
 /// Cheap to clone. Built with [`Node::builder`].
 #[derive(Debug, Clone)]
 pub struct Node {
     membership: Membership,
+    router: Router,
 }
 
 impl Node {
@@ -26,6 +29,11 @@ impl Node {
     /// The membership handle: view, events, load, state setters.
     pub fn membership(&self) -> &Membership {
         &self.membership
+    }
+
+    /// The router: where calls should run, forwarding, operation owners.
+    pub fn router(&self) -> &Router {
+        &self.router
     }
 
     /// This node's id.
@@ -80,6 +88,9 @@ pub struct NodeBuilder {
     tags: Tags,
     load: Option<LoadTracker>,
     rng_seed: Option<u64>,
+    strategy: Option<Arc<dyn Strategy>>,
+    channel_config: Option<ChannelConfig>,
+    max_state_age: Option<std::time::Duration>,
 }
 
 impl std::fmt::Debug for NodeBuilder {
@@ -161,7 +172,26 @@ impl NodeBuilder {
         self
     }
 
-    /// Starts the node.
+    /// The routing strategy (default [`mesh_route::LeastLoaded`]).
+    pub fn strategy(mut self, strategy: impl Strategy) -> Self {
+        self.strategy = Some(Arc::new(strategy));
+        self
+    }
+
+    /// How forwarding channels to peers connect.
+    pub fn channel_config(mut self, config: ChannelConfig) -> Self {
+        self.channel_config = Some(config);
+        self
+    }
+
+    /// Peers whose state is older than this are not routed to (default: four state refresh
+    /// intervals).
+    pub fn max_state_age(mut self, age: std::time::Duration) -> Self {
+        self.max_state_age = Some(age);
+        self
+    }
+
+    /// Starts the node: binds the gossip socket, starts membership, discovery and the router.
     pub async fn start(self) -> Result<Node, NodeError> {
         let node_id = self.node_id.ok_or(NodeError::MissingNodeId)?;
         let mut builder = Membership::builder(node_id)
@@ -188,7 +218,20 @@ impl NodeBuilder {
             builder = builder.rng_seed(seed);
         }
         let membership = builder.start().await?;
-        Ok(Node { membership })
+        let mut router = Router::builder(membership.clone());
+        if let Some(strategy) = self.strategy {
+            router = router.strategy_arc(strategy);
+        }
+        if let Some(config) = self.channel_config {
+            router = router.channel_config(config);
+        }
+        if let Some(age) = self.max_state_age {
+            router = router.max_state_age(age);
+        }
+        Ok(Node {
+            router: router.build(),
+            membership,
+        })
     }
 }
 

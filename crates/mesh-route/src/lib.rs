@@ -1,9 +1,37 @@
 //! Routing for the mesh: choose the node that should run a call, name operations after the node
 //! that owns them, and forward gRPC calls to peers.
+//!
+//! # The pieces
+//!
+//! * [`Router::route`] builds candidates from the lock-free membership view — the local node
+//!   and every peer that is alive, not draining, carries the required tags, advertises an
+//!   endpoint and whose state was confirmed recently — and asks a [`Strategy`] to pick one.
+//!   Each candidate's load is *effective*: gossiped pending tasks plus the calls this node sent
+//!   it since that state version (optimistic accounting), which keeps routers from herding onto
+//!   the peer that looked least loaded at the last gossip round.
+//! * [`OperationId`] names operations `{node_id}:{uuid}` so that [`Router::owner`] can send
+//!   `WaitExecution` from any node to the owner, and answer `NOT_FOUND` when the owner is gone.
+//! * [`PeerChannels`] keeps one lazily connected channel per peer life and drops it when the
+//!   peer fails, leaves, restarts or moves.
+//! * [`Router::forward`] makes the call on the chosen peer with the caller's metadata, marks it
+//!   as forwarded (one hop, never loops), and retries elsewhere only when the peer could not be
+//!   connected to — never once it accepted the call. [`Router::relay`] relays a response stream
+//!   and cuts it short if the peer fails.
 #![forbid(unsafe_code)]
 
+mod channels;
+mod error;
+mod forward;
 mod operation;
+mod router;
 pub mod select;
 
+pub use channels::{ChannelConfig, PeerChannels};
+pub use error::RouteError;
+pub use forward::{
+    FORWARDED_BY, ForwardChannel, Forwarded, ForwardedBy, PeerCall, failed_before_accept,
+    forwarded_by,
+};
 pub use operation::{OperationId, OperationIdError, OperationIdReason};
+pub use router::{PeerTarget, Route, Router, RouterBuilder};
 pub use select::{Candidate, LeastLoaded, RouteRequest, Strategy, backpressure};

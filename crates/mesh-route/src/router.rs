@@ -1,0 +1,462 @@
+//! The router: candidates from the membership view, a strategy's choice, optimistic
+//! accounting, and channel housekeeping driven by membership events.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use mesh_core::{Member, Membership, MembershipView, MeshEvent, NodeId, NodeState, PeerStatus};
+use tokio::{sync::broadcast, task::JoinHandle};
+
+use crate::{
+    Candidate, ChannelConfig, LeastLoaded, OperationId, PeerChannels, RouteError, RouteRequest,
+    Strategy, forward::ForwardedBy,
+};
+
+/// Where a call should run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// Here.
+    Local,
+    /// On a peer.
+    Peer(PeerTarget),
+}
+
+/// A peer life to forward to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerTarget {
+    node_id: NodeId,
+    endpoint: String,
+    generation: u64,
+}
+
+impl PeerTarget {
+    pub(crate) fn from_member(member: &Member, state: &NodeState) -> Option<Self> {
+        Some(Self {
+            node_id: member.node_id().clone(),
+            endpoint: state.grpc_endpoint.clone()?,
+            generation: member.identity().generation(),
+        })
+    }
+
+    /// The peer's node id.
+    pub fn node_id(&self) -> &NodeId {
+        &self.node_id
+    }
+
+    /// Its gRPC endpoint.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// Its identity generation.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+}
+
+/// Chooses where calls run and forwards them. Cheap to clone.
+///
+/// ```no_run
+/// use mesh_route::{Route, RouteRequest, Router};
+///
+/// # fn demo(membership: mesh_core::Membership) -> Result<(), mesh_route::RouteError> {
+/// let router = Router::builder(membership)
+///     .strategy(mesh_route::LeastLoaded::new())
+///     .build();
+/// match router.route(&RouteRequest::new().require_tag("os", "linux"))? {
+///     Route::Local => { /* run it here */ }
+///     Route::Peer(peer) => println!("forward to {} at {}", peer.node_id(), peer.endpoint()),
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Router {
+    pub(crate) inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) membership: Membership,
+    strategy: Arc<dyn Strategy>,
+    max_state_age: Duration,
+    in_flight: InFlight,
+    pub(crate) channels: PeerChannels,
+    pub(crate) forwarded_by: ForwardedBy,
+    housekeeping: JoinHandle<()>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.housekeeping.abort();
+    }
+}
+
+/// Configures a [`Router`].
+#[derive(Debug)]
+#[must_use = "a builder does nothing until built"]
+pub struct RouterBuilder {
+    membership: Membership,
+    strategy: Arc<dyn Strategy>,
+    max_state_age: Option<Duration>,
+    channels: ChannelConfig,
+}
+
+impl RouterBuilder {
+    /// The selection strategy (default [`LeastLoaded`]).
+    pub fn strategy(mut self, strategy: impl Strategy) -> Self {
+        self.strategy = Arc::new(strategy);
+        self
+    }
+
+    /// The selection strategy, shared.
+    pub fn strategy_arc(mut self, strategy: Arc<dyn Strategy>) -> Self {
+        self.strategy = strategy;
+        self
+    }
+
+    /// Peers whose state has not been confirmed for longer than this are not routed to.
+    /// Default: four state refresh intervals of the membership's timing.
+    pub fn max_state_age(mut self, age: Duration) -> Self {
+        self.max_state_age = Some(age);
+        self
+    }
+
+    /// How peer channels connect.
+    pub fn channel_config(mut self, config: ChannelConfig) -> Self {
+        self.channels = config;
+        self
+    }
+
+    /// Builds the router and starts its housekeeping task (channel eviction), which stops when
+    /// the router is dropped. Must be called inside a tokio runtime.
+    pub fn build(self) -> Router {
+        let max_state_age = self
+            .max_state_age
+            .unwrap_or(self.membership.timing().state_refresh_interval * 4);
+        let channels = PeerChannels::new(self.channels);
+        let in_flight = InFlight::default();
+        let housekeeping = tokio::spawn(housekeeping(
+            self.membership.events(),
+            self.membership.clone(),
+            channels.clone(),
+            in_flight.clone(),
+        ));
+        Router {
+            inner: Arc::new(Inner {
+                forwarded_by: ForwardedBy::new(self.membership.node_id()),
+                membership: self.membership,
+                strategy: self.strategy,
+                max_state_age,
+                in_flight,
+                channels,
+                housekeeping,
+            }),
+        }
+    }
+}
+
+impl Router {
+    /// Starts configuring a router over `membership`.
+    pub fn builder(membership: Membership) -> RouterBuilder {
+        RouterBuilder {
+            membership,
+            strategy: Arc::new(LeastLoaded::new()),
+            max_state_age: None,
+            channels: ChannelConfig::default(),
+        }
+    }
+
+    /// The membership this router reads.
+    pub fn membership(&self) -> &Membership {
+        &self.inner.membership
+    }
+
+    /// The peer channel cache.
+    pub fn channels(&self) -> &PeerChannels {
+        &self.inner.channels
+    }
+
+    /// The strategy in use.
+    pub fn strategy(&self) -> &dyn Strategy {
+        &*self.inner.strategy
+    }
+
+    /// A new operation owned by this node.
+    pub fn new_operation(&self) -> OperationId {
+        OperationId::new(self.inner.membership.node_id().clone())
+    }
+
+    /// Where a call with these requirements should run now.
+    pub fn route(&self, request: &RouteRequest) -> Result<Route, RouteError> {
+        self.route_excluding(request, &[])
+    }
+
+    /// Like [`Router::route`], never choosing a node in `excluded`.
+    pub fn route_excluding(
+        &self,
+        request: &RouteRequest,
+        excluded: &[NodeId],
+    ) -> Result<Route, RouteError> {
+        let inner = &*self.inner;
+        let view = inner.membership.view();
+        let load = inner.membership.load();
+        let local_fallback;
+        let local_state: &NodeState = match view.local().state() {
+            Some(state) => state,
+            None => {
+                local_fallback = NodeState::new(view.local().node_id().clone(), 0, 0);
+                &local_fallback
+            }
+        };
+        let in_flight = inner.in_flight.lock();
+        let mut candidates: Vec<Candidate<'_>> = Vec::with_capacity(view.len());
+        let mut any_match = request.is_satisfied_by(local_state);
+        if any_match && !local_state.draining {
+            candidates.push(Candidate {
+                node_id: view.local().node_id(),
+                local: true,
+                pending: load.pending(),
+                max_concurrency: load.max_concurrency(),
+                state: local_state,
+            });
+        }
+        for peer in view.peers() {
+            let Some(state) = usable_state(peer, inner.max_state_age) else {
+                continue;
+            };
+            if !request.is_satisfied_by(state) {
+                continue;
+            }
+            any_match = true;
+            if state.draining || excluded.contains(peer.node_id()) {
+                continue;
+            }
+            candidates.push(Candidate {
+                node_id: peer.node_id(),
+                local: false,
+                pending: state.pending.saturating_add(in_flight.extra(state)),
+                max_concurrency: state.max_concurrency,
+                state,
+            });
+        }
+        drop(in_flight);
+        if candidates.is_empty() {
+            metrics::counter!("mesh_route_decisions_total", "outcome" => "none").increment(1);
+            return Err(if any_match {
+                RouteError::NoAvailableNode {
+                    tried: excluded.to_vec(),
+                }
+            } else {
+                RouteError::NoMatchingNode {
+                    required: request.required_tags().clone(),
+                }
+            });
+        }
+        candidates.sort_by(|a, b| a.node_id.cmp(b.node_id));
+        let index = inner.strategy.pick(&candidates, request);
+        let chosen = candidates.get(index).unwrap_or(&candidates[0]);
+        tracing::debug!(
+            strategy = inner.strategy.name(),
+            chosen = %chosen.node_id,
+            local = chosen.local,
+            pending = chosen.pending,
+            max = chosen.max_concurrency,
+            candidates = candidates.len(),
+            "routing decision"
+        );
+        if chosen.local {
+            metrics::counter!("mesh_route_decisions_total", "outcome" => "local").increment(1);
+            return Ok(Route::Local);
+        }
+        metrics::counter!("mesh_route_decisions_total", "outcome" => "peer").increment(1);
+        let member =
+            view.get(chosen.node_id.as_str())
+                .ok_or_else(|| RouteError::NoAvailableNode {
+                    tried: excluded.to_vec(),
+                })?;
+        PeerTarget::from_member(member, chosen.state)
+            .map(Route::Peer)
+            .ok_or_else(|| RouteError::NoAvailableNode {
+                tried: excluded.to_vec(),
+            })
+    }
+
+    /// Counts a call sent to `target` against it until its next state version arrives.
+    pub(crate) fn record_forward(&self, target: &PeerTarget) {
+        let view = self.inner.membership.view();
+        if let Some(state) = view.get(target.node_id().as_str()).and_then(Member::state) {
+            self.inner.in_flight.lock().record(state);
+        }
+    }
+
+    /// Takes back a [`Router::record_forward`] for a call that never reached the peer.
+    pub(crate) fn unrecord_forward(&self, target: &PeerTarget) {
+        self.inner.in_flight.lock().release(target.node_id());
+    }
+
+    /// Who owns an operation: this node, or a reachable peer. `NOT_FOUND` (as a
+    /// [`RouteError::UnknownOwner`]) when the owner is not a member.
+    pub fn owner(&self, operation: &OperationId) -> Result<Route, RouteError> {
+        let view = self.inner.membership.view();
+        if operation.node() == view.local().node_id() {
+            return Ok(Route::Local);
+        }
+        let unknown = || RouteError::UnknownOwner {
+            operation: operation.clone(),
+        };
+        let member = view.get(operation.node().as_str()).ok_or_else(unknown)?;
+        let state = member.state().ok_or_else(|| RouteError::OwnerUnreachable {
+            node: member.node_id().clone(),
+            endpoint: String::new(),
+            message: "its state has not arrived yet".to_owned(),
+        })?;
+        PeerTarget::from_member(member, state)
+            .map(Route::Peer)
+            .ok_or_else(|| RouteError::OwnerUnreachable {
+                node: member.node_id().clone(),
+                endpoint: String::new(),
+                message: "it advertises no grpc endpoint".to_owned(),
+            })
+    }
+}
+
+/// The state of a peer we may route to: alive, known, fresh, reachable.
+fn usable_state(peer: &Member, max_age: Duration) -> Option<&NodeState> {
+    if peer.status() != PeerStatus::Alive {
+        return None;
+    }
+    let state = peer.state()?;
+    state.grpc_endpoint.as_ref()?;
+    if peer.age().is_none_or(|age| age > max_age) {
+        return None;
+    }
+    Some(state)
+}
+
+/// Calls forwarded to each peer since the state version we last saw of it.
+///
+/// Between two gossip updates every router sees the same "least loaded" peer; without this,
+/// a burst arriving at one node would all go to that peer. Counting our own forwards against
+/// the peer until its next version (which then includes them) spreads the burst.
+#[derive(Debug, Clone, Default)]
+struct InFlight(Arc<Mutex<HashMap<NodeId, Outstanding>>>);
+
+#[derive(Debug)]
+struct Outstanding {
+    generation: u64,
+    version: u64,
+    calls: u32,
+}
+
+struct InFlightGuard<'a>(MutexGuard<'a, HashMap<NodeId, Outstanding>>);
+
+impl InFlight {
+    fn lock(&self) -> InFlightGuard<'_> {
+        InFlightGuard(self.0.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+impl InFlightGuard<'_> {
+    fn extra(&self, state: &NodeState) -> u32 {
+        self.0
+            .get(&state.node_id)
+            .filter(|o| (o.generation, o.version) == (state.generation, state.version))
+            .map_or(0, |o| o.calls)
+    }
+
+    fn record(&mut self, state: &NodeState) {
+        let entry = self.0.entry(state.node_id.clone()).or_insert(Outstanding {
+            generation: state.generation,
+            version: state.version,
+            calls: 0,
+        });
+        if (entry.generation, entry.version) != (state.generation, state.version) {
+            *entry = Outstanding {
+                generation: state.generation,
+                version: state.version,
+                calls: 0,
+            };
+        }
+        entry.calls = entry.calls.saturating_add(1);
+    }
+
+    fn release(&mut self, node: &NodeId) {
+        if let Some(entry) = self.0.get_mut(node) {
+            entry.calls = entry.calls.saturating_sub(1);
+        }
+    }
+
+    fn forget(&mut self, node: &NodeId) {
+        self.0.remove(node);
+    }
+}
+
+/// Evicts channels and accounting of peers that failed, left, were replaced or moved.
+async fn housekeeping(
+    mut events: broadcast::Receiver<MeshEvent>,
+    membership: Membership,
+    channels: PeerChannels,
+    in_flight: InFlight,
+) {
+    loop {
+        match events.recv().await {
+            Ok(MeshEvent::Failed(id) | MeshEvent::Left(id)) => {
+                if channels.evict_life(id.node_id(), id.generation()) {
+                    tracing::debug!(peer = %id, "dropped the channel of a departed peer");
+                }
+                in_flight.lock().forget(id.node_id());
+            }
+            Ok(MeshEvent::Rejoined { previous, .. }) => {
+                channels.evict_life(previous.node_id(), previous.generation());
+                in_flight.lock().forget(previous.node_id());
+            }
+            Ok(MeshEvent::Updated(state)) => {
+                channels.evict_if_moved(&state.node_id, state.grpc_endpoint.as_deref());
+            }
+            Ok(_) => {}
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                // Events were lost: fall back to the view, which is always authoritative.
+                tracing::debug!(
+                    missed,
+                    "router housekeeping lagged; resyncing with the view"
+                );
+                resync(&membership.view(), &channels);
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+fn resync(view: &MembershipView, channels: &PeerChannels) {
+    channels.retain(|node| view.get(node.as_str()).is_some_and(|m| !m.is_local()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(node: &str, version: u64) -> NodeState {
+        NodeState::new(NodeId::new(node).unwrap(), 1, version)
+    }
+
+    #[test]
+    fn forwards_count_until_the_next_state_version() {
+        let in_flight = InFlight::default();
+        let v1 = state("b", 1);
+        in_flight.lock().record(&v1);
+        in_flight.lock().record(&v1);
+        assert_eq!(in_flight.lock().extra(&v1), 2);
+        // The peer's next version already includes those calls.
+        let v2 = state("b", 2);
+        assert_eq!(in_flight.lock().extra(&v2), 0);
+        in_flight.lock().record(&v2);
+        assert_eq!(in_flight.lock().extra(&v2), 1);
+        in_flight.lock().release(&v2.node_id);
+        assert_eq!(in_flight.lock().extra(&v2), 0);
+        in_flight.lock().forget(&v2.node_id);
+        assert_eq!(in_flight.lock().0.len(), 0);
+    }
+}

@@ -1,0 +1,383 @@
+//! A miniature remote-execution server, to show (and test) how a real one embeds the mesh.
+//!
+//! [`DemoExecutor`] simulates work: each action sleeps for its `duration_ms` on a bounded pool
+//! of worker slots, and every accepted action holds a [`mesh_core::TaskGuard`] from queueing to
+//! completion, so the gossiped load is exact without any bookkeeping by hand.
+//! [`ExecutionService`] serves the `mesh.demo.v1.Execution` API the way a Remote Execution API
+//! server would use the router:
+//!
+//! * `Execute` asks [`Router::forward`] where to run; locally it submits to the executor,
+//!   otherwise it relays the peer's stream. Operation names are `{node}:{uuid}` of the node
+//!   that executes, behind `{instance}/operations/` when an instance name is given.
+//! * `WaitExecution` parses the name, and follows it here or on its owner
+//!   ([`Router::forward_to_owner`]); `NOT_FOUND` when the owner is gone, `INVALID_ARGUMENT`
+//!   when the name is malformed.
+
+use std::{
+    collections::HashMap,
+    pin::Pin,
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use futures::{Stream, StreamExt};
+use mesh_core::{LoadTracker, NodeId};
+use mesh_proto::demo::v1::{
+    Action, ExecuteRequest, ExecuteResponse, Operation, Stage, WaitExecutionRequest,
+    execution_client::ExecutionClient, execution_server,
+};
+use mesh_route::{Forwarded, OperationId, RouteError, RouteRequest, Router, forwarded_by};
+use tokio::{
+    sync::{Semaphore, watch},
+    time::Instant,
+};
+use tonic::{Request, Response, Status};
+
+/// The longest simulated action accepted.
+pub const MAX_ACTION_DURATION: Duration = Duration::from_secs(3600);
+/// How long a completed operation can still be followed with `WaitExecution`.
+pub const COMPLETED_RETENTION: Duration = Duration::from_secs(300);
+
+/// Runs simulated actions on a bounded pool of worker slots, reporting into a
+/// [`LoadTracker`].
+#[derive(Debug, Clone)]
+pub struct DemoExecutor {
+    inner: Arc<ExecutorInner>,
+}
+
+#[derive(Debug)]
+struct ExecutorInner {
+    node_id: NodeId,
+    load: LoadTracker,
+    slots: Semaphore,
+    operations: Mutex<HashMap<OperationId, Tracked>>,
+    executed: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Tracked {
+    updates: watch::Receiver<Operation>,
+    completed_at: Option<Instant>,
+}
+
+impl DemoExecutor {
+    /// An executor for `node_id` with as many worker slots as `load`'s concurrency limit.
+    pub fn new(node_id: NodeId, load: LoadTracker) -> Self {
+        let slots = usize::try_from(load.max_concurrency()).unwrap_or(usize::MAX);
+        Self {
+            inner: Arc::new(ExecutorInner {
+                node_id,
+                load,
+                slots: Semaphore::new(slots.min(Semaphore::MAX_PERMITS)),
+                operations: Mutex::new(HashMap::new()),
+                executed: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    fn operations(&self) -> MutexGuard<'_, HashMap<OperationId, Tracked>> {
+        self.inner
+            .operations
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Accepts an action: it is queued at once (counted as pending), runs when a slot frees,
+    /// and completes after its duration. Returns the operation's updates.
+    pub fn submit(
+        &self,
+        id: OperationId,
+        name: String,
+        action: Action,
+        forwarded_by: Option<NodeId>,
+        request_id: String,
+    ) -> watch::Receiver<Operation> {
+        let guard = self.inner.load.begin_task();
+        let (updates, receiver) = watch::channel(Operation {
+            name,
+            stage: Stage::Queued as i32,
+            done: false,
+            response: None,
+        });
+        {
+            let mut operations = self.operations();
+            let now = Instant::now();
+            operations.retain(|_, tracked| {
+                tracked
+                    .completed_at
+                    .is_none_or(|at| now.duration_since(at) < COMPLETED_RETENTION)
+            });
+            operations.insert(
+                id.clone(),
+                Tracked {
+                    updates: receiver.clone(),
+                    completed_at: None,
+                },
+            );
+        }
+        let executor = self.clone();
+        tokio::spawn(async move {
+            let queued_at = Instant::now();
+            let Ok(_slot) = executor.inner.slots.acquire().await else {
+                return;
+            };
+            updates.send_modify(|op| op.stage = Stage::Executing as i32);
+            let started_at = Instant::now();
+            tokio::time::sleep(Duration::from_millis(action.duration_ms)).await;
+            let response = ExecuteResponse {
+                executed_by: executor.inner.node_id.to_string(),
+                exit_code: action.exit_code,
+                queued_ms: millis(started_at - queued_at),
+                execution_ms: millis(started_at.elapsed()),
+                forwarded_by: forwarded_by.map(|n| n.to_string()).unwrap_or_default(),
+                request_id,
+            };
+            executor.inner.executed.fetch_add(1, Ordering::Relaxed);
+            if let Some(tracked) = executor.operations().get_mut(&id) {
+                tracked.completed_at = Some(Instant::now());
+            }
+            updates.send_modify(|op| {
+                op.stage = Stage::Completed as i32;
+                op.done = true;
+                op.response = Some(response);
+            });
+            drop(guard);
+        });
+        receiver
+    }
+
+    /// The updates of an operation this node owns, if it still knows it.
+    pub fn watch(&self, id: &OperationId) -> Option<watch::Receiver<Operation>> {
+        self.operations().get(id).map(|t| t.updates.clone())
+    }
+
+    /// Actions this executor completed.
+    pub fn executed(&self) -> u64 {
+        self.inner.executed.load(Ordering::Relaxed)
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Streams an operation's updates until it is done (latest state first, as the Remote
+/// Execution API does).
+fn follow(updates: watch::Receiver<Operation>) -> OperationStream {
+    Box::pin(futures::stream::unfold(
+        (updates, false, true),
+        |(mut updates, finished, first)| async move {
+            if finished {
+                return None;
+            }
+            if !first && updates.changed().await.is_err() {
+                return Some((
+                    Err(Status::aborted(
+                        "the executor stopped before the operation completed",
+                    )),
+                    (updates, true, false),
+                ));
+            }
+            let operation = updates.borrow_and_update().clone();
+            let done = operation.done;
+            Some((Ok(operation), (updates, done, false)))
+        },
+    ))
+}
+
+/// The stream type of both methods.
+pub type OperationStream = Pin<Box<dyn Stream<Item = Result<Operation, Status>> + Send>>;
+
+/// Counters of what the service did with calls.
+#[derive(Debug, Default)]
+struct ServiceCounters {
+    forwarded_in: AtomicU64,
+    forwarded_out: AtomicU64,
+    waits_relayed: AtomicU64,
+}
+
+/// A snapshot of [`ExecutionService`]'s counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ServiceStats {
+    /// Actions completed on this node.
+    pub executed: u64,
+    /// `Execute` calls that arrived forwarded by a peer.
+    pub forwarded_in: u64,
+    /// `Execute` calls this node forwarded to a peer.
+    pub forwarded_out: u64,
+    /// `WaitExecution` calls this node relayed to the owning peer.
+    pub waits_relayed: u64,
+}
+
+/// The `mesh.demo.v1.Execution` service, routed through the mesh.
+#[derive(Debug, Clone)]
+pub struct ExecutionService {
+    router: Router,
+    executor: DemoExecutor,
+    counters: Arc<ServiceCounters>,
+}
+
+impl ExecutionService {
+    /// A service executing on `executor` and routing with `router`.
+    pub fn new(router: Router, executor: DemoExecutor) -> Self {
+        Self {
+            router,
+            executor,
+            counters: Arc::default(),
+        }
+    }
+
+    /// The tonic server wrapper for this service.
+    pub fn into_server(self) -> execution_server::ExecutionServer<Self> {
+        execution_server::ExecutionServer::new(self)
+    }
+
+    /// What the service did so far.
+    pub fn stats(&self) -> ServiceStats {
+        ServiceStats {
+            executed: self.executor.executed(),
+            forwarded_in: self.counters.forwarded_in.load(Ordering::Relaxed),
+            forwarded_out: self.counters.forwarded_out.load(Ordering::Relaxed),
+            waits_relayed: self.counters.waits_relayed.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The executor behind the service.
+    pub fn executor(&self) -> &DemoExecutor {
+        &self.executor
+    }
+}
+
+fn validate(action: Option<&Action>) -> Result<&Action, Status> {
+    let action =
+        action.ok_or_else(|| Status::invalid_argument("ExecuteRequest.action is required"))?;
+    if Duration::from_millis(action.duration_ms) > MAX_ACTION_DURATION {
+        return Err(Status::invalid_argument(format!(
+            "action.duration_ms {} exceeds the limit of {} ms",
+            action.duration_ms,
+            MAX_ACTION_DURATION.as_millis()
+        )));
+    }
+    Ok(action)
+}
+
+fn operation_prefix(instance_name: &str) -> String {
+    if instance_name.is_empty() {
+        String::new()
+    } else {
+        format!("{instance_name}/operations/")
+    }
+}
+
+#[tonic::async_trait]
+impl execution_server::Execution for ExecutionService {
+    type ExecuteStream = OperationStream;
+    type WaitExecutionStream = OperationStream;
+
+    async fn execute(
+        &self,
+        request: Request<ExecuteRequest>,
+    ) -> Result<Response<OperationStream>, Status> {
+        let message = request.get_ref();
+        let action = validate(message.action.as_ref())?;
+        let mut route =
+            RouteRequest::new().with_required_tags(action.platform.clone().into_iter().collect());
+        if !action.input_root_digest.is_empty() {
+            route = route.with_affinity_key(action.input_root_digest.as_bytes());
+        }
+        let forwarded = self
+            .router
+            .forward(&route, request.metadata(), |peer| {
+                let message = message.clone();
+                async move {
+                    ExecutionClient::new(peer.channel())
+                        .execute(peer.request(message))
+                        .await
+                }
+            })
+            .await?;
+        match forwarded {
+            Forwarded::Local => {
+                let from = forwarded_by(request.metadata());
+                if from.is_some() {
+                    self.counters.forwarded_in.fetch_add(1, Ordering::Relaxed);
+                }
+                let request_id = request
+                    .metadata()
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned();
+                let id = self.router.new_operation();
+                let name = id.with_prefix(&operation_prefix(&message.instance_name));
+                let updates = self
+                    .executor
+                    .submit(id, name, action.clone(), from, request_id);
+                Ok(Response::new(follow(updates)))
+            }
+            Forwarded::Remote { node, response } => {
+                self.counters.forwarded_out.fetch_add(1, Ordering::Relaxed);
+                Ok(Response::new(Box::pin(
+                    self.router.relay(node, response.into_inner()),
+                )))
+            }
+        }
+    }
+
+    async fn wait_execution(
+        &self,
+        request: Request<WaitExecutionRequest>,
+    ) -> Result<Response<OperationStream>, Status> {
+        let name = request.get_ref().name.clone();
+        let id: OperationId = name.parse().map_err(RouteError::from)?;
+        let forwarded = self
+            .router
+            .forward_to_owner(&id, request.metadata(), |peer| {
+                let message = request.get_ref().clone();
+                async move {
+                    ExecutionClient::new(peer.channel())
+                        .wait_execution(peer.request(message))
+                        .await
+                }
+            })
+            .await?;
+        match forwarded {
+            Forwarded::Local => {
+                let updates = self.executor.watch(&id).ok_or_else(|| {
+                    Status::not_found(format!(
+                        "operation {name} is not known to its owner {}: it completed more than {} s ago or the node restarted; retry Execute",
+                        id.node(),
+                        COMPLETED_RETENTION.as_secs()
+                    ))
+                })?;
+                Ok(Response::new(follow(updates)))
+            }
+            Forwarded::Remote { node, response } => {
+                self.counters.waits_relayed.fetch_add(1, Ordering::Relaxed);
+                Ok(Response::new(Box::pin(
+                    self.router.relay(node, response.into_inner()),
+                )))
+            }
+        }
+    }
+}
+
+/// Reads an operation stream to its end and returns the final operation.
+pub async fn finish(
+    mut stream: impl Stream<Item = Result<Operation, Status>> + Unpin,
+) -> Result<Operation, Status> {
+    let mut last = None;
+    while let Some(operation) = stream.next().await {
+        let operation = operation?;
+        let done = operation.done;
+        last = Some(operation);
+        if done {
+            break;
+        }
+    }
+    last.filter(|op| op.done)
+        .ok_or_else(|| Status::aborted("the operation stream ended before completion"))
+}

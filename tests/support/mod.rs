@@ -1,0 +1,182 @@
+//! Nodes with a real gRPC server on 127.0.0.1, ephemeral ports.
+#![allow(dead_code, unreachable_pub)] // Each test binary uses a different subset; `pub` is for them.
+
+use std::{future::Future, net::SocketAddr, time::Duration};
+
+use mesh::{
+    Node, Tags, Timing,
+    admin::AdminService,
+    demo::{DemoExecutor, ExecutionService},
+    proto::demo::v1::{Action, ExecuteRequest, execution_client::ExecutionClient},
+};
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Channel, Server};
+
+/// Upper bound for any wait on a loaded CI machine; not an expectation.
+pub const BOUND: Duration = Duration::from_secs(30);
+
+pub async fn bounded<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(BOUND, fut)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {BOUND:?} waiting for {what}"))
+}
+
+pub struct Spec {
+    pub name: &'static str,
+    pub max_concurrency: u32,
+    pub tags: Tags,
+    pub timing: Timing,
+}
+
+impl Spec {
+    pub fn new(name: &'static str, max_concurrency: u32) -> Self {
+        Self {
+            name,
+            max_concurrency,
+            tags: Tags::new(),
+            timing: Timing::local(),
+        }
+    }
+
+    pub fn tag(mut self, key: &str, value: &str) -> Self {
+        self.tags.insert(key.to_owned(), value.to_owned());
+        self
+    }
+
+    pub fn timing(mut self, timing: Timing) -> Self {
+        self.timing = timing;
+        self
+    }
+}
+
+pub struct TestNode {
+    pub node: Node,
+    pub service: ExecutionService,
+    pub grpc_addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<()>>,
+}
+
+impl TestNode {
+    pub async fn start(spec: Spec, seeds: &[SocketAddr]) -> Self {
+        Self::start_advertising(spec, seeds, None).await
+    }
+
+    /// `advertise`: a gRPC endpoint to gossip instead of the real one (to simulate a peer that
+    /// cannot be reached).
+    pub async fn start_advertising(
+        spec: Spec,
+        seeds: &[SocketAddr],
+        advertise: Option<String>,
+    ) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let grpc_addr = listener.local_addr().unwrap();
+        let node = Node::builder()
+            .node_id(spec.name)
+            .unwrap()
+            .gossip_bind("127.0.0.1:0".parse().unwrap())
+            .grpc_endpoint(advertise.unwrap_or_else(|| format!("http://{grpc_addr}")))
+            .seeds(seeds.iter().copied())
+            .timing(spec.timing)
+            .max_concurrency(spec.max_concurrency)
+            .tags(spec.tags)
+            .start()
+            .await
+            .unwrap();
+        let executor = DemoExecutor::new(node.node_id().clone(), node.load().clone());
+        let service = ExecutionService::new(node.router().clone(), executor);
+        let (stop, stopped) = oneshot::channel();
+        let server = tokio::spawn({
+            let service = service.clone();
+            let admin = AdminService::new(node.membership().clone());
+            async move {
+                Server::builder()
+                    .add_service(service.into_server())
+                    .add_service(admin.into_server())
+                    .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                        let _ = stopped.await;
+                    })
+                    .await
+                    .unwrap();
+            }
+        });
+        Self {
+            node,
+            service,
+            grpc_addr,
+            stop: Some(stop),
+            server: Some(server),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        self.node.node_id().as_str()
+    }
+
+    pub async fn client(&self) -> ExecutionClient<Channel> {
+        ExecutionClient::connect(format!("http://{}", self.grpc_addr))
+            .await
+            .unwrap()
+    }
+
+    /// A crash: the gRPC server and the membership stop without a word.
+    pub async fn kill(mut self) {
+        self.node.shutdown().await;
+        if let Some(server) = self.server.take() {
+            server.abort();
+            let _ = server.await;
+        }
+    }
+
+    pub async fn stop_gracefully(mut self) {
+        let _ = self.node.leave().await;
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            let _ = server.await;
+        }
+    }
+}
+
+/// Starts the nodes (the first is everyone's seed) and waits until every node knows every
+/// other node's state.
+pub async fn cluster(specs: Vec<Spec>) -> Vec<TestNode> {
+    let mut nodes: Vec<TestNode> = Vec::new();
+    for spec in specs {
+        let seeds: Vec<SocketAddr> = nodes
+            .first()
+            .map(|n| n.node.gossip_addr())
+            .into_iter()
+            .collect();
+        nodes.push(TestNode::start(spec, &seeds).await);
+    }
+    converge(&nodes).await;
+    nodes
+}
+
+pub async fn converge(nodes: &[TestNode]) {
+    let n = nodes.len();
+    for node in nodes {
+        bounded(
+            "every node to know every peer's state",
+            node.node
+                .membership()
+                .wait_until(|v| v.len() == n && v.peers().iter().all(|p| p.state().is_some())),
+        )
+        .await;
+    }
+}
+
+pub fn action(duration_ms: u64) -> ExecuteRequest {
+    ExecuteRequest {
+        instance_name: String::new(),
+        action: Some(Action {
+            input_root_digest: String::new(),
+            duration_ms,
+            platform: Default::default(),
+            exit_code: 0,
+        }),
+    }
+}
