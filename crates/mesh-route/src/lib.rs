@@ -33,5 +33,8 @@ pub use forward::{
     forwarded_by,
 };
 pub use operation::{OperationId, OperationIdError, OperationIdReason};
-pub use router::{PeerTarget, Route, Router, RouterBuilder};
-pub use select::{Candidate, LeastLoaded, RouteRequest, Strategy, backpressure};
+pub use router::{PeerTarget, Route, Router, RouterBuilder, WhenFull};
+pub use select::{
+    Affinity, Candidate, LeastLoaded, LoadFactorError, PowerOfTwoChoices, Random, RoundRobin,
+    RouteRequest, Strategy, WeightedCapacity, backpressure,
+};

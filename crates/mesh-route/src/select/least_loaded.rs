@@ -1,4 +1,4 @@
-use super::{Candidate, RouteRequest, Strategy, backpressure, stable_hash};
+use super::{Candidate, RouteRequest, Strategy, backpressure, shared::os_seed, stable_hash};
 
 /// The lowest load ratio among nodes below their limit; the local node wins ties and is kept
 /// when nobody has capacity.
@@ -21,7 +21,7 @@ pub struct LeastLoaded {
 impl LeastLoaded {
     /// Ties between peers broken by a random per-router salt.
     pub fn new() -> Self {
-        Self::with_seed(rand::random())
+        Self::with_seed(os_seed())
     }
 
     /// Ties between peers broken by `seed` (reproducible).

@@ -22,9 +22,20 @@ use std::fmt;
 
 use mesh_core::{NodeId, NodeState, Tags};
 
+mod affinity;
 mod least_loaded;
+mod power_of_two_choices;
+mod random;
+mod round_robin;
+mod shared;
+mod weighted_capacity;
 
+pub use affinity::{Affinity, LoadFactorError};
 pub use least_loaded::LeastLoaded;
+pub use power_of_two_choices::PowerOfTwoChoices;
+pub use random::Random;
+pub use round_robin::RoundRobin;
+pub use weighted_capacity::WeightedCapacity;
 
 /// What a call needs from the node that runs it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
