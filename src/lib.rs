@@ -40,7 +40,10 @@ pub use mesh_core::{
 };
 pub use node::{Node, NodeBuilder, NodeError};
 
-pub use mesh_route::{LeastLoaded, OperationId, RouteRequest, Router, Strategy};
+pub use mesh_route::{
+    Affinity, LeastLoaded, OperationId, PowerOfTwoChoices, Random, RoundRobin, RouteRequest,
+    Router, Strategy, WeightedCapacity, WhenFull,
+};
 
 /// The membership layer, re-exported whole.
 pub use mesh_core as core;

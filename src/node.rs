@@ -7,7 +7,7 @@ use mesh_core::{
     StartError, Tags, Timing,
 };
 use mesh_discovery::DynDiscover;
-use mesh_route::{ChannelConfig, Router, Strategy};
+use mesh_route::{ChannelConfig, Router, Strategy, WhenFull};
 use tokio::sync::broadcast;
 
 /// One member of the mesh: membership, load gossip, discovery and the router, started
@@ -91,6 +91,7 @@ pub struct NodeBuilder {
     strategy: Option<Arc<dyn Strategy>>,
     channel_config: Option<ChannelConfig>,
     max_state_age: Option<std::time::Duration>,
+    when_full: WhenFull,
 }
 
 impl std::fmt::Debug for NodeBuilder {
@@ -191,6 +192,12 @@ impl NodeBuilder {
         self
     }
 
+    /// What the router does when every node is full (default [`WhenFull::RunLocally`]).
+    pub fn when_full(mut self, when_full: WhenFull) -> Self {
+        self.when_full = when_full;
+        self
+    }
+
     /// Starts the node: binds the gossip socket, starts membership, discovery and the router.
     pub async fn start(self) -> Result<Node, NodeError> {
         let node_id = self.node_id.ok_or(NodeError::MissingNodeId)?;
@@ -218,7 +225,7 @@ impl NodeBuilder {
             builder = builder.rng_seed(seed);
         }
         let membership = builder.start().await?;
-        let mut router = Router::builder(membership.clone());
+        let mut router = Router::builder(membership.clone()).when_full(self.when_full);
         if let Some(strategy) = self.strategy {
             router = router.strategy_arc(strategy);
         }

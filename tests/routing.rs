@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use futures::StreamExt;
 use mesh::{
-    MeshEvent, OperationId, Timing,
+    MeshEvent, OperationId, Timing, WhenFull,
     demo::finish,
     proto::demo::v1::{Stage, WaitExecutionRequest},
     route::FORWARDED_BY,
@@ -380,6 +380,53 @@ async fn required_tags_route_to_a_matching_node_or_fail_precondition() {
         status.message(),
         "no node in the cluster has the required tags [os=windows]"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_cluster_is_full_a_waiting_router_sends_the_call_to_the_first_free_slot() {
+    let nodes = cluster(vec![
+        Spec::new("entry", 1).when_full(WhenFull::Wait),
+        Spec::new("worker", 1),
+    ])
+    .await;
+    let _entry_busy = nodes[0].node.load().begin_task(); // never frees during the test
+    let worker_busy = nodes[1]
+        .client()
+        .await
+        .execute(action(300))
+        .await
+        .unwrap()
+        .into_inner();
+    bounded(
+        "the entry to see the worker full",
+        nodes[0].node.membership().wait_until(|v| {
+            v.get("worker")
+                .and_then(|m| m.state())
+                .is_some_and(|s| s.pending == 1)
+        }),
+    )
+    .await;
+
+    // Everyone is full: the call is held, not queued on the entry (whose slot never frees),
+    // and runs on the worker once its slot frees.
+    let stream = nodes[0]
+        .client()
+        .await
+        .execute(action(10))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = bounded("the held call to complete", finish(stream))
+        .await
+        .unwrap()
+        .response
+        .unwrap();
+    assert_eq!(response.executed_by, "worker");
+    assert!(
+        response.queued_ms < 250,
+        "it waited at the router, not in a queue: {response:?}"
+    );
+    finish(worker_busy).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,7 +4,7 @@
 use std::{future::Future, net::SocketAddr, time::Duration};
 
 use mesh::{
-    Node, Tags, Timing,
+    Node, Tags, Timing, WhenFull,
     admin::AdminService,
     demo::{DemoExecutor, ExecutionService},
     proto::demo::v1::{Action, ExecuteRequest, execution_client::ExecutionClient},
@@ -27,6 +27,7 @@ pub struct Spec {
     pub max_concurrency: u32,
     pub tags: Tags,
     pub timing: Timing,
+    pub when_full: WhenFull,
 }
 
 impl Spec {
@@ -36,6 +37,7 @@ impl Spec {
             max_concurrency,
             tags: Tags::new(),
             timing: Timing::local(),
+            when_full: WhenFull::RunLocally,
         }
     }
 
@@ -46,6 +48,11 @@ impl Spec {
 
     pub fn timing(mut self, timing: Timing) -> Self {
         self.timing = timing;
+        self
+    }
+
+    pub fn when_full(mut self, when_full: WhenFull) -> Self {
+        self.when_full = when_full;
         self
     }
 }
@@ -81,6 +88,7 @@ impl TestNode {
             .timing(spec.timing)
             .max_concurrency(spec.max_concurrency)
             .tags(spec.tags)
+            .when_full(spec.when_full)
             .start()
             .await
             .unwrap();

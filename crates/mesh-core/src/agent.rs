@@ -187,7 +187,7 @@ impl<T: Transport> Agent<T> {
                 StdRng::seed_from_u64(seed),
                 StdRng::seed_from_u64(seed.wrapping_add(0x9e37_79b9_7f4a_7c15)),
             ),
-            None => (rand::make_rng(), rand::make_rng()),
+            None => (os_seeded(), os_seeded()),
         };
         let max_payload = crate::wire::MAX_DATAGRAM - envelope.overhead();
         let store = SharedStore::default();
@@ -851,6 +851,15 @@ impl<T: Transport> Agent<T> {
 /// accepts an announce addressed to any identity with the receiver's address.
 fn announce_target(addr: SocketAddr) -> Identity {
     Identity::new(NodeId::placeholder(), addr, 0)
+}
+
+/// A generator seeded by the operating system, or by the clock if that fails: gossip needs
+/// spread, not secrecy, and starting must not panic.
+fn os_seeded() -> StdRng {
+    StdRng::try_from_rng(&mut rand::rngs::SysRng).unwrap_or_else(|error| {
+        tracing::warn!(%error, "the operating system's random source failed; seeding from the clock");
+        StdRng::seed_from_u64(crate::identity::generation_now() ^ u64::from(std::process::id()))
+    })
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

@@ -159,7 +159,7 @@ impl Router {
     /// chosen, because the call was already forwarded once (it carries [`FORWARDED_BY`]), or
     /// because every chosen peer was unreachable and this node can take it. `call` may be
     /// invoked several times, on different peers, but only when the previous peer could not be
-    /// connected to.
+    /// connected to. Under [`crate::WhenFull::Wait`] the call first waits for a free slot.
     ///
     /// ```no_run
     /// # use mesh_route::{Forwarded, RouteRequest, Router};
@@ -189,7 +189,7 @@ impl Router {
         }
         let mut unreachable: Vec<NodeId> = Vec::new();
         loop {
-            let target = match self.route_excluding(request, &unreachable)? {
+            let target = match self.route_when_available(request, &unreachable).await? {
                 Route::Local => return Ok(Forwarded::Local),
                 Route::Peer(target) => target,
             };

@@ -3,7 +3,10 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
@@ -22,6 +25,20 @@ pub enum Route {
     Local,
     /// On a peer.
     Peer(PeerTarget),
+}
+
+/// What the router does when every candidate is at its concurrency limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WhenFull {
+    /// Run the call locally (the seed server's rule): it queues in the local executor and the
+    /// client feels the backpressure there. Simple, but a burst that arrives while the cluster
+    /// is full stays on the entry node even after peers free up.
+    #[default]
+    RunLocally,
+    /// Hold the call at the router, in arrival order, until a node anywhere has a free slot,
+    /// then route it (late binding). A burst then drains across the whole cluster at the
+    /// speed capacity frees. The call's deadline still applies.
+    Wait,
 }
 
 /// A peer life to forward to.
@@ -85,7 +102,27 @@ pub(crate) struct Inner {
     in_flight: InFlight,
     pub(crate) channels: PeerChannels,
     pub(crate) forwarded_by: ForwardedBy,
+    when_full: WhenFull,
+    /// Calls waiting for capacity under [`WhenFull::Wait`], and their queue.
+    waiting: AtomicUsize,
+    dispatch: tokio::sync::Mutex<()>,
     housekeeping: JoinHandle<()>,
+}
+
+/// Counts a waiting call for as long as it waits (also when it is cancelled).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn enter(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Self(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Drop for Inner {
@@ -102,9 +139,16 @@ pub struct RouterBuilder {
     strategy: Arc<dyn Strategy>,
     max_state_age: Option<Duration>,
     channels: ChannelConfig,
+    when_full: WhenFull,
 }
 
 impl RouterBuilder {
+    /// What to do when every candidate is full (default [`WhenFull::RunLocally`]).
+    pub fn when_full(mut self, when_full: WhenFull) -> Self {
+        self.when_full = when_full;
+        self
+    }
+
     /// The selection strategy (default [`LeastLoaded`]).
     pub fn strategy(mut self, strategy: impl Strategy) -> Self {
         self.strategy = Arc::new(strategy);
@@ -152,6 +196,9 @@ impl RouterBuilder {
                 max_state_age,
                 in_flight,
                 channels,
+                when_full: self.when_full,
+                waiting: AtomicUsize::new(0),
+                dispatch: tokio::sync::Mutex::new(()),
                 housekeeping,
             }),
         }
@@ -166,6 +213,7 @@ impl Router {
             strategy: Arc::new(LeastLoaded::new()),
             max_state_age: None,
             channels: ChannelConfig::default(),
+            when_full: WhenFull::default(),
         }
     }
 
@@ -200,6 +248,55 @@ impl Router {
         request: &RouteRequest,
         excluded: &[NodeId],
     ) -> Result<Route, RouteError> {
+        self.decide(request, excluded).map(|(route, _)| route)
+    }
+
+    /// Routes like [`Router::route_excluding`], but under [`WhenFull::Wait`] holds the call
+    /// while every candidate is full, in arrival order, until a slot frees somewhere.
+    pub async fn route_when_available(
+        &self,
+        request: &RouteRequest,
+        excluded: &[NodeId],
+    ) -> Result<Route, RouteError> {
+        let inner = &*self.inner;
+        if inner.when_full == WhenFull::RunLocally {
+            return self.route_excluding(request, excluded);
+        }
+        // Fast path, unless others are already waiting (they go first).
+        if inner.waiting.load(Ordering::Acquire) == 0 {
+            let (route, has_capacity) = self.decide(request, excluded)?;
+            if has_capacity {
+                return Ok(route);
+            }
+        }
+        let _waiting = Waiting::enter(&inner.waiting);
+        // tokio's mutex is fair: waiters get their turn in arrival order.
+        let _turn = inner.dispatch.lock().await;
+        let membership = &inner.membership;
+        let recheck = membership
+            .timing()
+            .state_publish_interval
+            .max(Duration::from_millis(10));
+        loop {
+            let seen = membership.view().epoch();
+            let (route, has_capacity) = self.decide(request, excluded)?;
+            if has_capacity {
+                return Ok(route);
+            }
+            // A slot frees when a peer's new state arrives or our own load drops (which
+            // publishes a new view too); re-check on a timer as well, for forwarded calls
+            // whose accounting we hold.
+            let _ =
+                tokio::time::timeout(recheck, membership.wait_until(|v| v.epoch() != seen)).await;
+        }
+    }
+
+    /// The route and whether the chosen node has a free slot.
+    fn decide(
+        &self,
+        request: &RouteRequest,
+        excluded: &[NodeId],
+    ) -> Result<(Route, bool), RouteError> {
         let inner = &*self.inner;
         let view = inner.membership.view();
         let load = inner.membership.load();
@@ -267,9 +364,10 @@ impl Router {
             candidates = candidates.len(),
             "routing decision"
         );
+        let has_capacity = chosen.has_capacity();
         if chosen.local {
             metrics::counter!("mesh_route_decisions_total", "outcome" => "local").increment(1);
-            return Ok(Route::Local);
+            return Ok((Route::Local, has_capacity));
         }
         metrics::counter!("mesh_route_decisions_total", "outcome" => "peer").increment(1);
         let member =
@@ -278,7 +376,7 @@ impl Router {
                     tried: excluded.to_vec(),
                 })?;
         PeerTarget::from_member(member, chosen.state)
-            .map(Route::Peer)
+            .map(|target| (Route::Peer(target), has_capacity))
             .ok_or_else(|| RouteError::NoAvailableNode {
                 tried: excluded.to_vec(),
             })
