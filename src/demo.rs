@@ -15,6 +15,7 @@
 
 use std::{
     collections::HashMap,
+    net::SocketAddr,
     pin::Pin,
     sync::{
         Arc, Mutex, MutexGuard,
@@ -24,17 +25,21 @@ use std::{
 };
 
 use futures::{Stream, StreamExt};
-use mesh_core::{LoadTracker, NodeId};
+use mesh_core::{LeaveError, LoadTracker, NodeId};
 use mesh_proto::demo::v1::{
     Action, ExecuteRequest, ExecuteResponse, Operation, Stage, WaitExecutionRequest,
     execution_client::ExecutionClient, execution_server,
 };
 use mesh_route::{Forwarded, OperationId, RouteError, RouteRequest, Router, forwarded_by};
 use tokio::{
-    sync::{Semaphore, watch},
+    net::TcpListener,
+    sync::{Semaphore, oneshot, watch},
     time::Instant,
 };
+use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
+
+use crate::{Node, NodeBuilder, NodeError, admin::AdminService};
 
 /// The longest simulated action accepted.
 pub const MAX_ACTION_DURATION: Duration = Duration::from_secs(3600);
@@ -380,4 +385,189 @@ pub async fn finish(
     }
     last.filter(|op| op.done)
         .ok_or_else(|| Status::aborted("the operation stream ended before completion"))
+}
+
+/// A complete demo replica: a [`Node`] plus a gRPC server on its own port serving the demo
+/// `Execution` service and the admin service. What a real server embedding the mesh looks
+/// like, in one value; the examples and tests run clusters of these.
+///
+/// Each replica runs on its own thread and tokio runtime, as if it were its own process, so
+/// [`DemoNode::kill`] is a real crash: every task, socket and connection of the replica is
+/// dropped at once.
+#[derive(Debug)]
+pub struct DemoNode {
+    node: Node,
+    service: ExecutionService,
+    grpc_addr: SocketAddr,
+    control: Option<oneshot::Sender<Stop>>,
+    stopped: Option<oneshot::Receiver<Result<(), LeaveError>>>,
+}
+
+/// How a replica's runtime ends.
+#[derive(Debug)]
+enum Stop {
+    Gracefully,
+    Crash,
+}
+
+/// A [`DemoNode`] could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DemoNodeError {
+    /// The gRPC listener could not be bound.
+    #[error("binding the grpc listener to {addr} failed: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The replica's thread or runtime could not be created.
+    #[error("starting the replica's runtime failed: {0}")]
+    Runtime(#[source] std::io::Error),
+    /// The node could not start.
+    #[error(transparent)]
+    Node(#[from] NodeError),
+}
+
+impl DemoNode {
+    /// Binds the gRPC listener at `grpc_bind`, starts the node from `builder` (gossiping
+    /// `http://{grpc_bind ip}:{bound port}` as its endpoint unless the builder sets one), and
+    /// serves the demo and admin services, all on a runtime of the replica's own.
+    pub async fn start(builder: NodeBuilder, grpc_bind: SocketAddr) -> Result<Self, DemoNodeError> {
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let (control, control_rx) = oneshot::channel();
+        let (stopped_tx, stopped) = oneshot::channel();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(DemoNodeError::Runtime)?;
+        std::thread::Builder::new()
+            .name("demo-replica".to_owned())
+            .spawn(move || {
+                let result = runtime.block_on(serve(builder, grpc_bind, ready_tx, control_rx));
+                // Dropping the runtime drops every task of the replica: a crash, unless `serve`
+                // already shut down gracefully.
+                runtime.shutdown_background();
+                let _ = stopped_tx.send(result);
+            })
+            .map_err(DemoNodeError::Runtime)?;
+        let (node, service, grpc_addr) = ready_rx.await.map_err(|_| {
+            DemoNodeError::Runtime(std::io::Error::other("the replica thread ended early"))
+        })??;
+        Ok(Self {
+            node,
+            service,
+            grpc_addr,
+            control: Some(control),
+            stopped: Some(stopped),
+        })
+    }
+
+    /// The mesh node.
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    /// The execution service (its counters).
+    pub fn service(&self) -> &ExecutionService {
+        &self.service
+    }
+
+    /// Where the gRPC server listens.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    /// A client of this node's execution service.
+    pub async fn client(
+        &self,
+    ) -> Result<ExecutionClient<tonic::transport::Channel>, tonic::transport::Error> {
+        ExecutionClient::connect(format!("http://{}", self.grpc_addr)).await
+    }
+
+    /// Leaves the cluster (peers report it as left), lets running calls finish, and stops.
+    pub async fn shutdown_gracefully(mut self) -> Result<(), LeaveError> {
+        self.stop(Stop::Gracefully).await
+    }
+
+    /// Crashes the replica: no goodbye to the cluster, every connection and task dropped.
+    pub async fn kill(mut self) {
+        let _ = self.stop(Stop::Crash).await;
+    }
+
+    async fn stop(&mut self, how: Stop) -> Result<(), LeaveError> {
+        if let Some(control) = self.control.take() {
+            let _ = control.send(how);
+        }
+        match self.stopped.take() {
+            Some(stopped) => stopped.await.unwrap_or(Ok(())),
+            None => Ok(()),
+        }
+    }
+}
+
+type Ready = Result<(Node, ExecutionService, SocketAddr), DemoNodeError>;
+
+/// The replica's life, on its own runtime.
+async fn serve(
+    builder: NodeBuilder,
+    grpc_bind: SocketAddr,
+    ready: oneshot::Sender<Ready>,
+    control: oneshot::Receiver<Stop>,
+) -> Result<(), LeaveError> {
+    let bind_error = |source| DemoNodeError::Bind {
+        addr: grpc_bind,
+        source,
+    };
+    let listener = match TcpListener::bind(grpc_bind).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            let _ = ready.send(Err(bind_error(error)));
+            return Ok(());
+        }
+    };
+    let grpc_addr = match listener.local_addr() {
+        Ok(addr) => addr,
+        Err(error) => {
+            let _ = ready.send(Err(bind_error(error)));
+            return Ok(());
+        }
+    };
+    let node = match builder
+        .default_grpc_endpoint(format!("http://{grpc_addr}"))
+        .start()
+        .await
+    {
+        Ok(node) => node,
+        Err(error) => {
+            let _ = ready.send(Err(error.into()));
+            return Ok(());
+        }
+    };
+    let executor = DemoExecutor::new(node.node_id().clone(), node.load().clone());
+    let service = ExecutionService::new(node.router().clone(), executor);
+    let (drain, drained) = oneshot::channel::<()>();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service.clone().into_server())
+            .add_service(AdminService::new(node.membership().clone()).into_server())
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                let _ = drained.await;
+            }),
+    );
+    if ready.send(Ok((node.clone(), service, grpc_addr))).is_err() {
+        return Ok(());
+    }
+    match control.await {
+        Ok(Stop::Gracefully) => {
+            let left = node.leave().await;
+            let _ = drain.send(());
+            let _ = server.await;
+            left
+        }
+        // A crash, or the DemoNode was dropped: returning drops the runtime and everything on it.
+        Ok(Stop::Crash) | Err(_) => Ok(()),
+    }
 }

@@ -131,6 +131,14 @@ impl NodeBuilder {
         self
     }
 
+    /// Sets the gRPC endpoint only if none was set (used by servers that learn their port late).
+    pub fn default_grpc_endpoint(mut self, endpoint: impl Into<String>) -> Self {
+        if self.grpc_endpoint.is_none() {
+            self.grpc_endpoint = Some(endpoint.into());
+        }
+        self
+    }
+
     /// Gossip addresses to join through.
     pub fn seeds(mut self, seeds: impl IntoIterator<Item = SocketAddr>) -> Self {
         self.seeds.extend(seeds);

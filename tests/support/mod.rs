@@ -5,13 +5,10 @@ use std::{future::Future, net::SocketAddr, time::Duration};
 
 use mesh::{
     Node, Tags, Timing, WhenFull,
-    admin::AdminService,
-    demo::{DemoExecutor, ExecutionService},
+    demo::{DemoNode, ExecutionService},
     proto::demo::v1::{Action, ExecuteRequest, execution_client::ExecutionClient},
 };
-use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::{Channel, Server};
+use tonic::transport::Channel;
 
 /// Upper bound for any wait on a loaded CI machine; not an expectation.
 pub const BOUND: Duration = Duration::from_secs(30);
@@ -61,8 +58,7 @@ pub struct TestNode {
     pub node: Node,
     pub service: ExecutionService,
     pub grpc_addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    server: Option<JoinHandle<()>>,
+    demo: DemoNode,
 }
 
 impl TestNode {
@@ -77,44 +73,26 @@ impl TestNode {
         seeds: &[SocketAddr],
         advertise: Option<String>,
     ) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let grpc_addr = listener.local_addr().unwrap();
-        let node = Node::builder()
+        let mut builder = Node::builder()
             .node_id(spec.name)
             .unwrap()
             .gossip_bind("127.0.0.1:0".parse().unwrap())
-            .grpc_endpoint(advertise.unwrap_or_else(|| format!("http://{grpc_addr}")))
             .seeds(seeds.iter().copied())
             .timing(spec.timing)
             .max_concurrency(spec.max_concurrency)
             .tags(spec.tags)
-            .when_full(spec.when_full)
-            .start()
+            .when_full(spec.when_full);
+        if let Some(endpoint) = advertise {
+            builder = builder.grpc_endpoint(endpoint);
+        }
+        let demo = DemoNode::start(builder, "127.0.0.1:0".parse().unwrap())
             .await
             .unwrap();
-        let executor = DemoExecutor::new(node.node_id().clone(), node.load().clone());
-        let service = ExecutionService::new(node.router().clone(), executor);
-        let (stop, stopped) = oneshot::channel();
-        let server = tokio::spawn({
-            let service = service.clone();
-            let admin = AdminService::new(node.membership().clone());
-            async move {
-                Server::builder()
-                    .add_service(service.into_server())
-                    .add_service(admin.into_server())
-                    .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-                        let _ = stopped.await;
-                    })
-                    .await
-                    .unwrap();
-            }
-        });
         Self {
-            node,
-            service,
-            grpc_addr,
-            stop: Some(stop),
-            server: Some(server),
+            node: demo.node().clone(),
+            service: demo.service().clone(),
+            grpc_addr: demo.grpc_addr(),
+            demo,
         }
     }
 
@@ -123,28 +101,16 @@ impl TestNode {
     }
 
     pub async fn client(&self) -> ExecutionClient<Channel> {
-        ExecutionClient::connect(format!("http://{}", self.grpc_addr))
-            .await
-            .unwrap()
+        self.demo.client().await.unwrap()
     }
 
     /// A crash: the gRPC server and the membership stop without a word.
-    pub async fn kill(mut self) {
-        self.node.shutdown().await;
-        if let Some(server) = self.server.take() {
-            server.abort();
-            let _ = server.await;
-        }
+    pub async fn kill(self) {
+        self.demo.kill().await;
     }
 
-    pub async fn stop_gracefully(mut self) {
-        let _ = self.node.leave().await;
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(server) = self.server.take() {
-            let _ = server.await;
-        }
+    pub async fn stop_gracefully(self) {
+        self.demo.shutdown_gracefully().await.unwrap();
     }
 }
 

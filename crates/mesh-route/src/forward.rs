@@ -221,7 +221,7 @@ impl Router {
                     );
                     unreachable.push(target.node_id().clone());
                 }
-                Err(status) => return Err(status),
+                Err(status) => return Err(lost_connection(target.node_id(), status)),
             }
         }
     }
@@ -259,7 +259,7 @@ impl Router {
                 message: status.message().to_owned(),
             }
             .into()),
-            Err(status) => Err(status),
+            Err(status) => Err(lost_connection(target.node_id(), status)),
         }
     }
 
@@ -289,7 +289,7 @@ impl Router {
                         }
                         Ok(None) => return,
                         Err(status) => {
-                            let _ = tx.send(Err(status)).await;
+                            let _ = tx.send(Err(lost_connection(&node, status))).await;
                             return;
                         }
                     },
@@ -314,6 +314,19 @@ impl Router {
         });
         ReceiverStream::new(rx)
     }
+}
+
+/// A status the peer sent is passed on as it is. One that our own transport produced (the
+/// connection broke, was reset or cancelled under the call) says so as `UNAVAILABLE`, the code
+/// clients retry on, instead of leaking `CANCELLED` or `UNKNOWN` from HTTP/2 internals.
+fn lost_connection(node: &NodeId, status: Status) -> Status {
+    if status.source().is_none() {
+        return status;
+    }
+    Status::unavailable(format!(
+        "the connection to node {node} broke during the call: {}",
+        status.message()
+    ))
 }
 
 fn peer_lost(node: &NodeId) -> Status {
@@ -356,6 +369,23 @@ mod tests {
         assert!(out.get("grpc-encoding").is_none());
         assert!(out.get("content-type").is_none());
         assert!(out.get(FORWARDED_BY).is_none());
+    }
+
+    #[test]
+    fn transport_failures_become_unavailable_but_peer_statuses_pass_through() {
+        let node = NodeId::new("b").unwrap();
+        let sent_by_peer = Status::not_found("no such operation");
+        assert_eq!(
+            lost_connection(&node, sent_by_peer).code(),
+            tonic::Code::NotFound
+        );
+        let reset = Status::from_error(Box::new(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "reset",
+        )));
+        let mapped = lost_connection(&node, reset);
+        assert_eq!(mapped.code(), tonic::Code::Unavailable);
+        assert!(mapped.message().contains("node b"), "{}", mapped.message());
     }
 
     #[test]
