@@ -433,7 +433,8 @@ pub enum DemoNodeError {
 
 impl DemoNode {
     /// Binds the gRPC listener at `grpc_bind`, starts the node from `builder` (gossiping
-    /// `http://{grpc_bind ip}:{bound port}` as its endpoint unless the builder sets one), and
+    /// `http://{ip}:{bound port}` as its endpoint unless the builder sets one, where the IP is
+    /// the bound one or, when that is `0.0.0.0`, the node's advertise address), and
     /// serves the demo and admin services, all on a runtime of the replica's own.
     pub async fn start(builder: NodeBuilder, grpc_bind: SocketAddr) -> Result<Self, DemoNodeError> {
         let (ready_tx, ready_rx) = oneshot::channel();
@@ -535,8 +536,13 @@ async fn serve(
             return Ok(());
         }
     };
+    // Peers cannot dial 0.0.0.0: advertise the node's reachable IP with the bound port.
+    let advertised = match (grpc_addr.ip().is_unspecified(), builder.reachable_ip()) {
+        (true, Some(ip)) => SocketAddr::new(ip, grpc_addr.port()),
+        _ => grpc_addr,
+    };
     let node = match builder
-        .default_grpc_endpoint(format!("http://{grpc_addr}"))
+        .default_grpc_endpoint(format!("http://{advertised}"))
         .start()
         .await
     {

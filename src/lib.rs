@@ -31,9 +31,11 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod config;
 pub mod demo;
 mod node;
 
+pub use config::{ConfigError, DiscoveryMode, MeshConfig};
 pub use mesh_core::{
     Identity, LoadTracker, LocalStatus, Member, MembershipView, MeshEvent, NodeId, NodeIdError,
     NodeState, PeerStatus, Tags, TaskGuard, Timing,

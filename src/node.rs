@@ -119,7 +119,8 @@ impl NodeBuilder {
         self
     }
 
-    /// The gossip address peers use, when it differs from the bound one.
+    /// The gossip address peers use, when it differs from the bound one. A port of 0 means
+    /// the port the socket is bound to.
     pub fn gossip_advertise(mut self, addr: SocketAddr) -> Self {
         self.gossip_advertise = Some(addr);
         self
@@ -129,6 +130,14 @@ impl NodeBuilder {
     pub fn grpc_endpoint(mut self, endpoint: impl Into<String>) -> Self {
         self.grpc_endpoint = Some(endpoint.into());
         self
+    }
+
+    /// The IP peers reach this node at, if one is configured (bind or advertise address).
+    pub(crate) fn reachable_ip(&self) -> Option<std::net::IpAddr> {
+        self.gossip_advertise
+            .or(self.gossip_bind)
+            .map(|addr| addr.ip())
+            .filter(|ip| !ip.is_unspecified())
     }
 
     /// Sets the gRPC endpoint only if none was set (used by servers that learn their port late).

@@ -385,7 +385,8 @@ impl MembershipBuilder {
     }
 
     /// The address peers reach us at, when it differs from the bound one (containers, NAT).
-    /// Required when binding to an unspecified address such as `0.0.0.0`.
+    /// Required when binding to an unspecified address such as `0.0.0.0`. Port 0 means the
+    /// port the socket is bound to.
     pub fn advertise_addr(mut self, addr: SocketAddr) -> Self {
         self.advertise_addr = Some(addr);
         self
@@ -477,6 +478,7 @@ impl MembershipBuilder {
         check_local(&self.node_id, &self.fields)?;
         let local_addr = transport.local_addr().map_err(StartError::LocalAddr)?;
         let advertise = match self.advertise_addr {
+            Some(addr) if addr.port() == 0 => SocketAddr::new(addr.ip(), local_addr.port()),
             Some(addr) => addr,
             None if local_addr.ip().is_unspecified() => {
                 return Err(StartError::AdvertiseRequired { bind: local_addr });

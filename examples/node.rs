@@ -1,0 +1,190 @@
+//! One replica as a process: a mesh node serving the demo execution API and the admin API.
+//!
+//! Configuration comes from, lowest precedence first: defaults, a TOML/YAML file (`--config`),
+//! `MESH_*` environment variables, and flags. Runs until Ctrl-C or SIGTERM, then leaves the
+//! cluster gracefully.
+//!
+//! ```text
+//! # three processes on one machine
+//! cargo run --example node -- --node-id a --bind-addr 127.0.0.1 --bind-port 7946 --grpc-port 50051 --timing local
+//! cargo run --example node -- --node-id b --bind-addr 127.0.0.1 --bind-port 7947 --grpc-port 50052 --timing local --join 127.0.0.1:7946
+//! cargo run --example node -- --node-id c --bind-addr 127.0.0.1 --bind-port 7948 --grpc-port 50053 --timing local --join 127.0.0.1:7946
+//! cargo run --example meshctl -- --addr http://127.0.0.1:50052 members
+//! cargo run --example loadgen -- --target http://127.0.0.1:50051 --actions 200
+//! ```
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::Parser;
+use mesh::{MeshConfig, MeshEvent, demo::DemoNode};
+
+#[derive(Parser, Debug)]
+#[command(about = "Run one mesh replica serving the demo execution API")]
+struct Args {
+    /// A TOML or YAML configuration file (keys at the top level or under `mesh`).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Node id (default: the hostname).
+    #[arg(long)]
+    node_id: Option<String>,
+    /// IP the gossip socket and the gRPC server bind to.
+    #[arg(long)]
+    bind_addr: Option<String>,
+    /// Gossip port (UDP).
+    #[arg(long)]
+    bind_port: Option<String>,
+    /// IP peers reach this node at.
+    #[arg(long)]
+    advertise_addr: Option<String>,
+    /// A peer to join through, host:port (repeatable); selects list discovery.
+    #[arg(long)]
+    join: Vec<String>,
+    /// A DNS name whose records are the peers (e.g. a headless service); selects DNS discovery.
+    #[arg(long)]
+    dns: Option<String>,
+    /// Take gossip ports from SRV records (_gossip._udp.<name>).
+    #[arg(long)]
+    dns_srv: bool,
+    /// gRPC port of this replica.
+    #[arg(long)]
+    grpc_port: Option<String>,
+    /// Tasks this replica runs at once.
+    #[arg(long)]
+    max_concurrency: Option<String>,
+    /// Timing preset: lan, wan or local.
+    #[arg(long)]
+    timing: Option<String>,
+    /// A platform tag, key=value (repeatable).
+    #[arg(long)]
+    tag: Vec<String>,
+    /// Routing strategy.
+    #[arg(long)]
+    strategy: Option<String>,
+    /// When every node is full: run-locally or wait.
+    #[arg(long)]
+    when_full: Option<String>,
+}
+
+impl Args {
+    /// Flag values as configuration keys, to apply after the file and the environment.
+    fn overrides(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        let mut put = |key, value: &Option<String>| {
+            if let Some(value) = value {
+                out.push((key, value.clone()));
+            }
+        };
+        put("node_id", &self.node_id);
+        put("bind_addr", &self.bind_addr);
+        put("bind_port", &self.bind_port);
+        put("advertise_addr", &self.advertise_addr);
+        put("grpc_port", &self.grpc_port);
+        put("max_concurrency", &self.max_concurrency);
+        put("timing", &self.timing);
+        put("strategy", &self.strategy);
+        put("when_full", &self.when_full);
+        if !self.join.is_empty() {
+            out.push(("discovery_mode", "list".to_owned()));
+            out.push(("join_peers", self.join.join(",")));
+        }
+        if let Some(name) = &self.dns {
+            out.push(("discovery_mode", "dns".to_owned()));
+            out.push(("dns_service_name", name.clone()));
+        }
+        if self.dns_srv {
+            out.push(("dns_srv", "true".to_owned()));
+        }
+        if !self.tag.is_empty() {
+            out.push(("tags", self.tag.join(",")));
+        }
+        out
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    match run(Args::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("node: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let mut config = match &args.config {
+        Some(path) => MeshConfig::from_file(path)?,
+        None => MeshConfig::default(),
+    };
+    config.apply_env()?;
+    for (key, value) in args.overrides() {
+        config
+            .set(key, &value)
+            .map_err(|rule| format!("invalid --{} {value:?}: {rule}", key.replace('_', "-")))?;
+    }
+    if !config.enabled {
+        println!("mesh disabled (enabled = false): serving as a cluster of one");
+        config.join_peers.clear();
+        config.discovery_mode = mesh::DiscoveryMode::List;
+    }
+    let (builder, resolved) = config.node_builder()?;
+    let replica = DemoNode::start(builder, resolved.grpc_bind).await?;
+    let node = replica.node().clone();
+    println!(
+        "node {} gossiping at {} (advertised {}), grpc at {}, {} discovery, {} slots",
+        node.node_id(),
+        node.gossip_addr(),
+        node.view().local().identity().addr(),
+        replica.grpc_addr(),
+        match config.discovery_mode {
+            mesh::DiscoveryMode::List => "list",
+            mesh::DiscoveryMode::Dns => "dns",
+        },
+        node.load().max_concurrency()
+    );
+
+    let mut events = node.events();
+    let printer = tokio::spawn(async move {
+        while let Ok(event) = events.recv().await {
+            match event {
+                MeshEvent::Updated(_) => {}
+                other => println!("event: {other:?}"),
+            }
+        }
+    });
+
+    shutdown_signal().await;
+    println!("leaving the cluster");
+    printer.abort();
+    replica.shutdown_gracefully().await?;
+    Ok(())
+}
+
+/// Ctrl-C, or SIGTERM (what Kubernetes sends before killing a pod).
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,335 @@
+//! The seed server's configuration keys load from TOML and YAML, environment variables override
+//! them, and every invalid value is reported with its key, the value and the rule.
+
+use std::io::Write;
+
+use mesh::{ConfigError, DiscoveryMode, MeshConfig};
+
+const SEED_TOML: &str = r#"
+[mesh]
+enabled = true
+node_id = "build-0"
+bind_addr = "127.0.0.1"
+bind_port = 7946
+advertise_addr = ""
+discovery_mode = "list"
+join_peers = ["127.0.0.1:7947", "localhost:7948"]
+dns_service_name = ""
+timing = "local"
+grpc_port = 50051
+max_concurrency = 8
+tags = { os = "linux", arch = "x86_64" }
+"#;
+
+const SEED_YAML: &str = r#"
+mesh:
+  enabled: true
+  node_id: build-1
+  bind_addr: 0.0.0.0
+  bind_port: 7946
+  advertise_addr: 10.1.2.3
+  discovery_mode: dns
+  join_peers: []
+  dns_service_name: mesh.build.svc.cluster.local
+  dns_srv: true
+  discovery_interval: 15s
+"#;
+
+fn file(extension: &str, text: &str) -> tempfile_path::TempFile {
+    tempfile_path::TempFile::new(extension, text)
+}
+
+/// A file in the target directory's temp area, removed on drop (no extra dependency).
+mod tempfile_path {
+    use std::path::PathBuf;
+
+    pub(crate) struct TempFile(pub(crate) PathBuf);
+
+    impl TempFile {
+        pub(crate) fn new(extension: &str, text: &str) -> Self {
+            let path = std::env::temp_dir().join(format!(
+                "mesh-config-test-{}-{}.{extension}",
+                std::process::id(),
+                uuid::Uuid::now_v7()
+            ));
+            let mut file = std::fs::File::create(&path).unwrap();
+            super::Write::write_all(&mut file, text.as_bytes()).unwrap();
+            Self(path)
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+fn invalid_key(error: &ConfigError) -> &str {
+    match error {
+        ConfigError::Invalid { key, .. } => key,
+        other => panic!("expected an invalid value, got {other}"),
+    }
+}
+
+#[test]
+fn the_seed_toml_keys_load() {
+    let f = file("toml", SEED_TOML);
+    let config = MeshConfig::from_file(&f.0).unwrap();
+    assert!(config.enabled);
+    assert_eq!(config.node_id, "build-0");
+    assert_eq!(config.bind_port, 7946);
+    assert_eq!(config.discovery_mode, DiscoveryMode::List);
+    assert_eq!(config.join_peers, ["127.0.0.1:7947", "localhost:7948"]);
+    assert_eq!(config.max_concurrency, 8);
+    assert_eq!(config.tags.get("os").map(String::as_str), Some("linux"));
+
+    let resolved = config.resolve().unwrap();
+    assert_eq!(resolved.node_id.as_str(), "build-0");
+    assert_eq!(resolved.gossip_advertise, "127.0.0.1:7946".parse().unwrap());
+    assert_eq!(
+        resolved.grpc_endpoint.as_deref(),
+        Some("http://127.0.0.1:50051")
+    );
+    assert_eq!(resolved.timing, mesh::Timing::local().tap_interval());
+}
+
+/// The local preset with the default discovery interval applied.
+trait TapInterval {
+    fn tap_interval(self) -> Self;
+}
+
+impl TapInterval for mesh::Timing {
+    fn tap_interval(mut self) -> Self {
+        self.discovery_interval = std::time::Duration::from_secs(30);
+        self
+    }
+}
+
+#[test]
+fn the_seed_yaml_keys_load() {
+    let f = file("yaml", SEED_YAML);
+    let config = MeshConfig::from_file(&f.0).unwrap();
+    assert_eq!(config.node_id, "build-1");
+    assert_eq!(config.discovery_mode, DiscoveryMode::Dns);
+    assert!(config.dns_srv);
+    let resolved = config.resolve().unwrap();
+    assert_eq!(resolved.gossip_bind, "0.0.0.0:7946".parse().unwrap());
+    assert_eq!(resolved.gossip_advertise, "10.1.2.3:7946".parse().unwrap());
+    assert_eq!(
+        resolved.timing.discovery_interval,
+        std::time::Duration::from_secs(15)
+    );
+    // Top-level keys without a `mesh:` section work too.
+    let flat = MeshConfig::from_yaml_str("node_id: flat\nbind_port: 1234\n").unwrap();
+    assert_eq!((flat.node_id.as_str(), flat.bind_port), ("flat", 1234));
+    // And an empty file is the defaults.
+    assert_eq!(
+        MeshConfig::from_yaml_str("").unwrap(),
+        MeshConfig::default()
+    );
+    assert_eq!(
+        MeshConfig::from_toml_str("").unwrap(),
+        MeshConfig::default()
+    );
+}
+
+#[test]
+fn environment_variables_override_the_file() {
+    let mut config = MeshConfig::from_toml_str(SEED_TOML).unwrap();
+    config
+        .apply_vars([
+            ("MESH_NODE_ID".to_owned(), "from-env".to_owned()),
+            ("MESH_BIND_PORT".to_owned(), "8000".to_owned()),
+            (
+                "MESH_JOIN_PEERS".to_owned(),
+                "10.0.0.1:7946, 10.0.0.2:7946".to_owned(),
+            ),
+            ("MESH_TAGS".to_owned(), "pool=gpu,os=linux".to_owned()),
+            ("MESH_DISCOVERY_MODE".to_owned(), "dns".to_owned()),
+            ("MESH_DNS_SERVICE_NAME".to_owned(), "mesh.local".to_owned()),
+            ("PATH".to_owned(), "/usr/bin".to_owned()),
+        ])
+        .unwrap();
+    assert_eq!(config.node_id, "from-env");
+    assert_eq!(config.bind_port, 8000);
+    assert_eq!(config.join_peers, ["10.0.0.1:7946", "10.0.0.2:7946"]);
+    assert_eq!(config.tags.get("pool").map(String::as_str), Some("gpu"));
+    assert_eq!(config.discovery_mode, DiscoveryMode::Dns);
+    config.resolve().unwrap();
+}
+
+#[test]
+fn bad_environment_variables_name_the_variable_and_the_rule() {
+    let cases = [
+        ("MESH_BIND_PORT", "99999", "must be a port number (0-65535)"),
+        ("MESH_ENABLED", "yes", "must be true or false"),
+        (
+            "MESH_DISCOVERY_MODE",
+            "consul",
+            "must be \"list\" or \"dns\"",
+        ),
+        ("MESH_TAGS", "gpu", "tag \"gpu\" must be key=value"),
+        ("MESH_BIND_PROT", "1", "is not a mesh configuration key"),
+    ];
+    for (var, value, rule) in cases {
+        let mut config = MeshConfig::default();
+        let error = config
+            .apply_vars([(var.to_owned(), value.to_owned())])
+            .unwrap_err();
+        assert_eq!(invalid_key(&error), var);
+        let message = error.to_string();
+        assert!(
+            message.contains(value) && message.contains(rule),
+            "{message}"
+        );
+    }
+}
+
+#[test]
+fn every_invalid_value_is_named_with_its_rule() {
+    let cases: &[(&str, &str, &str)] = &[
+        ("node_id = \"bad:id\"", "node_id", "[A-Za-z0-9._-]"),
+        (
+            "bind_addr = \"localhost\"",
+            "bind_addr",
+            "must be an IP address",
+        ),
+        (
+            "advertise_addr = \"pod-ip\"",
+            "advertise_addr",
+            "must be an IP address",
+        ),
+        (
+            "advertise_addr = \"0.0.0.0\"",
+            "advertise_addr",
+            "not an unspecified one",
+        ),
+        (
+            "join_peers = [\"10.0.0.1\"]",
+            "join_peers",
+            "must be host:port",
+        ),
+        (
+            "discovery_mode = \"dns\"",
+            "dns_service_name",
+            "is required when discovery_mode is \"dns\"",
+        ),
+        (
+            "timing = \"fast\"",
+            "timing",
+            "must be \"lan\", \"wan\" or \"local\"",
+        ),
+        (
+            "discovery_interval = \"soon\"",
+            "discovery_interval",
+            "must be a positive duration",
+        ),
+        (
+            "discovery_interval = \"0s\"",
+            "discovery_interval",
+            "must be a positive duration",
+        ),
+        (
+            "grpc_advertise_addr = \"nohost\"",
+            "grpc_advertise_addr",
+            "must be host:port",
+        ),
+        (
+            "dns_nameserver = \"8.8.8.8\"",
+            "dns_nameserver",
+            "must be an ip:port address",
+        ),
+        (
+            "strategy = \"fastest\"",
+            "strategy",
+            "must be one of least-loaded",
+        ),
+        (
+            "when_full = \"panic\"",
+            "when_full",
+            "must be \"run-locally\" or \"wait\"",
+        ),
+    ];
+    for (line, key, rule) in cases {
+        let mut config = MeshConfig::from_toml_str(line).unwrap_or_else(|e| panic!("{line}: {e}"));
+        // Everything else valid and independent of the machine.
+        if config.node_id.is_empty() {
+            config.node_id = "n".to_owned();
+        }
+        if config.bind_addr == MeshConfig::default().bind_addr {
+            config.bind_addr = "127.0.0.1".to_owned();
+        }
+        let error = config.resolve().unwrap_err();
+        assert_eq!(invalid_key(&error), *key, "{line}");
+        let message = error.to_string();
+        assert!(message.contains(rule), "{line}: {message}");
+        assert!(message.starts_with(&format!("invalid {key} ")), "{message}");
+    }
+}
+
+#[test]
+fn type_errors_and_unknown_keys_name_the_key() {
+    let error = MeshConfig::from_toml_str("bind_port = \"seventy\"").unwrap_err();
+    assert!(error.contains("bind_port"), "{error}");
+    let error = MeshConfig::from_toml_str("bind_port = 70000").unwrap_err();
+    assert!(error.contains("bind_port"), "{error}");
+    let error = MeshConfig::from_toml_str("join_peer = []").unwrap_err();
+    assert!(error.contains("join_peer"), "{error}");
+    let error = MeshConfig::from_yaml_str("mesh:\n  bind_port: lots\n").unwrap_err();
+    assert!(error.contains("bind_port"), "{error}");
+
+    let f = file("json", "{}");
+    let error = MeshConfig::from_file(&f.0).unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("use a .toml, .yaml or .yml file"),
+        "{error}"
+    );
+    let f = file("toml", "bind_port = [");
+    let error = MeshConfig::from_file(&f.0).unwrap_err();
+    assert!(matches!(error, ConfigError::Parse { .. }), "{error}");
+    assert!(error.to_string().contains(&f.0.display().to_string()));
+    let error = MeshConfig::from_file("/nonexistent/mesh.toml").unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .starts_with("reading /nonexistent/mesh.toml"),
+        "{error}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_started_from_configuration_find_each_other() {
+    let first_text = "node_id = \"cfg-0\"\nbind_addr = \"127.0.0.1\"\nbind_port = 0\ngrpc_port = 0\ntiming = \"local\"\nmax_concurrency = 2\n";
+    let (builder, resolved) = MeshConfig::from_toml_str(first_text)
+        .unwrap()
+        .node_builder()
+        .unwrap();
+    assert!(
+        resolved.grpc_endpoint.is_none(),
+        "ephemeral gRPC port: filled in at start"
+    );
+    let first = builder.start().await.unwrap();
+
+    let mut second = MeshConfig::from_toml_str(first_text).unwrap();
+    second.set("node_id", "cfg-1").unwrap();
+    second
+        .set("join_peers", &first.gossip_addr().to_string())
+        .unwrap();
+    let (builder, _) = second.node_builder().unwrap();
+    let second = builder.start().await.unwrap();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        first.membership().wait_until(|v| v.get("cfg-1").is_some()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        second.view().local().identity().addr(),
+        second.gossip_addr()
+    );
+    second.leave().await.unwrap();
+    first.shutdown().await;
+}

@@ -1,0 +1,102 @@
+//! The Kubernetes manifests stay consistent with the service and with the configuration keys:
+//! the StatefulSet's `MESH_*` variables, with the pod fields Kubernetes substitutes, must make
+//! a valid configuration that discovers peers through the headless service.
+
+use mesh::{DiscoveryMode, MeshConfig};
+use serde_yaml_ng::Value;
+
+fn load(name: &str) -> Value {
+    let path = format!("{}/deploy/k8s/{name}", env!("CARGO_MANIFEST_DIR"));
+    serde_yaml_ng::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+fn at<'a>(value: &'a Value, path: &[&str]) -> &'a Value {
+    path.iter().fold(value, |v, key| &v[*key])
+}
+
+#[test]
+fn the_service_is_headless_and_publishes_pods_before_they_are_ready() {
+    let service = load("service.yaml");
+    assert_eq!(at(&service, &["spec", "clusterIP"]).as_str(), Some("None"));
+    assert_eq!(
+        at(&service, &["spec", "publishNotReadyAddresses"]).as_bool(),
+        Some(true)
+    );
+    let ports = at(&service, &["spec", "ports"]).as_sequence().unwrap();
+    let has = |name: &str, port: u64, protocol: &str| {
+        ports.iter().any(|p| {
+            p["name"].as_str() == Some(name)
+                && p["port"].as_u64() == Some(port)
+                && p["protocol"].as_str() == Some(protocol)
+        })
+    };
+    assert!(has("gossip", 7946, "UDP"));
+    assert!(has("gossip-tcp", 7946, "TCP"));
+    assert!(has("grpc", 50051, "TCP"));
+}
+
+#[test]
+fn the_statefulset_wires_pod_name_and_ip_into_a_valid_dns_configuration() {
+    let service = load("service.yaml");
+    let set = load("statefulset.yaml");
+    assert_eq!(
+        at(&set, &["spec", "serviceName"]).as_str(),
+        at(&service, &["metadata", "name"]).as_str()
+    );
+    let container = &at(&set, &["spec", "template", "spec", "containers"])[0];
+    // Every port the service targets exists on the container.
+    let container_ports: Vec<&str> = container["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    for port in at(&service, &["spec", "ports"]).as_sequence().unwrap() {
+        let target = port["targetPort"].as_str().unwrap();
+        assert!(
+            container_ports.contains(&target),
+            "missing container port {target}"
+        );
+    }
+
+    // What Kubernetes substitutes for $(POD_NAME) etc.
+    let pod = [
+        ("$(POD_NAME)", "mesh-2"),
+        ("$(POD_IP)", "10.42.0.17"),
+        ("$(POD_NAMESPACE)", "build"),
+    ];
+    let vars: Vec<(String, String)> = container["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|e| {
+            Some((
+                e["name"].as_str()?.to_owned(),
+                e["value"].as_str()?.to_owned(),
+            ))
+        })
+        .filter(|(name, _)| name.starts_with("MESH_"))
+        .map(|(name, value)| {
+            let value = pod
+                .iter()
+                .fold(value, |v, (placeholder, real)| v.replace(placeholder, real));
+            (name, value)
+        })
+        .collect();
+    assert!(!vars.is_empty());
+    let mut config = MeshConfig::default();
+    config.apply_vars(vars).unwrap();
+    assert_eq!(config.discovery_mode, DiscoveryMode::Dns);
+    assert_eq!(config.dns_service_name, "mesh.build.svc.cluster.local.");
+    let (_builder, resolved) = config.node_builder().unwrap();
+    assert_eq!(resolved.node_id.as_str(), "mesh-2");
+    assert_eq!(
+        resolved.gossip_advertise,
+        "10.42.0.17:7946".parse().unwrap()
+    );
+    assert_eq!(resolved.gossip_bind, "0.0.0.0:7946".parse().unwrap());
+    assert_eq!(
+        resolved.grpc_endpoint.as_deref(),
+        Some("http://10.42.0.17:50051")
+    );
+}
