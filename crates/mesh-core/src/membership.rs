@@ -644,7 +644,7 @@ async fn discovery_loop(
             Box::pin(discovery.refresh());
         let refresh = refreshing.await;
         if let Some(error) = refresh.error() {
-            metrics::counter!("mesh_discovery_failures_total").increment(1);
+            shared.counters.discovery_failed();
             tracing::warn!(%error, age = ?refresh.age, "peer discovery failed; keeping the last good answer");
         }
         if inputs

@@ -23,6 +23,8 @@ pub struct MeshStats {
     pub foca_rejected: u64,
     /// Node states rejected as undecodable or invalid.
     pub states_rejected: u64,
+    /// Discovery attempts that failed (the last good answer stayed in use).
+    pub discovery_failures: u64,
 }
 
 #[derive(Debug, Default)]
@@ -35,6 +37,7 @@ pub(crate) struct Counters {
     overload: AtomicU64,
     foca_rejected: AtomicU64,
     states_rejected: AtomicU64,
+    discovery_failures: AtomicU64,
 }
 
 /// Why a datagram was dropped, for counting.
@@ -75,6 +78,11 @@ impl Counters {
         metrics::counter!("mesh_datagrams_dropped_total", "reason" => reason).increment(1);
     }
 
+    pub(crate) fn discovery_failed(&self) {
+        self.discovery_failures.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("mesh_discovery_failures_total").increment(1);
+    }
+
     pub(crate) fn snapshot(&self) -> MeshStats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         MeshStats {
@@ -86,6 +94,7 @@ impl Counters {
             dropped_overload: get(&self.overload),
             foca_rejected: get(&self.foca_rejected),
             states_rejected: get(&self.states_rejected),
+            discovery_failures: get(&self.discovery_failures),
         }
     }
 }

@@ -84,6 +84,8 @@ mod dns;
 mod error;
 mod last_known_good;
 mod static_peers;
+#[cfg(feature = "test-server")]
+pub mod testing;
 
 pub use dns::{Dns, DnsBuilder};
 pub use error::DiscoveryError;

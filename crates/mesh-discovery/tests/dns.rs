@@ -1,7 +1,5 @@
 //! `Dns` discovery against a real DNS server running in the test process.
 
-mod support;
-
 use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     str::FromStr,
@@ -12,8 +10,8 @@ use hickory_server::proto::rr::{
     Name, RData,
     rdata::{A, AAAA, SRV, TXT},
 };
+use mesh_discovery::testing::TestDns;
 use mesh_discovery::{Discover, DiscoveryError, Dns, DnsBuilder, LastKnownGood, RefreshOutcome};
-use support::TestDns;
 
 const ZONE: &str = "cluster.test.";
 const SERVICE: &str = "mesh.default.svc.cluster.test.";

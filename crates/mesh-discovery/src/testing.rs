@@ -1,11 +1,42 @@
-//! An authoritative DNS server for tests: hickory-server on 127.0.0.1 (UDP and TCP on one
-//! ephemeral port), serving one in-memory zone whose records can change while it runs.
+//! An authoritative DNS server for tests (feature `test-server`): hickory-server on 127.0.0.1
+//! (UDP and TCP on one ephemeral port), serving one in-memory zone whose records can change
+//! while it runs. Use it to test discovery the way Kubernetes serves a headless service,
+//! without a cluster:
+//!
+//! ```
+//! use mesh_discovery::{Discover, Dns, testing::TestDns};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dns = TestDns::start("cluster.test.").await;
+//! dns.add_a("mesh.cluster.test.", [127, 0, 0, 1].into()).await;
+//! let discovery = Dns::builder("mesh.cluster.test.")
+//!     .nameserver(dns.addr())
+//!     .port(7946)
+//!     .build()?;
+//! assert_eq!(discovery.discover().await?, ["127.0.0.1:7946".parse()?]);
+//! dns.stop().await;
+//! # Ok(()) }
+//! ```
+//!
+//! Set-up failures (no free port, an invalid name) panic with a message: this is test support.
+#![allow(clippy::missing_panics_doc)]
 
-use std::{net::SocketAddr, str::FromStr, sync::Arc, time::Duration};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    str::FromStr,
+    sync::Arc,
+    time::Duration,
+};
+
+pub use hickory_server::proto::rr::RData;
 
 use hickory_server::{
     Server,
-    proto::rr::{LowerName, Name, RData, Record, RrKey, rdata::SOA},
+    proto::rr::{
+        LowerName, Name, Record, RrKey,
+        rdata::{A, AAAA, SOA, SRV},
+    },
     store::in_memory::InMemoryZoneHandler,
     zone_handler::{AxfrPolicy, Catalog, ZoneHandler, ZoneType},
 };
@@ -15,7 +46,9 @@ use tokio::net::{TcpListener, UdpSocket};
 const TTL: u32 = 300;
 const SERIAL: u32 = 1;
 
-pub(crate) struct TestDns {
+/// A running test nameserver, authoritative for one zone.
+#[allow(missing_debug_implementations)]
+pub struct TestDns {
     addr: SocketAddr,
     zone: Arc<InMemoryZoneHandler>,
     server: Server<Catalog>,
@@ -23,7 +56,7 @@ pub(crate) struct TestDns {
 
 impl TestDns {
     /// Starts a server authoritative for `origin` (for example `cluster.test.`).
-    pub(crate) async fn start(origin: &str) -> Self {
+    pub async fn start(origin: &str) -> Self {
         let origin = name(origin);
         let mut zone =
             InMemoryZoneHandler::empty(origin.clone(), ZoneType::Primary, AxfrPolicy::Deny);
@@ -57,12 +90,12 @@ impl TestDns {
     }
 
     /// Where the server listens (UDP and TCP).
-    pub(crate) fn addr(&self) -> SocketAddr {
+    pub fn addr(&self) -> SocketAddr {
         self.addr
     }
 
     /// Adds one record to `owner`'s record set of that type.
-    pub(crate) async fn add(&self, owner: &str, data: RData) {
+    pub async fn add(&self, owner: &str, data: RData) {
         let record = Record::from_rdata(name(owner), TTL, data);
         assert!(
             self.zone.upsert(record, SERIAL).await,
@@ -71,7 +104,7 @@ impl TestDns {
     }
 
     /// Removes one record; the record set goes away with its last record.
-    pub(crate) async fn remove(&self, owner: &str, data: RData) {
+    pub async fn remove(&self, owner: &str, data: RData) {
         let record = Record::from_rdata(name(owner), TTL, data);
         let key = RrKey::new(LowerName::new(&record.name), record.record_type());
         let mut records = self.zone.records_mut().await;
@@ -82,8 +115,31 @@ impl TestDns {
         }
     }
 
+    /// Adds an A record.
+    pub async fn add_a(&self, owner: &str, ip: Ipv4Addr) {
+        self.add(owner, RData::A(A(ip))).await;
+    }
+
+    /// Adds an AAAA record.
+    pub async fn add_aaaa(&self, owner: &str, ip: Ipv6Addr) {
+        self.add(owner, RData::AAAA(AAAA(ip))).await;
+    }
+
+    /// Adds an SRV record at `owner` (e.g. `_gossip._udp.mesh.cluster.test.`) pointing at
+    /// `target:port`.
+    pub async fn add_srv(&self, owner: &str, target: &str, port: u16) {
+        self.add(owner, RData::SRV(SRV::new(0, 0, port, name(target))))
+            .await;
+    }
+
+    /// Removes an SRV record added with [`TestDns::add_srv`].
+    pub async fn remove_srv(&self, owner: &str, target: &str, port: u16) {
+        self.remove(owner, RData::SRV(SRV::new(0, 0, port, name(target))))
+            .await;
+    }
+
     /// Stops answering: after this returns, the port is closed and queries go unanswered.
-    pub(crate) async fn stop(mut self) {
+    pub async fn stop(mut self) {
         tokio::time::timeout(Duration::from_secs(5), self.server.shutdown_gracefully())
             .await
             .expect("server stops within 5 s")
