@@ -97,6 +97,6 @@ pub use state::{
 };
 pub use stats::MeshStats;
 pub use timing::{Timing, TimingError};
-pub use transport::Transport;
+pub use transport::{Transport, UdpTransport};
 pub use view::{LocalStatus, Member, MembershipView, PeerStatus};
 pub use wire::WireError;

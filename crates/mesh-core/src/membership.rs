@@ -10,7 +10,6 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use mesh_discovery::{DynDiscover, LastKnownGood};
 use tokio::{
-    net::UdpSocket,
     sync::{Notify, broadcast, mpsc, oneshot, watch},
     task::JoinHandle,
 };
@@ -22,7 +21,7 @@ use crate::{
     identity::generation_now,
     state::{validate_endpoint, validate_tags},
     stats::{Counters, Dropped},
-    transport::Transport,
+    transport::{Transport, UdpTransport},
     view::{Member, MembershipView, PeerStatus},
     wire::{Envelope, MAX_DATAGRAM},
 };
@@ -463,7 +462,7 @@ impl MembershipBuilder {
     /// Binds a UDP socket and starts the node.
     pub async fn start(self) -> Result<Membership, StartError> {
         let addr = self.bind_addr;
-        let socket = UdpSocket::bind(addr)
+        let socket = UdpTransport::bind(addr)
             .await
             .map_err(|source| StartError::Bind { addr, source })?;
         self.start_with_transport(socket).await

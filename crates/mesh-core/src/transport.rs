@@ -22,19 +22,69 @@ pub trait Transport: Send + Sync + 'static {
     fn try_send_to(&self, datagram: &[u8], target: SocketAddr) -> io::Result<usize>;
 }
 
-impl Transport for tokio::net::UdpSocket {
+/// A UDP socket: tokio receives, and sends go straight to a non-blocking clone of the socket.
+///
+/// Why not tokio's own `try_send_to`: it refuses to even try until the reactor has reported the
+/// socket writable, so the first datagrams after binding (the announce to the seeds) would be
+/// dropped. The plain non-blocking send fails only when the kernel's buffer is really full.
+#[derive(Debug)]
+pub struct UdpTransport {
+    socket: tokio::net::UdpSocket,
+    sender: std::net::UdpSocket,
+}
+
+impl UdpTransport {
+    /// Binds a UDP socket. Must be called inside a tokio runtime.
+    pub async fn bind(addr: SocketAddr) -> io::Result<Self> {
+        Self::from_tokio(tokio::net::UdpSocket::bind(addr).await?)
+    }
+
+    /// Wraps an already bound socket (for example one inherited from a supervisor).
+    pub fn from_tokio(socket: tokio::net::UdpSocket) -> io::Result<Self> {
+        let std = socket.into_std()?;
+        let sender = std.try_clone()?;
+        sender.set_nonblocking(true)?;
+        Ok(Self {
+            socket: tokio::net::UdpSocket::from_std(std)?,
+            sender,
+        })
+    }
+}
+
+impl Transport for UdpTransport {
     fn local_addr(&self) -> io::Result<SocketAddr> {
-        tokio::net::UdpSocket::local_addr(self)
+        self.socket.local_addr()
     }
 
     fn recv_from<'a>(
         &'a self,
         buf: &'a mut [u8],
     ) -> impl Future<Output = io::Result<(usize, SocketAddr)>> + Send + 'a {
-        tokio::net::UdpSocket::recv_from(self, buf)
+        self.socket.recv_from(buf)
     }
 
     fn try_send_to(&self, datagram: &[u8], target: SocketAddr) -> io::Result<usize> {
-        tokio::net::UdpSocket::try_send_to(self, datagram, target)
+        self.sender.send_to(datagram, target)
+    }
+}
+
+/// The simulated network of [turmoil](https://docs.rs/turmoil): the same membership code runs
+/// on it, on simulated time, with partitions, loss, latency, crashes and restarts injected
+/// deterministically from a seed.
+#[cfg(feature = "turmoil")]
+impl Transport for turmoil::net::UdpSocket {
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        turmoil::net::UdpSocket::local_addr(self)
+    }
+
+    fn recv_from<'a>(
+        &'a self,
+        buf: &'a mut [u8],
+    ) -> impl Future<Output = io::Result<(usize, SocketAddr)>> + Send + 'a {
+        turmoil::net::UdpSocket::recv_from(self, buf)
+    }
+
+    fn try_send_to(&self, datagram: &[u8], target: SocketAddr) -> io::Result<usize> {
+        turmoil::net::UdpSocket::try_send_to(self, datagram, target)
     }
 }

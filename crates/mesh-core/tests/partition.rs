@@ -10,8 +10,7 @@ use std::{
     time::Duration,
 };
 
-use mesh_core::{Membership, NodeId, Timing, Transport};
-use tokio::net::UdpSocket;
+use mesh_core::{Membership, NodeId, Timing, Transport, UdpTransport};
 
 const BOUND: Duration = Duration::from_secs(60);
 
@@ -26,7 +25,7 @@ impl Links {
 }
 
 struct Faulty {
-    socket: UdpSocket,
+    socket: UdpTransport,
     addr: SocketAddr,
     links: Links,
 }
@@ -54,7 +53,9 @@ impl Transport for Faulty {
 }
 
 async fn node(name: &str, links: &Links, seeds: &[SocketAddr]) -> Membership {
-    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let socket = UdpTransport::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
     let addr = socket.local_addr().unwrap();
     Membership::builder(NodeId::new(name).unwrap())
         .seeds(seeds.iter().copied())
