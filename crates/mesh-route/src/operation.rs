@@ -76,7 +76,11 @@ impl FromStr for OperationId {
             return Err(error(OperationIdReason::MissingSeparator));
         };
         let node = NodeId::new(node).map_err(|e| error(OperationIdReason::BadNodeId(e)))?;
-        let id = Uuid::try_parse(id).map_err(|_| error(OperationIdReason::BadUuid))?;
+        // Only the hyphenated form (36 characters), so every operation has one spelling.
+        let id = Uuid::try_parse(id)
+            .ok()
+            .filter(|_| id.len() == 36)
+            .ok_or_else(|| error(OperationIdReason::BadUuid))?;
         Ok(Self { node, id })
     }
 }
@@ -108,8 +112,8 @@ pub enum OperationIdReason {
     /// The part before `:` is not a valid node id.
     #[error("{0}")]
     BadNodeId(NodeIdError),
-    /// The part after `:` is not a UUID.
-    #[error("the part after ':' is not a uuid")]
+    /// The part after `:` is not a hyphenated UUID.
+    #[error("the part after ':' is not a uuid in its hyphenated form")]
     BadUuid,
 }
 
@@ -149,6 +153,8 @@ mod tests {
                 "outside [A-Za-z0-9._-]",
             ),
             ("operations/n:", "not a uuid"),
+            ("n:0190b6c46f1c7cc09d5e3f6b8a2e4d10", "hyphenated form"),
+            ("n:urn:uuid:0190b6c4-6f1c-7cc0-9d5e-3f6b8a2e4d10", "not a uuid"),
         ];
         for (name, reason) in cases {
             let error = name.parse::<OperationId>().unwrap_err();
