@@ -65,11 +65,24 @@ struct Outbound<T> {
     envelope: Envelope,
     buf: Vec<u8>,
     shared: Arc<Shared>,
+    /// The last datagram could not be sealed: warn once per failing stretch, not per datagram.
+    sealing_failed: bool,
 }
 
 impl<T: Transport> Outbound<T> {
     fn send(&mut self, kind: Kind, body: &[u8], to: SocketAddr) {
-        self.envelope.seal(kind, body, &mut self.buf);
+        if let Err(error) = self.envelope.seal(kind, body, &mut self.buf) {
+            self.shared.counters.seal_failed();
+            if !self.sealing_failed {
+                tracing::warn!(%error, "cannot seal datagrams; dropping them until this recovers");
+            }
+            self.sealing_failed = true;
+            return;
+        }
+        if self.sealing_failed {
+            tracing::info!("sealing datagrams works again");
+            self.sealing_failed = false;
+        }
         match self.transport.try_send_to(&self.buf, to) {
             Ok(_) => self.shared.counters.sent(true),
             Err(error) => {
@@ -207,6 +220,7 @@ impl<T: Transport> Agent<T> {
                 envelope,
                 buf: Vec::with_capacity(crate::wire::MAX_DATAGRAM),
                 shared: Arc::clone(&shared),
+                sealing_failed: false,
             },
             notes: Vec::new(),
             shared,

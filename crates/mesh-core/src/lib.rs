@@ -29,9 +29,13 @@
 //! 3. re-sent periodically (anti-entropy, [`Timing::state_refresh_interval`]), which also lets
 //!    readers see how long ago a peer's state was confirmed ([`Member::age`]).
 //!
-//! **Runtime**: one tokio task owns foca. Datagrams are read and their envelope checked by a
-//! separate receive task, so garbage never reaches foca; timers go to one scheduler that
-//! delivers them in deadline order (foca issue #26). Readers get immutable
+//! **Security**: with a [`Keyring`], every datagram is encrypted and authenticated with
+//! XChaCha20-Poly1305, bound to a cluster label, and keys rotate at run time without breaking
+//! membership ([`keyring`] explains the construction, [`wire`] the layout).
+//!
+//! **Runtime**: one tokio task owns foca. Datagrams are read, their envelope checked and
+//! decrypted by a separate receive task, so garbage never reaches foca; timers go to one
+//! scheduler that delivers them in deadline order (foca issue #26). Readers get immutable
 //! [`MembershipView`] snapshots through an `ArcSwap`, without locks.
 //!
 //! # Example
@@ -72,6 +76,7 @@
 mod agent;
 mod events;
 mod identity;
+pub mod keyring;
 mod load;
 mod membership;
 mod node_id;
@@ -86,6 +91,10 @@ pub mod wire;
 
 pub use events::MeshEvent;
 pub use identity::Identity;
+pub use keyring::{
+    KEY_LEN, KeyError, KeyFingerprint, KeyOrigin, KeySource, Keyring, KeyringError,
+    KeyringLoadError, SecretKey,
+};
 pub use load::{LoadTracker, TaskGuard};
 pub use membership::{
     DEFAULT_GOSSIP_PORT, LeaveError, Membership, MembershipBuilder, StartError, StoppedError,
@@ -99,4 +108,4 @@ pub use stats::MeshStats;
 pub use timing::{Timing, TimingError};
 pub use transport::{Transport, UdpTransport};
 pub use view::{LocalStatus, Member, MembershipView, PeerStatus};
-pub use wire::WireError;
+pub use wire::{MAX_CLUSTER_LABEL_LEN, WireError};

@@ -15,15 +15,16 @@ use tokio::{
 };
 
 use crate::{
-    Identity, LoadTracker, LocalStatus, MeshEvent, MeshStats, NodeId, NodeState, StateError, Tags,
-    Timing, TimingError,
+    Identity, KeyFingerprint, Keyring, KeyringError, LoadTracker, LocalStatus, MeshEvent,
+    MeshStats, NodeId, NodeState, SecretKey, StateError, Tags, Timing, TimingError,
     agent::{Agent, AgentParts, Input},
     identity::generation_now,
+    keyring::SharedKeyring,
     state::{validate_endpoint, validate_tags},
     stats::{Counters, Dropped},
     transport::{Transport, UdpTransport},
     view::{Member, MembershipView, PeerStatus},
-    wire::{Envelope, MAX_DATAGRAM},
+    wire::{ClusterLabel, Envelope, MAX_CLUSTER_LABEL_LEN, MAX_DATAGRAM},
 };
 
 /// Capacity of the event channel; slower receivers lose the oldest events.
@@ -107,6 +108,8 @@ struct Inner {
     local_addr: SocketAddr,
     node_id: NodeId,
     timing: Timing,
+    /// The live keyring, shared with the receive task and the membership task.
+    keyring: Option<Arc<SharedKeyring>>,
 }
 
 impl Drop for Inner {
@@ -197,6 +200,56 @@ impl Membership {
     /// Shorthand for [`LoadTracker::set_max_concurrency`].
     pub fn set_max_concurrency(&self, max_concurrency: u32) {
         self.load().set_max_concurrency(max_concurrency);
+    }
+
+    /// Installs `key` for decrypting gossip, at once for this node's receive and send paths (it
+    /// does not become primary). Installing an installed key changes nothing. The first step
+    /// of a rotation: see [`crate::keyring`].
+    ///
+    /// Fails with [`KeyringError::NoKeyring`] if the node was started without a keyring.
+    pub fn install_key(&self, key: SecretKey) -> Result<(), KeyringError> {
+        let fingerprint = key.fingerprint();
+        let installed = self.update_keyring(|keyring| Ok(keyring.install(key)))?;
+        if installed {
+            tracing::info!(key = %fingerprint, "installed a gossip key");
+        }
+        Ok(())
+    }
+
+    /// Makes an installed key the primary: every datagram sent from now on is encrypted with
+    /// it. Switch the primary on every node only after the key is installed on every node.
+    pub fn use_primary_key(&self, key: &SecretKey) -> Result<(), KeyringError> {
+        self.update_keyring(|keyring| keyring.use_primary(key))?;
+        tracing::info!(key = %key.fingerprint(), "switched the primary gossip key");
+        Ok(())
+    }
+
+    /// Removes an installed key that is not the primary: datagrams encrypted with it are
+    /// refused from now on. Remove a key only after no node uses it as primary any more.
+    pub fn remove_key(&self, key: &SecretKey) -> Result<(), KeyringError> {
+        self.update_keyring(|keyring| keyring.remove(key))?;
+        tracing::info!(key = %key.fingerprint(), "removed a gossip key");
+        Ok(())
+    }
+
+    /// Fingerprints of the installed keys, primary first; empty if the node runs without a
+    /// keyring.
+    pub fn key_fingerprints(&self) -> Vec<KeyFingerprint> {
+        self.inner
+            .keyring
+            .as_ref()
+            .map_or_else(Vec::new, |keyring| keyring.load().keys())
+    }
+
+    fn update_keyring<T>(
+        &self,
+        change: impl FnOnce(&mut Keyring) -> Result<T, KeyringError>,
+    ) -> Result<T, KeyringError> {
+        self.inner
+            .keyring
+            .as_ref()
+            .ok_or(KeyringError::NoKeyring)?
+            .update(change)
     }
 
     fn update_local(&self, change: impl FnOnce(&mut LocalFields)) -> Result<(), StateError> {
@@ -326,6 +379,20 @@ pub enum StartError {
     /// The initial state is invalid (tags, endpoint or size).
     #[error(transparent)]
     State(#[from] StateError),
+    /// The cluster label is too long.
+    #[error(
+        "the cluster label is {len} bytes; a cluster label is at most {MAX_CLUSTER_LABEL_LEN} bytes"
+    )]
+    ClusterLabelTooLong {
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// A cluster label was set without a keyring.
+    #[error(
+        "a cluster label needs a keyring: the label is authenticated as part of the encryption, \
+         and plain datagrams do not carry it"
+    )]
+    ClusterLabelWithoutKeyring,
 }
 
 /// Configures and starts a [`Membership`].
@@ -343,6 +410,8 @@ pub struct MembershipBuilder {
     max_concurrency: u32,
     generation: Option<u64>,
     rng_seed: Option<u64>,
+    keyring: Option<Keyring>,
+    cluster_label: String,
 }
 
 impl std::fmt::Debug for MembershipBuilder {
@@ -353,6 +422,8 @@ impl std::fmt::Debug for MembershipBuilder {
             .field("advertise_addr", &self.advertise_addr)
             .field("seeds", &self.seeds)
             .field("discovery", &self.discovery.is_some())
+            .field("keyring", &self.keyring)
+            .field("cluster_label", &self.cluster_label)
             .finish_non_exhaustive()
     }
 }
@@ -374,6 +445,8 @@ impl MembershipBuilder {
             max_concurrency: 0,
             generation: None,
             rng_seed: None,
+            keyring: None,
+            cluster_label: String::new(),
         }
     }
 
@@ -459,6 +532,25 @@ impl MembershipBuilder {
         self
     }
 
+    /// Encrypt and authenticate all gossip with `keyring` (see [`crate::keyring`]). Every
+    /// member of a cluster needs a key in common and the same cluster label; a node with
+    /// another key, or without one, cannot join, and its datagrams are counted in
+    /// [`MeshStats::dropped_unauthenticated`]. Keys can be rotated while the node runs
+    /// ([`Membership::install_key`]).
+    pub fn keyring(mut self, keyring: Keyring) -> Self {
+        self.keyring = Some(keyring);
+        self
+    }
+
+    /// The cluster label, at most [`MAX_CLUSTER_LABEL_LEN`] bytes (default empty). It is
+    /// authenticated with every datagram, never sent: nodes with different labels cannot
+    /// talk even when they share a key, so one key can serve several clusters without them
+    /// merging by mistake. Needs a [`MembershipBuilder::keyring`]; both are checked at start.
+    pub fn cluster_label(mut self, label: impl Into<String>) -> Self {
+        self.cluster_label = label.into();
+        self
+    }
+
     /// Binds a UDP socket and starts the node.
     pub async fn start(self) -> Result<Membership, StartError> {
         let addr = self.bind_addr;
@@ -475,6 +567,13 @@ impl MembershipBuilder {
     ) -> Result<Membership, StartError> {
         self.timing.validate()?;
         check_local(&self.node_id, &self.fields)?;
+        let label =
+            ClusterLabel::new(&self.cluster_label).ok_or(StartError::ClusterLabelTooLong {
+                len: self.cluster_label.len(),
+            })?;
+        if self.keyring.is_none() && !self.cluster_label.is_empty() {
+            return Err(StartError::ClusterLabelWithoutKeyring);
+        }
         let local_addr = transport.local_addr().map_err(StartError::LocalAddr)?;
         let advertise = match self.advertise_addr {
             Some(addr) if addr.port() == 0 => SocketAddr::new(addr.ip(), local_addr.port()),
@@ -507,7 +606,13 @@ impl MembershipBuilder {
         let (inputs_tx, inputs_rx) = mpsc::channel(INPUT_CAPACITY);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let transport = Arc::new(transport);
-        let envelope = Envelope::default();
+        let keyring = self
+            .keyring
+            .map(|keyring| Arc::new(SharedKeyring::new(keyring)));
+        let envelope = match &keyring {
+            Some(keyring) => Envelope::encrypted(Arc::clone(keyring), label),
+            None => Envelope::default(),
+        };
 
         let receiver = tokio::spawn(receive_loop(
             Arc::clone(&transport),
@@ -550,6 +655,7 @@ impl MembershipBuilder {
                 local_addr,
                 node_id: self.node_id,
                 timing: self.timing,
+                keyring,
             }),
         })
     }
@@ -570,8 +676,9 @@ fn initial_view(identity: &Identity) -> MembershipView {
     }
 }
 
-/// Reads datagrams, checks their envelope, and hands the valid ones to the membership task.
-/// Garbage is counted and dropped here, off the membership task.
+/// Reads datagrams, checks and decrypts their envelope, and hands the valid ones to the
+/// membership task. Garbage and unauthenticated datagrams are counted and dropped here, off the
+/// membership task.
 async fn receive_loop<T: Transport>(
     transport: Arc<T>,
     envelope: Envelope,
@@ -580,6 +687,7 @@ async fn receive_loop<T: Transport>(
 ) {
     // One byte more than the budget, so an oversized datagram is seen as such, not truncated.
     let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+    let mut plaintext = Box::new([0u8; MAX_DATAGRAM]);
     let mut consecutive_errors = 0u32;
     loop {
         let (len, from) = match transport.recv_from(&mut buf).await {
@@ -599,7 +707,7 @@ async fn receive_loop<T: Transport>(
             }
         };
         shared.counters.received();
-        let (kind, body) = match envelope.open(&buf[..len]) {
+        let (kind, body) = match envelope.open(&buf[..len], &mut plaintext) {
             Ok(opened) => opened,
             Err(error) => {
                 let why = match error {

@@ -13,9 +13,13 @@ pub struct MeshStats {
     pub datagrams_sent: u64,
     /// Datagrams the socket refused (buffer full, unreachable): gossip tolerates loss.
     pub send_failures: u64,
+    /// Datagrams not sent because they could not be encrypted (the operating system's random
+    /// source failed to provide a nonce).
+    pub seal_failures: u64,
     /// Datagrams dropped because their envelope was malformed (bad magic, version, kind, size).
     pub dropped_malformed: u64,
-    /// Datagrams dropped because they failed authentication or encryption was missing.
+    /// Datagrams dropped because they failed authentication (wrong key, wrong cluster label,
+    /// tampering), or were plain where encryption is required, or the other way round.
     pub dropped_unauthenticated: u64,
     /// Datagrams dropped because the membership task was too far behind to take them.
     pub dropped_overload: u64,
@@ -32,6 +36,7 @@ pub(crate) struct Counters {
     received: AtomicU64,
     sent: AtomicU64,
     send_failures: AtomicU64,
+    seal_failures: AtomicU64,
     malformed: AtomicU64,
     unauthenticated: AtomicU64,
     overload: AtomicU64,
@@ -66,6 +71,11 @@ impl Counters {
         }
     }
 
+    pub(crate) fn seal_failed(&self) {
+        self.seal_failures.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("mesh_datagram_seal_failures_total").increment(1);
+    }
+
     pub(crate) fn dropped(&self, why: Dropped) {
         let (counter, reason) = match why {
             Dropped::Malformed(reason) => (&self.malformed, reason),
@@ -89,6 +99,7 @@ impl Counters {
             datagrams_received: get(&self.received),
             datagrams_sent: get(&self.sent),
             send_failures: get(&self.send_failures),
+            seal_failures: get(&self.seal_failures),
             dropped_malformed: get(&self.malformed),
             dropped_unauthenticated: get(&self.unauthenticated),
             dropped_overload: get(&self.overload),

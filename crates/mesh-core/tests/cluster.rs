@@ -110,9 +110,9 @@ async fn a_load_change_on_one_node_is_seen_by_all_others() {
         let view = bounded(
             "the load change to reach every node",
             other.wait_until(|v| {
-                v.get("node-3")
-                    .and_then(|m| m.state())
-                    .is_some_and(|s| s.pending == 3 && s.max_concurrency == 6)
+                v.get("node-3").and_then(|m| m.state()).is_some_and(|s| {
+                    s.pending == 3 && s.max_concurrency == 6 && s.tags.contains_key("pool")
+                })
             }),
         )
         .await;

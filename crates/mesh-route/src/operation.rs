@@ -154,7 +154,10 @@ mod tests {
             ),
             ("operations/n:", "not a uuid"),
             ("n:0190b6c46f1c7cc09d5e3f6b8a2e4d10", "hyphenated form"),
-            ("n:urn:uuid:0190b6c4-6f1c-7cc0-9d5e-3f6b8a2e4d10", "not a uuid"),
+            (
+                "n:urn:uuid:0190b6c4-6f1c-7cc0-9d5e-3f6b8a2e4d10",
+                "not a uuid",
+            ),
         ];
         for (name, reason) in cases {
             let error = name.parse::<OperationId>().unwrap_err();

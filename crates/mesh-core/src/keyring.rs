@@ -1,0 +1,912 @@
+//! Gossip encryption keys: a [`Keyring`] of 32-byte [`SecretKey`]s, one of them primary.
+//!
+//! # Construction
+//!
+//! With a keyring configured, every datagram is sealed with XChaCha20-Poly1305 (the extended
+//! nonce variant of ChaCha20-Poly1305, RFC 8439; draft-irtf-cfrg-xchacha) under the primary
+//! key. The body of the [envelope](crate::wire) is `nonce ‖ ciphertext ‖ tag`, and the
+//! associated data is the four header bytes (with the encrypted bit set) followed by the
+//! cluster label, so a datagram can neither be moved to a cluster with another label nor have
+//! its header altered: either fails authentication like a wrong key does.
+//!
+//! **Nonces are 24 random bytes** drawn from the operating system for every datagram. With
+//! 192-bit nonces the chance that two datagrams under one key ever share a nonce is about
+//! `n² / 2¹⁹³`: for a hundred nodes sending ten thousand datagrams a second for a year
+//! (`n ≈ 2⁴⁵`) that is `2⁻¹⁰³`. The 12-byte nonces of plain ChaCha20-Poly1305 or AES-GCM would
+//! reach `2⁻⁷` (one chance in 128 of a repeated nonce, which breaks both confidentiality and
+//! authenticity) with the same traffic, and a counter would have to survive restarts. If the
+//! random source fails, the datagram is not sent (and counted), never sealed with a weak
+//! nonce.
+//!
+//! **Rotation** mirrors HashiCorp memberlist's keyring (`keyring.go`, `security.go`; the
+//! `consul keyring -install/-use/-remove` workflow): encryption uses the primary key,
+//! decryption tries every installed key, primary first. Rotating without ever breaking
+//! membership is three cluster-wide steps, each finished on every node before the next begins:
+//!
+//! 1. install the new key everywhere ([`crate::Membership::install_key`]): everyone can now
+//!    read it, nobody writes with it yet;
+//! 2. make it primary everywhere ([`crate::Membership::use_primary_key`]): nodes switch one by
+//!    one, and both keys are readable on every node meanwhile;
+//! 3. remove the old key everywhere ([`crate::Membership::remove_key`]): nobody writes with it
+//!    any more, and a node that only knows the old key is locked out.
+//!
+//! Unlike memberlist (AES-GCM with 12-byte random nonces, a version byte in front), the
+//! cipher is XChaCha20-Poly1305 for the nonce margin above, and the label is never sent: it
+//! only enters the associated data.
+//!
+//! # Keys
+//!
+//! A key is 32 random bytes, written as standard base64 with padding (44 characters, e.g. from
+//! `openssl rand -base64 32`) or as 64 hex digits. Keys never appear in `Debug` or `Display`
+//! output, logs or error messages: they show as a [`KeyFingerprint`], 8 hex digits that tell
+//! keys apart. Key bytes are zeroed when a key is dropped (best effort: the operating system
+//! or the environment may still hold the text they were read from).
+//!
+//! ```
+//! use mesh_core::{Keyring, SecretKey};
+//!
+//! let old: SecretKey = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=".parse()?;
+//! let new: SecretKey =
+//!     "202122232425262728292a2b2c2d2e2f303132333435363738393a3b3c3d3e3f".parse()?;
+//! let mut keyring = Keyring::new(old.clone());
+//!
+//! keyring.install(new.clone());
+//! keyring.use_primary(&new)?;
+//! keyring.remove(&old)?;
+//! assert_eq!(keyring.keys(), vec![new.fingerprint()]);
+//! // What logs show: a fingerprint, never the key.
+//! assert_eq!(format!("{new:?}"), format!("SecretKey({})", new.fingerprint()));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+    str::FromStr,
+    sync::{Arc, Mutex},
+};
+
+use arc_swap::{ArcSwap, Guard};
+use chacha20poly1305::{AeadInOut, KeyInit, XChaCha20Poly1305, XNonce};
+use zeroize::Zeroize;
+
+/// Length of a key in bytes.
+pub const KEY_LEN: usize = 32;
+/// Length of a key written as standard base64 with padding.
+const BASE64_LEN: usize = 44;
+/// Length of a key written as hex.
+const HEX_LEN: usize = 64;
+/// The nonce of the key check value behind [`KeyFingerprint`]; exactly 24 bytes, and never
+/// drawn at random (the chance is 2⁻¹⁹² per datagram).
+const FINGERPRINT_NONCE: [u8; 24] = *b"mesh gossip key check v1";
+
+/// A 32-byte gossip encryption key.
+///
+/// Parse one from base64 or hex with [`str::parse`], or draw one with
+/// [`SecretKey::generate`]. `Debug` and `Display` show its [`KeyFingerprint`], never the key;
+/// comparison takes the same time wherever two keys differ; the bytes are zeroed on drop.
+#[derive(Clone)]
+pub struct SecretKey([u8; KEY_LEN]);
+
+impl SecretKey {
+    /// A key from raw bytes.
+    pub fn from_bytes(bytes: [u8; KEY_LEN]) -> Self {
+        Self(bytes)
+    }
+
+    /// A new random key from the operating system's random source; fails only if that source
+    /// does.
+    pub fn generate() -> std::io::Result<Self> {
+        use rand::TryRng;
+        let mut key = Self([0; KEY_LEN]);
+        rand::rngs::SysRng
+            .try_fill_bytes(&mut key.0)
+            .map_err(std::io::Error::from)?;
+        Ok(key)
+    }
+
+    /// A short, stable name for this key that reveals nothing useful about it.
+    pub fn fingerprint(&self) -> KeyFingerprint {
+        let mut check = [0u8; 4];
+        // Encrypting four bytes cannot fail (only messages of 256 GiB and more do); the tag is
+        // not part of the check value.
+        let _tag = self.cipher().encrypt_inout_detached(
+            &XNonce::from(FINGERPRINT_NONCE),
+            &[],
+            (&mut check[..]).into(),
+        );
+        KeyFingerprint(check)
+    }
+
+    pub(crate) fn cipher(&self) -> XChaCha20Poly1305 {
+        XChaCha20Poly1305::new((&self.0).into())
+    }
+}
+
+impl Drop for SecretKey {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl PartialEq for SecretKey {
+    fn eq(&self, other: &Self) -> bool {
+        // No early exit: the time taken does not depend on where the keys differ.
+        self.0
+            .iter()
+            .zip(other.0.iter())
+            .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+            == 0
+    }
+}
+
+impl Eq for SecretKey {}
+
+impl fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretKey({})", self.fingerprint())
+    }
+}
+
+/// Shows the fingerprint: a key's text never round-trips through `Display`.
+impl fmt::Display for SecretKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.fingerprint(), f)
+    }
+}
+
+impl FromStr for SecretKey {
+    type Err = KeyError;
+
+    /// Parses 44 characters of standard, padded base64 or 64 hex digits (either case). The
+    /// text is taken as is: trim it first if it may carry whitespace.
+    fn from_str(text: &str) -> Result<Self, KeyError> {
+        let bytes = text.as_bytes();
+        let mut key = Self([0; KEY_LEN]);
+        // ASCII text has as many bytes as characters, so the conversions succeed.
+        let decoded = match (text.chars().count(), text.is_ascii()) {
+            (BASE64_LEN, true) => (bytes.try_into().ok())
+                .and_then(|base64| decode_base64(base64, &mut key.0))
+                .ok_or(KeyError::Base64),
+            (HEX_LEN, true) => (bytes.try_into().ok())
+                .and_then(|hex| decode_hex(hex, &mut key.0))
+                .ok_or(KeyError::Hex),
+            (BASE64_LEN, false) => Err(KeyError::Base64),
+            (HEX_LEN, false) => Err(KeyError::Hex),
+            (len, _) => Err(KeyError::Length { len }),
+        };
+        decoded.map(|()| key)
+    }
+}
+
+/// Decodes exactly 44 characters of standard base64 ending in one `=`, rejecting any other
+/// symbol and non-zero trailing bits, so every key has one spelling.
+fn decode_base64(text: &[u8; BASE64_LEN], out: &mut [u8; KEY_LEN]) -> Option<()> {
+    let Some((symbols, b"=")) = text.split_last_chunk::<1>() else {
+        return None;
+    };
+    let mut bits: u32 = 0;
+    let mut held = 0;
+    let mut written = 0;
+    for &symbol in symbols {
+        let value = match symbol {
+            b'A'..=b'Z' => symbol - b'A',
+            b'a'..=b'z' => symbol - b'a' + 26,
+            b'0'..=b'9' => symbol - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        };
+        bits = (bits << 6) | u32::from(value);
+        held += 6;
+        if held >= 8 {
+            held -= 8;
+            out[written] = (bits >> held) as u8;
+            written += 1;
+            bits &= (1 << held) - 1;
+        }
+    }
+    // 43 symbols carry 258 bits: 32 bytes and two bits that must be zero.
+    (written == KEY_LEN && bits == 0).then_some(())
+}
+
+fn decode_hex(text: &[u8; HEX_LEN], out: &mut [u8; KEY_LEN]) -> Option<()> {
+    fn nibble(digit: u8) -> Option<u8> {
+        match digit {
+            b'0'..=b'9' => Some(digit - b'0'),
+            b'a'..=b'f' => Some(digit - b'a' + 10),
+            b'A'..=b'F' => Some(digit - b'A' + 10),
+            _ => None,
+        }
+    }
+    for (byte, pair) in out.iter_mut().zip(text.chunks_exact(2)) {
+        *byte = (nibble(pair[0])? << 4) | nibble(pair[1])?;
+    }
+    Some(())
+}
+
+/// A short name of a [`SecretKey`] for logs and operators: 8 hex digits.
+///
+/// It is a key check value: the first four bytes of XChaCha20-Poly1305's encryption of four
+/// zero bytes under the key, with the fixed nonce `"mesh gossip key check v1"` and no
+/// associated data. Any XChaCha20-Poly1305 implementation reproduces it; it is a pseudorandom
+/// function of the key, so it reveals nothing about the key beyond those 32 bits, and it is the
+/// same on every platform and version.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyFingerprint([u8; 4]);
+
+impl fmt::Display for KeyFingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for byte in self.0 {
+            write!(f, "{byte:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for KeyFingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// The keys a node encrypts and decrypts gossip with: never empty, the first is the primary.
+///
+/// Datagrams are sealed with the primary key; a received datagram is tried against every key,
+/// primary first. See the [module docs](self) for the construction and the rotation procedure.
+#[derive(Clone)]
+pub struct Keyring {
+    /// Distinct keys; `keys[0]` is the primary.
+    keys: Vec<SecretKey>,
+}
+
+impl Keyring {
+    /// A keyring holding only `primary`.
+    pub fn new(primary: SecretKey) -> Self {
+        Self {
+            keys: vec![primary],
+        }
+    }
+
+    /// Loads a keyring file: one key per line (base64 or hex), the first is the primary.
+    /// Blank lines and everything after a `#` are ignored. Errors name the file, the line and
+    /// the rule, never the key text.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, KeyringLoadError> {
+        let path = path.as_ref();
+        let mut text = std::fs::read_to_string(path).map_err(|source| KeyringLoadError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let entries = text
+            .lines()
+            .map(|line| line.split('#').next().unwrap_or(""));
+        let keyring = Self::from_entries(entries, KeySource::File(path.to_owned()));
+        text.zeroize();
+        keyring
+    }
+
+    /// Loads keys from the environment variable `var`: comma-separated keys (base64 or hex),
+    /// the first is the primary; blank entries and whitespace around keys are ignored. Errors
+    /// name the variable, the entry and the rule, never the key text.
+    pub fn from_env(var: &str) -> Result<Self, KeyringLoadError> {
+        let mut value = match std::env::var(var) {
+            Ok(value) => value,
+            Err(std::env::VarError::NotPresent) => {
+                return Err(KeyringLoadError::EnvUnset {
+                    var: var.to_owned(),
+                });
+            }
+            // That error carries the value: never pass it on.
+            Err(std::env::VarError::NotUnicode(_)) => {
+                return Err(KeyringLoadError::EnvNotUnicode {
+                    var: var.to_owned(),
+                });
+            }
+        };
+        let keyring = Self::from_env_value(var, &value);
+        value.zeroize();
+        keyring
+    }
+
+    fn from_env_value(var: &str, value: &str) -> Result<Self, KeyringLoadError> {
+        Self::from_entries(value.split(','), KeySource::Env(var.to_owned()))
+    }
+
+    /// Parses keys from `entries`, skipping blank ones; a failing entry is named by its
+    /// position in `from`, counted from 1.
+    fn from_entries<'a>(
+        entries: impl Iterator<Item = &'a str>,
+        from: KeySource,
+    ) -> Result<Self, KeyringLoadError> {
+        let at = |position| KeyOrigin {
+            from: from.clone(),
+            position,
+        };
+        let mut keys: Vec<(SecretKey, usize)> = Vec::new();
+        for (position, entry) in (1..).zip(entries.map(str::trim)) {
+            if entry.is_empty() {
+                continue;
+            }
+            let key = entry
+                .parse::<SecretKey>()
+                .map_err(|source| KeyringLoadError::Key {
+                    at: at(position),
+                    source,
+                })?;
+            if let Some((_, first)) = keys.iter().find(|(known, _)| *known == key) {
+                return Err(KeyringLoadError::Duplicate {
+                    at: at(position),
+                    first: *first,
+                });
+            }
+            keys.push((key, position));
+        }
+        if keys.is_empty() {
+            return Err(KeyringLoadError::NoKeys { from });
+        }
+        Ok(Self {
+            keys: keys.into_iter().map(|(key, _)| key).collect(),
+        })
+    }
+
+    /// Adds `key` for decryption (it does not become primary). Returns `false`, changing
+    /// nothing, if it was already installed.
+    pub fn install(&mut self, key: SecretKey) -> bool {
+        if self.contains(&key) {
+            return false;
+        }
+        self.keys.push(key);
+        true
+    }
+
+    /// Makes an installed key the primary: datagrams are encrypted with it from now on. The
+    /// previous primary stays installed, and is the second key tried.
+    pub fn use_primary(&mut self, key: &SecretKey) -> Result<(), KeyringError> {
+        let position = self.position(key)?;
+        self.keys[..=position].rotate_right(1);
+        Ok(())
+    }
+
+    /// Removes an installed key. The primary cannot be removed: make another key primary
+    /// first.
+    pub fn remove(&mut self, key: &SecretKey) -> Result<(), KeyringError> {
+        match self.position(key)? {
+            0 => Err(KeyringError::RemovePrimary {
+                fingerprint: key.fingerprint(),
+            }),
+            position => {
+                self.keys.remove(position);
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether `key` is installed.
+    pub fn contains(&self, key: &SecretKey) -> bool {
+        self.keys.iter().any(|known| known == key)
+    }
+
+    /// The fingerprints of the installed keys, primary first.
+    pub fn keys(&self) -> Vec<KeyFingerprint> {
+        self.keys.iter().map(SecretKey::fingerprint).collect()
+    }
+
+    /// The key datagrams are sealed with.
+    pub(crate) fn primary(&self) -> &SecretKey {
+        &self.keys[0]
+    }
+
+    /// Every key, in the order decryption tries them.
+    pub(crate) fn decryption_keys(&self) -> &[SecretKey] {
+        &self.keys
+    }
+
+    fn position(&self, key: &SecretKey) -> Result<usize, KeyringError> {
+        self.keys
+            .iter()
+            .position(|known| known == key)
+            .ok_or_else(|| KeyringError::NotInstalled {
+                fingerprint: key.fingerprint(),
+            })
+    }
+}
+
+impl fmt::Debug for Keyring {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Keyring")
+            .field("primary", &self.primary().fingerprint())
+            .field("keys", &self.keys())
+            .finish()
+    }
+}
+
+/// A node's live keyring, shared by the receive task (decryption), the membership task
+/// (encryption) and the handles (rotation). Readers never wait; writers take turns.
+#[derive(Debug)]
+pub(crate) struct SharedKeyring {
+    current: ArcSwap<Keyring>,
+    writers: Mutex<()>,
+}
+
+impl SharedKeyring {
+    pub(crate) fn new(keyring: Keyring) -> Self {
+        Self {
+            current: ArcSwap::from_pointee(keyring),
+            writers: Mutex::new(()),
+        }
+    }
+
+    pub(crate) fn load(&self) -> Guard<Arc<Keyring>> {
+        self.current.load()
+    }
+
+    /// Applies `change` to a copy of the keyring and publishes it if the change succeeded.
+    pub(crate) fn update<T>(
+        &self,
+        change: impl FnOnce(&mut Keyring) -> Result<T, KeyringError>,
+    ) -> Result<T, KeyringError> {
+        let _turn = self
+            .writers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut next = Keyring::clone(&self.current.load());
+        let outcome = change(&mut next)?;
+        self.current.store(Arc::new(next));
+        Ok(outcome)
+    }
+}
+
+/// Why text is not a [`SecretKey`]. The message states the rule and never contains the text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// Neither 44 nor 64 characters long.
+    #[error("a key is 32 bytes as base64 (44 chars) or hex (64 chars), got {len} characters")]
+    Length {
+        /// The number of characters found.
+        len: usize,
+    },
+    /// 44 characters that are not standard base64 of 32 bytes.
+    #[error(
+        "a key is 32 bytes as base64 (44 chars) or hex (64 chars); these 44 characters are not \
+         standard base64 (A-Z a-z 0-9 + /, one trailing =, e.g. from `openssl rand -base64 32`)"
+    )]
+    Base64,
+    /// 64 characters that are not all hex digits.
+    #[error(
+        "a key is 32 bytes as base64 (44 chars) or hex (64 chars); these 64 characters are not \
+         all hex digits"
+    )]
+    Hex,
+}
+
+/// Where keys were loaded from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KeySource {
+    /// A keyring file.
+    File(PathBuf),
+    /// An environment variable.
+    Env(String),
+}
+
+impl fmt::Display for KeySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeySource::File(path) => write!(f, "keyring file {}", path.display()),
+            KeySource::Env(var) => write!(f, "environment variable {var}"),
+        }
+    }
+}
+
+/// Where one key was read from: a line of a keyring file or an entry of an environment
+/// variable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct KeyOrigin {
+    /// The file or variable.
+    pub from: KeySource,
+    /// The line (file) or comma-separated entry (variable), counted from 1.
+    pub position: usize,
+}
+
+impl KeyOrigin {
+    fn position_name(&self) -> &'static str {
+        match self.from {
+            KeySource::File(_) => "line",
+            KeySource::Env(_) => "entry",
+        }
+    }
+}
+
+impl fmt::Display for KeyOrigin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let position = self.position;
+        match &self.from {
+            KeySource::File(path) => write!(f, "line {position} of {}", path.display()),
+            KeySource::Env(var) => write!(f, "entry {position} of environment variable {var}"),
+        }
+    }
+}
+
+/// A keyring could not be loaded. Messages name the file or variable, the position and the
+/// rule, never key text.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyringLoadError {
+    /// The keyring file could not be read.
+    #[error("reading keyring file {} failed: {source}", .path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The environment variable is not set.
+    #[error(
+        "environment variable {var} is not set; it should hold comma-separated keys, the first \
+         is the primary"
+    )]
+    EnvUnset {
+        /// The variable.
+        var: String,
+    },
+    /// The environment variable is not valid unicode.
+    #[error("environment variable {var} is not valid unicode")]
+    EnvNotUnicode {
+        /// The variable.
+        var: String,
+    },
+    /// An entry is not a key.
+    #[error("{at}: {source}")]
+    Key {
+        /// Where.
+        at: KeyOrigin,
+        /// The rule it breaks.
+        #[source]
+        source: KeyError,
+    },
+    /// A key appears twice.
+    #[error("{at}: the same key as {} {first}", .at.position_name())]
+    Duplicate {
+        /// Where it appears again.
+        at: KeyOrigin,
+        /// The line or entry where it appeared first.
+        first: usize,
+    },
+    /// No keys at all.
+    #[error("{from} holds no key; a keyring needs at least one key, the first is the primary")]
+    NoKeys {
+        /// The file or variable.
+        from: KeySource,
+    },
+}
+
+/// A keyring operation was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyringError {
+    /// The key is not installed.
+    #[error("key {fingerprint} is not installed; install it first")]
+    NotInstalled {
+        /// The key's fingerprint.
+        fingerprint: KeyFingerprint,
+    },
+    /// The primary key cannot be removed.
+    #[error("key {fingerprint} is the primary key; make another key primary before removing it")]
+    RemovePrimary {
+        /// The key's fingerprint.
+        fingerprint: KeyFingerprint,
+    },
+    /// The node runs without a keyring.
+    #[error(
+        "this node was started without a keyring; encryption cannot be switched on while it runs"
+    )]
+    NoKeyring,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE64: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    const HEX: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+
+    fn counting() -> [u8; KEY_LEN] {
+        std::array::from_fn(|i| i as u8)
+    }
+
+    #[test]
+    fn parses_base64_and_hex_to_the_same_key() {
+        let expected = SecretKey::from_bytes(counting());
+        assert_eq!(BASE64.parse::<SecretKey>().unwrap(), expected);
+        assert_eq!(HEX.parse::<SecretKey>().unwrap(), expected);
+        assert_eq!(HEX.to_uppercase().parse::<SecretKey>().unwrap(), expected);
+        let all_ones = "//////////////////////////////////////////8=";
+        assert_eq!(
+            all_ones.parse::<SecretKey>().unwrap(),
+            SecretKey::from_bytes([0xff; KEY_LEN])
+        );
+    }
+
+    #[test]
+    fn malformed_keys_name_the_rule_and_never_the_text() {
+        let cases = [
+            ("c2VjcmV0LWtleQ==", KeyError::Length { len: 16 }),
+            // Right length, a symbol outside the alphabet.
+            (
+                "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh-=",
+                KeyError::Base64,
+            ),
+            // Right length, no padding.
+            (
+                "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8A",
+                KeyError::Base64,
+            ),
+            // Non-zero trailing bits: a second spelling of a key.
+            (
+                "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh9=",
+                KeyError::Base64,
+            ),
+            (
+                "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1g",
+                KeyError::Hex,
+            ),
+            (
+                " AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
+                KeyError::Length { len: 45 },
+            ),
+            ("ééé", KeyError::Length { len: 3 }),
+        ];
+        for (text, expected) in cases {
+            let error = text.parse::<SecretKey>().unwrap_err();
+            assert_eq!(error, expected, "{text}");
+            let message = error.to_string();
+            assert!(message.contains("a key is 32 bytes"), "{message}");
+            assert!(!message.contains(text.trim()), "{message}");
+        }
+        assert_eq!(
+            KeyError::Length { len: 12 }.to_string(),
+            "a key is 32 bytes as base64 (44 chars) or hex (64 chars), got 12 characters"
+        );
+    }
+
+    #[test]
+    fn debug_and_display_never_show_key_material() {
+        let key: SecretKey = BASE64.parse().unwrap();
+        let mut keyring = Keyring::new(key.clone());
+        keyring.install(SecretKey::from_bytes([0xab; KEY_LEN]));
+        let shown = [
+            format!("{key:?}"),
+            format!("{key}"),
+            format!("{keyring:?}"),
+            format!("{keyring:#?}"),
+        ];
+        let hex_ab = "ab".repeat(KEY_LEN);
+        for text in &shown {
+            for secret in [BASE64, HEX, &HEX.to_uppercase(), &hex_ab, "q6ur"] {
+                assert!(!text.contains(secret), "{text} shows {secret}");
+            }
+            assert!(text.contains(&key.fingerprint().to_string()), "{text}");
+        }
+        // Not even as a byte array.
+        assert!(!shown[2].contains("[0, 1, 2"), "{}", shown[2]);
+    }
+
+    #[test]
+    fn fingerprints_are_stable_and_tell_keys_apart() {
+        let key = SecretKey::from_bytes(counting());
+        // Pinned, and computed independently (Python: HChaCha20 + `cryptography`'s
+        // ChaCha20-Poly1305): logs of different builds and tools must agree on a key's name.
+        assert_eq!(key.fingerprint().to_string(), "5dbe7477");
+        assert_eq!(
+            SecretKey::from_bytes([0; KEY_LEN])
+                .fingerprint()
+                .to_string(),
+            "9c975159"
+        );
+        assert_ne!(
+            key.fingerprint(),
+            SecretKey::from_bytes([1; KEY_LEN]).fingerprint()
+        );
+        assert_eq!(key.fingerprint().to_string().len(), 8);
+    }
+
+    #[test]
+    fn generated_keys_differ() {
+        let a = SecretKey::generate().unwrap();
+        let b = SecretKey::generate().unwrap();
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn rotation_operations_keep_one_primary_and_refuse_what_would_break() {
+        let old = SecretKey::from_bytes([1; KEY_LEN]);
+        let new = SecretKey::from_bytes([2; KEY_LEN]);
+        let stranger = SecretKey::from_bytes([3; KEY_LEN]);
+        let mut keyring = Keyring::new(old.clone());
+
+        assert_eq!(
+            keyring.use_primary(&new),
+            Err(KeyringError::NotInstalled {
+                fingerprint: new.fingerprint()
+            })
+        );
+        assert!(keyring.install(new.clone()));
+        assert!(!keyring.install(new.clone()), "installing twice is a no-op");
+        assert_eq!(keyring.keys(), [old.fingerprint(), new.fingerprint()]);
+        assert_eq!(keyring.primary(), &old);
+
+        keyring.use_primary(&new).unwrap();
+        assert_eq!(keyring.keys(), [new.fingerprint(), old.fingerprint()]);
+        let error = keyring.remove(&new).unwrap_err();
+        assert_eq!(
+            error,
+            KeyringError::RemovePrimary {
+                fingerprint: new.fingerprint()
+            }
+        );
+        assert!(error.to_string().contains("make another key primary"));
+        assert!(matches!(
+            keyring.remove(&stranger),
+            Err(KeyringError::NotInstalled { .. })
+        ));
+
+        keyring.remove(&old).unwrap();
+        assert_eq!(keyring.keys(), [new.fingerprint()]);
+        assert!(!keyring.contains(&old));
+    }
+
+    #[test]
+    fn use_primary_keeps_the_previous_primary_second() {
+        let keys: Vec<SecretKey> = (1..=4)
+            .map(|b| SecretKey::from_bytes([b; KEY_LEN]))
+            .collect();
+        let mut keyring = Keyring::new(keys[0].clone());
+        for key in &keys[1..] {
+            keyring.install(key.clone());
+        }
+        keyring.use_primary(&keys[2]).unwrap();
+        let expected: Vec<_> = [2, 0, 1, 3]
+            .iter()
+            .map(|&i| keys[i].fingerprint())
+            .collect();
+        assert_eq!(keyring.keys(), expected);
+    }
+
+    /// A file in the system temp directory, removed on drop.
+    struct TempFile(PathBuf);
+
+    impl TempFile {
+        fn new(name: &str, contents: &str) -> Self {
+            let path = std::env::temp_dir()
+                .join(format!("mesh-core-keyring-{}-{name}", std::process::id()));
+            std::fs::write(&path, contents).unwrap();
+            Self(path)
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    #[test]
+    fn a_keyring_file_has_one_key_per_line_and_comments() {
+        let file = TempFile::new(
+            "good",
+            &format!(
+                "# rotated 2025-01\n\n  {HEX}  # new primary\r\n{}\n",
+                "//////////////////////////////////////////8="
+            ),
+        );
+        let keyring = Keyring::from_file(&file.0).unwrap();
+        assert_eq!(
+            keyring.keys(),
+            [
+                SecretKey::from_bytes(counting()).fingerprint(),
+                SecretKey::from_bytes([0xff; KEY_LEN]).fingerprint()
+            ]
+        );
+    }
+
+    #[test]
+    fn keyring_file_errors_name_the_file_the_line_and_the_rule() {
+        let file = TempFile::new("bad", &format!("{BASE64}\n# comment\nc2VjcmV0LWtleQ==\n"));
+        let error = Keyring::from_file(&file.0).unwrap_err();
+        let message = error.to_string();
+        assert_eq!(
+            message,
+            format!(
+                "line 3 of {}: a key is 32 bytes as base64 (44 chars) or hex (64 chars), got 16 \
+                 characters",
+                file.0.display()
+            )
+        );
+        assert!(!message.contains("c2VjcmV0"), "{message}");
+
+        let file = TempFile::new("dup", &format!("{BASE64}\n{HEX}\n"));
+        let message = Keyring::from_file(&file.0).unwrap_err().to_string();
+        assert_eq!(
+            message,
+            format!("line 2 of {}: the same key as line 1", file.0.display())
+        );
+
+        let file = TempFile::new("empty", "# nothing yet\n\n");
+        let message = Keyring::from_file(&file.0).unwrap_err().to_string();
+        assert!(message.contains("holds no key"), "{message}");
+        assert!(message.contains(&file.0.display().to_string()), "{message}");
+
+        let missing = std::env::temp_dir().join("mesh-core-keyring-does-not-exist");
+        let error = Keyring::from_file(&missing).unwrap_err();
+        assert!(matches!(error, KeyringLoadError::Read { .. }), "{error}");
+        assert!(
+            error
+                .to_string()
+                .contains("mesh-core-keyring-does-not-exist")
+        );
+    }
+
+    #[test]
+    fn environment_keys_are_comma_separated_and_errors_name_the_variable() {
+        let keyring = Keyring::from_env_value("MESH_KEYS", &format!(" {HEX} , {BASE64},")).err();
+        assert_eq!(
+            keyring.map(|e| e.to_string()),
+            Some("entry 2 of environment variable MESH_KEYS: the same key as entry 1".to_owned())
+        );
+
+        let other = "//////////////////////////////////////////8=";
+        let keyring = Keyring::from_env_value("MESH_KEYS", &format!("{other},{HEX}")).unwrap();
+        assert_eq!(keyring.primary(), &SecretKey::from_bytes([0xff; KEY_LEN]));
+        assert_eq!(keyring.keys().len(), 2);
+
+        let message = Keyring::from_env_value("MESH_KEYS", &format!("{BASE64},not-a-key"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            message,
+            "entry 2 of environment variable MESH_KEYS: a key is 32 bytes as base64 (44 chars) \
+             or hex (64 chars), got 9 characters"
+        );
+        assert!(!message.contains("not-a-key"));
+
+        let message = Keyring::from_env_value("MESH_KEYS", " , ")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            message,
+            "environment variable MESH_KEYS holds no key; a keyring needs at least one key, the \
+             first is the primary"
+        );
+
+        let error = Keyring::from_env("MESH_CORE_TEST_VARIABLE_THAT_IS_NEVER_SET").unwrap_err();
+        assert!(
+            matches!(error, KeyringLoadError::EnvUnset { .. }),
+            "{error}"
+        );
+        assert!(
+            error
+                .to_string()
+                .contains("MESH_CORE_TEST_VARIABLE_THAT_IS_NEVER_SET")
+        );
+    }
+
+    #[test]
+    fn updates_to_a_shared_keyring_are_all_or_nothing() {
+        let old = SecretKey::from_bytes([1; KEY_LEN]);
+        let shared = SharedKeyring::new(Keyring::new(old.clone()));
+        let before = shared.load().keys();
+        let error = shared.update(|keyring| keyring.remove(&old)).unwrap_err();
+        assert!(matches!(error, KeyringError::RemovePrimary { .. }));
+        assert_eq!(shared.load().keys(), before);
+        let new = SecretKey::from_bytes([2; KEY_LEN]);
+        assert!(
+            shared
+                .update(|keyring| Ok(keyring.install(new.clone())))
+                .unwrap()
+        );
+        assert_eq!(shared.load().keys(), [old.fingerprint(), new.fingerprint()]);
+    }
+}
