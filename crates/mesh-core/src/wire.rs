@@ -218,9 +218,26 @@ impl ClusterLabel {
 }
 
 /// Seals outgoing bodies into datagrams and opens incoming ones, in plain text or, with a
-/// keyring, encrypted and authenticated.
+/// keyring, encrypted and authenticated. The membership task and its receive task use one
+/// each; it is public so the codec can be fuzzed, benchmarked and used by tools that read
+/// gossip traffic.
+///
+/// ```
+/// use mesh_core::{Keyring, SecretKey, wire::{Envelope, Kind, MAX_DATAGRAM}};
+///
+/// let key = SecretKey::from_bytes([7; 32]);
+/// let envelope = Envelope::with_keyring(Keyring::new(key), "prod").unwrap();
+/// let mut datagram = Vec::new();
+/// envelope.seal(Kind::StatePush, b"state", &mut datagram)?;
+/// assert_eq!(datagram.len(), b"state".len() + envelope.overhead());
+///
+/// let mut scratch = [0; MAX_DATAGRAM];
+/// assert_eq!(envelope.open(&datagram, &mut scratch)?, (Kind::StatePush, &b"state"[..]));
+/// assert!(Envelope::plain().open(&datagram, &mut scratch).is_err());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone, Default)]
-pub(crate) struct Envelope {
+pub struct Envelope {
     encryption: Option<Encryption>,
 }
 
@@ -258,7 +275,8 @@ impl AssociatedData {
 
 /// Why a datagram could not be sealed; it is not sent.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum SealError {
+#[non_exhaustive]
+pub enum SealError {
     /// No nonce: the operating system's random source failed.
     #[error("the operating system's random source failed: {0}")]
     Random(#[source] rand::rngs::SysError),
@@ -268,6 +286,20 @@ pub(crate) enum SealError {
 }
 
 impl Envelope {
+    /// An envelope without encryption.
+    pub fn plain() -> Self {
+        Self::default()
+    }
+
+    /// An envelope that encrypts with `keyring`'s primary key and authenticates `label`;
+    /// `None` if the label is longer than [`MAX_CLUSTER_LABEL_LEN`] bytes.
+    pub fn with_keyring(keyring: crate::Keyring, label: &str) -> Option<Self> {
+        Some(Self::encrypted(
+            Arc::new(SharedKeyring::new(keyring)),
+            ClusterLabel::new(label)?,
+        ))
+    }
+
     /// An envelope that encrypts with `keyring`'s primary key and authenticates `label`.
     pub(crate) fn encrypted(keyring: Arc<SharedKeyring>, label: ClusterLabel) -> Self {
         Self {
@@ -276,7 +308,7 @@ impl Envelope {
     }
 
     /// Bytes this envelope adds to every body.
-    pub(crate) fn overhead(&self) -> usize {
+    pub fn overhead(&self) -> usize {
         match self.encryption {
             Some(_) => HEADER_LEN + NONCE_LEN + TAG_LEN,
             None => HEADER_LEN,
@@ -285,7 +317,7 @@ impl Envelope {
 
     /// Writes the datagram for `body` into `out` (cleared first; reusing its allocation). On
     /// error `out` holds no datagram and nothing must be sent.
-    pub(crate) fn seal(&self, kind: Kind, body: &[u8], out: &mut Vec<u8>) -> Result<(), SealError> {
+    pub fn seal(&self, kind: Kind, body: &[u8], out: &mut Vec<u8>) -> Result<(), SealError> {
         out.clear();
         let Some(encryption) = &self.encryption else {
             let header = Header {
@@ -332,7 +364,7 @@ impl Envelope {
 
     /// Checks a received datagram and returns what it carries. An encrypted body is decrypted
     /// into `scratch`.
-    pub(crate) fn open<'a>(
+    pub fn open<'a>(
         &self,
         datagram: &'a [u8],
         scratch: &'a mut [u8; MAX_DATAGRAM],

@@ -1,7 +1,10 @@
 //! Whatever arrives from the network, the decoders answer with a value or an error: never a
 //! panic, never more memory than the input justifies.
 
-use mesh_core::{Identity, MAX_STATE_SIZE, NodeId, NodeState, wire};
+use mesh_core::{
+    Identity, Keyring, MAX_STATE_SIZE, NodeId, NodeState, SecretKey,
+    wire::{self, Envelope, Kind},
+};
 use proptest::prelude::*;
 
 fn valid_state() -> NodeState {
@@ -35,6 +38,38 @@ proptest! {
             }
             Err(error) => prop_assert!(!error.to_string().is_empty()),
         }
+    }
+
+    #[test]
+    fn an_encrypted_envelope_opens_nothing_it_did_not_seal(
+        datagram in proptest::collection::vec(any::<u8>(), 0..1500),
+        header in any::<bool>(),
+    ) {
+        let envelope = Envelope::with_keyring(Keyring::new(SecretKey::from_bytes([9; 32])), "c").unwrap();
+        let mut datagram = datagram;
+        if header && datagram.len() >= 4 {
+            datagram[..4].copy_from_slice(b"ms\x01\x81");
+        }
+        let mut scratch = [0; wire::MAX_DATAGRAM];
+        prop_assert!(envelope.open(&datagram, &mut scratch).is_err());
+    }
+
+    #[test]
+    fn any_change_to_a_sealed_datagram_is_rejected(
+        body in proptest::collection::vec(any::<u8>(), 0..1300),
+        at in any::<prop::sample::Index>(),
+        flip in 1u8..=255,
+    ) {
+        let envelope = Envelope::with_keyring(Keyring::new(SecretKey::from_bytes([9; 32])), "c").unwrap();
+        let mut datagram = Vec::new();
+        envelope.seal(Kind::Foca, &body, &mut datagram).unwrap();
+        let mut scratch = [0; wire::MAX_DATAGRAM];
+        let (kind, opened) = envelope.open(&datagram, &mut scratch).unwrap();
+        prop_assert_eq!(kind, Kind::Foca);
+        prop_assert_eq!(opened, &body[..]);
+        let i = at.index(datagram.len());
+        datagram[i] ^= flip;
+        prop_assert!(envelope.open(&datagram, &mut scratch).is_err());
     }
 
     #[test]
