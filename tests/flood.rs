@@ -48,7 +48,13 @@ async fn a_flood_of_random_datagrams_changes_nothing_that_matters() {
 
     // Routing through the flooded node keeps working meanwhile.
     for _ in 0..10 {
-        let stream = nodes[0].client().await.execute(action(20)).await.unwrap().into_inner();
+        let stream = nodes[0]
+            .client()
+            .await
+            .execute(action(20))
+            .await
+            .unwrap()
+            .into_inner();
         let response = finish(stream).await.unwrap().response.unwrap();
         assert_ne!(response.executed_by, "target");
     }

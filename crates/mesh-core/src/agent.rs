@@ -24,7 +24,7 @@ use crate::{
     Identity, LocalStatus, MeshEvent, NodeId, NodeState, PeerStatus,
     membership::Shared,
     stats::Dropped,
-    store::{Applied, SharedStore, StateGossip},
+    store::{SharedStore, StateGossip},
     timers::TimerQueue,
     timing::Timing,
     transport::Transport,
@@ -84,9 +84,9 @@ impl<T: Transport> Outbound<T> {
             self.sealing_failed = false;
         }
         match self.transport.try_send_to(&self.buf, to) {
-            Ok(_) => self.shared.counters.sent(true),
+            Ok(len) => self.shared.counters.sent(Some(len)),
             Err(error) => {
-                self.shared.counters.sent(false);
+                self.shared.counters.sent(None);
                 tracing::debug!(%to, %kind, %error, "datagram not sent");
             }
         }
@@ -360,18 +360,15 @@ impl<T: Transport> Agent<T> {
                     tracing::debug!(%error, "foca rejected a datagram");
                 }
             }
-            Kind::StatePush => match NodeState::decode(body) {
-                Ok(state) => {
-                    let applied = self.store.lock().apply(state, Instant::now(), true);
-                    if applied == Applied::Refreshed {
-                        self.view_dirty = true;
-                    }
-                }
-                Err(error) => {
+            // Through foca's broadcast queue: a state that is new to us is both stored and
+            // passed on by gossip, so the peers the owner did not push to learn it within a
+            // few gossip rounds instead of waiting for the owner's own retransmissions.
+            Kind::StatePush => {
+                if let Err(error) = self.foca.add_broadcast(body) {
                     self.shared.counters.dropped(Dropped::StateRejected);
                     tracing::debug!(%error, "rejected a pushed node state");
                 }
-            },
+            }
             Kind::Leave => match postcard::from_bytes::<Identity>(body) {
                 Ok(identity) => self.peer_leaving(identity),
                 Err(error) => {

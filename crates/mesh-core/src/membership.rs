@@ -706,7 +706,7 @@ async fn receive_loop<T: Transport>(
                 continue;
             }
         };
-        shared.counters.received();
+        shared.counters.received(len);
         let (kind, body) = match envelope.open(&buf[..len], &mut plaintext) {
             Ok(opened) => opened,
             Err(error) => {

@@ -11,6 +11,10 @@ pub struct MeshStats {
     pub datagrams_received: u64,
     /// Datagrams handed to the socket.
     pub datagrams_sent: u64,
+    /// Bytes read from the socket (whole datagrams, envelope included).
+    pub bytes_received: u64,
+    /// Bytes handed to the socket (whole datagrams, envelope included).
+    pub bytes_sent: u64,
     /// Datagrams the socket refused (buffer full, unreachable): gossip tolerates loss.
     pub send_failures: u64,
     /// Datagrams not sent because they could not be encrypted (the operating system's random
@@ -35,6 +39,8 @@ pub struct MeshStats {
 pub(crate) struct Counters {
     received: AtomicU64,
     sent: AtomicU64,
+    bytes_received: AtomicU64,
+    bytes_sent: AtomicU64,
     send_failures: AtomicU64,
     seal_failures: AtomicU64,
     malformed: AtomicU64,
@@ -56,15 +62,19 @@ pub(crate) enum Dropped {
 }
 
 impl Counters {
-    pub(crate) fn received(&self) {
+    pub(crate) fn received(&self, len: usize) {
         self.received.fetch_add(1, Ordering::Relaxed);
+        self.bytes_received.fetch_add(len as u64, Ordering::Relaxed);
         metrics::counter!("mesh_datagrams_received_total").increment(1);
+        metrics::counter!("mesh_bytes_received_total").increment(len as u64);
     }
 
-    pub(crate) fn sent(&self, ok: bool) {
-        if ok {
+    pub(crate) fn sent(&self, len: Option<usize>) {
+        if let Some(len) = len {
             self.sent.fetch_add(1, Ordering::Relaxed);
+            self.bytes_sent.fetch_add(len as u64, Ordering::Relaxed);
             metrics::counter!("mesh_datagrams_sent_total").increment(1);
+            metrics::counter!("mesh_bytes_sent_total").increment(len as u64);
         } else {
             self.send_failures.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("mesh_datagram_send_failures_total").increment(1);
@@ -98,6 +108,8 @@ impl Counters {
         MeshStats {
             datagrams_received: get(&self.received),
             datagrams_sent: get(&self.sent),
+            bytes_received: get(&self.bytes_received),
+            bytes_sent: get(&self.bytes_sent),
             send_failures: get(&self.send_failures),
             seal_failures: get(&self.seal_failures),
             dropped_malformed: get(&self.malformed),

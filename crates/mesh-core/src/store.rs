@@ -176,17 +176,21 @@ impl foca::BroadcastHandler<Identity> for StateGossip {
     type Key = StateKey;
     type Error = StateError;
 
+    /// `sender` is `None` for states we add ourselves: our own, and states their owner pushed
+    /// to us directly (which also refresh an unchanged state's age). Either way, only a state
+    /// that is new to us goes on to be gossiped.
     fn receive_item(
         &mut self,
         data: &[u8],
-        _sender: Option<&Identity>,
+        sender: Option<&Identity>,
     ) -> Result<Option<StateKey>, StateError> {
         let state = NodeState::decode(data)?;
         let key = StateKey {
             node_id: state.node_id.clone(),
             rank: (state.generation, state.version),
         };
-        match self.store.lock().apply(state, Instant::now(), false) {
+        let direct = sender.is_none();
+        match self.store.lock().apply(state, Instant::now(), direct) {
             Applied::New => Ok(Some(key)),
             Applied::Refreshed | Applied::Stale => Ok(None),
         }
@@ -265,8 +269,13 @@ mod tests {
         let store = SharedStore::default();
         let mut gossip = StateGossip::new(store.clone());
         let bytes = state("a", 1, 1).encode().unwrap();
-        assert!(gossip.receive_item(&bytes, None).unwrap().is_some());
+        let sender = Identity::new(NodeId::new("b").unwrap(), "127.0.0.1:2".parse().unwrap(), 1);
+        assert!(gossip.receive_item(&bytes, Some(&sender)).unwrap().is_some());
+        assert!(gossip.receive_item(&bytes, Some(&sender)).unwrap().is_none());
+        // A direct push of the same version refreshes it, but is not gossiped again.
         assert!(gossip.receive_item(&bytes, None).unwrap().is_none());
+        let newer = state("a", 1, 2).encode().unwrap();
+        assert!(gossip.receive_item(&newer, None).unwrap().is_some());
         assert!(gossip.receive_item(b"\xff\xff", None).is_err());
     }
 

@@ -1,7 +1,7 @@
 //! Timing presets and how they map onto foca's SWIM configuration.
 
 use std::{
-    num::{NonZeroU32, NonZeroUsize},
+    num::{NonZeroU8, NonZeroU32, NonZeroUsize},
     time::Duration,
 };
 
@@ -23,6 +23,10 @@ pub struct Timing {
     pub gossip_interval: Duration,
     /// Members gossiped to every `gossip_interval`.
     pub gossip_fanout: NonZeroUsize,
+    /// Each membership update or state is sent `retransmit_multiplier × ⌈log10(n + 1)⌉`
+    /// times (memberlist's `RetransmitMult`, 4). The ceiling matters: without it a node alone
+    /// at start-up sends news once, and a cluster starting at once takes seconds to converge.
+    pub retransmit_multiplier: NonZeroU8,
     /// How often a member asks a random peer for its member list (finds the full roster sooner
     /// after joining a large cluster).
     pub announce_interval: Duration,
@@ -56,6 +60,7 @@ impl Timing {
             suspicion_multiplier: 4.0,
             gossip_interval: Duration::from_millis(200),
             gossip_fanout: nz(3),
+            retransmit_multiplier: NonZeroU8::new(4).unwrap_or(NonZeroU8::MIN),
             announce_interval: Duration::from_secs(30),
             announce_to_down_interval: Duration::from_secs(10),
             remove_down_after: Duration::from_secs(15 * 60),
@@ -76,6 +81,7 @@ impl Timing {
             suspicion_multiplier: 6.0,
             gossip_interval: Duration::from_millis(500),
             gossip_fanout: nz(4),
+            retransmit_multiplier: NonZeroU8::new(4).unwrap_or(NonZeroU8::MIN),
             announce_interval: Duration::from_secs(60),
             announce_to_down_interval: Duration::from_secs(30),
             remove_down_after: Duration::from_secs(30 * 60),
@@ -96,6 +102,7 @@ impl Timing {
             suspicion_multiplier: 5.0,
             gossip_interval: Duration::from_millis(50),
             gossip_fanout: nz(3),
+            retransmit_multiplier: NonZeroU8::new(4).unwrap_or(NonZeroU8::MIN),
             announce_interval: Duration::from_secs(1),
             announce_to_down_interval: Duration::from_secs(1),
             remove_down_after: Duration::from_secs(30),
@@ -150,6 +157,17 @@ impl Timing {
         Ok(())
     }
 
+    /// How many times each update is sent in a cluster of `cluster_size` members.
+    pub fn max_transmissions(&self, cluster_size: u32) -> NonZeroU8 {
+        let rounds = f64::from(cluster_size.saturating_add(1))
+            .log10()
+            .ceil()
+            .max(1.0);
+        let times = (rounds * f64::from(self.retransmit_multiplier.get())).min(255.0);
+        // `times` is in 1..=255.
+        NonZeroU8::new(times as u8).unwrap_or(NonZeroU8::MAX)
+    }
+
     /// The suspicion timeout for a cluster of `cluster_size` members.
     pub fn suspicion_timeout(&self, cluster_size: u32) -> Duration {
         let scale = f64::max(1.0, f64::from(cluster_size.max(1)).log10());
@@ -164,6 +182,7 @@ impl Timing {
         config.probe_period = self.probe_period;
         config.probe_rtt = self.probe_rtt;
         config.suspect_to_down_after = self.suspicion_timeout(size.get());
+        config.max_transmissions = self.max_transmissions(size.get());
         config.remove_down_after = Some(self.remove_down_after);
         config.max_packet_size = NonZeroUsize::new(max_packet_size).unwrap_or(NonZeroUsize::MIN);
         config.notify_down_members = true;
@@ -227,6 +246,17 @@ mod tests {
         assert!(large.suspect_to_down_after > small.suspect_to_down_after);
         assert!(large.max_transmissions > small.max_transmissions);
         assert_eq!(small.max_packet_size.get(), 1396);
+    }
+
+    #[test]
+    fn retransmissions_follow_memberlist() {
+        let t = Timing::lan();
+        // 4 × ⌈log10(n + 1)⌉, never less than 4.
+        assert_eq!(t.max_transmissions(1).get(), 4);
+        assert_eq!(t.max_transmissions(9).get(), 4);
+        assert_eq!(t.max_transmissions(10).get(), 8);
+        assert_eq!(t.max_transmissions(100).get(), 12);
+        assert_eq!(t.max_transmissions(u32::MAX).get(), 40);
     }
 
     #[test]
