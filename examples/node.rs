@@ -63,6 +63,18 @@ struct Args {
     /// When every node is full: run-locally or wait.
     #[arg(long)]
     when_full: Option<String>,
+    /// PEM certificate of the gRPC server; with --tls-key and --tls-ca, turns TLS on.
+    #[arg(long)]
+    tls_cert: Option<String>,
+    /// PEM private key of --tls-cert.
+    #[arg(long)]
+    tls_key: Option<String>,
+    /// PEM CA certificate(s) peers' certificates must chain to.
+    #[arg(long)]
+    tls_ca: Option<String>,
+    /// Mutual TLS: require client certificates from --tls-ca, and present ours to peers.
+    #[arg(long)]
+    tls_client_auth: bool,
 }
 
 impl Args {
@@ -83,6 +95,12 @@ impl Args {
         put("timing", &self.timing);
         put("strategy", &self.strategy);
         put("when_full", &self.when_full);
+        put("tls_cert_file", &self.tls_cert);
+        put("tls_key_file", &self.tls_key);
+        put("tls_ca_file", &self.tls_ca);
+        if self.tls_client_auth {
+            out.push(("tls_client_auth", "true".to_owned()));
+        }
         if !self.join.is_empty() {
             out.push(("discovery_mode", "list".to_owned()));
             out.push(("join_peers", self.join.join(",")));
@@ -134,10 +152,18 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         config.discovery_mode = mesh::DiscoveryMode::List;
     }
     let (builder, resolved) = config.node_builder()?;
-    let replica = DemoNode::start(builder, resolved.grpc_bind).await?;
+    let over_tls = if resolved.tls.is_some() {
+        " over TLS"
+    } else {
+        ""
+    };
+    let replica = match resolved.tls {
+        Some(tls) => DemoNode::start_with_tls(builder, resolved.grpc_bind, tls.server).await?,
+        None => DemoNode::start(builder, resolved.grpc_bind).await?,
+    };
     let node = replica.node().clone();
     println!(
-        "node {} gossiping at {} (advertised {}), grpc at {}, {} discovery, {} slots",
+        "node {} gossiping at {} (advertised {}), grpc at {}{over_tls}, {} discovery, {} slots",
         node.node_id(),
         node.gossip_addr(),
         node.view().local().identity().addr(),

@@ -20,7 +20,17 @@
 //! grpc_advertise_addr = ""         # host:port peers forward calls to; default advertise_addr:grpc_port
 //! grpc_port = 50051
 //! max_concurrency = 16
+//! tls_cert_file = ""               # PEM certificate (chain) of the gRPC server; setting the three
+//! tls_key_file = ""                # tls_*_file keys turns TLS on for the server and for
+//! tls_ca_file = ""                 # forwarding (peers must advertise https://, and do)
+//! tls_client_auth = false          # mutual TLS: require client certificates from tls_ca_file,
+//!                                  # and present this node's own certificate to peers
+//! tls_domain = ""                  # verify peers' certificates for this name instead of their address
 //! ```
+//!
+//! TLS material is read and checked by [`MeshConfig::resolve`]: a file that cannot be read, a
+//! key that does not belong to its certificate, or a missing companion key is reported under
+//! its key name. See [`crate::tls`] for what TLS protects.
 
 use std::{
     collections::BTreeMap,
@@ -32,11 +42,15 @@ use std::{
 use mesh_core::{DEFAULT_GOSSIP_PORT, NodeId, Tags, Timing};
 use mesh_discovery::{Dns, Static};
 use mesh_route::{
-    Affinity, LeastLoaded, PowerOfTwoChoices, Random, RoundRobin, WeightedCapacity, WhenFull,
+    Affinity, ChannelConfig, LeastLoaded, PowerOfTwoChoices, Random, RoundRobin, WeightedCapacity,
+    WhenFull,
 };
 use serde::Deserialize;
 
-use crate::NodeBuilder;
+use crate::{
+    NodeBuilder,
+    tls::{CaBundle, PeerTls, ServerTls, TlsError, TlsIdentity, TlsMaterial},
+};
 
 /// How a node finds its peers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -95,6 +109,19 @@ pub struct MeshConfig {
     pub strategy: String,
     /// When every node is full: `run-locally` (queue here) or `wait` (hold until a slot frees).
     pub when_full: String,
+    /// PEM certificate chain of this node's gRPC server. With `tls_key_file` and `tls_ca_file`
+    /// it turns TLS on; empty (the default) means plaintext.
+    pub tls_cert_file: String,
+    /// PEM private key of `tls_cert_file`.
+    pub tls_key_file: String,
+    /// PEM CA certificate(s) that peers' certificates must chain to.
+    pub tls_ca_file: String,
+    /// Mutual TLS: the server requires client certificates from `tls_ca_file`, and the node
+    /// presents its own certificate when it forwards. Needs the `tls_*_file` keys.
+    pub tls_client_auth: bool,
+    /// A name to verify peers' certificates for instead of the address they advertise (a DNS
+    /// name or an IP address); empty means the address. Needs the `tls_*_file` keys.
+    pub tls_domain: String,
 }
 
 impl Default for MeshConfig {
@@ -119,6 +146,11 @@ impl Default for MeshConfig {
             tags: BTreeMap::new(),
             strategy: "least-loaded".to_owned(),
             when_full: "run-locally".to_owned(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
+            tls_ca_file: String::new(),
+            tls_client_auth: false,
+            tls_domain: String::new(),
         }
     }
 }
@@ -179,13 +211,26 @@ pub struct ResolvedConfig {
     pub gossip_bind: SocketAddr,
     /// Gossip advertise address.
     pub gossip_advertise: SocketAddr,
-    /// The gRPC endpoint peers forward to; `None` when `grpc_port` is 0 (ephemeral) and no
-    /// `grpc_advertise_addr` is set: the server fills it in once its port is known.
+    /// The gRPC endpoint peers forward to (`https://` with TLS); `None` when `grpc_port` is 0
+    /// (ephemeral) and no `grpc_advertise_addr` is set: the server fills it in once its port
+    /// is known.
     pub grpc_endpoint: Option<String>,
     /// Where the gRPC server binds (`bind_addr:grpc_port`).
     pub grpc_bind: SocketAddr,
     /// The timing preset, with the discovery interval applied.
     pub timing: Timing,
+    /// TLS for the gRPC server and the forwarding channels, if the `tls_*` keys are set.
+    pub tls: Option<ResolvedTls>,
+}
+
+/// TLS read from the `tls_*` keys, for both sides of a node.
+#[derive(Debug, Clone)]
+pub struct ResolvedTls {
+    /// The gRPC server's TLS (give it to [`crate::demo::DemoNode::start_with_tls`] or
+    /// `tonic::transport::Server::tls_config`).
+    pub server: ServerTls,
+    /// How forwarding channels connect to peers ([`MeshConfig::node_builder`] applies it).
+    pub peers: PeerTls,
 }
 
 impl MeshConfig {
@@ -315,6 +360,11 @@ impl MeshConfig {
             }
             "strategy" => self.strategy = value.to_owned(),
             "when_full" => self.when_full = value.to_owned(),
+            "tls_cert_file" => self.tls_cert_file = value.to_owned(),
+            "tls_key_file" => self.tls_key_file = value.to_owned(),
+            "tls_ca_file" => self.tls_ca_file = value.to_owned(),
+            "tls_client_auth" => self.tls_client_auth = parse(value, "true or false")?,
+            "tls_domain" => self.tls_domain = value.to_owned(),
             _ => return Err("is not a mesh configuration key".to_owned()),
         }
         Ok(())
@@ -384,12 +434,14 @@ impl MeshConfig {
             self.advertise_port
         };
         let gossip_advertise = SocketAddr::new(advertise_ip, advertise_port);
+        let tls = self.tls()?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let grpc_endpoint = if !self.grpc_advertise_addr.is_empty() {
             check_host_port("grpc_advertise_addr", &self.grpc_advertise_addr)?;
-            Some(format!("http://{}", self.grpc_advertise_addr))
+            Some(format!("{scheme}://{}", self.grpc_advertise_addr))
         } else if self.grpc_port != 0 {
             Some(format!(
-                "http://{}",
+                "{scheme}://{}",
                 SocketAddr::new(advertise_ip, self.grpc_port)
             ))
         } else {
@@ -448,7 +500,69 @@ impl MeshConfig {
             grpc_endpoint,
             grpc_bind: SocketAddr::new(bind_ip, self.grpc_port),
             timing,
+            tls,
         })
+    }
+
+    /// Reads and checks the TLS material named by the `tls_*` keys.
+    fn tls(&self) -> Result<Option<ResolvedTls>, ConfigError> {
+        let files = [
+            ("tls_cert_file", &self.tls_cert_file),
+            ("tls_key_file", &self.tls_key_file),
+            ("tls_ca_file", &self.tls_ca_file),
+        ];
+        let domain = self.tls_domain.trim();
+        if files.iter().all(|(_, path)| path.trim().is_empty()) {
+            let needs_files = "needs tls_cert_file, tls_key_file and tls_ca_file";
+            if self.tls_client_auth {
+                return Err(invalid("tls_client_auth", "true", needs_files));
+            }
+            if !domain.is_empty() {
+                return Err(invalid("tls_domain", domain, needs_files));
+            }
+            return Ok(None);
+        }
+        for (key, path) in files {
+            if path.trim().is_empty() {
+                return Err(invalid(
+                    key,
+                    "",
+                    "is required when any of tls_cert_file, tls_key_file and tls_ca_file is set",
+                ));
+            }
+        }
+        let ca = CaBundle::from_file(self.tls_ca_file.trim()).map_err(|e| self.tls_error(e))?;
+        let identity = TlsIdentity::from_files(self.tls_cert_file.trim(), self.tls_key_file.trim())
+            .map_err(|e| self.tls_error(e))?;
+        let mut server = ServerTls::new(identity.clone());
+        let mut peers = PeerTls::new(ca.clone());
+        if self.tls_client_auth {
+            server = server.require_client_certificates(ca);
+            peers = peers.identity(identity);
+        }
+        if !domain.is_empty() {
+            peers = peers.domain(domain).map_err(|_| {
+                invalid("tls_domain", domain, "must be a DNS name or an IP address")
+            })?;
+        }
+        Ok(Some(ResolvedTls { server, peers }))
+    }
+
+    /// A TLS error under the key that names the file at fault.
+    fn tls_error(&self, error: TlsError) -> ConfigError {
+        let (what, rule) = match &error {
+            TlsError::Read { what, source, .. } => {
+                (Some(*what), format!("cannot be read: {source}"))
+            }
+            TlsError::Invalid { what, reason, .. } => (Some(*what), reason.clone()),
+            other => (None, other.to_string()),
+        };
+        let (key, path) = match what {
+            Some(TlsMaterial::CaCertificate) => ("tls_ca_file", &self.tls_ca_file),
+            Some(TlsMaterial::PrivateKey) => ("tls_key_file", &self.tls_key_file),
+            Some(TlsMaterial::Certificate) | None => ("tls_cert_file", &self.tls_cert_file),
+        };
+        invalid(key, path.trim(), rule)
     }
 
     fn when_full(&self) -> Result<WhenFull, ConfigError> {
@@ -481,8 +595,9 @@ impl MeshConfig {
         })
     }
 
-    /// A [`NodeBuilder`] for this configuration, with discovery, timing, strategy and the
-    /// gossip and gRPC addresses filled in. Check [`MeshConfig::enabled`] first.
+    /// A [`NodeBuilder`] for this configuration, with discovery, timing, strategy, the gossip
+    /// and gRPC addresses and the forwarding channels' TLS filled in. Check
+    /// [`MeshConfig::enabled`] first; serve with [`ResolvedConfig::tls`]'s server half.
     pub fn node_builder(&self) -> Result<(NodeBuilder, ResolvedConfig), ConfigError> {
         let resolved = self.resolve()?;
         let mut builder = crate::Node::builder()
@@ -496,6 +611,9 @@ impl MeshConfig {
             .when_full(self.when_full()?);
         if let Some(endpoint) = &resolved.grpc_endpoint {
             builder = builder.grpc_endpoint(endpoint.clone());
+        }
+        if let Some(tls) = &resolved.tls {
+            builder = builder.channel_config(ChannelConfig::default().tls(tls.peers.clone()));
         }
         builder = (self.strategy_builder()?)(builder);
         builder = match self.discovery_mode {

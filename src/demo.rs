@@ -39,7 +39,11 @@ use tokio::{
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
-use crate::{Node, NodeBuilder, NodeError, admin::AdminService};
+use crate::{
+    Node, NodeBuilder, NodeError,
+    admin::AdminService,
+    tls::{PeerTls, ServerTls},
+};
 
 /// The longest simulated action accepted.
 pub const MAX_ACTION_DURATION: Duration = Duration::from_secs(3600);
@@ -388,8 +392,9 @@ pub async fn finish(
 }
 
 /// A complete demo replica: a [`Node`] plus a gRPC server on its own port serving the demo
-/// `Execution` service and the admin service. What a real server embedding the mesh looks
-/// like, in one value; the examples and tests run clusters of these.
+/// `Execution` service and the admin service, in plaintext ([`DemoNode::start`]) or over TLS
+/// ([`DemoNode::start_with_tls`]). What a real server embedding the mesh looks like, in one
+/// value; the examples and tests run clusters of these.
 ///
 /// Each replica runs on its own thread and tokio runtime, as if it were its own process, so
 /// [`DemoNode::kill`] is a real crash: every task, socket and connection of the replica is
@@ -429,6 +434,12 @@ pub enum DemoNodeError {
     /// The node could not start.
     #[error(transparent)]
     Node(#[from] NodeError),
+    /// The gRPC server's TLS configuration was refused.
+    #[error("configuring TLS for the grpc server failed: {message}")]
+    Tls {
+        /// What was wrong.
+        message: String,
+    },
 }
 
 impl DemoNode {
@@ -437,6 +448,28 @@ impl DemoNode {
     /// the bound one or, when that is `0.0.0.0`, the node's advertise address), and
     /// serves the demo and admin services, all on a runtime of the replica's own.
     pub async fn start(builder: NodeBuilder, grpc_bind: SocketAddr) -> Result<Self, DemoNodeError> {
+        Self::launch(builder, grpc_bind, None).await
+    }
+
+    /// Like [`DemoNode::start`], but the gRPC server (demo and admin services, one port) speaks
+    /// only TLS with `tls`, and the default endpoint gossiped is `https://{ip}:{port}`.
+    ///
+    /// The node's forwarding channels are configured separately, on the builder
+    /// ([`NodeBuilder::channel_config`] with a [`PeerTls`]); a node whose channels lack TLS
+    /// refuses the `https://` endpoints of its peers. See [`crate::tls`].
+    pub async fn start_with_tls(
+        builder: NodeBuilder,
+        grpc_bind: SocketAddr,
+        tls: ServerTls,
+    ) -> Result<Self, DemoNodeError> {
+        Self::launch(builder, grpc_bind, Some(tls)).await
+    }
+
+    async fn launch(
+        builder: NodeBuilder,
+        grpc_bind: SocketAddr,
+        tls: Option<ServerTls>,
+    ) -> Result<Self, DemoNodeError> {
         let (ready_tx, ready_rx) = oneshot::channel();
         let (control, control_rx) = oneshot::channel();
         let (stopped_tx, stopped) = oneshot::channel();
@@ -447,7 +480,7 @@ impl DemoNode {
         std::thread::Builder::new()
             .name("demo-replica".to_owned())
             .spawn(move || {
-                let result = runtime.block_on(serve(builder, grpc_bind, ready_tx, control_rx));
+                let result = runtime.block_on(serve(builder, grpc_bind, tls, ready_tx, control_rx));
                 // Dropping the runtime drops every task of the replica: a crash, unless `serve`
                 // already shut down gracefully.
                 runtime.shutdown_background();
@@ -481,11 +514,27 @@ impl DemoNode {
         self.grpc_addr
     }
 
-    /// A client of this node's execution service.
+    /// A plaintext client of this node's execution service (for a node started with
+    /// [`DemoNode::start`]).
     pub async fn client(
         &self,
     ) -> Result<ExecutionClient<tonic::transport::Channel>, tonic::transport::Error> {
         ExecutionClient::connect(format!("http://{}", self.grpc_addr)).await
+    }
+
+    /// A TLS client of this node's execution service (for a node started with
+    /// [`DemoNode::start_with_tls`]), verifying the server with `tls` and presenting its client
+    /// identity, if it has one.
+    pub async fn client_with_tls(
+        &self,
+        tls: &PeerTls,
+    ) -> Result<ExecutionClient<tonic::transport::Channel>, tonic::transport::Error> {
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("https://{}", self.grpc_addr))?
+                .tls_config(tls.client_config())?
+                .connect()
+                .await?;
+        Ok(ExecutionClient::new(channel))
     }
 
     /// Leaves the cluster (peers report it as left), lets running calls finish, and stops.
@@ -515,6 +564,7 @@ type Ready = Result<(Node, ExecutionService, SocketAddr), DemoNodeError>;
 async fn serve(
     builder: NodeBuilder,
     grpc_bind: SocketAddr,
+    tls: Option<ServerTls>,
     ready: oneshot::Sender<Ready>,
     control: oneshot::Receiver<Stop>,
 ) -> Result<(), LeaveError> {
@@ -536,13 +586,26 @@ async fn serve(
             return Ok(());
         }
     };
+    // Refuse a bad TLS configuration before the node joins the cluster.
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = &tls {
+        server = match server.tls_config(tls.server_config()) {
+            Ok(server) => server,
+            Err(error) => {
+                let message = error_chain(&error);
+                let _ = ready.send(Err(DemoNodeError::Tls { message }));
+                return Ok(());
+            }
+        };
+    }
     // Peers cannot dial 0.0.0.0: advertise the node's reachable IP with the bound port.
     let advertised = match (grpc_addr.ip().is_unspecified(), builder.reachable_ip()) {
         (true, Some(ip)) => SocketAddr::new(ip, grpc_addr.port()),
         _ => grpc_addr,
     };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let node = match builder
-        .default_grpc_endpoint(format!("http://{advertised}"))
+        .default_grpc_endpoint(format!("{scheme}://{advertised}"))
         .start()
         .await
     {
@@ -556,7 +619,7 @@ async fn serve(
     let service = ExecutionService::new(node.router().clone(), executor);
     let (drain, drained) = oneshot::channel::<()>();
     let server = tokio::spawn(
-        tonic::transport::Server::builder()
+        server
             .add_service(service.clone().into_server())
             .add_service(AdminService::new(node.membership().clone()).into_server())
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
@@ -576,4 +639,16 @@ async fn serve(
         // A crash, or the DemoNode was dropped: returning drops the runtime and everything on it.
         Ok(Stop::Crash) | Err(_) => Ok(()),
     }
+}
+
+/// An error and its causes, on one line (tonic's transport errors say little at the top).
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }

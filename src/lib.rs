@@ -34,6 +34,7 @@ pub mod admin;
 pub mod config;
 pub mod demo;
 mod node;
+pub mod tls;
 
 pub use config::{ConfigError, DiscoveryMode, MeshConfig};
 pub use mesh_core::{

@@ -333,3 +333,155 @@ async fn two_nodes_started_from_configuration_find_each_other() {
     second.leave().await.unwrap();
     first.shutdown().await;
 }
+
+/// A CA and two certificates it signed, as PEM files: (ca, cert, key, another cert's key).
+fn tls_files() -> [tempfile_path::TempFile; 4] {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_pem = ca_params.self_signed(&ca_key).unwrap().pem();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf = || {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (cert, key) = leaf();
+    let (_, other_key) = leaf();
+    [
+        file("pem", &ca_pem),
+        file("pem", &cert),
+        file("pem", &key),
+        file("pem", &other_key),
+    ]
+}
+
+#[test]
+fn tls_keys_turn_tls_on_for_the_server_and_the_forwarding_channels() {
+    let [ca, cert, key, _] = tls_files();
+    let mut config =
+        MeshConfig::from_toml_str("node_id = \"n\"\nbind_addr = \"127.0.0.1\"\n").unwrap();
+    config
+        .set("tls_cert_file", &cert.0.display().to_string())
+        .unwrap();
+    config
+        .set("tls_key_file", &key.0.display().to_string())
+        .unwrap();
+    config
+        .set("tls_ca_file", &ca.0.display().to_string())
+        .unwrap();
+    let resolved = config.resolve().unwrap();
+    assert_eq!(
+        resolved.grpc_endpoint.as_deref(),
+        Some("https://127.0.0.1:50051")
+    );
+    let tls = resolved.tls.unwrap();
+    assert!(tls.server.client_ca().is_none());
+    assert!(tls.peers.client_identity().is_none());
+    assert_eq!(tls.peers.domain_name(), None);
+
+    config
+        .apply_vars([
+            ("MESH_TLS_CLIENT_AUTH".to_owned(), "true".to_owned()),
+            ("MESH_TLS_DOMAIN".to_owned(), "mesh.build.svc".to_owned()),
+        ])
+        .unwrap();
+    let tls = config.resolve().unwrap().tls.unwrap();
+    assert!(
+        tls.server.client_ca().is_some(),
+        "client certificates required"
+    );
+    assert!(tls.peers.client_identity().is_some(), "and presented");
+    assert_eq!(tls.peers.domain_name().as_deref(), Some("mesh.build.svc"));
+
+    let error = config
+        .apply_vars([("MESH_TLS_CLIENT_AUTH".to_owned(), "maybe".to_owned())])
+        .unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "invalid MESH_TLS_CLIENT_AUTH \"maybe\": must be true or false"
+    );
+}
+
+#[test]
+fn bad_tls_settings_are_named_by_their_key() {
+    let [ca, cert, key, other_key] = tls_files();
+    let path = |f: &tempfile_path::TempFile| f.0.display().to_string();
+    let no_files = [
+        ("tls_cert_file", String::new()),
+        ("tls_key_file", String::new()),
+        ("tls_ca_file", String::new()),
+    ];
+    // (keys to change, the key the error names, part of its rule)
+    type Case = (Vec<(&'static str, String)>, &'static str, String);
+    let cases: Vec<Case> = vec![
+        (
+            vec![("tls_key_file", path(&other_key))],
+            "tls_key_file",
+            format!(
+                "it does not belong to the certificate in file {}",
+                path(&cert)
+            ),
+        ),
+        (
+            vec![("tls_ca_file", "/nonexistent/ca.pem".to_owned())],
+            "tls_ca_file",
+            "cannot be read: ".to_owned(),
+        ),
+        (
+            vec![("tls_cert_file", path(&key))],
+            "tls_cert_file",
+            "no PEM certificate found".to_owned(),
+        ),
+        (
+            vec![("tls_key_file", String::new())],
+            "tls_key_file",
+            "is required when any of tls_cert_file, tls_key_file and tls_ca_file is set".to_owned(),
+        ),
+        (
+            vec![("tls_domain", "not a name".to_owned())],
+            "tls_domain",
+            "must be a DNS name or an IP address".to_owned(),
+        ),
+        (
+            [
+                no_files.to_vec(),
+                vec![("tls_client_auth", "true".to_owned())],
+            ]
+            .concat(),
+            "tls_client_auth",
+            "needs tls_cert_file, tls_key_file and tls_ca_file".to_owned(),
+        ),
+        (
+            [
+                no_files.to_vec(),
+                vec![("tls_domain", "mesh.svc".to_owned())],
+            ]
+            .concat(),
+            "tls_domain",
+            "needs tls_cert_file, tls_key_file and tls_ca_file".to_owned(),
+        ),
+    ];
+    for (changes, expected, rule) in cases {
+        let mut config =
+            MeshConfig::from_toml_str("node_id = \"n\"\nbind_addr = \"127.0.0.1\"\n").unwrap();
+        config.set("tls_cert_file", &path(&cert)).unwrap();
+        config.set("tls_key_file", &path(&key)).unwrap();
+        config.set("tls_ca_file", &path(&ca)).unwrap();
+        for (name, value) in &changes {
+            config.set(name, value).unwrap();
+        }
+        let error = config.resolve().unwrap_err();
+        assert_eq!(invalid_key(&error), expected, "{error}");
+        let message = error.to_string();
+        assert!(
+            message.starts_with(&format!("invalid {expected} ")),
+            "{message}"
+        );
+        assert!(message.contains(&rule), "{message}");
+    }
+}

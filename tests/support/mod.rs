@@ -7,6 +7,8 @@ use mesh::{
     Node, Tags, Timing, WhenFull,
     demo::{DemoNode, ExecutionService},
     proto::demo::v1::{Action, ExecuteRequest, execution_client::ExecutionClient},
+    route::ChannelConfig,
+    tls::{PeerTls, ServerTls},
 };
 use tonic::transport::Channel;
 
@@ -25,6 +27,14 @@ pub struct Spec {
     pub tags: Tags,
     pub timing: Timing,
     pub when_full: WhenFull,
+    pub tls: Option<NodeTls>,
+}
+
+/// TLS for a test node: its server, its forwarding channels, and the test's own client of it.
+pub struct NodeTls {
+    pub server: ServerTls,
+    pub peers: PeerTls,
+    pub client: PeerTls,
 }
 
 impl Spec {
@@ -35,7 +45,13 @@ impl Spec {
             tags: Tags::new(),
             timing: Timing::local(),
             when_full: WhenFull::RunLocally,
+            tls: None,
         }
+    }
+
+    pub fn tls(mut self, tls: NodeTls) -> Self {
+        self.tls = Some(tls);
+        self
     }
 
     pub fn tag(mut self, key: &str, value: &str) -> Self {
@@ -59,6 +75,7 @@ pub struct TestNode {
     pub service: ExecutionService,
     pub grpc_addr: SocketAddr,
     demo: DemoNode,
+    client_tls: Option<PeerTls>,
 }
 
 impl TestNode {
@@ -85,14 +102,23 @@ impl TestNode {
         if let Some(endpoint) = advertise {
             builder = builder.grpc_endpoint(endpoint);
         }
-        let demo = DemoNode::start(builder, "127.0.0.1:0".parse().unwrap())
-            .await
-            .unwrap();
+        let bind = "127.0.0.1:0".parse().unwrap();
+        let (demo, client_tls) = match spec.tls {
+            None => (DemoNode::start(builder, bind).await.unwrap(), None),
+            Some(tls) => {
+                builder = builder.channel_config(ChannelConfig::default().tls(tls.peers));
+                let demo = DemoNode::start_with_tls(builder, bind, tls.server)
+                    .await
+                    .unwrap();
+                (demo, Some(tls.client))
+            }
+        };
         Self {
             node: demo.node().clone(),
             service: demo.service().clone(),
             grpc_addr: demo.grpc_addr(),
             demo,
+            client_tls,
         }
     }
 
@@ -100,8 +126,27 @@ impl TestNode {
         self.node.node_id().as_str()
     }
 
+    /// A client of the node, over TLS with the spec's client configuration if it has one.
     pub async fn client(&self) -> ExecutionClient<Channel> {
-        self.demo.client().await.unwrap()
+        match &self.client_tls {
+            None => self.demo.client().await.unwrap(),
+            Some(tls) => self.demo.client_with_tls(tls).await.unwrap(),
+        }
+    }
+
+    /// A client of the node over TLS with `tls`, whatever the spec says.
+    pub async fn client_with_tls(
+        &self,
+        tls: &PeerTls,
+    ) -> Result<ExecutionClient<Channel>, tonic::transport::Error> {
+        self.demo.client_with_tls(tls).await
+    }
+
+    /// A plaintext client of the node, whatever the spec says.
+    pub async fn plaintext_client(
+        &self,
+    ) -> Result<ExecutionClient<Channel>, tonic::transport::Error> {
+        self.demo.client().await
     }
 
     /// A crash: the gRPC server and the membership stop without a word.

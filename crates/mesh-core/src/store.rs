@@ -270,8 +270,18 @@ mod tests {
         let mut gossip = StateGossip::new(store.clone());
         let bytes = state("a", 1, 1).encode().unwrap();
         let sender = Identity::new(NodeId::new("b").unwrap(), "127.0.0.1:2".parse().unwrap(), 1);
-        assert!(gossip.receive_item(&bytes, Some(&sender)).unwrap().is_some());
-        assert!(gossip.receive_item(&bytes, Some(&sender)).unwrap().is_none());
+        assert!(
+            gossip
+                .receive_item(&bytes, Some(&sender))
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            gossip
+                .receive_item(&bytes, Some(&sender))
+                .unwrap()
+                .is_none()
+        );
         // A direct push of the same version refreshes it, but is not gossiped again.
         assert!(gossip.receive_item(&bytes, None).unwrap().is_none());
         let newer = state("a", 1, 2).encode().unwrap();

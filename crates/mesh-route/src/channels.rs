@@ -4,6 +4,10 @@
 //! slowly filled with connections to dead addresses. Here a channel lives exactly as long as the
 //! peer life it was made for: the router evicts it when the peer fails, leaves, is replaced by
 //! a newer life, or gossips a different endpoint.
+//!
+//! With [`ChannelConfig::tls`] set, channels are TLS only, and the scheme of a peer's endpoint
+//! must agree with the configuration (see [`crate::tls`]): `https://` with TLS, anything else
+//! without. A mismatch is refused, never downgraded.
 
 use std::{
     collections::HashMap,
@@ -11,10 +15,14 @@ use std::{
     time::Duration,
 };
 
+use http::{
+    Uri,
+    uri::{InvalidUri, Scheme},
+};
 use mesh_core::{NodeId, abbreviate};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::{PeerTarget, RouteError};
+use crate::{PeerTarget, PeerTls, RouteError, tls::PeerConnector};
 
 /// How peer channels connect.
 #[derive(Debug, Clone)]
@@ -32,6 +40,9 @@ pub struct ChannelConfig {
     pub keep_alive_interval: Duration,
     /// How long a keep-alive ping may go unanswered. Default 5 s.
     pub keep_alive_timeout: Duration,
+    /// TLS for every peer channel; peers must then advertise `https://` endpoints. `None`
+    /// (the default) connects in plaintext HTTP/2 and refuses `https://` endpoints.
+    pub tls: Option<PeerTls>,
 }
 
 impl Default for ChannelConfig {
@@ -41,6 +52,7 @@ impl Default for ChannelConfig {
             request_timeout: None,
             keep_alive_interval: Duration::from_secs(10),
             keep_alive_timeout: Duration::from_secs(5),
+            tls: None,
         }
     }
 }
@@ -55,6 +67,12 @@ impl ChannelConfig {
     /// Sets [`ChannelConfig::request_timeout`].
     pub fn request_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.request_timeout = timeout;
+        self
+    }
+
+    /// Sets [`ChannelConfig::tls`]: peer channels use TLS, and only TLS.
+    pub fn tls(mut self, tls: PeerTls) -> Self {
+        self.tls = Some(tls);
         self
     }
 }
@@ -114,16 +132,52 @@ impl PeerChannels {
             endpoint: abbreviate(target.endpoint()),
             reason,
         };
-        let mut endpoint = Endpoint::from_shared(target.endpoint().to_owned())
-            .map_err(|e| invalid(e.to_string()))?
-            .connect_timeout(self.config.connect_timeout)
+        let uri: Uri = target
+            .endpoint()
+            .parse()
+            .map_err(|e: InvalidUri| invalid(e.to_string()))?;
+        match (&self.config.tls, uri.scheme() == Some(&Scheme::HTTPS)) {
+            (Some(tls), true) => {
+                let connector = PeerConnector::new(tls, self.config.connect_timeout)
+                    .map_err(|e| invalid(format!("the peer TLS configuration is unusable: {e}")))?;
+                // Given an https:// address, tonic would run its own TLS over ours: hand it
+                // the address as http:// and keep https:// as the origin calls are made to.
+                // The connector bounds the connection time itself (tonic's bound would hide
+                // that the peer never saw the call).
+                let mut parts = uri.clone().into_parts();
+                parts.scheme = Some(Scheme::HTTP);
+                let address = Uri::from_parts(parts).map_err(|e| invalid(e.to_string()))?;
+                Ok(self
+                    .endpoint(address)
+                    .origin(uri)
+                    .connect_with_connector_lazy(connector))
+            }
+            (Some(_), false) => Err(invalid(
+                "peer channels require TLS (ChannelConfig::tls is set), so endpoints must be \
+                 https://; refusing to forward in plaintext"
+                    .to_owned(),
+            )),
+            (None, true) => Err(invalid(
+                "the endpoint is https:// but peer channels have no TLS configured \
+                 (ChannelConfig::tls); refusing to guess trust roots"
+                    .to_owned(),
+            )),
+            (None, false) => Ok(self
+                .endpoint(uri)
+                .connect_timeout(self.config.connect_timeout)
+                .connect_lazy()),
+        }
+    }
+
+    fn endpoint(&self, uri: Uri) -> Endpoint {
+        let endpoint = Endpoint::from(uri)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(self.config.keep_alive_interval)
             .keep_alive_timeout(self.config.keep_alive_timeout);
-        if let Some(timeout) = self.config.request_timeout {
-            endpoint = endpoint.timeout(timeout);
+        match self.config.request_timeout {
+            Some(timeout) => endpoint.timeout(timeout),
+            None => endpoint,
         }
-        Ok(endpoint.connect_lazy())
     }
 
     /// Drops the channel of `node` (all lives). Calls already running on it finish or fail on
@@ -176,5 +230,54 @@ impl PeerChannels {
     /// Whether no channel is cached.
     pub fn is_empty(&self) -> bool {
         self.lock().is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{CaBundle, tls::testing::TestCa};
+
+    fn target(endpoint: &str) -> PeerTarget {
+        PeerTarget::new(NodeId::new("peer-1").unwrap(), endpoint.to_owned(), 1)
+    }
+
+    fn tls() -> PeerTls {
+        PeerTls::new(CaBundle::from_pem(TestCa::new("ca").pem).unwrap())
+    }
+
+    #[tokio::test]
+    async fn tls_channels_refuse_endpoints_that_are_not_https() {
+        let channels = PeerChannels::new(ChannelConfig::default().tls(tls()));
+        for endpoint in ["http://10.0.0.7:50051", "10.0.0.7:50051"] {
+            let error = channels.get(&target(endpoint)).unwrap_err();
+            assert_eq!(error.code(), tonic::Code::Unavailable);
+            assert_eq!(
+                error.to_string(),
+                format!(
+                    "peer peer-1 advertises an invalid grpc endpoint {endpoint:?}: peer channels \
+                     require TLS (ChannelConfig::tls is set), so endpoints must be https://; \
+                     refusing to forward in plaintext"
+                )
+            );
+        }
+        assert!(channels.is_empty());
+        channels.get(&target("https://10.0.0.7:50051")).unwrap();
+        assert!(channels.contains("peer-1"));
+    }
+
+    #[tokio::test]
+    async fn plaintext_channels_refuse_https_endpoints() {
+        let channels = PeerChannels::new(ChannelConfig::default());
+        let error = channels.get(&target("https://10.0.0.7:50051")).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "peer peer-1 advertises an invalid grpc endpoint \"https://10.0.0.7:50051\": the \
+             endpoint is https:// but peer channels have no TLS configured (ChannelConfig::tls); \
+             refusing to guess trust roots"
+        );
+        assert!(channels.is_empty());
+        channels.get(&target("http://10.0.0.7:50051")).unwrap();
+        assert!(channels.contains("peer-1"));
     }
 }

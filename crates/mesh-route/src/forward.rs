@@ -6,9 +6,10 @@
 //!   crosses at most one hop and can never loop, whatever the nodes' views.
 //! * The caller's metadata (authorization, `grpc-timeout`, custom headers) travels with the
 //!   call; transport headers that belong to one connection do not.
-//! * If connecting to the chosen peer fails — refused, timed out — the peer never saw the call,
-//!   so it is safe to choose again (that peer excluded) or run locally. Once the peer answered,
-//!   a failure is the client's to see: the call is never sent twice.
+//! * If connecting to the chosen peer fails — refused, timed out, TLS handshake failed, this
+//!   node's client certificate refused (see [`crate::tls`]) — the peer never saw the call, so it
+//!   is safe to choose again (that peer excluded) or run locally. Once the peer answered, a
+//!   failure is the client's to see: the call is never sent twice.
 //! * Server-streaming responses are relayed; if the peer fails mid-stream, the relay ends with
 //!   `UNAVAILABLE` as soon as the failure detector says so, instead of hanging.
 
@@ -119,7 +120,8 @@ pub enum Forwarded<R> {
 }
 
 /// Whether a failed call provably never reached the peer (so retrying elsewhere is safe):
-/// only connection failures qualify.
+/// only connection failures qualify, which with TLS include a failed handshake and the peer
+/// refusing this node's client certificate.
 pub fn failed_before_accept(status: &Status) -> bool {
     let mut source = status.source();
     while let Some(error) = source {

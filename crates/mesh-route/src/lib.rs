@@ -17,6 +17,8 @@
 //!   as forwarded (one hop, never loops), and retries elsewhere only when the peer could not be
 //!   connected to — never once it accepted the call. [`Router::relay`] relays a response stream
 //!   and cuts it short if the peer fails.
+//! * [`PeerTls`] makes peer channels TLS only (optionally mutual TLS); [`tls`] says what that
+//!   protects and what it does not.
 #![forbid(unsafe_code)]
 
 mod channels;
@@ -25,6 +27,7 @@ mod forward;
 mod operation;
 mod router;
 pub mod select;
+pub mod tls;
 
 pub use channels::{ChannelConfig, PeerChannels};
 pub use error::RouteError;
@@ -38,3 +41,4 @@ pub use select::{
     Affinity, Candidate, LeastLoaded, LoadFactorError, PowerOfTwoChoices, Random, RoundRobin,
     RouteRequest, Strategy, WeightedCapacity, backpressure,
 };
+pub use tls::{CaBundle, PeerTls, TlsError, TlsIdentity, TlsMaterial};

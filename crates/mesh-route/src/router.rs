@@ -50,12 +50,20 @@ pub struct PeerTarget {
 }
 
 impl PeerTarget {
+    pub(crate) fn new(node_id: NodeId, endpoint: String, generation: u64) -> Self {
+        Self {
+            node_id,
+            endpoint,
+            generation,
+        }
+    }
+
     pub(crate) fn from_member(member: &Member, state: &NodeState) -> Option<Self> {
-        Some(Self {
-            node_id: member.node_id().clone(),
-            endpoint: state.grpc_endpoint.clone()?,
-            generation: member.identity().generation(),
-        })
+        Some(Self::new(
+            member.node_id().clone(),
+            state.grpc_endpoint.clone()?,
+            member.identity().generation(),
+        ))
     }
 
     /// The peer's node id.
