@@ -63,6 +63,12 @@ struct Args {
     /// When every node is full: run-locally or wait.
     #[arg(long)]
     when_full: Option<String>,
+    /// Encrypt gossip with the keys in this file (one per line, base64 or hex; first is primary).
+    #[arg(long)]
+    gossip_keys_file: Option<String>,
+    /// Cluster label authenticated with the gossip keys.
+    #[arg(long)]
+    cluster_label: Option<String>,
     /// PEM certificate of the gRPC server; with --tls-key and --tls-ca, turns TLS on.
     #[arg(long)]
     tls_cert: Option<String>,
@@ -95,6 +101,8 @@ impl Args {
         put("timing", &self.timing);
         put("strategy", &self.strategy);
         put("when_full", &self.when_full);
+        put("gossip_keys_file", &self.gossip_keys_file);
+        put("cluster_label", &self.cluster_label);
         put("tls_cert_file", &self.tls_cert);
         put("tls_key_file", &self.tls_key);
         put("tls_ca_file", &self.tls_ca);

@@ -26,6 +26,9 @@
 //! tls_client_auth = false          # mutual TLS: require client certificates from tls_ca_file,
 //!                                  # and present this node's own certificate to peers
 //! tls_domain = ""                  # verify peers' certificates for this name instead of their address
+//! gossip_keys_file = ""            # encrypt gossip: one 32-byte key per line (base64 or hex), first is primary
+//! gossip_keys_env = ""             # or: the name of a variable holding comma-separated keys
+//! cluster_label = ""               # authenticated with the keys: clusters with other labels cannot talk
 //! ```
 //!
 //! TLS material is read and checked by [`MeshConfig::resolve`]: a file that cannot be read, a
@@ -39,7 +42,7 @@ use std::{
     time::Duration,
 };
 
-use mesh_core::{DEFAULT_GOSSIP_PORT, NodeId, Tags, Timing};
+use mesh_core::{DEFAULT_GOSSIP_PORT, Keyring, MAX_CLUSTER_LABEL_LEN, NodeId, Tags, Timing};
 use mesh_discovery::{Dns, Static};
 use mesh_route::{
     Affinity, ChannelConfig, LeastLoaded, PowerOfTwoChoices, Random, RoundRobin, WeightedCapacity,
@@ -122,6 +125,15 @@ pub struct MeshConfig {
     /// A name to verify peers' certificates for instead of the address they advertise (a DNS
     /// name or an IP address); empty means the address. Needs the `tls_*_file` keys.
     pub tls_domain: String,
+    /// A file of gossip keys (one per line, base64 or hex, the first is the primary): encrypts
+    /// and authenticates all gossip. See [`mesh_core::keyring`].
+    pub gossip_keys_file: String,
+    /// The name of an environment variable holding comma-separated gossip keys (for example
+    /// one filled from a Kubernetes Secret). Not both this and `gossip_keys_file`.
+    pub gossip_keys_env: String,
+    /// A label authenticated with every datagram: nodes with another label cannot talk even
+    /// with the same key. Needs gossip keys.
+    pub cluster_label: String,
 }
 
 impl Default for MeshConfig {
@@ -151,6 +163,9 @@ impl Default for MeshConfig {
             tls_ca_file: String::new(),
             tls_client_auth: false,
             tls_domain: String::new(),
+            gossip_keys_file: String::new(),
+            gossip_keys_env: String::new(),
+            cluster_label: String::new(),
         }
     }
 }
@@ -221,6 +236,8 @@ pub struct ResolvedConfig {
     pub timing: Timing,
     /// TLS for the gRPC server and the forwarding channels, if the `tls_*` keys are set.
     pub tls: Option<ResolvedTls>,
+    /// The gossip keyring, if gossip is encrypted (its `Debug` shows fingerprints only).
+    pub keyring: Option<Keyring>,
 }
 
 /// TLS read from the `tls_*` keys, for both sides of a node.
@@ -365,6 +382,9 @@ impl MeshConfig {
             "tls_ca_file" => self.tls_ca_file = value.to_owned(),
             "tls_client_auth" => self.tls_client_auth = parse(value, "true or false")?,
             "tls_domain" => self.tls_domain = value.to_owned(),
+            "gossip_keys_file" => self.gossip_keys_file = value.to_owned(),
+            "gossip_keys_env" => self.gossip_keys_env = value.to_owned(),
+            "cluster_label" => self.cluster_label = value.to_owned(),
             _ => return Err("is not a mesh configuration key".to_owned()),
         }
         Ok(())
@@ -493,6 +513,7 @@ impl MeshConfig {
         }
         self.strategy_builder()?;
         self.when_full()?;
+        let keyring = self.keyring()?;
         Ok(ResolvedConfig {
             node_id,
             gossip_bind,
@@ -501,7 +522,57 @@ impl MeshConfig {
             grpc_bind: SocketAddr::new(bind_ip, self.grpc_port),
             timing,
             tls,
+            keyring,
         })
+    }
+
+    /// The gossip keyring from `gossip_keys_file` or `gossip_keys_env`, and the label check.
+    /// Errors name the key and the file or variable, never a key.
+    fn keyring(&self) -> Result<Option<Keyring>, ConfigError> {
+        let keyring = match (
+            self.gossip_keys_file.is_empty(),
+            self.gossip_keys_env.is_empty(),
+        ) {
+            (true, true) => None,
+            (false, false) => {
+                return Err(invalid(
+                    "gossip_keys_env",
+                    self.gossip_keys_env.clone(),
+                    "cannot be set together with gossip_keys_file; keep one",
+                ));
+            }
+            (false, true) => Some(Keyring::from_file(&self.gossip_keys_file).map_err(|e| {
+                invalid(
+                    "gossip_keys_file",
+                    self.gossip_keys_file.clone(),
+                    e.to_string(),
+                )
+            })?),
+            (true, false) => Some(Keyring::from_env(&self.gossip_keys_env).map_err(|e| {
+                invalid(
+                    "gossip_keys_env",
+                    self.gossip_keys_env.clone(),
+                    e.to_string(),
+                )
+            })?),
+        };
+        if !self.cluster_label.is_empty() {
+            if keyring.is_none() {
+                return Err(invalid(
+                    "cluster_label",
+                    self.cluster_label.clone(),
+                    "needs gossip keys (gossip_keys_file or gossip_keys_env): the label is authenticated by them",
+                ));
+            }
+            if self.cluster_label.len() > MAX_CLUSTER_LABEL_LEN {
+                return Err(invalid(
+                    "cluster_label",
+                    self.cluster_label.clone(),
+                    format!("is longer than {MAX_CLUSTER_LABEL_LEN} bytes"),
+                ));
+            }
+        }
+        Ok(keyring)
     }
 
     /// Reads and checks the TLS material named by the `tls_*` keys.
@@ -614,6 +685,11 @@ impl MeshConfig {
         }
         if let Some(tls) = &resolved.tls {
             builder = builder.channel_config(ChannelConfig::default().tls(tls.peers.clone()));
+        }
+        if let Some(keyring) = &resolved.keyring {
+            builder = builder
+                .keyring(keyring.clone())
+                .cluster_label(self.cluster_label.clone());
         }
         builder = (self.strategy_builder()?)(builder);
         builder = match self.discovery_mode {

@@ -3,7 +3,7 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use mesh_core::{
-    LeaveError, LoadTracker, Membership, MembershipView, MeshEvent, NodeId, NodeIdError,
+    Keyring, LeaveError, LoadTracker, Membership, MembershipView, MeshEvent, NodeId, NodeIdError,
     StartError, Tags, Timing,
 };
 use mesh_discovery::DynDiscover;
@@ -88,6 +88,8 @@ pub struct NodeBuilder {
     tags: Tags,
     load: Option<LoadTracker>,
     rng_seed: Option<u64>,
+    keyring: Option<Keyring>,
+    cluster_label: String,
     strategy: Option<Arc<dyn Strategy>>,
     channel_config: Option<ChannelConfig>,
     max_state_age: Option<std::time::Duration>,
@@ -184,9 +186,24 @@ impl NodeBuilder {
         self
     }
 
-    /// Seed every random choice, for reproducible simulations.
+    /// Seed every random choice (gossip targets, probe order, and the default strategy's tie
+    /// breaks), for reproducible simulations.
     pub fn rng_seed(mut self, seed: u64) -> Self {
         self.rng_seed = Some(seed);
+        self
+    }
+
+    /// Encrypt and authenticate all gossip with `keyring` (see [`mesh_core::keyring`]): nodes
+    /// without a key in common cannot join, read or inject.
+    pub fn keyring(mut self, keyring: Keyring) -> Self {
+        self.keyring = Some(keyring);
+        self
+    }
+
+    /// A label authenticated with every datagram (needs a keyring): clusters with different
+    /// labels cannot talk even when they share a key.
+    pub fn cluster_label(mut self, label: impl Into<String>) -> Self {
+        self.cluster_label = label.into();
         self
     }
 
@@ -241,10 +258,21 @@ impl NodeBuilder {
         if let Some(seed) = self.rng_seed {
             builder = builder.rng_seed(seed);
         }
+        if let Some(keyring) = self.keyring {
+            builder = builder.keyring(keyring);
+        }
+        if !self.cluster_label.is_empty() {
+            builder = builder.cluster_label(self.cluster_label);
+        }
         let membership = builder.start().await?;
         let mut router = Router::builder(membership.clone()).when_full(self.when_full);
-        if let Some(strategy) = self.strategy {
-            router = router.strategy_arc(strategy);
+        match (self.strategy, self.rng_seed) {
+            (Some(strategy), _) => router = router.strategy_arc(strategy),
+            // A seeded node makes seeded routing decisions too.
+            (None, Some(seed)) => {
+                router = router.strategy(mesh_route::LeastLoaded::with_seed(seed))
+            }
+            (None, None) => {}
         }
         if let Some(config) = self.channel_config {
             router = router.channel_config(config);

@@ -485,3 +485,56 @@ fn bad_tls_settings_are_named_by_their_key() {
         assert!(message.contains(&rule), "{message}");
     }
 }
+
+#[test]
+fn gossip_keys_load_from_a_file_or_a_variable_and_errors_never_show_a_key() {
+    let key = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
+    let keys = file("keys", &format!("# primary\n{key}\n"));
+    let mut config =
+        MeshConfig::from_toml_str("node_id = \"n\"\nbind_addr = \"127.0.0.1\"").unwrap();
+    config
+        .set("gossip_keys_file", &keys.0.display().to_string())
+        .unwrap();
+    config.set("cluster_label", "prod").unwrap();
+    let resolved = config.resolve().unwrap();
+    assert_eq!(resolved.keyring.unwrap().keys().len(), 1);
+
+    let bad = file("keys", "not-a-key-at-all\n");
+    config
+        .set("gossip_keys_file", &bad.0.display().to_string())
+        .unwrap();
+    let error = config.resolve().unwrap_err().to_string();
+    assert!(error.starts_with("invalid gossip_keys_file"), "{error}");
+    assert!(error.contains("line 1"), "{error}");
+    assert!(
+        !error.contains("not-a-key-at-all"),
+        "never echo key material: {error}"
+    );
+
+    config.set("gossip_keys_env", "SOME_VAR").unwrap();
+    let error = config.resolve().unwrap_err();
+    assert_eq!(invalid_key(&error), "gossip_keys_env");
+    assert!(
+        error
+            .to_string()
+            .contains("not be set together with gossip_keys_file")
+    );
+
+    let mut unkeyed = MeshConfig::from_toml_str(
+        "node_id = \"n\"\nbind_addr = \"127.0.0.1\"\ncluster_label = \"prod\"",
+    )
+    .unwrap();
+    let error = unkeyed.resolve().unwrap_err();
+    assert_eq!(invalid_key(&error), "cluster_label");
+    unkeyed
+        .set("gossip_keys_env", "MESH_TEST_UNSET_VARIABLE_FOR_KEYS")
+        .unwrap();
+    let error = unkeyed.resolve().unwrap_err();
+    assert_eq!(invalid_key(&error), "gossip_keys_env");
+    assert!(
+        error
+            .to_string()
+            .contains("MESH_TEST_UNSET_VARIABLE_FOR_KEYS"),
+        "{error}"
+    );
+}
