@@ -3,8 +3,8 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use mesh_core::{
-    Keyring, LeaveError, LoadTracker, Membership, MembershipView, MeshEvent, NodeId, NodeIdError,
-    StartError, Tags, Timing,
+    Keyring, LeaveError, LoadTracker, Membership, MembershipBuilder, MembershipView, MeshEvent,
+    NodeId, NodeIdError, StartError, Tags, Timing, Transport,
 };
 use mesh_discovery::DynDiscover;
 use mesh_route::{ChannelConfig, Router, Strategy, WhenFull};
@@ -234,6 +234,21 @@ impl NodeBuilder {
 
     /// Starts the node: binds the gossip socket, starts membership, discovery and the router.
     pub async fn start(self) -> Result<Node, NodeError> {
+        let (membership, router) = self.split()?;
+        let membership = membership.start().await?;
+        Ok(router.finish(membership))
+    }
+
+    /// Starts the node on a datagram transport of your own instead of binding a UDP socket
+    /// (a simulated network, a pre-bound socket); [`NodeBuilder::gossip_bind`] is then unused.
+    pub async fn start_with_transport<T: Transport>(self, transport: T) -> Result<Node, NodeError> {
+        let (membership, router) = self.split()?;
+        let membership = membership.start_with_transport(transport).await?;
+        Ok(router.finish(membership))
+    }
+
+    /// The membership half of the configuration, and what the router needs once it runs.
+    fn split(self) -> Result<(MembershipBuilder, RouterParts), NodeError> {
         let node_id = self.node_id.ok_or(NodeError::MissingNodeId)?;
         let mut builder = Membership::builder(node_id)
             .timing(self.timing.unwrap_or_default())
@@ -264,15 +279,39 @@ impl NodeBuilder {
         if !self.cluster_label.is_empty() {
             builder = builder.cluster_label(self.cluster_label);
         }
-        let membership = builder.start().await?;
-        let mut router = Router::builder(membership.clone()).when_full(self.when_full);
-        match (self.strategy, self.rng_seed) {
-            (Some(strategy), _) => router = router.strategy_arc(strategy),
+        let strategy = match (self.strategy, self.rng_seed) {
+            (Some(strategy), _) => Some(strategy),
             // A seeded node makes seeded routing decisions too.
             (None, Some(seed)) => {
-                router = router.strategy(mesh_route::LeastLoaded::with_seed(seed))
+                Some(Arc::new(mesh_route::LeastLoaded::with_seed(seed)) as Arc<dyn Strategy>)
             }
-            (None, None) => {}
+            (None, None) => None,
+        };
+        Ok((
+            builder,
+            RouterParts {
+                strategy,
+                channel_config: self.channel_config,
+                max_state_age: self.max_state_age,
+                when_full: self.when_full,
+            },
+        ))
+    }
+}
+
+/// The router's part of a [`NodeBuilder`], applied once the membership runs.
+struct RouterParts {
+    strategy: Option<Arc<dyn Strategy>>,
+    channel_config: Option<ChannelConfig>,
+    max_state_age: Option<std::time::Duration>,
+    when_full: WhenFull,
+}
+
+impl RouterParts {
+    fn finish(self, membership: Membership) -> Node {
+        let mut router = Router::builder(membership.clone()).when_full(self.when_full);
+        if let Some(strategy) = self.strategy {
+            router = router.strategy_arc(strategy);
         }
         if let Some(config) = self.channel_config {
             router = router.channel_config(config);
@@ -280,10 +319,10 @@ impl NodeBuilder {
         if let Some(age) = self.max_state_age {
             router = router.max_state_age(age);
         }
-        Ok(Node {
+        Node {
             router: router.build(),
             membership,
-        })
+        }
     }
 }
 

@@ -22,7 +22,7 @@ use http::{
 use mesh_core::{NodeId, abbreviate};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::{PeerTarget, PeerTls, RouteError, tls::PeerConnector};
+use crate::{Dialer, PeerTarget, PeerTls, RouteError, dialer::DialerService, tls::PeerConnector};
 
 /// How peer channels connect.
 #[derive(Debug, Clone)]
@@ -43,6 +43,9 @@ pub struct ChannelConfig {
     /// TLS for every peer channel; peers must then advertise `https://` endpoints. `None`
     /// (the default) connects in plaintext HTTP/2 and refuses `https://` endpoints.
     pub tls: Option<PeerTls>,
+    /// Opens plaintext connections instead of TCP (a simulated network, a proxy). Not
+    /// combined with TLS.
+    pub dialer: Option<Dialer>,
 }
 
 impl Default for ChannelConfig {
@@ -53,6 +56,7 @@ impl Default for ChannelConfig {
             keep_alive_interval: Duration::from_secs(10),
             keep_alive_timeout: Duration::from_secs(5),
             tls: None,
+            dialer: None,
         }
     }
 }
@@ -67,6 +71,12 @@ impl ChannelConfig {
     /// Sets [`ChannelConfig::request_timeout`].
     pub fn request_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.request_timeout = timeout;
+        self
+    }
+
+    /// Sets [`ChannelConfig::dialer`].
+    pub fn dialer(mut self, dialer: Dialer) -> Self {
+        self.dialer = Some(dialer);
         self
     }
 
@@ -137,6 +147,11 @@ impl PeerChannels {
             .parse()
             .map_err(|e: InvalidUri| invalid(e.to_string()))?;
         match (&self.config.tls, uri.scheme() == Some(&Scheme::HTTPS)) {
+            (Some(_), true) if self.config.dialer.is_some() => Err(invalid(
+                "a custom dialer cannot be combined with TLS (ChannelConfig::dialer and ::tls \
+                 are both set)"
+                    .to_owned(),
+            )),
             (Some(tls), true) => {
                 let connector = PeerConnector::new(tls, self.config.connect_timeout)
                     .map_err(|e| invalid(format!("the peer TLS configuration is unusable: {e}")))?;
@@ -162,10 +177,17 @@ impl PeerChannels {
                  (ChannelConfig::tls); refusing to guess trust roots"
                     .to_owned(),
             )),
-            (None, false) => Ok(self
-                .endpoint(uri)
-                .connect_timeout(self.config.connect_timeout)
-                .connect_lazy()),
+            (None, false) => {
+                let endpoint = self
+                    .endpoint(uri)
+                    .connect_timeout(self.config.connect_timeout);
+                Ok(match &self.config.dialer {
+                    Some(dialer) => {
+                        endpoint.connect_with_connector_lazy(DialerService(dialer.clone()))
+                    }
+                    None => endpoint.connect_lazy(),
+                })
+            }
         }
     }
 

@@ -22,6 +22,7 @@
 #![forbid(unsafe_code)]
 
 mod channels;
+mod dialer;
 mod error;
 mod forward;
 mod operation;
@@ -30,6 +31,7 @@ pub mod select;
 pub mod tls;
 
 pub use channels::{ChannelConfig, PeerChannels};
+pub use dialer::{DialFuture, Dialer, PeerStream};
 pub use error::RouteError;
 pub use forward::{
     FORWARDED_BY, ForwardChannel, Forwarded, ForwardedBy, PeerCall, failed_before_accept,
