@@ -21,7 +21,7 @@ use mesh::{
     proto::demo::v1::{
         Action, ExecuteRequest, WaitExecutionRequest, execution_client::ExecutionClient,
     },
-    route::{ChannelConfig, Dialer, PeerStream},
+    route::{ChannelConfig, DialFuture, Dialer, PeerStream},
 };
 use tonic::{
     Code,
@@ -66,7 +66,7 @@ impl tokio::io::AsyncWrite for SimStream {
     }
 }
 
-fn sim_dial(uri: &Uri) -> Pin<Box<dyn Future<Output = io::Result<Box<dyn PeerStream>>> + Send>> {
+fn sim_dial(uri: &Uri) -> DialFuture {
     let address = format!(
         "{}:{}",
         uri.host().unwrap_or_default(),
