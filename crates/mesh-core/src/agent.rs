@@ -37,7 +37,11 @@ type FocaInstance = Foca<Identity, PostcardCodec, StdRng, StateGossip>;
 /// What the receive task and the handles send to the membership task.
 #[derive(Debug)]
 pub(crate) enum Input {
-    Datagram { kind: Kind, body: bytes::Bytes },
+    Datagram {
+        kind: Kind,
+        body: bytes::Bytes,
+        from: SocketAddr,
+    },
     Join(Vec<SocketAddr>),
     Discovered(Vec<SocketAddr>),
     Leave(oneshot::Sender<()>),
@@ -159,6 +163,8 @@ pub(crate) struct Agent<T> {
     /// The latest life seen of every node id, and since when it is down (if it is): a newer
     /// life showing up is a `Rejoined`, not a `Joined`, even if we saw the old one fail first.
     lives: HashMap<NodeId, (Identity, Option<Instant>)>,
+    /// When we last introduced ourselves to an address that pushed us a state.
+    introduced: HashMap<SocketAddr, Instant>,
     suspects: HashSet<Identity>,
     view_dirty: bool,
     epoch: u64,
@@ -240,6 +246,7 @@ impl<T: Transport> Agent<T> {
             leaving: HashSet::new(),
             replaced: HashSet::new(),
             lives: HashMap::new(),
+            introduced: HashMap::new(),
             suspects: HashSet::new(),
             view_dirty: true,
             epoch: 0,
@@ -332,7 +339,7 @@ impl<T: Transport> Agent<T> {
 
     fn handle_input(&mut self, input: Input) {
         match input {
-            Input::Datagram { kind, body } => self.handle_datagram(kind, &body),
+            Input::Datagram { kind, body, from } => self.handle_datagram(kind, &body, from),
             Input::Join(addrs) => {
                 for addr in addrs {
                     if !self.seeds.contains(&addr) {
@@ -349,7 +356,7 @@ impl<T: Transport> Agent<T> {
         }
     }
 
-    fn handle_datagram(&mut self, kind: Kind, body: &[u8]) {
+    fn handle_datagram(&mut self, kind: Kind, body: &[u8], from: SocketAddr) {
         if self.status == LocalStatus::Left || self.superseded_by.is_some() {
             return;
         }
@@ -367,7 +374,9 @@ impl<T: Transport> Agent<T> {
                 if let Err(error) = self.foca.add_broadcast(body) {
                     self.shared.counters.dropped(Dropped::StateRejected);
                     tracing::debug!(%error, "rejected a pushed node state");
+                    return;
                 }
+                self.introduce_to_stranger(body, from);
             }
             Kind::Leave => match postcard::from_bytes::<Identity>(body) {
                 Ok(identity) => self.peer_leaving(identity),
@@ -378,6 +387,38 @@ impl<T: Transport> Agent<T> {
                     tracing::debug!(%error, "malformed leave notice");
                 }
             },
+        }
+    }
+
+    /// A node that pushes us its state knows us; if we do not know it, announce ourselves to
+    /// it so its reply teaches us who it is. Without this, knowledge that is one-sided after a
+    /// burst of joins (gossip retransmissions exhausted) waits for the other node to probe us,
+    /// which can take a full probe round (n probe periods): 90 s in a 100-node cold start.
+    fn introduce_to_stranger(&mut self, body: &[u8], from: SocketAddr) {
+        let Ok(state) = NodeState::decode(body) else {
+            return;
+        };
+        let known = self
+            .lives
+            .get(&state.node_id)
+            .is_some_and(|(_, down_since)| down_since.is_none());
+        if known || state.node_id == *self.foca.identity().node_id() {
+            return;
+        }
+        let now = Instant::now();
+        let recently = self
+            .introduced
+            .get(&from)
+            .is_some_and(|at| now.duration_since(*at) < self.timing.rejoin_interval);
+        if recently {
+            return;
+        }
+        self.introduced.insert(from, now);
+        if let Err(error) = self
+            .foca
+            .announce(announce_target(from), &mut effects!(self))
+        {
+            tracing::debug!(%error, %from, "introduction failed");
         }
     }
 
@@ -762,6 +803,9 @@ impl<T: Transport> Agent<T> {
             .iter_members()
             .map(|m| (m.id().node_id().clone(), m.id().generation()))
             .collect();
+        let rejoin = self.timing.rejoin_interval;
+        self.introduced
+            .retain(|_, at| now.duration_since(*at) < rejoin);
         let forget = self.timing.remove_down_after;
         self.lives.retain(|_, (_, down_since)| {
             down_since.is_none_or(|since| now.duration_since(since) < forget)

@@ -724,6 +724,7 @@ async fn receive_loop<T: Transport>(
             }
         };
         let input = Input::Datagram {
+            from,
             kind,
             body: Bytes::copy_from_slice(body),
         };

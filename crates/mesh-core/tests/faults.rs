@@ -183,17 +183,33 @@ fn a_slow_node_is_kept_or_flaps_but_nothing_breaks() {
         let failures = cluster
             .events(|l| l.at >= start && about_slow(l) && matches!(l.event, MeshEvent::Failed(_)))
             .len();
-        let others_failed = false_failures(&cluster, start) - failures;
+        // What the healthy nodes report about each other, and what the slow node itself
+        // believes (its own view is the one behind slow links).
+        let healthy_failed = cluster
+            .events(|l| {
+                l.at >= start
+                    && l.observer != "node-5"
+                    && !about_slow(l)
+                    && matches!(l.event, MeshEvent::Failed(_))
+            })
+            .len();
+        let slow_view_failed = cluster
+            .events(|l| {
+                l.at >= start && l.observer == "node-5" && matches!(l.event, MeshEvent::Failed(_))
+            })
+            .len();
         println!(
-            "slow node ({one_way} ms each way): {suspicions} suspicions of it, {failures} failure reports of it, {others_failed} of others"
+            "slow node ({one_way} ms each way): {suspicions} suspicions of it, {failures} failure reports of it; \
+             it reported {slow_view_failed} failures of others; healthy nodes reported {healthy_failed} of each other"
         );
-        assert_eq!(others_failed, 0, "only the slow node may be suspected");
         if one_way == 300 {
-            assert_eq!(
-                failures, 0,
-                "a late ack within the probe period keeps it alive"
-            );
+            // A late ack within the probe period still counts: nothing is even suspected.
+            assert_eq!(suspicions + failures + slow_view_failed + healthy_failed, 0);
         }
+        // At 700 ms the slow node times out its own probes and may declare healthy nodes
+        // down; they rejoin at once under a new generation (a flap, not a loss). Lifeguard's
+        // local health awareness would stop the slow node from trusting its own probes; foca
+        // does not implement it. Either way, every node is back once the links recover:
         for other in others {
             cluster
                 .sim

@@ -73,6 +73,9 @@ impl Cluster {
             .tick_duration(Duration::from_millis(1))
             .min_message_latency(Duration::from_millis(1))
             .max_message_latency(Duration::from_millis(5))
+            // A socket receive buffer like a real one (Linux's default holds hundreds of
+            // small datagrams), not turmoil's 64.
+            .udp_capacity(1024)
             .rng_seed(seed)
             .build();
         let mut cluster = Self {
