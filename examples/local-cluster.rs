@@ -60,12 +60,22 @@ struct Args {
     /// How the entry node picks where each action runs.
     #[arg(long, value_enum, default_value_t = StrategyArg::LeastLoaded)]
     strategy: StrategyArg,
+    /// What the entry node does when every node is full: hold the call until a slot frees
+    /// anywhere (wait), or queue it locally (run-locally, the seed server's rule).
+    #[arg(long, value_enum, default_value_t = WhenFullArg::Wait)]
+    when_full: WhenFullArg,
     /// Seed for action durations.
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 120)]
     timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum WhenFullArg {
+    Wait,
+    RunLocally,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -144,7 +154,10 @@ async fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
             .gossip_bind("127.0.0.1:0".parse()?)
             .timing(Timing::local())
             .max_concurrency(capacity(i))
-            .when_full(WhenFull::Wait);
+            .when_full(match args.when_full {
+                WhenFullArg::Wait => WhenFull::Wait,
+                WhenFullArg::RunLocally => WhenFull::RunLocally,
+            });
         builder = (args.strategy.build())(builder);
         if let Some(seed) = replicas.first() {
             builder = builder.seeds([seed.node().gossip_addr()]);
@@ -173,12 +186,13 @@ async fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
     let work_ms: u64 = durations.iter().sum();
     let longest = durations.iter().copied().max().unwrap_or(0);
     println!(
-        "sending {} actions ({:.1}s of work, {}-{} ms each) to node-0, strategy {:?}{}",
+        "sending {} actions ({:.1}s of work, {}-{} ms each) to node-0, strategy {:?}, when full {:?}{}",
         args.actions,
         work_ms as f64 / 1000.0,
         args.min_ms,
         args.max_ms,
         args.strategy,
+        args.when_full,
         if args.kill_node {
             format!("; node-{} will be killed mid-run", n - 1)
         } else {

@@ -60,7 +60,7 @@ struct Args {
     /// Routing strategy.
     #[arg(long)]
     strategy: Option<String>,
-    /// When every node is full: run-locally or wait.
+    /// When every node is full: wait (default) or run-locally.
     #[arg(long)]
     when_full: Option<String>,
     /// Encrypt gossip with the keys in this file (one per line, base64 or hex; first is primary).

@@ -110,7 +110,8 @@ pub struct MeshConfig {
     /// Routing strategy: `least-loaded`, `power-of-two`, `round-robin`, `random`, `weighted`
     /// or `affinity`.
     pub strategy: String,
-    /// When every node is full: `run-locally` (queue here) or `wait` (hold until a slot frees).
+    /// When every node is full: `wait` (hold the call until a slot frees anywhere, the
+    /// default) or `run-locally` (queue it here, the seed server's rule).
     pub when_full: String,
     /// PEM certificate chain of this node's gRPC server. With `tls_key_file` and `tls_ca_file`
     /// it turns TLS on; empty (the default) means plaintext.
@@ -157,7 +158,7 @@ impl Default for MeshConfig {
             max_concurrency: 0,
             tags: BTreeMap::new(),
             strategy: "least-loaded".to_owned(),
-            when_full: "run-locally".to_owned(),
+            when_full: "wait".to_owned(),
             tls_cert_file: String::new(),
             tls_key_file: String::new(),
             tls_ca_file: String::new(),

@@ -226,7 +226,7 @@ impl NodeBuilder {
         self
     }
 
-    /// What the router does when every node is full (default [`WhenFull::RunLocally`]).
+    /// What the router does when every node is full (default [`WhenFull::Wait`]).
     pub fn when_full(mut self, when_full: WhenFull) -> Self {
         self.when_full = when_full;
         self
