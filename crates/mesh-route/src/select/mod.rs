@@ -22,12 +22,15 @@ use std::fmt;
 
 use mesh_core::{NodeId, NodeState, Tags};
 
+// First: the strategies below use its macro.
+#[macro_use]
+mod shared;
+
 mod affinity;
 mod least_loaded;
 mod power_of_two_choices;
 mod random;
 mod round_robin;
-mod shared;
 mod weighted_capacity;
 
 pub use affinity::{Affinity, LoadFactorError};

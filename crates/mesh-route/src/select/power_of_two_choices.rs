@@ -1,6 +1,6 @@
 use std::cmp::Ordering;
 
-use rand::{Rng, RngExt};
+use rand::RngExt;
 
 use super::shared::{SharedRng, indices_with_capacity, traced_backpressure};
 use super::{Candidate, RouteRequest, Strategy};
@@ -41,35 +41,7 @@ pub struct PowerOfTwoChoices {
     rng: SharedRng,
 }
 
-impl PowerOfTwoChoices {
-    /// Draws seeded from the operating system.
-    pub fn new() -> Self {
-        Self {
-            rng: SharedRng::from_os(),
-        }
-    }
-
-    /// Draws seeded with `seed`: the same seed gives the same choices for the same candidates
-    /// (reproducible tests and simulations).
-    pub fn with_seed(seed: u64) -> Self {
-        Self {
-            rng: SharedRng::with_seed(seed),
-        }
-    }
-
-    /// Draws seeded from `rng` (for example one simulation generator shared by many routers).
-    pub fn from_rng<R: Rng + ?Sized>(rng: &mut R) -> Self {
-        Self {
-            rng: SharedRng::from_rng(rng),
-        }
-    }
-}
-
-impl Default for PowerOfTwoChoices {
-    fn default() -> Self {
-        Self::new()
-    }
-}
+seeded_constructors!(PowerOfTwoChoices);
 
 impl Strategy for PowerOfTwoChoices {
     fn name(&self) -> &'static str {

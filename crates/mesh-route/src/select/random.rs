@@ -1,4 +1,4 @@
-use rand::{Rng, RngExt};
+use rand::RngExt;
 
 use super::shared::{SharedRng, indices_with_capacity, traced_backpressure};
 use super::{Candidate, RouteRequest, Strategy};
@@ -29,35 +29,7 @@ pub struct Random {
     rng: SharedRng,
 }
 
-impl Random {
-    /// Draws seeded from the operating system.
-    pub fn new() -> Self {
-        Self {
-            rng: SharedRng::from_os(),
-        }
-    }
-
-    /// Draws seeded with `seed`: the same seed gives the same choices for the same candidates
-    /// (reproducible tests and simulations).
-    pub fn with_seed(seed: u64) -> Self {
-        Self {
-            rng: SharedRng::with_seed(seed),
-        }
-    }
-
-    /// Draws seeded from `rng` (for example one simulation generator shared by many routers).
-    pub fn from_rng<R: Rng + ?Sized>(rng: &mut R) -> Self {
-        Self {
-            rng: SharedRng::from_rng(rng),
-        }
-    }
-}
-
-impl Default for Random {
-    fn default() -> Self {
-        Self::new()
-    }
-}
+seeded_constructors!(Random);
 
 impl Strategy for Random {
     fn name(&self) -> &'static str {

@@ -10,6 +10,43 @@ use rand::{Rng, SeedableRng, TryRng};
 
 use super::{Candidate, backpressure, stable_hash};
 
+/// `new` (seeded from the OS), `with_seed`, `from_rng` and `Default` for a strategy whose only
+/// field is `rng: SharedRng`.
+macro_rules! seeded_constructors {
+    ($strategy:ident) => {
+        impl $strategy {
+            /// Draws seeded from the operating system.
+            pub fn new() -> Self {
+                Self {
+                    rng: SharedRng::from_os(),
+                }
+            }
+
+            /// Draws seeded with `seed`: the same seed gives the same choices for the same
+            /// candidates (reproducible tests and simulations).
+            pub fn with_seed(seed: u64) -> Self {
+                Self {
+                    rng: SharedRng::with_seed(seed),
+                }
+            }
+
+            /// Draws seeded from `rng` (for example one simulation generator shared by many
+            /// routers).
+            pub fn from_rng<R: rand::Rng + ?Sized>(rng: &mut R) -> Self {
+                Self {
+                    rng: SharedRng::from_rng(rng),
+                }
+            }
+        }
+
+        impl Default for $strategy {
+            fn default() -> Self {
+                Self::new()
+            }
+        }
+    };
+}
+
 /// A random generator behind a mutex, so strategies can draw through `&self`.
 ///
 /// A panic while the lock is held cannot leave the generator in a state that matters (any state
