@@ -45,7 +45,9 @@ pub struct Timing {
     /// How often our current state is re-sent to peers even if unchanged (anti-entropy); a peer
     /// whose state has not been refreshed for several of these is stale.
     pub state_refresh_interval: Duration,
-    /// The most peers a state change is pushed to directly; the rest learn it by gossip.
+    /// The most peers a state change is pushed to directly; the rest learn it by gossip, a
+    /// gossip interval or more later. 64 for lan and local (every peer of clusters up to 65
+    /// nodes), 32 for wan. Each change costs one datagram per pushed peer.
     pub state_push_fanout: NonZeroUsize,
     /// The longest [`crate::Membership::leave`] takes.
     pub leave_timeout: Duration,
@@ -68,7 +70,7 @@ impl Timing {
             discovery_interval: Duration::from_secs(30),
             state_publish_interval: Duration::from_millis(100),
             state_refresh_interval: Duration::from_secs(2),
-            state_push_fanout: nz(32),
+            state_push_fanout: nz(64),
             leave_timeout: Duration::from_secs(5),
         }
     }
@@ -110,7 +112,7 @@ impl Timing {
             discovery_interval: Duration::from_secs(1),
             state_publish_interval: Duration::from_millis(20),
             state_refresh_interval: Duration::from_millis(500),
-            state_push_fanout: nz(32),
+            state_push_fanout: nz(64),
             leave_timeout: Duration::from_secs(1),
         }
     }
