@@ -476,3 +476,29 @@ async fn entry_nodes_with_stale_state_spread_a_burst_instead_of_herding() {
         total / 4
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unary_calls_are_forwarded_too() {
+    use mesh::proto::admin::v1::{ListMembersRequest, mesh_admin_client::MeshAdminClient};
+    use mesh::route::Forwarded;
+
+    let nodes = cluster(vec![Spec::new("entry", 1), Spec::new("peer", 4)]).await;
+    let _busy = nodes[0].node.load().begin_task();
+    let router = nodes[0].node.router();
+    let mut metadata = tonic::metadata::MetadataMap::new();
+    metadata.insert("x-request-id", "unary-1".parse().unwrap());
+    let forwarded = router
+        .forward(&mesh::RouteRequest::new(), &metadata, |peer| async move {
+            MeshAdminClient::new(peer.channel())
+                .list_members(peer.request(ListMembersRequest {}))
+                .await
+        })
+        .await
+        .unwrap();
+    let Forwarded::Remote { node, response } = forwarded else {
+        panic!("a full entry node must forward");
+    };
+    assert_eq!(node.as_str(), "peer");
+    // The answer is the peer's own: it lists the cluster as the peer sees it.
+    assert_eq!(response.into_inner().local_node_id, "peer");
+}
