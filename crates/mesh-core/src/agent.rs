@@ -370,14 +370,16 @@ impl<T: Transport> Agent<T> {
             // Through foca's broadcast queue: a state that is new to us is both stored and
             // passed on by gossip, so the peers the owner did not push to learn it within a
             // few gossip rounds instead of waiting for the owner's own retransmissions.
-            Kind::StatePush => {
-                if let Err(error) = self.foca.add_broadcast(body) {
+            Kind::StatePush => match self.foca.add_broadcast(body) {
+                // Only a state new to us can come from a stranger worth introducing ourselves
+                // to; refreshes of known states skip the second decode.
+                Ok(true) => self.introduce_to_stranger(body, from),
+                Ok(false) => {}
+                Err(error) => {
                     self.shared.counters.dropped(Dropped::StateRejected);
                     tracing::debug!(%error, "rejected a pushed node state");
-                    return;
                 }
-                self.introduce_to_stranger(body, from);
-            }
+            },
             Kind::Leave => match postcard::from_bytes::<Identity>(body) {
                 Ok(identity) => self.peer_leaving(identity),
                 Err(error) => {

@@ -322,16 +322,8 @@ impl Router {
         };
         let in_flight = inner.in_flight.lock();
         let mut candidates: Vec<Candidate<'_>> = Vec::with_capacity(view.len());
-        let mut any_match = request.is_satisfied_by(local_state);
-        if any_match && !local_state.draining {
-            candidates.push(Candidate {
-                node_id: view.local().node_id(),
-                local: true,
-                pending: load.pending(),
-                max_concurrency: load.max_concurrency(),
-                state: local_state,
-            });
-        }
+        let local_matches = request.is_satisfied_by(local_state);
+        let mut any_match = local_matches;
         for peer in view.peers() {
             let Some(state) = usable_state(peer, inner.max_state_age) else {
                 continue;
@@ -352,6 +344,21 @@ impl Router {
             });
         }
         drop(in_flight);
+        if local_matches && !local_state.draining {
+            // Peers come sorted by node id from the view; keep the order strategies rely on.
+            let local_id = view.local().node_id();
+            let at = candidates.partition_point(|c| c.node_id < local_id);
+            candidates.insert(
+                at,
+                Candidate {
+                    node_id: local_id,
+                    local: true,
+                    pending: load.pending(),
+                    max_concurrency: load.max_concurrency(),
+                    state: local_state,
+                },
+            );
+        }
         if candidates.is_empty() {
             metrics::counter!("mesh_route_decisions_total", "outcome" => "none").increment(1);
             return Err(if any_match {
@@ -364,7 +371,6 @@ impl Router {
                 }
             });
         }
-        candidates.sort_by(|a, b| a.node_id.cmp(b.node_id));
         let index = inner.strategy.pick(&candidates, request);
         let chosen = candidates.get(index).unwrap_or(&candidates[0]);
         tracing::debug!(

@@ -180,7 +180,7 @@ pub(crate) mod testing {
     //! Building candidates for strategy tests.
     use mesh_core::{NodeId, NodeState};
 
-    use super::Candidate;
+    use super::{Candidate, RouteRequest, Strategy};
 
     /// Owns the ids and states candidates borrow.
     pub(crate) struct Fixture {
@@ -220,6 +220,16 @@ pub(crate) mod testing {
         pub(crate) fn name(&self, index: usize) -> &str {
             self.nodes[index].0.as_str()
         }
+    }
+
+    /// How often each candidate of `f` is picked in `picks` keyless picks.
+    pub(crate) fn tally(f: &Fixture, strategy: &dyn Strategy, picks: usize) -> Vec<usize> {
+        let candidates = f.candidates();
+        let mut counts = vec![0; candidates.len()];
+        for _ in 0..picks {
+            counts[strategy.pick(&candidates, &RouteRequest::new())] += 1;
+        }
+        counts
     }
 }
 

@@ -57,16 +57,7 @@ impl Strategy for Random {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::select::testing::Fixture;
-
-    fn tally(f: &Fixture, strategy: &Random, picks: usize) -> Vec<usize> {
-        let candidates = f.candidates();
-        let mut counts = vec![0; candidates.len()];
-        for _ in 0..picks {
-            counts[strategy.pick(&candidates, &RouteRequest::new())] += 1;
-        }
-        counts
-    }
+    use crate::select::testing::{Fixture, tally};
 
     #[test]
     fn the_same_seed_gives_the_same_choices() {
