@@ -154,8 +154,6 @@ pub(crate) struct Agent<T> {
 
     status: LocalStatus,
     superseded_by: Option<Identity>,
-    /// Renames seen whose `MemberUp` may follow in the same batch: new identity → old.
-    renamed: HashMap<Identity, Identity>,
     /// Peers that told us they are leaving: their `MemberDown` is a `Left`.
     leaving: HashSet<Identity>,
     /// Identities we declared down because a newer life of their node id appeared.
@@ -242,7 +240,6 @@ impl<T: Transport> Agent<T> {
             publish_scheduled: false,
             status: LocalStatus::Joining,
             superseded_by: None,
-            renamed: HashMap::new(),
             leaving: HashSet::new(),
             replaced: HashSet::new(),
             lives: HashMap::new(),
@@ -446,16 +443,6 @@ impl<T: Transport> Agent<T> {
             for note in notes {
                 self.on_notification(note);
             }
-            // Renames not followed by MemberUp in their batch: both lives were active, the old
-            // one is gone now.
-            for (current, previous) in std::mem::take(&mut self.renamed) {
-                if self.is_active(&current) {
-                    self.lives
-                        .insert(current.node_id().clone(), (current.clone(), None));
-                    self.store.lock().bury(&previous, Instant::now());
-                    self.emit(MeshEvent::Rejoined { previous, current });
-                }
-            }
         }
         let accepted = self.store.lock().take_accepted();
         let local = self.foca.identity().node_id().clone();
@@ -477,9 +464,7 @@ impl<T: Transport> Agent<T> {
         match note {
             OwnedNotification::MemberUp(id) => self.member_up(id),
             OwnedNotification::MemberDown(id) => self.member_down(id),
-            OwnedNotification::Rename(old, new) => {
-                self.renamed.insert(new, old);
-            }
+            OwnedNotification::Rename(old, new) => self.renamed(old, new),
             OwnedNotification::Active => {
                 self.set_status(LocalStatus::Active);
             }
@@ -515,13 +500,12 @@ impl<T: Transport> Agent<T> {
             .map(|m| m.id().clone())
             .filter(|other| other.node_id() == id.node_id() && other != &id)
             .collect();
-        let mut previous = self.renamed.remove(&id).or_else(|| {
-            self.lives
-                .get(id.node_id())
-                .map(|(life, _)| life)
-                .filter(|life| id.supersedes(life))
-                .cloned()
-        });
+        let mut previous = self
+            .lives
+            .get(id.node_id())
+            .map(|(life, _)| life)
+            .filter(|life| id.supersedes(life))
+            .cloned();
         for rival in rivals {
             if id.supersedes(&rival) {
                 tracing::info!(old = %rival, new = %id, "node id reappeared with a newer generation; replacing the old life");
@@ -534,11 +518,7 @@ impl<T: Transport> Agent<T> {
             }
         }
         self.lives.insert(id.node_id().clone(), (id.clone(), None));
-        // Join sync: the newcomer gets our state now instead of waiting for gossip.
-        if let Some(published) = &self.published {
-            let bytes = published.bytes.clone();
-            self.out.send(Kind::StatePush, &bytes, id.addr());
-        }
+        self.join_sync(id.addr());
         match previous {
             Some(previous) => {
                 self.store.lock().bury(&previous, Instant::now());
@@ -551,10 +531,37 @@ impl<T: Transport> Agent<T> {
         }
     }
 
+    /// Join sync: a newcomer gets our state now instead of waiting for gossip.
+    fn join_sync(&mut self, to: SocketAddr) {
+        if let Some(published) = &self.published {
+            let bytes = published.bytes.clone();
+            self.out.send(Kind::StatePush, &bytes, to);
+        }
+    }
+
+    /// A newer identity replaced an older one at the same address. If the old life was down,
+    /// a `MemberUp` of the new one follows and reports the rejoin; if both were active, none
+    /// follows, so report it here.
+    fn renamed(&mut self, old: Identity, new: Identity) {
+        let old_was_active = self
+            .lives
+            .get(old.node_id())
+            .is_some_and(|(life, down_since)| *life == old && down_since.is_none());
+        if old_was_active && self.is_active(&new) {
+            self.join_sync(new.addr());
+            self.lives
+                .insert(new.node_id().clone(), (new.clone(), None));
+            self.store.lock().bury(&old, Instant::now());
+            self.emit(MeshEvent::Rejoined {
+                previous: old,
+                current: new,
+            });
+        }
+    }
+
     fn member_down(&mut self, id: Identity) {
         self.resize();
         self.suspects.remove(&id);
-        self.renamed.remove(&id);
         let now = Instant::now();
         self.store.lock().bury(&id, now);
         if let Some((life, down_since)) = self.lives.get_mut(id.node_id())
