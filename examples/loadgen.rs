@@ -12,6 +12,9 @@ use std::{
 };
 
 use clap::Parser;
+
+#[path = "support/client.rs"]
+mod client;
 use mesh::{
     demo::finish,
     proto::demo::v1::{Action, ExecuteRequest, execution_client::ExecutionClient},
@@ -22,9 +25,11 @@ use tokio::sync::Semaphore;
 #[derive(Parser, Debug)]
 #[command(about = "Drive a mesh node with simulated actions")]
 struct Args {
-    /// The node to send Execute calls to.
+    /// The node to send Execute calls to (https:// with --tls-ca).
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     target: String,
+    #[command(flatten)]
+    tls: client::TlsArgs,
     /// Number of actions.
     #[arg(long, default_value_t = 200)]
     actions: u32,
@@ -70,9 +75,7 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
                 .ok_or_else(|| format!("--platform {p:?} must be key=value"))
         })
         .collect::<Result<std::collections::HashMap<_, _>, _>>()?;
-    let client = ExecutionClient::connect(args.target.clone())
-        .await
-        .map_err(|e| format!("connecting to {}: {e}", args.target))?;
+    let client = ExecutionClient::new(client::connect(&args.target, &args.tls).await?);
     let mut rng = StdRng::seed_from_u64(args.seed);
     let slots = Arc::new(Semaphore::new(args.concurrency));
     let started = Instant::now();

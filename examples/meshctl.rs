@@ -10,6 +10,9 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+#[path = "support/client.rs"]
+mod client;
 use mesh::proto::admin::v1::{
     DrainRequest, ListMembersRequest, WatchEventsRequest, mesh_admin_client::MeshAdminClient,
 };
@@ -17,9 +20,11 @@ use mesh::proto::admin::v1::{
 #[derive(Parser, Debug)]
 #[command(about = "Inspect and steer a mesh node through its admin API")]
 struct Args {
-    /// The node's gRPC address.
+    /// The node's gRPC address (https:// with --tls-ca).
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     addr: String,
+    #[command(flatten)]
+    tls: client::TlsArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -50,9 +55,7 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let mut client = MeshAdminClient::connect(args.addr.clone())
-        .await
-        .map_err(|e| format!("connecting to {}: {e}", args.addr))?;
+    let mut client = MeshAdminClient::new(client::connect(&args.addr, &args.tls).await?);
     match args.command {
         Command::Members => {
             let members = client
