@@ -502,3 +502,33 @@ async fn unary_calls_are_forwarded_too() {
     // The answer is the peer's own: it lists the cluster as the peer sees it.
     assert_eq!(response.into_inner().local_node_id, "peer");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relayed_stream_ends_unavailable_when_its_peer_dies() {
+    let mut nodes = cluster(vec![Spec::new("entry", 1), Spec::new("doomed", 4)]).await;
+    let _busy = nodes[0].node.load().begin_task();
+    let mut stream = nodes[0]
+        .client()
+        .await
+        .execute(action(60_000))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.next().await.unwrap().unwrap();
+    assert!(first.name.starts_with("doomed:"));
+
+    nodes.pop().unwrap().kill().await;
+    // Updates already in flight may still arrive; then the stream must end in an error.
+    let status = bounded("the relay to end", async {
+        loop {
+            match stream.next().await {
+                Some(Ok(update)) => assert!(!update.done, "a 60 s action cannot be done"),
+                Some(Err(status)) => return status,
+                None => panic!("the stream ended silently"),
+            }
+        }
+    })
+    .await;
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("doomed"), "{}", status.message());
+}

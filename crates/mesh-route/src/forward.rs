@@ -16,8 +16,8 @@
 use std::{error::Error as _, future::Future};
 
 use futures::Stream;
-use mesh_core::{MeshEvent, NodeId};
-use tokio::sync::{broadcast, mpsc};
+use mesh_core::NodeId;
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{
     Request, Response, Status, Streaming,
@@ -273,14 +273,22 @@ impl Router {
         mut upstream: Streaming<T>,
     ) -> impl Stream<Item = Result<T, Status>> + Send + 'static {
         let (tx, rx) = mpsc::channel(16);
-        let mut events = self.inner.membership.events();
-        let membership = self.inner.membership.clone();
+        // The peer may have gone between the call and now.
+        let departed = self
+            .inner
+            .membership
+            .view()
+            .get(node.as_str())
+            .and_then(|peer| {
+                self.inner
+                    .departures
+                    .watch(&node, peer.identity().generation())
+            });
         tokio::spawn(async move {
-            // The peer may have gone between the call and now.
-            if membership.view().get(node.as_str()).is_none() {
+            let Some(mut departed) = departed else {
                 let _ = tx.send(Err(peer_lost(&node))).await;
                 return;
-            }
+            };
             loop {
                 tokio::select! {
                     message = upstream.message() => match message {
@@ -295,20 +303,10 @@ impl Router {
                             return;
                         }
                     },
-                    event = events.recv() => {
-                        let gone = match event {
-                            Ok(MeshEvent::Failed(id) | MeshEvent::Left(id)) => id.node_id() == &node,
-                            Ok(MeshEvent::Rejoined { previous, .. }) => previous.node_id() == &node,
-                            Ok(_) => false,
-                            Err(broadcast::error::RecvError::Lagged(_)) => {
-                                membership.view().get(node.as_str()).is_none()
-                            }
-                            Err(broadcast::error::RecvError::Closed) => false,
-                        };
-                        if gone {
-                            let _ = tx.send(Err(peer_lost(&node))).await;
-                            return;
-                        }
+                    // Only the end of the peer's life is ever signalled.
+                    _ = departed.changed() => {
+                        let _ = tx.send(Err(peer_lost(&node))).await;
+                        return;
                     }
                     () = tx.closed() => return,
                 }

@@ -11,7 +11,10 @@ use std::{
 };
 
 use mesh_core::{Member, Membership, MembershipView, MeshEvent, NodeId, NodeState, PeerStatus};
-use tokio::{sync::broadcast, task::JoinHandle};
+use tokio::{
+    sync::{broadcast, watch},
+    task::JoinHandle,
+};
 
 use crate::{
     Candidate, ChannelConfig, LeastLoaded, OperationId, PeerChannels, RouteError, RouteRequest,
@@ -112,6 +115,7 @@ pub(crate) struct Inner {
     strategy: Arc<dyn Strategy>,
     max_state_age: Duration,
     in_flight: InFlight,
+    pub(crate) departures: Departures,
     pub(crate) channels: PeerChannels,
     pub(crate) forwarded_by: ForwardedBy,
     when_full: WhenFull,
@@ -194,11 +198,13 @@ impl RouterBuilder {
             .unwrap_or(self.membership.timing().state_refresh_interval * 4);
         let channels = PeerChannels::new(self.channels);
         let in_flight = InFlight::default();
+        let departures = Departures::default();
         let housekeeping = tokio::spawn(housekeeping(
             self.membership.events(),
             self.membership.clone(),
             channels.clone(),
             in_flight.clone(),
+            departures.clone(),
         ));
         Router {
             inner: Arc::new(Inner {
@@ -207,6 +213,7 @@ impl RouterBuilder {
                 strategy: self.strategy,
                 max_state_age,
                 in_flight,
+                departures,
                 channels,
                 when_full: self.when_full,
                 waiting: AtomicUsize::new(0),
@@ -516,18 +523,20 @@ async fn housekeeping(
     membership: Membership,
     channels: PeerChannels,
     in_flight: InFlight,
+    departures: Departures,
 ) {
     loop {
         match events.recv().await {
-            Ok(MeshEvent::Failed(id) | MeshEvent::Left(id)) => {
-                if channels.evict_life(id.node_id(), id.generation()) {
-                    tracing::debug!(peer = %id, "dropped the channel of a departed peer");
+            Ok(
+                MeshEvent::Failed(gone)
+                | MeshEvent::Left(gone)
+                | MeshEvent::Rejoined { previous: gone, .. },
+            ) => {
+                if channels.evict_life(gone.node_id(), gone.generation()) {
+                    tracing::debug!(peer = %gone, "dropped the channel of a departed peer life");
                 }
-                in_flight.lock().forget(id.node_id());
-            }
-            Ok(MeshEvent::Rejoined { previous, .. }) => {
-                channels.evict_life(previous.node_id(), previous.generation());
-                in_flight.lock().forget(previous.node_id());
+                in_flight.lock().forget(gone.node_id());
+                departures.depart(gone.node_id(), gone.generation());
             }
             Ok(MeshEvent::Updated(state)) => {
                 channels.evict_if_moved(&state.node_id, state.grpc_endpoint.as_deref());
@@ -539,10 +548,74 @@ async fn housekeeping(
                     missed,
                     "router housekeeping lagged; resyncing with the view"
                 );
-                resync(&membership.view(), &channels);
+                let view = membership.view();
+                resync(&view, &channels);
+                departures.resync(&view);
             }
             Err(broadcast::error::RecvError::Closed) => return,
         }
+    }
+}
+
+/// Tells whoever relays a peer's responses when that peer life ends, without each relay
+/// reading the whole event stream (every load update of the cluster) to find out.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Departures(Arc<Mutex<DeparturesInner>>);
+
+#[derive(Debug, Default)]
+struct DeparturesInner {
+    /// One sender per watched node, for the generation being watched; dropping it is the
+    /// signal.
+    watched: HashMap<NodeId, (u64, watch::Sender<()>)>,
+    /// The newest generation of each node known to have ended, so a watch started just after
+    /// the departure is not missed.
+    ended: HashMap<NodeId, u64>,
+}
+
+impl Departures {
+    fn lock(&self) -> MutexGuard<'_, DeparturesInner> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A receiver whose `changed()` fails once the life `generation` of `node` has ended;
+    /// `None` if it already has.
+    pub(crate) fn watch(&self, node: &NodeId, generation: u64) -> Option<watch::Receiver<()>> {
+        let mut inner = self.lock();
+        if inner
+            .ended
+            .get(node)
+            .is_some_and(|&ended| ended >= generation)
+        {
+            return None;
+        }
+        let (watched, sender) = inner
+            .watched
+            .entry(node.clone())
+            .or_insert_with(|| (generation, watch::channel(()).0));
+        if *watched < generation {
+            *watched = generation;
+        }
+        Some(sender.subscribe())
+    }
+
+    fn depart(&self, node: &NodeId, generation: u64) {
+        let mut inner = self.lock();
+        let ended = inner.ended.entry(node.clone()).or_insert(generation);
+        *ended = (*ended).max(generation);
+        if inner
+            .watched
+            .get(node)
+            .is_some_and(|(watched, _)| *watched <= generation)
+        {
+            inner.watched.remove(node);
+        }
+    }
+
+    /// After lost events: every watched node missing from the view has departed.
+    fn resync(&self, view: &MembershipView) {
+        self.lock()
+            .watched
+            .retain(|node, _| view.get(node.as_str()).is_some());
     }
 }
 
@@ -556,6 +629,24 @@ mod tests {
 
     fn state(node: &str, version: u64) -> NodeState {
         NodeState::new(NodeId::new(node).unwrap(), 1, version)
+    }
+
+    #[tokio::test]
+    async fn departures_signal_the_end_of_one_life_only() {
+        let departures = Departures::default();
+        let node = NodeId::new("b").unwrap();
+        let mut watching = departures.watch(&node, 5).unwrap();
+        // The end of an older life does not end this one.
+        departures.depart(&node, 4);
+        assert!(watching.has_changed().is_ok(), "still alive");
+        departures.depart(&node, 5);
+        assert!(
+            watching.changed().await.is_err(),
+            "the watch ends with the life"
+        );
+        // Watching a life that already ended is refused; a newer life can be watched.
+        assert!(departures.watch(&node, 5).is_none());
+        assert!(departures.watch(&node, 6).is_some());
     }
 
     #[test]
