@@ -1,50 +1,32 @@
 //! Real UDP on 127.0.0.1, ephemeral ports. Waits are bounded polls on the membership view or
 //! the event stream, never fixed sleeps.
 
-use std::{collections::BTreeMap, future::Future, net::SocketAddr, time::Duration};
+mod udp;
+
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use mesh_core::{
     LocalStatus, Membership, MembershipView, MeshEvent, NodeId, StartError, StateError, Timing,
 };
-use tokio::{net::UdpSocket, sync::broadcast, time::timeout};
-
-/// Generous: these are upper bounds for a loaded CI machine, not expectations.
-const BOUND: Duration = Duration::from_secs(30);
+use tokio::{net::UdpSocket, sync::broadcast};
+use udp::{bounded, builder};
 
 async fn node(name: &str, seeds: &[SocketAddr]) -> Membership {
-    Membership::builder(NodeId::new(name).unwrap())
-        .bind_addr("127.0.0.1:0".parse().unwrap())
-        .seeds(seeds.iter().copied())
-        .timing(Timing::local())
-        .max_concurrency(4)
+    builder(name, seeds)
         .grpc_endpoint(format!("http://{name}.test:50051"))
         .start()
         .await
         .unwrap()
 }
 
-async fn bounded<T>(what: &str, fut: impl Future<Output = T>) -> T {
-    timeout(BOUND, fut)
-        .await
-        .unwrap_or_else(|_| panic!("timed out after {BOUND:?} waiting for {what}"))
-}
-
 /// Starts `n` nodes, all seeded with the first one only.
 async fn cluster(n: usize) -> Vec<Membership> {
-    let seed = node("node-0", &[]).await;
-    let seed_addr = seed.local_addr();
-    let mut nodes = vec![seed];
-    for i in 1..n {
-        nodes.push(node(&format!("node-{i}"), &[seed_addr]).await);
-    }
-    for member in &nodes {
-        bounded(
-            "every node to see the whole cluster",
-            member.wait_until(|v| v.len() == n),
-        )
-        .await;
-    }
-    nodes
+    udp::cluster(
+        "node",
+        n,
+        |name, seeds| async move { node(&name, &seeds).await },
+    )
+    .await
 }
 
 async fn next_event_about(

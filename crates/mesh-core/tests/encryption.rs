@@ -3,27 +3,19 @@
 //! bounded polls, never fixed sleeps. Every test draws its own keys, so datagrams that stray
 //! between tests running in parallel (a reused port) can never be accepted.
 
-use std::{future::Future, net::SocketAddr, time::Duration};
+mod udp;
+
+use std::{net::SocketAddr, time::Duration};
 
 use mesh_core::{
-    Keyring, KeyringError, LocalStatus, Membership, MeshEvent, MeshStats, NodeId, SecretKey,
-    StartError, TaskGuard, Timing,
+    Keyring, KeyringError, LocalStatus, Membership, MeshEvent, MeshStats, SecretKey, StartError,
+    TaskGuard,
 };
-use tokio::{net::UdpSocket, sync::broadcast, time::timeout};
-
-/// Generous: these are upper bounds for a loaded CI machine, not expectations.
-const BOUND: Duration = Duration::from_secs(30);
+use tokio::{net::UdpSocket, sync::broadcast};
+use udp::{bounded, builder};
 
 fn new_key() -> SecretKey {
     SecretKey::generate().expect("the operating system's random source")
-}
-
-fn builder(name: &str, seeds: &[SocketAddr]) -> mesh_core::MembershipBuilder {
-    Membership::builder(NodeId::new(name).unwrap())
-        .bind_addr("127.0.0.1:0".parse().unwrap())
-        .seeds(seeds.iter().copied())
-        .timing(Timing::local())
-        .max_concurrency(4)
 }
 
 async fn node(
@@ -37,12 +29,6 @@ async fn node(
         builder = builder.keyring(keyring.clone());
     }
     builder.start().await.unwrap()
-}
-
-async fn bounded<T>(what: &str, fut: impl Future<Output = T>) -> T {
-    timeout(BOUND, fut)
-        .await
-        .unwrap_or_else(|_| panic!("timed out after {BOUND:?} waiting for {what}"))
 }
 
 /// Polls `node`'s counters until `condition` holds.
@@ -71,20 +57,10 @@ async fn cluster(
     keyring: Option<&Keyring>,
     label: &str,
 ) -> Vec<Membership> {
-    let seed = node(&format!("{prefix}-0"), &[], keyring, label).await;
-    let seed_addr = seed.local_addr();
-    let mut nodes = vec![seed];
-    for i in 1..n {
-        nodes.push(node(&format!("{prefix}-{i}"), &[seed_addr], keyring, label).await);
-    }
-    for member in &nodes {
-        bounded(
-            "every node to see the whole cluster",
-            member.wait_until(|v| v.len() == n),
-        )
-        .await;
-    }
-    nodes
+    udp::cluster(prefix, n, |name, seeds| async move {
+        node(&name, &seeds, keyring, label).await
+    })
+    .await
 }
 
 /// Starts one more task on `nodes[from]` (held in `tasks`) and waits until every other node

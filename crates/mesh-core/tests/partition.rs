@@ -2,17 +2,16 @@
 //! halves, long enough for each side to declare the other failed, then lets traffic flow
 //! again. The halves must merge back on their own, members and node state alike.
 
+mod udp;
+
 use std::{
     collections::HashSet,
     io,
     net::SocketAddr,
     sync::{Arc, Mutex},
-    time::Duration,
 };
 
-use mesh_core::{Membership, NodeId, Timing, Transport, UdpTransport};
-
-const BOUND: Duration = Duration::from_secs(60);
+use mesh_core::{Membership, Transport, UdpTransport};
 
 /// Which directed links are cut.
 #[derive(Clone, Default)]
@@ -57,10 +56,7 @@ async fn node(name: &str, links: &Links, seeds: &[SocketAddr]) -> Membership {
         .await
         .unwrap();
     let addr = socket.local_addr().unwrap();
-    Membership::builder(NodeId::new(name).unwrap())
-        .seeds(seeds.iter().copied())
-        .timing(Timing::local())
-        .max_concurrency(4)
+    udp::builder(name, seeds)
         .start_with_transport(Faulty {
             socket,
             addr,
@@ -75,9 +71,8 @@ async fn wait(
     member: &Membership,
     condition: impl FnMut(&mesh_core::MembershipView) -> bool,
 ) {
-    tokio::time::timeout(BOUND, member.wait_until(condition))
-        .await
-        .unwrap_or_else(|_| panic!("{} timed out waiting for {what}", member.node_id()));
+    let what = format!("{} to see {what}", member.node_id());
+    udp::bounded(&what, member.wait_until(condition)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
