@@ -32,14 +32,7 @@ async fn a_saturated_node_forwards_and_the_operation_names_the_executor() {
     request
         .metadata_mut()
         .insert("authorization", "Bearer secret".parse().unwrap());
-    let stream = nodes[0]
-        .client()
-        .await
-        .execute(request)
-        .await
-        .unwrap()
-        .into_inner();
-    let done = finish(stream).await.unwrap();
+    let done = nodes[0].execute(request).await;
 
     let response = done.response.unwrap();
     assert_ne!(response.executed_by, "entry");
@@ -65,14 +58,7 @@ async fn a_saturated_node_forwards_and_the_operation_names_the_executor() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_entry_node_runs_the_action_itself() {
     let nodes = cluster(vec![Spec::new("entry", 4), Spec::new("peer", 4)]).await;
-    let stream = nodes[0]
-        .client()
-        .await
-        .execute(action(10))
-        .await
-        .unwrap()
-        .into_inner();
-    let done = finish(stream).await.unwrap();
+    let done = nodes[0].execute(action(10)).await;
     assert_eq!(
         done.response.unwrap().executed_by,
         "entry",
@@ -147,14 +133,7 @@ async fn a_forwarded_request_is_never_forwarded_again() {
     request
         .metadata_mut()
         .insert(FORWARDED_BY, "idle".parse().unwrap());
-    let stream = nodes[0]
-        .client()
-        .await
-        .execute(request)
-        .await
-        .unwrap()
-        .into_inner();
-    let response = finish(stream).await.unwrap().response.unwrap();
+    let response = nodes[0].execute(request).await.response.unwrap();
     assert_eq!(response.executed_by, "busy");
     assert_eq!(response.forwarded_by, "idle");
     assert_eq!(nodes[0].service.stats().forwarded_out, 0);
@@ -164,14 +143,7 @@ async fn a_forwarded_request_is_never_forwarded_again() {
 async fn a_dead_owner_gives_not_found() {
     let mut nodes = cluster(vec![Spec::new("entry", 1), Spec::new("doomed", 4)]).await;
     let _busy = nodes[0].node.load().begin_task();
-    let stream = nodes[0]
-        .client()
-        .await
-        .execute(action(10))
-        .await
-        .unwrap()
-        .into_inner();
-    let done = finish(stream).await.unwrap();
+    let done = nodes[0].execute(action(10)).await;
     assert!(done.name.starts_with("doomed:"));
 
     let mut events = nodes[0].node.events();
@@ -268,14 +240,8 @@ async fn an_unreachable_chosen_peer_is_retried_elsewhere() {
     let _busy = nodes[0].node.load().begin_task();
 
     for _ in 0..3 {
-        let stream = nodes[0]
-            .client()
-            .await
-            .execute(action(10))
-            .await
-            .unwrap()
-            .into_inner();
-        let response = finish(stream).await.unwrap().response.unwrap();
+        let done = nodes[0].execute(action(10)).await;
+        let response = done.response.unwrap();
         assert_eq!(response.executed_by, "worker");
     }
     assert_eq!(nodes[2].service.stats().forwarded_in, 3);
@@ -298,31 +264,15 @@ async fn when_every_peer_is_unreachable_the_entry_node_runs_the_action() {
     let nodes = vec![entry, ghost];
     support::converge(&nodes).await;
     let _busy = nodes[0].node.load().begin_task(); // 1/2: the ghost (0/100) looks better
-    let stream = nodes[0]
-        .client()
-        .await
-        .execute(action(10))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        finish(stream).await.unwrap().response.unwrap().executed_by,
-        "entry"
-    );
+    let done = nodes[0].execute(action(10)).await;
+    assert_eq!(done.response.unwrap().executed_by, "entry");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_channel_to_a_failed_peer_is_dropped() {
     let mut nodes = cluster(vec![Spec::new("entry", 1), Spec::new("peer", 4)]).await;
     let _busy = nodes[0].node.load().begin_task();
-    let stream = nodes[0]
-        .client()
-        .await
-        .execute(action(10))
-        .await
-        .unwrap()
-        .into_inner();
-    finish(stream).await.unwrap();
+    nodes[0].execute(action(10)).await;
     let channels = nodes[0].node.router().channels().clone();
     assert!(channels.contains("peer"));
 
@@ -350,17 +300,8 @@ async fn required_tags_route_to_a_matching_node_or_fail_precondition() {
         .unwrap()
         .platform
         .insert("pool".into(), "gpu".into());
-    let stream = nodes[0]
-        .client()
-        .await
-        .execute(request)
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        finish(stream).await.unwrap().response.unwrap().executed_by,
-        "gpu"
-    );
+    let done = nodes[0].execute(request).await;
+    assert_eq!(done.response.unwrap().executed_by, "gpu");
 
     let mut impossible = action(10);
     impossible
@@ -409,16 +350,8 @@ async fn when_the_cluster_is_full_a_waiting_router_sends_the_call_to_the_first_f
 
     // Everyone is full: the call is held, not queued on the entry (whose slot never frees),
     // and runs on the worker once its slot frees.
-    let stream = nodes[0]
-        .client()
+    let response = bounded("the held call to complete", nodes[0].execute(action(10)))
         .await
-        .execute(action(10))
-        .await
-        .unwrap()
-        .into_inner();
-    let response = bounded("the held call to complete", finish(stream))
-        .await
-        .unwrap()
         .response
         .unwrap();
     assert_eq!(response.executed_by, "worker");

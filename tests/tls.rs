@@ -128,14 +128,7 @@ async fn a_saturated_node_forwards_over_tls_and_the_operation_names_the_executor
     }
     let _busy = nodes[0].node.load().begin_task(); // entry is full: 1/1
 
-    let stream = nodes[0]
-        .client()
-        .await
-        .execute(action(50))
-        .await
-        .unwrap()
-        .into_inner();
-    let done = finish(stream).await.unwrap();
+    let done = nodes[0].execute(action(50)).await;
     let response = done.response.unwrap();
     assert_ne!(response.executed_by, "entry");
     let owner: OperationId = done.name.parse().unwrap();
@@ -187,14 +180,7 @@ async fn with_mutual_tls_cluster_members_forward_and_clients_without_a_certifica
     .await;
     let _busy = nodes[0].node.load().begin_task();
 
-    let stream = nodes[0]
-        .client()
-        .await
-        .execute(action(10))
-        .await
-        .unwrap()
-        .into_inner();
-    let response = finish(stream).await.unwrap().response.unwrap();
+    let response = nodes[0].execute(action(10)).await.response.unwrap();
     assert_eq!(response.executed_by, "worker");
     assert_eq!(response.forwarded_by, "entry");
     assert_eq!(nodes[1].service.stats().forwarded_in, 1);
@@ -297,14 +283,7 @@ async fn a_plaintext_peer_is_refused_by_a_tls_node() {
     converge(&nodes).await;
     let _busy = nodes[0].node.load().begin_task(); // plain (0/100) looks better
 
-    let stream = nodes[0]
-        .client()
-        .await
-        .execute(action(10))
-        .await
-        .unwrap()
-        .into_inner();
-    let response = finish(stream).await.unwrap().response.unwrap();
+    let response = nodes[0].execute(action(10)).await.response.unwrap();
     assert_eq!(
         response.executed_by, "entry",
         "never forwarded in plaintext"

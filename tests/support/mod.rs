@@ -6,7 +6,7 @@ use std::{future::Future, net::SocketAddr, time::Duration};
 use mesh::{
     Node, Tags, Timing, WhenFull,
     demo::{DemoNode, ExecutionService},
-    proto::demo::v1::{Action, ExecuteRequest, execution_client::ExecutionClient},
+    proto::demo::v1::{Action, ExecuteRequest, Operation, execution_client::ExecutionClient},
     route::ChannelConfig,
     tls::{PeerTls, ServerTls},
 };
@@ -135,6 +135,18 @@ impl TestNode {
     }
 
     /// A client of the node over TLS with `tls`, whatever the spec says.
+    /// Executes `request` here and follows it to its end.
+    pub async fn execute(&self, request: impl tonic::IntoRequest<ExecuteRequest>) -> Operation {
+        let stream = self
+            .client()
+            .await
+            .execute(request)
+            .await
+            .unwrap()
+            .into_inner();
+        mesh::demo::finish(stream).await.unwrap()
+    }
+
     pub async fn client_with_tls(
         &self,
         tls: &PeerTls,
