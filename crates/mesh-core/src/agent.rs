@@ -608,12 +608,8 @@ impl<T: Transport> Agent<T> {
     }
 
     fn defunct(&mut self) {
+        // After a leave, going defunct is the point; a superseded node is already defunct.
         if self.status == LocalStatus::Left || self.superseded_by.is_some() {
-            self.set_status(if self.status == LocalStatus::Left {
-                LocalStatus::Left
-            } else {
-                LocalStatus::Defunct
-            });
             return;
         }
         // Declared down and foca could not renew on its own: take a new generation and
@@ -713,9 +709,9 @@ impl<T: Transport> Agent<T> {
         state.pending = self.shared.load.pending();
         state.max_concurrency = self.shared.load.max_concurrency();
         if let Some(previous) = &self.published {
-            let mut same = state.clone();
-            same.version = previous.state.version;
-            if same == *previous.state && !force {
+            // Compare everything but the version, which is all a new publication changes.
+            state.version = previous.state.version;
+            if state == *previous.state && !force {
                 return;
             }
         }
