@@ -465,3 +465,32 @@ async fn a_relayed_stream_ends_unavailable_when_its_peer_dies() {
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(status.message().contains("doomed"), "{}", status.message());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chosen_peer_answers_calls_addressed_to_it_and_strangers_are_refused() {
+    use mesh::proto::admin::v1::{ListMembersRequest, mesh_admin_client::MeshAdminClient};
+
+    let nodes = cluster(vec![Spec::new("a", 1), Spec::new("b", 1)]).await;
+    let router = nodes[0].node.router();
+    let metadata = tonic::metadata::MetadataMap::new();
+    let peer = router
+        .peer(&mesh::NodeId::new("b").unwrap(), &metadata)
+        .unwrap();
+    assert_eq!(peer.target().node_id().as_str(), "b");
+    let answer = MeshAdminClient::new(peer.channel())
+        .list_members(peer.request(ListMembersRequest {}))
+        .await
+        .unwrap();
+    assert_eq!(answer.into_inner().local_node_id, "b");
+
+    for stranger in ["a", "nobody"] {
+        let error = router
+            .peer(&mesh::NodeId::new(stranger).unwrap(), &metadata)
+            .unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            format!("node {stranger} is not a live peer of this node")
+        );
+        assert_eq!(error.code(), Code::Unavailable);
+    }
+}

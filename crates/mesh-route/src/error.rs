@@ -44,6 +44,13 @@ pub enum RouteError {
         /// What failed.
         message: String,
     },
+    /// A call was addressed to a node that is not a live peer: this node itself, or a node
+    /// id that is not (or no longer) a member (`UNAVAILABLE`).
+    #[error("node {node} is not a live peer of this node")]
+    NotAPeer {
+        /// The node asked for.
+        node: NodeId,
+    },
     /// A peer gossips an endpoint that is not a valid URI (`UNAVAILABLE`).
     #[error("peer {node} advertises an invalid grpc endpoint {endpoint:?}: {reason}")]
     InvalidEndpoint {
@@ -77,6 +84,7 @@ impl RouteError {
             RouteError::NoMatchingNode { .. } => Code::FailedPrecondition,
             RouteError::NoAvailableNode { .. }
             | RouteError::OwnerUnreachable { .. }
+            | RouteError::NotAPeer { .. }
             | RouteError::InvalidEndpoint { .. } => Code::Unavailable,
             RouteError::InvalidOperationName(_) => Code::InvalidArgument,
             RouteError::UnknownOwner { .. } => Code::NotFound,

@@ -155,6 +155,18 @@ impl Router {
         })
     }
 
+    /// A call to one chosen peer, for the embedder's own peer-to-peer requests (fetching a
+    /// blob from the replica that holds it, asking a peer what it has). The channel stamps
+    /// [`FORWARDED_BY`], so the peer answers from what it has itself and never passes the call
+    /// on; `metadata` is propagated like a forwarded call's.
+    ///
+    /// Fails with [`RouteError::NotAPeer`] when `node` is this node or not a live member, and
+    /// with [`RouteError::OwnerUnreachable`] when it has no usable gRPC endpoint yet.
+    pub fn peer(&self, node: &NodeId, metadata: &MetadataMap) -> Result<PeerCall, RouteError> {
+        let target = self.peer_target(node)?;
+        self.peer_call(&target, metadata)
+    }
+
     /// Routes a call and, if a peer should run it, makes it there with `call`.
     ///
     /// Returns [`Forwarded::Local`] when the call should run here: because this node was

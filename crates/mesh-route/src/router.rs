@@ -420,28 +420,39 @@ impl Router {
         self.inner.in_flight.lock().release(target.node_id());
     }
 
+    /// The live peer `node` as a forwarding target.
+    pub(crate) fn peer_target(&self, node: &NodeId) -> Result<PeerTarget, RouteError> {
+        let view = self.inner.membership.view();
+        let not_a_peer = || RouteError::NotAPeer { node: node.clone() };
+        let member = view
+            .get(node.as_str())
+            .filter(|member| !member.is_local())
+            .ok_or_else(not_a_peer)?;
+        let unreachable = |message: &str| RouteError::OwnerUnreachable {
+            node: node.clone(),
+            endpoint: String::new(),
+            message: message.to_owned(),
+        };
+        let state = member
+            .state()
+            .ok_or_else(|| unreachable("its state has not arrived yet"))?;
+        PeerTarget::from_member(member, state)
+            .ok_or_else(|| unreachable("it advertises no grpc endpoint"))
+    }
+
     /// Who owns an operation: this node, or a reachable peer. `NOT_FOUND` (as a
     /// [`RouteError::UnknownOwner`]) when the owner is not a member.
     pub fn owner(&self, operation: &OperationId) -> Result<Route, RouteError> {
-        let view = self.inner.membership.view();
-        if operation.node() == view.local().node_id() {
+        if operation.node() == self.inner.membership.node_id() {
             return Ok(Route::Local);
         }
-        let unknown = || RouteError::UnknownOwner {
-            operation: operation.clone(),
-        };
-        let member = view.get(operation.node().as_str()).ok_or_else(unknown)?;
-        let state = member.state().ok_or_else(|| RouteError::OwnerUnreachable {
-            node: member.node_id().clone(),
-            endpoint: String::new(),
-            message: "its state has not arrived yet".to_owned(),
-        })?;
-        PeerTarget::from_member(member, state)
+        self.peer_target(operation.node())
             .map(Route::Peer)
-            .ok_or_else(|| RouteError::OwnerUnreachable {
-                node: member.node_id().clone(),
-                endpoint: String::new(),
-                message: "it advertises no grpc endpoint".to_owned(),
+            .map_err(|error| match error {
+                RouteError::NotAPeer { .. } => RouteError::UnknownOwner {
+                    operation: operation.clone(),
+                },
+                other => other,
             })
     }
 }
