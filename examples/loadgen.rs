@@ -15,8 +15,8 @@ use clap::Parser;
 
 #[path = "support/client.rs"]
 mod client;
-use mesh::{
-    demo::finish,
+use mesh_demo::{
+    finish,
     proto::demo::v1::{Action, ExecuteRequest, execution_client::ExecutionClient},
 };
 use rand::{RngExt, SeedableRng, rngs::StdRng};

@@ -28,7 +28,9 @@ use futures::StreamExt;
 use mesh::{
     Affinity, LeastLoaded, Node, OperationId, PowerOfTwoChoices, RoundRobin, Strategy, Timing,
     WeightedCapacity, WhenFull,
-    demo::{DemoNode, finish},
+};
+use mesh_demo::{
+    DemoNode, finish,
     proto::demo::v1::{Action, ExecuteRequest, Operation, WaitExecutionRequest},
 };
 use rand::{RngExt, SeedableRng, rngs::StdRng};
@@ -270,7 +272,7 @@ async fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
     if args.kill_node {
         third_done.notified().await;
         let victim = replicas.pop().ok_or("no replica to kill")?;
-        let stats = victim.service().stats();
+        let stats = victim.stats();
         let peak = victim.node().load().peak_pending();
         let name = victim.node().node_id().to_string();
         victim.kill().await;
@@ -315,14 +317,14 @@ async fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
         "{:>8} {:>9} {:>9} {:>7} {:>8} {:>9} {:>10} {:>8} {:>6}",
         "node", "capacity", "executed", "share", "cap.share", "fwd in", "fwd out", "waits", "peak"
     );
-    let mut rows: Vec<(String, u32, mesh::demo::ServiceStats, u32, bool)> = replicas
+    let mut rows: Vec<(String, u32, mesh_demo::ServiceStats, u32, bool)> = replicas
         .iter()
         .enumerate()
         .map(|(i, r)| {
             (
                 r.node().node_id().to_string(),
                 capacity(i),
-                r.service().stats(),
+                r.stats(),
                 r.node().load().peak_pending(),
                 false,
             )
@@ -371,10 +373,12 @@ async fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
 /// One attempt: Execute on the entry node; for some actions, follow the operation by name on
 /// another node instead of the Execute stream. Checks that the name names the executor.
 async fn execute_once(
-    entry: &mut mesh::proto::demo::v1::execution_client::ExecutionClient<tonic::transport::Channel>,
+    entry: &mut mesh_demo::proto::demo::v1::execution_client::ExecutionClient<
+        tonic::transport::Channel,
+    >,
     request: ExecuteRequest,
     follow_on: Option<
-        mesh::proto::demo::v1::execution_client::ExecutionClient<tonic::transport::Channel>,
+        mesh_demo::proto::demo::v1::execution_client::ExecutionClient<tonic::transport::Channel>,
     >,
 ) -> Result<Operation, tonic::Status> {
     let mut stream = entry.execute(request).await?.into_inner();

@@ -16,7 +16,8 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::Parser;
-use mesh::{MeshConfig, MeshEvent, demo::DemoNode};
+use mesh::{MeshConfig, MeshEvent};
+use mesh_demo::DemoNode;
 
 #[derive(Parser, Debug)]
 #[command(about = "Run one mesh replica serving the demo execution API")]

@@ -244,8 +244,8 @@ pub struct ResolvedConfig {
 /// TLS read from the `tls_*` keys, for both sides of a node.
 #[derive(Debug, Clone)]
 pub struct ResolvedTls {
-    /// The gRPC server's TLS (give it to [`crate::demo::DemoNode::start_with_tls`] or
-    /// `tonic::transport::Server::tls_config`).
+    /// The gRPC server's TLS ([`ServerTls::server_config`] is what
+    /// `tonic::transport::Server::tls_config` takes).
     pub server: ServerTls,
     /// How forwarding channels connect to peers ([`MeshConfig::node_builder`] applies it).
     pub peers: PeerTls,

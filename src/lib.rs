@@ -32,7 +32,6 @@
 
 pub mod admin;
 pub mod config;
-pub mod demo;
 mod node;
 pub mod tls;
 
@@ -52,7 +51,7 @@ pub use mesh_route::{
 pub use mesh_core as core;
 /// Peer discovery, re-exported whole.
 pub use mesh_discovery as discovery;
-/// Generated gRPC code (admin API, demo execution API), re-exported whole.
+/// Generated gRPC code (the admin API), re-exported whole.
 pub use mesh_proto as proto;
 /// Routing and forwarding, re-exported whole.
 pub use mesh_route as route;

@@ -134,8 +134,10 @@ impl NodeBuilder {
         self
     }
 
-    /// The IP peers reach this node at, if one is configured (bind or advertise address).
-    pub(crate) fn reachable_ip(&self) -> Option<std::net::IpAddr> {
+    /// The IP peers reach this node at, if one is configured (the gossip advertise address,
+    /// else the bind address unless it is unspecified): a server that binds its gRPC port on
+    /// `0.0.0.0` advertises this IP with its port.
+    pub fn reachable_ip(&self) -> Option<std::net::IpAddr> {
         self.gossip_advertise
             .or(self.gossip_bind)
             .map(|addr| addr.ip())

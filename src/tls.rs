@@ -3,8 +3,8 @@
 //! Two halves, usually configured together on every node of a cluster:
 //!
 //! * [`ServerTls`]: the server's certificate and key, and optionally the CA whose client
-//!   certificates it requires (mutual TLS). [`crate::demo::DemoNode::start_with_tls`] serves the
-//!   demo and admin services with it on one port and gossips an `https://` endpoint.
+//!   certificates it requires (mutual TLS), for `tonic::transport::Server::tls_config`; the
+//!   node then gossips an `https://` endpoint.
 //! * [`PeerTls`] in [`crate::route::ChannelConfig::tls`] (via
 //!   [`crate::NodeBuilder::channel_config`]): how the router connects to peers — the CA their
 //!   server certificates must chain to, and the node's client identity for mutual TLS.
@@ -16,20 +16,27 @@
 //!
 //! ```no_run
 //! use mesh::{
-//!     demo::DemoNode,
 //!     route::ChannelConfig,
 //!     tls::{CaBundle, PeerTls, ServerTls, TlsIdentity},
 //! };
 //!
-//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! # async fn demo(routes: tonic::service::Routes) -> Result<(), Box<dyn std::error::Error>> {
 //! let ca = CaBundle::from_file("/etc/mesh/ca.pem")?;
 //! // One certificate per node, valid for the address it advertises, used as server and client.
 //! let identity = TlsIdentity::from_files("/etc/mesh/node.pem", "/etc/mesh/node.key")?;
-//! let builder = mesh::Node::builder()
+//! let node = mesh::Node::builder()
 //!     .node_id("build-0")?
-//!     .channel_config(ChannelConfig::default().tls(PeerTls::new(ca.clone()).identity(identity.clone())));
+//!     .grpc_endpoint("https://10.0.0.7:50051")
+//!     .channel_config(ChannelConfig::default().tls(PeerTls::new(ca.clone()).identity(identity.clone())))
+//!     .start()
+//!     .await?;
 //! let server = ServerTls::new(identity).require_client_certificates(ca);
-//! let replica = DemoNode::start_with_tls(builder, "0.0.0.0:50051".parse()?, server).await?;
+//! tonic::transport::Server::builder()
+//!     .tls_config(server.server_config())?
+//!     .layer(mesh::route::layer::RouteLayer::new(node.router().clone()))
+//!     .add_routes(routes)
+//!     .serve("0.0.0.0:50051".parse()?)
+//!     .await?;
 //! # Ok(()) }
 //! ```
 

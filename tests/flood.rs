@@ -6,7 +6,8 @@ mod support;
 
 use std::time::Duration;
 
-use mesh::{MeshEvent, Timing, demo::finish};
+use mesh::{MeshEvent, Timing};
+use mesh_demo::finish;
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 use support::{Spec, action, bounded, cluster};
 

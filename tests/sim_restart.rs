@@ -17,11 +17,13 @@ use std::{
 
 use mesh::{
     Node, OperationId, Timing,
-    demo::{DemoExecutor, ExecutionService, finish},
+    route::{ChannelConfig, DialFuture, Dialer, PeerStream},
+};
+use mesh_demo::{
+    DemoExecutor, ExecutionService, execution_layer, finish,
     proto::demo::v1::{
         Action, ExecuteRequest, WaitExecutionRequest, execution_client::ExecutionClient,
     },
-    route::{ChannelConfig, DialFuture, Dialer, PeerStream},
 };
 use tonic::{
     Code,
@@ -126,12 +128,14 @@ fn replica(
                 entry_busy.lock().unwrap().push(node.load().begin_task());
             }
             let executor = DemoExecutor::new(node.node_id().clone(), node.load().clone());
-            let service = ExecutionService::new(node.router().clone(), executor);
+            let service = ExecutionService::new(executor);
+            let layer = execution_layer(node.router().clone())?;
             let incoming = futures::stream::unfold(listener, |listener| async move {
                 let accepted = listener.accept().await.map(|(stream, _)| SimStream(stream));
                 Some((accepted, listener))
             });
             Server::builder()
+                .layer(layer)
                 .add_service(service.into_server())
                 .serve_with_incoming(incoming)
                 .await?;

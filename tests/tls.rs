@@ -6,10 +6,9 @@ mod support;
 
 use mesh::{
     OperationId,
-    demo::finish,
-    proto::demo::v1::WaitExecutionRequest,
     tls::{CaBundle, PeerTls, ServerTls, TlsIdentity},
 };
+use mesh_demo::{finish, proto::demo::v1::WaitExecutionRequest};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
@@ -134,12 +133,12 @@ async fn a_saturated_node_forwards_over_tls_and_the_operation_names_the_executor
     let owner: OperationId = done.name.parse().unwrap();
     assert_eq!(owner.node().as_str(), response.executed_by);
     assert_eq!(response.forwarded_by, "entry");
-    assert_eq!(nodes[0].service.stats().forwarded_out, 1);
+    assert_eq!(nodes[0].stats().forwarded_out, 1);
     let executor = nodes
         .iter()
         .find(|n| n.name() == response.executed_by)
         .unwrap();
-    assert_eq!(executor.service.stats().forwarded_in, 1);
+    assert_eq!(executor.stats().forwarded_in, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -167,7 +166,7 @@ async fn peers_advertising_addresses_are_verified_for_the_configured_domain() {
     .await
     .unwrap();
     assert_eq!(executed_by, "worker");
-    assert_eq!(nodes[1].service.stats().forwarded_in, 1);
+    assert_eq!(nodes[1].stats().forwarded_in, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -183,7 +182,7 @@ async fn with_mutual_tls_cluster_members_forward_and_clients_without_a_certifica
     let response = nodes[0].execute(action(10)).await.response.unwrap();
     assert_eq!(response.executed_by, "worker");
     assert_eq!(response.forwarded_by, "entry");
-    assert_eq!(nodes[1].service.stats().forwarded_in, 1);
+    assert_eq!(nodes[1].stats().forwarded_in, 1);
 
     // The server refuses the handshake of a client without a certificate, or with one from
     // another CA, and of a plaintext client: no call reaches the service. (A plain tonic
@@ -200,7 +199,7 @@ async fn with_mutual_tls_cluster_members_forward_and_clients_without_a_certifica
     }
     .await;
     assert!(plaintext.is_err());
-    let stats = nodes[1].service.stats();
+    let stats = nodes[1].stats();
     assert_eq!(stats.executed, 1, "only the forwarded call ran: {stats:?}");
 }
 
@@ -243,9 +242,9 @@ async fn a_peer_whose_certificate_is_from_another_ca_is_refused_before_accept_an
         executed_by, "lenient",
         "strict refused the handshake; retried elsewhere"
     );
-    assert_eq!(nodes[1].service.stats().forwarded_in, 0);
-    assert_eq!(nodes[1].service.stats().executed, 0);
-    assert_eq!(nodes[2].service.stats().forwarded_in, 1);
+    assert_eq!(nodes[1].stats().forwarded_in, 0);
+    assert_eq!(nodes[1].stats().executed, 0);
+    assert_eq!(nodes[2].stats().forwarded_in, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -270,8 +269,8 @@ async fn a_peer_whose_certificate_is_from_another_ca_runs_the_call_locally_when_
             .unwrap();
         assert_eq!(executed_by, "rogue");
     }
-    assert_eq!(nodes[1].service.stats().executed, 0);
-    assert_eq!(nodes[0].service.stats().forwarded_out, 0);
+    assert_eq!(nodes[1].stats().executed, 0);
+    assert_eq!(nodes[0].stats().forwarded_out, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -288,7 +287,7 @@ async fn a_plaintext_peer_is_refused_by_a_tls_node() {
         response.executed_by, "entry",
         "never forwarded in plaintext"
     );
-    assert_eq!(nodes[1].service.stats().forwarded_in, 0);
+    assert_eq!(nodes[1].stats().forwarded_in, 0);
 
     // Calls that must go to that peer fail, and say why.
     let status = nodes[0]

@@ -3,7 +3,7 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let files = ["mesh/admin/v1/admin.proto", "mesh/demo/v1/execution.proto"];
+    let files = ["mesh/admin/v1/admin.proto"];
     for file in files {
         println!("cargo:rerun-if-changed={}", root.join(file).display());
     }

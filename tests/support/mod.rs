@@ -5,10 +5,12 @@ use std::{future::Future, net::SocketAddr, time::Duration};
 
 use mesh::{
     Node, Tags, Timing, WhenFull,
-    demo::{DemoNode, ExecutionService},
-    proto::demo::v1::{Action, ExecuteRequest, Operation, execution_client::ExecutionClient},
     route::ChannelConfig,
     tls::{PeerTls, ServerTls},
+};
+use mesh_demo::{
+    DemoNode, ServiceStats,
+    proto::demo::v1::{Action, ExecuteRequest, Operation, execution_client::ExecutionClient},
 };
 use tonic::transport::Channel;
 
@@ -72,7 +74,6 @@ impl Spec {
 
 pub struct TestNode {
     pub node: Node,
-    pub service: ExecutionService,
     pub grpc_addr: SocketAddr,
     demo: DemoNode,
     client_tls: Option<PeerTls>,
@@ -115,11 +116,15 @@ impl TestNode {
         };
         Self {
             node: demo.node().clone(),
-            service: demo.service().clone(),
             grpc_addr: demo.grpc_addr(),
             demo,
             client_tls,
         }
+    }
+
+    /// What the replica did so far (its service's and its route layer's counters).
+    pub fn stats(&self) -> ServiceStats {
+        self.demo.stats()
     }
 
     pub fn name(&self) -> &str {
@@ -144,7 +149,7 @@ impl TestNode {
             .await
             .unwrap()
             .into_inner();
-        mesh::demo::finish(stream).await.unwrap()
+        mesh_demo::finish(stream).await.unwrap()
     }
 
     pub async fn client_with_tls(

@@ -1,9 +1,6 @@
 //! Generated gRPC code for the `.proto` files under `proto/`.
 //!
 //! * [`admin::v1`] — the mesh admin API every node serves: list members, watch events, drain.
-//! * [`demo::v1`] — a miniature of the Remote Execution API's `Execution` service used by the
-//!   examples and tests: `Execute` streams an operation through its stages and
-//!   `WaitExecution` follows it from any node.
 //!
 //! The code is generated at build time by `protox` (pure Rust), so no `protoc` is needed.
 #![forbid(unsafe_code)]
@@ -15,15 +12,5 @@ pub mod admin {
         #![allow(missing_docs, unreachable_pub, missing_debug_implementations)]
         #![allow(clippy::all, clippy::pedantic)]
         tonic::include_proto!("mesh.admin.v1");
-    }
-}
-
-/// The demo execution API.
-pub mod demo {
-    /// Version 1.
-    pub mod v1 {
-        #![allow(missing_docs, unreachable_pub, missing_debug_implementations)]
-        #![allow(clippy::all, clippy::pedantic)]
-        tonic::include_proto!("mesh.demo.v1");
     }
 }

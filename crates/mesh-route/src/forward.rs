@@ -68,6 +68,15 @@ impl ForwardedBy {
     }
 }
 
+impl ForwardedBy {
+    /// The header value: this node's id.
+    pub(crate) fn header(&self) -> http::HeaderValue {
+        // A node id is `[A-Za-z0-9._-]`, always a valid header value.
+        http::HeaderValue::from_str(self.value.to_str().unwrap_or("invalid"))
+            .unwrap_or_else(|_| http::HeaderValue::from_static("invalid"))
+    }
+}
+
 impl Interceptor for ForwardedBy {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         request
@@ -123,12 +132,17 @@ pub enum Forwarded<R> {
 /// only connection failures qualify, which with TLS include a failed handshake and the peer
 /// refusing this node's client certificate.
 pub fn failed_before_accept(status: &Status) -> bool {
-    let mut source = status.source();
-    while let Some(error) = source {
+    status.source().is_some_and(never_reached)
+}
+
+/// Whether `error`, or anything that caused it, is a failure to connect.
+pub(crate) fn never_reached(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
         if error.is::<tonic::ConnectError>() {
             return true;
         }
-        source = error.source();
+        cause = error.source();
     }
     false
 }
@@ -331,7 +345,7 @@ impl Router {
 /// A status the peer sent is passed on as it is. One that our own transport produced (the
 /// connection broke, was reset or cancelled under the call) says so as `UNAVAILABLE`, the code
 /// clients retry on, instead of leaking `CANCELLED` or `UNKNOWN` from HTTP/2 internals.
-fn lost_connection(node: &NodeId, status: Status) -> Status {
+pub(crate) fn lost_connection(node: &NodeId, status: Status) -> Status {
     if status.source().is_none() {
         return status;
     }
@@ -341,7 +355,7 @@ fn lost_connection(node: &NodeId, status: Status) -> Status {
     ))
 }
 
-fn peer_lost(node: &NodeId) -> Status {
+pub(crate) fn peer_lost(node: &NodeId) -> Status {
     Status::unavailable(format!(
         "node {node} failed while relaying its response; the operation is lost with it, retry"
     ))

@@ -17,6 +17,9 @@
 //!   as forwarded (one hop, never loops), and retries elsewhere only when the peer could not be
 //!   connected to — never once it accepted the call. [`Router::relay`] relays a response stream
 //!   and cuts it short if the peer fails.
+//! * [`layer::RouteLayer`] is how a server embeds all of this: a tower layer around a tonic
+//!   server with a [`layer::Rule`] per method (spread by load, to the owner, idempotent),
+//!   forwarding the original HTTP/2 request and relaying the response as it is.
 //! * [`PeerTls`] makes peer channels TLS only (optionally mutual TLS); [`tls`] says what that
 //!   protects and what it does not.
 #![forbid(unsafe_code)]
@@ -25,6 +28,7 @@ mod channels;
 mod dialer;
 mod error;
 mod forward;
+pub mod layer;
 mod operation;
 mod router;
 pub mod select;
@@ -37,6 +41,7 @@ pub use forward::{
     FORWARDED_BY, ForwardChannel, Forwarded, ForwardedBy, PeerCall, failed_before_accept,
     forwarded_by,
 };
+pub use layer::Decision;
 pub use operation::{OperationId, OperationIdError, OperationIdReason};
 pub use router::{PeerTarget, Route, Router, RouterBuilder, WhenFull};
 pub use select::{

@@ -10,7 +10,9 @@ use std::{
     time::Duration,
 };
 
-use mesh_core::{Member, Membership, MembershipView, MeshEvent, NodeId, NodeState, PeerStatus};
+use mesh_core::{
+    Member, Membership, MembershipView, MeshEvent, NodeId, NodeState, PeerStatus, Tags,
+};
 use tokio::{
     sync::{broadcast, watch},
     task::JoinHandle,
@@ -119,25 +121,71 @@ pub(crate) struct Inner {
     pub(crate) channels: PeerChannels,
     pub(crate) forwarded_by: ForwardedBy,
     when_full: WhenFull,
-    /// Calls waiting for capacity under [`WhenFull::Wait`], and their queue.
-    waiting: AtomicUsize,
-    dispatch: tokio::sync::Mutex<()>,
+    /// Calls waiting for capacity under [`WhenFull::Wait`], queued per class of requirements.
+    held: HeldCalls,
     housekeeping: JoinHandle<()>,
 }
 
-/// Counts a waiting call for as long as it waits (also when it is cancelled).
-struct Waiting<'a>(&'a AtomicUsize);
+/// Calls held under [`WhenFull::Wait`], one queue per class of requirements (the required
+/// tags): arrival order within a class, and no blocking across classes, so a call only a busy
+/// `pool=gpu` node can take never holds back a call an idle linux node could run now.
+#[derive(Debug, Default)]
+struct HeldCalls {
+    /// Calls held in every class; lets the common case (nobody waiting) skip the map.
+    total: AtomicUsize,
+    classes: Mutex<HashMap<Tags, HeldClass>>,
+}
 
-impl<'a> Waiting<'a> {
-    fn enter(count: &'a AtomicUsize) -> Self {
-        count.fetch_add(1, Ordering::AcqRel);
-        Self(count)
+#[derive(Debug, Default)]
+struct HeldClass {
+    /// Calls of this class held now (entered and not yet routed or cancelled).
+    waiting: usize,
+    /// tokio's mutex is fair: waiters get their turn in arrival order.
+    turn: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl HeldCalls {
+    fn lock(&self) -> MutexGuard<'_, HashMap<Tags, HeldClass>> {
+        self.classes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether calls of this class are held (they go first).
+    fn any_waiting(&self, class: &Tags) -> bool {
+        self.total.load(Ordering::Acquire) != 0 && self.lock().contains_key(class)
+    }
+
+    /// Joins the queue of `class`; the ticket leaves it when dropped (also on cancellation).
+    fn enter<'a>(&'a self, class: &Tags) -> HeldTicket<'a> {
+        let mut classes = self.lock();
+        let held = classes.entry(class.clone()).or_default();
+        held.waiting += 1;
+        let turn = held.turn.clone();
+        self.total.fetch_add(1, Ordering::AcqRel);
+        HeldTicket {
+            calls: self,
+            class: class.clone(),
+            turn,
+        }
     }
 }
 
-impl Drop for Waiting<'_> {
+/// A held call's place in its class's queue.
+struct HeldTicket<'a> {
+    calls: &'a HeldCalls,
+    class: Tags,
+    turn: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Drop for HeldTicket<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        let mut classes = self.calls.lock();
+        if let Some(held) = classes.get_mut(&self.class) {
+            held.waiting -= 1;
+            if held.waiting == 0 {
+                classes.remove(&self.class);
+            }
+        }
+        self.calls.total.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -216,8 +264,7 @@ impl RouterBuilder {
                 departures,
                 channels,
                 when_full: self.when_full,
-                waiting: AtomicUsize::new(0),
-                dispatch: tokio::sync::Mutex::new(()),
+                held: HeldCalls::default(),
                 housekeeping,
             }),
         }
@@ -251,6 +298,11 @@ impl Router {
         &*self.inner.strategy
     }
 
+    /// Calls held now under [`WhenFull::Wait`], waiting for a free slot.
+    pub fn held_calls(&self) -> usize {
+        self.inner.held.total.load(Ordering::Acquire)
+    }
+
     /// A new operation owned by this node.
     pub fn new_operation(&self) -> OperationId {
         OperationId::new(self.inner.membership.node_id().clone())
@@ -271,7 +323,9 @@ impl Router {
     }
 
     /// Routes like [`Router::route_excluding`], but under [`WhenFull::Wait`] holds the call
-    /// while every candidate is full, in arrival order, until a slot frees somewhere.
+    /// while every candidate is full, until a slot frees somewhere. Held calls are served in
+    /// arrival order within their class of requirements (the required tags); a class never
+    /// waits behind another.
     pub async fn route_when_available(
         &self,
         request: &RouteRequest,
@@ -281,16 +335,16 @@ impl Router {
         if inner.when_full == WhenFull::RunLocally {
             return self.route_excluding(request, excluded);
         }
-        // Fast path, unless others are already waiting (they go first).
-        if inner.waiting.load(Ordering::Acquire) == 0 {
+        let class = request.required_tags();
+        // Fast path, unless calls of the same class are already held (they go first).
+        if !inner.held.any_waiting(class) {
             let (route, has_capacity) = self.decide(request, excluded)?;
             if has_capacity {
                 return Ok(route);
             }
         }
-        let _waiting = Waiting::enter(&inner.waiting);
-        // tokio's mutex is fair: waiters get their turn in arrival order.
-        let _turn = inner.dispatch.lock().await;
+        let ticket = inner.held.enter(class);
+        let _turn = ticket.turn.lock().await;
         let membership = &inner.membership;
         let recheck = membership
             .timing()

@@ -1,0 +1,185 @@
+//! Simulated work on a bounded pool of worker slots.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use mesh::{LoadTracker, NodeId, OperationId};
+use tokio::{
+    sync::{Semaphore, watch},
+    time::Instant,
+};
+
+use crate::proto::demo::v1::{Action, ExecuteResponse, Operation, Stage};
+
+/// The longest simulated action accepted.
+pub const MAX_ACTION_DURATION: Duration = Duration::from_secs(3600);
+/// How long a completed operation can still be followed with `WaitExecution`.
+pub const COMPLETED_RETENTION: Duration = Duration::from_secs(300);
+
+/// Runs simulated actions on a bounded pool of worker slots, reporting into a
+/// [`LoadTracker`]: every accepted action holds a task guard from queueing to completion, so
+/// the gossiped load is exact without any bookkeeping by hand.
+#[derive(Debug, Clone)]
+pub struct DemoExecutor {
+    inner: Arc<ExecutorInner>,
+}
+
+#[derive(Debug)]
+struct ExecutorInner {
+    node_id: NodeId,
+    load: LoadTracker,
+    slots: Semaphore,
+    operations: Mutex<HashMap<OperationId, Tracked>>,
+    executed: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Tracked {
+    updates: watch::Receiver<Operation>,
+    completed_at: Option<Instant>,
+}
+
+impl Tracked {
+    fn expired(&self, now: Instant) -> bool {
+        self.completed_at
+            .is_some_and(|at| now.duration_since(at) >= COMPLETED_RETENTION)
+    }
+}
+
+impl DemoExecutor {
+    /// An executor for `node_id` with as many worker slots as `load`'s concurrency limit.
+    pub fn new(node_id: NodeId, load: LoadTracker) -> Self {
+        let slots = usize::try_from(load.max_concurrency()).unwrap_or(usize::MAX);
+        Self {
+            inner: Arc::new(ExecutorInner {
+                node_id,
+                load,
+                slots: Semaphore::new(slots.min(Semaphore::MAX_PERMITS)),
+                operations: Mutex::new(HashMap::new()),
+                executed: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// The operations still followable; completed ones past [`COMPLETED_RETENTION`] are
+    /// forgotten on every access, so retention holds on an idle node too.
+    fn operations(&self) -> MutexGuard<'_, HashMap<OperationId, Tracked>> {
+        let mut operations = self
+            .inner
+            .operations
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let now = Instant::now();
+        operations.retain(|_, tracked| !tracked.expired(now));
+        operations
+    }
+
+    /// Accepts an action: it is queued at once (counted as pending), runs when a slot frees,
+    /// and completes after its duration. Returns the operation's updates.
+    pub fn submit(
+        &self,
+        id: OperationId,
+        name: String,
+        action: Action,
+        forwarded_by: Option<NodeId>,
+        request_id: String,
+    ) -> watch::Receiver<Operation> {
+        let guard = self.inner.load.begin_task();
+        let (updates, receiver) = watch::channel(Operation {
+            name,
+            stage: Stage::Queued as i32,
+            done: false,
+            response: None,
+        });
+        self.operations().insert(
+            id.clone(),
+            Tracked {
+                updates: receiver.clone(),
+                completed_at: None,
+            },
+        );
+        let executor = self.clone();
+        tokio::spawn(async move {
+            let queued_at = Instant::now();
+            let Ok(_slot) = executor.inner.slots.acquire().await else {
+                return;
+            };
+            updates.send_modify(|op| op.stage = Stage::Executing as i32);
+            let started_at = Instant::now();
+            tokio::time::sleep(Duration::from_millis(action.duration_ms)).await;
+            let response = ExecuteResponse {
+                executed_by: executor.inner.node_id.to_string(),
+                exit_code: action.exit_code,
+                queued_ms: millis(started_at - queued_at),
+                execution_ms: millis(started_at.elapsed()),
+                forwarded_by: forwarded_by.map(|n| n.to_string()).unwrap_or_default(),
+                request_id,
+            };
+            executor.inner.executed.fetch_add(1, Ordering::Relaxed);
+            if let Some(tracked) = executor.operations().get_mut(&id) {
+                tracked.completed_at = Some(Instant::now());
+            }
+            updates.send_modify(|op| {
+                op.stage = Stage::Completed as i32;
+                op.done = true;
+                op.response = Some(response);
+            });
+            drop(guard);
+        });
+        receiver
+    }
+
+    /// The updates of an operation this node owns, if it still knows it.
+    pub fn watch(&self, id: &OperationId) -> Option<watch::Receiver<Operation>> {
+        self.operations().get(id).map(|t| t.updates.clone())
+    }
+
+    /// The node this executor runs on.
+    pub fn node_id(&self) -> &NodeId {
+        &self.inner.node_id
+    }
+
+    /// Actions this executor completed.
+    pub fn executed(&self) -> u64 {
+        self.inner.executed.load(Ordering::Relaxed)
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn completed_operations_are_forgotten_after_the_retention_even_when_idle() {
+        let node = NodeId::new("n").unwrap();
+        let load = LoadTracker::new(1);
+        let executor = DemoExecutor::new(node.clone(), load);
+        let id = OperationId::new(node);
+        let action = Action {
+            duration_ms: 10,
+            ..Action::default()
+        };
+        let mut updates = executor.submit(id.clone(), id.to_string(), action, None, String::new());
+        while !updates.borrow_and_update().done {
+            updates.changed().await.unwrap();
+        }
+        tokio::time::sleep(COMPLETED_RETENTION - Duration::from_secs(1)).await;
+        assert!(executor.watch(&id).is_some(), "still within the retention");
+        // Nothing else happens on this node: no new work prunes the table.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(
+            executor.watch(&id).is_none(),
+            "forgotten after the retention"
+        );
+    }
+}

@@ -1,0 +1,198 @@
+//! The layer: a tiny clone of the rules and the router, wrapped around a service.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use tower::Layer;
+
+use super::{RouteService, Rule};
+use crate::Router;
+
+/// Requests larger than this are refused by default (tonic's default limit for a decoded
+/// message is the same 4 MiB).
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+
+/// A tower [`Layer`] that routes the calls of a tonic server through the mesh; see the
+/// [module docs](super).
+///
+/// ```
+/// # #[derive(Clone, PartialEq, prost::Message)]
+/// # struct ExecuteRequest { #[prost(string, tag = "1")] os: String }
+/// # #[derive(Clone, PartialEq, prost::Message)]
+/// # struct WaitExecutionRequest { #[prost(string, tag = "1")] name: String }
+/// use mesh_route::{Decision, RouteRequest, Router, layer::{RouteLayer, Rule}};
+///
+/// # fn demo(router: Router) -> Result<(), mesh_route::layer::InvalidPath> {
+/// let layer = RouteLayer::new(router)
+///     .rule("/example.v1.Execution/Execute", Rule::spread(|request: ExecuteRequest, _| async move {
+///         Ok(Decision::Route(RouteRequest::new().require_tag("os", request.os)))
+///     }).idempotent())?
+///     .rule("/example.v1.Execution/WaitExecution",
+///           Rule::to_owner(|request: &WaitExecutionRequest| request.name.clone()))?;
+/// // tonic::transport::Server::builder().layer(layer).add_service(...)
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct RouteLayer {
+    pub(crate) router: Router,
+    pub(crate) rules: Arc<HashMap<String, Rule>>,
+    pub(crate) max_request_bytes: usize,
+    pub(crate) counters: Arc<Counters>,
+}
+
+/// A gRPC method path that is not of the form `/{package.Service}/{Method}`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid grpc method path {path:?}: expected \"/{{package.Service}}/{{Method}}\", e.g. \
+     \"/build.bazel.remote.execution.v2.Execution/Execute\""
+)]
+pub struct InvalidPath {
+    /// The path given.
+    pub path: String,
+}
+
+impl RouteLayer {
+    /// A layer with no rules yet: every call goes to the inner service.
+    pub fn new(router: Router) -> Self {
+        Self {
+            router,
+            rules: Arc::default(),
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            counters: Arc::default(),
+        }
+    }
+
+    /// Routes the calls of the method at `path` (`/{package.Service}/{Method}`) by `rule`.
+    pub fn rule(mut self, path: &str, rule: Rule) -> Result<Self, InvalidPath> {
+        check_path(path)?;
+        Arc::make_mut(&mut self.rules).insert(path.to_owned(), rule);
+        Ok(self)
+    }
+
+    /// The largest request body a routed call may have (default
+    /// [`DEFAULT_MAX_REQUEST_BYTES`]); larger ones are refused with `RESOURCE_EXHAUSTED`. The
+    /// layer holds the request until the call completes, so an idempotent call can be sent
+    /// again.
+    pub fn max_request_bytes(mut self, limit: usize) -> Self {
+        self.max_request_bytes = limit;
+        self
+    }
+
+    /// The router the layer routes with.
+    pub fn router(&self) -> &Router {
+        &self.router
+    }
+
+    /// What the layer has done so far.
+    pub fn stats(&self) -> LayerStats {
+        self.counters.snapshot()
+    }
+}
+
+fn check_path(path: &str) -> Result<(), InvalidPath> {
+    let valid = path
+        .strip_prefix('/')
+        .and_then(|rest| rest.split_once('/'))
+        .is_some_and(|(service, method)| {
+            !service.is_empty() && !method.is_empty() && !method.contains('/')
+        });
+    if valid {
+        Ok(())
+    } else {
+        Err(InvalidPath {
+            path: path.to_owned(),
+        })
+    }
+}
+
+impl<S> Layer<S> for RouteLayer {
+    type Service = RouteService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RouteService::new(inner, self.clone())
+    }
+}
+
+/// Counts of what a [`RouteLayer`] did with the calls that have a rule.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LayerStats {
+    /// Calls with a rule served here: the rule said so, this node was chosen, or the call
+    /// arrived forwarded by a peer.
+    pub local: u64,
+    /// Of those, calls that arrived forwarded by a peer.
+    pub forwarded_in: u64,
+    /// Spread calls sent to a peer that accepted them.
+    pub forwarded_out: u64,
+    /// Calls sent to the peer that owns their operation.
+    pub to_owner: u64,
+    /// Idempotent calls routed again because their peer died before completing them.
+    pub rerouted: u64,
+    /// Peers skipped because they could not be connected to (the call went elsewhere).
+    pub unreachable: u64,
+    /// Relays cut short: the peer died or the connection broke, and the call was not
+    /// re-routed (the client saw `UNAVAILABLE`).
+    pub relays_broken: u64,
+    /// Calls answered with an error by the layer itself (bad request, no node, deadline).
+    pub refused: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) local: AtomicU64,
+    pub(crate) forwarded_in: AtomicU64,
+    pub(crate) forwarded_out: AtomicU64,
+    pub(crate) to_owner: AtomicU64,
+    pub(crate) rerouted: AtomicU64,
+    pub(crate) unreachable: AtomicU64,
+    pub(crate) relays_broken: AtomicU64,
+    pub(crate) refused: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn add(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> LayerStats {
+        let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        LayerStats {
+            local: read(&self.local),
+            forwarded_in: read(&self.forwarded_in),
+            forwarded_out: read(&self.forwarded_out),
+            to_owner: read(&self.to_owner),
+            rerouted: read(&self.rerouted),
+            unreachable: read(&self.unreachable),
+            relays_broken: read(&self.relays_broken),
+            refused: read(&self.refused),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_must_name_a_service_and_a_method() {
+        for bad in [
+            "",
+            "/",
+            "Execute",
+            "/pkg.Service",
+            "/pkg.Service/",
+            "//Execute",
+            "/pkg.Service/Execute/more",
+        ] {
+            let error = check_path(bad).unwrap_err();
+            assert_eq!(error.path, bad);
+            assert!(error.to_string().contains("expected"), "{error}");
+        }
+        check_path("/build.bazel.remote.execution.v2.Execution/Execute").unwrap();
+    }
+}

@@ -1,0 +1,528 @@
+//! The service: calls without a rule pass through; the others are routed, forwarded as they
+//! are, and relayed back.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use mesh_core::NodeId;
+use tokio::{sync::mpsc, time::Instant};
+use tonic::{Status, body::Body, metadata::MetadataMap, transport::Channel};
+use tower::{Service, ServiceExt};
+
+use super::{
+    Decision, RouteLayer,
+    body::{MessageFramer, RelayBody},
+    grpc,
+    layer::Counters,
+    rule::{Rule, RuleKind},
+};
+use crate::{
+    FORWARDED_BY, OperationId, PeerTarget, Route, RouteError, RouteRequest,
+    forward::{lost_connection, never_reached, peer_lost},
+};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The [`RouteLayer`]'s service around `S` (a tonic server's routes, or any service of
+/// `http::Request<tonic::body::Body>`).
+#[derive(Debug, Clone)]
+pub struct RouteService<S> {
+    inner: S,
+    layer: RouteLayer,
+}
+
+impl<S> RouteService<S> {
+    pub(crate) fn new(inner: S, layer: RouteLayer) -> Self {
+        Self { inner, layer }
+    }
+}
+
+impl<S, B> Service<http::Request<Body>> for RouteService<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = http::Response<Body>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<http::Response<Body>, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let rule = self.layer.rules.get(request.uri().path()).cloned();
+        let forwarded = request.headers().contains_key(FORWARDED_BY);
+        if forwarded && rule.is_some() {
+            Counters::add(&self.layer.counters.local);
+            Counters::add(&self.layer.counters.forwarded_in);
+        }
+        match rule {
+            // One hop only: a call a peer forwarded runs here, whatever this node thinks.
+            Some(rule) if !forwarded => {
+                // The ready service serves this call; a fresh clone waits for the next one.
+                let fresh = self.inner.clone();
+                let inner = std::mem::replace(&mut self.inner, fresh);
+                let layer = self.layer.clone();
+                Box::pin(async move { Ok(Call::handle(layer, inner, rule, request).await) })
+            }
+            _ => {
+                let response = self.inner.call(request);
+                Box::pin(async move {
+                    let response = response.await.map_err(Into::into)?;
+                    Ok(response.map(Body::new))
+                })
+            }
+        }
+    }
+}
+
+/// One call with a rule, from its arrival to its last relayed frame. Holds the request, so
+/// an idempotent call can be sent again.
+struct Call<S> {
+    layer: RouteLayer,
+    /// In a mutex only so that a call can be shared by reference across awaits (`S` need not
+    /// be `Sync`); each use clones the service out.
+    inner: std::sync::Mutex<S>,
+    rule: Rule,
+    head: http::request::Parts,
+    body: Bytes,
+    deadline: Option<Instant>,
+}
+
+/// Where a response comes from.
+enum Upstream {
+    /// The inner service, here.
+    Here(http::Response<Body>),
+    /// A peer that accepted the call.
+    Peer(PeerTarget, http::Response<Body>),
+}
+
+/// Why sending a call to a peer failed.
+enum Sent {
+    /// The peer's endpoint cannot be used (invalid, or refused by the TLS policy).
+    Unusable(RouteError),
+    /// It never reached the peer: safe to send it elsewhere.
+    Unreachable(String),
+    /// The peer accepted it and the connection broke before the response head.
+    Broke(Status),
+}
+
+/// How relaying one upstream ended.
+enum Pumped {
+    /// Its trailers went to the client.
+    Finished,
+    /// The client went away; the upstream call is dropped (cancelled).
+    ClientGone,
+    /// The upstream failed before its trailers.
+    Broke(Status),
+}
+
+impl<S, B> Call<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    async fn handle(
+        layer: RouteLayer,
+        inner: S,
+        rule: Rule,
+        request: http::Request<Body>,
+    ) -> http::Response<Body> {
+        let (head, body) = request.into_parts();
+        let deadline = grpc::timeout(&head.headers).map(|timeout| Instant::now() + timeout);
+        let body = match read_body(body, layer.max_request_bytes, head.uri.path()).await {
+            Ok(body) => body,
+            Err(status) => return refuse(&layer, status),
+        };
+        let call = Call {
+            layer,
+            inner: std::sync::Mutex::new(inner),
+            rule,
+            head,
+            body,
+            deadline,
+        };
+        let message = match grpc::first_message(&call.body) {
+            Ok(message) => message,
+            Err(reason) => {
+                // Nothing to decide on (e.g. a compressed message): the inner service serves
+                // it here and reports any problem in its own terms.
+                tracing::debug!(path = call.head.uri.path(), reason, "serving a call here");
+                return call.serve_here().await;
+            }
+        };
+        match call.rule.kind.clone() {
+            RuleKind::ToOwner(name) => match name(message) {
+                Ok(name) => call.send_to_owner(&name).await,
+                Err(status) => refuse(&call.layer, status),
+            },
+            RuleKind::Spread(decide) => {
+                let metadata = MetadataMap::from_headers(call.head.headers.clone());
+                match decide(message, metadata).await {
+                    Ok(Decision::Local) => call.serve_here().await,
+                    Ok(Decision::Route(route)) => call.spread(route).await,
+                    Err(status) => refuse(&call.layer, status),
+                }
+            }
+        }
+    }
+
+    /// A call about an existing operation: to its owner, once.
+    async fn send_to_owner(self, name: &str) -> http::Response<Body> {
+        let operation: OperationId = match name.parse() {
+            Ok(operation) => operation,
+            Err(error) => return refuse(&self.layer, RouteError::from(error).into()),
+        };
+        let target = match self.layer.router.owner(&operation) {
+            Ok(Route::Local) => return self.serve_here().await,
+            Ok(Route::Peer(target)) => target,
+            Err(error) => return refuse(&self.layer, error.into()),
+        };
+        match self.send(&target).await {
+            Ok(response) => {
+                Counters::add(&self.layer.counters.to_owner);
+                self.relay(Some(target), response, None)
+            }
+            Err(Sent::Unusable(error)) => refuse(&self.layer, error.into()),
+            Err(Sent::Unreachable(message)) => {
+                let error = RouteError::OwnerUnreachable {
+                    node: target.node_id().clone(),
+                    endpoint: target.endpoint().to_owned(),
+                    message,
+                };
+                refuse(&self.layer, error.into())
+            }
+            Err(Sent::Broke(status)) => refuse(&self.layer, status),
+        }
+    }
+
+    /// New work: wherever the router says, then relayed (and, if idempotent, re-routed when
+    /// its peer dies).
+    async fn spread(self, route: RouteRequest) -> http::Response<Body> {
+        let mut excluded = Vec::new();
+        match self.dispatch(&route, &mut excluded).await {
+            Err(status) => refuse(&self.layer, status),
+            Ok(Upstream::Here(response)) => response,
+            Ok(Upstream::Peer(target, response)) => {
+                let retry = self.rule.idempotent.then_some((route, excluded));
+                self.relay(Some(target), response, retry)
+            }
+        }
+    }
+
+    /// Routes the call (holding it while the cluster is full, within its deadline) and makes
+    /// it where it was routed, skipping peers that cannot be reached — and, for idempotent
+    /// rules, peers that broke before answering.
+    async fn dispatch(
+        &self,
+        route: &RouteRequest,
+        excluded: &mut Vec<NodeId>,
+    ) -> Result<Upstream, Status> {
+        let router = &self.layer.router;
+        let counters = &self.layer.counters;
+        loop {
+            let routed = router.route_when_available(route, excluded);
+            let routed = match self.deadline {
+                Some(deadline) => {
+                    tokio::time::timeout_at(deadline, routed)
+                        .await
+                        .map_err(|_| {
+                            Status::deadline_exceeded(
+                                "the call's deadline passed while it waited for a free slot in \
+                             the cluster",
+                            )
+                        })?
+                }
+                None => routed.await,
+            };
+            let target = match routed? {
+                Route::Local => return Ok(Upstream::Here(self.serve_here().await)),
+                Route::Peer(target) => target,
+            };
+            match self.send(&target).await {
+                Ok(response) => {
+                    Counters::add(&counters.forwarded_out);
+                    return Ok(Upstream::Peer(target, response));
+                }
+                Err(Sent::Unusable(_) | Sent::Unreachable(_)) => {
+                    Counters::add(&counters.unreachable);
+                }
+                Err(Sent::Broke(status)) if !self.rule.idempotent => return Err(status),
+                Err(Sent::Broke(status)) => {
+                    Counters::add(&counters.rerouted);
+                    tracing::info!(
+                        peer = %target.node_id(),
+                        error = %status.message(),
+                        "the peer broke before answering an idempotent call; routing it again"
+                    );
+                }
+            }
+            excluded.push(target.node_id().clone());
+        }
+    }
+
+    /// The inner service's answer, here.
+    async fn serve_here(&self) -> http::Response<Body> {
+        Counters::add(&self.layer.counters.local);
+        let request =
+            http::Request::from_parts(self.head.clone(), Body::new(Full::new(self.body.clone())));
+        let inner = self
+            .inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        match inner.oneshot(request).await {
+            Ok(response) => response.map(Body::new),
+            Err(error) => Status::from_error(error.into()).into_http(),
+        }
+    }
+
+    /// Sends the original request to `target`: same path, headers and body bytes, stamped as
+    /// forwarded, with the deadline that is left.
+    async fn send(&self, target: &PeerTarget) -> Result<http::Response<Body>, Sent> {
+        let router = &self.layer.router;
+        let channel: Channel = match router.inner.channels.get(target) {
+            Ok(channel) => channel,
+            Err(error) => {
+                tracing::warn!(%error, "skipping a peer with an unusable endpoint");
+                return Err(Sent::Unusable(error));
+            }
+        };
+        router.record_forward(target);
+        metrics::counter!("mesh_route_forwarded_total").increment(1);
+        match channel.oneshot(self.forward_request()).await {
+            Ok(response) => Ok(response),
+            Err(error) if never_reached(&error) => {
+                router.unrecord_forward(target);
+                metrics::counter!("mesh_route_retries_total").increment(1);
+                tracing::warn!(
+                    peer = %target.node_id(),
+                    endpoint = target.endpoint(),
+                    %error,
+                    "peer unreachable; choosing again"
+                );
+                Err(Sent::Unreachable(error_chain(&error)))
+            }
+            Err(error) => Err(Sent::Broke(lost_connection(
+                target.node_id(),
+                Status::from_error(Box::new(error)),
+            ))),
+        }
+    }
+
+    fn forward_request(&self) -> http::Request<Body> {
+        let mut head = self.head.clone();
+        // The peer's channel adds its own scheme and authority.
+        if let Some(path) = head.uri.path_and_query() {
+            head.uri = http::Uri::from(path.clone());
+        }
+        for hop in [
+            http::header::HOST,
+            http::header::CONNECTION,
+            http::header::CONTENT_LENGTH,
+        ] {
+            head.headers.remove(hop);
+        }
+        head.headers
+            .insert(FORWARDED_BY, self.layer.router.inner.forwarded_by.header());
+        if let Some(deadline) = self.deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            head.headers
+                .insert(grpc::GRPC_TIMEOUT, grpc::encode_timeout(left));
+        }
+        // Extensions describe this node's server connection, not the peer's.
+        head.extensions = http::Extensions::new();
+        http::Request::from_parts(head, Body::new(Full::new(self.body.clone())))
+    }
+
+    /// Answers with the upstream's response head at once and relays its body from a task.
+    /// `retry` (idempotent spread calls only) lets the task route the call again when the
+    /// peer dies mid-stream.
+    fn relay(
+        self,
+        target: Option<PeerTarget>,
+        response: http::Response<Body>,
+        retry: Option<(RouteRequest, Vec<NodeId>)>,
+    ) -> http::Response<Body> {
+        if grpc::is_trailers_only(response.headers()) {
+            return response;
+        }
+        let (head, body) = response.into_parts();
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(self.relay_task(target, body, retry, tx));
+        http::Response::from_parts(head, Body::new(RelayBody::new(rx)))
+    }
+
+    async fn relay_task(
+        self,
+        mut target: Option<PeerTarget>,
+        mut body: Body,
+        mut retry: Option<(RouteRequest, Vec<NodeId>)>,
+        tx: mpsc::Sender<http_body::Frame<Bytes>>,
+    ) {
+        let mut framer = MessageFramer::default();
+        loop {
+            let status = match self.pump(target.as_ref(), body, &mut framer, &tx).await {
+                Pumped::Finished | Pumped::ClientGone => return,
+                Pumped::Broke(status) => status,
+            };
+            // Whatever comes next, a torn message must not reach the client.
+            framer.discard_partial();
+            let (Some(dead), Some((route, excluded))) = (target.take(), retry.as_mut()) else {
+                Counters::add(&self.layer.counters.relays_broken);
+                let _ = tx.send(trailers(&status)).await;
+                return;
+            };
+            Counters::add(&self.layer.counters.rerouted);
+            tracing::info!(
+                peer = %dead.node_id(),
+                error = %status.message(),
+                "the peer running an idempotent call failed; routing it again"
+            );
+            excluded.push(dead.node_id().clone());
+            let next = tokio::select! {
+                next = self.dispatch(route, excluded) => next,
+                () = tx.closed() => return,
+            };
+            let response = match next {
+                Ok(Upstream::Here(response)) => response,
+                Ok(Upstream::Peer(peer, response)) => {
+                    target = Some(peer);
+                    response
+                }
+                Err(status) => {
+                    let _ = tx.send(trailers(&status)).await;
+                    return;
+                }
+            };
+            // The client already has a response head: the new one's status, if it answered
+            // at once with one, ends the stream; otherwise its messages continue it.
+            if grpc::is_trailers_only(response.headers()) {
+                let status = grpc::status_trailers(response.headers());
+                let _ = tx.send(http_body::Frame::trailers(status)).await;
+                return;
+            }
+            body = response.into_body();
+        }
+    }
+
+    /// Relays one upstream's frames until its trailers, its failure, or the client leaving.
+    /// A peer upstream also fails when the membership declares the peer down, which catches
+    /// connections that hang open to a dead host.
+    async fn pump(
+        &self,
+        target: Option<&PeerTarget>,
+        mut body: Body,
+        framer: &mut MessageFramer,
+        tx: &mpsc::Sender<http_body::Frame<Bytes>>,
+    ) -> Pumped {
+        let mut departed = match target {
+            Some(target) => match self
+                .layer
+                .router
+                .inner
+                .departures
+                .watch(target.node_id(), target.generation())
+            {
+                Some(watch) => Some(watch),
+                None => return Pumped::Broke(peer_lost(target.node_id())),
+            },
+            None => None,
+        };
+        let lost = |status: Status| match target {
+            Some(target) => lost_connection(target.node_id(), status),
+            None => status,
+        };
+        loop {
+            let departure = async {
+                match departed.as_mut() {
+                    // Only the end of the peer's life is ever signalled.
+                    Some(watch) => {
+                        let _ = watch.changed().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                frame = body.frame() => match frame {
+                    Some(Ok(frame)) => match frame.into_data() {
+                        Ok(data) => {
+                            if let Some(messages) = framer.push(data)
+                                && tx.send(http_body::Frame::data(messages)).await.is_err()
+                            {
+                                return Pumped::ClientGone;
+                            }
+                        }
+                        Err(frame) => {
+                            if let Ok(trailers) = frame.into_trailers() {
+                                let _ = tx.send(http_body::Frame::trailers(trailers)).await;
+                                return Pumped::Finished;
+                            }
+                        }
+                    },
+                    Some(Err(status)) => return Pumped::Broke(lost(status)),
+                    None => {
+                        return Pumped::Broke(lost(Status::unavailable(
+                            "the response ended without a grpc status",
+                        )));
+                    }
+                },
+                () = departure => {
+                    let node = target.map(PeerTarget::node_id);
+                    return Pumped::Broke(node.map_or_else(
+                        || Status::unavailable("the call's node failed"),
+                        peer_lost,
+                    ));
+                }
+                () = tx.closed() => return Pumped::ClientGone,
+            }
+        }
+    }
+}
+
+/// Reads the whole request (a routed method takes one request message), up to `limit` bytes.
+async fn read_body(body: Body, limit: usize, path: &str) -> Result<Bytes, Status> {
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if error.is::<http_body_util::LengthLimitError>() => {
+            Err(Status::resource_exhausted(format!(
+                "the request to {path} exceeds the route layer's limit of {limit} bytes \
+                 (RouteLayer::max_request_bytes)"
+            )))
+        }
+        Err(error) => Err(Status::from_error(error)),
+    }
+}
+
+fn refuse(layer: &RouteLayer, status: Status) -> http::Response<Body> {
+    Counters::add(&layer.counters.refused);
+    status.into_http()
+}
+
+fn trailers(status: &Status) -> http_body::Frame<Bytes> {
+    http_body::Frame::trailers(grpc::trailers_of(status))
+}
+
+/// An error and its causes, on one line.
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
