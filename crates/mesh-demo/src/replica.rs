@@ -11,8 +11,10 @@ use mesh::{
     tls::{PeerTls, ServerTls},
 };
 use tokio::{net::TcpListener, sync::oneshot};
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::{service::Routes, transport::Channel};
+use tonic::{
+    service::Routes,
+    transport::{Channel, server::TcpIncoming},
+};
 
 use crate::{
     DemoExecutor, ExecutionService, ServiceStats, execution_layer,
@@ -260,11 +262,13 @@ async fn start<T>(
         .routes
         .add_service(AdminService::new(node.membership().clone()).into_server());
     let (drain, drained) = oneshot::channel::<()>();
+    // Without TCP_NODELAY a small response waits for the client's delayed ACK (40 ms).
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let server = tokio::spawn(
         server
             .layer(served.layer)
             .add_routes(routes)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            .serve_with_incoming_shutdown(incoming, async {
                 let _ = drained.await;
             }),
     );

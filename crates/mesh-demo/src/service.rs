@@ -171,17 +171,24 @@ fn follow(updates: watch::Receiver<Operation>) -> OperationStream {
 }
 
 /// Reads an operation stream to its end and returns the final operation.
+///
+/// Reads past the `done` message to the trailers, so an error status sent after it is seen
+/// and the call ends cleanly: dropping a response stream early resets it, and an HTTP/2
+/// client that resets too many streams on one connection is sent away
+/// (`too_many_internal_resets`).
 pub async fn finish(
     mut stream: impl Stream<Item = Result<Operation, Status>> + Unpin,
 ) -> Result<Operation, Status> {
-    let mut last = None;
+    let mut last: Option<Operation> = None;
     while let Some(operation) = stream.next().await {
         let operation = operation?;
-        let done = operation.done;
-        last = Some(operation);
-        if done {
-            break;
+        if last.as_ref().is_some_and(|op| op.done) {
+            return Err(Status::internal(format!(
+                "operation {} sent an update after it was done",
+                operation.name
+            )));
         }
+        last = Some(operation);
     }
     last.filter(|op| op.done)
         .ok_or_else(|| Status::aborted("the operation stream ended before completion"))
