@@ -95,7 +95,10 @@ async fn latency(samples: usize) {
         ..EchoRequest::default()
     };
     let mut rows = Vec::new();
-    for (label, replica) in [("direct to the worker", &worker), ("through the layer", &entry)] {
+    for (label, replica) in [
+        ("direct to the worker", &worker),
+        ("through the layer", &entry),
+    ] {
         let mut client = EchoClient::new(replica.channel().await.unwrap());
         for _ in 0..200 {
             client.echo(request.clone()).await.unwrap(); // warm up connections

@@ -7,11 +7,7 @@
 
 mod support;
 
-use std::{
-    path::PathBuf,
-    process::Stdio,
-    time::Duration,
-};
+use std::{path::PathBuf, process::Stdio, time::Duration};
 
 use mesh::proto::admin::v1::{ListMembersRequest, mesh_admin_client::MeshAdminClient};
 use support::bounded;
@@ -23,11 +19,21 @@ use tokio::{
 /// The examples built in the same profile as this test.
 fn examples() -> PathBuf {
     let status = std::process::Command::new(env!("CARGO"))
-        .args(["build", "--quiet", "--example", "node", "--example", "loadgen"])
+        .args([
+            "build",
+            "--quiet",
+            "--example",
+            "node",
+            "--example",
+            "loadgen",
+        ])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .status()
         .expect("cargo runs");
-    assert!(status.success(), "building the node and loadgen examples failed");
+    assert!(
+        status.success(),
+        "building the node and loadgen examples failed"
+    );
     // target/<profile>/deps/processes-<hash> -> target/<profile>/examples
     let exe = std::env::current_exe().unwrap();
     exe.parent().unwrap().parent().unwrap().join("examples")
@@ -44,7 +50,14 @@ impl NodeProcess {
     async fn start(bin: &PathBuf, name: &str, slots: u32, join: Option<&str>) -> Self {
         let mut command = Command::new(bin.join("node"));
         command
-            .args(["--node-id", name, "--bind-addr", "127.0.0.1", "--bind-port", "0"])
+            .args([
+                "--node-id",
+                name,
+                "--bind-addr",
+                "127.0.0.1",
+                "--bind-port",
+                "0",
+            ])
             .args(["--grpc-port", "0", "--timing", "local"])
             .args(["--max-concurrency", &slots.to_string()])
             .stdout(Stdio::piped())

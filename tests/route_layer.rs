@@ -58,7 +58,9 @@ fn echo_layer(node: &Node, count: Count) -> RouteLayer {
         ))
     });
     if count == Count::Idempotent {
-        count_rule = count_rule.idempotent();
+        count_rule = count_rule
+            .idempotent()
+            .final_message(|tick: &Tick| tick.last);
     }
     let lookup = Rule::to_owner(|request: &LookupRequest| request.name.clone());
     RouteLayer::new(node.router().clone())
@@ -540,6 +542,43 @@ async fn an_idempotent_stream_whose_peer_dies_continues_from_another_node() {
     );
     assert_eq!(nodes[0].layer().stats().rerouted, 1);
     assert_eq!(nodes[0].layer().stats().relays_broken, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_final_message_was_relayed_is_not_run_again_when_its_peer_dies() {
+    let mut nodes = echo_cluster(
+        &[("entry", 1), ("doomed", 4), ("other", 4)],
+        Count::Idempotent,
+    )
+    .await;
+    let _busy = nodes[0].node().load().begin_task();
+    let request = CountRequest {
+        count: 3,
+        linger_ms: 60_000, // the last tick is sent, the trailers never are
+        ..CountRequest::default()
+    };
+    let mut stream = nodes[0]
+        .client()
+        .await
+        .count(request)
+        .await
+        .unwrap()
+        .into_inner();
+    let ticks = take_ticks(&mut stream, 3).await;
+    assert!(ticks[2].last);
+    let served_by = ticks[2].served_by.clone();
+    let index = nodes
+        .iter()
+        .position(|n| n.node().node_id().as_str() == served_by)
+        .unwrap();
+    nodes.remove(index).replica.kill().await;
+
+    let end = bounded("the stream to end", stream.next()).await;
+    assert!(
+        end.is_none(),
+        "the call ended with OK, without running again: {end:?}"
+    );
+    assert_eq!(nodes[0].layer().stats().rerouted, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

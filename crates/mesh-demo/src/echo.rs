@@ -76,6 +76,8 @@ impl echo_server::Echo for EchoService {
             let payload = message.payload.clone();
             async move {
                 if index >= message.count {
+                    // Linger before the end of the stream (the trailers).
+                    tokio::time::sleep(Duration::from_millis(message.linger_ms)).await;
                     return None;
                 }
                 if index > 0 {
@@ -85,6 +87,7 @@ impl echo_server::Echo for EchoService {
                     index,
                     served_by,
                     payload,
+                    last: index + 1 == message.count,
                 };
                 Some((Ok(tick), index + 1))
             }

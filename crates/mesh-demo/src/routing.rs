@@ -9,7 +9,7 @@ use mesh::{
 };
 
 use crate::{
-    proto::demo::v1::{ExecuteRequest, WaitExecutionRequest},
+    proto::demo::v1::{ExecuteRequest, Operation, WaitExecutionRequest},
     service::validate,
 };
 
@@ -17,7 +17,8 @@ use crate::{
 ///
 /// * `Execute` is spread by load among the nodes carrying the action's platform as tags, with
 ///   the input root digest as the affinity key (for affinity strategies), and is idempotent:
-///   if the node running it dies, it runs again elsewhere and the client's stream goes on.
+///   if the node running it dies before the operation is done, it runs again elsewhere and
+///   the client's stream goes on.
 ///   An invalid action is refused before it is routed anywhere.
 /// * `WaitExecution` goes to the node named in the operation name.
 pub fn execution_layer(router: Router) -> Result<RouteLayer, InvalidPath> {
@@ -30,7 +31,8 @@ pub fn execution_layer(router: Router) -> Result<RouteLayer, InvalidPath> {
         }
         Ok(Decision::Route(route))
     })
-    .idempotent();
+    .idempotent()
+    .final_message(|operation: &Operation| operation.done);
     let wait = Rule::to_owner(|request: &WaitExecutionRequest| request.name.clone());
     RouteLayer::new(router)
         .rule("/mesh.demo.v1.Execution/Execute", execute)?

@@ -38,6 +38,26 @@ pub(crate) fn first_message(body: &Bytes) -> Result<Bytes, &'static str> {
     Ok(body.slice(PREFIX_LEN..end))
 }
 
+/// The uncompressed messages among whole, length-prefixed messages (compressed ones are
+/// skipped: the layer does not decompress).
+pub(crate) fn messages(buf: &Bytes) -> impl Iterator<Item = Bytes> + '_ {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        while buf.len().saturating_sub(at) >= PREFIX_LEN {
+            let compressed = buf[at] != 0;
+            let len =
+                u32::from_be_bytes([buf[at + 1], buf[at + 2], buf[at + 3], buf[at + 4]]) as usize;
+            let start = at + PREFIX_LEN;
+            let end = start.checked_add(len).filter(|&end| end <= buf.len())?;
+            at = end;
+            if !compressed {
+                return Some(buf.slice(start..end));
+            }
+        }
+        None
+    })
+}
+
 /// How many leading bytes of `buf` are whole messages.
 pub(crate) fn whole_messages_len(buf: &[u8]) -> usize {
     let mut at = 0;
@@ -166,6 +186,18 @@ mod tests {
         assert_eq!(whole_messages_len(&[]), 0);
         // A length prefix claiming 4 GiB does not overflow.
         assert_eq!(whole_messages_len(&[0, 255, 255, 255, 255, 1]), 0);
+    }
+
+    #[test]
+    fn whole_messages_are_listed_and_compressed_ones_skipped() {
+        let mut bytes = framed(&[b"one", b"", b"three"]);
+        let mut compressed = framed(&[b"zip"]);
+        compressed[0] = 1;
+        bytes.extend_from_slice(&compressed);
+        bytes.extend_from_slice(&framed(&[b"four"])[..6]); // cut short
+        let bytes = Bytes::from(bytes);
+        let listed: Vec<Bytes> = messages(&bytes).collect();
+        assert_eq!(listed, [&b"one"[..], b"", b"three"]);
     }
 
     #[test]

@@ -22,6 +22,7 @@ type DecideFn = dyn Fn(Bytes, MetadataMap) -> Pin<Box<dyn Future<Output = Result
     + Send
     + Sync;
 type OwnerFn = dyn Fn(Bytes) -> Result<String, Status> + Send + Sync;
+type FinalFn = dyn Fn(Bytes) -> bool + Send + Sync;
 
 #[derive(Clone)]
 pub(crate) enum RuleKind {
@@ -44,6 +45,7 @@ pub(crate) enum RuleKind {
 pub struct Rule {
     pub(crate) kind: RuleKind,
     pub(crate) idempotent: bool,
+    pub(crate) is_final: Option<Arc<FinalFn>>,
 }
 
 impl fmt::Debug for Rule {
@@ -55,6 +57,7 @@ impl fmt::Debug for Rule {
         f.debug_struct("Rule")
             .field("kind", &kind)
             .field("idempotent", &self.idempotent)
+            .field("recognises_final_message", &self.is_final.is_some())
             .finish()
     }
 }
@@ -91,6 +94,7 @@ impl Rule {
         Self {
             kind: RuleKind::Spread(decide),
             idempotent: false,
+            is_final: None,
         }
     }
 
@@ -117,6 +121,7 @@ impl Rule {
         Self {
             kind: RuleKind::ToOwner(name),
             idempotent: false,
+            is_final: None,
         }
     }
 
@@ -128,6 +133,42 @@ impl Rule {
     pub fn idempotent(mut self) -> Self {
         self.idempotent = true;
         self
+    }
+
+    /// Recognises the response message that completes the call (REAPI: the `Operation` with
+    /// `done` set). An idempotent call whose peer dies *after* relaying that message is not
+    /// run again: the client already has its answer, and the stream ends with `OK`. Without
+    /// this, only the trailers mark completion. The relay decodes a copy of each response
+    /// message as `R` to ask; the bytes the client gets are untouched.
+    ///
+    /// ```
+    /// use mesh_route::{Decision, RouteRequest, layer::Rule};
+    ///
+    /// # #[derive(Clone, PartialEq, prost::Message)]
+    /// # struct ExecuteRequest { #[prost(string, tag = "1")] digest: String }
+    /// # #[derive(Clone, PartialEq, prost::Message)]
+    /// # struct Operation { #[prost(bool, tag = "3")] done: bool }
+    /// let rule = Rule::spread(|_: ExecuteRequest, _| async { Ok(Decision::Route(RouteRequest::new())) })
+    ///     .idempotent()
+    ///     .final_message(|operation: &Operation| operation.done);
+    /// ```
+    pub fn final_message<R, F>(mut self, is_final: F) -> Self
+    where
+        R: prost::Message + Default + 'static,
+        F: Fn(&R) -> bool + Send + Sync + 'static,
+    {
+        self.is_final = Some(Arc::new(move |message: Bytes| {
+            R::decode(message).is_ok_and(|message| is_final(&message))
+        }));
+        self
+    }
+
+    /// Whether `messages` (whole, length-prefixed gRPC messages) include the final one.
+    pub(crate) fn completes(&self, messages: &Bytes) -> bool {
+        let Some(is_final) = &self.is_final else {
+            return false;
+        };
+        super::grpc::messages(messages).any(|message| is_final(message))
     }
 }
 

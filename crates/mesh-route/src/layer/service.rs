@@ -120,6 +120,9 @@ enum Sent {
 enum Pumped {
     /// Its trailers went to the client.
     Finished,
+    /// It failed after relaying the message that completes the call (see
+    /// [`Rule::final_message`]): the client has its answer.
+    FailedAfterFinal,
     /// The client went away; the upstream call is dropped (cancelled).
     ClientGone,
     /// The upstream failed before its trailers.
@@ -376,6 +379,10 @@ where
         loop {
             let status = match self.pump(target.as_ref(), body, &mut framer, &tx).await {
                 Pumped::Finished | Pumped::ClientGone => return,
+                Pumped::FailedAfterFinal => {
+                    let _ = tx.send(trailers(&Status::ok(""))).await;
+                    return;
+                }
                 Pumped::Broke(status) => status,
             };
             // Whatever comes next, a torn message must not reach the client.
@@ -441,9 +448,11 @@ where
             },
             None => None,
         };
-        let lost = |status: Status| match target {
-            Some(target) => lost_connection(target.node_id(), status),
-            None => status,
+        let mut completed = false;
+        let lost = |status: Status, completed: bool| match target {
+            _ if completed => Pumped::FailedAfterFinal,
+            Some(target) => Pumped::Broke(lost_connection(target.node_id(), status)),
+            None => Pumped::Broke(status),
         };
         loop {
             let departure = async {
@@ -459,10 +468,11 @@ where
                 frame = body.frame() => match frame {
                     Some(Ok(frame)) => match frame.into_data() {
                         Ok(data) => {
-                            if let Some(messages) = framer.push(data)
-                                && tx.send(http_body::Frame::data(messages)).await.is_err()
-                            {
-                                return Pumped::ClientGone;
+                            if let Some(messages) = framer.push(data) {
+                                completed = completed || self.rule.completes(&messages);
+                                if tx.send(http_body::Frame::data(messages)).await.is_err() {
+                                    return Pumped::ClientGone;
+                                }
                             }
                         }
                         Err(frame) => {
@@ -472,19 +482,19 @@ where
                             }
                         }
                     },
-                    Some(Err(status)) => return Pumped::Broke(lost(status)),
+                    Some(Err(status)) => return lost(status, completed),
                     None => {
-                        return Pumped::Broke(lost(Status::unavailable(
-                            "the response ended without a grpc status",
-                        )));
+                        let status = Status::unavailable("the response ended without a grpc status");
+                        return lost(status, completed);
                     }
                 },
                 () = departure => {
                     let node = target.map(PeerTarget::node_id);
-                    return Pumped::Broke(node.map_or_else(
+                    let status = node.map_or_else(
                         || Status::unavailable("the call's node failed"),
                         peer_lost,
-                    ));
+                    );
+                    return lost(status, completed);
                 }
                 () = tx.closed() => return Pumped::ClientGone,
             }
