@@ -74,16 +74,19 @@
 #![forbid(unsafe_code)]
 
 mod agent;
+mod discovery;
 mod events;
 mod identity;
+mod input;
 pub mod keyring;
 mod load;
 mod membership;
 mod node_id;
+mod receive;
+mod shared;
 mod state;
 mod stats;
 mod store;
-mod timers;
 mod timing;
 mod transport;
 mod view;
@@ -102,7 +105,7 @@ pub use membership::{
 pub use node_id::{MAX_NODE_ID_LEN, NodeId, NodeIdError, abbreviate};
 pub use state::{
     MAX_ENDPOINT_LEN, MAX_STATE_SIZE, MAX_TAG_KEY_LEN, MAX_TAG_VALUE_LEN, NodeState, StateError,
-    Tags,
+    Tags, load_ratio,
 };
 pub use stats::MeshStats;
 pub use timing::{Timing, TimingError};
