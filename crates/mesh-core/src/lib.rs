@@ -100,7 +100,8 @@ pub use keyring::{
 };
 pub use load::{LoadTracker, TaskGuard};
 pub use membership::{
-    DEFAULT_GOSSIP_PORT, LeaveError, Membership, MembershipBuilder, StartError, StoppedError,
+    DEFAULT_GOSSIP_PORT, DEFAULT_MAX_CONCURRENCY, LeaveError, Membership, MembershipBuilder,
+    StartError, StoppedError,
 };
 pub use node_id::{MAX_NODE_ID_LEN, NodeId, NodeIdError, abbreviate};
 pub use state::{

@@ -38,6 +38,10 @@ const EVENT_CAPACITY: usize = 1024;
 /// dropped (counted as overload).
 const INPUT_CAPACITY: usize = 1024;
 
+/// The concurrency limit a node starts with unless told otherwise (tasks it runs at once), the
+/// value the configuration documents.
+pub const DEFAULT_MAX_CONCURRENCY: u32 = 16;
+
 /// A running member of the mesh.
 ///
 /// Cheap to clone; every clone controls the same node. The membership task stops when
@@ -406,7 +410,7 @@ impl Default for MembershipBuilder {
             discovery: None,
             fields: LocalFields::default(),
             load: None,
-            max_concurrency: 0,
+            max_concurrency: DEFAULT_MAX_CONCURRENCY,
             generation: None,
             rng_seed: None,
             keyring: None,
@@ -487,7 +491,8 @@ impl MembershipBuilder {
         self
     }
 
-    /// Initial concurrency limit (default 0: the node takes no forwarded work until set).
+    /// Initial concurrency limit (default [`DEFAULT_MAX_CONCURRENCY`], 16); zero means the node
+    /// takes no work from peers until it is raised.
     pub fn max_concurrency(mut self, max_concurrency: u32) -> Self {
         self.max_concurrency = max_concurrency;
         self
