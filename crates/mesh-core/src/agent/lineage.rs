@@ -339,17 +339,10 @@ impl<T: Transport> Agent<T> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::runtime::testing::identity as id;
     use std::time::Duration;
 
     use super::*;
-
-    fn id(name: &str, port: u16, generation: u64) -> Identity {
-        Identity::new(
-            NodeId::new(name).unwrap(),
-            std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-            generation,
-        )
-    }
 
     fn local() -> Identity {
         id("me", 1, 100)

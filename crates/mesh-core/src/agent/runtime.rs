@@ -198,6 +198,15 @@ pub(crate) mod testing {
         }
     }
 
+    /// `name`'s identity at 127.0.0.1:`port`.
+    pub(crate) fn identity(name: &str, port: u16, generation: u64) -> crate::Identity {
+        crate::Identity::new(
+            crate::NodeId::new(name).unwrap(),
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            generation,
+        )
+    }
+
     /// Shared state for a node that is not running.
     pub(crate) fn shared(view: MembershipView) -> Arc<Shared> {
         Arc::new(Shared::new(

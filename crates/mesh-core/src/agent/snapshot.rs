@@ -132,16 +132,9 @@ impl Snapshots {
 
 #[cfg(test)]
 mod tests {
+    use super::super::runtime::testing::identity as id;
     use super::*;
     use crate::NodeId;
-
-    fn id(name: &str, port: u16, generation: u64) -> Identity {
-        Identity::new(
-            NodeId::new(name).unwrap(),
-            std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-            generation,
-        )
-    }
 
     fn state(name: &str, generation: u64, pending: u32) -> Arc<NodeState> {
         let mut state = NodeState::new(NodeId::new(name).unwrap(), generation, 1);

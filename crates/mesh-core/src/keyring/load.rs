@@ -203,14 +203,10 @@ pub enum KeyringLoadError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::KEY_LEN;
-
-    const BASE64: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
-    const HEX: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
-
-    fn counting() -> [u8; KEY_LEN] {
-        std::array::from_fn(|i| i as u8)
-    }
+    use crate::{
+        KEY_LEN,
+        keyring::tests::{BASE64, HEX, counting},
+    };
 
     /// A file in the system temp directory, removed on drop.
     struct TempFile(PathBuf);

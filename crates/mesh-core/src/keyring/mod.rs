@@ -389,10 +389,11 @@ pub enum KeyringError {
 mod tests {
     use super::*;
 
-    const BASE64: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
-    const HEX: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+    /// The key `0, 1, …, 31` in base64 and in hex.
+    pub(super) const BASE64: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    pub(super) const HEX: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
 
-    fn counting() -> [u8; KEY_LEN] {
+    pub(super) fn counting() -> [u8; KEY_LEN] {
         std::array::from_fn(|i| i as u8)
     }
 
