@@ -9,10 +9,7 @@
 //!
 //! `cargo bench --bench layer` (run with `-- --samples N --actions M` to change the sizes).
 
-use std::{
-    net::SocketAddr,
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, time::Duration};
 
 use futures::StreamExt;
 use mesh::{
@@ -31,6 +28,7 @@ use mesh_demo::{
         test::v1::{EchoRequest, echo_client::EchoClient},
     },
 };
+use tokio::time::Instant;
 use tonic::service::Routes;
 
 fn builder(name: &str, slots: u32, seed: Option<SocketAddr>) -> mesh::NodeBuilder {

@@ -20,8 +20,11 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
+
+// Wall-clock measurement, through tokio's clock like the rest of the project (clippy.toml).
+use tokio::time::Instant;
 
 use clap::{Parser, ValueEnum};
 use futures::StreamExt;

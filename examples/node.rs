@@ -49,10 +49,10 @@ struct Args {
     /// gRPC port of this replica.
     #[arg(long)]
     grpc_port: Option<String>,
-    /// Tasks this replica runs at once.
+    /// Tasks this replica runs at once (default 16).
     #[arg(long)]
     max_concurrency: Option<String>,
-    /// Timing preset: lan, wan or local.
+    /// Timing preset: lan (default), wan or local.
     #[arg(long)]
     timing: Option<String>,
     /// A platform tag, key=value (repeatable).

@@ -4,31 +4,27 @@
 //! section, then overridden by `MESH_*` environment variables, then validated. Every error names
 //! the key (or variable), the offending value and the rule.
 //!
+//! Each key is written once, in the `mesh_config!` list below: its documentation, its type and
+//! its default. The struct, its `Default`, [`MeshConfig::KEYS`] and the text setter behind the
+//! environment overlay ([`MeshConfig::set`]) all come from that list, and the text of a value is
+//! read by its type ([`FromText`]): numbers, booleans, comma-separated lists, `k=v` maps,
+//! durations (`humantime`, as in files), and the enums by their serde names, so a variant is
+//! spelled in one place too.
+//!
+//! A configuration for a Kubernetes StatefulSet behind a headless service (every other key at
+//! its default; the README lists the defaults):
+//!
 //! ```toml
 //! [mesh]
-//! enabled = true
-//! node_id = "build-0"              # default: the hostname (the pod name on Kubernetes)
-//! bind_addr = "0.0.0.0"
-//! bind_port = 7946
-//! advertise_addr = ""              # default: the address of the default route (the pod IP)
-//! discovery_mode = "dns"           # "list" or "dns"
-//! join_peers = []                  # list mode: "host:port" entries
-//! dns_service_name = "mesh.build.svc.cluster.local"
-//! dns_srv = false                  # ports from SRV records (_gossip._udp.<name>) instead of bind_port
-//! discovery_interval = "30s"
+//! discovery_mode = "dns"           # "list" (the default: join_peers) or "dns"
+//! dns_service_name = "mesh.build.svc.cluster.local."
 //! timing = "lan"                   # "lan", "wan" or "local"
-//! grpc_advertise_addr = ""         # host:port peers forward calls to; default advertise_addr:grpc_port
-//! grpc_port = 50051
 //! max_concurrency = 16
-//! tls_cert_file = ""               # PEM certificate (chain) of the gRPC server; setting the three
-//! tls_key_file = ""                # tls_*_file keys turns TLS on for the server and for
-//! tls_ca_file = ""                 # forwarding (peers must advertise https://, and do)
-//! tls_client_auth = false          # mutual TLS: require client certificates from tls_ca_file,
-//!                                  # and present this node's own certificate to peers
-//! tls_domain = ""                  # verify peers' certificates for this name instead of their address
-//! gossip_keys_file = ""            # encrypt gossip: one 32-byte key per line (base64 or hex), first is primary
-//! gossip_keys_env = ""             # or: the name of a variable holding comma-separated keys
-//! cluster_label = ""               # authenticated with the keys: clusters with other labels cannot talk
+//! tls_cert_file = "/tls/tls.crt"   # the three tls_*_file keys turn TLS on for the server and
+//! tls_key_file = "/tls/tls.key"    # for forwarding (peers must advertise https://, and do)
+//! tls_ca_file = "/tls/ca.crt"
+//! gossip_keys_env = "MESH_GOSSIP_KEYS"  # encrypt gossip with the keys in this variable
+//! cluster_label = "build"
 //! ```
 //!
 //! TLS material is read and checked by [`MeshConfig::resolve`]: a file that cannot be read, a
@@ -37,18 +33,26 @@
 
 use std::{
     collections::BTreeMap,
+    fmt,
     net::{IpAddr, SocketAddr, ToSocketAddrs},
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
-use mesh_core::{DEFAULT_GOSSIP_PORT, Keyring, MAX_CLUSTER_LABEL_LEN, NodeId, Tags, Timing};
+use mesh_core::{
+    DEFAULT_GOSSIP_PORT, DEFAULT_MAX_CONCURRENCY, Keyring, MAX_CLUSTER_LABEL_LEN, NodeId, Tags,
+    Timing,
+};
 use mesh_discovery::{Dns, Static};
 use mesh_route::{
-    Affinity, ChannelConfig, LeastLoaded, PowerOfTwoChoices, Random, RoundRobin, WeightedCapacity,
-    WhenFull,
+    Affinity, ChannelConfig, LeastLoaded, PowerOfTwoChoices, Random, RoundRobin, Strategy,
+    WeightedCapacity, WhenFull,
 };
-use serde::Deserialize;
+use serde::{
+    Deserialize,
+    de::{DeserializeOwned, IntoDeserializer},
+};
 
 use crate::{
     NodeBuilder,
@@ -57,7 +61,7 @@ use crate::{
 
 /// How a node finds its peers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum DiscoveryMode {
     /// A static `join_peers` list.
     #[default]
@@ -66,108 +70,321 @@ pub enum DiscoveryMode {
     Dns,
 }
 
-/// The mesh configuration, with the seed server's keys. Every field has a default, so an empty
-/// file is a valid (single-node, list-mode) configuration.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-#[non_exhaustive]
-pub struct MeshConfig {
-    /// Whether the server should join a mesh at all.
-    pub enabled: bool,
-    /// This node's id; empty means the hostname.
-    pub node_id: String,
-    /// IP the gossip socket binds to.
-    pub bind_addr: String,
-    /// Gossip port (UDP). 0 picks an ephemeral port.
-    pub bind_port: u16,
-    /// IP peers reach us at; empty means the bind address, or the address of the default route
-    /// when binding to `0.0.0.0`.
-    pub advertise_addr: String,
-    /// Port peers reach us at; 0 means `bind_port`.
-    pub advertise_port: u16,
-    /// `list` or `dns`.
-    pub discovery_mode: DiscoveryMode,
-    /// `host:port` entries to join through (list mode).
-    pub join_peers: Vec<String>,
-    /// The name to resolve (dns mode), e.g. a Kubernetes headless service.
-    pub dns_service_name: String,
-    /// Take ports from SRV records (`_gossip._udp.<name>`) instead of `bind_port`.
-    pub dns_srv: bool,
-    /// An explicit nameserver `ip:port` (default: the system's resolver).
-    pub dns_nameserver: String,
-    /// How often discovery runs again, e.g. `"30s"`.
-    pub discovery_interval: String,
-    /// Timing preset: `lan`, `wan` or `local`.
-    pub timing: String,
-    /// `host:port` peers forward gRPC calls to; empty means `advertise_addr:grpc_port`.
-    pub grpc_advertise_addr: String,
-    /// The port of this server's gRPC API.
-    pub grpc_port: u16,
-    /// Tasks this node runs at once.
-    pub max_concurrency: u32,
-    /// Platform properties advertised to routers.
-    pub tags: BTreeMap<String, String>,
-    /// Routing strategy: `least-loaded`, `power-of-two`, `round-robin`, `random`, `weighted`
-    /// or `affinity`.
-    pub strategy: String,
-    /// When every node is full: `wait` (hold the call until a slot frees anywhere, the
-    /// default) or `run-locally` (queue it here, the seed server's rule).
-    pub when_full: String,
-    /// PEM certificate chain of this node's gRPC server. With `tls_key_file` and `tls_ca_file`
-    /// it turns TLS on; empty (the default) means plaintext.
-    pub tls_cert_file: String,
-    /// PEM private key of `tls_cert_file`.
-    pub tls_key_file: String,
-    /// PEM CA certificate(s) that peers' certificates must chain to.
-    pub tls_ca_file: String,
-    /// Mutual TLS: the server requires client certificates from `tls_ca_file`, and the node
-    /// presents its own certificate when it forwards. Needs the `tls_*_file` keys.
-    pub tls_client_auth: bool,
-    /// A name to verify peers' certificates for instead of the address they advertise (a DNS
-    /// name or an IP address); empty means the address. Needs the `tls_*_file` keys.
-    pub tls_domain: String,
-    /// A file of gossip keys (one per line, base64 or hex, the first is the primary): encrypts
-    /// and authenticates all gossip. See [`mesh_core::keyring`].
-    pub gossip_keys_file: String,
-    /// The name of an environment variable holding comma-separated gossip keys (for example
-    /// one filled from a Kubernetes Secret). Not both this and `gossip_keys_file`.
-    pub gossip_keys_env: String,
-    /// A label authenticated with every datagram: nodes with another label cannot talk even
-    /// with the same key. Needs gossip keys.
-    pub cluster_label: String,
+/// A [`Timing`] preset by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum TimingPreset {
+    /// [`Timing::lan`]: one-second probes, for a data-centre network.
+    #[default]
+    Lan,
+    /// [`Timing::wan`]: five-second probes, for links between regions.
+    Wan,
+    /// [`Timing::local`]: everything within a second or two, for one machine (tests, demos).
+    Local,
 }
 
-impl Default for MeshConfig {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            node_id: String::new(),
-            bind_addr: "0.0.0.0".to_owned(),
-            bind_port: DEFAULT_GOSSIP_PORT,
-            advertise_addr: String::new(),
-            advertise_port: 0,
-            discovery_mode: DiscoveryMode::List,
-            join_peers: Vec::new(),
-            dns_service_name: String::new(),
-            dns_srv: false,
-            dns_nameserver: String::new(),
-            discovery_interval: "30s".to_owned(),
-            timing: "lan".to_owned(),
-            grpc_advertise_addr: String::new(),
-            grpc_port: 50051,
-            max_concurrency: 0,
-            tags: BTreeMap::new(),
-            strategy: "least-loaded".to_owned(),
-            when_full: "wait".to_owned(),
-            tls_cert_file: String::new(),
-            tls_key_file: String::new(),
-            tls_ca_file: String::new(),
-            tls_client_auth: false,
-            tls_domain: String::new(),
-            gossip_keys_file: String::new(),
-            gossip_keys_env: String::new(),
-            cluster_label: String::new(),
+impl TimingPreset {
+    /// The preset's timing.
+    pub fn timing(self) -> Timing {
+        match self {
+            TimingPreset::Lan => Timing::lan(),
+            TimingPreset::Wan => Timing::wan(),
+            TimingPreset::Local => Timing::local(),
         }
+    }
+}
+
+/// A built-in routing strategy by name (see [`mesh_route::select`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum StrategyKind {
+    /// [`LeastLoaded`].
+    #[default]
+    LeastLoaded,
+    /// [`PowerOfTwoChoices`].
+    PowerOfTwo,
+    /// [`RoundRobin`].
+    RoundRobin,
+    /// [`Random`].
+    Random,
+    /// [`WeightedCapacity`].
+    Weighted,
+    /// [`Affinity`].
+    Affinity,
+}
+
+impl StrategyKind {
+    /// A new instance of the strategy, seeded from the operating system.
+    pub fn strategy(self) -> Arc<dyn Strategy> {
+        match self {
+            StrategyKind::LeastLoaded => Arc::new(LeastLoaded::new()),
+            StrategyKind::PowerOfTwo => Arc::new(PowerOfTwoChoices::new()),
+            StrategyKind::RoundRobin => Arc::new(RoundRobin::new()),
+            StrategyKind::Random => Arc::new(Random::new()),
+            StrategyKind::Weighted => Arc::new(WeightedCapacity::new()),
+            StrategyKind::Affinity => Arc::new(Affinity::new()),
+        }
+    }
+}
+
+/// What the router does when every node is full, by name (see [`WhenFull`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum WhenFullMode {
+    /// [`WhenFull::RunLocally`]: queue the call on the node it arrived at.
+    RunLocally,
+    /// [`WhenFull::Wait`]: hold the call until a slot frees anywhere.
+    #[default]
+    Wait,
+}
+
+impl From<WhenFullMode> for WhenFull {
+    fn from(mode: WhenFullMode) -> Self {
+        match mode {
+            WhenFullMode::RunLocally => WhenFull::RunLocally,
+            WhenFullMode::Wait => WhenFull::Wait,
+        }
+    }
+}
+
+/// Declares [`MeshConfig`] from one list of keys: each key's documentation and serde
+/// attributes, its type and its default. The struct, its `Default`, [`MeshConfig::KEYS`] and
+/// [`MeshConfig::set`] are generated from the list, so a key is written in one place.
+macro_rules! mesh_config {
+    (
+        $(#[$struct_attr:meta])*
+        pub struct MeshConfig {
+            $(
+                $(#[$key_attr:meta])*
+                $key:ident: $ty:ty = $default:expr,
+            )*
+        }
+    ) => {
+        $(#[$struct_attr])*
+        pub struct MeshConfig {
+            $( $(#[$key_attr])* pub $key: $ty, )*
+        }
+
+        impl Default for MeshConfig {
+            fn default() -> Self {
+                Self { $( $key: $default, )* }
+            }
+        }
+
+        impl MeshConfig {
+            /// Every key, in the order they are declared.
+            pub const KEYS: &'static [&'static str] = &[$( stringify!($key) ),*];
+
+            /// Sets one key from text, as an environment variable or a command-line flag
+            /// would: lists are comma-separated, `tags` is `k=v,k=v`, durations are like
+            /// `"30s"`. Unknown keys are an error too, so a misspelled variable does not pass
+            /// silently. The error is the rule the value broke.
+            pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
+                match key {
+                    $( stringify!($key) => self.$key = FromText::from_text(value)?, )*
+                    _ => return Err("is not a mesh configuration key".to_owned()),
+                }
+                Ok(())
+            }
+        }
+    };
+}
+
+mesh_config! {
+    /// The mesh configuration, with the seed server's keys. Every key has a default, so an
+    /// empty file is a valid (single-node, list-mode) configuration.
+    #[derive(Debug, Clone, PartialEq, Deserialize)]
+    #[serde(default, deny_unknown_fields)]
+    #[non_exhaustive]
+    pub struct MeshConfig {
+        /// Whether the server should join a mesh at all. Default `true`.
+        enabled: bool = true,
+        /// This node's id; empty (the default) means the hostname.
+        node_id: String = String::new(),
+        /// IP the gossip socket binds to. Default `0.0.0.0`.
+        bind_addr: String = "0.0.0.0".to_owned(),
+        /// Gossip port (UDP). 0 picks an ephemeral port. Default 7946.
+        bind_port: u16 = DEFAULT_GOSSIP_PORT,
+        /// IP peers reach us at; empty (the default) means the bind address, or the address of
+        /// the default route when binding to `0.0.0.0`.
+        advertise_addr: String = String::new(),
+        /// Port peers reach us at; 0 (the default) means `bind_port`.
+        advertise_port: u16 = 0,
+        /// `list` (the default) or `dns`.
+        discovery_mode: DiscoveryMode = DiscoveryMode::List,
+        /// `host:port` entries to join through (list mode). Default none.
+        join_peers: Vec<String> = Vec::new(),
+        /// The name to resolve (dns mode), e.g. a Kubernetes headless service.
+        dns_service_name: String = String::new(),
+        /// Take ports from SRV records (`_gossip._udp.<name>`) instead of `bind_port`.
+        dns_srv: bool = false,
+        /// An explicit nameserver `ip:port`; empty (the default) means the system's resolver.
+        dns_nameserver: String = String::new(),
+        /// How often discovery runs again, e.g. `"30s"` (the default) or `"1m 30s"`.
+        #[serde(with = "humantime_serde")]
+        discovery_interval: Duration = Duration::from_secs(30),
+        /// Timing preset: `lan` (the default), `wan` or `local`.
+        timing: TimingPreset = TimingPreset::Lan,
+        /// `host:port` peers forward gRPC calls to; empty (the default) means
+        /// `advertise_addr:grpc_port`.
+        grpc_advertise_addr: String = String::new(),
+        /// The port of this server's gRPC API. Default 50051.
+        grpc_port: u16 = 50051,
+        /// Tasks this node runs at once. Default 16 ([`DEFAULT_MAX_CONCURRENCY`]).
+        max_concurrency: u32 = DEFAULT_MAX_CONCURRENCY,
+        /// Platform properties advertised to routers. Default none.
+        tags: BTreeMap<String, String> = BTreeMap::new(),
+        /// Routing strategy: `least-loaded` (the default), `power-of-two`, `round-robin`,
+        /// `random`, `weighted` or `affinity`.
+        strategy: StrategyKind = StrategyKind::LeastLoaded,
+        /// When every node is full: `wait` (hold the call until a slot frees anywhere, the
+        /// default) or `run-locally` (queue it here, the seed server's rule).
+        when_full: WhenFullMode = WhenFullMode::Wait,
+        /// PEM certificate chain of this node's gRPC server. With `tls_key_file` and
+        /// `tls_ca_file` it turns TLS on; empty (the default) means plaintext.
+        tls_cert_file: String = String::new(),
+        /// PEM private key of `tls_cert_file`.
+        tls_key_file: String = String::new(),
+        /// PEM CA certificate(s) that peers' certificates must chain to.
+        tls_ca_file: String = String::new(),
+        /// Mutual TLS: the server requires client certificates from `tls_ca_file`, and the node
+        /// presents its own certificate when it forwards. Needs the `tls_*_file` keys.
+        tls_client_auth: bool = false,
+        /// A name to verify peers' certificates for instead of the address they advertise (a
+        /// DNS name or an IP address); empty means the address. Needs the `tls_*_file` keys.
+        tls_domain: String = String::new(),
+        /// A file of gossip keys (one per line, base64 or hex, the first is the primary):
+        /// encrypts and authenticates all gossip. See [`mesh_core::keyring`].
+        gossip_keys_file: String = String::new(),
+        /// The name of an environment variable holding comma-separated gossip keys (for
+        /// example one filled from a Kubernetes Secret). Not both this and `gossip_keys_file`.
+        gossip_keys_env: String = String::new(),
+        /// A label authenticated with every datagram: nodes with another label cannot talk even
+        /// with the same key. Needs gossip keys.
+        cluster_label: String = String::new(),
+    }
+}
+
+/// A value of a configuration key written as text (an environment variable, a flag); the
+/// error is the rule the text broke.
+trait FromText: Sized {
+    fn from_text(text: &str) -> Result<Self, String>;
+}
+
+impl FromText for String {
+    fn from_text(text: &str) -> Result<Self, String> {
+        Ok(text.to_owned())
+    }
+}
+
+/// Parses trimmed `text`, or fails with `rule`.
+fn parse_or<T: std::str::FromStr>(text: &str, rule: &str) -> Result<T, String> {
+    text.trim().parse().map_err(|_| rule.to_owned())
+}
+
+impl FromText for bool {
+    fn from_text(text: &str) -> Result<Self, String> {
+        parse_or(text, "must be true or false")
+    }
+}
+
+/// Every `u16` key is a port.
+impl FromText for u16 {
+    fn from_text(text: &str) -> Result<Self, String> {
+        parse_or(text, "must be a port number (0-65535)")
+    }
+}
+
+impl FromText for u32 {
+    fn from_text(text: &str) -> Result<Self, String> {
+        parse_or(text, "must be a whole number")
+    }
+}
+
+/// Comma-separated, blanks dropped.
+impl FromText for Vec<String> {
+    fn from_text(text: &str) -> Result<Self, String> {
+        Ok(text
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect())
+    }
+}
+
+/// `k=v,k=v` (the only map key is `tags`).
+impl FromText for BTreeMap<String, String> {
+    fn from_text(text: &str) -> Result<Self, String> {
+        Vec::<String>::from_text(text)?
+            .into_iter()
+            .map(|pair| {
+                pair.split_once('=')
+                    .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                    .ok_or_else(|| format!("tag {pair:?} must be key=value"))
+            })
+            .collect()
+    }
+}
+
+/// What a duration looks like, in errors.
+const DURATION_RULE: &str =
+    "must be a positive duration such as \"500ms\", \"30s\", \"5m\" or \"1h\"";
+
+/// `humantime`'s format, as `humantime_serde` reads it in files.
+impl FromText for Duration {
+    fn from_text(text: &str) -> Result<Self, String> {
+        humantime::parse_duration(text.trim()).map_err(|_| DURATION_RULE.to_owned())
+    }
+}
+
+/// The enums of this module, read by their serde names.
+trait Choice: DeserializeOwned {}
+
+impl Choice for DiscoveryMode {}
+impl Choice for TimingPreset {}
+impl Choice for StrategyKind {}
+impl Choice for WhenFullMode {}
+
+impl<T: Choice> FromText for T {
+    fn from_text(text: &str) -> Result<Self, String> {
+        let text: &str = text.trim();
+        T::deserialize(IntoDeserializer::<ChoiceError>::into_deserializer(text)).map_err(|e| e.0)
+    }
+}
+
+/// The rule an unknown variant broke, worded from serde's list of variant names.
+#[derive(Debug)]
+struct ChoiceError(String);
+
+impl fmt::Display for ChoiceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ChoiceError {}
+
+impl serde::de::Error for ChoiceError {
+    fn custom<M: fmt::Display>(message: M) -> Self {
+        Self(message.to_string())
+    }
+
+    fn unknown_variant(_variant: &str, expected: &'static [&'static str]) -> Self {
+        Self(format!("must be {}", one_of(expected)))
+    }
+}
+
+/// `"a" or "b"`, `"a", "b" or "c"`; longer lists as `one of a, b, c, d`.
+fn one_of(names: &[&str]) -> String {
+    match names {
+        [] => "nothing".to_owned(),
+        [only] => format!("{only:?}"),
+        [init @ .., last] if names.len() <= 3 => {
+            let init: Vec<String> = init.iter().map(|n| format!("{n:?}")).collect();
+            format!("{} or {last:?}", init.join(", "))
+        }
+        _ => format!("one of {}", names.join(", ")),
     }
 }
 
@@ -329,68 +546,6 @@ impl MeshConfig {
         Ok(())
     }
 
-    /// Sets one key from text, as an environment variable or a command-line flag would.
-    /// Unknown keys are an error too, so a misspelled variable does not pass silently.
-    pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
-        fn parse<T: std::str::FromStr>(value: &str, what: &str) -> Result<T, String> {
-            value.trim().parse().map_err(|_| format!("must be {what}"))
-        }
-        fn list(value: &str) -> Vec<String> {
-            value
-                .split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(str::to_owned)
-                .collect()
-        }
-        match key {
-            "enabled" => self.enabled = parse(value, "true or false")?,
-            "node_id" => self.node_id = value.to_owned(),
-            "bind_addr" => self.bind_addr = value.to_owned(),
-            "bind_port" => self.bind_port = parse(value, "a port number (0-65535)")?,
-            "advertise_addr" => self.advertise_addr = value.to_owned(),
-            "advertise_port" => self.advertise_port = parse(value, "a port number (0-65535)")?,
-            "discovery_mode" => {
-                self.discovery_mode = match value.trim() {
-                    "list" => DiscoveryMode::List,
-                    "dns" => DiscoveryMode::Dns,
-                    _ => return Err("must be \"list\" or \"dns\"".to_owned()),
-                }
-            }
-            "join_peers" => self.join_peers = list(value),
-            "dns_service_name" => self.dns_service_name = value.to_owned(),
-            "dns_srv" => self.dns_srv = parse(value, "true or false")?,
-            "dns_nameserver" => self.dns_nameserver = value.to_owned(),
-            "discovery_interval" => self.discovery_interval = value.to_owned(),
-            "timing" => self.timing = value.to_owned(),
-            "grpc_advertise_addr" => self.grpc_advertise_addr = value.to_owned(),
-            "grpc_port" => self.grpc_port = parse(value, "a port number (0-65535)")?,
-            "max_concurrency" => self.max_concurrency = parse(value, "a whole number")?,
-            "tags" => {
-                self.tags = list(value)
-                    .into_iter()
-                    .map(|pair| {
-                        pair.split_once('=')
-                            .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-                            .ok_or_else(|| format!("tag {pair:?} must be key=value"))
-                    })
-                    .collect::<Result<_, _>>()?;
-            }
-            "strategy" => self.strategy = value.to_owned(),
-            "when_full" => self.when_full = value.to_owned(),
-            "tls_cert_file" => self.tls_cert_file = value.to_owned(),
-            "tls_key_file" => self.tls_key_file = value.to_owned(),
-            "tls_ca_file" => self.tls_ca_file = value.to_owned(),
-            "tls_client_auth" => self.tls_client_auth = parse(value, "true or false")?,
-            "tls_domain" => self.tls_domain = value.to_owned(),
-            "gossip_keys_file" => self.gossip_keys_file = value.to_owned(),
-            "gossip_keys_env" => self.gossip_keys_env = value.to_owned(),
-            "cluster_label" => self.cluster_label = value.to_owned(),
-            _ => return Err("is not a mesh configuration key".to_owned()),
-        }
-        Ok(())
-    }
-
     /// Checks every value and resolves the defaults that depend on the machine (hostname,
     /// advertise address). Errors name the key, the value and the rule.
     pub fn resolve(&self) -> Result<ResolvedConfig, ConfigError> {
@@ -468,25 +623,15 @@ impl MeshConfig {
         } else {
             None
         };
-        let mut timing = match self.timing.as_str() {
-            "lan" => Timing::lan(),
-            "wan" => Timing::wan(),
-            "local" => Timing::local(),
-            other => {
-                return Err(invalid(
-                    "timing",
-                    other,
-                    "must be \"lan\", \"wan\" or \"local\"",
-                ));
-            }
-        };
-        timing.discovery_interval = parse_duration(&self.discovery_interval).ok_or_else(|| {
-            invalid(
+        let mut timing = self.timing.timing();
+        if self.discovery_interval.is_zero() {
+            return Err(invalid(
                 "discovery_interval",
-                self.discovery_interval.clone(),
-                "must be a positive duration such as \"500ms\", \"30s\", \"5m\" or \"1h\"",
-            )
-        })?;
+                humantime::format_duration(self.discovery_interval).to_string(),
+                DURATION_RULE,
+            ));
+        }
+        timing.discovery_interval = self.discovery_interval;
         match self.discovery_mode {
             DiscoveryMode::List => {
                 for peer in &self.join_peers {
@@ -512,8 +657,6 @@ impl MeshConfig {
                 )
             })?;
         }
-        self.strategy_builder()?;
-        self.when_full()?;
         let keyring = self.keyring()?;
         Ok(ResolvedConfig {
             node_id,
@@ -637,36 +780,6 @@ impl MeshConfig {
         invalid(key, path.trim(), rule)
     }
 
-    fn when_full(&self) -> Result<WhenFull, ConfigError> {
-        match self.when_full.as_str() {
-            "run-locally" => Ok(WhenFull::RunLocally),
-            "wait" => Ok(WhenFull::Wait),
-            other => Err(invalid(
-                "when_full",
-                other,
-                "must be \"run-locally\" or \"wait\"",
-            )),
-        }
-    }
-
-    fn strategy_builder(&self) -> Result<fn(NodeBuilder) -> NodeBuilder, ConfigError> {
-        Ok(match self.strategy.as_str() {
-            "least-loaded" => |b: NodeBuilder| b.strategy(LeastLoaded::new()),
-            "power-of-two" => |b: NodeBuilder| b.strategy(PowerOfTwoChoices::new()),
-            "round-robin" => |b: NodeBuilder| b.strategy(RoundRobin::new()),
-            "random" => |b: NodeBuilder| b.strategy(Random::new()),
-            "weighted" => |b: NodeBuilder| b.strategy(WeightedCapacity::new()),
-            "affinity" => |b: NodeBuilder| b.strategy(Affinity::new()),
-            other => {
-                return Err(invalid(
-                    "strategy",
-                    other,
-                    "must be one of least-loaded, power-of-two, round-robin, random, weighted, affinity",
-                ));
-            }
-        })
-    }
-
     /// A [`NodeBuilder`] for this configuration, with discovery, timing, strategy, the gossip
     /// and gRPC addresses and the forwarding channels' TLS filled in. Check
     /// [`MeshConfig::enabled`] first; serve with [`ResolvedConfig::tls`]'s server half.
@@ -680,7 +793,8 @@ impl MeshConfig {
             .timing(resolved.timing.clone())
             .max_concurrency(self.max_concurrency)
             .tags(Tags::from_iter(self.tags.clone()))
-            .when_full(self.when_full()?);
+            .strategy_arc(self.strategy.strategy())
+            .when_full(self.when_full.into());
         if let Some(endpoint) = &resolved.grpc_endpoint {
             builder = builder.grpc_endpoint(endpoint.clone());
         }
@@ -692,7 +806,6 @@ impl MeshConfig {
                 .keyring(keyring.clone())
                 .cluster_label(self.cluster_label.clone());
         }
-        builder = (self.strategy_builder()?)(builder);
         builder = match self.discovery_mode {
             DiscoveryMode::List => {
                 let peers = Static::new(&self.join_peers)
@@ -733,25 +846,6 @@ fn check_host_port(key: &str, value: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// `"500ms"`, `"30s"`, `"5m"`, `"1h"` (a bare number is seconds). Zero is refused.
-pub fn parse_duration(text: &str) -> Option<Duration> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: f64 = number.parse().ok()?;
-    let seconds = match unit.trim() {
-        "ms" => number / 1000.0,
-        "" | "s" => number,
-        "m" => number * 60.0,
-        "h" => number * 3600.0,
-        _ => return None,
-    };
-    (seconds.is_finite() && seconds > 0.0 && seconds < 1e9)
-        .then(|| Duration::from_secs_f64(seconds))
-}
-
 /// The machine's hostname: `$HOSTNAME` (set in every Kubernetes pod), else the kernel's.
 fn hostname() -> Option<String> {
     std::env::var("HOSTNAME")
@@ -782,14 +876,111 @@ mod tests {
     use super::*;
 
     #[test]
-    fn durations() {
-        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
-        assert_eq!(parse_duration("30s"), Some(Duration::from_secs(30)));
-        assert_eq!(parse_duration("30"), Some(Duration::from_secs(30)));
-        assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
-        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
-        for bad in ["", "0s", "-1s", "10 parsecs", "s", "1e400s", "NaNs"] {
-            assert_eq!(parse_duration(bad), None, "{bad:?}");
+    fn durations_read_as_in_files() {
+        let read = |text: &str| Duration::from_text(text);
+        assert_eq!(read("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(read(" 30s "), Ok(Duration::from_secs(30)));
+        assert_eq!(read("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(read("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(read("1m 30s"), Ok(Duration::from_secs(90)));
+        for bad in ["", "-1s", "10 parsecs", "s", "1e400s", "NaNs", "30"] {
+            assert_eq!(read(bad), Err(DURATION_RULE.to_owned()), "{bad:?}");
         }
+        // Zero reads, and is refused by `resolve` under its key.
+        let mut config = MeshConfig {
+            node_id: "n".to_owned(),
+            bind_addr: "127.0.0.1".to_owned(),
+            ..MeshConfig::default()
+        };
+        config.set("discovery_interval", "0s").unwrap();
+        let error = config.resolve().unwrap_err().to_string();
+        assert_eq!(
+            error,
+            format!("invalid discovery_interval \"0s\": {DURATION_RULE}")
+        );
+    }
+
+    #[test]
+    fn choices_are_read_by_their_serde_names() {
+        assert_eq!(TimingPreset::from_text(" wan"), Ok(TimingPreset::Wan));
+        assert_eq!(
+            StrategyKind::from_text("power-of-two"),
+            Ok(StrategyKind::PowerOfTwo)
+        );
+        assert_eq!(
+            WhenFullMode::from_text("run-locally"),
+            Ok(WhenFullMode::RunLocally)
+        );
+        assert_eq!(DiscoveryMode::from_text("dns"), Ok(DiscoveryMode::Dns));
+        assert_eq!(
+            TimingPreset::from_text("Lan"),
+            Err("must be \"lan\", \"wan\" or \"local\"".to_owned())
+        );
+        assert_eq!(
+            StrategyKind::from_text("weighted").map(|k| k.strategy().name()),
+            Ok("weighted-capacity")
+        );
+        assert_eq!(WhenFull::from(WhenFullMode::default()), WhenFull::Wait);
+        assert_eq!(TimingPreset::Local.timing(), Timing::local());
+    }
+
+    #[test]
+    fn lists_maps_and_numbers_from_text() {
+        assert_eq!(
+            Vec::<String>::from_text(" a:1, ,b:2,"),
+            Ok(vec!["a:1".to_owned(), "b:2".to_owned()])
+        );
+        let tags = BTreeMap::<String, String>::from_text("os = linux,pool=gpu").unwrap();
+        assert_eq!(tags.get("os").map(String::as_str), Some("linux"));
+        assert_eq!(tags.len(), 2);
+        assert_eq!(
+            u16::from_text("70000"),
+            Err("must be a port number (0-65535)".to_owned())
+        );
+        assert_eq!(u32::from_text(" 16 "), Ok(16));
+        assert_eq!(
+            bool::from_text("yes"),
+            Err("must be true or false".to_owned())
+        );
+    }
+
+    #[test]
+    fn every_key_can_be_set_from_text() {
+        let mut config = MeshConfig::default();
+        for key in MeshConfig::KEYS {
+            // Text every type accepts except the enums, which get their first name.
+            let text = match *key {
+                "discovery_mode" => "dns",
+                "timing" => "local",
+                "strategy" => "random",
+                "when_full" => "run-locally",
+                "enabled" | "dns_srv" | "tls_client_auth" => "true",
+                "discovery_interval" => "1s",
+                "tags" => "k=v",
+                _ if matches!(
+                    *key,
+                    "bind_port" | "advertise_port" | "grpc_port" | "max_concurrency"
+                ) =>
+                {
+                    "1"
+                }
+                _ => "x",
+            };
+            config
+                .set(key, text)
+                .unwrap_or_else(|rule| panic!("{key}: {rule}"));
+        }
+        assert_eq!(
+            config.set("nope", "1"),
+            Err("is not a mesh configuration key".to_owned())
+        );
+        assert_eq!(MeshConfig::KEYS.first(), Some(&"enabled"));
+    }
+
+    #[test]
+    fn short_lists_are_spelled_out_and_long_ones_listed() {
+        assert_eq!(one_of(&["a", "b"]), "\"a\" or \"b\"");
+        assert_eq!(one_of(&["a", "b", "c"]), "\"a\", \"b\" or \"c\"");
+        assert_eq!(one_of(&["a", "b", "c", "d"]), "one of a, b, c, d");
     }
 }

@@ -1,6 +1,6 @@
 //! [`Node`]: one member of the mesh, started from code.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use mesh_core::{
     Keyring, LeaveError, LoadTracker, Membership, MembershipBuilder, MembershipView, MeshEvent,
@@ -74,63 +74,97 @@ impl Node {
 
 /// Configures a [`Node`]. Setters that can fail return `Result<Self, _>` so a bad value is
 /// reported where it is set.
+///
+/// The membership half is a [`MembershipBuilder`] (its setters are passed straight through, or
+/// start from one with [`NodeBuilder::from_membership`]); the rest configures the router.
 #[derive(Default)]
 #[must_use = "a builder does nothing until started"]
 pub struct NodeBuilder {
-    node_id: Option<NodeId>,
-    gossip_bind: Option<SocketAddr>,
-    gossip_advertise: Option<SocketAddr>,
-    grpc_endpoint: Option<String>,
-    seeds: Vec<SocketAddr>,
-    discovery: Option<Arc<dyn DynDiscover>>,
-    timing: Option<Timing>,
-    max_concurrency: u32,
-    tags: Tags,
-    load: Option<LoadTracker>,
+    membership: MembershipBuilder,
     rng_seed: Option<u64>,
-    keyring: Option<Keyring>,
-    cluster_label: String,
     strategy: Option<Arc<dyn Strategy>>,
     channel_config: Option<ChannelConfig>,
-    max_state_age: Option<std::time::Duration>,
+    max_state_age: Option<Duration>,
     when_full: WhenFull,
 }
 
 impl std::fmt::Debug for NodeBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NodeBuilder")
-            .field("node_id", &self.node_id)
-            .field("gossip_bind", &self.gossip_bind)
-            .field("gossip_advertise", &self.gossip_advertise)
-            .field("grpc_endpoint", &self.grpc_endpoint)
-            .field("seeds", &self.seeds)
+            .field("membership", &self.membership)
+            .field("strategy", &self.strategy)
+            .field("when_full", &self.when_full)
             .finish_non_exhaustive()
     }
 }
 
+/// Setters that hand their value to the inner [`MembershipBuilder`]'s setter of the same name
+/// (see there for the details of each).
+macro_rules! membership_setters {
+    ($( $(#[$doc:meta])* $name:ident => $inner:ident($value:ident: $ty:ty); )*) => {
+        $(
+            $(#[$doc])*
+            pub fn $name(mut self, $value: $ty) -> Self {
+                self.membership = self.membership.$inner($value);
+                self
+            }
+        )*
+    };
+}
+
 impl NodeBuilder {
+    /// A node whose membership is configured by `membership` (with its node id, or set one
+    /// with [`NodeBuilder::node_id`]).
+    pub fn from_membership(membership: MembershipBuilder) -> Self {
+        Self {
+            membership,
+            ..Self::default()
+        }
+    }
+
     /// The node's id: 1-63 characters of `[A-Za-z0-9._-]`. Required.
     pub fn node_id(mut self, node_id: impl AsRef<str>) -> Result<Self, NodeIdError> {
-        self.node_id = Some(NodeId::new(node_id)?);
+        self.membership = self.membership.node_id(NodeId::new(node_id)?);
         Ok(self)
     }
 
-    /// Where the gossip socket binds (default `0.0.0.0:7946`).
-    pub fn gossip_bind(mut self, addr: SocketAddr) -> Self {
-        self.gossip_bind = Some(addr);
-        self
+    membership_setters! {
+        /// Where the gossip socket binds (default `0.0.0.0:7946`).
+        gossip_bind => bind_addr(addr: SocketAddr);
+        /// The gossip address peers use, when it differs from the bound one. A port of 0 means
+        /// the port the socket is bound to.
+        gossip_advertise => advertise_addr(addr: SocketAddr);
+        /// The gRPC endpoint peers forward calls to, e.g. `http://10.0.0.7:50051`.
+        grpc_endpoint => grpc_endpoint(endpoint: impl Into<String>);
+        /// Sets the gRPC endpoint only if none was set (used by servers that learn their port
+        /// late).
+        default_grpc_endpoint => default_grpc_endpoint(endpoint: impl Into<String>);
+        /// Gossip addresses to join through.
+        seeds => seeds(seeds: impl IntoIterator<Item = SocketAddr>);
+        /// A discovery source (static list, DNS) polled for the node's whole life.
+        discovery => discovery(discovery: impl DynDiscover);
+        /// Timing preset (default [`Timing::lan`]).
+        timing => timing(timing: Timing);
+        /// How many tasks this node runs at once (default
+        /// [`mesh_core::DEFAULT_MAX_CONCURRENCY`], 16).
+        max_concurrency => max_concurrency(max_concurrency: u32);
+        /// Platform properties advertised to routers.
+        tags => tags(tags: Tags);
+        /// Share an existing load tracker (for example one the executor already holds).
+        load_tracker => load_tracker(load: LoadTracker);
+        /// Encrypt and authenticate all gossip with `keyring` (see [`mesh_core::keyring`]):
+        /// nodes without a key in common cannot join, read or inject.
+        keyring => keyring(keyring: Keyring);
+        /// A label authenticated with every datagram (needs a keyring): clusters with different
+        /// labels cannot talk even when they share a key.
+        cluster_label => cluster_label(label: impl Into<String>);
     }
 
-    /// The gossip address peers use, when it differs from the bound one. A port of 0 means
-    /// the port the socket is bound to.
-    pub fn gossip_advertise(mut self, addr: SocketAddr) -> Self {
-        self.gossip_advertise = Some(addr);
-        self
-    }
-
-    /// The gRPC endpoint peers forward calls to, e.g. `http://10.0.0.7:50051`.
-    pub fn grpc_endpoint(mut self, endpoint: impl Into<String>) -> Self {
-        self.grpc_endpoint = Some(endpoint.into());
+    /// Seed every random choice (gossip targets, probe order, and the default strategy's tie
+    /// breaks), for reproducible simulations.
+    pub fn rng_seed(mut self, seed: u64) -> Self {
+        self.membership = self.membership.rng_seed(seed);
+        self.rng_seed = Some(seed);
         self
     }
 
@@ -138,80 +172,17 @@ impl NodeBuilder {
     /// else the bind address unless it is unspecified): a server that binds its gRPC port on
     /// `0.0.0.0` advertises this IP with its port.
     pub fn reachable_ip(&self) -> Option<std::net::IpAddr> {
-        self.gossip_advertise
-            .or(self.gossip_bind)
-            .map(|addr| addr.ip())
-            .filter(|ip| !ip.is_unspecified())
-    }
-
-    /// Sets the gRPC endpoint only if none was set (used by servers that learn their port late).
-    pub fn default_grpc_endpoint(mut self, endpoint: impl Into<String>) -> Self {
-        if self.grpc_endpoint.is_none() {
-            self.grpc_endpoint = Some(endpoint.into());
-        }
-        self
-    }
-
-    /// Gossip addresses to join through.
-    pub fn seeds(mut self, seeds: impl IntoIterator<Item = SocketAddr>) -> Self {
-        self.seeds.extend(seeds);
-        self
-    }
-
-    /// A discovery source (static list, DNS) polled for the node's whole life.
-    pub fn discovery(mut self, discovery: impl DynDiscover) -> Self {
-        self.discovery = Some(Arc::new(discovery));
-        self
-    }
-
-    /// Timing preset (default [`Timing::lan`]).
-    pub fn timing(mut self, timing: Timing) -> Self {
-        self.timing = Some(timing);
-        self
-    }
-
-    /// How many tasks this node runs at once.
-    pub fn max_concurrency(mut self, max_concurrency: u32) -> Self {
-        self.max_concurrency = max_concurrency;
-        self
-    }
-
-    /// Platform properties advertised to routers.
-    pub fn tags(mut self, tags: Tags) -> Self {
-        self.tags = tags;
-        self
-    }
-
-    /// Share an existing load tracker (for example one the executor already holds).
-    pub fn load_tracker(mut self, load: LoadTracker) -> Self {
-        self.load = Some(load);
-        self
-    }
-
-    /// Seed every random choice (gossip targets, probe order, and the default strategy's tie
-    /// breaks), for reproducible simulations.
-    pub fn rng_seed(mut self, seed: u64) -> Self {
-        self.rng_seed = Some(seed);
-        self
-    }
-
-    /// Encrypt and authenticate all gossip with `keyring` (see [`mesh_core::keyring`]): nodes
-    /// without a key in common cannot join, read or inject.
-    pub fn keyring(mut self, keyring: Keyring) -> Self {
-        self.keyring = Some(keyring);
-        self
-    }
-
-    /// A label authenticated with every datagram (needs a keyring): clusters with different
-    /// labels cannot talk even when they share a key.
-    pub fn cluster_label(mut self, label: impl Into<String>) -> Self {
-        self.cluster_label = label.into();
-        self
+        self.membership.reachable_ip()
     }
 
     /// The routing strategy (default [`mesh_route::LeastLoaded`]).
-    pub fn strategy(mut self, strategy: impl Strategy) -> Self {
-        self.strategy = Some(Arc::new(strategy));
+    pub fn strategy(self, strategy: impl Strategy) -> Self {
+        self.strategy_arc(Arc::new(strategy))
+    }
+
+    /// Like [`NodeBuilder::strategy`], for a strategy chosen at run time.
+    pub fn strategy_arc(mut self, strategy: Arc<dyn Strategy>) -> Self {
+        self.strategy = Some(strategy);
         self
     }
 
@@ -223,7 +194,7 @@ impl NodeBuilder {
 
     /// Peers whose state is older than this are not routed to (default: four state refresh
     /// intervals).
-    pub fn max_state_age(mut self, age: std::time::Duration) -> Self {
+    pub fn max_state_age(mut self, age: Duration) -> Self {
         self.max_state_age = Some(age);
         self
     }
@@ -236,51 +207,19 @@ impl NodeBuilder {
 
     /// Starts the node: binds the gossip socket, starts membership, discovery and the router.
     pub async fn start(self) -> Result<Node, NodeError> {
-        let (membership, router) = self.split()?;
-        let membership = membership.start().await?;
-        Ok(router.finish(membership))
+        let (membership, router) = self.split();
+        Ok(router.finish(membership.start().await?))
     }
 
     /// Starts the node on a datagram transport of your own instead of binding a UDP socket
     /// (a simulated network, a pre-bound socket); [`NodeBuilder::gossip_bind`] is then unused.
     pub async fn start_with_transport<T: Transport>(self, transport: T) -> Result<Node, NodeError> {
-        let (membership, router) = self.split()?;
-        let membership = membership.start_with_transport(transport).await?;
-        Ok(router.finish(membership))
+        let (membership, router) = self.split();
+        Ok(router.finish(membership.start_with_transport(transport).await?))
     }
 
     /// The membership half of the configuration, and what the router needs once it runs.
-    fn split(self) -> Result<(MembershipBuilder, RouterParts), NodeError> {
-        let node_id = self.node_id.ok_or(NodeError::MissingNodeId)?;
-        let mut builder = Membership::builder(node_id)
-            .timing(self.timing.unwrap_or_default())
-            .seeds(self.seeds)
-            .max_concurrency(self.max_concurrency)
-            .tags(self.tags);
-        if let Some(addr) = self.gossip_bind {
-            builder = builder.bind_addr(addr);
-        }
-        if let Some(addr) = self.gossip_advertise {
-            builder = builder.advertise_addr(addr);
-        }
-        if let Some(endpoint) = self.grpc_endpoint {
-            builder = builder.grpc_endpoint(endpoint);
-        }
-        if let Some(discovery) = self.discovery {
-            builder = builder.discovery_dyn(discovery);
-        }
-        if let Some(load) = self.load {
-            builder = builder.load_tracker(load);
-        }
-        if let Some(seed) = self.rng_seed {
-            builder = builder.rng_seed(seed);
-        }
-        if let Some(keyring) = self.keyring {
-            builder = builder.keyring(keyring);
-        }
-        if !self.cluster_label.is_empty() {
-            builder = builder.cluster_label(self.cluster_label);
-        }
+    fn split(self) -> (MembershipBuilder, RouterParts) {
         let strategy = match (self.strategy, self.rng_seed) {
             (Some(strategy), _) => Some(strategy),
             // A seeded node makes seeded routing decisions too.
@@ -289,15 +228,15 @@ impl NodeBuilder {
             }
             (None, None) => None,
         };
-        Ok((
-            builder,
+        (
+            self.membership,
             RouterParts {
                 strategy,
                 channel_config: self.channel_config,
                 max_state_age: self.max_state_age,
                 when_full: self.when_full,
             },
-        ))
+        )
     }
 }
 
@@ -305,7 +244,7 @@ impl NodeBuilder {
 struct RouterParts {
     strategy: Option<Arc<dyn Strategy>>,
     channel_config: Option<ChannelConfig>,
-    max_state_age: Option<std::time::Duration>,
+    max_state_age: Option<Duration>,
     when_full: WhenFull,
 }
 
@@ -337,5 +276,14 @@ pub enum NodeError {
     MissingNodeId,
     /// The membership layer could not start.
     #[error(transparent)]
-    Start(#[from] StartError),
+    Start(StartError),
+}
+
+impl From<StartError> for NodeError {
+    fn from(error: StartError) -> Self {
+        match error {
+            StartError::MissingNodeId => NodeError::MissingNodeId,
+            other => NodeError::Start(other),
+        }
+    }
 }

@@ -1,9 +1,12 @@
 //! The seed server's configuration keys load from TOML and YAML, environment variables override
 //! them, and every invalid value is reported with its key, the value and the rule.
 
-use std::io::Write;
+use std::{io::Write, time::Duration};
 
-use mesh::{ConfigError, DiscoveryMode, MeshConfig};
+use mesh::{
+    ConfigError, DiscoveryMode, MeshConfig,
+    config::{StrategyKind, TimingPreset, WhenFullMode},
+};
 
 const SEED_TOML: &str = r#"
 [mesh]
@@ -101,7 +104,7 @@ trait TapInterval {
 
 impl TapInterval for mesh::Timing {
     fn tap_interval(mut self) -> Self {
-        self.discovery_interval = std::time::Duration::from_secs(30);
+        self.discovery_interval = Duration::from_secs(30);
         self
     }
 }
@@ -132,6 +135,80 @@ fn the_seed_yaml_keys_load() {
         MeshConfig::from_toml_str("").unwrap(),
         MeshConfig::default()
     );
+}
+
+/// Every documented default, against literal values: the test fails if a default drifts
+/// from what README.md and the key docs say.
+#[test]
+fn documented_defaults_are_pinned() {
+    let config = MeshConfig::default();
+    assert!(config.enabled);
+    assert_eq!(config.node_id, "");
+    assert_eq!(config.bind_addr, "0.0.0.0");
+    assert_eq!(config.bind_port, 7946);
+    assert_eq!(config.advertise_addr, "");
+    assert_eq!(config.advertise_port, 0);
+    assert_eq!(config.discovery_mode, DiscoveryMode::List);
+    assert!(config.join_peers.is_empty());
+    assert_eq!(config.dns_service_name, "");
+    assert!(!config.dns_srv);
+    assert_eq!(config.dns_nameserver, "");
+    assert_eq!(config.discovery_interval, Duration::from_secs(30));
+    assert_eq!(config.timing, TimingPreset::Lan);
+    assert_eq!(config.grpc_advertise_addr, "");
+    assert_eq!(config.grpc_port, 50051);
+    assert_eq!(config.max_concurrency, 16);
+    assert!(config.tags.is_empty());
+    assert_eq!(config.strategy, StrategyKind::LeastLoaded);
+    assert_eq!(config.when_full, WhenFullMode::Wait);
+    assert_eq!(config.tls_cert_file, "");
+    assert_eq!(config.tls_key_file, "");
+    assert_eq!(config.tls_ca_file, "");
+    assert!(!config.tls_client_auth);
+    assert_eq!(config.tls_domain, "");
+    assert_eq!(config.gossip_keys_file, "");
+    assert_eq!(config.gossip_keys_env, "");
+    assert_eq!(config.cluster_label, "");
+    assert_eq!(
+        MeshConfig::KEYS.len(),
+        27,
+        "a new key needs its default pinned here"
+    );
+    assert_eq!(mesh::core::DEFAULT_MAX_CONCURRENCY, 16);
+}
+
+/// The configuration block in README.md shows the defaults: it parses, and is exactly
+/// `MeshConfig::default()`.
+#[test]
+fn the_readme_configuration_block_is_the_defaults() {
+    let readme = include_str!("../README.md");
+    let section = &readme[readme
+        .find("## Configuration")
+        .expect("a configuration section")..];
+    let start = section.find("```toml\n").expect("a TOML block") + "```toml\n".len();
+    let block = &section[start..start + section[start..].find("```").unwrap()];
+    let config = MeshConfig::from_toml_str(block).unwrap_or_else(|e| panic!("{e}\n{block}"));
+    assert_eq!(config, MeshConfig::default(), "{block}");
+}
+
+/// Builders started without a concurrency limit get the documented one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_started_without_a_limit_runs_the_default_sixteen_tasks() {
+    let node = mesh::Node::builder()
+        .node_id("defaults")
+        .unwrap()
+        .gossip_bind("127.0.0.1:0".parse().unwrap())
+        .timing(mesh::Timing::local())
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(node.load().max_concurrency(), 16);
+    let view = node
+        .membership()
+        .wait_until(|v| v.local().state().is_some())
+        .await;
+    assert_eq!(view.local().state().unwrap().max_concurrency, 16);
+    node.shutdown().await;
 }
 
 #[test]
@@ -216,16 +293,6 @@ fn every_invalid_value_is_named_with_its_rule() {
             "is required when discovery_mode is \"dns\"",
         ),
         (
-            "timing = \"fast\"",
-            "timing",
-            "must be \"lan\", \"wan\" or \"local\"",
-        ),
-        (
-            "discovery_interval = \"soon\"",
-            "discovery_interval",
-            "must be a positive duration",
-        ),
-        (
             "discovery_interval = \"0s\"",
             "discovery_interval",
             "must be a positive duration",
@@ -239,16 +306,6 @@ fn every_invalid_value_is_named_with_its_rule() {
             "dns_nameserver = \"8.8.8.8\"",
             "dns_nameserver",
             "must be an ip:port address",
-        ),
-        (
-            "strategy = \"fastest\"",
-            "strategy",
-            "must be one of least-loaded",
-        ),
-        (
-            "when_full = \"panic\"",
-            "when_full",
-            "must be \"run-locally\" or \"wait\"",
         ),
     ];
     for (line, key, rule) in cases {
@@ -265,6 +322,75 @@ fn every_invalid_value_is_named_with_its_rule() {
         let message = error.to_string();
         assert!(message.contains(rule), "{line}: {message}");
         assert!(message.starts_with(&format!("invalid {key} ")), "{message}");
+    }
+}
+
+/// Keys whose values are typed (enums, durations) refuse a bad value as soon as it is read:
+/// from a file, the parser names the key, the value and what was expected; from a variable
+/// or a flag, the error is the key, the value and the rule.
+#[test]
+fn typed_values_are_refused_when_read_naming_the_key_the_value_and_the_rule() {
+    // (key, bad value, the names a file's error lists, the rule of a variable's error)
+    let cases: [(&str, &str, &[&str], &str); 5] = [
+        (
+            "timing",
+            "fast",
+            &["lan", "wan", "local"],
+            "must be \"lan\", \"wan\" or \"local\"",
+        ),
+        (
+            "strategy",
+            "fastest",
+            &[
+                "least-loaded",
+                "power-of-two",
+                "round-robin",
+                "random",
+                "weighted",
+                "affinity",
+            ],
+            "must be one of least-loaded, power-of-two, round-robin, random, weighted, affinity",
+        ),
+        (
+            "when_full",
+            "panic",
+            &["run-locally", "wait"],
+            "must be \"run-locally\" or \"wait\"",
+        ),
+        (
+            "discovery_mode",
+            "consul",
+            &["list", "dns"],
+            "must be \"list\" or \"dns\"",
+        ),
+        (
+            "discovery_interval",
+            "soon",
+            &[],
+            "must be a positive duration",
+        ),
+    ];
+    for (key, value, expected, rule) in cases {
+        for error in [
+            MeshConfig::from_toml_str(&format!("{key} = {value:?}")).unwrap_err(),
+            MeshConfig::from_yaml_str(&format!("mesh:\n  {key}: {value}\n")).unwrap_err(),
+        ] {
+            assert!(error.contains(key) && error.contains(value), "{error}");
+            for name in expected {
+                assert!(error.contains(&format!("`{name}`")), "{name}: {error}");
+            }
+        }
+
+        let var = format!("MESH_{}", key.to_ascii_uppercase());
+        let error = MeshConfig::default()
+            .apply_vars([(var.clone(), value.to_owned())])
+            .unwrap_err();
+        assert_eq!(invalid_key(&error), var);
+        let message = error.to_string();
+        assert!(
+            message.starts_with(&format!("invalid {var} {value:?}: {rule}")),
+            "{message}"
+        );
     }
 }
 

@@ -4,27 +4,8 @@
 use mesh::MeshConfig;
 use proptest::prelude::*;
 
-const KEYS: [&str; 19] = [
-    "enabled",
-    "node_id",
-    "bind_addr",
-    "bind_port",
-    "advertise_addr",
-    "advertise_port",
-    "discovery_mode",
-    "join_peers",
-    "dns_service_name",
-    "dns_srv",
-    "dns_nameserver",
-    "discovery_interval",
-    "timing",
-    "grpc_advertise_addr",
-    "grpc_port",
-    "max_concurrency",
-    "tags",
-    "strategy",
-    "when_full",
-];
+/// Every key, from the one list that declares them.
+const KEYS: &[&str] = MeshConfig::KEYS;
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(1000))]

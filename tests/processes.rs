@@ -7,7 +7,11 @@
 
 mod support;
 
-use std::{path::PathBuf, process::Stdio, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
 
 use mesh::proto::admin::v1::{ListMembersRequest, mesh_admin_client::MeshAdminClient};
 use support::bounded;
@@ -47,7 +51,7 @@ struct NodeProcess {
 }
 
 impl NodeProcess {
-    async fn start(bin: &PathBuf, name: &str, slots: u32, join: Option<&str>) -> Self {
+    async fn start(bin: &Path, name: &str, slots: u32, join: Option<&str>) -> Self {
         let mut command = Command::new(bin.join("node"));
         command
             .args([

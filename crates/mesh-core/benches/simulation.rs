@@ -7,7 +7,12 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+#[allow(
+    clippy::disallowed_types,
+    reason = "the report's wall time is the real time a simulation takes, never the simulated clock"
+)]
+use std::time::Instant;
 
 use mesh_core::{MeshEvent, MeshStats, Timing};
 use support::Cluster;
@@ -54,6 +59,10 @@ fn totals(cluster: &Cluster) -> MeshStats {
 }
 
 fn run(n: usize) -> Report {
+    #[allow(
+        clippy::disallowed_types,
+        reason = "wall time of the simulation, as above"
+    )]
     let wall = Instant::now();
     let memory_before = resident_bytes();
     let mut cluster = Cluster::new(1, n, Timing::lan());

@@ -38,6 +38,44 @@
 //! scheduler that delivers them in deadline order (foca issue #26). Readers get immutable
 //! [`MembershipView`] snapshots through an `ArcSwap`, without locks.
 //!
+//! # Architecture
+//!
+//! Three tasks per node share one `Shared` state: the *receive task* reads the socket, the
+//! *membership task* owns foca, and the optional *discovery task* asks the discovery source
+//! for peers. Readers never wait on any of them. In the order the files are read:
+//!
+//! **A datagram, from the socket to the router.**
+//! 1. `transport.rs`: the [`Transport`] (a UDP socket, or turmoil's simulated one) receives
+//!    it on the receive task (`receive.rs`).
+//! 2. `wire.rs`: [`wire::Envelope::open`] checks magic, version and kind and, with a
+//!    [`Keyring`] (`keyring/`), decrypts and authenticates it. Failures are counted
+//!    (`stats.rs`) and dropped here.
+//! 3. `input.rs`: the body is decoded once: a SWIM packet stays bytes for foca, a pushed
+//!    [`NodeState`] (`state.rs`) and a leave notice become values. The result goes to the
+//!    membership task over a bounded channel (full: counted as overload, dropped).
+//! 4. `agent/mod.rs`: the membership task takes one step per input. A SWIM packet goes to
+//!    foca with `agent/runtime.rs` as its runtime (replies sealed and sent at once, timers into
+//!    the ordered queue of `agent/timers.rs`); states piggybacked on it reach `store.rs`, whose
+//!    broadcast handler keeps a state only if it is newer. A pushed state is handed to the same
+//!    handler already decoded, and foca re-gossips it if it was new to us.
+//! 5. foca's notifications become events in `agent/lineage.rs` ([`MeshEvent`], `events.rs`):
+//!    joined, rejoined, failed, left, one owner per node id; `agent/announce.rs` introduces us
+//!    to strangers that pushed us a state.
+//! 6. `agent/snapshot.rs` assembles a new [`MembershipView`] (`view.rs`) from foca's members
+//!    and the state table; `shared.rs` publishes it (an `ArcSwap`) and wakes waiters.
+//! 7. `membership.rs`: the router (`mesh_route`) reads [`Membership::view`] for every decision,
+//!    lock-free, and compares peers by [`load_ratio`].
+//!
+//! **A state change, from a task guard to a peer's router.**
+//! 1. `load.rs`: a [`TaskGuard`] changes the pending count and wakes the membership task
+//!    (as do [`Membership::set_tags`] and the other setters, through `shared.rs`).
+//! 2. `agent/publication.rs`: the change is coalesced (one version per
+//!    [`Timing::state_publish_interval`]), assembled from the local fields and the load,
+//!    encoded, queued in foca's broadcasts and pushed to up to
+//!    [`Timing::state_push_fanout`] peers through `agent/runtime.rs` and `wire.rs`.
+//! 3. On each peer it takes the datagram's path above, from step 1, and the peer's router
+//!    sees the new load in its next view.
+//!
 //! # Example
 //!
 //! ```
@@ -74,16 +112,19 @@
 #![forbid(unsafe_code)]
 
 mod agent;
+mod discovery;
 mod events;
 mod identity;
+mod input;
 pub mod keyring;
 mod load;
 mod membership;
 mod node_id;
+mod receive;
+mod shared;
 mod state;
 mod stats;
 mod store;
-mod timers;
 mod timing;
 mod transport;
 mod view;
@@ -97,12 +138,13 @@ pub use keyring::{
 };
 pub use load::{LoadTracker, TaskGuard};
 pub use membership::{
-    DEFAULT_GOSSIP_PORT, LeaveError, Membership, MembershipBuilder, StartError, StoppedError,
+    DEFAULT_GOSSIP_PORT, DEFAULT_MAX_CONCURRENCY, LeaveError, Membership, MembershipBuilder,
+    StartError, StoppedError,
 };
 pub use node_id::{MAX_NODE_ID_LEN, NodeId, NodeIdError, abbreviate};
 pub use state::{
     MAX_ENDPOINT_LEN, MAX_STATE_SIZE, MAX_TAG_KEY_LEN, MAX_TAG_VALUE_LEN, NodeState, StateError,
-    Tags,
+    Tags, load_ratio,
 };
 pub use stats::MeshStats;
 pub use timing::{Timing, TimingError};

@@ -122,12 +122,7 @@ impl LoadTracker {
 
     /// `pending / max_concurrency`, infinite when the limit is zero.
     pub fn load_ratio(&self) -> f64 {
-        let max = self.max_concurrency();
-        if max == 0 {
-            f64::INFINITY
-        } else {
-            f64::from(self.pending()) / f64::from(max)
-        }
+        crate::load_ratio(self.pending(), self.max_concurrency())
     }
 
     /// Resolves after the next change (used by the membership task).

@@ -1,30 +1,35 @@
 //! The handle embedders hold, and the builder that starts the membership task.
+//!
+//! Starting a node spawns three tasks around one [`Shared`] state: the receive task
+//! ([`crate::receive`]), the discovery task ([`crate::discovery`]) and the membership task
+//! ([`crate::agent`]), which owns foca. Handles talk to the membership task through the
+//! [`Input`] channel and read the view from [`Shared`] without locks.
 
 use std::{
-    net::SocketAddr,
-    sync::{Arc, Mutex, MutexGuard},
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
-use arc_swap::ArcSwap;
-use bytes::Bytes;
-use mesh_discovery::{DynDiscover, LastKnownGood};
+use mesh_discovery::DynDiscover;
 use tokio::{
-    sync::{Notify, broadcast, mpsc, oneshot, watch},
+    sync::{broadcast, mpsc, oneshot, watch},
     task::JoinHandle,
 };
 
 use crate::{
-    Identity, KeyFingerprint, Keyring, KeyringError, LoadTracker, LocalStatus, MeshEvent,
-    MeshStats, NodeId, NodeState, SecretKey, StateError, Tags, Timing, TimingError,
-    agent::{Agent, AgentParts, Input},
+    Identity, KeyFingerprint, Keyring, KeyringError, LoadTracker, MeshEvent, MeshStats, NodeId,
+    SecretKey, StateError, Tags, Timing, TimingError,
+    agent::{Agent, AgentParts, snapshot},
+    discovery::discovery_loop,
     identity::generation_now,
+    input::Input,
     keyring::SharedKeyring,
-    state::{validate_endpoint, validate_tags},
-    stats::{Counters, Dropped},
+    receive::receive_loop,
+    shared::{LocalFields, Shared},
     transport::{Transport, UdpTransport},
-    view::{Member, MembershipView, PeerStatus},
-    wire::{ClusterLabel, Envelope, MAX_CLUSTER_LABEL_LEN, MAX_DATAGRAM},
+    view::MembershipView,
+    wire::{ClusterLabel, Envelope, MAX_CLUSTER_LABEL_LEN},
 };
 
 /// Capacity of the event channel; slower receivers lose the oldest events.
@@ -33,40 +38,9 @@ const EVENT_CAPACITY: usize = 1024;
 /// dropped (counted as overload).
 const INPUT_CAPACITY: usize = 1024;
 
-/// The fields of our state that embedders set (load comes from the [`LoadTracker`]).
-#[derive(Debug, Clone, Default)]
-pub(crate) struct LocalFields {
-    pub(crate) grpc_endpoint: Option<String>,
-    pub(crate) tags: Tags,
-    pub(crate) draining: bool,
-}
-
-/// State shared by handles and the membership task.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    view: ArcSwap<MembershipView>,
-    view_epoch: watch::Sender<u64>,
-    pub(crate) events: broadcast::Sender<MeshEvent>,
-    local: Mutex<LocalFields>,
-    pub(crate) local_changed: Notify,
-    pub(crate) discovery_wanted: Notify,
-    pub(crate) load: LoadTracker,
-    pub(crate) counters: Counters,
-}
-
-impl Shared {
-    pub(crate) fn lock_local(&self) -> MutexGuard<'_, LocalFields> {
-        self.local
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    pub(crate) fn publish_view(&self, view: MembershipView) {
-        let epoch = view.epoch;
-        self.view.store(Arc::new(view));
-        self.view_epoch.send_replace(epoch);
-    }
-}
+/// The concurrency limit a node starts with unless told otherwise (tasks it runs at once), the
+/// value the configuration documents.
+pub const DEFAULT_MAX_CONCURRENCY: u32 = 16;
 
 /// A running member of the mesh.
 ///
@@ -121,12 +95,12 @@ impl Drop for Inner {
 impl Membership {
     /// Starts configuring a node with the given id.
     pub fn builder(node_id: NodeId) -> MembershipBuilder {
-        MembershipBuilder::new(node_id)
+        MembershipBuilder::default().node_id(node_id)
     }
 
     /// The current membership snapshot. Lock-free; never waits on the membership task.
     pub fn view(&self) -> Arc<MembershipView> {
-        self.inner.shared.view.load_full()
+        self.inner.shared.view()
     }
 
     /// Waits until `condition` holds for the membership view, and returns that view.
@@ -137,7 +111,7 @@ impl Membership {
         &self,
         mut condition: impl FnMut(&MembershipView) -> bool,
     ) -> Arc<MembershipView> {
-        let mut epochs = self.inner.shared.view_epoch.subscribe();
+        let mut epochs = self.inner.shared.view_epochs();
         loop {
             let view = self.view();
             if condition(&view) || epochs.changed().await.is_err() {
@@ -260,7 +234,7 @@ impl Membership {
         let mut fields = shared.lock_local();
         let mut candidate = fields.clone();
         change(&mut candidate);
-        check_local(&self.inner.node_id, &candidate)?;
+        candidate.validate(&self.inner.node_id)?;
         *fields = candidate;
         drop(fields);
         shared.local_changed.notify_one();
@@ -314,18 +288,6 @@ impl Membership {
     fn is_stopped(&self) -> bool {
         *self.inner.shutdown.borrow() || self.inner.inputs.is_closed()
     }
-}
-
-fn check_local(node_id: &NodeId, fields: &LocalFields) -> Result<(), StateError> {
-    validate_tags(&fields.tags)?;
-    if let Some(endpoint) = &fields.grpc_endpoint {
-        validate_endpoint(endpoint)?;
-    }
-    let mut state = NodeState::new(node_id.clone(), 0, 0);
-    state.grpc_endpoint = fields.grpc_endpoint.clone();
-    state.tags = fields.tags.clone();
-    state.draining = fields.draining;
-    state.check_worst_case_size()
 }
 
 /// The membership task has stopped.
@@ -393,13 +355,19 @@ pub enum StartError {
          and plain datagrams do not carry it"
     )]
     ClusterLabelWithoutKeyring,
+    /// No node id was given ([`MembershipBuilder::node_id`]).
+    #[error("a node id is required (MembershipBuilder::node_id)")]
+    MissingNodeId,
 }
 
 /// Configures and starts a [`Membership`].
+///
+/// Made by [`Membership::builder`], or empty with [`MembershipBuilder::default`] (then a node
+/// id must be set before starting).
 #[derive(Clone)]
 #[must_use = "a builder does nothing until started"]
 pub struct MembershipBuilder {
-    node_id: NodeId,
+    node_id: Option<NodeId>,
     bind_addr: SocketAddr,
     advertise_addr: Option<SocketAddr>,
     timing: Timing,
@@ -431,10 +399,10 @@ impl std::fmt::Debug for MembershipBuilder {
 /// The default gossip port (memberlist's).
 pub const DEFAULT_GOSSIP_PORT: u16 = 7946;
 
-impl MembershipBuilder {
-    fn new(node_id: NodeId) -> Self {
+impl Default for MembershipBuilder {
+    fn default() -> Self {
         Self {
-            node_id,
+            node_id: None,
             bind_addr: SocketAddr::from(([0, 0, 0, 0], DEFAULT_GOSSIP_PORT)),
             advertise_addr: None,
             timing: Timing::lan(),
@@ -442,12 +410,20 @@ impl MembershipBuilder {
             discovery: None,
             fields: LocalFields::default(),
             load: None,
-            max_concurrency: 0,
+            max_concurrency: DEFAULT_MAX_CONCURRENCY,
             generation: None,
             rng_seed: None,
             keyring: None,
             cluster_label: String::new(),
         }
+    }
+}
+
+impl MembershipBuilder {
+    /// The node's id (required; [`Membership::builder`] sets it).
+    pub fn node_id(mut self, node_id: NodeId) -> Self {
+        self.node_id = Some(node_id);
+        self
     }
 
     /// Where the gossip socket binds. Default `0.0.0.0:7946`; use port 0 for an ephemeral port.
@@ -464,6 +440,13 @@ impl MembershipBuilder {
         self
     }
 
+    /// The IP peers reach this node at, if one is configured: the advertise address, else the
+    /// bind address, unless it is unspecified (`0.0.0.0`, `::`).
+    pub fn reachable_ip(&self) -> Option<IpAddr> {
+        let ip = self.advertise_addr.unwrap_or(self.bind_addr).ip();
+        (!ip.is_unspecified()).then_some(ip)
+    }
+
     /// Timing preset; default [`Timing::lan`].
     pub fn timing(mut self, timing: Timing) -> Self {
         self.timing = timing;
@@ -478,9 +461,8 @@ impl MembershipBuilder {
 
     /// A discovery source asked every [`Timing::discovery_interval`] (and more often while the
     /// node is isolated); every address that is not a member is announced to.
-    pub fn discovery(mut self, discovery: impl DynDiscover) -> Self {
-        self.discovery = Some(Arc::new(discovery));
-        self
+    pub fn discovery(self, discovery: impl DynDiscover) -> Self {
+        self.discovery_dyn(Arc::new(discovery))
     }
 
     /// Like [`MembershipBuilder::discovery`], for a source chosen at run time.
@@ -495,13 +477,22 @@ impl MembershipBuilder {
         self
     }
 
+    /// Sets the gRPC endpoint only if none was set (for servers that learn their port late).
+    pub fn default_grpc_endpoint(mut self, endpoint: impl Into<String>) -> Self {
+        self.fields
+            .grpc_endpoint
+            .get_or_insert_with(|| endpoint.into());
+        self
+    }
+
     /// Initial tags.
     pub fn tags(mut self, tags: Tags) -> Self {
         self.fields.tags = tags;
         self
     }
 
-    /// Initial concurrency limit (default 0: the node takes no forwarded work until set).
+    /// Initial concurrency limit (default [`DEFAULT_MAX_CONCURRENCY`], 16); zero means the node
+    /// takes no work from peers until it is raised.
     pub fn max_concurrency(mut self, max_concurrency: u32) -> Self {
         self.max_concurrency = max_concurrency;
         self
@@ -565,8 +556,9 @@ impl MembershipBuilder {
         self,
         transport: T,
     ) -> Result<Membership, StartError> {
+        let node_id = self.node_id.ok_or(StartError::MissingNodeId)?;
         self.timing.validate()?;
-        check_local(&self.node_id, &self.fields)?;
+        self.fields.validate(&node_id)?;
         let label =
             ClusterLabel::new(&self.cluster_label).ok_or(StartError::ClusterLabelTooLong {
                 len: self.cluster_label.len(),
@@ -584,25 +576,19 @@ impl MembershipBuilder {
             None => local_addr,
         };
         let identity = Identity::new(
-            self.node_id.clone(),
+            node_id.clone(),
             advertise,
             self.generation.unwrap_or_else(generation_now),
         );
         let load = self
             .load
             .unwrap_or_else(|| LoadTracker::new(self.max_concurrency));
-        let (events, _) = broadcast::channel(EVENT_CAPACITY);
-        let (view_epoch, _) = watch::channel(0);
-        let shared = Arc::new(Shared {
-            view: ArcSwap::from_pointee(initial_view(&identity)),
-            view_epoch,
-            events,
-            local: Mutex::new(self.fields),
-            local_changed: Notify::new(),
-            discovery_wanted: Notify::new(),
+        let shared = Arc::new(Shared::new(
+            snapshot::initial(&identity),
+            self.fields,
             load,
-            counters: Counters::default(),
-        });
+            EVENT_CAPACITY,
+        ));
         let (inputs_tx, inputs_rx) = mpsc::channel(INPUT_CAPACITY);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let transport = Arc::new(transport);
@@ -653,118 +639,10 @@ impl MembershipBuilder {
                 shutdown: shutdown_tx,
                 task: Mutex::new(Some(task)),
                 local_addr,
-                node_id: self.node_id,
+                node_id,
                 timing: self.timing,
                 keyring,
             }),
         })
-    }
-}
-
-fn initial_view(identity: &Identity) -> MembershipView {
-    MembershipView {
-        local: Member {
-            identity: identity.clone(),
-            status: PeerStatus::Alive,
-            state: None,
-            refreshed_at: None,
-            local: true,
-        },
-        peers: Vec::new(),
-        status: LocalStatus::Joining,
-        epoch: 0,
-    }
-}
-
-/// Reads datagrams, checks and decrypts their envelope, and hands the valid ones to the
-/// membership task. Garbage and unauthenticated datagrams are counted and dropped here, off the
-/// membership task.
-async fn receive_loop<T: Transport>(
-    transport: Arc<T>,
-    envelope: Envelope,
-    inputs: mpsc::Sender<Input>,
-    shared: Arc<Shared>,
-) {
-    // One byte more than the budget, so an oversized datagram is seen as such, not truncated.
-    let mut buf = vec![0u8; MAX_DATAGRAM + 1];
-    let mut plaintext = Box::new([0u8; MAX_DATAGRAM]);
-    let mut consecutive_errors = 0u32;
-    loop {
-        let (len, from) = match transport.recv_from(&mut buf).await {
-            Ok(received) => {
-                consecutive_errors = 0;
-                received
-            }
-            Err(error) => {
-                // Some platforms report ICMP errors of earlier sends here; keep reading, but
-                // never spin on a socket that keeps failing.
-                consecutive_errors = consecutive_errors.saturating_add(1);
-                tracing::debug!(%error, "gossip socket receive error");
-                if consecutive_errors > 8 {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                continue;
-            }
-        };
-        shared.counters.received(len);
-        let (kind, body) = match envelope.open(&buf[..len], &mut plaintext) {
-            Ok(opened) => opened,
-            Err(error) => {
-                let why = match error {
-                    crate::WireError::Unauthenticated
-                    | crate::WireError::MissingEncryption
-                    | crate::WireError::UnexpectedEncryption => {
-                        Dropped::Unauthenticated(error.label())
-                    }
-                    _ => Dropped::Malformed(error.label()),
-                };
-                shared.counters.dropped(why);
-                tracing::debug!(%from, %error, "dropped datagram");
-                continue;
-            }
-        };
-        let input = Input::Datagram {
-            from,
-            kind,
-            body: Bytes::copy_from_slice(body),
-        };
-        match inputs.try_send(input) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => shared.counters.dropped(Dropped::Overload),
-            Err(mpsc::error::TrySendError::Closed(_)) => return,
-        }
-    }
-}
-
-/// Asks the discovery source for peers on an interval, or sooner when the membership task
-/// wants it (isolated). A failed or empty answer keeps the last good one in use.
-async fn discovery_loop(
-    discovery: Arc<dyn DynDiscover>,
-    interval: Duration,
-    inputs: mpsc::Sender<Input>,
-    shared: Arc<Shared>,
-) {
-    let discovery = LastKnownGood::new(discovery);
-    loop {
-        // Boxed as `Send` here, where the source type is concrete: proving it through the
-        // generic `refresh` future trips a higher-ranked lifetime limitation of rustc.
-        let refreshing: std::pin::Pin<Box<dyn Future<Output = _> + Send + '_>> =
-            Box::pin(discovery.refresh());
-        let refresh = refreshing.await;
-        if let Some(error) = refresh.error() {
-            shared.counters.discovery_failed();
-            tracing::warn!(%error, age = ?refresh.age, "peer discovery failed; keeping the last good answer");
-        }
-        if inputs
-            .send(Input::Discovered(refresh.addrs.to_vec()))
-            .await
-            .is_err()
-        {
-            return;
-        }
-        tokio::select! {
-            () = tokio::time::sleep(interval) => {}
-            () = shared.discovery_wanted.notified() => {}
-        }
     }
 }

@@ -67,11 +67,7 @@ impl NodeState {
 
     /// `pending / max_concurrency`; infinite when the node has no capacity at all.
     pub fn load_ratio(&self) -> f64 {
-        if self.max_concurrency == 0 {
-            f64::INFINITY
-        } else {
-            f64::from(self.pending) / f64::from(self.max_concurrency)
-        }
+        load_ratio(self.pending, self.max_concurrency)
     }
 
     /// Whether `self` is newer than `other` (both about the same node).
@@ -131,6 +127,17 @@ impl NodeState {
         widest.pending = u32::MAX;
         widest.max_concurrency = u32::MAX;
         widest.encode().map(drop)
+    }
+}
+
+/// A node's load: `pending / max_concurrency`, infinite when `max_concurrency` is zero (a node
+/// that takes no work is never less loaded than one that does). The one definition the
+/// gossiped state, the load tracker and the router's candidates share.
+pub fn load_ratio(pending: u32, max_concurrency: u32) -> f64 {
+    if max_concurrency == 0 {
+        f64::INFINITY
+    } else {
+        f64::from(pending) / f64::from(max_concurrency)
     }
 }
 

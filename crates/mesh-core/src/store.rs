@@ -5,6 +5,10 @@
 //! here, where a state is kept only if its `(generation, version)` is newer than what we hold.
 //! Foca re-disseminates exactly the states [`StateGossip::receive_item`] reports as new, so a
 //! stale copy still circulating dies out instead of undoing a newer one.
+//!
+//! A state that is already decoded (our own, or one its owner pushed to us, which the receive
+//! task decoded) is *staged* before it is handed to foca's broadcast queue, and the handler
+//! takes it as is: every state is decoded once.
 
 use std::{
     collections::HashMap,
@@ -43,10 +47,12 @@ pub(crate) struct StateStore {
     accepted: Vec<Arc<NodeState>>,
     /// Set when anything readers can see changed (new state, refreshed age).
     dirty: bool,
+    /// A decoded state about to be offered to foca ([`SharedStore::offer`]).
+    staged: Option<Arc<NodeState>>,
 }
 
 impl StateStore {
-    pub(crate) fn apply(&mut self, state: NodeState, now: Instant, direct: bool) -> Applied {
+    pub(crate) fn apply(&mut self, state: Arc<NodeState>, now: Instant, direct: bool) -> Applied {
         if self
             .buried
             .get(&state.node_id)
@@ -57,14 +63,13 @@ impl StateStore {
         if let Some(entry) = self.entries.get_mut(&state.node_id)
             && !state.is_newer_than(&entry.state)
         {
-            if direct && *entry.state == state {
+            if direct && entry.state == state {
                 entry.refreshed_at = now;
                 self.dirty = true;
                 return Applied::Refreshed;
             }
             return Applied::Stale;
         }
-        let state = Arc::new(state);
         self.accepted.push(Arc::clone(&state));
         self.entries.insert(
             state.node_id.clone(),
@@ -146,6 +151,16 @@ impl SharedStore {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+
+    /// Runs `add` (foca's [`add_broadcast`](foca::Foca::add_broadcast) of `state`'s bytes)
+    /// with `state` staged: the handler takes it instead of decoding the bytes again.
+    pub(crate) fn with_staged<R>(&self, state: Arc<NodeState>, add: impl FnOnce() -> R) -> R {
+        self.lock().staged = Some(state);
+        let added = add();
+        // Normally taken by the handler; not if foca refused the bytes before asking it.
+        self.lock().staged = None;
+        added
+    }
 }
 
 /// The key foca uses to replace an older state of a node that is still being disseminated.
@@ -184,12 +199,21 @@ impl foca::BroadcastHandler<Identity> for StateGossip {
         data: &[u8],
         sender: Option<&Identity>,
     ) -> Result<Option<StateKey>, StateError> {
-        let state = NodeState::decode(data)?;
+        let direct = sender.is_none();
+        // States we add ourselves are staged decoded; only gossiped ones are decoded here.
+        let staged = if direct {
+            self.store.lock().staged.take()
+        } else {
+            None
+        };
+        let state = match staged {
+            Some(state) => state,
+            None => Arc::new(NodeState::decode(data)?),
+        };
         let key = StateKey {
             node_id: state.node_id.clone(),
             rank: (state.generation, state.version),
         };
-        let direct = sender.is_none();
         match self.store.lock().apply(state, Instant::now(), direct) {
             Applied::New => Ok(Some(key)),
             Applied::Refreshed | Applied::Stale => Ok(None),
@@ -205,10 +229,10 @@ mod tests {
 
     use super::*;
 
-    fn state(node: &str, generation: u64, version: u64) -> NodeState {
+    fn state(node: &str, generation: u64, version: u64) -> Arc<NodeState> {
         let mut s = NodeState::new(NodeId::new(node).unwrap(), generation, version);
         s.max_concurrency = 4;
-        s
+        Arc::new(s)
     }
 
     #[tokio::test(start_paused = true)]
@@ -287,6 +311,31 @@ mod tests {
         let newer = state("a", 1, 2).encode().unwrap();
         assert!(gossip.receive_item(&newer, None).unwrap().is_some());
         assert!(gossip.receive_item(b"\xff\xff", None).is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_staged_state_is_taken_as_is_instead_of_decoding_again() {
+        let store = SharedStore::default();
+        let mut gossip = StateGossip::new(store.clone());
+        // Bytes that do not decode: only the staged state can make this succeed.
+        let added = store.with_staged(state("a", 1, 1), || gossip.receive_item(b"\xff", None));
+        assert!(added.unwrap().is_some());
+        assert_eq!(
+            store
+                .lock()
+                .get(&NodeId::new("a").unwrap())
+                .unwrap()
+                .state
+                .version,
+            1
+        );
+        // Nothing stays staged for the next call, and gossiped states are always decoded.
+        assert!(gossip.receive_item(b"\xff", None).is_err());
+        let sender = Identity::new(NodeId::new("b").unwrap(), "127.0.0.1:2".parse().unwrap(), 1);
+        let staged_but_gossiped = store.with_staged(state("a", 1, 2), || {
+            gossip.receive_item(b"\xff", Some(&sender))
+        });
+        assert!(staged_but_gossiped.is_err());
     }
 
     #[test]

@@ -177,8 +177,9 @@ impl Timing {
     }
 
     /// The foca configuration for a cluster of `cluster_size` members and datagrams of at most
-    /// `max_packet_size` bytes of foca payload.
-    pub(crate) fn foca_config(&self, cluster_size: u32, max_packet_size: usize) -> foca::Config {
+    /// `max_packet_size` bytes of foca payload: what the membership task runs with, re-sized as
+    /// the cluster grows. Public so simulations and tools can run foca exactly as a node does.
+    pub fn foca_config(&self, cluster_size: u32, max_packet_size: usize) -> foca::Config {
         let size = NonZeroU32::new(cluster_size.max(1)).unwrap_or(NonZeroU32::MIN);
         let mut config = foca::Config::new_lan(size);
         config.probe_period = self.probe_period;

@@ -27,6 +27,8 @@ use mesh_core::{NodeId, NodeState, Tags};
 mod shared;
 
 mod affinity;
+#[cfg(test)]
+mod conformance;
 mod least_loaded;
 mod power_of_two_choices;
 mod random;
@@ -108,11 +110,7 @@ pub struct Candidate<'a> {
 impl Candidate<'_> {
     /// `pending / max_concurrency`; infinite when the limit is zero.
     pub fn load_ratio(&self) -> f64 {
-        if self.max_concurrency == 0 {
-            f64::INFINITY
-        } else {
-            f64::from(self.pending) / f64::from(self.max_concurrency)
-        }
+        mesh_core::load_ratio(self.pending, self.max_concurrency)
     }
 
     /// Whether it is below its limit (ratio < 1).

@@ -59,16 +59,20 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod load;
+
 use std::{
     fmt,
-    path::{Path, PathBuf},
     str::FromStr,
     sync::{Arc, Mutex},
 };
 
 use arc_swap::{ArcSwap, Guard};
+use base64ct::{Base64, Encoding};
 use chacha20poly1305::{AeadInOut, KeyInit, XChaCha20Poly1305, XNonce};
 use zeroize::Zeroize;
+
+pub use self::load::{KeyOrigin, KeySource, KeyringLoadError};
 
 /// Length of a key in bytes.
 pub const KEY_LEN: usize = 32;
@@ -160,69 +164,28 @@ impl FromStr for SecretKey {
 
     /// Parses 44 characters of standard, padded base64 or 64 hex digits (either case). The
     /// text is taken as is: trim it first if it may carry whitespace.
+    ///
+    /// Decoding is RustCrypto's constant-time `base64ct` and `base16ct`; base64 is strict
+    /// (one trailing `=`, zero trailing bits), so every key has one spelling per alphabet.
     fn from_str(text: &str) -> Result<Self, KeyError> {
-        let bytes = text.as_bytes();
         let mut key = Self([0; KEY_LEN]);
-        // ASCII text has as many bytes as characters, so the conversions succeed.
-        let decoded = match (text.chars().count(), text.is_ascii()) {
-            (BASE64_LEN, true) => (bytes.try_into().ok())
-                .and_then(|base64| decode_base64(base64, &mut key.0))
-                .ok_or(KeyError::Base64),
-            (HEX_LEN, true) => (bytes.try_into().ok())
-                .and_then(|hex| decode_hex(hex, &mut key.0))
-                .ok_or(KeyError::Hex),
+        let decoded_len = match (text.chars().count(), text.is_ascii()) {
+            (BASE64_LEN, true) => Base64::decode(text, &mut key.0)
+                .map(<[u8]>::len)
+                .map_err(|_| KeyError::Base64),
+            (HEX_LEN, true) => base16ct::mixed::decode(text, &mut key.0)
+                .map(<[u8]>::len)
+                .map_err(|_| KeyError::Hex),
             (BASE64_LEN, false) => Err(KeyError::Base64),
             (HEX_LEN, false) => Err(KeyError::Hex),
             (len, _) => Err(KeyError::Length { len }),
-        };
-        decoded.map(|()| key)
-    }
-}
-
-/// Decodes exactly 44 characters of standard base64 ending in one `=`, rejecting any other
-/// symbol and non-zero trailing bits, so every key has one spelling.
-fn decode_base64(text: &[u8; BASE64_LEN], out: &mut [u8; KEY_LEN]) -> Option<()> {
-    let Some((symbols, b"=")) = text.split_last_chunk::<1>() else {
-        return None;
-    };
-    let mut bits: u32 = 0;
-    let mut held = 0;
-    let mut written = 0;
-    for &symbol in symbols {
-        let value = match symbol {
-            b'A'..=b'Z' => symbol - b'A',
-            b'a'..=b'z' => symbol - b'a' + 26,
-            b'0'..=b'9' => symbol - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        };
-        bits = (bits << 6) | u32::from(value);
-        held += 6;
-        if held >= 8 {
-            held -= 8;
-            out[written] = (bits >> held) as u8;
-            written += 1;
-            bits &= (1 << held) - 1;
+        }?;
+        // 44 base64 characters ending in "==" hold 31 bytes: not a key either.
+        if decoded_len != KEY_LEN {
+            return Err(KeyError::Base64);
         }
+        Ok(key)
     }
-    // 43 symbols carry 258 bits: 32 bytes and two bits that must be zero.
-    (written == KEY_LEN && bits == 0).then_some(())
-}
-
-fn decode_hex(text: &[u8; HEX_LEN], out: &mut [u8; KEY_LEN]) -> Option<()> {
-    fn nibble(digit: u8) -> Option<u8> {
-        match digit {
-            b'0'..=b'9' => Some(digit - b'0'),
-            b'a'..=b'f' => Some(digit - b'a' + 10),
-            b'A'..=b'F' => Some(digit - b'A' + 10),
-            _ => None,
-        }
-    }
-    for (byte, pair) in out.iter_mut().zip(text.chunks_exact(2)) {
-        *byte = (nibble(pair[0])? << 4) | nibble(pair[1])?;
-    }
-    Some(())
 }
 
 /// A short name of a [`SecretKey`] for logs and operators: 8 hex digits.
@@ -266,87 +229,6 @@ impl Keyring {
         Self {
             keys: vec![primary],
         }
-    }
-
-    /// Loads a keyring file: one key per line (base64 or hex), the first is the primary.
-    /// Blank lines and everything after a `#` are ignored. Errors name the file, the line and
-    /// the rule, never the key text.
-    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, KeyringLoadError> {
-        let path = path.as_ref();
-        let mut text = std::fs::read_to_string(path).map_err(|source| KeyringLoadError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        let entries = text
-            .lines()
-            .map(|line| line.split('#').next().unwrap_or(""));
-        let keyring = Self::from_entries(entries, KeySource::File(path.to_owned()));
-        text.zeroize();
-        keyring
-    }
-
-    /// Loads keys from the environment variable `var`: comma-separated keys (base64 or hex),
-    /// the first is the primary; blank entries and whitespace around keys are ignored. Errors
-    /// name the variable, the entry and the rule, never the key text.
-    pub fn from_env(var: &str) -> Result<Self, KeyringLoadError> {
-        let mut value = match std::env::var(var) {
-            Ok(value) => value,
-            Err(std::env::VarError::NotPresent) => {
-                return Err(KeyringLoadError::EnvUnset {
-                    var: var.to_owned(),
-                });
-            }
-            // That error carries the value: never pass it on.
-            Err(std::env::VarError::NotUnicode(_)) => {
-                return Err(KeyringLoadError::EnvNotUnicode {
-                    var: var.to_owned(),
-                });
-            }
-        };
-        let keyring = Self::from_env_value(var, &value);
-        value.zeroize();
-        keyring
-    }
-
-    fn from_env_value(var: &str, value: &str) -> Result<Self, KeyringLoadError> {
-        Self::from_entries(value.split(','), KeySource::Env(var.to_owned()))
-    }
-
-    /// Parses keys from `entries`, skipping blank ones; a failing entry is named by its
-    /// position in `from`, counted from 1.
-    fn from_entries<'a>(
-        entries: impl Iterator<Item = &'a str>,
-        from: KeySource,
-    ) -> Result<Self, KeyringLoadError> {
-        let at = |position| KeyOrigin {
-            from: from.clone(),
-            position,
-        };
-        let mut keys: Vec<(SecretKey, usize)> = Vec::new();
-        for (position, entry) in (1..).zip(entries.map(str::trim)) {
-            if entry.is_empty() {
-                continue;
-            }
-            let key = entry
-                .parse::<SecretKey>()
-                .map_err(|source| KeyringLoadError::Key {
-                    at: at(position),
-                    source,
-                })?;
-            if let Some((_, first)) = keys.iter().find(|(known, _)| *known == key) {
-                return Err(KeyringLoadError::Duplicate {
-                    at: at(position),
-                    first: *first,
-                });
-            }
-            keys.push((key, position));
-        }
-        if keys.is_empty() {
-            return Err(KeyringLoadError::NoKeys { from });
-        }
-        Ok(Self {
-            keys: keys.into_iter().map(|(key, _)| key).collect(),
-        })
     }
 
     /// Adds `key` for decryption (it does not become primary). Returns `false`, changing
@@ -480,109 +362,6 @@ pub enum KeyError {
     Hex,
 }
 
-/// Where keys were loaded from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum KeySource {
-    /// A keyring file.
-    File(PathBuf),
-    /// An environment variable.
-    Env(String),
-}
-
-impl fmt::Display for KeySource {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            KeySource::File(path) => write!(f, "keyring file {}", path.display()),
-            KeySource::Env(var) => write!(f, "environment variable {var}"),
-        }
-    }
-}
-
-/// Where one key was read from: a line of a keyring file or an entry of an environment
-/// variable.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct KeyOrigin {
-    /// The file or variable.
-    pub from: KeySource,
-    /// The line (file) or comma-separated entry (variable), counted from 1.
-    pub position: usize,
-}
-
-impl KeyOrigin {
-    fn position_name(&self) -> &'static str {
-        match self.from {
-            KeySource::File(_) => "line",
-            KeySource::Env(_) => "entry",
-        }
-    }
-}
-
-impl fmt::Display for KeyOrigin {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let position = self.position;
-        match &self.from {
-            KeySource::File(path) => write!(f, "line {position} of {}", path.display()),
-            KeySource::Env(var) => write!(f, "entry {position} of environment variable {var}"),
-        }
-    }
-}
-
-/// A keyring could not be loaded. Messages name the file or variable, the position and the
-/// rule, never key text.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum KeyringLoadError {
-    /// The keyring file could not be read.
-    #[error("reading keyring file {} failed: {source}", .path.display())]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The environment variable is not set.
-    #[error(
-        "environment variable {var} is not set; it should hold comma-separated keys, the first \
-         is the primary"
-    )]
-    EnvUnset {
-        /// The variable.
-        var: String,
-    },
-    /// The environment variable is not valid unicode.
-    #[error("environment variable {var} is not valid unicode")]
-    EnvNotUnicode {
-        /// The variable.
-        var: String,
-    },
-    /// An entry is not a key.
-    #[error("{at}: {source}")]
-    Key {
-        /// Where.
-        at: KeyOrigin,
-        /// The rule it breaks.
-        #[source]
-        source: KeyError,
-    },
-    /// A key appears twice.
-    #[error("{at}: the same key as {} {first}", .at.position_name())]
-    Duplicate {
-        /// Where it appears again.
-        at: KeyOrigin,
-        /// The line or entry where it appeared first.
-        first: usize,
-    },
-    /// No keys at all.
-    #[error("{from} holds no key; a keyring needs at least one key, the first is the primary")]
-    NoKeys {
-        /// The file or variable.
-        from: KeySource,
-    },
-}
-
 /// A keyring operation was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -610,10 +389,11 @@ pub enum KeyringError {
 mod tests {
     use super::*;
 
-    const BASE64: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
-    const HEX: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+    /// The key `0, 1, …, 31` in base64 and in hex.
+    pub(super) const BASE64: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    pub(super) const HEX: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
 
-    fn counting() -> [u8; KEY_LEN] {
+    pub(super) fn counting() -> [u8; KEY_LEN] {
         std::array::from_fn(|i| i as u8)
     }
 
@@ -773,124 +553,6 @@ mod tests {
             .map(|&i| keys[i].fingerprint())
             .collect();
         assert_eq!(keyring.keys(), expected);
-    }
-
-    /// A file in the system temp directory, removed on drop.
-    struct TempFile(PathBuf);
-
-    impl TempFile {
-        fn new(name: &str, contents: &str) -> Self {
-            let path = std::env::temp_dir()
-                .join(format!("mesh-core-keyring-{}-{name}", std::process::id()));
-            std::fs::write(&path, contents).unwrap();
-            Self(path)
-        }
-    }
-
-    impl Drop for TempFile {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
-
-    #[test]
-    fn a_keyring_file_has_one_key_per_line_and_comments() {
-        let file = TempFile::new(
-            "good",
-            &format!(
-                "# rotated 2025-01\n\n  {HEX}  # new primary\r\n{}\n",
-                "//////////////////////////////////////////8="
-            ),
-        );
-        let keyring = Keyring::from_file(&file.0).unwrap();
-        assert_eq!(
-            keyring.keys(),
-            [
-                SecretKey::from_bytes(counting()).fingerprint(),
-                SecretKey::from_bytes([0xff; KEY_LEN]).fingerprint()
-            ]
-        );
-    }
-
-    #[test]
-    fn keyring_file_errors_name_the_file_the_line_and_the_rule() {
-        let file = TempFile::new("bad", &format!("{BASE64}\n# comment\nc2VjcmV0LWtleQ==\n"));
-        let error = Keyring::from_file(&file.0).unwrap_err();
-        let message = error.to_string();
-        assert_eq!(
-            message,
-            format!(
-                "line 3 of {}: a key is 32 bytes as base64 (44 chars) or hex (64 chars), got 16 \
-                 characters",
-                file.0.display()
-            )
-        );
-        assert!(!message.contains("c2VjcmV0"), "{message}");
-
-        let file = TempFile::new("dup", &format!("{BASE64}\n{HEX}\n"));
-        let message = Keyring::from_file(&file.0).unwrap_err().to_string();
-        assert_eq!(
-            message,
-            format!("line 2 of {}: the same key as line 1", file.0.display())
-        );
-
-        let file = TempFile::new("empty", "# nothing yet\n\n");
-        let message = Keyring::from_file(&file.0).unwrap_err().to_string();
-        assert!(message.contains("holds no key"), "{message}");
-        assert!(message.contains(&file.0.display().to_string()), "{message}");
-
-        let missing = std::env::temp_dir().join("mesh-core-keyring-does-not-exist");
-        let error = Keyring::from_file(&missing).unwrap_err();
-        assert!(matches!(error, KeyringLoadError::Read { .. }), "{error}");
-        assert!(
-            error
-                .to_string()
-                .contains("mesh-core-keyring-does-not-exist")
-        );
-    }
-
-    #[test]
-    fn environment_keys_are_comma_separated_and_errors_name_the_variable() {
-        let keyring = Keyring::from_env_value("MESH_KEYS", &format!(" {HEX} , {BASE64},")).err();
-        assert_eq!(
-            keyring.map(|e| e.to_string()),
-            Some("entry 2 of environment variable MESH_KEYS: the same key as entry 1".to_owned())
-        );
-
-        let other = "//////////////////////////////////////////8=";
-        let keyring = Keyring::from_env_value("MESH_KEYS", &format!("{other},{HEX}")).unwrap();
-        assert_eq!(keyring.primary(), &SecretKey::from_bytes([0xff; KEY_LEN]));
-        assert_eq!(keyring.keys().len(), 2);
-
-        let message = Keyring::from_env_value("MESH_KEYS", &format!("{BASE64},not-a-key"))
-            .unwrap_err()
-            .to_string();
-        assert_eq!(
-            message,
-            "entry 2 of environment variable MESH_KEYS: a key is 32 bytes as base64 (44 chars) \
-             or hex (64 chars), got 9 characters"
-        );
-        assert!(!message.contains("not-a-key"));
-
-        let message = Keyring::from_env_value("MESH_KEYS", " , ")
-            .unwrap_err()
-            .to_string();
-        assert_eq!(
-            message,
-            "environment variable MESH_KEYS holds no key; a keyring needs at least one key, the \
-             first is the primary"
-        );
-
-        let error = Keyring::from_env("MESH_CORE_TEST_VARIABLE_THAT_IS_NEVER_SET").unwrap_err();
-        assert!(
-            matches!(error, KeyringLoadError::EnvUnset { .. }),
-            "{error}"
-        );
-        assert!(
-            error
-                .to_string()
-                .contains("MESH_CORE_TEST_VARIABLE_THAT_IS_NEVER_SET")
-        );
     }
 
     #[test]

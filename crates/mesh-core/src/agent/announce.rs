@@ -1,0 +1,244 @@
+//! Announcing and leaving: how a node gets into a cluster, back into it, and out of it.
+//!
+//! A node announces itself (foca's `announce`, SWIM's join) to its seeds and to every address
+//! the discovery source returns: at start, and again every
+//! [`Timing::rejoin_interval`](crate::Timing::rejoin_interval) while it is joining or isolated,
+//! which is what merges the sides of a healed partition. Discovery answers and `join` calls
+//! announce only to addresses that are not members yet. A node that pushes us its state
+//! without being known to us gets an announce too (an *introduction*, at most one per address
+//! and rejoin interval), so one-sided knowledge after a burst of joins does not wait for a full
+//! probe round.
+//!
+//! Leaving (memberlist's graceful leave) marks the node draining, publishes that, tells every
+//! member with a leave notice (they report it as left, not failed), and repeats the notices once
+//! a little later so a single lost datagram is harmless.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+    time::Duration,
+};
+
+use tokio::{sync::oneshot, time::Instant};
+
+use super::{Agent, timers::Tick};
+use crate::{Identity, LocalStatus, NodeId, NodeState, transport::Transport, wire::Kind};
+
+/// The addresses a node announces to, and whom it introduced itself to lately.
+#[derive(Debug)]
+pub(crate) struct Announcer {
+    /// The address our socket is bound to (never announced to, like our advertised one).
+    local_addr: SocketAddr,
+    seeds: Vec<SocketAddr>,
+    discovered: Vec<SocketAddr>,
+    /// When we last introduced ourselves to an address that pushed us a state.
+    introduced: HashMap<SocketAddr, Instant>,
+}
+
+impl Announcer {
+    pub(crate) fn new(local_addr: SocketAddr, seeds: Vec<SocketAddr>) -> Self {
+        Self {
+            local_addr,
+            seeds,
+            discovered: Vec::new(),
+            introduced: HashMap::new(),
+        }
+    }
+
+    /// Remembers more seeds (each once).
+    pub(crate) fn add_seeds(&mut self, addrs: impl IntoIterator<Item = SocketAddr>) {
+        for addr in addrs {
+            if !self.seeds.contains(&addr) {
+                self.seeds.push(addr);
+            }
+        }
+    }
+
+    /// The discovery source's latest answer.
+    pub(crate) fn set_discovered(&mut self, addrs: Vec<SocketAddr>) {
+        self.discovered = addrs;
+    }
+
+    /// Seeds and discovered addresses, sorted and without repeats, never our own (`own` is our
+    /// advertised address); with `only_strangers`, not those of `members` either.
+    pub(crate) fn targets(
+        &self,
+        own: SocketAddr,
+        members: &HashSet<SocketAddr>,
+        only_strangers: bool,
+    ) -> Vec<SocketAddr> {
+        let mut targets: Vec<SocketAddr> = self
+            .seeds
+            .iter()
+            .chain(self.discovered.iter())
+            .copied()
+            .filter(|a| *a != own && *a != self.local_addr)
+            .filter(|a| !(only_strangers && members.contains(a)))
+            .collect();
+        targets.sort_unstable();
+        targets.dedup();
+        targets
+    }
+
+    /// Whether to introduce ourselves to `from` at `now`: not if we did so within `interval`.
+    /// A yes is remembered.
+    pub(crate) fn should_introduce(
+        &mut self,
+        from: SocketAddr,
+        now: Instant,
+        interval: Duration,
+    ) -> bool {
+        let recently = self
+            .introduced
+            .get(&from)
+            .is_some_and(|at| now.duration_since(*at) < interval);
+        if !recently {
+            self.introduced.insert(from, now);
+        }
+        !recently
+    }
+
+    /// Forgets introductions older than `interval`.
+    pub(crate) fn forget_introductions(&mut self, now: Instant, interval: Duration) {
+        self.introduced
+            .retain(|_, at| now.duration_since(*at) < interval);
+    }
+}
+
+/// A stand-in identity for announcing to an address whose node we do not know yet: foca
+/// accepts an announce addressed to any identity with the receiver's address.
+pub(crate) fn announce_target(addr: SocketAddr) -> Identity {
+    Identity::new(NodeId::placeholder(), addr, 0)
+}
+
+/// Announcing and leaving through foca and the socket.
+impl<T: Transport> Agent<T> {
+    /// Announces to seeds and discovered addresses; with `only_strangers`, skips addresses of
+    /// live members.
+    pub(super) fn announce_to_known(&mut self, only_strangers: bool) {
+        if matches!(self.status, LocalStatus::Left) || self.lineage.is_superseded() {
+            return;
+        }
+        let own = self.foca.identity().addr();
+        let members: HashSet<SocketAddr> =
+            self.foca.iter_members().map(|m| m.id().addr()).collect();
+        for addr in self.announcer.targets(own, &members, only_strangers) {
+            if let Err(error) = self
+                .foca
+                .announce(announce_target(addr), self.io.runtime(self.now))
+            {
+                tracing::debug!(%error, %addr, "announce failed");
+            }
+        }
+    }
+
+    /// A node that pushes us its state knows us; if we do not know it, announce ourselves to
+    /// it so its reply teaches us who it is. Without this, knowledge that is one-sided after a
+    /// burst of joins (gossip retransmissions exhausted) waits for the other node to probe us,
+    /// which can take a full probe round (n probe periods): 90 s in a 100-node cold start.
+    pub(super) fn introduce_to_stranger(&mut self, state: &NodeState, from: SocketAddr) {
+        if self.lineage.knows_live(&state.node_id)
+            || state.node_id == *self.foca.identity().node_id()
+        {
+            return;
+        }
+        let interval = self.timing.rejoin_interval;
+        if !self.announcer.should_introduce(from, self.now, interval) {
+            return;
+        }
+        if let Err(error) = self
+            .foca
+            .announce(announce_target(from), self.io.runtime(self.now))
+        {
+            tracing::debug!(%error, %from, "introduction failed");
+        }
+    }
+
+    pub(super) fn leave(&mut self, reply: oneshot::Sender<()>) {
+        if self.status == LocalStatus::Left {
+            let _ = reply.send(());
+            return;
+        }
+        self.shared.lock_local().draining = true;
+        self.publish(true);
+        self.push_state(usize::MAX);
+        self.send_leave_notices();
+        if let Err(error) = self.foca.leave_cluster(self.io.runtime(self.now)) {
+            tracing::debug!(%error, "foca leave failed");
+        }
+        self.set_status(LocalStatus::Left);
+        self.leave_reply = Some(reply);
+        // A second round shortly after makes a single lost datagram harmless.
+        let linger = self.timing.probe_rtt.min(self.timing.leave_timeout / 2);
+        self.io
+            .timers
+            .schedule(self.now + linger, Tick::FinishLeave);
+    }
+
+    /// Tells every member we are leaving.
+    pub(super) fn send_leave_notices(&mut self) {
+        let Ok(body) = postcard::to_allocvec(self.foca.identity()) else {
+            return;
+        };
+        let members: Vec<SocketAddr> = self.foca.iter_members().map(|m| m.id().addr()).collect();
+        for addr in members {
+            self.io.out.send(Kind::Leave, &body, addr);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    #[test]
+    fn targets_are_seeds_and_discoveries_without_ourselves_or_repeats() {
+        let mut announcer = Announcer::new(addr(1), vec![addr(5), addr(3), addr(1)]);
+        announcer.add_seeds([addr(3), addr(4)]);
+        announcer.set_discovered(vec![addr(4), addr(2), addr(9)]);
+        let members: HashSet<SocketAddr> = [addr(3), addr(4)].into();
+        // Neither the bound address (1) nor the advertised one (9).
+        assert_eq!(
+            announcer.targets(addr(9), &members, false),
+            [addr(2), addr(3), addr(4), addr(5)]
+        );
+        assert_eq!(
+            announcer.targets(addr(9), &members, true),
+            [addr(2), addr(5)]
+        );
+        // A new discovery answer replaces the old one; seeds stay.
+        announcer.set_discovered(vec![]);
+        assert_eq!(
+            announcer.targets(addr(9), &HashSet::new(), false),
+            [addr(3), addr(4), addr(5)]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn introductions_are_rate_limited_per_address() {
+        let mut announcer = Announcer::new(addr(1), vec![]);
+        let interval = Duration::from_secs(2);
+        let t0 = Instant::now();
+        assert!(announcer.should_introduce(addr(7), t0, interval));
+        assert!(!announcer.should_introduce(addr(7), t0 + Duration::from_secs(1), interval));
+        assert!(announcer.should_introduce(addr(8), t0 + Duration::from_secs(1), interval));
+        assert!(announcer.should_introduce(addr(7), t0 + interval, interval));
+        // Forgotten ones are welcome again at once.
+        let t1 = t0 + Duration::from_secs(3);
+        assert!(announcer.should_introduce(addr(9), t1, interval));
+        assert_eq!(announcer.introduced.len(), 3);
+        announcer.forget_introductions(t1 + Duration::from_millis(1500), interval);
+        assert_eq!(announcer.introduced.keys().collect::<Vec<_>>(), [&addr(9)]);
+    }
+
+    #[test]
+    fn an_announce_target_is_addressed_by_address_alone() {
+        let target = announce_target(addr(4));
+        assert_eq!(target.addr(), addr(4));
+        assert_eq!(target.generation(), 0);
+    }
+}

@@ -1,0 +1,533 @@
+//! Identity lineage: the lives of every node id, turned into serf-like events.
+//!
+//! foca tracks *identities* (`{node_id, addr, generation}`); users care about *nodes*. A node
+//! that restarts comes back under a newer identity, possibly at another address (a Kubernetes
+//! pod keeps its name and gets a new IP), and both lives may be active for a moment. The mesh
+//! keeps one owner per node id (DESIGN.md, "Identity"): the newer life wins, the older one is
+//! declared down cluster-wide (foca's `apply_many` with `Member::down`), and the change is one
+//! `Rejoined` event instead of a `Joined` and a `Failed`. [`Lineage`] makes these decisions;
+//! the `impl Agent` below carries them out on foca, the state table and the event channel.
+//!
+//! SWIM's suspicion is not a foca notification; it is observed by diffing the suspect members
+//! on every maintenance tick ([`Lineage::observe_suspects`]).
+
+use std::collections::{HashMap, HashSet};
+
+use tokio::time::Instant;
+
+use super::Agent;
+use crate::{Identity, LocalStatus, MeshEvent, NodeId, transport::Transport};
+
+/// What the lives of every node id say, and what we know about their ends.
+#[derive(Debug, Default)]
+pub(crate) struct Lineage {
+    /// The latest life seen of every node id, and since when it is down (if it is): a newer
+    /// life showing up is a `Rejoined`, not a `Joined`, even if we saw the old one fail first.
+    lives: HashMap<NodeId, (Identity, Option<Instant>)>,
+    /// Peers that told us they are leaving: their going down is a `Left`, not a `Failed`.
+    leaving: HashSet<Identity>,
+    /// Lives we declared down because a newer life of their node id appeared: their going
+    /// down was already reported as that `Rejoined`.
+    replaced: HashSet<Identity>,
+    /// Members currently suspected.
+    suspects: HashSet<Identity>,
+    /// A newer process that claims our own node id.
+    superseded_by: Option<Identity>,
+}
+
+/// What a member coming up means.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Arrival {
+    /// Lives to declare down cluster-wide, in order: older lives of a node id.
+    pub(crate) declare_down: Vec<Identity>,
+    pub(crate) outcome: Outcome,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// A node id we did not know.
+    Joined(Identity),
+    /// A newer life of a node id we knew.
+    Rejoined {
+        previous: Identity,
+        current: Identity,
+    },
+    /// Another process claims our node id with a newer generation.
+    Superseded(Identity),
+    /// Nothing to report: an older life, already declared down.
+    Nothing,
+}
+
+impl Lineage {
+    /// Member `id` came up; `local` is our identity and `active` every active member (foca's
+    /// view, `id` included).
+    pub(crate) fn arrived<'a>(
+        &mut self,
+        id: Identity,
+        local: &Identity,
+        active: impl Iterator<Item = &'a Identity>,
+    ) -> Arrival {
+        let mut declare_down = Vec::new();
+        if id.node_id() == local.node_id() {
+            let outcome = if !id.supersedes(local) {
+                tracing::warn!(stale = %id, %local, "an older life of this node is gossiping; declaring it down");
+                self.replaced.insert(id.clone());
+                declare_down.push(id);
+                Outcome::Nothing
+            } else if self.superseded_by.is_none() {
+                self.superseded_by = Some(id.clone());
+                Outcome::Superseded(id)
+            } else {
+                Outcome::Nothing
+            };
+            return Arrival {
+                declare_down,
+                outcome,
+            };
+        }
+        // Another live identity with the same node id: keep only the newest life.
+        let rivals: Vec<Identity> = active
+            .filter(|other| other.node_id() == id.node_id() && **other != id)
+            .cloned()
+            .collect();
+        let mut previous = self
+            .lives
+            .get(id.node_id())
+            .map(|(life, _)| life)
+            .filter(|life| id.supersedes(life))
+            .cloned();
+        for rival in rivals {
+            if id.supersedes(&rival) {
+                tracing::info!(old = %rival, new = %id, "node id reappeared with a newer generation; replacing the old life");
+                self.replaced.insert(rival.clone());
+                declare_down.push(rival.clone());
+                previous = Some(rival);
+            } else {
+                tracing::info!(old = %id, new = %rival, "ignoring an older life of a node id");
+                self.replaced.insert(id.clone());
+                declare_down.push(id);
+                return Arrival {
+                    declare_down,
+                    outcome: Outcome::Nothing,
+                };
+            }
+        }
+        self.lives.insert(id.node_id().clone(), (id.clone(), None));
+        let outcome = match previous {
+            Some(previous) => Outcome::Rejoined {
+                previous,
+                current: id,
+            },
+            None => Outcome::Joined(id),
+        };
+        Arrival {
+            declare_down,
+            outcome,
+        }
+    }
+
+    /// Member `id` went down at `now`: `Failed`, `Left`, or nothing if it was replaced.
+    pub(crate) fn departed(&mut self, id: Identity, now: Instant) -> Option<MeshEvent> {
+        self.suspects.remove(&id);
+        if let Some((life, down_since)) = self.lives.get_mut(id.node_id())
+            && *life == id
+        {
+            *down_since = Some(now);
+        }
+        if self.replaced.remove(&id) {
+            return None; // Reported as Rejoined when its replacement appeared.
+        }
+        Some(if self.leaving.remove(&id) {
+            MeshEvent::Left(id)
+        } else {
+            MeshEvent::Failed(id)
+        })
+    }
+
+    /// foca replaced `old` with the newer `new` at the same address. If the old life was down,
+    /// a member-up of the new one follows and reports the rejoin; if both were active, none
+    /// follows, so it is reported here.
+    pub(crate) fn renamed(
+        &mut self,
+        old: Identity,
+        new: Identity,
+        new_is_active: bool,
+    ) -> Option<MeshEvent> {
+        let old_was_active = self
+            .lives
+            .get(old.node_id())
+            .is_some_and(|(life, down_since)| *life == old && down_since.is_none());
+        if !(old_was_active && new_is_active) {
+            return None;
+        }
+        self.lives
+            .insert(new.node_id().clone(), (new.clone(), None));
+        Some(MeshEvent::Rejoined {
+            previous: old,
+            current: new,
+        })
+    }
+
+    /// `id` told us it is leaving: its going down will be a `Left`.
+    pub(crate) fn leaving(&mut self, id: Identity) {
+        self.leaving.insert(id);
+    }
+
+    /// Updates the suspects from the members foca currently suspects; returns whether the set
+    /// changed and the newly suspected, in the order given.
+    pub(crate) fn observe_suspects(
+        &mut self,
+        suspects: impl Iterator<Item = Identity>,
+    ) -> (bool, Vec<Identity>) {
+        let mut current = HashSet::new();
+        let mut newly = Vec::new();
+        for id in suspects {
+            if !self.suspects.contains(&id) {
+                newly.push(id.clone());
+            }
+            current.insert(id);
+        }
+        let changed = current != self.suspects;
+        self.suspects = current;
+        (changed, newly)
+    }
+
+    /// Forgets lives that have been down for `after` or longer: a later life of their node id
+    /// is a `Joined` again.
+    pub(crate) fn forget_down(&mut self, now: Instant, after: std::time::Duration) {
+        self.lives.retain(|_, (_, down_since)| {
+            down_since.is_none_or(|since| now.duration_since(since) < after)
+        });
+    }
+
+    /// Whether a live identity of `node_id` is known.
+    pub(crate) fn knows_live(&self, node_id: &NodeId) -> bool {
+        self.lives
+            .get(node_id)
+            .is_some_and(|(_, down_since)| down_since.is_none())
+    }
+
+    /// Whether another process took over our node id.
+    pub(crate) fn is_superseded(&self) -> bool {
+        self.superseded_by.is_some()
+    }
+}
+
+/// Carrying lineage decisions out on foca, the state table and the event channel.
+impl<T: Transport> Agent<T> {
+    pub(super) fn member_up(&mut self, id: Identity) {
+        self.resize();
+        let local = self.foca.identity().clone();
+        let active: Vec<Identity> = self.foca.iter_members().map(|m| m.id().clone()).collect();
+        let arrival = self.lineage.arrived(id, &local, active.iter());
+        for older in arrival.declare_down {
+            self.declare_down(older);
+        }
+        match arrival.outcome {
+            Outcome::Joined(id) => {
+                self.join_sync(id.addr());
+                self.shared.emit(MeshEvent::Joined(id));
+            }
+            Outcome::Rejoined { previous, current } => {
+                self.join_sync(current.addr());
+                self.store.lock().bury(&previous, self.now);
+                self.shared.emit(MeshEvent::Rejoined { previous, current });
+            }
+            Outcome::Superseded(newer) => self.superseded(local, newer),
+            Outcome::Nothing => {}
+        }
+    }
+
+    pub(super) fn member_down(&mut self, id: Identity) {
+        self.resize();
+        self.store.lock().bury(&id, self.now);
+        if let Some(event) = self.lineage.departed(id, self.now) {
+            self.shared.emit(event);
+        }
+    }
+
+    pub(super) fn renamed(&mut self, old: Identity, new: Identity) {
+        let new_is_active = self.foca.iter_members().any(|m| *m.id() == new);
+        let new_addr = new.addr();
+        if let Some(event) = self.lineage.renamed(old.clone(), new, new_is_active) {
+            self.join_sync(new_addr);
+            self.store.lock().bury(&old, self.now);
+            self.shared.emit(event);
+        }
+    }
+
+    /// A peer's leave notice: if it is a member, it is down now, and reported as left.
+    pub(super) fn peer_leaving(&mut self, identity: Identity) {
+        if !self.foca.iter_members().any(|m| *m.id() == identity) {
+            return;
+        }
+        self.lineage.leaving(identity.clone());
+        self.declare_down(identity);
+    }
+
+    /// Declares a life down so the whole cluster drops it.
+    fn declare_down(&mut self, id: Identity) {
+        let down = std::iter::once(foca::Member::down(id));
+        if let Err(error) = self.foca.apply_many(down, true, self.io.runtime(self.now)) {
+            tracing::debug!(%error, "declaring a member down failed");
+        }
+    }
+
+    fn superseded(&mut self, local: Identity, newer: Identity) {
+        tracing::error!(
+            %local, %newer,
+            "another process claims this node id with a newer generation; leaving the cluster to it"
+        );
+        self.shared.emit(MeshEvent::Superseded { local, newer });
+        if let Err(error) = self.foca.leave_cluster(self.io.runtime(self.now)) {
+            tracing::debug!(%error, "leaving after being superseded failed");
+        }
+        self.set_status(LocalStatus::Defunct);
+    }
+
+    /// foca gave up on us (declared down and it could not renew on its own): take a new
+    /// generation and announce again, unless we left or were superseded.
+    pub(super) fn defunct(&mut self) {
+        if self.status == LocalStatus::Left || self.lineage.is_superseded() {
+            return;
+        }
+        let Some(renewed) = foca::Identity::renew(self.foca.identity()) else {
+            self.set_status(LocalStatus::Defunct);
+            return;
+        };
+        tracing::warn!(new = %renewed, "declared down by the cluster; rejoining with a new generation");
+        if let Err(error) = self
+            .foca
+            .change_identity(renewed.clone(), self.io.runtime(self.now))
+        {
+            tracing::warn!(%error, "changing identity failed");
+            self.set_status(LocalStatus::Defunct);
+            return;
+        }
+        self.renewed(renewed);
+        self.announce_to_known(false);
+    }
+
+    /// Our identity changed (foca renewed it after we were declared down): our state's
+    /// generation follows it.
+    pub(super) fn renewed(&mut self, id: Identity) {
+        if self.lineage.is_superseded() {
+            return;
+        }
+        tracing::info!(identity = %id, "rejoining under a renewed identity");
+        self.publisher.restart();
+        self.set_status(LocalStatus::Joining);
+        self.publish(true);
+    }
+
+    /// Reports members that became suspect since the last look.
+    pub(super) fn observe_suspects(&mut self) {
+        let suspects = self
+            .foca
+            .iter_members()
+            .filter(|m| m.state() == foca::State::Suspect)
+            .map(|m| m.id().clone());
+        let (changed, newly) = self.lineage.observe_suspects(suspects);
+        if changed {
+            self.snapshots.mark_dirty();
+        }
+        for id in newly {
+            self.shared.emit(MeshEvent::Suspect(id));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::runtime::testing::identity as id;
+    use std::time::Duration;
+
+    use super::*;
+
+    fn local() -> Identity {
+        id("me", 1, 100)
+    }
+
+    /// `id` arrives while `active` are the active members.
+    fn arrive(lineage: &mut Lineage, new: &Identity, active: &[&Identity]) -> Arrival {
+        lineage.arrived(new.clone(), &local(), active.iter().copied())
+    }
+
+    #[test]
+    fn a_first_life_joins_and_its_end_is_a_failure() {
+        let mut lineage = Lineage::default();
+        let a = id("a", 2, 1);
+        assert_eq!(
+            arrive(&mut lineage, &a, &[&a]),
+            Arrival {
+                declare_down: vec![],
+                outcome: Outcome::Joined(a.clone())
+            }
+        );
+        assert!(lineage.knows_live(a.node_id()));
+        assert_eq!(
+            lineage.departed(a.clone(), Instant::now()),
+            Some(MeshEvent::Failed(a.clone()))
+        );
+        assert!(!lineage.knows_live(a.node_id()));
+    }
+
+    #[test]
+    fn a_peer_that_said_goodbye_has_left() {
+        let mut lineage = Lineage::default();
+        let a = id("a", 2, 1);
+        arrive(&mut lineage, &a, &[&a]);
+        lineage.leaving(a.clone());
+        assert_eq!(
+            lineage.departed(a.clone(), Instant::now()),
+            Some(MeshEvent::Left(a))
+        );
+    }
+
+    #[test]
+    fn a_newer_life_after_a_failure_is_a_rejoin_until_the_old_one_is_forgotten() {
+        let mut lineage = Lineage::default();
+        let t0 = Instant::now();
+        let old = id("a", 2, 1);
+        let new = id("a", 3, 2);
+        arrive(&mut lineage, &old, &[&old]);
+        lineage.departed(old.clone(), t0);
+        assert_eq!(
+            arrive(&mut lineage, &new, &[&new]).outcome,
+            Outcome::Rejoined {
+                previous: old.clone(),
+                current: new.clone()
+            }
+        );
+
+        // Forgotten after `remove_down_after`: a later life is news again.
+        let newest = id("a", 4, 3);
+        lineage.departed(new.clone(), t0);
+        lineage.forget_down(t0 + Duration::from_secs(9), Duration::from_secs(10));
+        assert!(matches!(
+            arrive(&mut lineage, &newest, &[&newest]).outcome,
+            Outcome::Rejoined { .. }
+        ));
+        lineage.departed(newest.clone(), t0);
+        lineage.forget_down(t0 + Duration::from_secs(10), Duration::from_secs(10));
+        let fourth = id("a", 5, 4);
+        assert_eq!(
+            arrive(&mut lineage, &fourth, &[&fourth]).outcome,
+            Outcome::Joined(fourth)
+        );
+    }
+
+    #[test]
+    fn two_active_lives_keep_the_newest_and_silence_the_older_ones_end() {
+        let mut lineage = Lineage::default();
+        let old = id("a", 2, 1);
+        let new = id("a", 3, 2);
+        arrive(&mut lineage, &old, &[&old]);
+        // The restarted pod shows up while its previous life is still active.
+        assert_eq!(
+            arrive(&mut lineage, &new, &[&old, &new]),
+            Arrival {
+                declare_down: vec![old.clone()],
+                outcome: Outcome::Rejoined {
+                    previous: old.clone(),
+                    current: new.clone()
+                }
+            }
+        );
+        // Its declared end was reported by the rejoin.
+        assert_eq!(lineage.departed(old, Instant::now()), None);
+    }
+
+    #[test]
+    fn an_older_life_showing_up_late_is_declared_down_without_an_event() {
+        let mut lineage = Lineage::default();
+        let old = id("a", 2, 1);
+        let new = id("a", 3, 2);
+        arrive(&mut lineage, &new, &[&new]);
+        assert_eq!(
+            arrive(&mut lineage, &old, &[&new, &old]),
+            Arrival {
+                declare_down: vec![old.clone()],
+                outcome: Outcome::Nothing
+            }
+        );
+        assert_eq!(lineage.departed(old, Instant::now()), None);
+        assert!(lineage.knows_live(new.node_id()));
+    }
+
+    #[test]
+    fn our_own_node_id_elsewhere_supersedes_us_once_or_is_declared_down() {
+        let mut lineage = Lineage::default();
+        let older_self = id("me", 9, 50);
+        assert_eq!(
+            arrive(&mut lineage, &older_self, &[&older_self]),
+            Arrival {
+                declare_down: vec![older_self.clone()],
+                outcome: Outcome::Nothing
+            }
+        );
+        assert_eq!(lineage.departed(older_self, Instant::now()), None);
+
+        let newer_self = id("me", 9, 500);
+        assert_eq!(
+            arrive(&mut lineage, &newer_self, &[&newer_self]).outcome,
+            Outcome::Superseded(newer_self.clone())
+        );
+        assert!(lineage.is_superseded());
+        assert_eq!(
+            arrive(&mut lineage, &newer_self, &[&newer_self]).outcome,
+            Outcome::Nothing
+        );
+    }
+
+    #[test]
+    fn a_rename_between_active_lives_is_a_rejoin() {
+        let mut lineage = Lineage::default();
+        let old = id("a", 2, 1);
+        let new = id("a", 2, 2);
+        arrive(&mut lineage, &old, &[&old]);
+        assert_eq!(lineage.renamed(old.clone(), new.clone(), false), None);
+        assert_eq!(
+            lineage.renamed(old.clone(), new.clone(), true),
+            Some(MeshEvent::Rejoined {
+                previous: old.clone(),
+                current: new.clone()
+            })
+        );
+        // A rename of a life that was already down is reported by the member-up that follows.
+        let mut lineage = Lineage::default();
+        arrive(&mut lineage, &old, &[&old]);
+        lineage.departed(old.clone(), Instant::now());
+        assert_eq!(lineage.renamed(old, new, true), None);
+    }
+
+    #[test]
+    fn suspects_are_reported_once_per_suspicion() {
+        let mut lineage = Lineage::default();
+        let (a, b) = (id("a", 2, 1), id("b", 3, 1));
+        assert_eq!(
+            lineage.observe_suspects([a.clone()].into_iter()),
+            (true, vec![a.clone()])
+        );
+        assert_eq!(
+            lineage.observe_suspects([a.clone(), b.clone()].into_iter()),
+            (true, vec![b.clone()])
+        );
+        assert_eq!(
+            lineage.observe_suspects([b.clone(), a.clone()].into_iter()),
+            (false, vec![])
+        );
+        // Refuted, then suspected again: a new suspicion.
+        assert_eq!(lineage.observe_suspects(std::iter::empty()), (true, vec![]));
+        assert_eq!(
+            lineage.observe_suspects([a.clone()].into_iter()),
+            (true, vec![a.clone()])
+        );
+        // Going down ends the suspicion.
+        lineage.departed(a.clone(), Instant::now());
+        assert_eq!(
+            lineage.observe_suspects(std::iter::empty()),
+            (false, vec![])
+        );
+    }
+}

@@ -1,0 +1,501 @@
+//! The membership task: the one owner of the foca state machine.
+//!
+//! Everything reaches it as an [`Input`] (datagrams decoded by the receive task, commands from
+//! handles, discovery answers), as a wake-up from the load tracker or the local fields, or as a
+//! [`Tick`] from its own ordered scheduler; it never waits on anything else. Each of these is
+//! one *step*, taken at one instant (the clock is read once per step, so a simulation can drive
+//! the steps with its own). After each step it *settles*: it handles the notifications foca
+//! produced (which may produce more), reports new peer states, and publishes a new view if
+//! anything readers can see changed.
+//!
+//! The loop only dispatches; each concern is a small type of its own, in the order a datagram
+//! meets them:
+//!
+//! | file | concern |
+//! |---|---|
+//! | [`runtime`] | foca's runtime: sealing and sending datagrams, scheduling timers, collecting notifications |
+//! | [`timers`] | the ordered timer queue and the ticks it delivers |
+//! | [`lineage`] | identity lives turned into events: joined, rejoined, failed, left, superseded |
+//! | [`publication`] | our own state: versions, coalescing, direct pushes |
+//! | [`announce`] | announcing to seeds and discovered peers, introductions, leaving |
+//! | [`snapshot`] | assembling the immutable view readers get |
+
+mod announce;
+mod lineage;
+mod publication;
+mod runtime;
+pub(crate) mod snapshot;
+mod timers;
+
+use std::{net::SocketAddr, sync::Arc};
+
+use foca::{Foca, OwnedNotification, PostcardCodec};
+use tokio::{
+    sync::{mpsc, oneshot, watch},
+    time::Instant,
+};
+
+pub(crate) use self::runtime::FocaInstance;
+use self::{
+    announce::Announcer,
+    lineage::Lineage,
+    publication::Publisher,
+    runtime::{Io, Outbound},
+    snapshot::{Snapshots, Sources},
+    timers::{Periodic, Tick},
+};
+use crate::{
+    Identity, LocalStatus, MeshEvent, NodeState,
+    input::{Input, Message},
+    shared::Shared,
+    stats::Dropped,
+    store::{SharedStore, StateGossip},
+    timing::Timing,
+    transport::Transport,
+};
+
+/// What a membership task is made of.
+pub(crate) struct AgentParts<T> {
+    pub(crate) identity: Identity,
+    pub(crate) transport: Arc<T>,
+    pub(crate) local_addr: SocketAddr,
+    pub(crate) envelope: crate::wire::Envelope,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) timing: Timing,
+    pub(crate) seeds: Vec<SocketAddr>,
+    pub(crate) rng_seed: Option<u64>,
+}
+
+pub(crate) struct Agent<T> {
+    foca: FocaInstance,
+    io: Io<T>,
+    store: SharedStore,
+    shared: Arc<Shared>,
+    timing: Timing,
+    /// The instant of the step being taken.
+    now: Instant,
+    /// Bytes of foca payload per datagram, and the cluster size foca is configured for.
+    max_payload: usize,
+    configured_size: u32,
+    status: LocalStatus,
+    lineage: Lineage,
+    publisher: Publisher,
+    announcer: Announcer,
+    snapshots: Snapshots,
+    leave_reply: Option<oneshot::Sender<()>>,
+    stopped: bool,
+}
+
+impl<T: Transport> Agent<T> {
+    pub(crate) fn new(parts: AgentParts<T>) -> Self {
+        let AgentParts {
+            identity,
+            transport,
+            local_addr,
+            envelope,
+            shared,
+            timing,
+            seeds,
+            rng_seed,
+        } = parts;
+        let (foca_rng, push_rng) = runtime::generators(rng_seed);
+        let out = Outbound::new(transport, envelope, Arc::clone(&shared));
+        let max_payload = out.max_payload();
+        let store = SharedStore::default();
+        let foca = Foca::with_custom_broadcast(
+            identity,
+            timing.foca_config(1, max_payload),
+            foca_rng,
+            PostcardCodec,
+            StateGossip::new(store.clone()),
+        );
+        Self {
+            foca,
+            io: Io::new(out),
+            store,
+            shared,
+            timing,
+            now: Instant::now(),
+            max_payload,
+            configured_size: 1,
+            status: LocalStatus::Joining,
+            lineage: Lineage::default(),
+            publisher: Publisher::new(push_rng),
+            announcer: Announcer::new(local_addr, seeds),
+            snapshots: Snapshots::new(),
+            leave_reply: None,
+            stopped: false,
+        }
+    }
+
+    /// Runs until shut down, left, or every handle is gone.
+    pub(crate) async fn run(
+        mut self,
+        mut inputs: mpsc::Receiver<Input>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        self.start(Instant::now());
+        let load = self.shared.load.clone();
+        let shared = Arc::clone(&self.shared);
+        while !self.stopped {
+            let deadline = self.next_deadline();
+            tokio::select! {
+                biased;
+                changed = shutdown.changed() => {
+                    if changed.is_err() || *shutdown.borrow() {
+                        break;
+                    }
+                }
+                () = sleep_until(deadline) => self.on_timers(Instant::now()),
+                input = inputs.recv() => match input {
+                    Some(input) => self.on_input(input, Instant::now()),
+                    None => break,
+                },
+                () = load.changed() => self.on_local_change(Instant::now()),
+                () = shared.local_changed.notified() => self.on_local_change(Instant::now()),
+            }
+        }
+        if let Some(reply) = self.leave_reply.take() {
+            let _ = reply.send(());
+        }
+        tracing::debug!(identity = %self.foca.identity(), "membership task stopped");
+    }
+
+    /// First step: publish our state, start the periodic work.
+    pub(crate) fn start(&mut self, now: Instant) {
+        self.now = now;
+        self.publish(true);
+        for work in Periodic::ALL {
+            self.io
+                .timers
+                .schedule(work.first_run(now, &self.timing), Tick::Every(work));
+        }
+        self.settle();
+    }
+
+    /// A step: the timers due at `now`, each settled before the next.
+    pub(crate) fn on_timers(&mut self, now: Instant) {
+        self.now = now;
+        while let Some(tick) = self.io.timers.pop_due(now) {
+            match tick {
+                Tick::Foca(timer) => {
+                    if let Err(error) = self.foca.handle_timer(timer, self.io.runtime(now)) {
+                        tracing::debug!(%error, "foca timer error");
+                    }
+                }
+                Tick::Publish => {
+                    self.publisher.fired();
+                    self.publish(false);
+                }
+                Tick::FinishLeave => {
+                    self.send_leave_notices();
+                    self.stopped = true;
+                }
+                Tick::Every(work) => {
+                    self.periodic(work);
+                    let next = now + work.period(&self.timing);
+                    self.io.timers.schedule(next, Tick::Every(work));
+                }
+            }
+            // Timers may produce notifications that schedule more work; handle them in order.
+            self.settle();
+        }
+    }
+
+    /// A step: one input.
+    pub(crate) fn on_input(&mut self, input: Input, now: Instant) {
+        self.now = now;
+        match input {
+            Input::Datagram { message, from } => self.on_message(message, from),
+            Input::Join(addrs) => {
+                self.announcer.add_seeds(addrs);
+                self.announce_to_known(true);
+            }
+            Input::Discovered(addrs) => {
+                self.announcer.set_discovered(addrs);
+                self.announce_to_known(true);
+            }
+            Input::Leave(reply) => self.leave(reply),
+        }
+        self.settle();
+    }
+
+    /// A step: our load or local fields changed.
+    pub(crate) fn on_local_change(&mut self, now: Instant) {
+        self.now = now;
+        self.request_publish();
+        self.settle();
+    }
+
+    /// When the next timer is due.
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
+        self.io.timers.next_deadline()
+    }
+
+    fn periodic(&mut self, work: Periodic) {
+        match work {
+            Periodic::Refresh => self.refresh_state(),
+            Periodic::Rejoin => {
+                if matches!(self.status, LocalStatus::Joining | LocalStatus::Isolated) {
+                    self.announce_to_known(false);
+                    self.shared.discovery_wanted.notify_one();
+                }
+            }
+            Periodic::Maintenance => self.maintain(),
+        }
+    }
+
+    fn on_message(&mut self, message: Message, from: SocketAddr) {
+        if self.status == LocalStatus::Left || self.lineage.is_superseded() {
+            return;
+        }
+        match message {
+            Message::Foca(packet) => {
+                if let Err(error) = self.foca.handle_data(&packet, self.io.runtime(self.now)) {
+                    self.shared.counters.dropped(Dropped::FocaRejected);
+                    tracing::debug!(%error, "foca rejected a datagram");
+                }
+            }
+            Message::StatePush { state, bytes } => self.pushed_state(state, &bytes, from),
+            Message::Leave(identity) => self.peer_leaving(identity),
+        }
+    }
+
+    /// A state pushed by its owner goes through foca's broadcast queue: a state that is new to
+    /// us is both stored and passed on by gossip, so the peers the owner did not push to learn
+    /// it within a few gossip rounds instead of waiting for the owner's own retransmissions.
+    fn pushed_state(&mut self, state: Arc<NodeState>, bytes: &[u8], from: SocketAddr) {
+        let foca = &mut self.foca;
+        match self
+            .store
+            .with_staged(Arc::clone(&state), || foca.add_broadcast(bytes))
+        {
+            // Only a state new to us can come from a stranger worth introducing ourselves to.
+            Ok(true) => self.introduce_to_stranger(&state, from),
+            Ok(false) => {}
+            Err(error) => {
+                self.shared.counters.dropped(Dropped::StateRejected);
+                tracing::debug!(%error, "rejected a pushed node state");
+            }
+        }
+    }
+
+    /// Handles foca's notifications (which may cause more), then reports new peer states and
+    /// publishes the view if anything readers see changed.
+    fn settle(&mut self) {
+        loop {
+            let notes = self.io.take_notes();
+            if notes.is_empty() {
+                break;
+            }
+            for note in notes {
+                self.on_notification(note);
+            }
+        }
+        let accepted = self.store.lock().take_accepted();
+        let local = self.foca.identity().node_id().clone();
+        for state in accepted {
+            if state.node_id != local {
+                self.snapshots.mark_dirty();
+                self.shared.emit(MeshEvent::Updated(state));
+            }
+        }
+        if self.store.lock().take_dirty() {
+            self.snapshots.mark_dirty();
+        }
+        if self.snapshots.take_dirty() {
+            self.publish_view();
+        }
+    }
+
+    fn on_notification(&mut self, note: OwnedNotification<Identity>) {
+        match note {
+            OwnedNotification::MemberUp(id) => self.member_up(id),
+            OwnedNotification::MemberDown(id) => self.member_down(id),
+            OwnedNotification::Rename(old, new) => self.renamed(old, new),
+            OwnedNotification::Active => self.set_status(LocalStatus::Active),
+            OwnedNotification::Idle => {
+                if self.status != LocalStatus::Left {
+                    self.set_status(LocalStatus::Isolated);
+                    self.announce_to_known(false);
+                    self.shared.discovery_wanted.notify_one();
+                }
+            }
+            OwnedNotification::Defunct => self.defunct(),
+            OwnedNotification::Rejoin(id) => self.renewed(id),
+        }
+        self.snapshots.mark_dirty();
+    }
+
+    /// Suspicion, and forgetting what is too old to matter.
+    fn maintain(&mut self) {
+        self.observe_suspects();
+        let now = self.now;
+        self.announcer
+            .forget_introductions(now, self.timing.rejoin_interval);
+        self.lineage.forget_down(now, self.timing.remove_down_after);
+        let members: std::collections::HashSet<(crate::NodeId, u64)> = self
+            .foca
+            .iter_members()
+            .map(|m| (m.id().node_id().clone(), m.id().generation()))
+            .collect();
+        let local = self.foca.identity().clone();
+        let keep = self.timing.state_refresh_interval * 10;
+        self.store.lock().prune(
+            |id, generation| {
+                members.contains(&(id.clone(), generation))
+                    || (id == local.node_id() && generation == local.generation())
+            },
+            now,
+            keep,
+        );
+    }
+
+    fn publish_view(&mut self) {
+        let store = self.store.lock();
+        let view = self.snapshots.assemble(
+            Sources {
+                local: self.foca.identity(),
+                local_state: self.publisher.current().map(|p| Arc::clone(&p.state)),
+                members: self.foca.iter_members().map(|m| (m.id(), m.state())),
+                store: &store,
+                status: self.status,
+            },
+            self.now,
+        );
+        drop(store);
+        self.shared.publish_view(view);
+    }
+
+    fn set_status(&mut self, status: LocalStatus) {
+        if self.status != status {
+            self.status = status;
+            self.snapshots.mark_dirty();
+            self.shared.emit(MeshEvent::LocalStatus(status));
+        }
+    }
+
+    /// Re-sizes foca's configuration (suspicion timeout, retransmissions) to the cluster.
+    fn resize(&mut self) {
+        let size = u32::try_from(self.foca.num_members() + 1).unwrap_or(u32::MAX);
+        if size == self.configured_size {
+            return;
+        }
+        let config = self.timing.foca_config(size, self.max_payload);
+        match self.foca.set_config(config) {
+            Ok(()) => self.configured_size = size,
+            Err(error) => tracing::warn!(%error, size, "resizing foca config failed"),
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The loop driven step by step over a recording transport, without sockets or a task.
+    use std::time::Duration;
+
+    use super::{runtime::testing::Recorder, *};
+    use crate::{NodeId, wire::Envelope, wire::Kind};
+
+    fn agent(transport: &Arc<Recorder>) -> (Agent<Recorder>, Arc<Shared>) {
+        let identity = Identity::new(
+            NodeId::new("me").unwrap(),
+            "127.0.0.1:1".parse().unwrap(),
+            9,
+        );
+        let shared = runtime::testing::shared(snapshot::initial(&identity));
+        let agent = Agent::new(AgentParts {
+            identity,
+            transport: Arc::clone(transport),
+            local_addr: "127.0.0.1:1".parse().unwrap(),
+            envelope: Envelope::plain(),
+            shared: Arc::clone(&shared),
+            timing: Timing::local(),
+            seeds: vec!["127.0.0.1:2".parse().unwrap()],
+            rng_seed: Some(1),
+        });
+        (agent, shared)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn starting_publishes_our_state_and_announces_to_the_seeds() {
+        let transport = Arc::new(Recorder::default());
+        let (mut agent, shared) = agent(&transport);
+        let t0 = Instant::now();
+        agent.start(t0);
+        let view = shared.view();
+        assert_eq!(view.epoch(), 1);
+        let local = view.local().state().unwrap();
+        assert_eq!((local.version, local.max_concurrency), (1, 4));
+        // Rejoining is due at once: the seed is announced to.
+        assert_eq!(agent.next_deadline(), Some(t0));
+        agent.on_timers(t0);
+        let sent = transport.opened();
+        assert!(
+            sent.iter()
+                .any(|(kind, _, to)| *kind == Kind::Foca && *to == "127.0.0.1:2".parse().unwrap()),
+            "{sent:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pushed_state_from_a_stranger_is_stored_reported_and_answered() {
+        let transport = Arc::new(Recorder::default());
+        let (mut agent, shared) = agent(&transport);
+        let mut events = shared.events.subscribe();
+        let t0 = Instant::now();
+        agent.start(t0);
+        let mut state = NodeState::new(NodeId::new("peer").unwrap(), 3, 1);
+        state.max_concurrency = 2;
+        let bytes = state.encode().unwrap();
+        let from: SocketAddr = "127.0.0.1:7".parse().unwrap();
+        let message = Message::decode(Kind::StatePush, &bytes).unwrap();
+        agent.on_input(Input::Datagram { message, from }, t0);
+        assert!(matches!(
+            events.try_recv(),
+            Ok(MeshEvent::Updated(updated)) if *updated == state
+        ));
+        // We introduce ourselves to the stranger, once per rejoin interval.
+        let announces = |t: &Recorder| t.opened().iter().filter(|(_, _, to)| *to == from).count();
+        assert_eq!(announces(&transport), 1);
+        let mut newer = state.clone();
+        newer.version = 2;
+        let message = Message::decode(Kind::StatePush, &newer.encode().unwrap()).unwrap();
+        agent.on_input(
+            Input::Datagram { message, from },
+            t0 + Duration::from_millis(10),
+        );
+        assert_eq!(announces(&transport), 1);
+        assert_eq!(shared.counters.snapshot().states_rejected, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_load_change_is_published_once_per_interval() {
+        let transport = Arc::new(Recorder::default());
+        let (mut agent, shared) = agent(&transport);
+        let t0 = Instant::now();
+        agent.start(t0);
+        let version = |shared: &Shared| shared.view().local().state().unwrap().version;
+        let _task = shared.load.begin_task();
+        agent.on_local_change(t0 + Duration::from_millis(1));
+        let _another = shared.load.begin_task();
+        agent.on_local_change(t0 + Duration::from_millis(2));
+        assert_eq!(
+            version(&shared),
+            1,
+            "coalesced until the interval has passed"
+        );
+        let due = t0 + Timing::local().state_publish_interval;
+        agent.on_timers(due);
+        let view = shared.view();
+        let local = view.local().state().unwrap();
+        assert_eq!((local.version, local.pending), (2, 2));
+    }
+}

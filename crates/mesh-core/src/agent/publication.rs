@@ -1,0 +1,322 @@
+//! Publishing our own state: versions, coalescing, and the direct pushes that make a change
+//! reach every peer in one datagram instead of several gossip rounds.
+//!
+//! A state travels three ways (see the crate docs): foca's broadcast queue (piggybacked and
+//! gossiped, memberlist-style `retransmit_multiplier × ⌈log10(n + 1)⌉` times), a direct push to
+//! up to [`Timing::state_push_fanout`](crate::Timing::state_push_fanout) random members on
+//! every new version and to every newcomer (join sync), and a periodic re-send (anti-entropy).
+//! Piggybacking alone converges slowly (foca issues #3 and #5), hence the pushes.
+//!
+//! Load changes arrive in bursts (a task guard per request), so a new version is published at
+//! most once per [`Timing::state_publish_interval`](crate::Timing::state_publish_interval): a
+//! change inside that window schedules one publication at its end, which carries whatever the
+//! state is by then. [`Publisher`] keeps that bookkeeping; the `impl Agent` below hands the
+//! result to foca and the socket.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use rand::{rngs::StdRng, seq::IndexedRandom};
+use tokio::time::Instant;
+
+use super::{Agent, timers::Tick};
+use crate::{LocalStatus, NodeState, transport::Transport, wire::Kind};
+
+/// The version of our state last published, and when.
+#[derive(Debug)]
+pub(crate) struct Published {
+    pub(crate) at: Instant,
+    pub(crate) state: Arc<NodeState>,
+    pub(crate) bytes: Vec<u8>,
+}
+
+/// Versions and coalescing of our own state, and the choice of peers to push it to.
+#[derive(Debug)]
+pub(crate) struct Publisher {
+    version: u64,
+    published: Option<Published>,
+    scheduled: bool,
+    rng: StdRng,
+}
+
+/// What to do about a change of our state.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Request {
+    /// Publish now: the last publication is at least an interval old.
+    Now,
+    /// Publish at this time (schedule it): the rate limit has not passed yet.
+    At(Instant),
+    /// Nothing: a publication is already scheduled and will carry this change.
+    Scheduled,
+}
+
+impl Publisher {
+    /// `rng` chooses the peers each version is pushed to.
+    pub(crate) fn new(rng: StdRng) -> Self {
+        Self {
+            version: 0,
+            published: None,
+            scheduled: false,
+            rng,
+        }
+    }
+
+    /// Our state changed at `now`; at most one version per `interval` is published.
+    pub(crate) fn request(&mut self, now: Instant, interval: Duration) -> Request {
+        if self.scheduled {
+            return Request::Scheduled;
+        }
+        let earliest = self.published.as_ref().map_or(now, |p| p.at + interval);
+        if earliest <= now {
+            Request::Now
+        } else {
+            self.scheduled = true;
+            Request::At(earliest)
+        }
+    }
+
+    /// The scheduled publication is due.
+    pub(crate) fn fired(&mut self) {
+        self.scheduled = false;
+    }
+
+    /// Publishes `candidate` (whose version is ignored) as the next version if it differs from
+    /// the published state in anything but the version, or if `force`. `None` if nothing was
+    /// published.
+    pub(crate) fn publish(
+        &mut self,
+        mut candidate: NodeState,
+        now: Instant,
+        force: bool,
+    ) -> Option<&Published> {
+        if let Some(previous) = &self.published {
+            candidate.version = previous.state.version;
+            if candidate == *previous.state && !force {
+                return None;
+            }
+        }
+        self.version += 1;
+        candidate.version = self.version;
+        let bytes = match candidate.encode() {
+            Ok(bytes) => bytes,
+            Err(error) => {
+                // Setters check the worst-case size, so this means a bug; keep the old state.
+                tracing::error!(%error, "could not encode our own state");
+                return None;
+            }
+        };
+        self.published = Some(Published {
+            at: now,
+            state: Arc::new(candidate),
+            bytes,
+        });
+        self.published.as_ref()
+    }
+
+    /// A new generation starts: versions count from 1 again.
+    pub(crate) fn restart(&mut self) {
+        self.version = 0;
+    }
+
+    /// The last published version.
+    pub(crate) fn current(&self) -> Option<&Published> {
+        self.published.as_ref()
+    }
+
+    /// Up to `fanout` of `members`, chosen at random.
+    pub(crate) fn push_targets(
+        &mut self,
+        members: &[SocketAddr],
+        fanout: usize,
+    ) -> Vec<SocketAddr> {
+        members.sample(&mut self.rng, fanout).copied().collect()
+    }
+}
+
+/// Handing publications to foca and the socket.
+impl<T: Transport> Agent<T> {
+    /// Our state changed (load or local fields): publish now or schedule it.
+    pub(super) fn request_publish(&mut self) {
+        let interval = self.timing.state_publish_interval;
+        match self.publisher.request(self.now, interval) {
+            Request::Now => self.publish(false),
+            Request::At(at) => self.io.timers.schedule(at, Tick::Publish),
+            Request::Scheduled => {}
+        }
+    }
+
+    /// Publishes a new version of our state if it changed (or `force`): into foca's broadcast
+    /// queue and pushed directly to a bounded set of peers.
+    pub(super) fn publish(&mut self, force: bool) {
+        if self.status == LocalStatus::Left && !force {
+            return;
+        }
+        let identity = self.foca.identity();
+        let mut candidate = self
+            .shared
+            .lock_local()
+            .node_state(identity.node_id().clone(), identity.generation());
+        candidate.pending = self.shared.load.pending();
+        candidate.max_concurrency = self.shared.load.max_concurrency();
+        let Some(published) = self.publisher.publish(candidate, self.now, force) else {
+            return;
+        };
+        let (state, bytes) = (Arc::clone(&published.state), published.bytes.clone());
+        let foca = &mut self.foca;
+        if let Err(error) = self.store.with_staged(state, || foca.add_broadcast(&bytes)) {
+            tracing::warn!(%error, "could not queue our state for gossip");
+        }
+        self.push_state(self.timing.state_push_fanout.get());
+        self.snapshots.mark_dirty();
+    }
+
+    /// Sends our current state directly to up to `fanout` random active members.
+    pub(super) fn push_state(&mut self, fanout: usize) {
+        let Some(published) = self.publisher.current() else {
+            return;
+        };
+        let bytes = published.bytes.clone();
+        let members: Vec<SocketAddr> = self.foca.iter_members().map(|m| m.id().addr()).collect();
+        for addr in self.publisher.push_targets(&members, fanout) {
+            self.io.out.send(Kind::StatePush, &bytes, addr);
+        }
+    }
+
+    /// Anti-entropy: re-send our state while we are part of a cluster.
+    pub(super) fn refresh_state(&mut self) {
+        if matches!(self.status, LocalStatus::Left | LocalStatus::Defunct) {
+            return;
+        }
+        self.push_state(self.timing.state_push_fanout.get());
+    }
+
+    /// Join sync: a newcomer gets our state now instead of waiting for gossip.
+    pub(super) fn join_sync(&mut self, to: SocketAddr) {
+        if let Some(published) = self.publisher.current() {
+            let bytes = published.bytes.clone();
+            self.io.out.send(Kind::StatePush, &bytes, to);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::SeedableRng;
+
+    use super::*;
+    use crate::NodeId;
+
+    fn state(pending: u32) -> NodeState {
+        let mut state = NodeState::new(NodeId::new("a").unwrap(), 7, 0);
+        state.max_concurrency = 4;
+        state.pending = pending;
+        state
+    }
+
+    fn publisher() -> Publisher {
+        Publisher::new(StdRng::seed_from_u64(1))
+    }
+
+    #[test]
+    fn versions_count_changes_only() {
+        let mut publisher = publisher();
+        let now = Instant::now();
+        let first = publisher.publish(state(0), now, false).unwrap();
+        assert_eq!(first.state.version, 1);
+        assert_eq!(NodeState::decode(&first.bytes).unwrap(), *first.state);
+        // The same state again (whatever version it claims) publishes nothing.
+        let mut same = state(0);
+        same.version = 99;
+        assert!(publisher.publish(same, now, false).is_none());
+        assert_eq!(publisher.current().unwrap().state.version, 1);
+        // A change is the next version; forcing republishes an unchanged state.
+        assert_eq!(
+            publisher
+                .publish(state(1), now, false)
+                .unwrap()
+                .state
+                .version,
+            2
+        );
+        assert_eq!(
+            publisher
+                .publish(state(1), now, true)
+                .unwrap()
+                .state
+                .version,
+            3
+        );
+        assert_eq!(publisher.current().unwrap().state.pending, 1);
+    }
+
+    #[test]
+    fn a_new_generation_counts_from_one_again() {
+        let mut publisher = publisher();
+        let now = Instant::now();
+        publisher.publish(state(0), now, false);
+        publisher.publish(state(1), now, false);
+        publisher.restart();
+        let mut renewed = state(1);
+        renewed.generation = 8;
+        let published = publisher.publish(renewed, now, true).unwrap();
+        assert_eq!(
+            (published.state.generation, published.state.version),
+            (8, 1)
+        );
+    }
+
+    #[test]
+    fn a_state_that_cannot_be_encoded_keeps_the_previous_one() {
+        let mut publisher = publisher();
+        let now = Instant::now();
+        publisher.publish(state(0), now, false);
+        let mut huge = state(0);
+        for i in 0..40 {
+            huge.tags.insert(format!("key-{i}"), "v".repeat(30));
+        }
+        assert!(publisher.publish(huge, now, false).is_none());
+        assert!(publisher.current().unwrap().state.tags.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn changes_within_the_interval_are_coalesced_into_one_publication() {
+        let mut publisher = publisher();
+        let interval = Duration::from_millis(100);
+        let t0 = Instant::now();
+        // Nothing published yet: at once.
+        assert_eq!(publisher.request(t0, interval), Request::Now);
+        publisher.publish(state(0), t0, false);
+        // Within the interval: one publication at its end, and later changes ride along.
+        let t1 = t0 + Duration::from_millis(30);
+        assert_eq!(publisher.request(t1, interval), Request::At(t0 + interval));
+        assert_eq!(publisher.request(t1, interval), Request::Scheduled);
+        assert_eq!(
+            publisher.request(t0 + Duration::from_millis(200), interval),
+            Request::Scheduled
+        );
+        publisher.fired();
+        let t2 = t0 + interval;
+        publisher.publish(state(3), t2, false);
+        // After the interval, a change is published at once.
+        assert_eq!(publisher.request(t2 + interval, interval), Request::Now);
+    }
+
+    #[test]
+    fn pushes_go_to_at_most_fanout_distinct_members() {
+        let mut publisher = publisher();
+        let members: Vec<SocketAddr> = (1..=10)
+            .map(|port| SocketAddr::from(([127, 0, 0, 1], port)))
+            .collect();
+        let targets = publisher.push_targets(&members, 3);
+        assert_eq!(targets.len(), 3);
+        let distinct: std::collections::HashSet<_> = targets.iter().collect();
+        assert_eq!(distinct.len(), 3);
+        assert!(targets.iter().all(|t| members.contains(t)));
+        assert_eq!(publisher.push_targets(&members, usize::MAX).len(), 10);
+        assert!(publisher.push_targets(&[], 3).is_empty());
+        // Seeded: the same seed chooses the same peers.
+        assert_eq!(
+            Publisher::new(StdRng::seed_from_u64(9)).push_targets(&members, 4),
+            Publisher::new(StdRng::seed_from_u64(9)).push_targets(&members, 4)
+        );
+    }
+}
