@@ -455,10 +455,10 @@ impl ClusterCas {
         metadata: &MetadataMap,
     ) -> Result<bool, ClusterError> {
         let mut hints = hints.to_vec();
-        if let Some(worker) = worker_of(result) {
-            if !hints.contains(&worker) {
-                hints.push(worker);
-            }
+        if let Some(worker) = worker_of(result)
+            && !hints.contains(&worker)
+        {
+            hints.push(worker);
         }
         let mut digests = match result_digests(result) {
             Ok(digests) => digests,

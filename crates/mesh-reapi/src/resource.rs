@@ -9,7 +9,7 @@
 //! advertises no compressors. Digest functions other than SHA-256, which newer clients name
 //! with an extra segment (`blobs/blake3/{hash}/{size}`), are refused the same way.
 
-use crate::{Digest, DigestError, digest::abbreviate, digest::abbreviate_long};
+use crate::{Digest, DigestError, digest::abbreviate_long};
 
 /// A parsed ByteStream resource name.
 #[derive(Debug, Clone, PartialEq, Eq)]

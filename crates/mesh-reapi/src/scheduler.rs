@@ -345,15 +345,14 @@ async fn run(
             });
             let cacheable =
                 !spec.do_not_cache && !executed.timed_out && executed.result.exit_code == 0;
-            if cacheable {
-                if let Err(error) = inner
+            if cacheable
+                && let Err(error) = inner
                     .cluster
                     .local_action_cache()
                     .put(spec.action_digest, &executed.result)
                     .await
-                {
-                    tracing::warn!(action = %spec.action_digest, %error, "could not cache an action result");
-                }
+            {
+                tracing::warn!(action = %spec.action_digest, %error, "could not cache an action result");
             }
             inner.counters.executed();
             ExecuteResponse {
@@ -404,10 +403,10 @@ impl Completion {
         self.done = true;
         {
             let mut registry = lock(&self.inner);
-            if let Some(key) = self.key.take() {
-                if registry.in_flight.get(&key) == Some(&self.id) {
-                    registry.in_flight.remove(&key);
-                }
+            if let Some(key) = self.key.take()
+                && registry.in_flight.get(&key) == Some(&self.id)
+            {
+                registry.in_flight.remove(&key);
             }
             registry
                 .finished

@@ -225,14 +225,14 @@ fn prepare_work_dir(data_dir: &Path) -> Result<PathBuf, ReapiError> {
 pub enum NodeSource {
     /// A node to start: it gossips `http://{listener address}` as its gRPC endpoint unless
     /// the builder sets one (set one when the listener is bound to `0.0.0.0`).
-    Builder(NodeBuilder),
+    Builder(Box<NodeBuilder>),
     /// A node already started, whose gossiped gRPC endpoint already points at the listener.
     Started(Node),
 }
 
 impl From<NodeBuilder> for NodeSource {
     fn from(builder: NodeBuilder) -> Self {
-        NodeSource::Builder(builder)
+        NodeSource::Builder(Box::new(builder))
     }
 }
 

@@ -305,10 +305,10 @@ impl LruDir {
         for key in victims {
             index.remove(&key);
             index.evictions += 1;
-            if let Err(error) = fs::remove_file(self.path(&key)) {
-                if error.kind() != io::ErrorKind::NotFound {
-                    tracing::warn!(%key, %error, "could not delete an evicted file");
-                }
+            if let Err(error) = fs::remove_file(self.path(&key))
+                && error.kind() != io::ErrorKind::NotFound
+            {
+                tracing::warn!(%key, %error, "could not delete an evicted file");
             }
             metrics::counter!("mesh_reapi_store_evictions_total").increment(1);
         }

@@ -1,0 +1,12 @@
+//! REAPI replicas on 127.0.0.1, driven by a Rust client built from the same bindings.
+//!
+//! One test binary (one link) for all of them: `cluster` (blobs and results across replicas),
+//! `execution` (the executor and the scheduler on one replica), `errors` (bad input),
+//! `storage` (eviction, ByteStream chunking).
+#![allow(missing_docs, unreachable_pub)]
+
+mod cluster;
+mod errors;
+mod execution;
+mod storage;
+mod support;
