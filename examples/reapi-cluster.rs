@@ -157,8 +157,7 @@ async fn serve(args: &Args, data_dir: &std::path::Path) -> Result<(), Box<dyn st
 
 /// Ctrl-C or SIGTERM.
 async fn wait_for_signal() -> std::io::Result<()> {
-    let mut terminate =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         result = tokio::signal::ctrl_c() => result,
         _ = terminate.recv() => Ok(()),
