@@ -46,7 +46,9 @@
 //! * **Durability** is per replica: a blob lives as long as some replica keeps it. If the only
 //!   copy is evicted or its replica dies, the client gets `FAILED_PRECONDITION` with the
 //!   missing digests (Bazel re-uploads and retries) or an action-cache miss (the action runs
-//!   again). A shared directory could be mounted as a replica's data dir, but is never needed.
+//!   again). No shared directory is needed; a replica's data dir may live on any file system
+//!   (a network mount included), but two replicas never share one: each indexes and evicts
+//!   its own.
 //! * Concurrent fetches of the same blob by two executions on one replica are not merged: both
 //!   download it, and the second rename finds the blob already stored.
 

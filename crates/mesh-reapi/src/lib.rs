@@ -13,7 +13,10 @@
 //!   store or the scheduler (the layout of NativeLink's `nativelink-service`):
 //!   [`capabilities_server`], [`cas_server`], [`bytestream_server`], [`ac_server`],
 //!   [`execution_server`]. Digests ([`Digest`]) and resource names ([`ResourceName`]) are
-//!   parsed and checked there, once; errors follow REAPI ([`error`](crate::error) docs).
+//!   parsed and checked there, once; errors follow REAPI (`FAILED_PRECONDITION` with `MISSING`
+//!   violations for missing blobs, `INVALID_ARGUMENT` naming the value and the rule for
+//!   malformed input). Instance names are accepted and kept in operation names, but all
+//!   instances share one CAS and action cache.
 //! * **Stores** — [`Cas`] and [`ActionCache`]: one replica's blobs and results on disk,
 //!   bounded, least recently used evicted, nothing half-written ever visible.
 //! * **Cluster** — [`ClusterCas`]: a blob or result a replica lacks is found on a peer and

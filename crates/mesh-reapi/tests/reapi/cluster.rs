@@ -2,9 +2,12 @@
 
 use mesh_reapi::{
     Digest,
-    proto::build::bazel::remote::execution::v2::{
-        ActionResult, Directory, FindMissingBlobsRequest, GetActionResultRequest, GetTreeRequest,
-        OutputFile, Tree, UpdateActionResultRequest,
+    proto::{
+        build::bazel::remote::execution::v2::{
+            ActionResult, BatchReadBlobsRequest, Directory, FindMissingBlobsRequest,
+            GetActionResultRequest, GetTreeRequest, OutputFile, Tree, UpdateActionResultRequest,
+        },
+        google::bytestream::ReadRequest,
     },
 };
 use prost::Message as _;
@@ -394,5 +397,112 @@ async fn a_result_whose_outputs_are_gone_everywhere_is_a_miss() {
         Code::NotFound,
         "a hit nobody could download"
     );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_reads_fetch_from_peers_and_report_each_blob() {
+    let cluster = Cluster::start(2, |_, _| {}).await;
+    let blobs: Vec<(Digest, Vec<u8>)> = (0..3u8)
+        .map(|i| {
+            let data = vec![i; 1000 + usize::from(i)];
+            (Digest::of(&data), data)
+        })
+        .collect();
+    upload(&cluster, 0, &blobs).await;
+    let absent = Digest::of(b"on no replica");
+    let mut wanted: Vec<Digest> = blobs.iter().map(|(d, _)| *d).collect();
+    wanted.push(absent);
+    let response = cluster
+        .cas(1)
+        .await
+        .batch_read_blobs(BatchReadBlobsRequest {
+            digests: wanted.iter().map(Digest::to_proto).collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.responses.len(), 4);
+    for ((digest, data), answer) in blobs.iter().zip(&response.responses) {
+        assert_eq!(answer.status.as_ref().unwrap().code, 0, "{digest}");
+        assert_eq!(&answer.data, data);
+    }
+    let last = &response.responses[3];
+    assert_eq!(last.status.as_ref().unwrap().code, Code::NotFound as i32);
+    assert_eq!(last.digest.as_ref().unwrap(), &absent.to_proto());
+    let stats = cluster.replicas[1].stats();
+    assert_eq!(
+        stats.blobs_fetched, 3,
+        "one batched fetch from A: {stats:?}"
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_from_peers_are_answered_from_local_stores_only() {
+    let cluster = Cluster::start(3, |_, _| {}).await;
+    let data = b"only on A".to_vec();
+    let digest = Digest::of(&data);
+    upload(&cluster, 0, &[(digest, data.clone())]).await;
+    let action = produce().salt("local only").build();
+    upload(&cluster, 0, &action.blobs).await;
+    finished(
+        &execute(
+            &mut cluster.exec(0).await,
+            execute_request(action.action, false),
+        )
+        .await
+        .unwrap(),
+    );
+    let from_b = || {
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        metadata.insert(
+            mesh_route::FORWARDED_BY,
+            AsciiMetadataValue::try_from(cluster.node_id(1)).unwrap(),
+        );
+        metadata
+    };
+    // C is asked on B's behalf: it answers from what it has, never asks A.
+    let mut request = tonic::Request::new(ReadRequest {
+        resource_name: format!("blobs/{digest}"),
+        read_offset: 0,
+        read_limit: 0,
+    });
+    *request.metadata_mut() = from_b();
+    let error = cluster.bytestream(2).await.read(request).await.unwrap_err();
+    assert_eq!(error.code(), Code::NotFound);
+    let mut request = tonic::Request::new(GetActionResultRequest {
+        action_digest: Some(action.action.to_proto()),
+        ..Default::default()
+    });
+    *request.metadata_mut() = from_b();
+    let error = cluster
+        .ac(2)
+        .await
+        .get_action_result(request)
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::NotFound);
+    let stats = cluster.replicas[2].stats();
+    assert_eq!(
+        (stats.blobs_fetched, stats.peer_cache_hits),
+        (0, 0),
+        "{stats:?}"
+    );
+    // Asked directly, C finds both on A.
+    let (read_back, _) = read(&mut cluster.bytestream(2).await, &digest)
+        .await
+        .unwrap();
+    assert_eq!(read_back, data);
+    cluster
+        .ac(2)
+        .await
+        .get_action_result(GetActionResultRequest {
+            action_digest: Some(action.action.to_proto()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     cluster.shutdown().await;
 }

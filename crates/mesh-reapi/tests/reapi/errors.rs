@@ -146,6 +146,25 @@ async fn wrong_digests_are_invalid_argument_naming_both() {
             .into_inner();
         assert!(!status.complete, "{digest}");
     }
+    // A complete upload is reported complete.
+    let good_digest = Digest::of(b"good");
+    write(
+        &mut bytestream,
+        format!("uploads/u3/blobs/{good_digest}"),
+        b"good",
+        4,
+    )
+    .await
+    .unwrap();
+    let status = bytestream
+        .query_write_status(QueryWriteStatusRequest {
+            resource_name: format!("uploads/u3/blobs/{good_digest}"),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(status.complete);
+    assert_eq!(status.committed_size, 4);
     // In a batch, the wrong blob fails alone.
     let good = b"good".to_vec();
     let response = cluster
