@@ -14,7 +14,7 @@ use prost::Message as _;
 use tonic::{Code, metadata::AsciiMetadataValue};
 
 use crate::support::{
-    Cluster, execute, execute_request, finished, read, shell, upload, wait_execution,
+    Cluster, Gate, execute, execute_request, finished, read, shell, upload, wait_execution,
 };
 
 /// The action most tests run: reads an input, writes an output file and an output directory.
@@ -259,7 +259,10 @@ async fn a_repeat_is_a_cache_hit_whichever_replica_is_asked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wait_execution_follows_the_owner_and_others_say_not_found() {
     let cluster = Cluster::start(2, |_, _| {}).await;
-    let action = shell("sleep 0.3; echo slept").salt("wait").build();
+    let gate = Gate::new();
+    let action = shell(&format!("{}; echo waited", gate.wait()))
+        .salt("wait")
+        .build();
     upload(&cluster, 1, &action.blobs).await;
     let mut client = cluster.exec(1).await;
     let mut stream = client
@@ -276,9 +279,11 @@ async fn wait_execution_follows_the_owner_and_others_say_not_found() {
     );
     drop(stream);
     // The owner follows it to the end.
-    let followed = wait_execution(&mut cluster.exec(1).await, &name)
-        .await
-        .unwrap();
+    let mut client = cluster.exec(1).await;
+    let name_for_wait = name.clone();
+    let waiting = tokio::spawn(async move { wait_execution(&mut client, &name_for_wait).await });
+    gate.open();
+    let followed = waiting.await.unwrap().unwrap();
     let response = finished(&followed);
     assert_eq!(response.result.unwrap().exit_code, 0);
     assert!(followed.iter().all(|op| op.name == name));

@@ -12,7 +12,7 @@ use prost::Message as _;
 use tonic::Code;
 
 use crate::support::{
-    Cluster, bounded, eventually, execute, execute_request, finished, read, shell, upload,
+    Cluster, Gate, bounded, eventually, execute, execute_request, finished, read, shell, upload,
     wait_execution,
 };
 
@@ -167,7 +167,8 @@ async fn a_timeout_kills_the_process_group_and_is_deadline_exceeded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identical_actions_in_flight_are_merged() {
     let cluster = Cluster::start(1, |_, _| {}).await;
-    let action = shell("sleep 0.3; date +%s%N > out")
+    let gate = Gate::new();
+    let action = shell(&format!("{}; date +%s%N > out", gate.wait()))
         .output_file("out")
         .build();
     upload(&cluster, 0, &action.blobs).await;
@@ -179,6 +180,12 @@ async fn identical_actions_in_flight_are_merged() {
             async move { execute(&mut client, request).await },
         ));
     }
+    let reapi = cluster.replicas[0].reapi().clone();
+    eventually("two callers to join the first", async || {
+        reapi.stats().merged == 2
+    })
+    .await;
+    gate.open();
     let mut names = Vec::new();
     let mut results = Vec::new();
     for call in calls {
@@ -200,9 +207,10 @@ async fn load_is_held_from_queueing_to_completion_within_max_concurrency() {
     let cluster = Cluster::start(1, |_, config| config.max_concurrency = 1).await;
     let load = cluster.replicas[0].node().load().clone();
     assert_eq!(load.max_concurrency(), 1);
+    let gate = Gate::new();
     let mut calls = Vec::new();
     for i in 0..3 {
-        let action = shell("sleep 0.2").salt(&i.to_string()).build();
+        let action = shell(&gate.wait()).salt(&i.to_string()).build();
         upload(&cluster, 0, &action.blobs).await;
         let mut client = cluster.exec(0).await;
         let request = execute_request(action.action, true);
@@ -211,6 +219,7 @@ async fn load_is_held_from_queueing_to_completion_within_max_concurrency() {
         ));
     }
     eventually("all three to be pending", async || load.pending() == 3).await;
+    gate.open();
     let mut spans = Vec::new();
     for call in calls {
         let result = finished(&call.await.unwrap().unwrap()).result.unwrap();

@@ -425,3 +425,33 @@ pub fn finished(operations: &[Operation]) -> ExecuteResponse {
     let last = operations.last().expect("at least one operation message");
     response(last)
 }
+
+/// A file an action waits for, so a test decides when the action finishes instead of
+/// guessing with sleeps.
+pub struct Gate {
+    dir: tempfile::TempDir,
+}
+
+impl Gate {
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn path(&self) -> std::path::PathBuf {
+        self.dir.path().join("open")
+    }
+
+    /// Shell that blocks until [`Gate::open`].
+    pub fn wait(&self) -> String {
+        format!(
+            "while [ ! -e '{}' ]; do sleep 0.01; done",
+            self.path().display()
+        )
+    }
+
+    pub fn open(&self) {
+        std::fs::write(self.path(), b"").unwrap();
+    }
+}
