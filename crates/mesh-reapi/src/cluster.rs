@@ -409,8 +409,8 @@ impl ClusterCas {
             if local_only || self.outputs_available(&result, &[], metadata).await? {
                 return Ok(Some(result));
             }
-            tracing::info!(%action, "a cached result's outputs are gone; treating it as a miss");
-            return Ok(None);
+            // A peer may hold a newer result whose outputs still exist.
+            tracing::info!(%action, "a cached result's outputs are gone; asking peers");
         }
         if local_only {
             return Ok(None);

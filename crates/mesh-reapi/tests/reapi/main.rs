@@ -2,11 +2,12 @@
 //!
 //! One test binary (one link) for all of them: `cluster` (blobs and results across replicas),
 //! `execution` (the executor and the scheduler on one replica), `errors` (bad input),
-//! `storage` (eviction, ByteStream chunking).
+//! `storage` (eviction, ByteStream chunking), `routing` (what the route layer will call).
 #![allow(missing_docs, unreachable_pub)]
 
 mod cluster;
 mod errors;
 mod execution;
+mod routing;
 mod storage;
 mod support;

@@ -10,11 +10,11 @@ use mesh_reapi::{
     proto::{
         build::bazel::remote::execution::v2::{
             Action, BatchUpdateBlobsRequest, Command, Directory, DirectoryNode, ExecuteRequest,
-            ExecuteResponse, FileNode, WaitExecutionRequest,
+            ExecuteResponse, FileNode, Platform, WaitExecutionRequest,
             action_cache_client::ActionCacheClient, batch_update_blobs_request,
             command::EnvironmentVariable,
             content_addressable_storage_client::ContentAddressableStorageClient,
-            execution_client::ExecutionClient,
+            execution_client::ExecutionClient, platform,
         },
         google::{
             bytestream::{ReadRequest, WriteRequest, byte_stream_client::ByteStreamClient},
@@ -228,6 +228,8 @@ pub struct TestAction {
     pub timeout: Option<Duration>,
     pub do_not_cache: bool,
     pub salt: Vec<u8>,
+    /// Platform properties, set where Bazel 4.2.3 sets them: in the `Command`.
+    pub platform: Vec<(String, String)>,
 }
 
 /// The blobs of a built action and its digest.
@@ -307,6 +309,16 @@ impl TestAction {
             output_directories: self.output_directories.clone(),
             output_paths: self.output_paths.clone(),
             working_directory: self.working_directory.clone(),
+            platform: (!self.platform.is_empty()).then(|| Platform {
+                properties: self
+                    .platform
+                    .iter()
+                    .map(|(name, value)| platform::Property {
+                        name: name.clone(),
+                        value: value.clone(),
+                    })
+                    .collect(),
+            }),
             ..Default::default()
         };
         let command = add(command.encode_to_vec());
