@@ -49,8 +49,8 @@
 //!   again). No shared directory is needed; a replica's data dir may live on any file system
 //!   (a network mount included), but two replicas never share one: each indexes and evicts
 //!   its own.
-//! * Concurrent fetches of the same blob by two executions on one replica are not merged: both
-//!   download it, and the second rename finds the blob already stored.
+//! * Concurrent requests on one replica that need the same missing blob fetch it once: the
+//!   first claims it, the others wait for that fetch (and try themselves only if it failed).
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
@@ -62,6 +62,7 @@ use bytes::Bytes;
 use futures::{StreamExt as _, stream::FuturesUnordered};
 use mesh::Node;
 use mesh_core::{NodeId, PeerStatus};
+use tokio::sync::watch;
 use tonic::metadata::MetadataMap;
 
 use crate::{
@@ -122,7 +123,50 @@ pub struct ClusterCas {
     node: Node,
     config: PeerConfig,
     locations: Arc<Mutex<Locations>>,
+    fetching: Arc<Mutex<Fetching>>,
     counters: Arc<Counters>,
+}
+
+/// Blobs being fetched from peers right now, so concurrent requests fetch each once.
+#[derive(Debug, Default)]
+struct Fetching {
+    next_id: u64,
+    /// Digest → (the claim fetching it, a receiver whose sender that claim drops when done).
+    by_digest: HashMap<Digest, (u64, watch::Receiver<()>)>,
+}
+
+/// The digests one request fetches; dropping it (done, failed or cancelled) releases them
+/// and wakes whoever waits.
+struct FetchClaim {
+    fetching: Arc<Mutex<Fetching>>,
+    id: u64,
+    digests: Vec<Digest>,
+    _done: watch::Sender<()>,
+}
+
+impl Drop for FetchClaim {
+    fn drop(&mut self) {
+        let mut fetching = self
+            .fetching
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for digest in &self.digests {
+            if fetching
+                .by_digest
+                .get(digest)
+                .is_some_and(|(id, _)| *id == self.id)
+            {
+                fetching.by_digest.remove(digest);
+            }
+        }
+    }
+}
+
+/// Fetches of other requests to wait for.
+#[derive(Default)]
+struct OtherFetches {
+    digests: Vec<Digest>,
+    waits: Vec<watch::Receiver<()>>,
 }
 
 /// Which node recently had which blob (bounded, oldest forgotten first).
@@ -160,6 +204,7 @@ impl ClusterCas {
             node,
             config,
             locations: Arc::default(),
+            fetching: Arc::default(),
             counters,
         }
     }
@@ -243,12 +288,81 @@ impl ClusterCas {
         metadata: &MetadataMap,
         local_only: bool,
     ) -> Result<(), MissingBlobs> {
-        let mut missing = self.cas.find_missing(digests);
+        let missing = self.cas.find_missing(digests);
         if missing.is_empty() {
             return Ok(());
         }
         if local_only {
             return Err(MissingBlobs(missing));
+        }
+        // Blobs another request of this replica is already fetching are waited for, not
+        // fetched twice.
+        let (claim, mut others) = self.claim(&missing);
+        let mut still_missing = self
+            .fetch_missing(claim.digests.clone(), hints, metadata)
+            .await;
+        drop(claim);
+        for wait in &mut others.waits {
+            // The sender is dropped when that fetch ends, whatever its outcome.
+            let _ = wait.changed().await;
+        }
+        let not_fetched = self.cas.find_missing(&others.digests);
+        if !not_fetched.is_empty() {
+            // That fetch failed (its hints may have been worse than ours): try once more.
+            still_missing.extend(self.fetch_missing(not_fetched, hints, metadata).await);
+        }
+        if still_missing.is_empty() {
+            Ok(())
+        } else {
+            Err(MissingBlobs(still_missing))
+        }
+    }
+
+    /// Claims the fetch of every digest of `missing` that no other request is fetching;
+    /// returns the claim and the fetches to wait for.
+    fn claim(&self, missing: &[Digest]) -> (FetchClaim, OtherFetches) {
+        let mut fetching = self
+            .fetching
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        fetching.next_id += 1;
+        let id = fetching.next_id;
+        let (sender, receiver) = watch::channel(());
+        let mut mine = Vec::new();
+        let mut others = OtherFetches::default();
+        for digest in missing {
+            match fetching.by_digest.get(digest) {
+                Some((_, wait)) => {
+                    others.digests.push(*digest);
+                    others.waits.push(wait.clone());
+                }
+                None => {
+                    fetching.by_digest.insert(*digest, (id, receiver.clone()));
+                    mine.push(*digest);
+                }
+            }
+        }
+        (
+            FetchClaim {
+                fetching: self.fetching.clone(),
+                id,
+                digests: mine,
+                _done: sender,
+            },
+            others,
+        )
+    }
+
+    /// Fetches `missing` from peers (hinted nodes first, then whoever has them); returns
+    /// what no peer could provide.
+    async fn fetch_missing(
+        &self,
+        mut missing: Vec<Digest>,
+        hints: &[NodeId],
+        metadata: &MetadataMap,
+    ) -> Vec<Digest> {
+        if missing.is_empty() {
+            return missing;
         }
         let live = self.live_peers();
         let peers = self.peers(metadata);
@@ -258,7 +372,7 @@ impl ClusterCas {
             self.count_fetched(&fetched);
             missing.retain(|d| !fetched.contains(d));
             if missing.is_empty() {
-                return Ok(());
+                return missing;
             }
         }
         let others: Vec<&NodeId> = live.iter().filter(|n| !hinted.contains(n)).collect();
@@ -278,11 +392,7 @@ impl ClusterCas {
             self.count_fetched(&fetched);
             missing.retain(|d| !fetched.contains(d));
         }
-        if missing.is_empty() {
-            Ok(())
-        } else {
-            Err(MissingBlobs(missing))
-        }
+        missing
     }
 
     fn count_fetched(&self, fetched: &[Digest]) {

@@ -109,3 +109,31 @@ async fn large_blobs_are_read_in_chunks_below_the_message_limit_on_every_replica
     assert!(part == data[3 * 1024 * 1024..3 * 1024 * 1024 + 1500 * 1024]);
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_reads_of_a_missing_blob_fetch_it_once() {
+    let cluster = Cluster::start(2, |_, _| {}).await;
+    let data: Vec<u8> = (0..8 * 1024 * 1024).map(|i: u32| (i % 253) as u8).collect();
+    let digest = Digest::of(&data);
+    write(
+        &mut cluster.bytestream(0).await,
+        format!("uploads/z/blobs/{digest}"),
+        &data,
+        1024 * 1024,
+    )
+    .await
+    .unwrap();
+    let mut readers = Vec::new();
+    for _ in 0..4 {
+        let mut client = cluster.bytestream(1).await;
+        readers.push(tokio::spawn(
+            async move { read(&mut client, &digest).await },
+        ));
+    }
+    for reader in readers {
+        let (read_back, _) = reader.await.unwrap().unwrap();
+        assert!(read_back == data);
+    }
+    assert_eq!(cluster.replicas[1].stats().blobs_fetched, 1);
+    cluster.shutdown().await;
+}
