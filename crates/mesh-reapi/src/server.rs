@@ -298,6 +298,10 @@ impl ReapiServer {
         let (stop, stopped) = oneshot::channel::<()>();
         let serving = tokio::spawn(
             tonic::transport::Server::builder()
+                // An Execute stream may stay silent for as long as its action runs: HTTP/2
+                // pings keep the connection alive through middleboxes and notice dead clients.
+                .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+                .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
                 .add_routes(reapi.routes())
                 .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
                     let _ = stopped.await;
