@@ -6,8 +6,8 @@
 //!   stderr or output files is not done (REAPI allows ignoring those fields; Bazel reads
 //!   everything by digest).
 //! * `UpdateActionResult` (clients that ran an action themselves) checks the digests in the
-//!   result and that the blobs it names exist in the cluster (`FAILED_PRECONDITION` with the
-//!   missing ones otherwise), then stores it locally.
+//!   result and that the blobs it names exist in the cluster (here only, for a call from a
+//!   peer; `FAILED_PRECONDITION` with the missing ones otherwise), then stores it locally.
 
 use bazel_remote_apis::build::bazel::remote::execution::v2::{
     ActionResult, GetActionResultRequest, UpdateActionResultRequest,
@@ -70,6 +70,7 @@ impl ActionCache for ActionCacheService {
         &self,
         request: Request<UpdateActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
+        let local_only = forwarded_by(request.metadata()).is_some();
         let metadata = request.metadata().clone();
         let request = request.into_inner();
         check_digest_function(request.digest_function)?;
@@ -78,10 +79,13 @@ impl ActionCache for ActionCacheService {
             .action_result
             .ok_or_else(|| invalid("action_result is required"))?;
         let digests = result_digests(&result)?;
-        let missing = self
-            .cluster
-            .find_missing_in_cluster(&digests, &[], &metadata)
-            .await;
+        let missing = if local_only {
+            self.cluster.local().find_missing(&digests)
+        } else {
+            self.cluster
+                .find_missing_in_cluster(&digests, &[], &metadata)
+                .await
+        };
         if !missing.is_empty() {
             return Err(MissingBlobs(missing).into());
         }

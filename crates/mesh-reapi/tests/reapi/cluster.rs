@@ -511,3 +511,44 @@ async fn calls_from_peers_are_answered_from_local_stores_only() {
         .unwrap();
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_can_embed_a_node_started_elsewhere() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let node = mesh::Node::builder()
+        .node_id("embedded")
+        .unwrap()
+        .gossip_bind("127.0.0.1:0".parse().unwrap())
+        .grpc_endpoint(format!("http://{}", listener.local_addr().unwrap()))
+        .timing(mesh::Timing::local())
+        .start()
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = mesh_reapi::ReapiConfig::new(dir.path());
+    config.max_concurrency = 3;
+    let server = mesh_reapi::ReapiServer::start(node.clone(), config, listener)
+        .await
+        .unwrap();
+    assert_eq!(
+        node.load().max_concurrency(),
+        3,
+        "the replica's concurrency is gossiped"
+    );
+    assert_eq!(server.endpoint(), format!("grpc://{}", server.addr()));
+    let mut client = mesh_reapi::proto::build::bazel::remote::execution::v2::execution_client::ExecutionClient::connect(
+        format!("http://{}", server.addr()),
+    )
+    .await
+    .unwrap();
+    let built = shell("true").build();
+    let error = execute(&mut client, execute_request(built.action, false))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error.code(),
+        Code::FailedPrecondition,
+        "served: the Action was never uploaded"
+    );
+    server.shutdown().await;
+}
