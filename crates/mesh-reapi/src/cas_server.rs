@@ -33,7 +33,7 @@ use prost::Message as _;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::{
-    ClusterCas, Digest,
+    ClusterCas, ClusterError, Digest,
     error::{invalid, rpc_status},
     peers::MAX_BATCH_TOTAL_SIZE,
 };
@@ -244,6 +244,13 @@ impl ContentAddressableStorage for CasService {
                 .await;
             let mut next = Vec::new();
             for digest in level {
+                if digest.size() > crate::cluster::MAX_MESSAGE_SIZE {
+                    return Err(ClusterError::MessageTooLarge {
+                        digest,
+                        kind: "Directory",
+                    }
+                    .into());
+                }
                 let Some(bytes) = self.cluster.local().read(&digest).await? else {
                     continue;
                 };

@@ -113,7 +113,22 @@ pub enum ClusterError {
         #[source]
         source: prost::DecodeError,
     },
+    /// A blob named as a message (Action, Command, Directory, Tree) is too large to be one.
+    #[error(
+        "blob {digest} is named as a {kind} message, but its {} bytes exceed the {MAX_MESSAGE_SIZE} bytes a message may have here",
+        digest.size()
+    )]
+    MessageTooLarge {
+        /// The blob.
+        digest: Digest,
+        /// The message type expected.
+        kind: &'static str,
+    },
 }
+
+/// The largest blob read into memory as a protobuf message (an Action, Command, Directory or
+/// Tree): larger ones are refused rather than loaded.
+pub const MAX_MESSAGE_SIZE: u64 = 64 * 1024 * 1024;
 
 /// Where to look for blobs and action results: this replica first, then its peers.
 #[derive(Debug, Clone)]
@@ -495,6 +510,12 @@ impl ClusterCas {
         metadata: &MetadataMap,
         local_only: bool,
     ) -> Result<M, ClusterError> {
+        if digest.size() > MAX_MESSAGE_SIZE {
+            return Err(ClusterError::MessageTooLarge {
+                digest: *digest,
+                kind,
+            });
+        }
         let bytes = self.read(digest, hints, metadata, local_only).await?;
         M::decode(bytes).map_err(|source| ClusterError::Malformed {
             digest: *digest,
@@ -589,7 +610,11 @@ impl ClusterCas {
                 .await
             {
                 Ok(tree) => tree,
-                Err(ClusterError::Missing(_) | ClusterError::Malformed { .. }) => return Ok(false),
+                Err(
+                    ClusterError::Missing(_)
+                    | ClusterError::Malformed { .. }
+                    | ClusterError::MessageTooLarge { .. },
+                ) => return Ok(false),
                 Err(other) => return Err(other),
             };
             match tree_file_digests(&tree) {

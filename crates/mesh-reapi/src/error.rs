@@ -131,7 +131,7 @@ impl From<ClusterError> for Status {
             ClusterError::Missing(missing) => missing_status(&missing),
             ClusterError::Cas(error) => error.into(),
             ClusterError::ActionCache(error) => error.into(),
-            ClusterError::Malformed { .. } => invalid(error),
+            ClusterError::Malformed { .. } | ClusterError::MessageTooLarge { .. } => invalid(error),
         }
     }
 }

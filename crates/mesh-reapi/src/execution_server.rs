@@ -159,7 +159,9 @@ impl ExecutionService {
             .read_message::<Action>(digest, "Action", hints, metadata, false)
             .await
             .map_err(|error| match error {
-                ClusterError::Malformed { .. } => invalid(error),
+                ClusterError::Malformed { .. } | ClusterError::MessageTooLarge { .. } => {
+                    invalid(error)
+                }
                 other => other.into(),
             })
     }

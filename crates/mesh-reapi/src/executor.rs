@@ -45,7 +45,7 @@ use mesh_core::NodeId;
 use prost::Message as _;
 use tonic::metadata::MetadataMap;
 
-use crate::{ClusterCas, ClusterError, Digest, MissingBlobs};
+use crate::{ClusterCas, ClusterError, Digest, MissingBlobs, cluster::MAX_MESSAGE_SIZE};
 
 /// A validated action, ready to run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,7 +85,9 @@ impl From<ClusterError> for ExecError {
     fn from(error: ClusterError) -> Self {
         match error {
             ClusterError::Missing(missing) => ExecError::Missing(missing),
-            ClusterError::Malformed { .. } => ExecError::Invalid(error.to_string()),
+            ClusterError::Malformed { .. } | ClusterError::MessageTooLarge { .. } => {
+                ExecError::Invalid(error.to_string())
+            }
             other => ExecError::Internal(other.to_string()),
         }
     }
@@ -252,6 +254,13 @@ impl Executor {
                 .map(|(_, d)| *d)
                 .filter(|d| !decoded.contains_key(d))
                 .collect();
+            if let Some(digest) = wanted.iter().find(|d| d.size() > MAX_MESSAGE_SIZE) {
+                return Err(ClusterError::MessageTooLarge {
+                    digest: *digest,
+                    kind: "Directory",
+                }
+                .into());
+            }
             self.cluster
                 .ensure_local(&wanted, hints, metadata, false)
                 .await?;

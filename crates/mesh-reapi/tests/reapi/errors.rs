@@ -334,6 +334,17 @@ async fn malformed_resource_names_and_digests_are_invalid_argument() {
         .unwrap_err();
     assert_eq!(error.code(), Code::InvalidArgument);
     assert!(error.message().contains("BLAKE3"), "{}", error.message());
+    // An "Action" too large to be one is refused before anything is read.
+    let huge = Digest::new(*hello.hash(), 1 << 40);
+    let error = execute(&mut cluster.exec(0).await, execute_request(huge, false))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument);
+    assert!(
+        error.message().contains("Action message"),
+        "{}",
+        error.message()
+    );
     let mut request = execute_request(hello, false);
     request.action_digest.as_mut().unwrap().size_bytes = -1;
     let error = execute(&mut cluster.exec(0).await, request)
