@@ -552,9 +552,15 @@ async fn run_command(
         .process_group(0)
         .kill_on_drop(true);
     let mut child = process.spawn().map_err(|error| {
-        ExecError::Invalid(format!(
-            "the command's program {program:?} could not be started: {error}"
-        ))
+        let message = format!("the command's program {program:?} could not be started: {error}");
+        match error.kind() {
+            // The action's fault: it names something that cannot run.
+            io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied => {
+                ExecError::Invalid(message)
+            }
+            // Ours (too many processes or open files): worth a retry.
+            _ => ExecError::Internal(message),
+        }
     })?;
     let group = child
         .id()

@@ -320,3 +320,28 @@ async fn output_paths_are_typed_when_collected() {
     assert_eq!(result.output_symlinks[0].target, "g");
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_program_that_does_not_exist_is_invalid_argument() {
+    let cluster = Cluster::start(1, |_, _| {}).await;
+    let mut action = shell("unused");
+    action.arguments = vec!["/no/such/program".into()];
+    let action = action.build();
+    upload(&cluster, 0, &action.blobs).await;
+    let response = finished(
+        &execute(
+            &mut cluster.exec(0).await,
+            execute_request(action.action, false),
+        )
+        .await
+        .unwrap(),
+    );
+    let status = response.status.unwrap();
+    assert_eq!(status.code, Code::InvalidArgument as i32);
+    assert!(
+        status.message.contains("/no/such/program"),
+        "{}",
+        status.message
+    );
+    cluster.shutdown().await;
+}
