@@ -1,0 +1,98 @@
+//! `build.bazel.remote.execution.v2.ActionCache`: a thin adapter onto [`ClusterCas`].
+//!
+//! * `GetActionResult` looks in this replica's action cache, then (unless the call came from
+//!   a peer) in every live peer's; a result is served only if its outputs exist somewhere in
+//!   the cluster (see [`crate::cluster`]). `NOT_FOUND` is a plain miss. Inlining of stdout,
+//!   stderr or output files is not done (REAPI allows ignoring those fields; Bazel reads
+//!   everything by digest).
+//! * `UpdateActionResult` (clients that ran an action themselves) checks the digests in the
+//!   result and that the blobs it names exist in the cluster (here only, for a call from a
+//!   peer; `FAILED_PRECONDITION` with the missing ones otherwise), then stores it locally.
+
+use bazel_remote_apis::build::bazel::remote::execution::v2::{
+    ActionResult, GetActionResultRequest, UpdateActionResultRequest,
+    action_cache_server::{ActionCache, ActionCacheServer},
+};
+use mesh_route::forwarded_by;
+use tonic::{Request, Response, Status};
+
+use crate::{
+    ClusterCas, Digest, MissingBlobs, cas_server::check_digest_function, cluster::result_digests,
+    error::invalid, stats::Counters,
+};
+
+/// The `ActionCache` service.
+#[derive(Debug, Clone)]
+pub struct ActionCacheService {
+    cluster: ClusterCas,
+    counters: std::sync::Arc<Counters>,
+}
+
+impl ActionCacheService {
+    pub(crate) fn new(cluster: ClusterCas, counters: std::sync::Arc<Counters>) -> Self {
+        Self { cluster, counters }
+    }
+
+    /// The tonic service.
+    pub fn into_server(self) -> ActionCacheServer<Self> {
+        ActionCacheServer::new(self)
+    }
+}
+
+#[tonic::async_trait]
+impl ActionCache for ActionCacheService {
+    async fn get_action_result(
+        &self,
+        request: Request<GetActionResultRequest>,
+    ) -> Result<Response<ActionResult>, Status> {
+        let local_only = forwarded_by(request.metadata()).is_some();
+        check_digest_function(request.get_ref().digest_function)?;
+        let action =
+            Digest::from_required(request.get_ref().action_digest.as_ref(), "action_digest")?;
+        match self
+            .cluster
+            .action_result(&action, request.metadata(), local_only)
+            .await?
+        {
+            Some(result) => {
+                if !local_only {
+                    self.counters.cache_hit();
+                }
+                Ok(Response::new(result))
+            }
+            None => Err(Status::not_found(format!(
+                "no cached result for action {action}"
+            ))),
+        }
+    }
+
+    async fn update_action_result(
+        &self,
+        request: Request<UpdateActionResultRequest>,
+    ) -> Result<Response<ActionResult>, Status> {
+        let local_only = forwarded_by(request.metadata()).is_some();
+        let metadata = request.metadata().clone();
+        let request = request.into_inner();
+        check_digest_function(request.digest_function)?;
+        let action = Digest::from_required(request.action_digest.as_ref(), "action_digest")?;
+        let result = request
+            .action_result
+            .ok_or_else(|| invalid("action_result is required"))?;
+        let digests = result_digests(&result)?;
+        let missing = if local_only {
+            self.cluster.local().find_missing(&digests)
+        } else {
+            self.cluster
+                .find_missing_in_cluster(&digests, &[], &metadata)
+                .await
+        };
+        if !missing.is_empty() {
+            return Err(MissingBlobs(missing).into());
+        }
+        self.cluster
+            .local_action_cache()
+            .put(action, &result)
+            .await?;
+        Ok(Response::new(result))
+    }
+}

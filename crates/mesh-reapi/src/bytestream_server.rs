@@ -1,0 +1,228 @@
+//! `google.bytestream.ByteStream` for CAS blobs (REAPI v2 "ByteStream API"): a thin adapter
+//! onto [`ClusterCas`].
+//!
+//! * `Read` of `{instance/}blobs/{hash}/{size}` streams the blob in [`READ_CHUNK`] pieces, so
+//!   no response comes near the 4 MiB message limit Bazel enforces. A blob this replica lacks
+//!   is fetched from a peer first (and kept), unless the call came from a peer.
+//! * `Write` of `{instance/}uploads/{uuid}/blobs/{hash}/{size}` streams into a temporary file,
+//!   checking offsets as it goes; only when `finish_write` arrives and the SHA-256 and size
+//!   match is the blob renamed into the CAS. A blob already present ends the call at once with
+//!   its full `committed_size` (REAPI allows this; Bazel stops sending).
+//! * `QueryWriteStatus`: complete for a blob that is present; otherwise nothing is committed
+//!   (partial uploads are not kept, so a client resumes from 0).
+
+use std::pin::Pin;
+
+use bazel_remote_apis::google::bytestream::{
+    QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest, ReadResponse, WriteRequest,
+    WriteResponse,
+    byte_stream_server::{ByteStream, ByteStreamServer},
+};
+use futures::Stream;
+use mesh_route::forwarded_by;
+use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::{ClusterCas, Digest, ResourceName, error::invalid};
+
+/// The size of each `ReadResponse`'s data: 1 MiB, a quarter of the 4 MiB message limit.
+pub const READ_CHUNK: usize = 1024 * 1024;
+
+/// The `ByteStream` service.
+#[derive(Debug, Clone)]
+pub struct ByteStreamService {
+    cluster: ClusterCas,
+}
+
+impl ByteStreamService {
+    /// The service over `cluster`.
+    pub fn new(cluster: ClusterCas) -> Self {
+        Self { cluster }
+    }
+
+    /// The tonic service.
+    pub fn into_server(self) -> ByteStreamServer<Self> {
+        ByteStreamServer::new(self)
+    }
+}
+
+type ReadStream = Pin<Box<dyn Stream<Item = Result<ReadResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ByteStream for ByteStreamService {
+    type ReadStream = ReadStream;
+
+    async fn read(
+        &self,
+        request: Request<ReadRequest>,
+    ) -> Result<Response<Self::ReadStream>, Status> {
+        let local_only = forwarded_by(request.metadata()).is_some();
+        let metadata = request.metadata().clone();
+        let request = request.into_inner();
+        let name = ResourceName::parse_read(&request.resource_name)?;
+        let digest = name.digest;
+        let offset = u64::try_from(request.read_offset).map_err(|_| {
+            invalid(format!(
+                "read_offset {} must not be negative",
+                request.read_offset
+            ))
+        })?;
+        let limit = u64::try_from(request.read_limit).map_err(|_| {
+            invalid(format!(
+                "read_limit {} must not be negative (0 means no limit)",
+                request.read_limit
+            ))
+        })?;
+        if offset > digest.size() {
+            return Err(Status::out_of_range(format!(
+                "read_offset {offset} is past the end of blob {digest}"
+            )));
+        }
+        if !self.cluster.local().contains(&digest) {
+            self.cluster
+                .ensure_local(&[digest], &[], &metadata, local_only)
+                .await
+                .map_err(|_| {
+                    Status::not_found(format!(
+                        "blob {digest} is not in the CAS of {}",
+                        if local_only {
+                            "this replica"
+                        } else {
+                            "any replica"
+                        }
+                    ))
+                })?;
+        }
+        let mut file = self
+            .cluster
+            .local()
+            .open_reader(&digest)
+            .await?
+            .ok_or_else(|| Status::not_found(format!("blob {digest} was evicted; retry")))?;
+        file.seek(std::io::SeekFrom::Start(offset))
+            .await
+            .map_err(|e| Status::internal(format!("seeking in blob {digest}: {e}")))?;
+        let end = if limit == 0 {
+            digest.size()
+        } else {
+            digest.size().min(offset.saturating_add(limit))
+        };
+        Ok(Response::new(Box::pin(read_chunks(
+            file, digest, offset, end,
+        ))))
+    }
+
+    async fn write(
+        &self,
+        request: Request<Streaming<WriteRequest>>,
+    ) -> Result<Response<WriteResponse>, Status> {
+        let mut stream = request.into_inner();
+        let Some(first) = stream.message().await? else {
+            return Err(invalid(
+                "the write stream is empty; the first message must name the resource",
+            ));
+        };
+        let name = ResourceName::parse_write(&first.resource_name)?;
+        let digest = name.digest;
+        let committed = |digest: Digest| {
+            Response::new(WriteResponse {
+                committed_size: i64::try_from(digest.size()).unwrap_or(i64::MAX),
+            })
+        };
+        if self.cluster.local().contains(&digest) {
+            return Ok(committed(digest));
+        }
+        let mut writer = self.cluster.local().writer(digest)?;
+        let mut message = first;
+        loop {
+            if !message.resource_name.is_empty()
+                && ResourceName::parse_write(&message.resource_name)
+                    .map(|n| n.digest != digest)
+                    .unwrap_or(true)
+            {
+                return Err(invalid(format!(
+                    "resource_name {:?} changed within one write of blob {digest}",
+                    crate::digest::abbreviate_long(&message.resource_name)
+                )));
+            }
+            if u64::try_from(message.write_offset).ok() != Some(writer.written()) {
+                return Err(invalid(format!(
+                    "write_offset {} does not follow the {} bytes received so far for blob {digest}",
+                    message.write_offset,
+                    writer.written()
+                )));
+            }
+            writer.write(&message.data).await?;
+            if message.finish_write {
+                break;
+            }
+            message = match stream.message().await? {
+                Some(message) => message,
+                None => {
+                    return Err(invalid(format!(
+                        "the write stream of blob {digest} ended after {} of {} bytes without finish_write; nothing was stored",
+                        writer.written(),
+                        digest.size()
+                    )));
+                }
+            };
+        }
+        if writer.written() != digest.size() {
+            return Err(invalid(format!(
+                "blob {digest} is {} bytes long, but the write finished after {} bytes; nothing was stored",
+                digest.size(),
+                writer.written()
+            )));
+        }
+        writer.commit().await?;
+        Ok(committed(digest))
+    }
+
+    async fn query_write_status(
+        &self,
+        request: Request<QueryWriteStatusRequest>,
+    ) -> Result<Response<QueryWriteStatusResponse>, Status> {
+        let name = ResourceName::parse_write(&request.get_ref().resource_name)?;
+        let complete = self.cluster.local().contains(&name.digest);
+        Ok(Response::new(QueryWriteStatusResponse {
+            committed_size: if complete {
+                i64::try_from(name.digest.size()).unwrap_or(i64::MAX)
+            } else {
+                0
+            },
+            complete,
+        }))
+    }
+}
+
+/// Reads `[offset, end)` of an open blob in [`READ_CHUNK`] pieces.
+fn read_chunks(
+    file: tokio::fs::File,
+    digest: Digest,
+    offset: u64,
+    end: u64,
+) -> impl Stream<Item = Result<ReadResponse, Status>> + Send {
+    futures::stream::unfold(
+        (file, offset, false),
+        move |(mut file, position, failed)| async move {
+            if failed || position >= end {
+                return None;
+            }
+            let want =
+                usize::try_from((end - position).min(READ_CHUNK as u64)).unwrap_or(READ_CHUNK);
+            let mut data = vec![0u8; want];
+            match file.read_exact(&mut data).await {
+                Ok(_) => Some((
+                    Ok(ReadResponse { data }),
+                    (file, position + want as u64, false),
+                )),
+                Err(error) => Some((
+                    Err(Status::data_loss(format!(
+                        "blob {digest} could not be read at offset {position}: {error}"
+                    ))),
+                    (file, position, true),
+                )),
+            }
+        },
+    )
+}

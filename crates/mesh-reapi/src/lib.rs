@@ -1,0 +1,109 @@
+//! A Remote Execution API v2 server whose replicas form a mesh, with no shared storage and
+//! no external store.
+//!
+//! Each replica embeds a [`mesh::Node`] (SWIM membership and load gossip) and serves the
+//! services Bazel and other REAPI clients use, from the published `bazel-remote-apis`
+//! bindings: `Capabilities`, `ContentAddressableStorage`, `ByteStream`, `ActionCache` and
+//! `Execution`. (`google.longrunning.Operations` is not served: REAPI clients follow operations
+//! with `WaitExecution`, and none of the clients this targets calls it.)
+//!
+//! # The pieces
+//!
+//! * **Edge** — one service per file, each a thin adapter from the generated trait onto a
+//!   store or the scheduler (the layout of NativeLink's `nativelink-service`):
+//!   [`capabilities_server`], [`cas_server`], [`bytestream_server`], [`ac_server`],
+//!   [`execution_server`]. Digests ([`Digest`]) and resource names ([`ResourceName`]) are
+//!   parsed and checked there, once; errors follow REAPI (`FAILED_PRECONDITION` with `MISSING`
+//!   violations for missing blobs, `INVALID_ARGUMENT` naming the value and the rule for
+//!   malformed input). Instance names are accepted and kept in operation names, but all
+//!   instances share one CAS and action cache.
+//! * **Stores** — [`Cas`] and [`ActionCache`]: one replica's blobs and results on disk,
+//!   bounded, least recently used evicted, nothing half-written ever visible.
+//! * **Cluster** — [`ClusterCas`]: a blob or result a replica lacks is found on a peer and
+//!   fetched through the mesh (hinted fetch-through; the [`cluster`] module explains the design
+//!   and its costs).
+//! * **Execution** — the [`scheduler`] queues, bounds and merges actions and keeps their
+//!   operations; the [`executor`] runs each one for real in a directory of its own.
+//! * **Assembly** — [`Reapi`] (all of the above over a started node) and [`ReapiServer`]
+//!   (served on a listener).
+//!
+//! # Routing
+//!
+//! The `Execution` service runs whatever reaches it. Sharing work between replicas is the
+//! route layer's job (`mesh_route::layer`), put in front of the services: `Execute` spread by
+//! load over replicas whose tags match the action's platform
+//! ([`ExecutionService::route_request`]), after the action cache was checked
+//! ([`ExecutionService::cached_result`]), and marked idempotent (the action digest names the
+//! work); `WaitExecution` to the owner named in the operation name. Calls between replicas
+//! carry `x-mesh-forwarded-by`; a replica answering such a call uses only what it has itself.
+//!
+//! # Example
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use bazel_remote_apis::build::bazel::remote::execution::v2::{
+//!     GetCapabilitiesRequest, capabilities_client::CapabilitiesClient,
+//! };
+//! use mesh_reapi::{ReapiConfig, ReapiServer};
+//!
+//! let data = tempfile::tempdir()?;
+//! let node = mesh::Node::builder()
+//!     .node_id("reapi-0")?
+//!     .gossip_bind("127.0.0.1:0".parse()?)
+//!     .timing(mesh::Timing::local());
+//! let mut config = ReapiConfig::new(data.path());
+//! config.max_concurrency = 2;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let server = ReapiServer::start(node, config, listener).await?;
+//!
+//! let mut client = CapabilitiesClient::connect(format!("http://{}", server.addr())).await?;
+//! let capabilities = client
+//!     .get_capabilities(GetCapabilitiesRequest::default())
+//!     .await?
+//!     .into_inner();
+//! assert!(capabilities.execution_capabilities.unwrap().exec_enabled);
+//! server.shutdown().await;
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+
+pub mod ac_server;
+mod action;
+mod action_cache;
+pub mod bytestream_server;
+pub mod capabilities_server;
+mod cas;
+pub mod cas_server;
+pub mod cluster;
+mod digest;
+mod error;
+pub mod execution_server;
+pub mod executor;
+mod peers;
+mod resource;
+pub mod scheduler;
+mod server;
+mod stats;
+mod store;
+
+pub use ac_server::ActionCacheService;
+pub use action::{ActionLimits, InvalidAction, PlatformError, platform_tags};
+pub use action_cache::{ActionCache, ActionCacheError};
+pub use bytestream_server::ByteStreamService;
+pub use capabilities_server::CapabilitiesService;
+pub use cas::{BlobWriter, Cas, CasError};
+pub use cas_server::CasService;
+pub use cluster::{ClusterCas, ClusterError, MissingBlobs};
+pub use digest::{Digest, DigestError, DigestRule, HASH_LEN, Hasher};
+pub use execution_server::{ExecutionService, OperationStream};
+pub use executor::{ActionSpec, ExecError, Executed};
+pub use peers::{MAX_BATCH_TOTAL_SIZE, PeerConfig};
+pub use resource::{ResourceName, ResourceNameError, ResourceRule};
+pub use scheduler::{OperationState, SchedulerConfig};
+pub use server::{NodeSource, Reapi, ReapiConfig, ReapiError, ReapiServer};
+pub use stats::ReapiStats;
+pub use store::StoreUsage;
+
+/// The REAPI bindings this crate serves, re-exported for clients and tests.
+pub use bazel_remote_apis as proto;

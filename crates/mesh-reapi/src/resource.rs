@@ -1,0 +1,244 @@
+//! ByteStream resource names (REAPI v2, "ByteStream API" section of `remote_execution.proto`).
+//!
+//! * reads: `{instance_name/}blobs/{hash}/{size}{/optional_metadata}`
+//! * writes: `{instance_name/}uploads/{uuid}/blobs/{hash}/{size}{/optional_metadata}`
+//!
+//! The instance name may itself contain `/` but never the reserved segments `blobs`,
+//! `uploads` or `compressed-blobs`, so the first reserved segment ends it. Compressed
+//! resources (`compressed-blobs/{compressor}/…`) are refused with a clear error: this server
+//! advertises no compressors. Digest functions other than SHA-256, which newer clients name
+//! with an extra segment (`blobs/blake3/{hash}/{size}`), are refused the same way.
+
+use crate::{Digest, DigestError, digest::abbreviate_long};
+
+/// A parsed ByteStream resource name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResourceName {
+    /// Everything before the reserved segment, without the trailing `/` (may be empty).
+    pub instance_name: String,
+    /// The blob.
+    pub digest: Digest,
+}
+
+impl ResourceName {
+    /// Parses a `Read` resource name: `{instance_name/}blobs/{hash}/{size}{/…}`.
+    pub fn parse_read(name: &str) -> Result<Self, ResourceNameError> {
+        parse(name, Kind::Read)
+    }
+
+    /// Parses a `Write` resource name: `{instance_name/}uploads/{uuid}/blobs/{hash}/{size}{/…}`.
+    pub fn parse_write(name: &str) -> Result<Self, ResourceNameError> {
+        parse(name, Kind::Write)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Read,
+    Write,
+}
+
+impl Kind {
+    fn expected(self) -> &'static str {
+        match self {
+            Kind::Read => "\"{instance_name/}blobs/{hash}/{size}\"",
+            Kind::Write => "\"{instance_name/}uploads/{uuid}/blobs/{hash}/{size}\"",
+        }
+    }
+}
+
+fn parse(name: &str, kind: Kind) -> Result<ResourceName, ResourceNameError> {
+    let error = |rule| ResourceNameError {
+        name: abbreviate_long(name),
+        expected: kind.expected(),
+        rule,
+    };
+    let segments: Vec<&str> = name.split('/').collect();
+    let reserved = segments
+        .iter()
+        .position(|s| matches!(*s, "blobs" | "uploads" | "compressed-blobs"))
+        .ok_or_else(|| error(ResourceRule::NoBlobsSegment))?;
+    let instance_name = segments[..reserved].join("/");
+    let mut rest = &segments[reserved..];
+    if kind == Kind::Write {
+        match rest {
+            ["uploads", uuid, tail @ ..] if !uuid.is_empty() => rest = tail,
+            ["uploads", ..] => return Err(error(ResourceRule::MissingUploadId)),
+            _ => return Err(error(ResourceRule::NotAnUpload)),
+        }
+    }
+    match rest {
+        ["compressed-blobs", ..] => Err(error(ResourceRule::Compressed)),
+        ["blobs", function, tail @ ..] if DIGEST_FUNCTIONS.contains(function) => {
+            if *function != "sha256" {
+                return Err(error(ResourceRule::DigestFunction {
+                    function: (*function).to_owned(),
+                }));
+            }
+            blob(tail, instance_name).map_err(error)
+        }
+        ["blobs", tail @ ..] if tail.len() >= 2 => blob(tail, instance_name).map_err(error),
+        ["blobs", ..] => Err(error(ResourceRule::Truncated)),
+        ["uploads", ..] => Err(error(ResourceRule::UploadInRead)),
+        _ => Err(error(ResourceRule::NoBlobsSegment)),
+    }
+}
+
+/// Names of digest functions as newer clients spell them in resource names.
+const DIGEST_FUNCTIONS: [&str; 10] = [
+    "sha256",
+    "sha1",
+    "md5",
+    "vso",
+    "sha384",
+    "sha512",
+    "murmur3",
+    "sha256tree",
+    "blake3",
+    "gitsha1",
+];
+
+/// `{hash}/{size}` and what may follow.
+fn blob(segments: &[&str], instance_name: String) -> Result<ResourceName, ResourceRule> {
+    let [hash, size, ..] = segments else {
+        return Err(ResourceRule::Truncated);
+    };
+    let digest: Digest = format!("{hash}/{size}")
+        .parse()
+        .map_err(|e: DigestError| ResourceRule::Digest(e.rule().clone()))?;
+    Ok(ResourceName {
+        instance_name,
+        digest,
+    })
+}
+
+/// A resource name was malformed. The message names the value, the rule and the expected form.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid resource name {name:?}: {rule}; expected {expected}")]
+pub struct ResourceNameError {
+    name: String,
+    expected: &'static str,
+    rule: ResourceRule,
+}
+
+impl ResourceNameError {
+    /// The rule the name broke.
+    pub fn rule(&self) -> &ResourceRule {
+        &self.rule
+    }
+}
+
+/// What was wrong with a resource name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ResourceRule {
+    /// There is no `blobs` segment.
+    #[error("there is no \"blobs\" segment")]
+    NoBlobsSegment,
+    /// `blobs/` is not followed by a hash and a size.
+    #[error("\"blobs\" must be followed by a hash and a size")]
+    Truncated,
+    /// A write name without `uploads/{uuid}/`.
+    #[error("a write must name \"uploads/{{uuid}}/\" before \"blobs\"")]
+    NotAnUpload,
+    /// `uploads/` with an empty id.
+    #[error("the upload id after \"uploads/\" is empty")]
+    MissingUploadId,
+    /// An upload name given to a read.
+    #[error("reads name \"blobs/\", not \"uploads/\"")]
+    UploadInRead,
+    /// `compressed-blobs/…`.
+    #[error("compressed-blobs are not supported: this server advertises no compressors")]
+    Compressed,
+    /// `blobs/{function}/…` with a function other than SHA-256.
+    #[error("digest function {function:?} is not supported: this server offers SHA-256 only")]
+    DigestFunction {
+        /// The function named.
+        function: String,
+    },
+    /// The hash or size is malformed.
+    #[error("{0}")]
+    Digest(crate::DigestRule),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HASH: &str = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
+
+    #[test]
+    fn reads_with_and_without_instance() {
+        let name = ResourceName::parse_read(&format!("blobs/{HASH}/5")).unwrap();
+        assert_eq!(name.instance_name, "");
+        assert_eq!(name.digest, Digest::of(b"hello"));
+        let name =
+            ResourceName::parse_read(&format!("a/b/main/blobs/{HASH}/5/extra/meta")).unwrap();
+        assert_eq!(name.instance_name, "a/b/main");
+        assert_eq!(name.digest.size(), 5);
+    }
+
+    #[test]
+    fn writes_with_and_without_instance() {
+        let name = ResourceName::parse_write(&format!(
+            "uploads/0190b6c4-6f1c-7cc0-9d5e-3f6b8a2e4d10/blobs/{HASH}/5"
+        ))
+        .unwrap();
+        assert_eq!(name.instance_name, "");
+        assert_eq!(name.digest, Digest::of(b"hello"));
+        let name =
+            ResourceName::parse_write(&format!("main/uploads/x/blobs/{HASH}/5/meta")).unwrap();
+        assert_eq!(name.instance_name, "main");
+    }
+
+    #[test]
+    fn malformed_names_say_what_is_wrong() {
+        let read_cases = [
+            (String::new(), "no \"blobs\" segment"),
+            ("main/blobz/x/5".to_owned(), "no \"blobs\" segment"),
+            (format!("blobs/{HASH}"), "followed by a hash and a size"),
+            (format!("blobs/{HASH}/-1"), "non-negative decimal"),
+            (format!("blobs/{HASH}/five"), "non-negative decimal"),
+            (
+                format!("blobs/{}/5", HASH.to_uppercase()),
+                "lowercase hexadecimal",
+            ),
+            ("blobs/abc/5".to_owned(), "not 3"),
+            (format!("compressed-blobs/zstd/{HASH}/5"), "no compressors"),
+            (
+                format!("blobs/blake3/{HASH}/5"),
+                "\"blake3\" is not supported",
+            ),
+            (format!("uploads/u/blobs/{HASH}/5"), "reads name \"blobs/\""),
+        ];
+        for (name, rule) in read_cases {
+            let message = ResourceName::parse_read(&name).unwrap_err().to_string();
+            assert!(message.contains(rule), "{name}: {message}");
+            assert!(
+                message.contains("expected \"{instance_name/}blobs/"),
+                "{message}"
+            );
+            assert!(message.contains(&format!("{name:?}")), "{message}");
+        }
+        let write_cases = [
+            (format!("blobs/{HASH}/5"), "must name \"uploads/{uuid}/\""),
+            (
+                format!("uploads//blobs/{HASH}/5"),
+                "upload id after \"uploads/\" is empty",
+            ),
+            ("uploads/u/blobs/zz/5".to_owned(), "not 2"),
+            (
+                format!("main/uploads/u/compressed-blobs/zstd/{HASH}/5"),
+                "no compressors",
+            ),
+        ];
+        for (name, rule) in write_cases {
+            let message = ResourceName::parse_write(&name).unwrap_err().to_string();
+            assert!(message.contains(rule), "{name}: {message}");
+            assert!(
+                message.contains("uploads/{uuid}/blobs/{hash}/{size}"),
+                "{message}"
+            );
+        }
+    }
+}

@@ -1,0 +1,495 @@
+//! Operations on one replica: queueing, concurrency, merging identical actions, and keeping
+//! finished operations followable for a while.
+//!
+//! * **Load**: every accepted action takes a [`mesh_core::TaskGuard`] at once and holds it
+//!   until its operation is done, so the load the mesh gossips (queued + executing) is exact.
+//!   At most `max_concurrency` actions execute at a time (a fair semaphore: first come, first
+//!   run); the rest wait in order.
+//! * **Merging**: an `Execute` of an action already queued or running here (same instance,
+//!   same action digest) does not run it again: the caller follows the running operation, under
+//!   its name (Buildfarm and NativeLink merge the same way).
+//! * **Names**: `{instance}/operations/{node}:{uuid}` ([`mesh_route::OperationId`]), so any
+//!   replica — or the route layer in front of it — can tell the owner from the name.
+//! * **Retention**: a finished operation stays followable with `WaitExecution` for
+//!   [`SchedulerConfig::retention`] (and at most [`MAX_RETAINED_OPERATIONS`] of them); a
+//!   background sweep enforces it on an idle replica too. After that, `NOT_FOUND`, which REAPI
+//!   clients answer by sending `Execute` again.
+//! * **Always a result**: a finished operation always carries an `ExecuteResponse`; if an
+//!   execution task ends without one (it panicked, or the runtime is shutting down) its
+//!   followers get an `INTERNAL` status instead of a stream that never ends.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{Arc, Mutex, MutexGuard, Weak},
+    time::{Duration, SystemTime},
+};
+
+use bazel_remote_apis::{
+    build::bazel::remote::execution::v2::{
+        ActionResult, ExecuteOperationMetadata, ExecuteResponse, digest_function,
+        execution_stage::Value as Stage,
+    },
+    google::{
+        longrunning::{Operation, operation},
+        protobuf::Any,
+    },
+};
+use futures::Stream;
+use mesh_core::{LoadTracker, NodeId, TaskGuard};
+use mesh_route::OperationId;
+use prost::Message as _;
+use tokio::{
+    sync::{Semaphore, watch},
+    time::Instant,
+};
+use tonic::{Code, Status, metadata::MetadataMap};
+
+use crate::{
+    ClusterCas, Digest,
+    error::{exec_rpc_status, rpc_status},
+    executor::{ActionSpec, Executor},
+    stats::Counters,
+};
+
+/// The most finished operations kept followable at once, whatever the retention.
+pub const MAX_RETAINED_OPERATIONS: usize = 100_000;
+
+/// How the scheduler keeps operations.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct SchedulerConfig {
+    /// How long a finished operation can still be followed with `WaitExecution`.
+    /// Default 10 minutes.
+    pub retention: Duration,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            retention: Duration::from_secs(600),
+        }
+    }
+}
+
+/// One operation's state, as its followers see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OperationState {
+    /// The operation's full name.
+    pub name: String,
+    /// The action it runs.
+    pub action_digest: Digest,
+    /// Where it is.
+    pub stage: Stage,
+    /// The outcome, once done.
+    pub response: Option<ExecuteResponse>,
+}
+
+impl OperationState {
+    /// Whether the operation is finished.
+    pub fn is_done(&self) -> bool {
+        self.response.is_some()
+    }
+
+    /// The `google.longrunning.Operation` message for this state: `metadata` is an
+    /// `ExecuteOperationMetadata`, and a finished operation's `result` is its
+    /// `ExecuteResponse`.
+    pub fn to_operation(&self) -> Operation {
+        let metadata = ExecuteOperationMetadata {
+            stage: self.stage as i32,
+            action_digest: Some(self.action_digest.to_proto()),
+            digest_function: digest_function::Value::Sha256 as i32,
+            ..Default::default()
+        };
+        Operation {
+            name: self.name.clone(),
+            metadata: Some(Any {
+                type_url:
+                    "type.googleapis.com/build.bazel.remote.execution.v2.ExecuteOperationMetadata"
+                        .to_owned(),
+                value: metadata.encode_to_vec(),
+            }),
+            done: self.is_done(),
+            result: self.response.as_ref().map(|response| {
+                operation::Result::Response(Any {
+                    type_url: "type.googleapis.com/build.bazel.remote.execution.v2.ExecuteResponse"
+                        .to_owned(),
+                    value: response.encode_to_vec(),
+                })
+            }),
+        }
+    }
+}
+
+/// The operation name for `id` under `instance_name`.
+pub fn operation_name(instance_name: &str, id: &OperationId) -> String {
+    if instance_name.is_empty() {
+        id.with_prefix("operations/")
+    } else {
+        id.with_prefix(&format!("{instance_name}/operations/"))
+    }
+}
+
+/// Accepts actions, runs them on a bounded number of slots, and tracks their operations.
+#[derive(Debug, Clone)]
+pub(crate) struct Scheduler {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    node_id: NodeId,
+    executor: Executor,
+    cluster: ClusterCas,
+    load: LoadTracker,
+    slots: Semaphore,
+    config: SchedulerConfig,
+    counters: Arc<Counters>,
+    registry: Mutex<Registry>,
+}
+
+#[derive(Debug, Default)]
+struct Registry {
+    operations: HashMap<OperationId, Tracked>,
+    /// Actions queued or running, by (instance, action digest).
+    in_flight: HashMap<(String, Digest), OperationId>,
+    /// Finished operations, oldest first.
+    finished: VecDeque<(Instant, OperationId)>,
+}
+
+#[derive(Debug)]
+struct Tracked {
+    updates: watch::Receiver<OperationState>,
+}
+
+/// What [`Scheduler::submit`] did.
+#[derive(Debug)]
+pub(crate) struct Submitted {
+    pub(crate) updates: watch::Receiver<OperationState>,
+    pub(crate) merged: bool,
+}
+
+impl Scheduler {
+    pub(crate) fn new(
+        node_id: NodeId,
+        executor: Executor,
+        cluster: ClusterCas,
+        load: LoadTracker,
+        max_concurrency: usize,
+        config: SchedulerConfig,
+        counters: Arc<Counters>,
+    ) -> Self {
+        let inner = Arc::new(Inner {
+            node_id,
+            executor,
+            cluster,
+            load,
+            slots: Semaphore::new(max_concurrency.clamp(1, Semaphore::MAX_PERMITS)),
+            config,
+            counters,
+            registry: Mutex::default(),
+        });
+        tokio::spawn(sweep(Arc::downgrade(&inner)));
+        Self { inner }
+    }
+
+    fn registry(&self) -> MutexGuard<'_, Registry> {
+        lock(&self.inner)
+    }
+
+    /// Accepts `spec` (or joins the identical action already in flight). `hints` name nodes
+    /// likely to hold its inputs; `metadata` is the caller's, for fetches from peers.
+    pub(crate) fn submit(
+        &self,
+        instance_name: &str,
+        spec: ActionSpec,
+        hints: Vec<NodeId>,
+        metadata: MetadataMap,
+    ) -> Submitted {
+        let key = (instance_name.to_owned(), spec.action_digest);
+        let mut registry = self.registry();
+        if let Some(updates) = registry
+            .in_flight
+            .get(&key)
+            .and_then(|id| registry.operations.get(id))
+            .map(|tracked| tracked.updates.clone())
+        {
+            self.inner.counters.merged();
+            return Submitted {
+                updates,
+                merged: true,
+            };
+        }
+        let guard = self.inner.load.begin_task();
+        let id = OperationId::new(self.inner.node_id.clone());
+        let name = operation_name(instance_name, &id);
+        let (sender, updates) = watch::channel(OperationState {
+            name,
+            action_digest: spec.action_digest,
+            stage: Stage::Queued,
+            response: None,
+        });
+        registry.operations.insert(
+            id.clone(),
+            Tracked {
+                updates: updates.clone(),
+            },
+        );
+        registry.in_flight.insert(key.clone(), id.clone());
+        drop(registry);
+        let completion = Completion {
+            inner: self.inner.clone(),
+            id,
+            key: Some(key),
+            sender,
+            done: false,
+        };
+        let queued_at = SystemTime::now();
+        tokio::spawn(run(
+            self.inner.clone(),
+            spec,
+            hints,
+            metadata,
+            queued_at,
+            guard,
+            completion,
+        ));
+        Submitted {
+            updates,
+            merged: false,
+        }
+    }
+
+    /// Registers an operation answered from the action cache: done at once, followable like
+    /// any other.
+    pub(crate) fn cached(
+        &self,
+        instance_name: &str,
+        action_digest: Digest,
+        result: ActionResult,
+    ) -> watch::Receiver<OperationState> {
+        let id = OperationId::new(self.inner.node_id.clone());
+        let (_sender, updates) = watch::channel(OperationState {
+            name: operation_name(instance_name, &id),
+            action_digest,
+            stage: Stage::Completed,
+            response: Some(ExecuteResponse {
+                result: Some(result),
+                cached_result: true,
+                status: None,
+                server_logs: HashMap::new(),
+                message: String::new(),
+            }),
+        });
+        let mut registry = self.registry();
+        registry.operations.insert(
+            id.clone(),
+            Tracked {
+                updates: updates.clone(),
+            },
+        );
+        registry.finished.push_back((Instant::now(), id));
+        updates
+    }
+
+    /// The updates of an operation this replica knows.
+    pub(crate) fn follow(&self, id: &OperationId) -> Option<watch::Receiver<OperationState>> {
+        self.registry()
+            .operations
+            .get(id)
+            .map(|tracked| tracked.updates.clone())
+    }
+
+    /// Operations known (queued, running, or finished and retained).
+    pub(crate) fn known_operations(&self) -> usize {
+        self.registry().operations.len()
+    }
+}
+
+fn lock(inner: &Inner) -> MutexGuard<'_, Registry> {
+    inner
+        .registry
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// One action's life: wait for a slot, run, publish the outcome.
+async fn run(
+    inner: Arc<Inner>,
+    spec: ActionSpec,
+    hints: Vec<NodeId>,
+    metadata: MetadataMap,
+    queued_at: SystemTime,
+    guard: TaskGuard,
+    completion: Completion,
+) {
+    let Ok(_slot) = inner.slots.acquire().await else {
+        return;
+    };
+    completion
+        .sender
+        .send_modify(|state| state.stage = Stage::Executing);
+    let outcome = inner
+        .executor
+        .run(&spec, queued_at, &hints, &metadata)
+        .await;
+    let response = match outcome {
+        Ok(executed) => {
+            let status = executed.timed_out.then(|| {
+                rpc_status(
+                    Code::DeadlineExceeded,
+                    format!(
+                        "the command ran past its timeout of {:?} and was killed",
+                        spec.timeout
+                    ),
+                )
+            });
+            let cacheable =
+                !spec.do_not_cache && !executed.timed_out && executed.result.exit_code == 0;
+            if cacheable
+                && let Err(error) = inner
+                    .cluster
+                    .local_action_cache()
+                    .put(spec.action_digest, &executed.result)
+                    .await
+            {
+                tracing::warn!(action = %spec.action_digest, %error, "could not cache an action result");
+            }
+            inner.counters.executed();
+            ExecuteResponse {
+                result: Some(executed.result),
+                cached_result: false,
+                status,
+                server_logs: HashMap::new(),
+                message: String::new(),
+            }
+        }
+        Err(error) => {
+            tracing::info!(action = %spec.action_digest, %error, "action failed before producing a result");
+            ExecuteResponse {
+                result: None,
+                cached_result: false,
+                status: Some(exec_rpc_status(&error)),
+                server_logs: HashMap::new(),
+                message: error.to_string(),
+            }
+        }
+    };
+    completion.finish(response);
+    // The load drops only once followers can see the outcome.
+    drop(guard);
+}
+
+/// Publishes an operation's outcome exactly once, and removes it from the in-flight set; if
+/// dropped before that (the task panicked or was cancelled), publishes an `INTERNAL` error so
+/// followers never wait forever.
+#[derive(Debug)]
+struct Completion {
+    inner: Arc<Inner>,
+    id: OperationId,
+    key: Option<(String, Digest)>,
+    sender: watch::Sender<OperationState>,
+    done: bool,
+}
+
+impl Completion {
+    fn finish(mut self, response: ExecuteResponse) {
+        self.publish(response);
+    }
+
+    fn publish(&mut self, response: ExecuteResponse) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        {
+            let mut registry = lock(&self.inner);
+            if let Some(key) = self.key.take()
+                && registry.in_flight.get(&key) == Some(&self.id)
+            {
+                registry.in_flight.remove(&key);
+            }
+            registry
+                .finished
+                .push_back((Instant::now(), self.id.clone()));
+        }
+        self.sender.send_modify(|state| {
+            state.stage = Stage::Completed;
+            state.response = Some(response);
+        });
+    }
+}
+
+impl Drop for Completion {
+    fn drop(&mut self) {
+        if !self.done {
+            self.publish(ExecuteResponse {
+                result: None,
+                cached_result: false,
+                status: Some(rpc_status(
+                    Code::Internal,
+                    "the replica stopped before the action finished; retry",
+                )),
+                server_logs: HashMap::new(),
+                message: String::new(),
+            });
+        }
+    }
+}
+
+/// Forgets finished operations past their retention (or over the count bound), on a timer,
+/// so an idle replica forgets them too. Ends when the scheduler is dropped.
+async fn sweep(inner: Weak<Inner>) {
+    let period = match inner.upgrade() {
+        Some(inner) => {
+            (inner.config.retention / 4).clamp(Duration::from_millis(10), Duration::from_secs(30))
+        }
+        None => return,
+    };
+    loop {
+        tokio::time::sleep(period).await;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let now = Instant::now();
+        let mut registry = lock(&inner);
+        while let Some((finished_at, id)) = registry.finished.front().cloned() {
+            let expired = now.duration_since(finished_at) >= inner.config.retention;
+            if !expired && registry.finished.len() <= MAX_RETAINED_OPERATIONS {
+                break;
+            }
+            registry.finished.pop_front();
+            registry.operations.remove(&id);
+        }
+    }
+}
+
+/// Streams an operation: its current state first, then every change, ending after the
+/// finished state (REAPI `Execute`/`WaitExecution` semantics).
+pub(crate) fn follow(
+    updates: watch::Receiver<OperationState>,
+) -> impl Stream<Item = Result<Operation, Status>> + Send + 'static {
+    futures::stream::unfold(
+        (updates, false, true),
+        |(mut updates, finished, first)| async move {
+            if finished {
+                return None;
+            }
+            if !first && updates.changed().await.is_err() {
+                // The sender is gone without a final state: only possible if the process is
+                // going down (Completion publishes one otherwise).
+                let state = updates.borrow().clone();
+                if !state.is_done() {
+                    return Some((
+                        Err(Status::internal(
+                            "the replica stopped before the operation finished; retry",
+                        )),
+                        (updates, true, false),
+                    ));
+                }
+            }
+            let state = updates.borrow_and_update().clone();
+            let done = state.is_done();
+            Some((Ok(state.to_operation()), (updates, done, false)))
+        },
+    )
+}

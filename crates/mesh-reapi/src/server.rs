@@ -1,0 +1,366 @@
+//! One replica, assembled: [`Reapi`] (stores, scheduler, services) and [`ReapiServer`] (all
+//! services served on a listener, with the mesh node started alongside).
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use mesh::{Node, NodeBuilder, NodeError};
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::Routes;
+
+use crate::{
+    ActionCache, ActionCacheError, ActionCacheService, ActionLimits, ByteStreamService,
+    CapabilitiesService, Cas, CasError, CasService, ClusterCas, ExecutionService, PeerConfig,
+    ReapiStats, SchedulerConfig, executor::Executor, scheduler::Scheduler, stats::Counters,
+};
+
+/// How one replica stores and runs things.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ReapiConfig {
+    /// Where the replica keeps its CAS (`cas/`), action cache (`ac/`) and the directories
+    /// actions run in (`work/`, emptied at start).
+    pub data_dir: PathBuf,
+    /// The CAS's bound in bytes; least recently used blobs are evicted beyond it.
+    /// Default 10 GiB.
+    pub cas_max_bytes: u64,
+    /// The action cache's bound in bytes. Default 256 MiB.
+    pub action_cache_max_bytes: u64,
+    /// How many actions run at once (also gossiped as the node's `max_concurrency`).
+    /// Default: the number of CPUs.
+    pub max_concurrency: u32,
+    /// Action timeouts.
+    pub limits: ActionLimits,
+    /// Operation retention.
+    pub scheduler: SchedulerConfig,
+    /// Deadlines of calls to peers.
+    pub peers: PeerConfig,
+}
+
+impl ReapiConfig {
+    /// Defaults, with data in `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            cas_max_bytes: 10 << 30,
+            action_cache_max_bytes: 256 << 20,
+            max_concurrency: std::thread::available_parallelism()
+                .map(|n| u32::try_from(n.get()).unwrap_or(u32::MAX))
+                .unwrap_or(1),
+            limits: ActionLimits::default(),
+            scheduler: SchedulerConfig::default(),
+            peers: PeerConfig::default(),
+        }
+    }
+}
+
+/// A replica could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReapiError {
+    /// A setting is out of range.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The CAS could not be opened.
+    #[error(transparent)]
+    Cas(#[from] CasError),
+    /// The action cache could not be opened.
+    #[error(transparent)]
+    ActionCache(#[from] ActionCacheError),
+    /// The work directory could not be prepared.
+    #[error("preparing the work directory {path}: {source}")]
+    WorkDir {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The listener's address could not be read.
+    #[error("reading the listener's address: {0}")]
+    Listener(#[source] std::io::Error),
+    /// The mesh node could not start.
+    #[error(transparent)]
+    Node(#[from] NodeError),
+}
+
+/// One replica's REAPI state — stores, scheduler, services — over a started mesh [`Node`].
+/// Cheap to clone.
+///
+/// [`ReapiServer`] serves it; [`Reapi::routes`] gives the services for a server of your own
+/// (for example one with the route layer in front).
+#[derive(Debug, Clone)]
+pub struct Reapi {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    node: Node,
+    cluster: ClusterCas,
+    execution: ExecutionService,
+    action_cache: ActionCacheService,
+    scheduler: Scheduler,
+    counters: Arc<Counters>,
+    cas_max_bytes: u64,
+}
+
+impl Reapi {
+    /// Opens the replica's stores under `config.data_dir` and sets the node's concurrency
+    /// limit to `config.max_concurrency`. Must be called inside a tokio runtime.
+    pub fn open(node: Node, config: &ReapiConfig) -> Result<Self, ReapiError> {
+        if config.max_concurrency == 0 {
+            return Err(ReapiError::Config(
+                "max_concurrency must be at least 1".to_owned(),
+            ));
+        }
+        node.load().set_max_concurrency(config.max_concurrency);
+        let counters = Arc::new(Counters::default());
+        let cas = Cas::open(&config.data_dir.join("cas"), config.cas_max_bytes)?;
+        let action_cache =
+            ActionCache::open(&config.data_dir.join("ac"), config.action_cache_max_bytes)?;
+        let work_dir = prepare_work_dir(&config.data_dir)?;
+        let cluster = ClusterCas::new(
+            cas,
+            action_cache,
+            node.clone(),
+            config.peers,
+            counters.clone(),
+        );
+        let executor = Executor::new(cluster.clone(), work_dir, node.node_id().clone());
+        let scheduler = Scheduler::new(
+            node.node_id().clone(),
+            executor,
+            cluster.clone(),
+            node.load().clone(),
+            usize::try_from(config.max_concurrency).unwrap_or(usize::MAX),
+            config.scheduler,
+            counters.clone(),
+        );
+        let execution = ExecutionService::new(
+            node.node_id().clone(),
+            cluster.clone(),
+            scheduler.clone(),
+            config.limits,
+            config.scheduler.retention,
+            counters.clone(),
+        );
+        let action_cache = ActionCacheService::new(cluster.clone(), counters.clone());
+        Ok(Self {
+            inner: Arc::new(Inner {
+                node,
+                cluster,
+                execution,
+                action_cache,
+                scheduler,
+                counters,
+                cas_max_bytes: config.cas_max_bytes,
+            }),
+        })
+    }
+
+    /// The mesh node.
+    pub fn node(&self) -> &Node {
+        &self.inner.node
+    }
+
+    /// Blobs and action results, here and on peers.
+    pub fn cluster(&self) -> &ClusterCas {
+        &self.inner.cluster
+    }
+
+    /// The `Execution` service, with what the route layer's rules call
+    /// ([`ExecutionService::cached_result`], [`ExecutionService::route_request`]).
+    pub fn execution(&self) -> &ExecutionService {
+        &self.inner.execution
+    }
+
+    /// What this replica did so far.
+    pub fn stats(&self) -> ReapiStats {
+        self.inner.counters.snapshot()
+    }
+
+    /// Counts an `Execute` this replica forwarded to a peer (for whatever routes them).
+    pub fn count_forwarded_out(&self) {
+        self.inner.counters.forwarded_out();
+    }
+
+    /// Operations this replica knows (queued, running, or finished and still retained).
+    pub fn known_operations(&self) -> usize {
+        self.inner.scheduler.known_operations()
+    }
+
+    /// All services (Capabilities, ContentAddressableStorage, ByteStream, ActionCache,
+    /// Execution), for `tonic::transport::Server::builder().add_routes(…)`.
+    pub fn routes(&self) -> Routes {
+        let cluster = self.inner.cluster.clone();
+        Routes::new(CapabilitiesService::new(self.inner.cas_max_bytes).into_server())
+            .add_service(CasService::new(cluster.clone()).into_server())
+            .add_service(ByteStreamService::new(cluster).into_server())
+            .add_service(self.inner.action_cache.clone().into_server())
+            .add_service(self.inner.execution.clone().into_server())
+    }
+}
+
+fn prepare_work_dir(data_dir: &Path) -> Result<PathBuf, ReapiError> {
+    let work = data_dir.join("work");
+    let error = |source| ReapiError::WorkDir {
+        path: work.clone(),
+        source,
+    };
+    if work.exists() {
+        // Directories of actions a previous run did not finish.
+        std::fs::remove_dir_all(&work).map_err(error)?;
+    }
+    std::fs::create_dir_all(&work).map_err(error)?;
+    Ok(work)
+}
+
+/// Where a replica's mesh node comes from.
+#[derive(Debug)]
+pub enum NodeSource {
+    /// A node to start: it gossips `http://{listener address}` as its gRPC endpoint unless
+    /// the builder sets one (set one when the listener is bound to `0.0.0.0`).
+    Builder(Box<NodeBuilder>),
+    /// A node already started, whose gossiped gRPC endpoint already points at the listener.
+    Started(Node),
+}
+
+impl From<NodeBuilder> for NodeSource {
+    fn from(builder: NodeBuilder) -> Self {
+        NodeSource::Builder(Box::new(builder))
+    }
+}
+
+impl From<Node> for NodeSource {
+    fn from(node: Node) -> Self {
+        NodeSource::Started(node)
+    }
+}
+
+/// One replica serving every REAPI service on a listener.
+///
+/// ```no_run
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use mesh_reapi::{ReapiConfig, ReapiServer};
+///
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+/// let node = mesh::Node::builder()
+///     .node_id("reapi-0")?
+///     .gossip_bind("127.0.0.1:0".parse()?);
+/// let mut config = ReapiConfig::new("/var/lib/reapi-0");
+/// config.cas_max_bytes = 1 << 30;
+/// config.max_concurrency = 8;
+/// let server = ReapiServer::start(node, config, listener).await?;
+/// println!("bazel --remote_executor={}", server.endpoint());
+/// server.shutdown().await;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct ReapiServer {
+    reapi: Reapi,
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    serving: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
+}
+
+impl ReapiServer {
+    /// Starts the node (if given a builder), opens the stores, and serves every service on
+    /// `listener` until [`ReapiServer::shutdown`].
+    pub async fn start(
+        node: impl Into<NodeSource>,
+        config: ReapiConfig,
+        listener: TcpListener,
+    ) -> Result<Self, ReapiError> {
+        let addr = listener.local_addr().map_err(ReapiError::Listener)?;
+        let node = match node.into() {
+            NodeSource::Started(node) => node,
+            NodeSource::Builder(builder) => {
+                builder
+                    .default_grpc_endpoint(format!("http://{addr}"))
+                    .max_concurrency(config.max_concurrency)
+                    .start()
+                    .await?
+            }
+        };
+        let reapi = match Reapi::open(node.clone(), &config) {
+            Ok(reapi) => reapi,
+            Err(error) => {
+                node.shutdown().await;
+                return Err(error);
+            }
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let serving = tokio::spawn(
+            tonic::transport::Server::builder()
+                // An Execute stream may stay silent for as long as its action runs: HTTP/2
+                // pings keep the connection alive through middleboxes and notice dead clients.
+                .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+                .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+                .add_routes(reapi.routes())
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                    let _ = stopped.await;
+                }),
+        );
+        Ok(Self {
+            reapi,
+            addr,
+            stop: Some(stop),
+            serving: Some(serving),
+        })
+    }
+
+    /// The replica's state and services.
+    pub fn reapi(&self) -> &Reapi {
+        &self.reapi
+    }
+
+    /// The mesh node.
+    pub fn node(&self) -> &Node {
+        self.reapi.node()
+    }
+
+    /// Where the gRPC server listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The endpoint to give Bazel: `grpc://{addr}` (Bazel takes a bare address as TLS).
+    pub fn endpoint(&self) -> String {
+        format!("grpc://{}", self.addr)
+    }
+
+    /// What the replica did so far.
+    pub fn stats(&self) -> ReapiStats {
+        self.reapi.stats()
+    }
+
+    /// Leaves the mesh (peers see it as left, not failed), stops accepting calls and waits
+    /// for the server to stop.
+    pub async fn shutdown(mut self) {
+        if let Err(error) = self.reapi.node().leave().await {
+            tracing::warn!(%error, "leaving the mesh failed");
+        }
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(serving) = self.serving.take() {
+            // Streams still open (an Execute followed to its end) would hold the server up;
+            // they end with their connections.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), serving).await;
+        }
+    }
+}
+
+impl Drop for ReapiServer {
+    fn drop(&mut self) {
+        if let Some(serving) = self.serving.take() {
+            serving.abort();
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! What one replica did: counters behind [`ReapiStats`].
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A snapshot of one replica's counters (see [`crate::Reapi::stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ReapiStats {
+    /// Actions this replica ran to completion (merged callers count once).
+    pub executed: u64,
+    /// `Execute` calls that joined an identical action already in flight here.
+    pub merged: u64,
+    /// Action cache hits served to clients (`GetActionResult` hits and `Execute` answered
+    /// from the cache), wherever the entry was found.
+    pub cache_hits: u64,
+    /// Of those entries, how many were found on a peer.
+    pub peer_cache_hits: u64,
+    /// Blobs fetched from peers.
+    pub blobs_fetched: u64,
+    /// Bytes fetched from peers.
+    pub bytes_fetched: u64,
+    /// `Execute` calls that arrived forwarded by a peer (they carry `x-mesh-forwarded-by`).
+    pub forwarded_in: u64,
+    /// `Execute` calls this replica forwarded to a peer. Counted by whatever routes them (the
+    /// route layer, through [`crate::Reapi::count_forwarded_out`]); zero while nothing does.
+    pub forwarded_out: u64,
+}
+
+/// The live counters.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    executed: AtomicU64,
+    merged: AtomicU64,
+    cache_hits: AtomicU64,
+    peer_cache_hits: AtomicU64,
+    blobs_fetched: AtomicU64,
+    bytes_fetched: AtomicU64,
+    forwarded_in: AtomicU64,
+    forwarded_out: AtomicU64,
+}
+
+fn add(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}
+
+impl Counters {
+    pub(crate) fn executed(&self) {
+        add(&self.executed, 1);
+        metrics::counter!("mesh_reapi_actions_executed_total").increment(1);
+    }
+
+    pub(crate) fn merged(&self) {
+        add(&self.merged, 1);
+        metrics::counter!("mesh_reapi_actions_merged_total").increment(1);
+    }
+
+    pub(crate) fn cache_hit(&self) {
+        add(&self.cache_hits, 1);
+        metrics::counter!("mesh_reapi_cache_hits_total").increment(1);
+    }
+
+    pub(crate) fn peer_cache_hit(&self) {
+        add(&self.peer_cache_hits, 1);
+    }
+
+    pub(crate) fn fetched(&self, blobs: u64, bytes: u64) {
+        add(&self.blobs_fetched, blobs);
+        add(&self.bytes_fetched, bytes);
+    }
+
+    pub(crate) fn forwarded_in(&self) {
+        add(&self.forwarded_in, 1);
+    }
+
+    pub(crate) fn forwarded_out(&self) {
+        add(&self.forwarded_out, 1);
+    }
+
+    pub(crate) fn snapshot(&self) -> ReapiStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        ReapiStats {
+            executed: get(&self.executed),
+            merged: get(&self.merged),
+            cache_hits: get(&self.cache_hits),
+            peer_cache_hits: get(&self.peer_cache_hits),
+            blobs_fetched: get(&self.blobs_fetched),
+            bytes_fetched: get(&self.bytes_fetched),
+            forwarded_in: get(&self.forwarded_in),
+            forwarded_out: get(&self.forwarded_out),
+        }
+    }
+}

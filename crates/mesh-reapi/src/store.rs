@@ -1,0 +1,433 @@
+//! A directory of files keyed by digest, bounded in bytes, evicting the least recently used.
+//!
+//! Both the CAS ([`crate::Cas`]) and the action cache ([`crate::ActionCache`]) keep their
+//! entries here. Files live at `{root}/{first two hex digits}/{hash}-{size}`; the index (size,
+//! recency, pins) is in memory and rebuilt from the directory at start, ordered by modification
+//! time (the recency of a previous run is approximated by write time).
+//!
+//! **Nothing half-written is visible**: a new entry is written to a temporary file in the
+//! store's `tmp` directory (same file system), checked by the caller, and only then renamed
+//! into place; a temporary file that is dropped before that is deleted. Every change to the
+//! directory's names (rename in, unlink on eviction) happens under the index lock, so the
+//! index and the directory never disagree; readers open files outside the lock, and a file
+//! evicted while open stays readable through its handle (POSIX unlink semantics).
+//!
+//! **Pins** keep entries an execution is about to copy from being evicted under it; the bound
+//! may be exceeded while pins are held, and eviction catches up when they are released.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fs, io,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, MutexGuard},
+    time::SystemTime,
+};
+
+use tempfile::TempPath;
+
+use crate::Digest;
+
+/// An on-disk, size-bounded, least-recently-used set of files keyed by digest.
+#[derive(Debug, Clone)]
+pub(crate) struct LruDir {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    root: PathBuf,
+    tmp: PathBuf,
+    max_bytes: u64,
+    index: Mutex<Index>,
+}
+
+#[derive(Debug, Default)]
+struct Index {
+    entries: HashMap<Digest, Entry>,
+    /// Recency order: tick → key, oldest first.
+    order: BTreeMap<u64, Digest>,
+    next_tick: u64,
+    total_bytes: u64,
+    evictions: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    size: u64,
+    tick: u64,
+    pins: u32,
+}
+
+/// Usage figures of one store.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreUsage {
+    /// Entries held.
+    pub entries: u64,
+    /// Bytes held.
+    pub bytes: u64,
+    /// The bound.
+    pub max_bytes: u64,
+    /// Entries evicted since start.
+    pub evictions: u64,
+}
+
+/// An entry could not be stored.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum InsertError {
+    /// Larger than the whole store.
+    #[error("{size} bytes exceed the store's bound of {max} bytes")]
+    TooLarge { size: u64, max: u64 },
+    /// The file system refused.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+impl Index {
+    fn touch(&mut self, key: &Digest) -> Option<Entry> {
+        let tick = self.next_tick;
+        let entry = self.entries.get_mut(key)?;
+        self.order.remove(&entry.tick);
+        entry.tick = tick;
+        self.order.insert(tick, *key);
+        self.next_tick += 1;
+        Some(*entry)
+    }
+
+    fn insert(&mut self, key: Digest, size: u64) {
+        let tick = self.next_tick;
+        self.next_tick += 1;
+        if let Some(old) = self.entries.insert(
+            key,
+            Entry {
+                size,
+                tick,
+                pins: 0,
+            },
+        ) {
+            self.order.remove(&old.tick);
+            self.total_bytes = self.total_bytes.saturating_sub(old.size);
+            if let Some(entry) = self.entries.get_mut(&key) {
+                entry.pins = old.pins;
+            }
+        }
+        self.order.insert(tick, key);
+        self.total_bytes = self.total_bytes.saturating_add(size);
+    }
+
+    fn remove(&mut self, key: &Digest) -> Option<Entry> {
+        let entry = self.entries.remove(key)?;
+        self.order.remove(&entry.tick);
+        self.total_bytes = self.total_bytes.saturating_sub(entry.size);
+        Some(entry)
+    }
+}
+
+impl LruDir {
+    /// Opens (creating if needed) the store at `root`, with temporary files in `tmp` (which
+    /// must be on the same file system), and indexes what a previous run left there.
+    pub(crate) fn open(root: &Path, tmp: &Path, max_bytes: u64) -> io::Result<Self> {
+        fs::create_dir_all(root)?;
+        fs::create_dir_all(tmp)?;
+        let mut found: Vec<(SystemTime, Digest, u64)> = Vec::new();
+        for shard in fs::read_dir(root)? {
+            let shard = shard?;
+            if !shard.file_type()?.is_dir() {
+                continue;
+            }
+            for file in fs::read_dir(shard.path())? {
+                let file = file?;
+                let metadata = file.metadata()?;
+                let key = file
+                    .file_name()
+                    .to_str()
+                    .and_then(|name| name.rsplit_once('-'))
+                    .and_then(|(hash, size)| format!("{hash}/{size}").parse::<Digest>().ok());
+                match key {
+                    Some(key) if metadata.is_file() => {
+                        found.push((
+                            metadata.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                            key,
+                            metadata.len(),
+                        ));
+                    }
+                    // Not ours (or a leftover of an interrupted rename): remove it.
+                    _ => {
+                        let _ = fs::remove_file(file.path());
+                    }
+                }
+            }
+        }
+        found.sort();
+        let mut index = Index::default();
+        for (_, key, size) in found {
+            index.insert(key, size);
+        }
+        let store = Self {
+            inner: Arc::new(Inner {
+                root: root.to_owned(),
+                tmp: tmp.to_owned(),
+                max_bytes,
+                index: Mutex::new(index),
+            }),
+        };
+        store.evict(&mut store.lock());
+        Ok(store)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Index> {
+        self.inner
+            .index
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Where `key`'s file lives (whether or not it is present).
+    pub(crate) fn path(&self, key: &Digest) -> PathBuf {
+        let hex = key.hex();
+        self.inner
+            .root
+            .join(&hex[..2])
+            .join(format!("{hex}-{}", key.size()))
+    }
+
+    /// The bound in bytes.
+    pub(crate) fn max_bytes(&self) -> u64 {
+        self.inner.max_bytes
+    }
+
+    /// A new temporary file, deleted unless committed with [`LruDir::commit`].
+    pub(crate) fn temp_file(&self) -> io::Result<(fs::File, TempPath)> {
+        Ok(tempfile::Builder::new()
+            .prefix("incoming-")
+            .tempfile_in(&self.inner.tmp)?
+            .into_parts())
+    }
+
+    /// Whether `key` is present; a hit counts as a use.
+    pub(crate) fn touch(&self, key: &Digest) -> bool {
+        self.lock().touch(key).is_some()
+    }
+
+    /// Whether `key` is present, without counting it as a use.
+    #[cfg(test)]
+    pub(crate) fn contains(&self, key: &Digest) -> bool {
+        self.lock().entries.contains_key(key)
+    }
+
+    /// Moves a checked temporary file into place as `key` and evicts down to the bound.
+    pub(crate) fn commit(&self, key: Digest, file: TempPath, size: u64) -> Result<(), InsertError> {
+        let max = self.inner.max_bytes;
+        if size > max {
+            return Err(InsertError::TooLarge { size, max });
+        }
+        let path = self.path(&key);
+        let mut index = self.lock();
+        if index.entries.contains_key(&key) && path.exists() {
+            // Someone stored the same entry first; ours is dropped (and deleted).
+            index.touch(&key);
+            return Ok(());
+        }
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        file.persist(&path).map_err(|e| InsertError::Io(e.error))?;
+        index.insert(key, size);
+        self.evict(&mut index);
+        Ok(())
+    }
+
+    /// Forgets `key` and deletes its file (a corrupt entry, or one replaced).
+    pub(crate) fn remove(&self, key: &Digest) {
+        let mut index = self.lock();
+        if index.remove(key).is_some() {
+            let _ = fs::remove_file(self.path(key));
+        }
+    }
+
+    /// Pins every present key of `keys` against eviction until the guard is dropped.
+    /// Returns the guard and the keys that were not present.
+    pub(crate) fn pin(&self, keys: impl IntoIterator<Item = Digest>) -> (Pins, Vec<Digest>) {
+        let mut index = self.lock();
+        let mut pinned = Vec::new();
+        let mut missing = Vec::new();
+        for key in keys {
+            if index.touch(&key).is_some() {
+                if let Some(entry) = index.entries.get_mut(&key) {
+                    entry.pins = entry.pins.saturating_add(1);
+                }
+                pinned.push(key);
+            } else {
+                missing.push(key);
+            }
+        }
+        (
+            Pins {
+                store: self.clone(),
+                keys: pinned,
+            },
+            missing,
+        )
+    }
+
+    fn unpin(&self, keys: &[Digest]) {
+        let mut index = self.lock();
+        for key in keys {
+            if let Some(entry) = index.entries.get_mut(key) {
+                entry.pins = entry.pins.saturating_sub(1);
+            }
+        }
+        self.evict(&mut index);
+    }
+
+    /// Evicts least recently used, unpinned entries until the total is within the bound.
+    fn evict(&self, index: &mut Index) {
+        if index.total_bytes <= self.inner.max_bytes {
+            return;
+        }
+        let victims: Vec<Digest> = {
+            let mut over = index.total_bytes - self.inner.max_bytes;
+            let mut victims = Vec::new();
+            for key in index.order.values() {
+                if over == 0 {
+                    break;
+                }
+                let Some(entry) = index.entries.get(key) else {
+                    continue;
+                };
+                if entry.pins > 0 {
+                    continue;
+                }
+                over = over.saturating_sub(entry.size);
+                victims.push(*key);
+            }
+            victims
+        };
+        for key in victims {
+            index.remove(&key);
+            index.evictions += 1;
+            if let Err(error) = fs::remove_file(self.path(&key))
+                && error.kind() != io::ErrorKind::NotFound
+            {
+                tracing::warn!(%key, %error, "could not delete an evicted file");
+            }
+            metrics::counter!("mesh_reapi_store_evictions_total").increment(1);
+        }
+    }
+
+    /// Current usage.
+    pub(crate) fn usage(&self) -> StoreUsage {
+        let index = self.lock();
+        StoreUsage {
+            entries: index.entries.len() as u64,
+            bytes: index.total_bytes,
+            max_bytes: self.inner.max_bytes,
+            evictions: index.evictions,
+        }
+    }
+}
+
+/// Keeps entries pinned (see [`LruDir::pin`]).
+#[derive(Debug)]
+pub(crate) struct Pins {
+    store: LruDir,
+    keys: Vec<Digest>,
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        if !self.keys.is_empty() {
+            self.store.unpin(&self.keys);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+
+    use super::*;
+
+    fn store(dir: &Path, max: u64) -> LruDir {
+        LruDir::open(&dir.join("files"), &dir.join("tmp"), max).unwrap()
+    }
+
+    fn add(store: &LruDir, data: &[u8]) -> Digest {
+        let key = Digest::of(data);
+        let (mut file, path) = store.temp_file().unwrap();
+        file.write_all(data).unwrap();
+        store.commit(key, path, data.len() as u64).unwrap();
+        key
+    }
+
+    #[test]
+    fn evicts_least_recently_used_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path(), 30);
+        let a = add(&store, &[b'a'; 10]);
+        let b = add(&store, &[b'b'; 10]);
+        let c = add(&store, &[b'c'; 10]);
+        assert!(store.touch(&a), "a is now the most recent");
+        let d = add(&store, &[b'd'; 10]);
+        assert!(!store.contains(&b), "b was the least recently used");
+        assert!(!store.path(&b).exists(), "its file is gone too");
+        for key in [a, c, d] {
+            assert!(store.contains(&key));
+            assert!(store.path(&key).exists());
+        }
+        let usage = store.usage();
+        assert_eq!((usage.entries, usage.bytes, usage.evictions), (3, 30, 1));
+    }
+
+    #[test]
+    fn pinned_entries_survive_until_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path(), 20);
+        let a = add(&store, &[b'a'; 10]);
+        let (pins, missing) = store.pin([a, Digest::of(b"absent")]);
+        assert_eq!(missing, vec![Digest::of(b"absent")]);
+        let b = add(&store, &[b'b'; 10]);
+        let c = add(&store, &[b'c'; 10]);
+        assert!(store.contains(&a), "pinned");
+        assert!(
+            !store.contains(&b),
+            "the oldest unpinned entry went instead"
+        );
+        assert!(store.contains(&c));
+        drop(pins);
+        let _d = add(&store, &[b'd'; 10]);
+        assert!(!store.contains(&a), "evictable again once unpinned");
+    }
+
+    #[test]
+    fn too_large_entries_are_refused_and_leave_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path(), 5);
+        let data = [b'x'; 10];
+        let (mut file, path) = store.temp_file().unwrap();
+        file.write_all(&data).unwrap();
+        let error = store
+            .commit(Digest::of(&data), path, data.len() as u64)
+            .unwrap_err();
+        assert!(error.to_string().contains("bound of 5 bytes"), "{error}");
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        assert_eq!(store.usage().entries, 0);
+    }
+
+    #[test]
+    fn reopening_finds_previous_entries_and_drops_strangers() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = store(dir.path(), 100);
+        let a = add(&first, b"hello");
+        fs::create_dir_all(dir.path().join("files/zz")).unwrap();
+        fs::write(dir.path().join("files/zz/not-a-digest"), b"?").unwrap();
+        drop(first);
+        let second = store(dir.path(), 100);
+        assert!(second.contains(&a));
+        assert_eq!(second.usage().bytes, 5);
+        assert!(!dir.path().join("files/zz/not-a-digest").exists());
+        // A smaller bound on reopening evicts at once.
+        drop(second);
+        let third = store(dir.path(), 1);
+        assert!(!third.contains(&a));
+    }
+}

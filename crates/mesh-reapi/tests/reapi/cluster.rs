@@ -1,0 +1,554 @@
+//! Blobs and action results across replicas: nothing shared, everything found.
+
+use mesh_reapi::{
+    Digest,
+    proto::{
+        build::bazel::remote::execution::v2::{
+            ActionResult, BatchReadBlobsRequest, Directory, FindMissingBlobsRequest,
+            GetActionResultRequest, GetTreeRequest, OutputFile, Tree, UpdateActionResultRequest,
+        },
+        google::bytestream::ReadRequest,
+    },
+};
+use prost::Message as _;
+use tonic::{Code, metadata::AsciiMetadataValue};
+
+use crate::support::{
+    Cluster, Gate, execute, execute_request, finished, read, shell, upload, wait_execution,
+};
+
+/// The action most tests run: reads an input, writes an output file and an output directory.
+fn produce() -> crate::support::TestAction {
+    shell("tr a-z A-Z < in/source.txt > out/result.txt; mkdir -p tree/sub; printf leaf > tree/sub/leaf; printf top > tree/top")
+        .input("in/source.txt", b"from the client")
+        .output_file("out/result.txt")
+        .output_directory("tree")
+}
+
+async fn missing_on(cluster: &Cluster, i: usize, digests: &[Digest]) -> Vec<Digest> {
+    cluster
+        .cas(i)
+        .await
+        .find_missing_blobs(FindMissingBlobsRequest {
+            blob_digests: digests.iter().map(Digest::to_proto).collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .missing_blob_digests
+        .iter()
+        .map(|d| Digest::from_proto(d, "d").unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inputs_uploaded_to_one_replica_run_on_another_and_outputs_are_read_everywhere() {
+    let cluster = Cluster::start(3, |_, _| {}).await;
+    let action = produce().build();
+    upload(&cluster, 0, &action.blobs).await;
+    let uploaded: Vec<Digest> = action.blobs.iter().map(|(d, _)| *d).collect();
+    assert_eq!(
+        missing_on(&cluster, 1, &uploaded).await,
+        uploaded,
+        "B starts with nothing"
+    );
+
+    // Execute on B: B finds the Action, Command, tree and input on A.
+    let operations = execute(
+        &mut cluster.exec(1).await,
+        execute_request(action.action, false),
+    )
+    .await
+    .unwrap();
+    let response = finished(&operations);
+    assert!(
+        response.status.as_ref().is_none_or(|s| s.code == 0),
+        "{response:?}"
+    );
+    assert!(!response.cached_result);
+    let result = response.result.expect("a result");
+    assert_eq!(result.exit_code, 0);
+    let metadata = result.execution_metadata.clone().unwrap();
+    assert_eq!(
+        metadata.worker,
+        cluster.node_id(1),
+        "ExecutedActionMetadata.worker"
+    );
+    for (name, stamp) in [
+        ("queued", metadata.queued_timestamp),
+        ("worker_start", metadata.worker_start_timestamp),
+        ("input_fetch_start", metadata.input_fetch_start_timestamp),
+        (
+            "input_fetch_completed",
+            metadata.input_fetch_completed_timestamp,
+        ),
+        ("execution_start", metadata.execution_start_timestamp),
+        (
+            "execution_completed",
+            metadata.execution_completed_timestamp,
+        ),
+        (
+            "output_upload_start",
+            metadata.output_upload_start_timestamp,
+        ),
+        (
+            "output_upload_completed",
+            metadata.output_upload_completed_timestamp,
+        ),
+        ("worker_completed", metadata.worker_completed_timestamp),
+    ] {
+        assert!(stamp.is_some_and(|t| t.seconds > 0), "{name} timestamp");
+    }
+    let fetched = cluster.replicas[1].stats();
+    assert!(
+        fetched.blobs_fetched >= 5,
+        "B fetched the inputs from A: {fetched:?}"
+    );
+    assert_eq!(fetched.executed, 1);
+
+    // The output file, read from A and from C: each fetches it from B and keeps a copy.
+    let output = &result.output_files[0];
+    assert_eq!(output.path, "out/result.txt");
+    let output_digest = Digest::from_proto(output.digest.as_ref().unwrap(), "d").unwrap();
+    for reader in [0, 2] {
+        let (data, _) = read(&mut cluster.bytestream(reader).await, &output_digest)
+            .await
+            .unwrap();
+        assert_eq!(data, b"FROM THE CLIENT");
+        assert!(
+            missing_on(&cluster, reader, &[output_digest])
+                .await
+                .is_empty(),
+            "kept locally"
+        );
+        assert!(cluster.replicas[reader].stats().blobs_fetched >= 1);
+    }
+
+    // The output directory: its Tree, read on C, names the files, which C can read too.
+    let tree_digest = Digest::from_proto(
+        result.output_directories[0].tree_digest.as_ref().unwrap(),
+        "t",
+    )
+    .unwrap();
+    let (tree_bytes, _) = read(&mut cluster.bytestream(2).await, &tree_digest)
+        .await
+        .unwrap();
+    let tree = Tree::decode(tree_bytes.as_slice()).unwrap();
+    let root = tree.root.clone().unwrap();
+    assert_eq!(root.files[0].name, "top");
+    assert_eq!(root.directories[0].name, "sub");
+    let leaf = &tree.children[0].files[0];
+    let leaf_digest = Digest::from_proto(leaf.digest.as_ref().unwrap(), "l").unwrap();
+    let (leaf_data, _) = read(&mut cluster.bytestream(2).await, &leaf_digest)
+        .await
+        .unwrap();
+    assert_eq!(leaf_data, b"leaf");
+
+    // GetTree through A walks the directories stored by B.
+    let root_digest = result.output_directories[0]
+        .root_directory_digest
+        .clone()
+        .unwrap();
+    let mut pages = cluster
+        .cas(0)
+        .await
+        .get_tree(GetTreeRequest {
+            root_digest: Some(root_digest),
+            page_size: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut directories: Vec<Directory> = Vec::new();
+    let mut tokens = Vec::new();
+    while let Some(page) = pages.message().await.unwrap() {
+        directories.extend(page.directories);
+        tokens.push(page.next_page_token);
+    }
+    assert_eq!(directories.len(), 2, "root and sub");
+    assert_eq!(tokens, ["1", ""], "one directory per page");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarding_node_is_asked_first() {
+    let cluster = Cluster::start(3, |_, _| {}).await;
+    let action = produce().salt("forwarded").build();
+    upload(&cluster, 2, &action.blobs).await;
+    // As the route layer will send it: forwarded by C, where the client uploaded.
+    let mut request = tonic::Request::new(execute_request(action.action, false));
+    request.metadata_mut().insert(
+        mesh_route::FORWARDED_BY,
+        AsciiMetadataValue::try_from(cluster.node_id(2)).unwrap(),
+    );
+    let operations = execute(&mut cluster.exec(1).await, request).await.unwrap();
+    assert_eq!(finished(&operations).result.unwrap().exit_code, 0);
+    let stats = cluster.replicas[1].stats();
+    assert_eq!(stats.forwarded_in, 1);
+    assert!(stats.blobs_fetched >= 5, "{stats:?}");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeat_is_a_cache_hit_whichever_replica_is_asked() {
+    let cluster = Cluster::start(3, |_, _| {}).await;
+    let action = produce().salt("repeat").build();
+    upload(&cluster, 0, &action.blobs).await;
+    let first = finished(
+        &execute(
+            &mut cluster.exec(1).await,
+            execute_request(action.action, false),
+        )
+        .await
+        .unwrap(),
+    );
+    assert!(!first.cached_result);
+
+    // Asked again on B, and on C, which never saw the action: hits, no second execution.
+    for replica in [1, 2] {
+        let again = finished(
+            &execute(
+                &mut cluster.exec(replica).await,
+                execute_request(action.action, false),
+            )
+            .await
+            .unwrap(),
+        );
+        assert!(again.cached_result, "replica {replica}");
+        assert_eq!(again.result, first.result);
+    }
+    // GetActionResult on A finds B's entry too, and A can read its outputs.
+    let hit = cluster
+        .ac(0)
+        .await
+        .get_action_result(GetActionResultRequest {
+            action_digest: Some(action.action.to_proto()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(Some(hit.clone()), first.result);
+    let output = Digest::from_proto(hit.output_files[0].digest.as_ref().unwrap(), "o").unwrap();
+    let (data, _) = read(&mut cluster.bytestream(0).await, &output)
+        .await
+        .unwrap();
+    assert_eq!(data, b"FROM THE CLIENT");
+
+    let executed: u64 = cluster.replicas.iter().map(|r| r.stats().executed).sum();
+    assert_eq!(executed, 1, "one execution in the whole cluster");
+    assert!(cluster.replicas[2].stats().peer_cache_hits >= 1);
+    assert_eq!(cluster.replicas[0].stats().cache_hits, 1);
+
+    // skip_cache_lookup runs it again.
+    let fresh = finished(
+        &execute(
+            &mut cluster.exec(2).await,
+            execute_request(action.action, true),
+        )
+        .await
+        .unwrap(),
+    );
+    assert!(!fresh.cached_result);
+    assert_eq!(cluster.replicas[2].stats().executed, 1);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_execution_follows_the_owner_and_others_say_not_found() {
+    let cluster = Cluster::start(2, |_, _| {}).await;
+    let gate = Gate::new();
+    let action = shell(&format!("{}; echo waited", gate.wait()))
+        .salt("wait")
+        .build();
+    upload(&cluster, 1, &action.blobs).await;
+    let mut client = cluster.exec(1).await;
+    let mut stream = client
+        .execute(execute_request(action.action, false))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert!(!first.done);
+    let name = first.name.clone();
+    assert!(
+        name.starts_with(&format!("operations/{}:", cluster.node_id(1))),
+        "{name}"
+    );
+    drop(stream);
+    // The owner follows it to the end.
+    let mut client = cluster.exec(1).await;
+    let name_for_wait = name.clone();
+    let waiting = tokio::spawn(async move { wait_execution(&mut client, &name_for_wait).await });
+    gate.open();
+    let followed = waiting.await.unwrap().unwrap();
+    let response = finished(&followed);
+    assert_eq!(response.result.unwrap().exit_code, 0);
+    assert!(followed.iter().all(|op| op.name == name));
+    // And still knows it once finished.
+    let again = wait_execution(&mut cluster.exec(1).await, &name)
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 1);
+    assert!(again[0].done);
+    // Another replica does not own it: NOT_FOUND naming the owner (the route layer sends
+    // such calls to the owner).
+    let error = wait_execution(&mut cluster.exec(0).await, &name)
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::NotFound);
+    assert!(
+        error
+            .message()
+            .contains(&format!("owned by node {}", cluster.node_id(1))),
+        "{}",
+        error.message()
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn action_results_uploaded_by_clients_are_checked_and_shared() {
+    let cluster = Cluster::start(2, |_, _| {}).await;
+    let output = b"built locally".to_vec();
+    let output_digest = Digest::of(&output);
+    let action = Digest::of(b"an action run by the client");
+    let result = ActionResult {
+        output_files: vec![OutputFile {
+            path: "out".into(),
+            digest: Some(output_digest.to_proto()),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let update = |result: ActionResult| UpdateActionResultRequest {
+        action_digest: Some(action.to_proto()),
+        action_result: Some(result),
+        ..Default::default()
+    };
+    // The output was never uploaded: refused, naming it.
+    let error = cluster
+        .ac(0)
+        .await
+        .update_action_result(update(result.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::FailedPrecondition);
+    assert!(
+        error.message().contains(&output_digest.to_string()),
+        "{}",
+        error.message()
+    );
+    upload(&cluster, 0, &[(output_digest, output)]).await;
+    cluster
+        .ac(0)
+        .await
+        .update_action_result(update(result.clone()))
+        .await
+        .unwrap();
+    let hit = cluster
+        .ac(1)
+        .await
+        .get_action_result(GetActionResultRequest {
+            action_digest: Some(action.to_proto()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(hit, result);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_whose_outputs_are_gone_everywhere_is_a_miss() {
+    // Tiny CASes: B's outputs are evicted by later uploads.
+    let cluster = Cluster::start(2, |_, config| config.cas_max_bytes = 64 * 1024).await;
+    let action = shell("head -c 20000 /dev/zero > big")
+        .output_file("big")
+        .build();
+    upload(&cluster, 1, &action.blobs).await;
+    let first = finished(
+        &execute(
+            &mut cluster.exec(1).await,
+            execute_request(action.action, false),
+        )
+        .await
+        .unwrap(),
+    );
+    assert_eq!(first.result.unwrap().exit_code, 0);
+    // Push the output out of B's CAS.
+    let filler: Vec<(Digest, Vec<u8>)> = (0..8u8)
+        .map(|i| {
+            let data = vec![i; 16 * 1024];
+            (Digest::of(&data), data)
+        })
+        .collect();
+    for blob in &filler {
+        upload(&cluster, 1, std::slice::from_ref(blob)).await;
+    }
+    let lookup = cluster
+        .ac(0)
+        .await
+        .get_action_result(GetActionResultRequest {
+            action_digest: Some(action.action.to_proto()),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(
+        lookup.unwrap_err().code(),
+        Code::NotFound,
+        "a hit nobody could download"
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_reads_fetch_from_peers_and_report_each_blob() {
+    let cluster = Cluster::start(2, |_, _| {}).await;
+    let blobs: Vec<(Digest, Vec<u8>)> = (0..3u8)
+        .map(|i| {
+            let data = vec![i; 1000 + usize::from(i)];
+            (Digest::of(&data), data)
+        })
+        .collect();
+    upload(&cluster, 0, &blobs).await;
+    let absent = Digest::of(b"on no replica");
+    let mut wanted: Vec<Digest> = blobs.iter().map(|(d, _)| *d).collect();
+    wanted.push(absent);
+    let response = cluster
+        .cas(1)
+        .await
+        .batch_read_blobs(BatchReadBlobsRequest {
+            digests: wanted.iter().map(Digest::to_proto).collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.responses.len(), 4);
+    for ((digest, data), answer) in blobs.iter().zip(&response.responses) {
+        assert_eq!(answer.status.as_ref().unwrap().code, 0, "{digest}");
+        assert_eq!(&answer.data, data);
+    }
+    let last = &response.responses[3];
+    assert_eq!(last.status.as_ref().unwrap().code, Code::NotFound as i32);
+    assert_eq!(last.digest.as_ref().unwrap(), &absent.to_proto());
+    let stats = cluster.replicas[1].stats();
+    assert_eq!(
+        stats.blobs_fetched, 3,
+        "one batched fetch from A: {stats:?}"
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_from_peers_are_answered_from_local_stores_only() {
+    let cluster = Cluster::start(3, |_, _| {}).await;
+    let data = b"only on A".to_vec();
+    let digest = Digest::of(&data);
+    upload(&cluster, 0, &[(digest, data.clone())]).await;
+    let action = produce().salt("local only").build();
+    upload(&cluster, 0, &action.blobs).await;
+    finished(
+        &execute(
+            &mut cluster.exec(0).await,
+            execute_request(action.action, false),
+        )
+        .await
+        .unwrap(),
+    );
+    let from_b = || {
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        metadata.insert(
+            mesh_route::FORWARDED_BY,
+            AsciiMetadataValue::try_from(cluster.node_id(1)).unwrap(),
+        );
+        metadata
+    };
+    // C is asked on B's behalf: it answers from what it has, never asks A.
+    let mut request = tonic::Request::new(ReadRequest {
+        resource_name: format!("blobs/{digest}"),
+        read_offset: 0,
+        read_limit: 0,
+    });
+    *request.metadata_mut() = from_b();
+    let error = cluster.bytestream(2).await.read(request).await.unwrap_err();
+    assert_eq!(error.code(), Code::NotFound);
+    let mut request = tonic::Request::new(GetActionResultRequest {
+        action_digest: Some(action.action.to_proto()),
+        ..Default::default()
+    });
+    *request.metadata_mut() = from_b();
+    let error = cluster
+        .ac(2)
+        .await
+        .get_action_result(request)
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::NotFound);
+    let stats = cluster.replicas[2].stats();
+    assert_eq!(
+        (stats.blobs_fetched, stats.peer_cache_hits),
+        (0, 0),
+        "{stats:?}"
+    );
+    // Asked directly, C finds both on A.
+    let (read_back, _) = read(&mut cluster.bytestream(2).await, &digest)
+        .await
+        .unwrap();
+    assert_eq!(read_back, data);
+    cluster
+        .ac(2)
+        .await
+        .get_action_result(GetActionResultRequest {
+            action_digest: Some(action.action.to_proto()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_can_embed_a_node_started_elsewhere() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let node = mesh::Node::builder()
+        .node_id("embedded")
+        .unwrap()
+        .gossip_bind("127.0.0.1:0".parse().unwrap())
+        .grpc_endpoint(format!("http://{}", listener.local_addr().unwrap()))
+        .timing(mesh::Timing::local())
+        .start()
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = mesh_reapi::ReapiConfig::new(dir.path());
+    config.max_concurrency = 3;
+    let server = mesh_reapi::ReapiServer::start(node.clone(), config, listener)
+        .await
+        .unwrap();
+    assert_eq!(
+        node.load().max_concurrency(),
+        3,
+        "the replica's concurrency is gossiped"
+    );
+    assert_eq!(server.endpoint(), format!("grpc://{}", server.addr()));
+    let mut client = mesh_reapi::proto::build::bazel::remote::execution::v2::execution_client::ExecutionClient::connect(
+        format!("http://{}", server.addr()),
+    )
+    .await
+    .unwrap();
+    let built = shell("true").build();
+    let error = execute(&mut client, execute_request(built.action, false))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error.code(),
+        Code::FailedPrecondition,
+        "served: the Action was never uploaded"
+    );
+    server.shutdown().await;
+}

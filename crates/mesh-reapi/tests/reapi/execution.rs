@@ -1,0 +1,347 @@
+//! The executor and the scheduler on one replica.
+
+use std::time::Duration;
+
+use mesh_reapi::{
+    Digest,
+    proto::build::bazel::remote::execution::v2::{
+        ExecuteOperationMetadata, GetActionResultRequest, execution_stage::Value as Stage,
+    },
+};
+use prost::Message as _;
+use tonic::Code;
+
+use crate::support::{
+    Cluster, Gate, bounded, eventually, execute, execute_request, finished, read, shell, upload,
+    wait_execution,
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_run_with_their_environment_directory_and_inputs() {
+    let cluster = Cluster::start(1, |_, _| {}).await;
+    let mut action = shell(
+        "printf '%s|%s|%s' \"$GREETING\" \"$(pwd | sed 's|.*/||')\" \"$(cat ../data/input)\" > out/env.txt; ./tool.sh > out/tool.txt; echo to-stderr >&2; exit 3",
+    );
+    action.environment.push(("GREETING".into(), "hello".into()));
+    action.working_directory = "wd".into();
+    action
+        .inputs
+        .insert("data/input".into(), (b"input bytes".to_vec(), false));
+    action.inputs.insert(
+        "wd/tool.sh".into(),
+        (b"#!/bin/sh\necho tool ran".to_vec(), true),
+    );
+    let action = action
+        .output_file("out/env.txt")
+        .output_file("out/tool.txt")
+        .build();
+    upload(&cluster, 0, &action.blobs).await;
+    let operations = execute(
+        &mut cluster.exec(0).await,
+        execute_request(action.action, false),
+    )
+    .await
+    .unwrap();
+    // Latest state first, then changes; the last one is done, with the response.
+    let stages: Vec<i32> = operations
+        .iter()
+        .map(|op| {
+            ExecuteOperationMetadata::decode(op.metadata.as_ref().unwrap().value.as_slice())
+                .unwrap()
+                .stage
+        })
+        .collect();
+    assert_eq!(
+        *stages.last().unwrap(),
+        Stage::Completed as i32,
+        "{stages:?}"
+    );
+    assert!(operations[..operations.len() - 1].iter().all(|op| !op.done));
+    let result = finished(&operations).result.unwrap();
+    assert_eq!(
+        result.exit_code, 3,
+        "a failing command is a result, not an error"
+    );
+    let mut bytestream = cluster.bytestream(0).await;
+    let file = |path: &str| {
+        let file = result.output_files.iter().find(|f| f.path == path).unwrap();
+        Digest::from_proto(file.digest.as_ref().unwrap(), "d").unwrap()
+    };
+    let env = file("out/env.txt");
+    let tool = file("out/tool.txt");
+    assert_eq!(
+        read(&mut bytestream, &env).await.unwrap().0,
+        b"hello|wd|input bytes"
+    );
+    assert_eq!(read(&mut bytestream, &tool).await.unwrap().0, b"tool ran\n");
+    let stderr = Digest::from_proto(result.stderr_digest.as_ref().unwrap(), "e").unwrap();
+    assert_eq!(
+        read(&mut bytestream, &stderr).await.unwrap().0,
+        b"to-stderr\n"
+    );
+    // A failed action is not cached.
+    let lookup = cluster
+        .ac(0)
+        .await
+        .get_action_result(GetActionResultRequest {
+            action_digest: Some(action.action.to_proto()),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(lookup.unwrap_err().code(), Code::NotFound);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn actions_cannot_change_the_cas_through_their_inputs() {
+    let cluster = Cluster::start(1, |_, _| {}).await;
+    let action = shell("chmod u+w input; echo changed > input; cat input > out")
+        .input("input", b"original")
+        .output_file("out")
+        .build();
+    upload(&cluster, 0, &action.blobs).await;
+    let result = finished(
+        &execute(
+            &mut cluster.exec(0).await,
+            execute_request(action.action, false),
+        )
+        .await
+        .unwrap(),
+    )
+    .result
+    .unwrap();
+    assert_eq!(result.exit_code, 0);
+    let (data, _) = read(&mut cluster.bytestream(0).await, &Digest::of(b"original"))
+        .await
+        .unwrap();
+    assert_eq!(data, b"original");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_kills_the_process_group_and_is_deadline_exceeded() {
+    let cluster = Cluster::start(1, |_, _| {}).await;
+    // A background child prints its pid; both it and the shell must die.
+    let action = shell("sleep 30 & echo $!; echo started >&2; wait")
+        .timeout(Duration::from_millis(300))
+        .build();
+    upload(&cluster, 0, &action.blobs).await;
+    let response = finished(
+        &execute(
+            &mut cluster.exec(0).await,
+            execute_request(action.action, false),
+        )
+        .await
+        .unwrap(),
+    );
+    let status = response.status.clone().unwrap();
+    assert_eq!(status.code, Code::DeadlineExceeded as i32, "{status:?}");
+    assert!(status.message.contains("timeout"), "{}", status.message);
+    let result = response.result.expect("the partial result");
+    assert_eq!(result.exit_code, 128 + 9, "killed by SIGKILL");
+    let stdout = Digest::from_proto(result.stdout_digest.as_ref().unwrap(), "o").unwrap();
+    let (pid, _) = read(&mut cluster.bytestream(0).await, &stdout)
+        .await
+        .unwrap();
+    let pid = String::from_utf8(pid).unwrap().trim().to_owned();
+    assert!(!pid.is_empty());
+    eventually("the background child to be gone", async || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|stat| stat.contains(") Z "))
+            .unwrap_or(true)
+    })
+    .await;
+    // Not cached.
+    let again = finished(
+        &execute(
+            &mut cluster.exec(0).await,
+            execute_request(action.action, false),
+        )
+        .await
+        .unwrap(),
+    );
+    assert!(!again.cached_result);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_actions_in_flight_are_merged() {
+    let cluster = Cluster::start(1, |_, _| {}).await;
+    let gate = Gate::new();
+    let action = shell(&format!("{}; date +%s%N > out", gate.wait()))
+        .output_file("out")
+        .build();
+    upload(&cluster, 0, &action.blobs).await;
+    let mut calls = Vec::new();
+    for _ in 0..3 {
+        let mut client = cluster.exec(0).await;
+        let request = execute_request(action.action, true);
+        calls.push(tokio::spawn(
+            async move { execute(&mut client, request).await },
+        ));
+    }
+    let reapi = cluster.replicas[0].reapi().clone();
+    eventually("two callers to join the first", async || {
+        reapi.stats().merged == 2
+    })
+    .await;
+    gate.open();
+    let mut names = Vec::new();
+    let mut results = Vec::new();
+    for call in calls {
+        let operations = call.await.unwrap().unwrap();
+        names.push(operations.last().unwrap().name.clone());
+        results.push(finished(&operations).result.unwrap());
+    }
+    names.dedup();
+    assert_eq!(names.len(), 1, "every caller follows one operation");
+    assert!(results.windows(2).all(|w| w[0] == w[1]));
+    let stats = cluster.replicas[0].stats();
+    assert_eq!(stats.executed, 1, "{stats:?}");
+    assert_eq!(stats.merged, 2, "{stats:?}");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_is_held_from_queueing_to_completion_within_max_concurrency() {
+    let cluster = Cluster::start(1, |_, config| config.max_concurrency = 1).await;
+    let load = cluster.replicas[0].node().load().clone();
+    assert_eq!(load.max_concurrency(), 1);
+    let gate = Gate::new();
+    let mut calls = Vec::new();
+    for i in 0..3 {
+        let action = shell(&gate.wait()).salt(&i.to_string()).build();
+        upload(&cluster, 0, &action.blobs).await;
+        let mut client = cluster.exec(0).await;
+        let request = execute_request(action.action, true);
+        calls.push(tokio::spawn(
+            async move { execute(&mut client, request).await },
+        ));
+    }
+    eventually("all three to be pending", async || load.pending() == 3).await;
+    gate.open();
+    let mut spans = Vec::new();
+    for call in calls {
+        let result = finished(&call.await.unwrap().unwrap()).result.unwrap();
+        let metadata = result.execution_metadata.unwrap();
+        let start = metadata.execution_start_timestamp.unwrap();
+        let end = metadata.execution_completed_timestamp.unwrap();
+        spans.push(((start.seconds, start.nanos), (end.seconds, end.nanos)));
+    }
+    spans.sort();
+    for pair in spans.windows(2) {
+        assert!(pair[0].1 <= pair[1].0, "one at a time: {spans:?}");
+    }
+    eventually("the load to drop to zero", async || load.pending() == 0).await;
+    assert_eq!(load.peak_pending(), 3);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_operations_are_forgotten_after_their_retention_even_when_idle() {
+    let cluster = Cluster::start(1, |_, config| {
+        config.scheduler.retention = Duration::from_millis(300);
+    })
+    .await;
+    let action = shell("true").build();
+    upload(&cluster, 0, &action.blobs).await;
+    let operations = execute(
+        &mut cluster.exec(0).await,
+        execute_request(action.action, false),
+    )
+    .await
+    .unwrap();
+    let name = operations.last().unwrap().name.clone();
+    let followed = wait_execution(&mut cluster.exec(0).await, &name)
+        .await
+        .unwrap();
+    assert!(followed[0].done, "still followable right after");
+    let reapi = cluster.replicas[0].reapi().clone();
+    eventually("the idle replica to forget the operation", async || {
+        reapi.known_operations() == 0
+    })
+    .await;
+    let error = wait_execution(&mut cluster.exec(0).await, &name)
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::NotFound);
+    assert!(
+        error.message().contains("Execute again"),
+        "{}",
+        error.message()
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn do_not_cache_keeps_results_out_of_the_cache() {
+    let cluster = Cluster::start(1, |_, _| {}).await;
+    let mut action = shell("echo once");
+    action.do_not_cache = true;
+    let action = action.build();
+    upload(&cluster, 0, &action.blobs).await;
+    for _ in 0..2 {
+        let response = finished(
+            &execute(
+                &mut cluster.exec(0).await,
+                execute_request(action.action, false),
+            )
+            .await
+            .unwrap(),
+        );
+        assert!(!response.cached_result);
+    }
+    assert_eq!(cluster.replicas[0].stats().executed, 2);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_paths_are_typed_when_collected() {
+    let cluster = Cluster::start(1, |_, _| {}).await;
+    let mut action = shell("mkdir -p d && echo f > d/f && echo g > g && ln -s g link");
+    action.output_paths = vec!["d".into(), "g".into(), "link".into(), "absent".into()];
+    let action = action.build();
+    upload(&cluster, 0, &action.blobs).await;
+    let result = bounded(
+        "the action",
+        execute(
+            &mut cluster.exec(0).await,
+            execute_request(action.action, false),
+        ),
+    )
+    .await
+    .map(|ops| finished(&ops).result.unwrap())
+    .unwrap();
+    assert_eq!(result.output_files.len(), 1);
+    assert_eq!(result.output_files[0].path, "g");
+    assert_eq!(result.output_directories.len(), 1);
+    assert_eq!(result.output_directories[0].path, "d");
+    assert_eq!(result.output_symlinks.len(), 1);
+    assert_eq!(result.output_symlinks[0].target, "g");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_program_that_does_not_exist_is_invalid_argument() {
+    let cluster = Cluster::start(1, |_, _| {}).await;
+    let mut action = shell("unused");
+    action.arguments = vec!["/no/such/program".into()];
+    let action = action.build();
+    upload(&cluster, 0, &action.blobs).await;
+    let response = finished(
+        &execute(
+            &mut cluster.exec(0).await,
+            execute_request(action.action, false),
+        )
+        .await
+        .unwrap(),
+    );
+    let status = response.status.unwrap();
+    assert_eq!(status.code, Code::InvalidArgument as i32);
+    assert!(
+        status.message.contains("/no/such/program"),
+        "{}",
+        status.message
+    );
+    cluster.shutdown().await;
+}

@@ -1,0 +1,13 @@
+//! REAPI replicas on 127.0.0.1, driven by a Rust client built from the same bindings.
+//!
+//! One test binary (one link) for all of them: `cluster` (blobs and results across replicas),
+//! `execution` (the executor and the scheduler on one replica), `errors` (bad input),
+//! `storage` (eviction, ByteStream chunking), `routing` (what the route layer will call).
+#![allow(missing_docs, unreachable_pub)]
+
+mod cluster;
+mod errors;
+mod execution;
+mod routing;
+mod storage;
+mod support;
