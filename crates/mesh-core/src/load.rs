@@ -6,7 +6,7 @@ use std::sync::{
     atomic::{AtomicU32, Ordering},
 };
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 
 /// Tracks pending tasks (queued plus executing) and the node's concurrency limit.
 ///
@@ -37,6 +37,8 @@ struct Inner {
     peak: AtomicU32,
     max_concurrency: AtomicU32,
     changed: Notify,
+    /// Counts slots freed (a task ended, or the limit rose), for whoever waits for room here.
+    freed: watch::Sender<u64>,
 }
 
 impl LoadTracker {
@@ -48,6 +50,7 @@ impl LoadTracker {
                 peak: AtomicU32::new(0),
                 max_concurrency: AtomicU32::new(max_concurrency),
                 changed: Notify::new(),
+                freed: watch::Sender::new(0),
             }),
         }
     }
@@ -118,6 +121,16 @@ impl LoadTracker {
         if previous != max_concurrency {
             self.inner.changed.notify_one();
         }
+        if max_concurrency > previous {
+            self.inner.freed.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
+    /// A receiver that sees a change every time a slot frees here (a task ends, or the limit
+    /// rises): a router holding calls for a free slot wakes at once instead of waiting for
+    /// the next published state.
+    pub fn slot_freed(&self) -> watch::Receiver<u64> {
+        self.inner.freed.subscribe()
     }
 
     /// `pending / max_concurrency`, infinite when the limit is zero.
@@ -140,6 +153,7 @@ impl LoadTracker {
                 Some(p.saturating_sub(1))
             });
         self.inner.changed.notify_one();
+        self.inner.freed.send_modify(|n| *n = n.wrapping_add(1));
     }
 }
 
@@ -188,6 +202,21 @@ mod tests {
         });
         assert_eq!(guards.lock().unwrap().len(), 50);
         assert_eq!(load.pending(), 50);
+    }
+
+    #[tokio::test]
+    async fn a_freed_slot_is_signalled() {
+        let load = LoadTracker::new(1);
+        let mut freed = load.slot_freed();
+        let task = load.begin_task();
+        assert!(!freed.has_changed().unwrap(), "starting work frees nothing");
+        drop(task);
+        assert!(freed.has_changed().unwrap());
+        freed.mark_unchanged();
+        load.set_max_concurrency(0);
+        assert!(!freed.has_changed().unwrap(), "a lower limit frees nothing");
+        load.set_max_concurrency(2);
+        assert!(freed.has_changed().unwrap());
     }
 
     #[tokio::test]

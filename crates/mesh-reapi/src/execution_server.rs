@@ -11,8 +11,9 @@
 //! * operation names `{instance}/operations/{node}:{uuid}` ([`mesh_route::OperationId`]), so
 //!   `WaitExecution` can be sent to the owner named in the name.
 //!
-//! `Execute`: checks the action cache (unless `skip_cache_lookup`; a call forwarded by a peer
-//! checks only locally, its entry node having checked the cluster), reads and checks the
+//! `Execute`: checks this replica's action cache (unless `skip_cache_lookup`; the route layer's
+//! rule consulted the whole cluster's before routing the call, see [`crate::routing`]), reads
+//! and checks the
 //! `Action` (fetching it from the forwarding node if needed: `FAILED_PRECONDITION` with a
 //! `MISSING` violation if it is nowhere), and hands it to the [`crate::scheduler`], which merges
 //! it with an identical action in flight. The stream sends the operation's current state, then
@@ -184,7 +185,13 @@ impl Execution for ExecutionService {
         let request = request.into_inner();
         check_digest_function(request.digest_function)?;
         let digest = Digest::from_required(request.action_digest.as_ref(), "action_digest")?;
-        if let Some(result) = self.cached_result(&request, &metadata).await? {
+        // The cluster was consulted before routing; an entry found on a peer was kept here.
+        let cached = if request.skip_cache_lookup {
+            None
+        } else {
+            self.cluster.action_result(&digest, &metadata, true).await?
+        };
+        if let Some(result) = cached {
             self.counters.cache_hit();
             let updates = self
                 .scheduler

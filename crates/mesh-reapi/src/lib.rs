@@ -82,6 +82,7 @@ pub mod execution_server;
 pub mod executor;
 mod peers;
 mod resource;
+pub mod routing;
 pub mod scheduler;
 mod server;
 mod stats;

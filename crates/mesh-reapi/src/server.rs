@@ -8,6 +8,7 @@ use std::{
 };
 
 use mesh::{Node, NodeBuilder, NodeError};
+use mesh_route::layer::RouteLayer;
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::Routes;
@@ -15,7 +16,8 @@ use tonic::service::Routes;
 use crate::{
     ActionCache, ActionCacheError, ActionCacheService, ActionLimits, ByteStreamService,
     CapabilitiesService, Cas, CasError, CasService, ClusterCas, ExecutionService, PeerConfig,
-    ReapiStats, SchedulerConfig, executor::Executor, scheduler::Scheduler, stats::Counters,
+    ReapiStats, SchedulerConfig, executor::Executor, routing, scheduler::Scheduler,
+    stats::Counters,
 };
 
 /// How one replica stores and runs things.
@@ -107,6 +109,7 @@ struct Inner {
     scheduler: Scheduler,
     counters: Arc<Counters>,
     cas_max_bytes: u64,
+    layer: RouteLayer,
 }
 
 impl Reapi {
@@ -150,6 +153,8 @@ impl Reapi {
             counters.clone(),
         );
         let action_cache = ActionCacheService::new(cluster.clone(), counters.clone());
+        let layer = routing::layer(node.router().clone(), &execution)
+            .map_err(|error| ReapiError::Config(error.to_string()))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 node,
@@ -159,6 +164,7 @@ impl Reapi {
                 scheduler,
                 counters,
                 cas_max_bytes: config.cas_max_bytes,
+                layer,
             }),
         })
     }
@@ -181,12 +187,13 @@ impl Reapi {
 
     /// What this replica did so far.
     pub fn stats(&self) -> ReapiStats {
-        self.inner.counters.snapshot()
+        self.inner.counters.snapshot(self.inner.layer.stats())
     }
 
-    /// Counts an `Execute` this replica forwarded to a peer (for whatever routes them).
-    pub fn count_forwarded_out(&self) {
-        self.inner.counters.forwarded_out();
+    /// The route layer that makes the replicas one cluster: serve [`Reapi::routes`] behind it
+    /// (`tonic::transport::Server::builder().layer(reapi.layer())`). See [`crate::routing`].
+    pub fn layer(&self) -> RouteLayer {
+        self.inner.layer.clone()
     }
 
     /// Operations this replica knows (queued, running, or finished and still retained).
@@ -195,7 +202,9 @@ impl Reapi {
     }
 
     /// All services (Capabilities, ContentAddressableStorage, ByteStream, ActionCache,
-    /// Execution), for `tonic::transport::Server::builder().add_routes(…)`.
+    /// Execution), for `tonic::transport::Server::builder().add_routes(…)`, behind
+    /// [`Reapi::layer`]: without it every replica runs only what it is sent and consults only
+    /// its own action cache for `Execute`.
     pub fn routes(&self) -> Routes {
         let cluster = self.inner.cluster.clone();
         Routes::new(CapabilitiesService::new(self.inner.cas_max_bytes).into_server())
@@ -302,6 +311,7 @@ impl ReapiServer {
                 // pings keep the connection alive through middleboxes and notice dead clients.
                 .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
                 .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+                .layer(reapi.layer())
                 .add_routes(reapi.routes())
                 .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
                     let _ = stopped.await;

@@ -21,9 +21,12 @@ pub struct ReapiStats {
     pub bytes_fetched: u64,
     /// `Execute` calls that arrived forwarded by a peer (they carry `x-mesh-forwarded-by`).
     pub forwarded_in: u64,
-    /// `Execute` calls this replica forwarded to a peer. Counted by whatever routes them (the
-    /// route layer, through [`crate::Reapi::count_forwarded_out`]); zero while nothing does.
+    /// `Execute` calls this replica's route layer sent to a peer.
     pub forwarded_out: u64,
+    /// `Execute` calls run again elsewhere because the replica running them died.
+    pub rerouted: u64,
+    /// `WaitExecution` calls sent to the replica that owns the operation.
+    pub waits_relayed: u64,
 }
 
 /// The live counters.
@@ -36,7 +39,6 @@ pub(crate) struct Counters {
     blobs_fetched: AtomicU64,
     bytes_fetched: AtomicU64,
     forwarded_in: AtomicU64,
-    forwarded_out: AtomicU64,
 }
 
 fn add(counter: &AtomicU64, n: u64) {
@@ -72,11 +74,8 @@ impl Counters {
         add(&self.forwarded_in, 1);
     }
 
-    pub(crate) fn forwarded_out(&self) {
-        add(&self.forwarded_out, 1);
-    }
-
-    pub(crate) fn snapshot(&self) -> ReapiStats {
+    /// The counters, with the route layer's share.
+    pub(crate) fn snapshot(&self, routed: mesh_route::layer::LayerStats) -> ReapiStats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         ReapiStats {
             executed: get(&self.executed),
@@ -86,7 +85,9 @@ impl Counters {
             blobs_fetched: get(&self.blobs_fetched),
             bytes_fetched: get(&self.bytes_fetched),
             forwarded_in: get(&self.forwarded_in),
-            forwarded_out: get(&self.forwarded_out),
+            forwarded_out: routed.forwarded_out,
+            rerouted: routed.rerouted,
+            waits_relayed: routed.to_owner,
         }
     }
 }

@@ -217,19 +217,20 @@ impl Router {
         }
         let mut unreachable: Vec<NodeId> = Vec::new();
         loop {
-            let target = match self.route_when_available(request, &unreachable).await? {
+            let placement = self.route_when_available(request, &unreachable).await?;
+            let target = match placement.route() {
                 Route::Local => return Ok(Forwarded::Local),
-                Route::Peer(target) => target,
+                Route::Peer(target) => target.clone(),
             };
             let peer = match self.peer_call(&target, metadata) {
                 Ok(peer) => peer,
                 Err(error) => {
                     tracing::warn!(%error, "skipping a peer with an unusable endpoint");
+                    self.unrecord_forward(&target);
                     unreachable.push(target.node_id().clone());
                     continue;
                 }
             };
-            self.record_forward(&target);
             metrics::counter!("mesh_route_forwarded_total").increment(1);
             match call(peer).await {
                 Ok(response) => {

@@ -5,7 +5,7 @@ use std::{
     collections::HashMap,
     sync::{
         Arc, Mutex, MutexGuard,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU32, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -48,6 +48,38 @@ pub enum WhenFull {
     /// client feels the backpressure there. Simple, but a burst that arrives while the cluster
     /// is full stays on the entry node even after peers free up.
     RunLocally,
+}
+
+/// A call placed by [`Router::route_when_available`]: where it runs, counted against that
+/// node until the call counts itself.
+///
+/// For a peer, the count lasts until the peer's next state version (optimistic accounting);
+/// if the call then never reaches the peer, the router takes the count back itself when the
+/// forwarding fails to connect ([`Router::forward`], the route layer). For this node, the
+/// count lasts as long as the `Placement`: keep it until the call has started (holds its task
+/// guard), so calls placed meanwhile do not take the same slot.
+#[derive(Debug)]
+#[must_use = "dropping a placement frees the slot it holds on this node"]
+pub struct Placement {
+    route: Route,
+    _local: Option<LocalClaim>,
+}
+
+impl Placement {
+    /// Where the call runs.
+    pub fn route(&self) -> &Route {
+        &self.route
+    }
+}
+
+/// A slot of this node claimed by a placed call that has not started yet.
+#[derive(Debug)]
+struct LocalClaim(Arc<AtomicU32>);
+
+impl Drop for LocalClaim {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// A peer life to forward to.
@@ -123,6 +155,8 @@ pub(crate) struct Inner {
     when_full: WhenFull,
     /// Calls waiting for capacity under [`WhenFull::Wait`], queued per class of requirements.
     held: HeldCalls,
+    /// Calls placed here that have not yet started (see [`Placement`]).
+    local_claims: Arc<AtomicU32>,
     housekeeping: JoinHandle<()>,
 }
 
@@ -265,6 +299,7 @@ impl RouterBuilder {
                 channels,
                 when_full: self.when_full,
                 held: HeldCalls::default(),
+                local_claims: Arc::default(),
                 housekeeping,
             }),
         }
@@ -322,45 +357,76 @@ impl Router {
         self.decide(request, excluded).map(|(route, _)| route)
     }
 
-    /// Routes like [`Router::route_excluding`], but under [`WhenFull::Wait`] holds the call
-    /// while every candidate is full, until a slot frees somewhere. Held calls are served in
-    /// arrival order within their class of requirements (the required tags); a class never
-    /// waits behind another.
+    /// Places a call: routes it like [`Router::route_excluding`] and counts it against the
+    /// chosen node at once, so the calls placed after it see that slot taken (a peer's count
+    /// lasts until its next state version, which includes the call; a local one lasts as long
+    /// as the returned [`Placement`], which the caller keeps until the call has started and
+    /// counts itself).
+    ///
+    /// Under [`WhenFull::Wait`] the call is held while every candidate is full, until a slot
+    /// frees somewhere. Held calls are served in arrival order within their class of
+    /// requirements (the required tags); a class never waits behind another.
     pub async fn route_when_available(
         &self,
         request: &RouteRequest,
         excluded: &[NodeId],
-    ) -> Result<Route, RouteError> {
+    ) -> Result<Placement, RouteError> {
         let inner = &*self.inner;
         if inner.when_full == WhenFull::RunLocally {
-            return self.route_excluding(request, excluded);
+            let (route, _) = self.decide(request, excluded)?;
+            return Ok(self.claim(route));
         }
         let class = request.required_tags();
         // Fast path, unless calls of the same class are already held (they go first).
         if !inner.held.any_waiting(class) {
             let (route, has_capacity) = self.decide(request, excluded)?;
             if has_capacity {
-                return Ok(route);
+                return Ok(self.claim(route));
             }
         }
         let ticket = inner.held.enter(class);
         let _turn = ticket.turn.lock().await;
         let membership = &inner.membership;
+        let mut freed_here = membership.load().slot_freed();
         let recheck = membership
             .timing()
             .state_publish_interval
             .max(Duration::from_millis(10));
         loop {
             let seen = membership.view().epoch();
+            freed_here.mark_unchanged();
             let (route, has_capacity) = self.decide(request, excluded)?;
             if has_capacity {
-                return Ok(route);
+                return Ok(self.claim(route));
             }
-            // A slot frees when a peer's new state arrives or our own load drops (which
-            // publishes a new view too); re-check on a timer as well, for forwarded calls
-            // whose accounting we hold.
-            let _ =
-                tokio::time::timeout(recheck, membership.wait_until(|v| v.epoch() != seen)).await;
+            // A slot frees when a peer's new state arrives or a local task ends (at once,
+            // without waiting for our own state to be published); re-check on a timer as
+            // well, for forwarded calls whose accounting we hold.
+            let _ = tokio::time::timeout(recheck, async {
+                tokio::select! {
+                    _ = membership.wait_until(|v| v.epoch() != seen) => {}
+                    _ = freed_here.changed() => {}
+                }
+            })
+            .await;
+        }
+    }
+
+    /// Counts a routing decision against its node (see [`Router::route_when_available`]).
+    fn claim(&self, route: Route) -> Placement {
+        let local = match &route {
+            Route::Local => {
+                self.inner.local_claims.fetch_add(1, Ordering::AcqRel);
+                Some(LocalClaim(Arc::clone(&self.inner.local_claims)))
+            }
+            Route::Peer(target) => {
+                self.record_forward(target);
+                None
+            }
+        };
+        Placement {
+            route,
+            _local: local,
         }
     }
 
@@ -414,7 +480,9 @@ impl Router {
                 Candidate {
                     node_id: local_id,
                     local: true,
-                    pending: load.pending(),
+                    pending: load
+                        .pending()
+                        .saturating_add(inner.local_claims.load(Ordering::Acquire)),
                     max_concurrency: load.max_concurrency(),
                     state: local_state,
                 },

@@ -6,6 +6,7 @@ use mesh_reapi::{
         build::bazel::remote::execution::v2::{
             ActionResult, BatchReadBlobsRequest, Directory, FindMissingBlobsRequest,
             GetActionResultRequest, GetTreeRequest, OutputFile, Tree, UpdateActionResultRequest,
+            WaitExecutionRequest,
         },
         google::bytestream::ReadRequest,
     },
@@ -293,9 +294,24 @@ async fn wait_execution_follows_the_owner_and_others_say_not_found() {
         .unwrap();
     assert_eq!(again.len(), 1);
     assert!(again[0].done);
-    // Another replica does not own it: NOT_FOUND naming the owner (the route layer sends
-    // such calls to the owner).
-    let error = wait_execution(&mut cluster.exec(0).await, &name)
+    // Through another replica: its route layer sends the call to the owner.
+    let through = wait_execution(&mut cluster.exec(0).await, &name)
+        .await
+        .unwrap();
+    assert_eq!(through.len(), 1);
+    assert!(through[0].done && through[0].name == name);
+    assert_eq!(cluster.replicas[0].stats().waits_relayed, 1);
+    // A replica asked directly (as a peer, past its route layer) about an operation it does
+    // not own says NOT_FOUND naming the owner.
+    let mut request = tonic::Request::new(WaitExecutionRequest { name: name.clone() });
+    request.metadata_mut().insert(
+        mesh_route::FORWARDED_BY,
+        cluster.node_id(1).parse().unwrap(),
+    );
+    let error = cluster
+        .exec(0)
+        .await
+        .wait_execution(request)
         .await
         .unwrap_err();
     assert_eq!(error.code(), Code::NotFound);

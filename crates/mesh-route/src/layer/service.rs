@@ -236,23 +236,23 @@ where
         let router = &self.layer.router;
         let counters = &self.layer.counters;
         loop {
-            let routed = router.route_when_available(route, excluded);
-            let routed = match self.deadline {
-                Some(deadline) => {
-                    tokio::time::timeout_at(deadline, routed)
-                        .await
-                        .map_err(|_| {
+            let placed = router.route_when_available(route, excluded);
+            let placement =
+                match self.deadline {
+                    Some(deadline) => tokio::time::timeout_at(deadline, placed).await.map_err(
+                        |_| {
                             Status::deadline_exceeded(
-                                "the call's deadline passed while it waited for a free slot in \
-                             the cluster",
+                                "the call's deadline passed while it waited for a free slot in the \
+                         cluster",
                             )
-                        })?
-                }
-                None => routed.await,
-            };
-            let target = match routed? {
+                        },
+                    )?,
+                    None => placed.await,
+                }?;
+            let target = match placement.route() {
+                // The placement holds the slot until the inner service has the call.
                 Route::Local => return Ok(Upstream::Here(self.serve_here().await)),
-                Route::Peer(target) => target,
+                Route::Peer(target) => target.clone(),
             };
             match self.send(&target).await {
                 Ok(response) => {
@@ -300,10 +300,10 @@ where
             Ok(channel) => channel,
             Err(error) => {
                 tracing::warn!(%error, "skipping a peer with an unusable endpoint");
+                router.unrecord_forward(target);
                 return Err(Sent::Unusable(error));
             }
         };
-        router.record_forward(target);
         metrics::counter!("mesh_route_forwarded_total").increment(1);
         match channel.oneshot(self.forward_request()).await {
             Ok(response) => Ok(response),
