@@ -5,7 +5,12 @@
 //! system's temporary directory, removed on exit), joined into one cluster. Prints each
 //! replica's endpoint on a line of its own (`grpc://127.0.0.1:PORT`), then the Bazel flags to
 //! use, then `ready`. On Ctrl-C or SIGTERM it prints who did what — actions executed, cache
-//! hits, blobs fetched from peers, `Execute` calls forwarded in and out — and exits.
+//! hits, blobs fetched from peers, `Execute` calls forwarded in and out and re-routed — and
+//! exits.
+//!
+//! Each replica runs on a thread and runtime of its own, as if it were a process: `SIGUSR1`
+//! crashes the last replica the next time it is running an action (no goodbye, every socket
+//! dropped), to show that a replica lost in the middle of a build costs Bazel nothing.
 //!
 //! ```text
 //! cargo run --example reapi-cluster
@@ -16,7 +21,9 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::Parser;
 use mesh::Timing;
-use mesh_reapi::{ReapiConfig, ReapiServer};
+use mesh_demo::{Replica, Served};
+use mesh_reapi::{Reapi, ReapiConfig};
+use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser, Debug)]
 #[command(about = "Run N Remote Execution API replicas in one process, for Bazel")]
@@ -72,22 +79,30 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 async fn serve(args: &Args, data_dir: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
-    let mut replicas: Vec<ReapiServer> = Vec::new();
+    let mut replicas: Vec<Replica<Reapi>> = Vec::new();
     for i in 0..args.nodes {
         let mut config = ReapiConfig::new(data_dir.join(format!("r{i}")));
         config.cas_max_bytes = args.cas_max_mib << 20;
         if let Some(max) = args.max_concurrency {
             config.max_concurrency = max;
         }
-        let mut node = mesh::Node::builder()
+        let node = mesh::Node::builder()
             .node_id(format!("r{i}"))?
             .gossip_bind("127.0.0.1:0".parse()?)
-            .timing(Timing::local());
-        if let Some(first) = replicas.first() {
-            node = node.seeds([first.node().gossip_addr()]);
-        }
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        replicas.push(ReapiServer::start(node, config, listener).await?);
+            .timing(Timing::local())
+            .max_concurrency(config.max_concurrency)
+            .seeds(replicas.first().map(|first| first.node().gossip_addr()));
+        let replica = Replica::start(node, "127.0.0.1:0".parse()?, None, move |node| {
+            let reapi = Reapi::open(node.clone(), &config)
+                .map_err(|error| mesh_demo::ReplicaError::Serve(error.to_string()))?;
+            Ok(Served {
+                layer: reapi.layer(),
+                routes: reapi.routes(),
+                parts: reapi,
+            })
+        })
+        .await?;
+        replicas.push(replica);
     }
     let expected = replicas.len();
     for replica in &replicas {
@@ -102,26 +117,27 @@ async fn serve(args: &Args, data_dir: &std::path::Path) -> Result<(), Box<dyn st
             .await
             .map_err(|_| "the replicas did not form one cluster within 30 s")?;
     }
+    let endpoint = |replica: &Replica<Reapi>| format!("grpc://{}", replica.grpc_addr());
     println!(
         "{} replicas in one cluster, data in {}",
         replicas.len(),
         data_dir.display()
     );
     for replica in &replicas {
-        println!("{}", replica.endpoint());
+        println!("{}", endpoint(replica));
     }
     println!(
         "bazel flags: --remote_executor={} --spawn_strategy=remote --noremote_local_fallback --jobs={}",
-        replicas[0].endpoint(),
+        endpoint(&replicas[0]),
         args.jobs
     );
     println!("ready");
 
-    wait_for_signal().await?;
+    let crashed = run_until_stopped(&mut replicas).await?;
 
     println!();
     println!(
-        "{:<6} {:<24} {:>9} {:>7} {:>11} {:>10} {:>14} {:>14} {:>13} {:>14}",
+        "{:<6} {:<24} {:>9} {:>7} {:>11} {:>10} {:>14} {:>14} {:>13} {:>14} {:>9}",
         "node",
         "endpoint",
         "executed",
@@ -131,14 +147,19 @@ async fn serve(args: &Args, data_dir: &std::path::Path) -> Result<(), Box<dyn st
         "blobs fetched",
         "bytes fetched",
         "forwarded in",
-        "forwarded out"
+        "forwarded out",
+        "rerouted"
     );
-    for replica in &replicas {
-        let stats = replica.stats();
+    let rows = replicas
+        .iter()
+        .map(|replica| (replica, false))
+        .chain(crashed.iter().map(|replica| (replica, true)));
+    for (replica, crashed) in rows {
+        let stats = replica.parts().stats();
         println!(
-            "{:<6} {:<24} {:>9} {:>7} {:>11} {:>10} {:>14} {:>14} {:>13} {:>14}",
+            "{:<6} {:<24} {:>9} {:>7} {:>11} {:>10} {:>14} {:>14} {:>13} {:>14} {:>9}{}",
             replica.node().node_id().as_str(),
-            replica.endpoint(),
+            endpoint(replica),
             stats.executed,
             stats.merged,
             stats.cache_hits,
@@ -146,20 +167,46 @@ async fn serve(args: &Args, data_dir: &std::path::Path) -> Result<(), Box<dyn st
             stats.blobs_fetched,
             stats.bytes_fetched,
             stats.forwarded_in,
-            stats.forwarded_out
+            stats.forwarded_out,
+            stats.rerouted,
+            if crashed { "  (crashed)" } else { "" }
         );
     }
     for replica in replicas {
-        replica.shutdown().await;
+        replica.shutdown_gracefully().await?;
     }
     Ok(())
 }
 
-/// Ctrl-C or SIGTERM.
-async fn wait_for_signal() -> std::io::Result<()> {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        result = tokio::signal::ctrl_c() => result,
-        _ = terminate.recv() => Ok(()),
+/// Serves until Ctrl-C or SIGTERM; on SIGUSR1, crashes the last replica as soon as it is
+/// running an action. Returns the crashed replicas (still readable: their counters outlive
+/// them).
+async fn run_until_stopped(
+    replicas: &mut Vec<Replica<Reapi>>,
+) -> Result<Vec<Replica<Reapi>>, Box<dyn std::error::Error>> {
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut crash = signal(SignalKind::user_defined1())?;
+    let mut crashed = Vec::new();
+    let mut armed = false;
+    let mut poll = tokio::time::interval(Duration::from_millis(5));
+    loop {
+        tokio::select! {
+            result = tokio::signal::ctrl_c() => { result?; break; }
+            _ = terminate.recv() => break,
+            _ = crash.recv() => {
+                armed = replicas.len() > 1;
+                println!("armed: the last replica crashes when it next runs an action");
+            }
+            _ = poll.tick(), if armed => {
+                let busy = replicas.last().is_some_and(|r| r.node().load().pending() > 0);
+                if busy && let Some(mut victim) = replicas.pop() {
+                    println!("crashing {} while it runs an action", victim.node().node_id());
+                    victim.crash().await;
+                    crashed.push(victim);
+                    armed = false;
+                }
+            }
+        }
     }
+    Ok(crashed)
 }

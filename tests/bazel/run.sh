@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Bazel builds and tests this workspace through a cluster of mesh-reapi replicas.
 #
-#   tests/bazel/run.sh [--check-spread] [--replicas N] [--jobs N] [--keep]
+#   tests/bazel/run.sh [--no-check-spread] [--replicas N] [--jobs N] [--keep]
 #
 # 1. Builds the workspace locally once: the reference outputs.
 # 2. Starts `examples/reapi-cluster` (N replicas in one process, default 3, ephemeral ports).
@@ -12,9 +12,10 @@
 # 5. `bazel clean`, then builds again through the *second* replica and tests through the
 #    third: every action must be a remote cache hit (parsed from Bazel's summary line), though
 #    the results were written on another replica.
-# 6. Stops the cluster (SIGTERM) and reads its per-node table. With --check-spread (or
-#    MESH_REAPI_CHECK_SPREAD=1), every replica must have executed actions: switch it on once
-#    the route layer spreads Execute; until then every action runs on the replica Bazel talks to.
+# 6. `bazel clean`, then builds again with --noremote_accept_cached while the last replica is
+#    crashed (SIGUSR1 to the cluster) as soon as it runs an action: the build must pass.
+# 7. Stops the cluster (SIGTERM) and reads its per-node table: every replica must have
+#    executed actions (the route layer spreads Execute; --no-check-spread turns this off).
 #
 # Needs bazel (Debian's bazel-bootstrap 4.2.3) and cargo. Exits non-zero with a message
 # naming the failed step. Everything it creates lives in one temporary directory (kept with
@@ -23,13 +24,14 @@ set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
-check_spread="${MESH_REAPI_CHECK_SPREAD:-0}"
+check_spread="${MESH_REAPI_CHECK_SPREAD:-1}"
 replicas=3
 jobs=32
 keep="${MESH_REAPI_KEEP:-0}"
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --check-spread) check_spread=1 ;;
+        --no-check-spread) check_spread=0 ;;
         --replicas) replicas="$2"; shift ;;
         --jobs) jobs="$2"; shift ;;
         --keep) keep=1 ;;
@@ -174,6 +176,17 @@ grep -qE '^Executed 0 out of [0-9]+ tests?: [0-9]+ tests? pass' "$work/cached-te
     fail "the cached remote bazel test: tests were not cache hits"
 only_kind "$work/cached-test.log" "remote cache hit" "cached test"
 
+step "a replica crashes in the middle of a build through ${endpoints[0]}: the build passes"
+bazel_in remote clean >/dev/null 2>&1 || fail "bazel clean"
+kill -USR1 "$cluster_pid"
+# Nothing from the cache: every action runs again, spread over the replicas, one of which
+# crashes while it runs one.
+bazel_in remote build "${flags[@]}" --noremote_accept_cached //... 2>&1 | tee "$work/crash-build.log" ||
+    fail "the build during which a replica crashed"
+only_kind "$work/crash-build.log" remote "build with a crash"
+grep -q '^crashing ' "$work/cluster.log" || fail "no replica crashed during the build"
+grep '^crashing ' "$work/cluster.log"
+
 step "stopping the cluster"
 kill -TERM "$cluster_pid"
 wait "$cluster_pid" || fail "the cluster exited with an error: $(cat "$work/cluster.err")"
@@ -190,7 +203,7 @@ if [[ "$check_spread" == 1 ]]; then
     [[ "${#idle[@]}" -eq 0 ]] || fail "actions did not run on every replica (idle: ${idle[*]})"
     echo "actions ran on every replica"
 else
-    echo "spread check off (--check-spread): ${#idle[@]} of $replicas replicas ran nothing"
+    echo "spread check off (--no-check-spread): ${#idle[@]} of $replicas replicas ran nothing"
 fi
 
 echo

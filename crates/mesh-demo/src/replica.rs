@@ -73,6 +73,9 @@ pub enum ReplicaError {
     /// The route layer was given an invalid method path.
     #[error(transparent)]
     Layer(#[from] InvalidPath),
+    /// The serve function could not set up the replica's services.
+    #[error("setting up the replica's services failed: {0}")]
+    Serve(String),
     /// The gRPC server's TLS configuration was refused.
     #[error("configuring TLS for the grpc server failed: {message}")]
     Tls {
@@ -170,6 +173,12 @@ impl<T: Clone + Send + 'static> Replica<T> {
 
     /// Crashes the replica: no goodbye to the cluster, every connection and task dropped.
     pub async fn kill(mut self) {
+        self.crash().await;
+    }
+
+    /// Like [`Replica::kill`], keeping the value (its node handle and parts can still be read,
+    /// e.g. counters, but the replica is gone).
+    pub async fn crash(&mut self) {
         let _ = self.stop(Stop::Crash).await;
     }
 
@@ -210,7 +219,9 @@ async fn run<T>(
         Ok(Stop::Gracefully) => {
             let left = node.leave().await;
             let _ = drain.send(());
-            let _ = server.await;
+            // Clients that keep their connections open (Bazel's server does) would hold a
+            // graceful shutdown forever: give running calls a moment, then stop.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), server).await;
             left
         }
         // A crash, or the replica was dropped: returning drops the runtime and all on it.
