@@ -3,8 +3,11 @@
 //! Starts `--nodes` replicas on 127.0.0.1 (ephemeral ports, capacities 4, 8, 12, 4, 8, …), each
 //! a mesh node with a gRPC server, sends `--actions` simulated actions to the first one, follows
 //! some of them with `WaitExecution` through other nodes, and prints who ran what, the makespan
-//! and the ideal. With `--kill-node`, the last node is killed mid-run; actions lost with it are
-//! retried, as a Remote Execution API client does on `UNAVAILABLE`/`NOT_FOUND`.
+//! and the ideal. With `--kill-node`, the last node is killed mid-run: the entry node's route
+//! layer runs the `Execute` calls lost with it again elsewhere (the rule marks `Execute`
+//! idempotent), and the client retries what still fails — operations it was following with
+//! `WaitExecution` on the dead owner — as a Remote Execution API client does on
+//! `UNAVAILABLE`/`NOT_FOUND`.
 //!
 //! Exits non-zero if any action did not complete.
 //!
@@ -362,9 +365,11 @@ async fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
         ideal_ms / 1000.0,
         makespan.as_secs_f64() * 1000.0 / ideal_ms
     );
+    let rerouted: u64 = rows.iter().map(|(_, _, stats, _, _)| stats.rerouted).sum();
     println!(
-        "{} of {} actions completed, {} needed a retry, {} failed",
-        completed_total, args.actions, retried, failed
+        "{} of {} actions completed, {} re-routed by the mesh after their node died, {} retried \
+         by the client, {} failed",
+        completed_total, args.actions, rerouted, retried, failed
     );
 
     for replica in replicas {
