@@ -234,6 +234,7 @@ impl Router {
             metrics::counter!("mesh_route_forwarded_total").increment(1);
             match call(peer).await {
                 Ok(response) => {
+                    self.forward_answered(&target);
                     return Ok(Forwarded::Remote {
                         node: target.node_id().clone(),
                         response,
@@ -250,7 +251,10 @@ impl Router {
                     );
                     unreachable.push(target.node_id().clone());
                 }
-                Err(status) => return Err(lost_connection(target.node_id(), status)),
+                Err(status) => {
+                    self.forward_answered(&target);
+                    return Err(lost_connection(target.node_id(), status));
+                }
             }
         }
     }

@@ -529,11 +529,20 @@ impl Router {
             })
     }
 
-    /// Counts a call sent to `target` against it until its next state version arrives.
+    /// Counts a call placed on `target` against it (see [`InFlight`]).
     pub(crate) fn record_forward(&self, target: &PeerTarget) {
         let view = self.inner.membership.view();
         if let Some(state) = view.get(target.node_id().as_str()).and_then(Member::state) {
             self.inner.in_flight.lock().record(state);
+        }
+    }
+
+    /// `target` answered a call placed on it (its response head arrived), or the call ended
+    /// without an answer: the peer's next state version counts it.
+    pub(crate) fn forward_answered(&self, target: &PeerTarget) {
+        let view = self.inner.membership.view();
+        if let Some(state) = view.get(target.node_id().as_str()).and_then(Member::state) {
+            self.inner.in_flight.lock().answered(state);
         }
     }
 
@@ -592,19 +601,51 @@ fn usable_state(peer: &Member, max_age: Duration) -> Option<&NodeState> {
     Some(state)
 }
 
-/// Calls forwarded to each peer since the state version we last saw of it.
+/// Calls placed on each peer that its gossiped state may not count yet (optimistic
+/// accounting).
 ///
 /// Between two gossip updates every router sees the same "least loaded" peer; without this,
-/// a burst arriving at one node would all go to that peer. Counting our own forwards against
-/// the peer until its next version (which then includes them) spreads the burst.
+/// a burst arriving at one node would all go to that peer. A call counts against its peer from
+/// the moment it is placed:
+///
+/// * until the peer answers it (its response head arrives: the peer has taken the call and
+///   counts it in its own load) and then until a state version *newer than the one we had
+///   when it answered* arrives, which includes it;
+/// * but a call still unanswered stops counting once the peer has published two versions
+///   since it was placed (a long unary call answers only when it ends, and by then the peer's
+///   state has long included it).
+///
+/// Counting only "until the peer's next version" (the first version of this rule) let a
+/// version published while calls were still on the wire wipe them out, and a peer then got
+/// more calls than it had slots.
 #[derive(Debug, Clone, Default)]
 struct InFlight(Arc<Mutex<HashMap<NodeId, Outstanding>>>);
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Outstanding {
     generation: u64,
-    version: u64,
-    calls: u32,
+    /// For each call not answered yet: the peer's version when it was placed.
+    unanswered: Vec<u64>,
+    /// For each answered call: the peer's newest version we knew when it answered.
+    answered: Vec<u64>,
+}
+
+impl Outstanding {
+    fn counted(&self, version: u64) -> u32 {
+        let unanswered = self
+            .unanswered
+            .iter()
+            .filter(|&&placed| version <= placed.saturating_add(1));
+        let answered = self.answered.iter().filter(|&&seen| version <= seen);
+        u32::try_from(unanswered.count() + answered.count()).unwrap_or(u32::MAX)
+    }
+
+    /// Forgets calls the peer's state at `version` already includes.
+    fn prune(&mut self, version: u64) {
+        self.unanswered
+            .retain(|&placed| version <= placed.saturating_add(1));
+        self.answered.retain(|&seen| version <= seen);
+    }
 }
 
 struct InFlightGuard<'a>(MutexGuard<'a, HashMap<NodeId, Outstanding>>);
@@ -619,29 +660,43 @@ impl InFlightGuard<'_> {
     fn extra(&self, state: &NodeState) -> u32 {
         self.0
             .get(&state.node_id)
-            .filter(|o| (o.generation, o.version) == (state.generation, state.version))
-            .map_or(0, |o| o.calls)
+            .filter(|o| o.generation == state.generation)
+            .map_or(0, |o| o.counted(state.version))
+    }
+
+    /// The entry of `state`'s peer life, pruned to what its `state` may not include.
+    fn entry(&mut self, state: &NodeState) -> &mut Outstanding {
+        let entry = self.0.entry(state.node_id.clone()).or_default();
+        if entry.generation != state.generation {
+            *entry = Outstanding {
+                generation: state.generation,
+                ..Outstanding::default()
+            };
+        }
+        entry.prune(state.version);
+        entry
     }
 
     fn record(&mut self, state: &NodeState) {
-        let entry = self.0.entry(state.node_id.clone()).or_insert(Outstanding {
-            generation: state.generation,
-            version: state.version,
-            calls: 0,
-        });
-        if (entry.generation, entry.version) != (state.generation, state.version) {
-            *entry = Outstanding {
-                generation: state.generation,
-                version: state.version,
-                calls: 0,
-            };
-        }
-        entry.calls = entry.calls.saturating_add(1);
+        self.entry(state).unanswered.push(state.version);
     }
 
+    /// The peer answered a call (or the call ended without a word): its state counts it from
+    /// the next version on.
+    fn answered(&mut self, state: &NodeState) {
+        let entry = self.entry(state);
+        if !entry.unanswered.is_empty() {
+            entry.unanswered.remove(0);
+        }
+        entry.answered.push(state.version);
+    }
+
+    /// A call that never reached the peer.
     fn release(&mut self, node: &NodeId) {
-        if let Some(entry) = self.0.get_mut(node) {
-            entry.calls = entry.calls.saturating_sub(1);
+        if let Some(entry) = self.0.get_mut(node)
+            && !entry.unanswered.is_empty()
+        {
+            entry.unanswered.remove(0);
         }
     }
 
@@ -783,20 +838,34 @@ mod tests {
     }
 
     #[test]
-    fn forwards_count_until_the_next_state_version() {
+    fn a_call_counts_until_a_version_after_its_answer() {
         let in_flight = InFlight::default();
         let v1 = state("b", 1);
         in_flight.lock().record(&v1);
         in_flight.lock().record(&v1);
         assert_eq!(in_flight.lock().extra(&v1), 2);
-        // The peer's next version already includes those calls.
+        // A version published while the calls were on the wire does not count them yet.
         let v2 = state("b", 2);
-        assert_eq!(in_flight.lock().extra(&v2), 0);
-        in_flight.lock().record(&v2);
-        assert_eq!(in_flight.lock().extra(&v2), 1);
-        in_flight.lock().release(&v2.node_id);
-        assert_eq!(in_flight.lock().extra(&v2), 0);
-        in_flight.lock().forget(&v2.node_id);
+        assert_eq!(in_flight.lock().extra(&v2), 2);
+        // The peer answers one at v2: a version after v2 includes it.
+        in_flight.lock().answered(&v2);
+        assert_eq!(in_flight.lock().extra(&v2), 2);
+        let v3 = state("b", 3);
+        assert_eq!(
+            in_flight.lock().extra(&v3),
+            0,
+            "answered and included; the unanswered one has seen two versions"
+        );
+        // A call that never reached the peer is taken back.
+        in_flight.lock().record(&v3);
+        assert_eq!(in_flight.lock().extra(&v3), 1);
+        in_flight.lock().release(&v3.node_id);
+        assert_eq!(in_flight.lock().extra(&v3), 0);
+        // A new life starts from nothing.
+        in_flight.lock().record(&v3);
+        let reborn = NodeState::new(NodeId::new("b").unwrap(), 2, 1);
+        assert_eq!(in_flight.lock().extra(&reborn), 0);
+        in_flight.lock().forget(&v3.node_id);
         assert_eq!(in_flight.lock().0.len(), 0);
     }
 }

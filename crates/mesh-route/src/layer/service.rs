@@ -306,7 +306,10 @@ where
         };
         metrics::counter!("mesh_route_forwarded_total").increment(1);
         match channel.oneshot(self.forward_request()).await {
-            Ok(response) => Ok(response),
+            Ok(response) => {
+                router.forward_answered(target);
+                Ok(response)
+            }
             Err(error) if never_reached(&error) => {
                 router.unrecord_forward(target);
                 metrics::counter!("mesh_route_retries_total").increment(1);
@@ -318,10 +321,13 @@ where
                 );
                 Err(Sent::Unreachable(error_chain(&error)))
             }
-            Err(error) => Err(Sent::Broke(lost_connection(
-                target.node_id(),
-                Status::from_error(Box::new(error)),
-            ))),
+            Err(error) => {
+                router.forward_answered(target);
+                Err(Sent::Broke(lost_connection(
+                    target.node_id(),
+                    Status::from_error(Box::new(error)),
+                )))
+            }
         }
     }
 
