@@ -5,7 +5,7 @@ use std::{
     collections::HashMap,
     sync::{
         Arc, Mutex, MutexGuard,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -123,7 +123,72 @@ pub(crate) struct Inner {
     when_full: WhenFull,
     /// Calls waiting for capacity under [`WhenFull::Wait`], queued per class of requirements.
     held: HeldCalls,
+    decisions: Decisions,
     housekeeping: JoinHandle<()>,
+}
+
+/// Routing decisions by outcome ([`Router::stats`]); each call's final decision counts once,
+/// however often a held call was re-checked. Also exported as
+/// `mesh_route_decisions_total{outcome}` and `mesh_route_held_total`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RouterStats {
+    /// Calls routed to this node.
+    pub local: u64,
+    /// Calls routed to a peer.
+    pub peer: u64,
+    /// Calls refused because no member has the required tags.
+    pub no_matching_node: u64,
+    /// Calls refused because every matching member was draining, stale or excluded.
+    pub no_available_node: u64,
+    /// Calls held under [`WhenFull::Wait`] because every candidate was full.
+    pub held: u64,
+}
+
+impl RouterStats {
+    /// The decision outcomes with their metric label, in a stable order (`held` is not an
+    /// outcome: a held call is counted again when it is routed).
+    pub fn outcomes(&self) -> [(&'static str, u64); 4] {
+        [
+            ("local", self.local),
+            ("peer", self.peer),
+            ("no_matching_node", self.no_matching_node),
+            ("no_available_node", self.no_available_node),
+        ]
+    }
+}
+
+#[derive(Debug, Default)]
+struct Decisions {
+    local: AtomicU64,
+    peer: AtomicU64,
+    no_matching_node: AtomicU64,
+    no_available_node: AtomicU64,
+    held: AtomicU64,
+}
+
+impl Decisions {
+    fn count(&self, route: &Result<Route, RouteError>) {
+        let (counter, outcome) = match route {
+            Ok(Route::Local) => (&self.local, "local"),
+            Ok(Route::Peer(_)) => (&self.peer, "peer"),
+            Err(RouteError::NoMatchingNode { .. }) => (&self.no_matching_node, "no_matching_node"),
+            Err(_) => (&self.no_available_node, "no_available_node"),
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("mesh_route_decisions_total", "outcome" => outcome).increment(1);
+    }
+
+    fn snapshot(&self) -> RouterStats {
+        let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        RouterStats {
+            local: read(&self.local),
+            peer: read(&self.peer),
+            no_matching_node: read(&self.no_matching_node),
+            no_available_node: read(&self.no_available_node),
+            held: read(&self.held),
+        }
+    }
 }
 
 /// Calls held under [`WhenFull::Wait`], one queue per class of requirements (the required
@@ -265,6 +330,7 @@ impl RouterBuilder {
                 channels,
                 when_full: self.when_full,
                 held: HeldCalls::default(),
+                decisions: Decisions::default(),
                 housekeeping,
             }),
         }
@@ -319,7 +385,14 @@ impl Router {
         request: &RouteRequest,
         excluded: &[NodeId],
     ) -> Result<Route, RouteError> {
-        self.decide(request, excluded).map(|(route, _)| route)
+        let route = self.decide(request, excluded).map(|(route, _)| route);
+        self.inner.decisions.count(&route);
+        route
+    }
+
+    /// The routing decisions made so far, by outcome.
+    pub fn stats(&self) -> RouterStats {
+        self.inner.decisions.snapshot()
     }
 
     /// Routes like [`Router::route_excluding`], but under [`WhenFull::Wait`] holds the call
@@ -335,6 +408,18 @@ impl Router {
         if inner.when_full == WhenFull::RunLocally {
             return self.route_excluding(request, excluded);
         }
+        let route = self.hold_until_available(request, excluded).await;
+        inner.decisions.count(&route);
+        route
+    }
+
+    /// [`Router::route_when_available`]'s wait, uncounted.
+    async fn hold_until_available(
+        &self,
+        request: &RouteRequest,
+        excluded: &[NodeId],
+    ) -> Result<Route, RouteError> {
+        let inner = &*self.inner;
         let class = request.required_tags();
         // Fast path, unless calls of the same class are already held (they go first).
         if !inner.held.any_waiting(class) {
@@ -343,6 +428,8 @@ impl Router {
                 return Ok(route);
             }
         }
+        inner.decisions.held.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("mesh_route_held_total").increment(1);
         let ticket = inner.held.enter(class);
         let _turn = ticket.turn.lock().await;
         let membership = &inner.membership;
@@ -421,7 +508,6 @@ impl Router {
             );
         }
         if candidates.is_empty() {
-            metrics::counter!("mesh_route_decisions_total", "outcome" => "none").increment(1);
             return Err(if any_match {
                 RouteError::NoAvailableNode {
                     tried: excluded.to_vec(),
@@ -445,10 +531,8 @@ impl Router {
         );
         let has_capacity = chosen.has_capacity();
         if chosen.local {
-            metrics::counter!("mesh_route_decisions_total", "outcome" => "local").increment(1);
             return Ok((Route::Local, has_capacity));
         }
-        metrics::counter!("mesh_route_decisions_total", "outcome" => "peer").increment(1);
         let member =
             view.get(chosen.node_id.as_str())
                 .ok_or_else(|| RouteError::NoAvailableNode {
