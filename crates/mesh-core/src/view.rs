@@ -7,25 +7,7 @@
 //! preset, 30 minutes `wan`, 30 seconds `local`), the counterpart of serf's
 //! `reconnect_timeout` and `tombstone_timeout` (24 hours by default in serf, which also keeps
 //! reconnecting to failed members that long). A newer life of the same node id replaces it at
-//! once.
-//!
-//! # The coordinator
-//!
-//! Every view names an advisory [`MembershipView::coordinator`]: the **oldest** active member
-//! — the lowest identity generation (generations are start times, so the member that has run
-//! longest), ties broken by the lower node id — among the local node and every live peer
-//! (alive or suspect), leaving out members whose gossiped state says they are draining, and
-//! the local node once it has left the cluster or was declared defunct. Suspects count, so a
-//! suspicion seen by one node only does not make the nodes disagree; a member stops counting
-//! when it is declared down, which every node learns. The oldest member is chosen, as Akka's
-//! cluster singleton does, rather than the lowest node id, so a restarted node (a new, younger
-//! generation) does not take the role back: a rolling restart moves it once per restart of
-//! the coordinator, not twice.
-//!
-//! The coordinator is a *hint* for housekeeping that one node should do (compaction, cleanup,
-//! reports), never a lock: during a partition each side has its own, and while news of a
-//! change spreads two nodes can both believe they are it. Work done under it must be safe to
-//! do twice. A change is announced as [`crate::MeshEvent::CoordinatorChanged`].
+//! once. Every view also names an advisory coordinator ([`MembershipView::coordinator`]).
 
 use std::{sync::Arc, time::Duration};
 
@@ -233,9 +215,21 @@ impl MembershipView {
         &self.departed
     }
 
-    /// The advisory coordinator: the oldest active member (see the [module docs](self) for
-    /// the rule). A hint for housekeeping, never a lock. `None` when no member qualifies:
-    /// every member is draining, or the local node has left and no live peer qualifies.
+    /// The advisory coordinator: the **oldest** active member — the lowest identity generation (generations are start times, so the member that has run
+    /// longest), ties broken by the lower node id — among the local node and every live peer
+    /// (alive or suspect), leaving out members whose gossiped state says they are draining, and
+    /// the local node once it has left the cluster or was declared defunct. Suspects count, so a
+    /// suspicion seen by one node only does not make the nodes disagree; a member stops counting
+    /// when it is declared down, which every node learns. The oldest member is chosen, as Akka's
+    /// cluster singleton does, rather than the lowest node id, so a restarted node (a new, younger
+    /// generation) does not take the role back: a rolling restart moves it once per restart of
+    /// the coordinator, not twice. `None` when no member qualifies (every member is draining,
+    /// or the local node has left and no live peer qualifies).
+    ///
+    /// The coordinator is a *hint* for housekeeping that one node should do (compaction, cleanup,
+    /// reports), never a lock: during a partition each side has its own, and while news of a
+    /// change spreads two nodes can both believe they are it. Work done under it must be safe to
+    /// do twice. A change is announced as [`crate::MeshEvent::CoordinatorChanged`].
     pub fn coordinator(&self) -> Option<&Member> {
         let coordinator = self.coordinator.as_ref()?;
         self.get(coordinator.node_id().as_str())

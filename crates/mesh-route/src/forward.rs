@@ -461,7 +461,11 @@ mod tests {
         let kept = with_request_id(&metadata);
         assert_eq!(kept.get(crate::layer::REQUEST_ID).unwrap(), "req-7");
         let fresh = with_request_id(&MetadataMap::new());
-        let id = fresh.get(crate::layer::REQUEST_ID).unwrap().to_str().unwrap();
+        let id = fresh
+            .get(crate::layer::REQUEST_ID)
+            .unwrap()
+            .to_str()
+            .unwrap();
         assert_eq!(uuid::Uuid::parse_str(id).unwrap().get_version_num(), 7);
         // A forwarded call carries it: it is not hop-by-hop.
         assert_eq!(

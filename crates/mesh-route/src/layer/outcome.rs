@@ -23,7 +23,9 @@ use mesh_core::NodeId;
 
 use super::layer::Counters;
 
-/// How one forwarded call ended (see the [module docs](self)).
+/// How one forwarded call ended: told apart by the `grpc-status` the response carried (0 is
+/// `Ok`), by a body that failed or ended without one (`Broken`), or was dropped before its end
+/// (`Cancelled`); a peer never reached is `Unreachable`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ForwardOutcome {
