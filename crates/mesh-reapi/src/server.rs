@@ -295,6 +295,10 @@ impl ReapiServer {
                 return Err(error);
             }
         };
+        // grpc.health.v1: NOT_SERVING while the node joins or drains (see mesh::health).
+        let health = mesh::health::NodeHealth::builder(node.membership().clone())
+            .start()
+            .await;
         let (stop, stopped) = oneshot::channel::<()>();
         let serving = tokio::spawn(
             tonic::transport::Server::builder()
@@ -303,6 +307,7 @@ impl ReapiServer {
                 .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
                 .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
                 .add_routes(reapi.routes())
+                .add_service(health)
                 .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
                     let _ = stopped.await;
                 }),
