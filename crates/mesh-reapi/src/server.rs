@@ -295,7 +295,8 @@ impl ReapiServer {
                 return Err(error);
             }
         };
-        // grpc.health.v1: NOT_SERVING while the node joins or drains (see mesh::health).
+        // grpc.health.v1 (NOT_SERVING while the node joins or drains, see mesh::health) and
+        // the admin API (meshctl), as every mesh node serves them.
         let health = mesh::health::NodeHealth::builder(node.membership().clone())
             .start()
             .await;
@@ -308,6 +309,7 @@ impl ReapiServer {
                 .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
                 .add_routes(reapi.routes())
                 .add_service(health)
+                .add_service(mesh::admin::AdminService::for_node(&node).into_server())
                 .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
                     let _ = stopped.await;
                 }),
