@@ -99,14 +99,20 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 println!("watching {addr}; Ctrl-C to stop");
             }
             let started = Instant::now();
+            let mut last_status = String::new();
             while let Some(event) = events.message().await.map_err(failed("watching events"))? {
                 if args.json {
                     println!("{}", serde_json::to_string(&event)?);
                 } else {
                     println!("{:>8}  {}", human_ms(millis(started)), event_text(&event));
                 }
+                if event.kind == "local-status" {
+                    last_status = event.local_status;
+                }
             }
-            return Err(format!("the node at {addr} ended the event stream").into());
+            if !matches!(last_status.as_str(), "left" | "defunct") {
+                return Err(format!("the node at {addr} ended the event stream").into());
+            }
         }
         Command::Drain { undo } => drain(&mut client, addr, !undo, args.json).await?,
         Command::Undrain => drain(&mut client, addr, false, args.json).await?,

@@ -3,7 +3,9 @@
 //!
 //! Configuration comes from, lowest precedence first: defaults, a TOML/YAML file (`--config`),
 //! `MESH_*` environment variables, and flags. Runs until Ctrl-C or SIGTERM, then leaves the
-//! cluster gracefully. `--metrics-addr` serves Prometheus metrics at `/metrics`.
+//! cluster gracefully. `--metrics-addr` serves Prometheus metrics at `/metrics`; logs go to
+//! stderr, and `RUST_LOG=info,mesh_route=debug` logs every forwarded call with its request id
+//! on both nodes.
 //!
 //! ```text
 //! # three processes on one machine
@@ -161,7 +163,10 @@ impl Args {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // Logs go to stderr (stdout carries the node's own lines), in color only on a terminal.
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )

@@ -4,7 +4,8 @@
 //! * `ListMembers` lists the live members and, like `serf members`, those that failed or left,
 //!   with how long ago each status changed, until they are reaped
 //!   ([`mesh_core::Timing::remove_down_after`]); it names the advisory coordinator.
-//! * `WatchEvents` streams membership events from the moment of the call.
+//! * `WatchEvents` streams membership events from the moment of the call, until the node
+//!   leaves.
 //! * `Drain` takes the node out of routing (it stays a member) or puts it back.
 //! * `Stats` reports gossip traffic and drops by reason ([`mesh_core::MeshStats`]), routing
 //!   decisions by outcome ([`mesh_route::RouterStats`]), the route layer's counts
@@ -330,15 +331,26 @@ impl mesh_admin_server::MeshAdmin for AdminService {
         _request: Request<WatchEventsRequest>,
     ) -> Result<Response<EventStream>, Status> {
         let events = self.membership.events();
-        let stream = futures::stream::unfold(events, |mut events| async move {
+        // The stream ends after the node's own departure, so a watcher never holds up a
+        // graceful shutdown.
+        let stream = futures::stream::unfold((events, false), |(mut events, ended)| async move {
+            if ended {
+                return None;
+            }
             match events.recv().await {
-                Ok(event) => Some((Ok(event_message(event)), events)),
+                Ok(event) => {
+                    let last = matches!(
+                        event,
+                        MeshEvent::LocalStatus(LocalStatus::Left | LocalStatus::Defunct)
+                    );
+                    Some((Ok(event_message(event)), (events, last)))
+                }
                 // A gap must not pass silently: the client re-lists and watches again.
                 Err(broadcast::error::RecvError::Lagged(missed)) => Some((
                     Err(Status::data_loss(format!(
                         "the watcher fell {missed} events behind; list members and watch again"
                     ))),
-                    events,
+                    (events, false),
                 )),
                 Err(broadcast::error::RecvError::Closed) => None,
             }

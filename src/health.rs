@@ -23,6 +23,9 @@
 //! served, draining or not: point liveness probes at it, readiness probes at `""`, so that a
 //! draining or joining node is taken out of load balancing but not restarted.
 //!
+//! `Watch` streams end once the node has left (after telling `NOT_SERVING`), so a watcher never
+//! holds up a graceful shutdown.
+//!
 //! ```no_run
 //! # async fn demo(node: mesh::Node) -> Result<(), Box<dyn std::error::Error>> {
 //! let health = mesh::health::NodeHealth::builder(node.membership().clone())
@@ -36,14 +39,15 @@
 //! # Ok(()) }
 //! ```
 
-use std::time::Duration;
+use std::{pin::Pin, time::Duration};
 
+use futures::{Stream, StreamExt};
 use mesh_core::{LocalStatus, Membership, MembershipView};
-use tokio::{task::JoinHandle, time::Instant};
+use tokio::{sync::watch, task::JoinHandle, time::Instant};
 use tonic::{Request, Response, Status, server::NamedService};
 use tonic_health::{
     pb::{
-        HealthCheckRequest, HealthCheckResponse,
+        HealthCheckRequest, HealthCheckResponse, health_check_response,
         health_server::{Health, HealthServer},
     },
     server::{HealthReporter, HealthService, WatchStream},
@@ -109,18 +113,21 @@ impl HealthBuilder {
         reporter
             .set_service_status(LIVENESS_SERVICE, ServingStatus::Serving)
             .await;
+        let (left_tx, left) = watch::channel(false);
         let mut driver = Driver {
             membership: self.membership,
             reporter: reporter.clone(),
             services: self.services,
             join_grace: self.join_grace,
             joining_since: Instant::now(),
+            left: left_tx,
         };
         driver.update(&driver.membership.view()).await;
         let task = tokio::spawn(driver.run());
         HealthServer::new(NodeHealth {
             inner: HealthService::from_health_reporter(reporter),
             driver: task,
+            left,
         })
     }
 }
@@ -131,7 +138,13 @@ impl HealthBuilder {
 pub struct NodeHealth {
     inner: HealthService,
     driver: JoinHandle<()>,
+    /// Becomes true once the node has left (or was declared defunct): watches end.
+    left: watch::Receiver<bool>,
 }
+
+/// A `Watch` answer: the statuses of one service, until the node leaves.
+pub type HealthWatchStream =
+    Pin<Box<dyn Stream<Item = Result<HealthCheckResponse, Status>> + Send + 'static>>;
 
 impl NodeHealth {
     /// Starts configuring the health service of the node `membership` belongs to.
@@ -160,13 +173,36 @@ impl Health for NodeHealth {
         self.inner.check(request).await
     }
 
-    type WatchStream = WatchStream;
+    type WatchStream = HealthWatchStream;
 
     async fn watch(
         &self,
         request: Request<HealthCheckRequest>,
-    ) -> Result<Response<WatchStream>, Status> {
-        self.inner.watch(request).await
+    ) -> Result<Response<HealthWatchStream>, Status> {
+        let statuses: WatchStream = self.inner.watch(request).await?.into_inner();
+        let state = (statuses, self.left.clone(), false);
+        let stream = futures::stream::unfold(state, |(mut statuses, mut left, ended)| async move {
+            if ended {
+                return None;
+            }
+            let next = tokio::select! {
+                biased;
+                status = statuses.next() => Some(status),
+                _ = left.wait_for(|left| *left) => None,
+            };
+            match next {
+                Some(Some(status)) => Some((status, (statuses, left, false))),
+                Some(None) => None,
+                // Gone: one last word, then the end.
+                None => {
+                    let last = HealthCheckResponse {
+                        status: health_check_response::ServingStatus::NotServing as i32,
+                    };
+                    Some((Ok(last), (statuses, left, true)))
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 }
 
@@ -178,6 +214,7 @@ struct Driver {
     join_grace: Duration,
     /// When the node was last seen to start joining.
     joining_since: Instant,
+    left: watch::Sender<bool>,
 }
 
 impl Driver {
@@ -211,6 +248,9 @@ impl Driver {
         let status = readiness(view, self.joining_since.elapsed(), self.join_grace);
         for service in std::iter::once("").chain(self.services.iter().map(String::as_str)) {
             self.reporter.set_service_status(service, status).await;
+        }
+        if matches!(view.status(), LocalStatus::Left | LocalStatus::Defunct) {
+            self.left.send_replace(true);
         }
     }
 }

@@ -164,7 +164,7 @@ fn with_request_id(metadata: &MetadataMap) -> MetadataMap {
             id
         }
     };
-    tracing::Span::current().record("request_id", id.as_str());
+    tracing::Span::current().record("request_id", tracing::field::display(&id));
     metadata
 }
 
@@ -258,7 +258,7 @@ impl Router {
             };
             self.record_forward(&target);
             metrics::counter!("mesh_route_forwarded_total").increment(1);
-            tracing::Span::current().record("peer", target.node_id().as_str());
+            tracing::Span::current().record("peer", tracing::field::display(target.node_id()));
             tracing::debug!(endpoint = target.endpoint(), "forwarding the call");
             match call(peer).await {
                 Ok(response) => {
@@ -310,7 +310,7 @@ impl Router {
             Route::Peer(target) => target,
         };
         let metadata = &with_request_id(metadata);
-        tracing::Span::current().record("peer", target.node_id().as_str());
+        tracing::Span::current().record("peer", tracing::field::display(target.node_id()));
         tracing::debug!(
             endpoint = target.endpoint(),
             "forwarding the call to its owner"

@@ -115,14 +115,22 @@ impl RouteLayer {
         request_id: Option<&str>,
         from: Option<&str>,
     ) -> tracing::Span {
-        tracing::info_span!(
+        let span = tracing::info_span!(
             "call",
             node = %self.router.membership().node_id(),
-            path,
-            request_id,
-            from,
+            path = %path,
+            request_id = tracing::field::Empty,
+            from = tracing::field::Empty,
             peer = tracing::field::Empty,
-        )
+        );
+        // Plain text, not quoted: `request_id=0199…` is what an operator greps for.
+        if let Some(id) = request_id {
+            span.record("request_id", tracing::field::display(id));
+        }
+        if let Some(from) = from {
+            span.record("from", tracing::field::display(from));
+        }
+        span
     }
 }
 

@@ -339,7 +339,7 @@ where
     /// forwarded, with the deadline that is left.
     async fn send(&self, target: &PeerTarget) -> Result<http::Response<Body>, Sent> {
         let router = &self.layer.router;
-        tracing::Span::current().record("peer", target.node_id().as_str());
+        tracing::Span::current().record("peer", tracing::field::display(target.node_id()));
         let outcome = OutcomeRecorder::new(
             Arc::clone(&self.layer.counters),
             target.node_id().clone(),
