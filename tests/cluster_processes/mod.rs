@@ -149,7 +149,9 @@ impl NodeSpec {
 pub struct NodeProcess {
     pub name: String,
     pub child: Child,
+    /// Where the gossip socket is bound, and the address it advertises.
     pub gossip: String,
+    pub advertised: String,
     pub grpc: String,
     pub metrics: Option<String>,
     pub stdout: Lines,
@@ -212,6 +214,7 @@ impl NodeProcess {
         };
         Self {
             gossip: field(&first, "gossiping at "),
+            advertised: field(&first, "(advertised "),
             grpc: field(&first, "grpc at "),
             // "metrics at http://127.0.0.1:P/metrics"
             metrics: metrics.map(|line| {
@@ -229,6 +232,20 @@ impl NodeProcess {
     /// The address tools connect to.
     pub fn url(&self) -> String {
         format!("http://{}", self.grpc)
+    }
+
+    /// SIGTERM (a graceful leave), and wait for the process to exit.
+    pub async fn terminate(&mut self) {
+        let pid = self.child.id().expect("the node is running").to_string();
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -TERM {pid}");
+        let exit = bounded(&format!("node {} to exit", self.name), self.child.wait())
+            .await
+            .unwrap();
+        assert!(exit.success(), "node {} exited with {exit}", self.name);
     }
 
     /// SIGKILL, and wait for the process to be gone.
