@@ -278,7 +278,7 @@ fn event_text(event: &MemberEvent) -> String {
 fn stats_text(stats: &StatsResponse) -> String {
     let gossip = stats.gossip.clone().unwrap_or_default();
     let routing = stats.routing.clone().unwrap_or_default();
-    let mut out = format!("{}\n", stats.local_node_id);
+    let mut out = format!("node {}\n", stats.local_node_id);
     let sorted = |map: &std::collections::HashMap<String, u64>| {
         let mut pairs: Vec<(&String, &u64)> = map.iter().collect();
         pairs.sort();

@@ -191,10 +191,11 @@ impl NodeProcess {
             async move {
                 let first = stdout.find(&["gossiping at "]);
                 let metrics = stdout.find(&["metrics at "]);
-                if first.is_none() && stdout.all().is_empty() {
-                    if let Some(error) = stderr.find(&["node: "]) {
-                        panic!("node {name} failed to start: {error}");
-                    }
+                if first.is_none()
+                    && stdout.all().is_empty()
+                    && let Some(error) = stderr.find(&["node: "])
+                {
+                    panic!("node {name} failed to start: {error}");
                 }
                 match (first, metrics) {
                     (Some(first), metrics) if metrics.is_some() || !wants_metrics => {
