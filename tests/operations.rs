@@ -54,7 +54,7 @@ async fn an_operator_follows_a_burst_and_a_crash_with_meshctl_metrics_and_logs()
         NodeSpec::local("a")
             .arg("--max-concurrency", 2)
             .arg("--metrics-addr", "127.0.0.1:0")
-            .env("RUST_LOG", "info,mesh_route=debug"),
+            .env("RUST_LOG", "info,mesh_route=debug,mesh_core=debug"),
     )
     .await;
     let b = NodeProcess::start(
@@ -245,6 +245,13 @@ async fn an_operator_follows_a_burst_and_a_crash_with_meshctl_metrics_and_logs()
         table.contains("2 live members, 1 failed or left"),
         "{table}"
     );
+    // The membership task logs in a span naming its node.
+    let a_log = &a.stderr;
+    let event = poll("a to log c's failure", move || async move {
+        a_log.find(&["mesh event", "Failed(c@"])
+    })
+    .await;
+    assert!(event.contains("mesh{node=a}"), "{event}");
 
     // It comes back: a flap.
     let c2 = NodeProcess::start(
