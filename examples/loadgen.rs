@@ -7,8 +7,8 @@
 //! Before sending anything it asks the node's admin API whether any member can take the work
 //! (a live member with the platform's tags, not draining, with at least one slot), and stops
 //! with a message naming the address if none can. While it runs it prints progress every
-//! second; if no action finishes for `--stall-timeout` it stops and says what the cluster
-//! looks like, and each action gives up after `--timeout`. It never waits forever, and exits
+//! second; if no action finishes for `--stall-timeout` beyond the longest action (`--max-ms`)
+//! it stops and says what the cluster looks like, and each action gives up after `--timeout`. It never waits forever, and exits
 //! non-zero if any action failed.
 
 use std::{
@@ -66,7 +66,7 @@ struct Args {
     /// Give up on one action after this long (its deadline, also sent to the node).
     #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
     timeout: Duration,
-    /// Stop when no action has finished for this long.
+    /// Stop when no action has finished for this long beyond the longest action (--max-ms).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     stall_timeout: Duration,
     /// Print no progress lines, only the summary.
@@ -181,13 +181,15 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
                         submitted - done,
                     );
                 }
-                if last_progress.1.elapsed() >= args.stall_timeout {
+                // An action may legitimately take --max-ms, so that much silence is not a stall.
+                let stall = args.stall_timeout + Duration::from_millis(args.max_ms);
+                if last_progress.1.elapsed() >= stall {
                     tasks.abort_all();
                     let cluster = describe_cluster(&channel, &args.target, &platform).await;
                     return Err(format!(
                         "no action finished in the last {} ({done} of {} done, {} in flight) \
                          through {}: {cluster}",
-                        humantime::format_duration(args.stall_timeout),
+                        humantime::format_duration(stall),
                         args.actions,
                         submitted - done,
                         args.target,

@@ -200,6 +200,18 @@ async fn an_operator_follows_a_burst_and_a_crash_with_meshctl_metrics_and_logs()
         "{forwarded}"
     );
 
+    // meshctl drains b and puts it back; a sees both.
+    for (command, draining) in [("drain", true), ("undrain", false)] {
+        let answer = meshctl_json(bin, &b.url(), command).await;
+        assert_eq!(answer["draining"], draining, "{answer}");
+        let a_url = &a.url();
+        poll(&format!("a to see b {command}ed"), move || async move {
+            let members = members_by_id(&meshctl_json(bin, a_url, "members").await);
+            (members["b"]["state"]["draining"] == draining).then_some(())
+        })
+        .await;
+    }
+
     // A datagram that is not gossip is counted as dropped, with its reason.
     let garbage = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     garbage.send_to(b"not a mesh datagram", &a.gossip).unwrap();
@@ -322,11 +334,26 @@ async fn loadgen_and_meshctl_fail_fast_naming_the_address_instead_of_hanging() {
     let output = run(
         bin,
         "loadgen",
-        &["--target", &fine.url(), "--actions", "20"],
+        &[
+            "--target",
+            &fine.url(),
+            "--actions",
+            "4",
+            "--min-ms",
+            "1300",
+            "--max-ms",
+            "1300",
+        ],
     )
     .await;
+    let report = text(&output.stdout);
     assert!(output.status.success(), "{}", text(&output.stderr));
-    assert!(text(&output.stdout).contains("20 ok, 0 failed"));
+    // Progress every second, then the summary.
+    assert!(
+        report.contains("0/4 done (0 ok, 0 failed), 4 in flight"),
+        "{report}"
+    );
+    assert!(report.contains("4 ok, 0 failed"), "{report}");
 
     // Nobody has the platform.
     let output = run(
