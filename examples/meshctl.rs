@@ -164,10 +164,11 @@ fn members_text(members: &ListMembersResponse) -> String {
         .filter(|m| matches!(m.status.as_str(), "alive" | "suspect"))
         .count();
     let mut out = format!(
-        "{} ({}) sees {} live members, {} failed or left; coordinator {}\n",
+        "{} ({}) sees {} live member{}, {} failed or left; coordinator {}\n",
         members.local_node_id,
         members.local_status,
         live,
+        if live == 1 { "" } else { "s" },
         members.members.len() - live,
         if members.coordinator.is_empty() {
             "none"

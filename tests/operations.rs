@@ -417,6 +417,41 @@ async fn loadgen_and_meshctl_fail_fast_naming_the_address_instead_of_hanging() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_example_runs_one_reapi_replica_per_process() {
+    use bazel_remote_apis::build::bazel::remote::execution::v2::{
+        GetCapabilitiesRequest, capabilities_client::CapabilitiesClient,
+    };
+    let bin = &examples();
+    let data = tempfile::tempdir().unwrap();
+    let reapi = |name: &str| {
+        NodeSpec::local(name)
+            .arg("--api", "reapi")
+            .arg("--data-dir", data.path().join(name).display())
+    };
+    let r0 = NodeProcess::start(bin, reapi("r0")).await;
+    let r1 = NodeProcess::start(bin, reapi("r1").arg("--join", &r0.gossip)).await;
+    // One cluster, seen through the admin API every replica serves.
+    let members = wait_for_members(bin, &r1, &["r0", "r1"]).await;
+    assert_eq!(members["r0"]["state"]["max_concurrency"], 16);
+    for replica in [&r0, &r1] {
+        let mut client = CapabilitiesClient::connect(replica.url()).await.unwrap();
+        let capabilities = client
+            .get_capabilities(GetCapabilitiesRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(capabilities.execution_capabilities.unwrap().exec_enabled);
+        poll_health(
+            &health_client(replica.grpc.parse().unwrap()).await,
+            "",
+            ServingStatus::Serving,
+        )
+        .await;
+        assert!(data.path().join(&replica.name).join("cas").is_dir());
+    }
+}
+
 async fn health_of(client: &mut HealthClient<tonic::transport::Channel>, service: &str) -> i32 {
     client
         .check(HealthCheckRequest {
