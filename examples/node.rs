@@ -1,27 +1,60 @@
-//! One replica as a process: a mesh node serving the demo execution API and the admin API.
+//! One replica as a process: a mesh node serving the demo execution API (or, with
+//! `--api reapi`, the Remote Execution API), the admin API and the gRPC health service.
 //!
 //! Configuration comes from, lowest precedence first: defaults, a TOML/YAML file (`--config`),
 //! `MESH_*` environment variables, and flags. Runs until Ctrl-C or SIGTERM, then leaves the
-//! cluster gracefully.
+//! cluster gracefully. `--metrics-addr` serves Prometheus metrics at `/metrics`; logs go to
+//! stderr, and `RUST_LOG=info,mesh_route=debug` logs every forwarded call with its request id
+//! on both nodes.
 //!
 //! ```text
 //! # three processes on one machine
-//! cargo run --example node -- --node-id a --bind-addr 127.0.0.1 --bind-port 7946 --grpc-port 50051 --timing local
+//! cargo run --example node -- --node-id a --bind-addr 127.0.0.1 --bind-port 7946 --grpc-port 50051 --timing local --metrics-addr 127.0.0.1:9100
 //! cargo run --example node -- --node-id b --bind-addr 127.0.0.1 --bind-port 7947 --grpc-port 50052 --timing local --join 127.0.0.1:7946
 //! cargo run --example node -- --node-id c --bind-addr 127.0.0.1 --bind-port 7948 --grpc-port 50053 --timing local --join 127.0.0.1:7946
 //! cargo run --example meshctl -- --addr http://127.0.0.1:50052 members
 //! cargo run --example loadgen -- --target http://127.0.0.1:50051 --actions 200
+//! cargo run --example meshctl -- --addr http://127.0.0.1:50051 stats
+//! curl -s http://127.0.0.1:9100/metrics
+//!
+//! # one REAPI replica per process (Bazel: --remote_executor=grpc://127.0.0.1:50061)
+//! cargo run --example node -- --api reapi --data-dir /tmp/reapi-r0 --node-id r0 --bind-addr 127.0.0.1 --bind-port 7956 --grpc-port 50061 --timing local
 //! ```
 
-use std::{path::PathBuf, process::ExitCode};
+#[path = "support/metrics.rs"]
+mod metrics_endpoint;
 
-use clap::Parser;
-use mesh::{MeshConfig, MeshEvent};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+
+use clap::{Parser, ValueEnum};
+use mesh::{MeshConfig, MeshEvent, Node};
 use mesh_demo::DemoNode;
+use mesh_reapi::{ReapiConfig, ReapiServer};
+
+/// What the replica serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Api {
+    /// The demo execution API (`mesh.demo.v1.Execution`), simulated work.
+    Demo,
+    /// The Remote Execution API v2, running actions for real (`mesh_reapi::ReapiServer`).
+    Reapi,
+}
 
 #[derive(Parser, Debug)]
-#[command(about = "Run one mesh replica serving the demo execution API")]
+#[command(
+    about = "Run one mesh replica serving the demo execution API or the Remote Execution API"
+)]
 struct Args {
+    /// What to serve.
+    #[arg(long, value_enum, default_value_t = Api::Demo)]
+    api: Api,
+    /// With --api reapi: where the replica keeps its CAS, action cache and work directories
+    /// (default: mesh-reapi-<node id> in the system's temporary directory).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://<this address>/metrics (port 0: any free port).
+    #[arg(long)]
+    metrics_addr: Option<SocketAddr>,
     /// A TOML or YAML configuration file (keys at the top level or under `mesh`).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -130,7 +163,10 @@ impl Args {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // Logs go to stderr (stdout carries the node's own lines), in color only on a terminal.
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
@@ -161,14 +197,36 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         config.discovery_mode = mesh::DiscoveryMode::List;
     }
     let (builder, resolved) = config.node_builder()?;
+    // Before the node starts, so its first counters are recorded.
+    let metrics = match args.metrics_addr {
+        Some(addr) => Some(metrics_endpoint::serve(addr).await?),
+        None => None,
+    };
     let over_tls = if resolved.tls.is_some() {
         " over TLS"
     } else {
         ""
     };
-    let replica = match resolved.tls {
-        Some(tls) => DemoNode::start_with_tls(builder, resolved.grpc_bind, tls.server).await?,
-        None => DemoNode::start(builder, resolved.grpc_bind).await?,
+    let replica = match args.api {
+        Api::Demo => Replica::Demo(match resolved.tls {
+            Some(tls) => DemoNode::start_with_tls(builder, resolved.grpc_bind, tls.server).await?,
+            None => DemoNode::start(builder, resolved.grpc_bind).await?,
+        }),
+        Api::Reapi => {
+            if resolved.tls.is_some() {
+                return Err("--api reapi serves plaintext only; remove the tls_* settings".into());
+            }
+            let data_dir = args.data_dir.clone().unwrap_or_else(|| {
+                std::env::temp_dir().join(format!("mesh-reapi-{}", resolved.node_id))
+            });
+            let mut reapi = ReapiConfig::new(&data_dir);
+            reapi.max_concurrency = config.max_concurrency;
+            let listener = tokio::net::TcpListener::bind(resolved.grpc_bind)
+                .await
+                .map_err(|e| format!("binding the grpc listener to {}: {e}", resolved.grpc_bind))?;
+            println!("reapi data in {}", data_dir.display());
+            Replica::Reapi(ReapiServer::start(builder, reapi, listener).await?)
+        }
     };
     let node = replica.node().clone();
     println!(
@@ -183,6 +241,9 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         },
         node.load().max_concurrency()
     );
+    if let Some(metrics) = metrics {
+        println!("metrics at http://{metrics}/metrics");
+    }
 
     let mut events = node.events();
     let printer = tokio::spawn(async move {
@@ -197,8 +258,33 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     shutdown_signal().await;
     println!("leaving the cluster");
     printer.abort();
-    replica.shutdown_gracefully().await?;
+    match replica {
+        Replica::Demo(demo) => demo.shutdown_gracefully().await?,
+        Replica::Reapi(reapi) => reapi.shutdown().await,
+    }
     Ok(())
+}
+
+/// The replica this process runs.
+enum Replica {
+    Demo(DemoNode),
+    Reapi(ReapiServer),
+}
+
+impl Replica {
+    fn node(&self) -> &Node {
+        match self {
+            Replica::Demo(demo) => demo.node(),
+            Replica::Reapi(reapi) => reapi.node(),
+        }
+    }
+
+    fn grpc_addr(&self) -> SocketAddr {
+        match self {
+            Replica::Demo(demo) => demo.grpc_addr(),
+            Replica::Reapi(reapi) => reapi.addr(),
+        }
+    }
 }
 
 /// Ctrl-C, or SIGTERM (what Kubernetes sends before killing a pod).

@@ -32,6 +32,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod health;
 mod node;
 pub mod tls;
 

@@ -100,3 +100,81 @@ fn the_statefulset_wires_pod_name_and_ip_into_a_valid_dns_configuration() {
         Some("http://10.42.0.17:50051")
     );
 }
+
+#[test]
+fn probes_ask_the_grpc_health_service_readiness_overall_and_liveness_of_the_admin_service() {
+    let set = load("statefulset.yaml");
+    let container = &at(&set, &["spec", "template", "spec", "containers"])[0];
+    let port_number = |name: &str| {
+        container["ports"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"].as_str() == Some(name))
+            .and_then(|p| p["containerPort"].as_u64())
+            .unwrap_or_else(|| panic!("no container port {name}"))
+    };
+    let grpc_port = port_number("grpc");
+    // The node serves gRPC on MESH_GRPC_PORT.
+    let env_grpc_port = container["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"].as_str() == Some("MESH_GRPC_PORT"))
+        .and_then(|e| e["value"].as_str())
+        .unwrap();
+    assert_eq!(env_grpc_port, grpc_port.to_string());
+
+    let readiness = &container["readinessProbe"];
+    assert!(
+        readiness["tcpSocket"].is_null(),
+        "a TCP probe only sees an open port"
+    );
+    assert_eq!(readiness["grpc"]["port"].as_u64(), Some(grpc_port));
+    // No service: the overall status, which follows joining and draining.
+    assert!(
+        readiness["grpc"]["service"]
+            .as_str()
+            .is_none_or(str::is_empty)
+    );
+
+    let liveness = &container["livenessProbe"];
+    assert_eq!(liveness["grpc"]["port"].as_u64(), Some(grpc_port));
+    // Stays SERVING while draining: a draining node must not be restarted.
+    assert_eq!(
+        liveness["grpc"]["service"].as_str(),
+        Some(mesh::health::LIVENESS_SERVICE)
+    );
+}
+
+#[test]
+fn the_metrics_endpoint_is_served_declared_and_announced_on_one_port() {
+    let set = load("statefulset.yaml");
+    let template = at(&set, &["spec", "template"]);
+    let container = &template["spec"]["containers"][0];
+    let args: Vec<&str> = container["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let at_flag = args
+        .iter()
+        .position(|a| *a == "--metrics-addr")
+        .expect("the node serves metrics");
+    let addr: std::net::SocketAddr = args[at_flag + 1].parse().unwrap();
+    assert!(addr.ip().is_unspecified(), "reachable from outside the pod");
+    let declared = container["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"].as_str() == Some("metrics"))
+        .and_then(|p| p["containerPort"].as_u64());
+    assert_eq!(declared, Some(u64::from(addr.port())));
+    let annotations = &template["metadata"]["annotations"];
+    assert_eq!(
+        annotations["prometheus.io/port"].as_str(),
+        Some(addr.port().to_string().as_str())
+    );
+    assert_eq!(annotations["prometheus.io/path"].as_str(), Some("/metrics"));
+}

@@ -10,6 +10,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let descriptors = protox::compile(files, [&root])?;
     tonic_prost_build::configure()
         .emit_rerun_if_changed(false)
+        // Tools print any message as JSON (`meshctl --json`).
+        .type_attribute(".", "#[derive(serde::Serialize)]")
         .compile_fds(descriptors)?;
     Ok(())
 }

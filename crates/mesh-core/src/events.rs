@@ -40,4 +40,12 @@ pub enum MeshEvent {
     },
     /// The local node's standing changed.
     LocalStatus(LocalStatus),
+    /// The advisory coordinator changed ([`crate::MembershipView::coordinator`]): a hint for
+    /// housekeeping, not a lock. Sent after the view naming the new coordinator is published.
+    CoordinatorChanged {
+        /// The coordinator until now, if there was one.
+        previous: Option<Identity>,
+        /// The coordinator from now on, if any member qualifies.
+        current: Option<Identity>,
+    },
 }

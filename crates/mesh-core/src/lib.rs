@@ -149,5 +149,5 @@ pub use state::{
 pub use stats::MeshStats;
 pub use timing::{Timing, TimingError};
 pub use transport::{Transport, UdpTransport};
-pub use view::{LocalStatus, Member, MembershipView, PeerStatus};
+pub use view::{DepartedMember, Departure, LocalStatus, Member, MembershipView, PeerStatus};
 pub use wire::{MAX_CLUSTER_LABEL_LEN, WireError};

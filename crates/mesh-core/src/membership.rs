@@ -16,6 +16,7 @@ use tokio::{
     sync::{broadcast, mpsc, oneshot, watch},
     task::JoinHandle,
 };
+use tracing::Instrument;
 
 use crate::{
     Identity, KeyFingerprint, Keyring, KeyringError, LoadTracker, MeshEvent, MeshStats, NodeId,
@@ -600,19 +601,27 @@ impl MembershipBuilder {
             None => Envelope::default(),
         };
 
-        let receiver = tokio::spawn(receive_loop(
-            Arc::clone(&transport),
-            envelope.clone(),
-            inputs_tx.clone(),
-            Arc::clone(&shared),
-        ));
-        let discovery = self.discovery.map(|discovery| {
-            tokio::spawn(discovery_loop(
-                discovery,
-                self.timing.discovery_interval,
+        // Everything the node's tasks log carries its node id.
+        let span = tracing::info_span!("mesh", node = %node_id);
+        let receiver = tokio::spawn(
+            receive_loop(
+                Arc::clone(&transport),
+                envelope.clone(),
                 inputs_tx.clone(),
                 Arc::clone(&shared),
-            ))
+            )
+            .instrument(span.clone()),
+        );
+        let discovery = self.discovery.map(|discovery| {
+            tokio::spawn(
+                discovery_loop(
+                    discovery,
+                    self.timing.discovery_interval,
+                    inputs_tx.clone(),
+                    Arc::clone(&shared),
+                )
+                .instrument(span.clone()),
+            )
         });
 
         let agent = Agent::new(AgentParts {
@@ -625,13 +634,16 @@ impl MembershipBuilder {
             seeds: self.seeds,
             rng_seed: self.rng_seed,
         });
-        let task = tokio::spawn(async move {
-            agent.run(inputs_rx, shutdown_rx).await;
-            receiver.abort();
-            if let Some(discovery) = discovery {
-                discovery.abort();
+        let task = tokio::spawn(
+            async move {
+                agent.run(inputs_rx, shutdown_rx).await;
+                receiver.abort();
+                if let Some(discovery) = discovery {
+                    discovery.abort();
+                }
             }
-        });
+            .instrument(span),
+        );
         Ok(Membership {
             inner: Arc::new(Inner {
                 shared,

@@ -99,10 +99,20 @@ impl Shared {
         self.view_epoch.subscribe()
     }
 
+    /// Publishes `view`, then announces a change of coordinator if it names another one.
     pub(crate) fn publish_view(&self, view: MembershipView) {
         let epoch = view.epoch;
-        self.view.store(Arc::new(view));
+        let current = view.coordinator.clone();
+        let previous = self.view.swap(Arc::new(view)).coordinator.clone();
         self.view_epoch.send_replace(epoch);
+        if previous != current {
+            tracing::info!(
+                previous = previous.as_ref().map(|id| id.node_id().as_str()),
+                current = current.as_ref().map(|id| id.node_id().as_str()),
+                "the advisory coordinator changed"
+            );
+            self.emit(MeshEvent::CoordinatorChanged { previous, current });
+        }
     }
 
     /// Sends an event to whoever listens; no receivers is fine, events are optional.

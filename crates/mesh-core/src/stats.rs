@@ -1,5 +1,20 @@
-//! Counters of what the gossip layer did with datagrams, also exported through the `metrics`
-//! facade (`mesh_datagrams_*`).
+//! Counters of what the gossip layer did with datagrams and members, also exported through
+//! the `metrics` facade.
+//!
+//! | metric | kind | labels | what |
+//! |---|---|---|---|
+//! | `mesh_datagrams_received_total`, `mesh_datagrams_sent_total` | counter | | datagrams in and out |
+//! | `mesh_bytes_received_total`, `mesh_bytes_sent_total` | counter | | their bytes, envelope included |
+//! | `mesh_datagrams_dropped_total` | counter | `reason` | datagrams dropped, by reason |
+//! | `mesh_datagram_send_failures_total`, `mesh_datagram_seal_failures_total` | counter | | datagrams not sent |
+//! | `mesh_discovery_failures_total` | counter | | discovery attempts that failed |
+//! | `mesh_suspicions_total` | counter | | members this node began to suspect |
+//! | `mesh_member_flaps_total` | counter | | members that failed and came back |
+//! | `mesh_members` | gauge | `status` (`alive`, `suspect`, `failed`, `left`) | members by status, this node included |
+//! | `mesh_state_age_max_seconds` | gauge | | how long ago the least recently confirmed live peer state was confirmed (staleness) |
+//! | `mesh_is_coordinator` | gauge | | 1 while this node is the advisory coordinator |
+//!
+//! The gauges are set every maintenance tick (each probe period).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -33,6 +48,11 @@ pub struct MeshStats {
     pub states_rejected: u64,
     /// Discovery attempts that failed (the last good answer stayed in use).
     pub discovery_failures: u64,
+    /// Members this node began to suspect (each suspicion once, refuted or not).
+    pub suspicions: u64,
+    /// Members that failed and then came back (a newer life of a node id this node had seen
+    /// fail).
+    pub flaps: u64,
 }
 
 #[derive(Debug, Default)]
@@ -49,6 +69,8 @@ pub(crate) struct Counters {
     foca_rejected: AtomicU64,
     states_rejected: AtomicU64,
     discovery_failures: AtomicU64,
+    suspicions: AtomicU64,
+    flaps: AtomicU64,
 }
 
 /// Why a datagram was dropped, for counting.
@@ -103,6 +125,16 @@ impl Counters {
         metrics::counter!("mesh_discovery_failures_total").increment(1);
     }
 
+    pub(crate) fn suspected(&self) {
+        self.suspicions.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("mesh_suspicions_total").increment(1);
+    }
+
+    pub(crate) fn flapped(&self) {
+        self.flaps.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("mesh_member_flaps_total").increment(1);
+    }
+
     pub(crate) fn snapshot(&self) -> MeshStats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         MeshStats {
@@ -118,6 +150,8 @@ impl Counters {
             foca_rejected: get(&self.foca_rejected),
             states_rejected: get(&self.states_rejected),
             discovery_failures: get(&self.discovery_failures),
+            suspicions: get(&self.suspicions),
+            flaps: get(&self.flaps),
         }
     }
 }

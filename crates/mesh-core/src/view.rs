@@ -1,4 +1,13 @@
 //! Immutable snapshots of the membership, for readers that must never wait on the gossip task.
+//!
+//! A view holds the live members (alive or suspect) that routers choose from, and, for
+//! operators, the members that failed or left recently ([`MembershipView::departed`]), each
+//! with how long ago its status last changed. A departed member stays listed until it is
+//! *reaped*, [`crate::Timing::remove_down_after`] after it went down (15 minutes with the `lan`
+//! preset, 30 minutes `wan`, 30 seconds `local`), the counterpart of serf's
+//! `reconnect_timeout` and `tombstone_timeout` (24 hours by default in serf, which also keeps
+//! reconnecting to failed members that long). A newer life of the same node id replaces it at
+//! once. Every view also names an advisory coordinator ([`MembershipView::coordinator`]).
 
 use std::{sync::Arc, time::Duration};
 
@@ -32,6 +41,16 @@ pub enum LocalStatus {
     Left,
 }
 
+/// Why a member is no longer live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Departure {
+    /// Declared down by the failure detector, without a goodbye.
+    Failed,
+    /// Left gracefully.
+    Left,
+}
+
 /// One member as seen in a [`MembershipView`].
 #[derive(Debug, Clone)]
 pub struct Member {
@@ -40,6 +59,9 @@ pub struct Member {
     pub(crate) state: Option<Arc<NodeState>>,
     pub(crate) refreshed_at: Option<Instant>,
     pub(crate) local: bool,
+    /// When its status last changed (joined, suspected, refuted a suspicion; for the local
+    /// node, its [`LocalStatus`]).
+    pub(crate) status_since: Option<Instant>,
 }
 
 impl Member {
@@ -82,6 +104,55 @@ impl Member {
     pub fn is_local(&self) -> bool {
         self.local
     }
+
+    /// When its status last changed: when it joined, was suspected, or refuted a suspicion
+    /// (for the local node, when its [`LocalStatus`] last changed). `None` if this node has
+    /// not seen the change itself.
+    pub fn status_since(&self) -> Option<Instant> {
+        self.status_since
+    }
+
+    /// How long ago its status last changed ([`Member::status_since`]).
+    pub fn status_age(&self) -> Option<Duration> {
+        self.status_since.map(|at| at.elapsed())
+    }
+}
+
+/// A member that failed or left, listed until it is reaped
+/// ([`crate::Timing::remove_down_after`] after it went down) or a newer life of its node id
+/// joins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DepartedMember {
+    pub(crate) identity: Identity,
+    pub(crate) departure: Departure,
+    pub(crate) since: Instant,
+}
+
+impl DepartedMember {
+    /// The identity of the life that ended.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// Its node id.
+    pub fn node_id(&self) -> &NodeId {
+        self.identity.node_id()
+    }
+
+    /// Failed or left.
+    pub fn departure(&self) -> Departure {
+        self.departure
+    }
+
+    /// When it went down.
+    pub fn since(&self) -> Instant {
+        self.since
+    }
+
+    /// How long ago it went down.
+    pub fn age(&self) -> Duration {
+        self.since.elapsed()
+    }
 }
 
 /// A consistent snapshot of the cluster as this node sees it.
@@ -94,6 +165,9 @@ pub struct MembershipView {
     pub(crate) local: Member,
     /// Sorted by node id, local node excluded.
     pub(crate) peers: Vec<Member>,
+    /// Failed and left members not yet reaped, sorted by node id; none of them is live.
+    pub(crate) departed: Vec<DepartedMember>,
+    pub(crate) coordinator: Option<Identity>,
     pub(crate) status: LocalStatus,
     pub(crate) epoch: u64,
 }
@@ -135,6 +209,38 @@ impl MembershipView {
         false
     }
 
+    /// Members that failed or left and are not reaped yet, sorted by node id. None of them is
+    /// live: a node id in [`MembershipView::peers`] never appears here.
+    pub fn departed(&self) -> &[DepartedMember] {
+        &self.departed
+    }
+
+    /// The advisory coordinator: the **oldest** active member — the lowest identity generation (generations are start times, so the member that has run
+    /// longest), ties broken by the lower node id — among the local node and every live peer
+    /// (alive or suspect), leaving out members whose gossiped state says they are draining, and
+    /// the local node once it has left the cluster or was declared defunct. Suspects count, so a
+    /// suspicion seen by one node only does not make the nodes disagree; a member stops counting
+    /// when it is declared down, which every node learns. The oldest member is chosen, as Akka's
+    /// cluster singleton does, rather than the lowest node id, so a restarted node (a new, younger
+    /// generation) does not take the role back: a rolling restart moves it once per restart of
+    /// the coordinator, not twice. `None` when no member qualifies (every member is draining,
+    /// or the local node has left and no live peer qualifies).
+    ///
+    /// The coordinator is a *hint* for housekeeping that one node should do (compaction, cleanup,
+    /// reports), never a lock: during a partition each side has its own, and while news of a
+    /// change spreads two nodes can both believe they are it. Work done under it must be safe to
+    /// do twice. A change is announced as [`crate::MeshEvent::CoordinatorChanged`].
+    pub fn coordinator(&self) -> Option<&Member> {
+        let coordinator = self.coordinator.as_ref()?;
+        self.get(coordinator.node_id().as_str())
+            .filter(|m| m.identity() == coordinator)
+    }
+
+    /// Whether the local node is the coordinator.
+    pub fn is_coordinator(&self) -> bool {
+        self.coordinator.as_ref() == Some(self.local.identity())
+    }
+
     /// Where the local node stands.
     pub fn status(&self) -> LocalStatus {
         self.status
@@ -144,4 +250,27 @@ impl MembershipView {
     pub fn epoch(&self) -> u64 {
         self.epoch
     }
+}
+
+/// The coordinator among `local` (standing `status`) and the live `peers`: the lowest
+/// `(generation, node id)` of the members that are not draining, the local node only while it
+/// is in the cluster.
+pub(crate) fn choose_coordinator<'a>(
+    local: &'a Member,
+    status: LocalStatus,
+    peers: &'a [Member],
+) -> Option<&'a Identity> {
+    let local_counts = !matches!(status, LocalStatus::Left | LocalStatus::Defunct);
+    let draining = |m: &Member| m.state().is_some_and(|s| s.draining);
+    local_counts
+        .then_some(local)
+        .into_iter()
+        .chain(peers.iter())
+        .filter(|m| !draining(m))
+        .map(Member::identity)
+        .min_by(|a, b| {
+            a.generation()
+                .cmp(&b.generation())
+                .then_with(|| a.node_id().cmp(b.node_id()))
+        })
 }

@@ -7,6 +7,7 @@ use mesh::{
     Node, NodeBuilder, NodeError,
     admin::AdminService,
     core::LeaveError,
+    health::NodeHealth,
     route::layer::{InvalidPath, RouteLayer},
     tls::{PeerTls, ServerTls},
 };
@@ -22,7 +23,8 @@ use crate::{
 };
 
 /// What a replica serves, made once its node runs: the route layer, the services behind it
-/// (the admin service is added to every replica), and whatever the caller wants back.
+/// (the admin service and the gRPC health service, `grpc.health.v1`, are added to every
+/// replica), and whatever the caller wants back.
 #[derive(Debug)]
 pub struct Served<T> {
     /// The route layer in front of every service.
@@ -269,9 +271,15 @@ async fn start<T>(
         .start()
         .await?;
     let served = serve(&node)?;
+    let health = NodeHealth::builder(node.membership().clone()).start().await;
     let routes = served
         .routes
-        .add_service(AdminService::new(node.membership().clone()).into_server());
+        .add_service(
+            AdminService::for_node(&node)
+                .route_layer(served.layer.clone())
+                .into_server(),
+        )
+        .add_service(health);
     let (drain, drained) = oneshot::channel::<()>();
     // Without TCP_NODELAY a small response waits for the client's delayed ACK (40 ms).
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));

@@ -23,7 +23,7 @@
 #![allow(clippy::missing_panics_doc)]
 
 use std::{
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     str::FromStr,
     sync::Arc,
     time::Duration,
@@ -57,6 +57,12 @@ pub struct TestDns {
 impl TestDns {
     /// Starts a server authoritative for `origin` (for example `cluster.test.`).
     pub async fn start(origin: &str) -> Self {
+        Self::start_at(origin, IpAddr::V4(Ipv4Addr::LOCALHOST)).await
+    }
+
+    /// Like [`TestDns::start`], listening on `ip` (an ephemeral port), e.g. a bridge address
+    /// that network namespaces reach.
+    pub async fn start_at(origin: &str, ip: IpAddr) -> Self {
         let origin = name(origin);
         let mut zone =
             InMemoryZoneHandler::empty(origin.clone(), ZoneType::Primary, AxfrPolicy::Deny);
@@ -81,7 +87,7 @@ impl TestDns {
             vec![zone.clone() as Arc<dyn ZoneHandler>],
         );
 
-        let (udp, tcp) = bind_udp_and_tcp().await;
+        let (udp, tcp) = bind_udp_and_tcp(ip).await;
         let addr = udp.local_addr().expect("bound socket has an address");
         let mut server = Server::new(catalog);
         server.register_socket(udp);
@@ -153,13 +159,13 @@ fn name(name: &str) -> Name {
 
 /// UDP and TCP on the same ephemeral port, as a real nameserver has; retried because the TCP
 /// port may be taken by someone else.
-async fn bind_udp_and_tcp() -> (UdpSocket, TcpListener) {
+async fn bind_udp_and_tcp(ip: IpAddr) -> (UdpSocket, TcpListener) {
     for _ in 0..20 {
-        let udp = UdpSocket::bind("127.0.0.1:0").await.expect("bind udp");
+        let udp = UdpSocket::bind((ip, 0)).await.expect("bind udp");
         let addr = udp.local_addr().expect("bound socket has an address");
         if let Ok(tcp) = TcpListener::bind(addr).await {
             return (udp, tcp);
         }
     }
-    panic!("no port free for both udp and tcp on 127.0.0.1");
+    panic!("no port free for both udp and tcp on {ip}");
 }

@@ -1,6 +1,7 @@
 //! Generated gRPC code for the `.proto` files under `proto/`.
 //!
-//! * [`admin::v1`] — the mesh admin API every node serves: list members, watch events, drain.
+//! * [`admin::v1`] — the mesh admin API every node serves: list members, watch events, drain,
+//!   stats. Every message derives `serde::Serialize`, so tools can print it as JSON.
 //!
 //! The code is generated at build time by `protox` (pure Rust), so no `protoc` is needed.
 #![forbid(unsafe_code)]

@@ -10,8 +10,7 @@ use std::{
 use mesh::{Node, NodeBuilder, NodeError};
 use mesh_route::layer::RouteLayer;
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::service::Routes;
+use tonic::{service::Routes, transport::server::TcpIncoming};
 
 use crate::{
     ActionCache, ActionCacheError, ActionCacheService, ActionLimits, ByteStreamService,
@@ -304,7 +303,13 @@ impl ReapiServer {
                 return Err(error);
             }
         };
+        // grpc.health.v1 (NOT_SERVING while the node joins or drains, see mesh::health) and
+        // the admin API (meshctl), as every mesh node serves them.
+        let health = mesh::health::NodeHealth::builder(node.membership().clone())
+            .start()
+            .await;
         let (stop, stopped) = oneshot::channel::<()>();
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let serving = tokio::spawn(
             tonic::transport::Server::builder()
                 // An Execute stream may stay silent for as long as its action runs: HTTP/2
@@ -313,7 +318,10 @@ impl ReapiServer {
                 .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
                 .layer(reapi.layer())
                 .add_routes(reapi.routes())
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                .add_service(health)
+                .add_service(mesh::admin::AdminService::for_node(&node).into_server())
+                // Without TCP_NODELAY small responses wait for the client's delayed ACK.
+                .serve_with_incoming_shutdown(incoming, async {
                     let _ = stopped.await;
                 }),
         );

@@ -147,6 +147,27 @@ pub(crate) fn never_reached(error: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// The caller's metadata with its [`REQUEST_ID`](crate::layer::REQUEST_ID), a new one if it
+/// had none, recorded in the current span.
+fn with_request_id(metadata: &MetadataMap) -> MetadataMap {
+    let mut metadata = metadata.clone();
+    let id = match metadata
+        .get(crate::layer::REQUEST_ID)
+        .and_then(|id| id.to_str().ok())
+    {
+        Some(id) => id.to_owned(),
+        None => {
+            let id = uuid::Uuid::now_v7().to_string();
+            if let Ok(value) = AsciiMetadataValue::try_from(id.as_str()) {
+                metadata.insert(crate::layer::REQUEST_ID, value);
+            }
+            id
+        }
+    };
+    tracing::Span::current().record("request_id", tracing::field::display(&id));
+    metadata
+}
+
 fn propagated(metadata: &MetadataMap) -> MetadataMap {
     let mut headers = metadata.clone().into_headers();
     for name in HOP_BY_HOP {
@@ -202,6 +223,11 @@ impl Router {
     /// }
     /// # Ok(()) }
     /// ```
+    #[tracing::instrument(
+        name = "forward",
+        skip_all,
+        fields(node = %self.inner.membership.node_id(), request_id, peer)
+    )]
     pub async fn forward<R, F, Fut>(
         &self,
         request: &RouteRequest,
@@ -215,6 +241,7 @@ impl Router {
         if forwarded_by(metadata).is_some() {
             return Ok(Forwarded::Local);
         }
+        let metadata = &with_request_id(metadata);
         let mut unreachable: Vec<NodeId> = Vec::new();
         loop {
             let placement = self.route_when_available(request, &unreachable).await?;
@@ -232,6 +259,8 @@ impl Router {
                 }
             };
             metrics::counter!("mesh_route_forwarded_total").increment(1);
+            tracing::Span::current().record("peer", tracing::field::display(target.node_id()));
+            tracing::debug!(endpoint = target.endpoint(), "forwarding the call");
             match call(peer).await {
                 Ok(response) => {
                     self.forward_answered(&target);
@@ -263,6 +292,11 @@ impl Router {
     ///
     /// [`Forwarded::Local`] when this node owns it (or the call was already forwarded);
     /// `NOT_FOUND` when the owner is not a member; `UNAVAILABLE` when it cannot be reached.
+    #[tracing::instrument(
+        name = "forward",
+        skip_all,
+        fields(node = %self.inner.membership.node_id(), %operation, request_id, peer)
+    )]
     pub async fn forward_to_owner<R, F, Fut>(
         &self,
         operation: &OperationId,
@@ -280,6 +314,12 @@ impl Router {
             Route::Local => return Ok(Forwarded::Local),
             Route::Peer(target) => target,
         };
+        let metadata = &with_request_id(metadata);
+        tracing::Span::current().record("peer", tracing::field::display(target.node_id()));
+        tracing::debug!(
+            endpoint = target.endpoint(),
+            "forwarding the call to its owner"
+        );
         let peer = self.peer_call(&target, metadata)?;
         match call(peer).await {
             Ok(response) => Ok(Forwarded::Remote {
@@ -417,6 +457,26 @@ mod tests {
         let mapped = lost_connection(&node, reset);
         assert_eq!(mapped.code(), tonic::Code::Unavailable);
         assert!(mapped.message().contains("node b"), "{}", mapped.message());
+    }
+
+    #[test]
+    fn a_forwarded_call_keeps_its_request_id_or_gets_one() {
+        let mut metadata = MetadataMap::new();
+        metadata.insert(crate::layer::REQUEST_ID, "req-7".parse().unwrap());
+        let kept = with_request_id(&metadata);
+        assert_eq!(kept.get(crate::layer::REQUEST_ID).unwrap(), "req-7");
+        let fresh = with_request_id(&MetadataMap::new());
+        let id = fresh
+            .get(crate::layer::REQUEST_ID)
+            .unwrap()
+            .to_str()
+            .unwrap();
+        assert_eq!(uuid::Uuid::parse_str(id).unwrap().get_version_num(), 7);
+        // A forwarded call carries it: it is not hop-by-hop.
+        assert_eq!(
+            propagated(&fresh).get(crate::layer::REQUEST_ID),
+            fresh.get(crate::layer::REQUEST_ID)
+        );
     }
 
     #[test]

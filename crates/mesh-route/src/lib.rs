@@ -43,7 +43,7 @@ pub use forward::{
 };
 pub use layer::Decision;
 pub use operation::{OperationId, OperationIdError, OperationIdReason};
-pub use router::{PeerTarget, Placement, Route, Router, RouterBuilder, WhenFull};
+pub use router::{PeerTarget, Placement, Route, Router, RouterBuilder, RouterStats, WhenFull};
 pub use select::{
     Affinity, Candidate, LeastLoaded, LoadFactorError, PowerOfTwoChoices, Random, RoundRobin,
     RouteRequest, Strategy, WeightedCapacity, backpressure,

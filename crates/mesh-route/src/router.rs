@@ -5,7 +5,7 @@ use std::{
     collections::HashMap,
     sync::{
         Arc, Mutex, MutexGuard,
-        atomic::{AtomicU32, AtomicUsize, Ordering},
+        atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -157,7 +157,72 @@ pub(crate) struct Inner {
     held: HeldCalls,
     /// Calls placed here that have not yet started (see [`Placement`]).
     local_claims: Arc<AtomicU32>,
+    decisions: Decisions,
     housekeeping: JoinHandle<()>,
+}
+
+/// Routing decisions by outcome ([`Router::stats`]); each call's final decision counts once,
+/// however often a held call was re-checked. Also exported as
+/// `mesh_route_decisions_total{outcome}` and `mesh_route_held_total`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RouterStats {
+    /// Calls routed to this node.
+    pub local: u64,
+    /// Calls routed to a peer.
+    pub peer: u64,
+    /// Calls refused because no member has the required tags.
+    pub no_matching_node: u64,
+    /// Calls refused because every matching member was draining, stale or excluded.
+    pub no_available_node: u64,
+    /// Calls held under [`WhenFull::Wait`] because every candidate was full.
+    pub held: u64,
+}
+
+impl RouterStats {
+    /// The decision outcomes with their metric label, in a stable order (`held` is not an
+    /// outcome: a held call is counted again when it is routed).
+    pub fn outcomes(&self) -> [(&'static str, u64); 4] {
+        [
+            ("local", self.local),
+            ("peer", self.peer),
+            ("no_matching_node", self.no_matching_node),
+            ("no_available_node", self.no_available_node),
+        ]
+    }
+}
+
+#[derive(Debug, Default)]
+struct Decisions {
+    local: AtomicU64,
+    peer: AtomicU64,
+    no_matching_node: AtomicU64,
+    no_available_node: AtomicU64,
+    held: AtomicU64,
+}
+
+impl Decisions {
+    fn count(&self, route: Result<&Route, &RouteError>) {
+        let (counter, outcome) = match route {
+            Ok(Route::Local) => (&self.local, "local"),
+            Ok(Route::Peer(_)) => (&self.peer, "peer"),
+            Err(RouteError::NoMatchingNode { .. }) => (&self.no_matching_node, "no_matching_node"),
+            Err(_) => (&self.no_available_node, "no_available_node"),
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("mesh_route_decisions_total", "outcome" => outcome).increment(1);
+    }
+
+    fn snapshot(&self) -> RouterStats {
+        let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        RouterStats {
+            local: read(&self.local),
+            peer: read(&self.peer),
+            no_matching_node: read(&self.no_matching_node),
+            no_available_node: read(&self.no_available_node),
+            held: read(&self.held),
+        }
+    }
 }
 
 /// Calls held under [`WhenFull::Wait`], one queue per class of requirements (the required
@@ -300,6 +365,7 @@ impl RouterBuilder {
                 when_full: self.when_full,
                 held: HeldCalls::default(),
                 local_claims: Arc::default(),
+                decisions: Decisions::default(),
                 housekeeping,
             }),
         }
@@ -354,7 +420,14 @@ impl Router {
         request: &RouteRequest,
         excluded: &[NodeId],
     ) -> Result<Route, RouteError> {
-        self.decide(request, excluded).map(|(route, _)| route)
+        let route = self.decide(request, excluded).map(|(route, _)| route);
+        self.inner.decisions.count(route.as_ref());
+        route
+    }
+
+    /// The routing decisions made so far, by outcome.
+    pub fn stats(&self) -> RouterStats {
+        self.inner.decisions.snapshot()
     }
 
     /// Places a call: routes it like [`Router::route_excluding`] and counts it against the
@@ -372,10 +445,25 @@ impl Router {
         excluded: &[NodeId],
     ) -> Result<Placement, RouteError> {
         let inner = &*self.inner;
-        if inner.when_full == WhenFull::RunLocally {
-            let (route, _) = self.decide(request, excluded)?;
-            return Ok(self.claim(route));
-        }
+        let placement = if inner.when_full == WhenFull::RunLocally {
+            self.decide(request, excluded)
+                .map(|(route, _)| self.claim(route))
+        } else {
+            self.hold_until_available(request, excluded).await
+        };
+        inner
+            .decisions
+            .count(placement.as_ref().map(Placement::route));
+        placement
+    }
+
+    /// [`Router::route_when_available`]'s wait, uncounted.
+    async fn hold_until_available(
+        &self,
+        request: &RouteRequest,
+        excluded: &[NodeId],
+    ) -> Result<Placement, RouteError> {
+        let inner = &*self.inner;
         let class = request.required_tags();
         // Fast path, unless calls of the same class are already held (they go first).
         if !inner.held.any_waiting(class) {
@@ -384,6 +472,8 @@ impl Router {
                 return Ok(self.claim(route));
             }
         }
+        inner.decisions.held.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("mesh_route_held_total").increment(1);
         let ticket = inner.held.enter(class);
         let _turn = ticket.turn.lock().await;
         let membership = &inner.membership;
@@ -489,7 +579,6 @@ impl Router {
             );
         }
         if candidates.is_empty() {
-            metrics::counter!("mesh_route_decisions_total", "outcome" => "none").increment(1);
             return Err(if any_match {
                 RouteError::NoAvailableNode {
                     tried: excluded.to_vec(),
@@ -513,10 +602,8 @@ impl Router {
         );
         let has_capacity = chosen.has_capacity();
         if chosen.local {
-            metrics::counter!("mesh_route_decisions_total", "outcome" => "local").increment(1);
             return Ok((Route::Local, has_capacity));
         }
-        metrics::counter!("mesh_route_decisions_total", "outcome" => "peer").increment(1);
         let member =
             view.get(chosen.node_id.as_str())
                 .ok_or_else(|| RouteError::NoAvailableNode {

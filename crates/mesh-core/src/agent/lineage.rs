@@ -10,20 +10,35 @@
 //!
 //! SWIM's suspicion is not a foca notification; it is observed by diffing the suspect members
 //! on every maintenance tick ([`Lineage::observe_suspects`]).
+//!
+//! The lineage also remembers, for operators, when each life's status last changed and how
+//! the lives that ended did end (failed or left), until they are reaped
+//! ([`Lineage::forget_down`]): views list them as departed members. A life that failed and
+//! whose node then came back is a *flap*, counted in the stats.
 
 use std::collections::{HashMap, HashSet};
 
 use tokio::time::Instant;
 
 use super::Agent;
-use crate::{Identity, LocalStatus, MeshEvent, NodeId, transport::Transport};
+use crate::{Identity, LocalStatus, MeshEvent, NodeId, transport::Transport, view::Departure};
+
+/// The latest life of one node id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Life {
+    identity: Identity,
+    /// When its current status began: up, suspected, refuted, or down.
+    since: Instant,
+    /// How it ended, if it did.
+    down: Option<Departure>,
+}
 
 /// What the lives of every node id say, and what we know about their ends.
 #[derive(Debug, Default)]
 pub(crate) struct Lineage {
-    /// The latest life seen of every node id, and since when it is down (if it is): a newer
-    /// life showing up is a `Rejoined`, not a `Joined`, even if we saw the old one fail first.
-    lives: HashMap<NodeId, (Identity, Option<Instant>)>,
+    /// The latest life seen of every node id, and how it ended (if it did): a newer life
+    /// showing up is a `Rejoined`, not a `Joined`, even if we saw the old one fail first.
+    lives: HashMap<NodeId, Life>,
     /// Peers that told us they are leaving: their going down is a `Left`, not a `Failed`.
     leaving: HashSet<Identity>,
     /// Lives we declared down because a newer life of their node id appeared: their going
@@ -41,6 +56,8 @@ pub(crate) struct Arrival {
     /// Lives to declare down cluster-wide, in order: older lives of a node id.
     pub(crate) declare_down: Vec<Identity>,
     pub(crate) outcome: Outcome,
+    /// The node's previous life had failed: it failed and came back (a flap).
+    pub(crate) flapped: bool,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -59,13 +76,14 @@ pub(crate) enum Outcome {
 }
 
 impl Lineage {
-    /// Member `id` came up; `local` is our identity and `active` every active member (foca's
-    /// view, `id` included).
+    /// Member `id` came up at `now`; `local` is our identity and `active` every active member
+    /// (foca's view, `id` included).
     pub(crate) fn arrived<'a>(
         &mut self,
         id: Identity,
         local: &Identity,
         active: impl Iterator<Item = &'a Identity>,
+        now: Instant,
     ) -> Arrival {
         let mut declare_down = Vec::new();
         if id.node_id() == local.node_id() {
@@ -83,6 +101,7 @@ impl Lineage {
             return Arrival {
                 declare_down,
                 outcome,
+                flapped: false,
             };
         }
         // Another live identity with the same node id: keep only the newest life.
@@ -90,12 +109,12 @@ impl Lineage {
             .filter(|other| other.node_id() == id.node_id() && **other != id)
             .cloned()
             .collect();
-        let mut previous = self
+        let known = self
             .lives
             .get(id.node_id())
-            .map(|(life, _)| life)
-            .filter(|life| id.supersedes(life))
-            .cloned();
+            .filter(|life| id.supersedes(&life.identity));
+        let flapped = known.is_some_and(|life| life.down == Some(Departure::Failed));
+        let mut previous = known.map(|life| life.identity.clone());
         for rival in rivals {
             if id.supersedes(&rival) {
                 tracing::info!(old = %rival, new = %id, "node id reappeared with a newer generation; replacing the old life");
@@ -109,10 +128,18 @@ impl Lineage {
                 return Arrival {
                     declare_down,
                     outcome: Outcome::Nothing,
+                    flapped: false,
                 };
             }
         }
-        self.lives.insert(id.node_id().clone(), (id.clone(), None));
+        self.lives.insert(
+            id.node_id().clone(),
+            Life {
+                identity: id.clone(),
+                since: now,
+                down: None,
+            },
+        );
         let outcome = match previous {
             Some(previous) => Outcome::Rejoined {
                 previous,
@@ -123,24 +150,32 @@ impl Lineage {
         Arrival {
             declare_down,
             outcome,
+            flapped,
         }
     }
 
     /// Member `id` went down at `now`: `Failed`, `Left`, or nothing if it was replaced.
     pub(crate) fn departed(&mut self, id: Identity, now: Instant) -> Option<MeshEvent> {
         self.suspects.remove(&id);
-        if let Some((life, down_since)) = self.lives.get_mut(id.node_id())
-            && *life == id
+        let replaced = self.replaced.remove(&id);
+        let departure = if self.leaving.remove(&id) {
+            Departure::Left
+        } else {
+            Departure::Failed
+        };
+        if let Some(life) = self.lives.get_mut(id.node_id())
+            && life.identity == id
+            && life.down.is_none()
         {
-            *down_since = Some(now);
+            life.down = Some(departure);
+            life.since = now;
         }
-        if self.replaced.remove(&id) {
+        if replaced {
             return None; // Reported as Rejoined when its replacement appeared.
         }
-        Some(if self.leaving.remove(&id) {
-            MeshEvent::Left(id)
-        } else {
-            MeshEvent::Failed(id)
+        Some(match departure {
+            Departure::Left => MeshEvent::Left(id),
+            Departure::Failed => MeshEvent::Failed(id),
         })
     }
 
@@ -152,16 +187,23 @@ impl Lineage {
         old: Identity,
         new: Identity,
         new_is_active: bool,
+        now: Instant,
     ) -> Option<MeshEvent> {
         let old_was_active = self
             .lives
             .get(old.node_id())
-            .is_some_and(|(life, down_since)| *life == old && down_since.is_none());
+            .is_some_and(|life| life.identity == old && life.down.is_none());
         if !(old_was_active && new_is_active) {
             return None;
         }
-        self.lives
-            .insert(new.node_id().clone(), (new.clone(), None));
+        self.lives.insert(
+            new.node_id().clone(),
+            Life {
+                identity: new.clone(),
+                since: now,
+                down: None,
+            },
+        );
         Some(MeshEvent::Rejoined {
             previous: old,
             current: new,
@@ -173,11 +215,13 @@ impl Lineage {
         self.leaving.insert(id);
     }
 
-    /// Updates the suspects from the members foca currently suspects; returns whether the set
-    /// changed and the newly suspected, in the order given.
+    /// Updates the suspects from the members foca currently suspects at `now`; returns
+    /// whether the set changed and the newly suspected, in the order given. A suspicion that
+    /// begins or is refuted changes the member's status.
     pub(crate) fn observe_suspects(
         &mut self,
         suspects: impl Iterator<Item = Identity>,
+        now: Instant,
     ) -> (bool, Vec<Identity>) {
         let mut current = HashSet::new();
         let mut newly = Vec::new();
@@ -188,23 +232,48 @@ impl Lineage {
             current.insert(id);
         }
         let changed = current != self.suspects;
+        for id in current.symmetric_difference(&self.suspects) {
+            if let Some(life) = self.lives.get_mut(id.node_id())
+                && life.identity == *id
+                && life.down.is_none()
+            {
+                life.since = now;
+            }
+        }
         self.suspects = current;
         (changed, newly)
     }
 
-    /// Forgets lives that have been down for `after` or longer: a later life of their node id
-    /// is a `Joined` again.
-    pub(crate) fn forget_down(&mut self, now: Instant, after: std::time::Duration) {
-        self.lives.retain(|_, (_, down_since)| {
-            down_since.is_none_or(|since| now.duration_since(since) < after)
-        });
+    /// Forgets (reaps) lives that have been down for `after` or longer: they leave the
+    /// departed members, and a later life of their node id is a `Joined` again. Returns
+    /// whether any was forgotten.
+    pub(crate) fn forget_down(&mut self, now: Instant, after: std::time::Duration) -> bool {
+        let before = self.lives.len();
+        self.lives
+            .retain(|_, life| life.down.is_none() || now.duration_since(life.since) < after);
+        self.lives.len() != before
     }
 
     /// Whether a live identity of `node_id` is known.
     pub(crate) fn knows_live(&self, node_id: &NodeId) -> bool {
         self.lives
             .get(node_id)
-            .is_some_and(|(_, down_since)| down_since.is_none())
+            .is_some_and(|life| life.down.is_none())
+    }
+
+    /// When the status of the live `id` last changed, if we saw it.
+    pub(crate) fn status_since(&self, id: &Identity) -> Option<Instant> {
+        self.lives
+            .get(id.node_id())
+            .filter(|life| life.identity == *id && life.down.is_none())
+            .map(|life| life.since)
+    }
+
+    /// The lives that ended and are not reaped yet: identity, how, and since when.
+    pub(crate) fn departed_lives(&self) -> impl Iterator<Item = (&Identity, Departure, Instant)> {
+        self.lives
+            .values()
+            .filter_map(|life| Some((&life.identity, life.down?, life.since)))
     }
 
     /// Whether another process took over our node id.
@@ -219,9 +288,12 @@ impl<T: Transport> Agent<T> {
         self.resize();
         let local = self.foca.identity().clone();
         let active: Vec<Identity> = self.foca.iter_members().map(|m| m.id().clone()).collect();
-        let arrival = self.lineage.arrived(id, &local, active.iter());
+        let arrival = self.lineage.arrived(id, &local, active.iter(), self.now);
         for older in arrival.declare_down {
             self.declare_down(older);
+        }
+        if arrival.flapped {
+            self.shared.counters.flapped();
         }
         match arrival.outcome {
             Outcome::Joined(id) => {
@@ -249,7 +321,10 @@ impl<T: Transport> Agent<T> {
     pub(super) fn renamed(&mut self, old: Identity, new: Identity) {
         let new_is_active = self.foca.iter_members().any(|m| *m.id() == new);
         let new_addr = new.addr();
-        if let Some(event) = self.lineage.renamed(old.clone(), new, new_is_active) {
+        if let Some(event) = self
+            .lineage
+            .renamed(old.clone(), new, new_is_active, self.now)
+        {
             self.join_sync(new_addr);
             self.store.lock().bury(&old, self.now);
             self.shared.emit(event);
@@ -327,11 +402,12 @@ impl<T: Transport> Agent<T> {
             .iter_members()
             .filter(|m| m.state() == foca::State::Suspect)
             .map(|m| m.id().clone());
-        let (changed, newly) = self.lineage.observe_suspects(suspects);
+        let (changed, newly) = self.lineage.observe_suspects(suspects, self.now);
         if changed {
             self.snapshots.mark_dirty();
         }
         for id in newly {
+            self.shared.counters.suspected();
             self.shared.emit(MeshEvent::Suspect(id));
         }
     }
@@ -350,7 +426,12 @@ mod tests {
 
     /// `id` arrives while `active` are the active members.
     fn arrive(lineage: &mut Lineage, new: &Identity, active: &[&Identity]) -> Arrival {
-        lineage.arrived(new.clone(), &local(), active.iter().copied())
+        lineage.arrived(
+            new.clone(),
+            &local(),
+            active.iter().copied(),
+            Instant::now(),
+        )
     }
 
     #[test]
@@ -361,7 +442,8 @@ mod tests {
             arrive(&mut lineage, &a, &[&a]),
             Arrival {
                 declare_down: vec![],
-                outcome: Outcome::Joined(a.clone())
+                outcome: Outcome::Joined(a.clone()),
+                flapped: false,
             }
         );
         assert!(lineage.knows_live(a.node_id()));
@@ -431,7 +513,8 @@ mod tests {
                 outcome: Outcome::Rejoined {
                     previous: old.clone(),
                     current: new.clone()
-                }
+                },
+                flapped: false,
             }
         );
         // Its declared end was reported by the rejoin.
@@ -448,7 +531,8 @@ mod tests {
             arrive(&mut lineage, &old, &[&new, &old]),
             Arrival {
                 declare_down: vec![old.clone()],
-                outcome: Outcome::Nothing
+                outcome: Outcome::Nothing,
+                flapped: false,
             }
         );
         assert_eq!(lineage.departed(old, Instant::now()), None);
@@ -463,7 +547,8 @@ mod tests {
             arrive(&mut lineage, &older_self, &[&older_self]),
             Arrival {
                 declare_down: vec![older_self.clone()],
-                outcome: Outcome::Nothing
+                outcome: Outcome::Nothing,
+                flapped: false,
             }
         );
         assert_eq!(lineage.departed(older_self, Instant::now()), None);
@@ -486,9 +571,12 @@ mod tests {
         let old = id("a", 2, 1);
         let new = id("a", 2, 2);
         arrive(&mut lineage, &old, &[&old]);
-        assert_eq!(lineage.renamed(old.clone(), new.clone(), false), None);
         assert_eq!(
-            lineage.renamed(old.clone(), new.clone(), true),
+            lineage.renamed(old.clone(), new.clone(), false, Instant::now()),
+            None
+        );
+        assert_eq!(
+            lineage.renamed(old.clone(), new.clone(), true, Instant::now()),
             Some(MeshEvent::Rejoined {
                 previous: old.clone(),
                 current: new.clone()
@@ -498,7 +586,7 @@ mod tests {
         let mut lineage = Lineage::default();
         arrive(&mut lineage, &old, &[&old]);
         lineage.departed(old.clone(), Instant::now());
-        assert_eq!(lineage.renamed(old, new, true), None);
+        assert_eq!(lineage.renamed(old, new, true, Instant::now()), None);
     }
 
     #[test]
@@ -506,28 +594,100 @@ mod tests {
         let mut lineage = Lineage::default();
         let (a, b) = (id("a", 2, 1), id("b", 3, 1));
         assert_eq!(
-            lineage.observe_suspects([a.clone()].into_iter()),
+            lineage.observe_suspects([a.clone()].into_iter(), Instant::now()),
             (true, vec![a.clone()])
         );
         assert_eq!(
-            lineage.observe_suspects([a.clone(), b.clone()].into_iter()),
+            lineage.observe_suspects([a.clone(), b.clone()].into_iter(), Instant::now()),
             (true, vec![b.clone()])
         );
         assert_eq!(
-            lineage.observe_suspects([b.clone(), a.clone()].into_iter()),
+            lineage.observe_suspects([b.clone(), a.clone()].into_iter(), Instant::now()),
             (false, vec![])
         );
         // Refuted, then suspected again: a new suspicion.
-        assert_eq!(lineage.observe_suspects(std::iter::empty()), (true, vec![]));
         assert_eq!(
-            lineage.observe_suspects([a.clone()].into_iter()),
+            lineage.observe_suspects(std::iter::empty(), Instant::now()),
+            (true, vec![])
+        );
+        assert_eq!(
+            lineage.observe_suspects([a.clone()].into_iter(), Instant::now()),
             (true, vec![a.clone()])
         );
         // Going down ends the suspicion.
         lineage.departed(a.clone(), Instant::now());
         assert_eq!(
-            lineage.observe_suspects(std::iter::empty()),
+            lineage.observe_suspects(std::iter::empty(), Instant::now()),
             (false, vec![])
         );
+    }
+
+    #[test]
+    fn ends_are_remembered_with_how_and_when_until_reaped() {
+        let mut lineage = Lineage::default();
+        let t0 = Instant::now();
+        let (a, b) = (id("a", 2, 1), id("b", 3, 1));
+        lineage.arrived(a.clone(), &local(), [&a].into_iter(), t0);
+        lineage.arrived(b.clone(), &local(), [&b].into_iter(), t0);
+        assert_eq!(lineage.status_since(&a), Some(t0));
+        assert_eq!(lineage.departed_lives().count(), 0);
+
+        let t1 = t0 + Duration::from_secs(1);
+        lineage.departed(a.clone(), t1);
+        lineage.leaving(b.clone());
+        lineage.departed(b.clone(), t1);
+        let mut ended: Vec<_> = lineage
+            .departed_lives()
+            .map(|(id, how, since)| (id.clone(), how, since))
+            .collect();
+        ended.sort_by(|x, y| x.0.node_id().cmp(y.0.node_id()));
+        assert_eq!(
+            ended,
+            [
+                (a.clone(), Departure::Failed, t1),
+                (b.clone(), Departure::Left, t1)
+            ]
+        );
+        assert_eq!(lineage.status_since(&a), None, "a is not live");
+
+        // Reaped after `remove_down_after`, and not before.
+        let after = Duration::from_secs(30);
+        assert!(!lineage.forget_down(t1 + Duration::from_secs(29), after));
+        assert!(lineage.forget_down(t1 + after, after));
+        assert_eq!(lineage.departed_lives().count(), 0);
+    }
+
+    #[test]
+    fn a_suspicion_and_its_refutation_change_the_status_time() {
+        let mut lineage = Lineage::default();
+        let t0 = Instant::now();
+        let a = id("a", 2, 1);
+        lineage.arrived(a.clone(), &local(), [&a].into_iter(), t0);
+        let t1 = t0 + Duration::from_secs(1);
+        lineage.observe_suspects([a.clone()].into_iter(), t1);
+        assert_eq!(lineage.status_since(&a), Some(t1));
+        // Still suspected: no change.
+        lineage.observe_suspects([a.clone()].into_iter(), t1 + Duration::from_secs(1));
+        assert_eq!(lineage.status_since(&a), Some(t1));
+        let t3 = t0 + Duration::from_secs(3);
+        lineage.observe_suspects(std::iter::empty(), t3);
+        assert_eq!(lineage.status_since(&a), Some(t3), "refuted: alive again");
+    }
+
+    #[test]
+    fn a_node_that_failed_and_came_back_flapped_but_one_that_left_did_not() {
+        let mut lineage = Lineage::default();
+        let t0 = Instant::now();
+        let a1 = id("a", 2, 1);
+        let a2 = id("a", 2, 2);
+        let a3 = id("a", 2, 3);
+        assert!(!arrive(&mut lineage, &a1, &[&a1]).flapped);
+        lineage.departed(a1, t0);
+        let back = arrive(&mut lineage, &a2, &[&a2]);
+        assert!(back.flapped);
+        assert!(matches!(back.outcome, Outcome::Rejoined { .. }));
+        lineage.leaving(a2.clone());
+        lineage.departed(a2, t0);
+        assert!(!arrive(&mut lineage, &a3, &[&a3]).flapped);
     }
 }

@@ -333,7 +333,10 @@ impl<T: Transport> Agent<T> {
         let now = self.now;
         self.announcer
             .forget_introductions(now, self.timing.rejoin_interval);
-        self.lineage.forget_down(now, self.timing.remove_down_after);
+        if self.lineage.forget_down(now, self.timing.remove_down_after) {
+            self.snapshots.mark_dirty(); // reaped departed members leave the view
+        }
+        snapshot::record_gauges(&self.shared.view());
         let members: std::collections::HashSet<(crate::NodeId, u64)> = self
             .foca
             .iter_members()
@@ -360,6 +363,7 @@ impl<T: Transport> Agent<T> {
                 members: self.foca.iter_members().map(|m| (m.id(), m.state())),
                 store: &store,
                 status: self.status,
+                lineage: &self.lineage,
             },
             self.now,
         );

@@ -1,17 +1,24 @@
 //! The layer: a tiny clone of the rules and the router, wrapped around a service.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
 };
 
+use mesh_core::NodeId;
 use tower::Layer;
 
-use super::{RouteService, Rule};
+use super::{PeerForwards, RouteService, Rule, outcome::PeerCounters};
 use crate::Router;
+
+/// The header naming a call across nodes: kept if the client sent one, otherwise generated
+/// (a UUIDv7) by the node the call arrived at, and forwarded with the call. Every node that
+/// handles the call logs it in the `call` span's `request_id` field, so one grep of the logs of
+/// every node follows the call.
+pub const REQUEST_ID: &str = "x-request-id";
 
 /// Requests larger than this are refused by default (tonic's default limit for a decoded
 /// message is the same 4 MiB).
@@ -92,6 +99,39 @@ impl RouteLayer {
     pub fn stats(&self) -> LayerStats {
         self.counters.snapshot()
     }
+
+    /// The calls exchanged with each peer so far, by direction and by how they ended (see
+    /// [`ForwardOutcome`](super::ForwardOutcome)); also exported as the
+    /// `mesh_route_forwards_total{peer, direction, outcome}` counter.
+    pub fn peer_stats(&self) -> BTreeMap<NodeId, PeerForwards> {
+        self.counters.peers.snapshot()
+    }
+
+    /// The span a call with a rule runs in: this node, the method, the request id, and the
+    /// peer it came `from` (a forwarded call) or, once chosen, the `peer` it went to.
+    pub(crate) fn call_span(
+        &self,
+        path: &str,
+        request_id: Option<&str>,
+        from: Option<&str>,
+    ) -> tracing::Span {
+        let span = tracing::info_span!(
+            "call",
+            node = %self.router.membership().node_id(),
+            path = %path,
+            request_id = tracing::field::Empty,
+            from = tracing::field::Empty,
+            peer = tracing::field::Empty,
+        );
+        // Plain text, not quoted: `request_id=0199…` is what an operator greps for.
+        if let Some(id) = request_id {
+            span.record("request_id", tracing::field::display(id));
+        }
+        if let Some(from) = from {
+            span.record("from", tracing::field::display(from));
+        }
+        span
+    }
 }
 
 fn check_path(path: &str) -> Result<(), InvalidPath> {
@@ -152,6 +192,8 @@ pub(crate) struct Counters {
     pub(crate) unreachable: AtomicU64,
     pub(crate) relays_broken: AtomicU64,
     pub(crate) refused: AtomicU64,
+    /// Forwarded calls by peer, direction and outcome.
+    pub(crate) peers: PeerCounters,
 }
 
 impl Counters {

@@ -63,6 +63,17 @@
 //!   no node with the required tags `FAILED_PRECONDITION` ([`RouteError`](crate::RouteError)
 //!   has the full mapping).
 //!
+//! # Observing calls
+//!
+//! Every call with a rule runs in a `call` span carrying this node's id (`node`), the method
+//! (`path`), the call's `x-request-id` ([`REQUEST_ID`]: the client's, or one generated here and
+//! forwarded with the call) and the `peer` it was forwarded to — or, on the node that serves a
+//! forwarded call, the node it came `from`. With `RUST_LOG=mesh_route=debug` each node logs
+//! "forwarding the call" and "serving a call forwarded by a peer", so one grep for a request id
+//! over every node's log follows the call. [`RouteLayer::stats`] counts what the layer did and
+//! [`RouteLayer::peer_stats`] how the calls exchanged with each peer ended
+//! ([`ForwardOutcome`]).
+//!
 //! Forwarding assumes the replicas serve the same methods with the same message encoding; a
 //! compressed request message is served where it arrived (the layer does not decompress).
 //! [`Router::forward`](crate::Router::forward) stays available underneath for calls an
@@ -72,10 +83,12 @@ mod body;
 mod grpc;
 #[allow(clippy::module_inception)]
 mod layer;
+mod outcome;
 mod rule;
 mod service;
 
 pub use body::RelayBody;
-pub use layer::{DEFAULT_MAX_REQUEST_BYTES, InvalidPath, LayerStats, RouteLayer};
+pub use layer::{DEFAULT_MAX_REQUEST_BYTES, InvalidPath, LayerStats, REQUEST_ID, RouteLayer};
+pub use outcome::{ForwardCounts, ForwardOutcome, PeerForwards};
 pub use rule::{Decision, Rule};
 pub use service::RouteService;

@@ -4,6 +4,7 @@
 use std::{
     future::Future,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
 };
 
@@ -13,12 +14,14 @@ use mesh_core::NodeId;
 use tokio::{sync::mpsc, time::Instant};
 use tonic::{Status, body::Body, metadata::MetadataMap, transport::Channel};
 use tower::{Service, ServiceExt};
+use tracing::Instrument;
 
 use super::{
-    Decision, RouteLayer,
+    Decision, ForwardOutcome, REQUEST_ID, RouteLayer,
     body::{MessageFramer, RelayBody},
     grpc,
     layer::Counters,
+    outcome::{Direction, OutcomeRecorder},
     rule::{Rule, RuleKind},
 };
 use crate::{
@@ -58,7 +61,7 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
         let rule = self.layer.rules.get(request.uri().path()).cloned();
         let forwarded = request.headers().contains_key(FORWARDED_BY);
         if forwarded && rule.is_some() {
@@ -68,13 +71,53 @@ where
         match rule {
             // One hop only: a call a peer forwarded runs here, whatever this node thinks.
             Some(rule) if !forwarded => {
+                let request_id = ensure_request_id(request.headers_mut());
+                let span = self
+                    .layer
+                    .call_span(request.uri().path(), request_id.as_deref(), None);
                 // The ready service serves this call; a fresh clone waits for the next one.
                 let fresh = self.inner.clone();
                 let inner = std::mem::replace(&mut self.inner, fresh);
                 let layer = self.layer.clone();
-                Box::pin(async move { Ok(Call::handle(layer, inner, rule, request).await) })
+                Box::pin(
+                    async move { Ok(Call::handle(layer, inner, rule, request).await) }
+                        .instrument(span),
+                )
             }
-            _ => {
+            Some(_) => {
+                // Forwarded by a peer: served here, counted under that peer by how it ends.
+                let headers = request.headers();
+                let from = header_text(headers, FORWARDED_BY);
+                let span = self.layer.call_span(
+                    request.uri().path(),
+                    header_text(headers, REQUEST_ID),
+                    from,
+                );
+                let recorder = from.and_then(|from| NodeId::new(from).ok()).map(|from| {
+                    OutcomeRecorder::new(Arc::clone(&self.layer.counters), from, Direction::Inbound)
+                });
+                let response = self.inner.call(request);
+                Box::pin(
+                    async move {
+                        tracing::debug!("serving a call forwarded by a peer");
+                        let response = match response.await {
+                            Ok(response) => response.map(Body::new),
+                            Err(error) => {
+                                if let Some(recorder) = recorder {
+                                    recorder.finish(ForwardOutcome::Broken);
+                                }
+                                return Err(error.into());
+                            }
+                        };
+                        Ok(match recorder {
+                            Some(recorder) => recorder.observe(response),
+                            None => response,
+                        })
+                    }
+                    .instrument(span),
+                )
+            }
+            None => {
                 let response = self.inner.call(request);
                 Box::pin(async move {
                     let response = response.await.map_err(Into::into)?;
@@ -296,22 +339,35 @@ where
     /// forwarded, with the deadline that is left.
     async fn send(&self, target: &PeerTarget) -> Result<http::Response<Body>, Sent> {
         let router = &self.layer.router;
+        tracing::Span::current().record("peer", tracing::field::display(target.node_id()));
+        let outcome = OutcomeRecorder::new(
+            Arc::clone(&self.layer.counters),
+            target.node_id().clone(),
+            Direction::Outbound,
+        );
         let channel: Channel = match router.inner.channels.get(target) {
             Ok(channel) => channel,
             Err(error) => {
                 tracing::warn!(%error, "skipping a peer with an unusable endpoint");
                 router.unrecord_forward(target);
+                outcome.finish(ForwardOutcome::Unreachable);
                 return Err(Sent::Unusable(error));
             }
         };
         metrics::counter!("mesh_route_forwarded_total").increment(1);
+        tracing::debug!(
+            peer = %target.node_id(),
+            endpoint = target.endpoint(),
+            "forwarding the call"
+        );
         match channel.oneshot(self.forward_request()).await {
             Ok(response) => {
                 router.forward_answered(target);
-                Ok(response)
+                Ok(outcome.observe(response))
             }
             Err(error) if never_reached(&error) => {
                 router.unrecord_forward(target);
+                outcome.finish(ForwardOutcome::Unreachable);
                 metrics::counter!("mesh_route_retries_total").increment(1);
                 tracing::warn!(
                     peer = %target.node_id(),
@@ -323,6 +379,7 @@ where
             }
             Err(error) => {
                 router.forward_answered(target);
+                outcome.finish(ForwardOutcome::Broken);
                 Err(Sent::Broke(lost_connection(
                     target.node_id(),
                     Status::from_error(Box::new(error)),
@@ -370,7 +427,11 @@ where
         }
         let (head, body) = response.into_parts();
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(self.relay_task(target, body, retry, tx));
+        // The relay is part of the call: it logs in the call's span.
+        tokio::spawn(
+            self.relay_task(target, body, retry, tx)
+                .instrument(tracing::Span::current()),
+        );
         http::Response::from_parts(head, Body::new(RelayBody::new(rx)))
     }
 
@@ -506,6 +567,23 @@ where
             }
         }
     }
+}
+
+/// The call's request id: the client's [`REQUEST_ID`] if it sent a usable one, otherwise a new
+/// one, set on the request so the inner service and any peer it is forwarded to see it.
+fn ensure_request_id(headers: &mut http::HeaderMap) -> Option<String> {
+    if let Some(id) = header_text(headers, REQUEST_ID) {
+        return Some(id.to_owned());
+    }
+    let id = uuid::Uuid::now_v7().to_string();
+    let value = http::HeaderValue::from_str(&id).ok()?;
+    headers.insert(REQUEST_ID, value);
+    Some(id)
+}
+
+/// A header's value, if it is present and visible text.
+fn header_text<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|value| value.to_str().ok())
 }
 
 /// Reads the whole request (a routed method takes one request message), up to `limit` bytes.
