@@ -122,6 +122,8 @@ mod membership;
 mod node_id;
 mod receive;
 mod shared;
+#[cfg(feature = "sim")]
+pub mod sim;
 mod state;
 mod stats;
 mod store;

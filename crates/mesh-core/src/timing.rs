@@ -49,6 +49,10 @@ pub struct Timing {
     /// gossip interval or more later. 64 for lan and local (every peer of clusters up to 65
     /// nodes), 32 for wan. Each change costs one datagram per pushed peer.
     pub state_push_fanout: NonZeroUsize,
+    /// How many random peers a node relays a state to when that state reached it by a direct
+    /// push from its owner and is new to it (0: no relay). Relays carry a state past the push
+    /// fan-out in one more network hop instead of gossip rounds.
+    pub state_relay_fanout: usize,
     /// The longest [`crate::Membership::leave`] takes.
     pub leave_timeout: Duration,
 }
@@ -71,6 +75,7 @@ impl Timing {
             state_publish_interval: Duration::from_millis(100),
             state_refresh_interval: Duration::from_secs(2),
             state_push_fanout: nz(64),
+            state_relay_fanout: 0,
             leave_timeout: Duration::from_secs(5),
         }
     }
@@ -92,6 +97,7 @@ impl Timing {
             state_publish_interval: Duration::from_millis(500),
             state_refresh_interval: Duration::from_secs(10),
             state_push_fanout: nz(32),
+            state_relay_fanout: 0,
             leave_timeout: Duration::from_secs(10),
         }
     }
@@ -113,6 +119,7 @@ impl Timing {
             state_publish_interval: Duration::from_millis(20),
             state_refresh_interval: Duration::from_millis(500),
             state_push_fanout: nz(64),
+            state_relay_fanout: 0,
             leave_timeout: Duration::from_secs(1),
         }
     }
