@@ -33,6 +33,16 @@ pub struct MeshStats {
     pub states_rejected: u64,
     /// Discovery attempts that failed (the last good answer stayed in use).
     pub discovery_failures: u64,
+    /// Suspicions this node raised (one of its probes failed and nobody vouched in time).
+    pub suspicions_raised: u64,
+    /// Suspicions this node raised that were refuted directly by the suspect or a witness
+    /// (Lifeguard's buddy system).
+    pub suspicions_refuted: u64,
+    /// Times this node learnt directly that it was suspected, and refuted.
+    pub refuted_self: u64,
+    /// Lifeguard's local health score now (not a counter): 0 for a healthy node, up to
+    /// [`crate::Timing::max_health_multiplier`]; probes run `1 +` this many times slower.
+    pub health_score: u64,
 }
 
 #[derive(Debug, Default)]
@@ -49,6 +59,10 @@ pub(crate) struct Counters {
     foca_rejected: AtomicU64,
     states_rejected: AtomicU64,
     discovery_failures: AtomicU64,
+    suspicions_raised: AtomicU64,
+    suspicions_refuted: AtomicU64,
+    refuted_self: AtomicU64,
+    health_score: AtomicU64,
 }
 
 /// Why a datagram was dropped, for counting.
@@ -103,6 +117,30 @@ impl Counters {
         metrics::counter!("mesh_discovery_failures_total").increment(1);
     }
 
+    pub(crate) fn suspicion_raised(&self) {
+        self.suspicions_raised.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("mesh_suspicions_raised_total").increment(1);
+    }
+
+    pub(crate) fn suspicion_refuted(&self) {
+        self.suspicions_refuted.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("mesh_suspicions_refuted_total").increment(1);
+    }
+
+    pub(crate) fn refuted_self(&self) {
+        self.refuted_self.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("mesh_self_suspicions_refuted_total").increment(1);
+    }
+
+    pub(crate) fn set_health_score(&self, score: u8) {
+        let previous = self
+            .health_score
+            .swap(u64::from(score), Ordering::Relaxed);
+        if previous != u64::from(score) {
+            metrics::gauge!("mesh_health_score").set(f64::from(score));
+        }
+    }
+
     pub(crate) fn snapshot(&self) -> MeshStats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         MeshStats {
@@ -118,6 +156,10 @@ impl Counters {
             foca_rejected: get(&self.foca_rejected),
             states_rejected: get(&self.states_rejected),
             discovery_failures: get(&self.discovery_failures),
+            suspicions_raised: get(&self.suspicions_raised),
+            suspicions_refuted: get(&self.suspicions_refuted),
+            refuted_self: get(&self.refuted_self),
+            health_score: get(&self.health_score),
         }
     }
 }

@@ -15,9 +15,26 @@ pub struct Timing {
     /// How long a direct probe waits for its ack before asking others to probe indirectly.
     /// Must be shorter than `probe_period`.
     pub probe_rtt: Duration,
-    /// Suspicion timeout is `suspicion_multiplier × max(1, log10(cluster size)) × probe_period`
-    /// (memberlist's formula): larger clusters wait longer before declaring a suspect down.
+    /// The nominal suspicion timeout is `suspicion_multiplier × max(1, log10(cluster size)) ×
+    /// probe_period` (memberlist's formula): larger clusters wait longer before declaring a
+    /// suspect down. It is the timeout of a suspicion that independent witnesses confirmed
+    /// (Lifeguard's dynamic suspicion, see `suspicion_max_multiplier`).
     pub suspicion_multiplier: f64,
+    /// An unconfirmed suspicion waits `suspicion_max_multiplier` times the nominal timeout;
+    /// each confirmation shrinks it, down to the nominal timeout after
+    /// `suspicion_confirmations` of them (Lifeguard; memberlist's `SuspicionMaxTimeoutMult`,
+    /// 6). At least 1 (1: no dynamic suspicion).
+    pub suspicion_max_multiplier: f64,
+    /// Independent confirmations after which a suspicion times out at the nominal timeout
+    /// (memberlist: `SuspicionMult − 2`). Also the number of random members asked to check
+    /// the suspect (witnesses). 0 turns confirmations off: the nominal timeout applies from
+    /// the start.
+    pub suspicion_confirmations: u32,
+    /// Lifeguard's local health awareness: the most this node's probe period and probe
+    /// timeout are stretched (`1 +` the health score, which grows with failed probes and
+    /// refuted suspicions of this node and shrinks with successful probes). memberlist's
+    /// `AwarenessMaxMultiplier`, 8. 0 turns it off.
+    pub max_health_multiplier: u8,
     /// How often membership updates are gossiped, and to how many members, besides
     /// piggybacking on probes.
     pub gossip_interval: Duration,
@@ -64,6 +81,9 @@ impl Timing {
             probe_period: Duration::from_secs(1),
             probe_rtt: Duration::from_millis(500),
             suspicion_multiplier: 4.0,
+            suspicion_max_multiplier: 6.0,
+            suspicion_confirmations: 2,
+            max_health_multiplier: 8,
             gossip_interval: Duration::from_millis(200),
             gossip_fanout: nz(3),
             retransmit_multiplier: NonZeroU8::new(4).unwrap_or(NonZeroU8::MIN),
@@ -86,6 +106,9 @@ impl Timing {
             probe_period: Duration::from_secs(5),
             probe_rtt: Duration::from_secs(3),
             suspicion_multiplier: 6.0,
+            suspicion_max_multiplier: 6.0,
+            suspicion_confirmations: 2,
+            max_health_multiplier: 8,
             gossip_interval: Duration::from_millis(500),
             gossip_fanout: nz(4),
             retransmit_multiplier: NonZeroU8::new(4).unwrap_or(NonZeroU8::MIN),
@@ -108,6 +131,9 @@ impl Timing {
             probe_period: Duration::from_millis(200),
             probe_rtt: Duration::from_millis(100),
             suspicion_multiplier: 5.0,
+            suspicion_max_multiplier: 6.0,
+            suspicion_confirmations: 2,
+            max_health_multiplier: 8,
             gossip_interval: Duration::from_millis(50),
             gossip_fanout: nz(3),
             retransmit_multiplier: NonZeroU8::new(4).unwrap_or(NonZeroU8::MIN),
@@ -157,7 +183,17 @@ impl Timing {
                 rule: "must be a finite number of at least 1",
             });
         }
-        if self.suspicion_timeout(u32::MAX) > Duration::from_secs(24 * 3600) {
+        if !(self.suspicion_max_multiplier.is_finite() && self.suspicion_max_multiplier >= 1.0) {
+            return Err(TimingError {
+                field: "suspicion_max_multiplier",
+                rule: "must be a finite number of at least 1",
+            });
+        }
+        if self
+            .suspicion_timeout(u32::MAX)
+            .mul_f64(self.suspicion_max_multiplier)
+            > Duration::from_secs(24 * 3600)
+        {
             return Err(TimingError {
                 field: "suspicion_multiplier",
                 rule: "gives a suspicion timeout over a day",
@@ -191,7 +227,11 @@ impl Timing {
         let mut config = foca::Config::new_lan(size);
         config.probe_period = self.probe_period;
         config.probe_rtt = self.probe_rtt;
-        config.suspect_to_down_after = self.suspicion_timeout(size.get());
+        // The longest a suspicion may wait (unconfirmed). The membership task holds foca's
+        // suspicion timer back until the dynamic deadline instead (agent/health.rs).
+        config.suspect_to_down_after = self
+            .suspicion_timeout(size.get())
+            .mul_f64(self.suspicion_max_multiplier);
         config.max_transmissions = self.max_transmissions(size.get());
         config.remove_down_after = Some(self.remove_down_after);
         config.max_packet_size = NonZeroUsize::new(max_packet_size).unwrap_or(NonZeroUsize::MIN);

@@ -207,6 +207,14 @@ impl Lineage {
             .is_some_and(|(_, down_since)| down_since.is_none())
     }
 
+    /// The gossip address of the live identity of `node_id`, if one is known.
+    pub(crate) fn live_addr(&self, node_id: &NodeId) -> Option<std::net::SocketAddr> {
+        self.lives
+            .get(node_id)
+            .filter(|(_, down_since)| down_since.is_none())
+            .map(|(life, _)| life.addr())
+    }
+
     /// Whether another process took over our node id.
     pub(crate) fn is_superseded(&self) -> bool {
         self.superseded_by.is_some()
@@ -218,8 +226,9 @@ impl<T: Transport> Agent<T> {
     pub(super) fn member_up(&mut self, id: Identity) {
         self.resize();
         let local = self.foca.identity().clone();
-        let active: Vec<Identity> = self.foca.iter_members().map(|m| m.id().clone()).collect();
-        let arrival = self.lineage.arrived(id, &local, active.iter());
+        // Borrowed, not collected: a cold start of n nodes makes n member-ups on every node.
+        let active = self.foca.iter_members().map(|m| m.id());
+        let arrival = self.lineage.arrived(id, &local, active);
         for older in arrival.declare_down {
             self.declare_down(older);
         }
@@ -316,6 +325,8 @@ impl<T: Transport> Agent<T> {
         }
         tracing::info!(identity = %id, "rejoining under a renewed identity");
         self.publisher.restart();
+        // A new identity counts its incarnations from zero again.
+        self.refuted_up_to = None;
         self.set_status(LocalStatus::Joining);
         self.publish(true);
     }

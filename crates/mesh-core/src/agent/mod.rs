@@ -21,6 +21,8 @@
 //! | [`snapshot`] | assembling the immutable view readers get |
 
 mod announce;
+mod health;
+mod lifeguard;
 mod lineage;
 mod publication;
 mod runtime;
@@ -35,12 +37,14 @@ use tokio::{
     time::Instant,
 };
 
+pub(crate) use self::lifeguard::Notice;
 pub(crate) use self::runtime::FocaInstance;
 use self::{
     announce::Announcer,
+    health::SuspicionTimeouts,
     lineage::Lineage,
     publication::Publisher,
-    runtime::{Io, Outbound},
+    runtime::{Guard, Io, Outbound},
     snapshot::{Snapshots, Sources},
     timers::{Periodic, Tick},
 };
@@ -84,6 +88,9 @@ pub(crate) struct Agent<T> {
     snapshots: Snapshots,
     leave_reply: Option<oneshot::Sender<()>>,
     stopped: bool,
+    /// The highest incarnation of ours we were told is suspected (Lifeguard counts each
+    /// suspicion of us once against our health, however many tell us).
+    refuted_up_to: Option<u16>,
 }
 
 impl<T: Transport> Agent<T> {
@@ -111,7 +118,13 @@ impl<T: Transport> Agent<T> {
         );
         Self {
             foca,
-            io: Io::new(out),
+            io: Io::new(
+                out,
+                Guard::new(
+                    timing.max_health_multiplier,
+                    SuspicionTimeouts::new(&timing, 1),
+                ),
+            ),
             store,
             shared,
             timing,
@@ -125,6 +138,7 @@ impl<T: Transport> Agent<T> {
             snapshots: Snapshots::new(),
             leave_reply: None,
             stopped: false,
+            refuted_up_to: None,
         }
     }
 
@@ -179,10 +193,20 @@ impl<T: Transport> Agent<T> {
         while let Some(tick) = self.io.timers.pop_due(now) {
             match tick {
                 Tick::Foca(timer) => {
+                    let cycle = matches!(timer, foca::Timer::ProbeRandomMember(_));
+                    if cycle {
+                        self.io.guard.begin_cycle();
+                    }
                     if let Err(error) = self.foca.handle_timer(timer, self.io.runtime(now)) {
                         tracing::debug!(%error, "foca timer error");
                     }
+                    if cycle {
+                        self.io.guard.end_cycle();
+                    }
                 }
+                Tick::Suspicion(id) => self.suspicion_due(id),
+                Tick::CheckRetry(id) => self.check_retry(id),
+                Tick::CheckDue(id) => self.check_due(id),
                 Tick::Publish => {
                     self.publisher.fired();
                     self.publish(false);
@@ -258,6 +282,7 @@ impl<T: Transport> Agent<T> {
             }
             Message::StatePush { state, bytes } => self.pushed_state(state, &bytes, from),
             Message::Leave(identity) => self.peer_leaving(identity),
+            Message::Lifeguard(notice) => self.on_notice(notice, from),
         }
     }
 
@@ -265,13 +290,19 @@ impl<T: Transport> Agent<T> {
     /// us is both stored and passed on by gossip, so the peers the owner did not push to learn
     /// it within a few gossip rounds instead of waiting for the owner's own retransmissions.
     fn pushed_state(&mut self, state: Arc<NodeState>, bytes: &[u8], from: SocketAddr) {
+        let had_older = self.store.lock().get(&state.node_id).is_some();
         let foca = &mut self.foca;
         match self
             .store
             .with_staged(Arc::clone(&state), || foca.add_broadcast(bytes))
         {
             // Only a state new to us can come from a stranger worth introducing ourselves to.
-            Ok(true) => self.introduce_to_stranger(&state, from),
+            Ok(true) => {
+                if had_older && self.lineage.live_addr(&state.node_id) == Some(from) {
+                    self.relay_state(&state, bytes, from);
+                }
+                self.introduce_to_stranger(&state, from);
+            }
             Ok(false) => {}
             Err(error) => {
                 self.shared.counters.dropped(Dropped::StateRejected);
@@ -284,6 +315,7 @@ impl<T: Transport> Agent<T> {
     /// publishes the view if anything readers see changed.
     fn settle(&mut self) {
         loop {
+            self.tell_about_suspicions();
             let notes = self.io.take_notes();
             if notes.is_empty() {
                 break;
@@ -306,6 +338,9 @@ impl<T: Transport> Agent<T> {
         if self.snapshots.take_dirty() {
             self.publish_view();
         }
+        self.shared
+            .counters
+            .set_health_score(self.io.guard.health.score());
     }
 
     fn on_notification(&mut self, note: OwnedNotification<Identity>) {
@@ -383,7 +418,10 @@ impl<T: Transport> Agent<T> {
         }
         let config = self.timing.foca_config(size, self.max_payload);
         match self.foca.set_config(config) {
-            Ok(()) => self.configured_size = size,
+            Ok(()) => {
+                self.configured_size = size;
+                self.io.guard.timeouts = SuspicionTimeouts::new(&self.timing, size);
+            }
             Err(error) => tracing::warn!(%error, size, "resizing foca config failed"),
         }
     }
