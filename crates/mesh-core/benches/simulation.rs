@@ -307,10 +307,16 @@ async fn run(n: usize, options: &Options) -> Report {
             },
         ]);
         cluster.restart(victim).await.expect("restart");
-        let all: Vec<usize> = (0..n).collect();
+        let name = cluster.node_id(victim).to_string();
         cluster
-            .run_until(Duration::from_secs(60), Duration::from_millis(50), |c| {
-                c.sees_exactly(&all)
+            .run_until(Duration::from_secs(60), Duration::from_millis(100), |c| {
+                (0..n).all(|i| {
+                    c.view(i).is_some_and(|v| {
+                        v.len() == n
+                            && v.get(&name)
+                                .is_some_and(|m| m.identity().generation() > identity.generation())
+                    })
+                })
             })
             .await;
     }

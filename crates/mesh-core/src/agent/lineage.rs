@@ -235,12 +235,12 @@ impl<T: Transport> Agent<T> {
         match arrival.outcome {
             Outcome::Joined(id) => {
                 self.join_sync(id.addr());
-                self.shared.emit(MeshEvent::Joined(id));
+                self.emit(MeshEvent::Joined(id));
             }
             Outcome::Rejoined { previous, current } => {
                 self.join_sync(current.addr());
                 self.store.lock().bury(&previous, self.now);
-                self.shared.emit(MeshEvent::Rejoined { previous, current });
+                self.emit(MeshEvent::Rejoined { previous, current });
             }
             Outcome::Superseded(newer) => self.superseded(local, newer),
             Outcome::Nothing => {}
@@ -251,7 +251,7 @@ impl<T: Transport> Agent<T> {
         self.resize();
         self.store.lock().bury(&id, self.now);
         if let Some(event) = self.lineage.departed(id, self.now) {
-            self.shared.emit(event);
+            self.emit(event);
         }
     }
 
@@ -261,7 +261,7 @@ impl<T: Transport> Agent<T> {
         if let Some(event) = self.lineage.renamed(old.clone(), new, new_is_active) {
             self.join_sync(new_addr);
             self.store.lock().bury(&old, self.now);
-            self.shared.emit(event);
+            self.emit(event);
         }
     }
 
@@ -287,7 +287,7 @@ impl<T: Transport> Agent<T> {
             %local, %newer,
             "another process claims this node id with a newer generation; leaving the cluster to it"
         );
-        self.shared.emit(MeshEvent::Superseded { local, newer });
+        self.emit(MeshEvent::Superseded { local, newer });
         if let Err(error) = self.foca.leave_cluster(self.io.runtime(self.now)) {
             tracing::debug!(%error, "leaving after being superseded failed");
         }
@@ -343,7 +343,7 @@ impl<T: Transport> Agent<T> {
             self.snapshots.mark_dirty();
         }
         for id in newly {
-            self.shared.emit(MeshEvent::Suspect(id));
+            self.emit(MeshEvent::Suspect(id));
         }
     }
 }
