@@ -19,16 +19,16 @@
 //! 5. false failures: failure reports, over the whole run, about nodes that were not crashed;
 //! 6. memory: growth of the process's resident set per node once the cluster has formed.
 
-use std::{
-    collections::{HashMap, HashSet},
-    sync::{Arc, Mutex},
-    time::Duration,
-};
 #[allow(
     clippy::disallowed_types,
     reason = "the report's wall time is the real time a simulation takes, never the simulated clock"
 )]
 use std::time::Instant as WallClock;
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use mesh_core::{MeshEvent, Timing, sim::SimCluster};
 use tokio::time::Instant;
@@ -55,6 +55,10 @@ struct Options {
     seed: u64,
     loss: f64,
     timing: Timing,
+    /// Instead of the full run: this long under `loss` (and one slow node), counting false
+    /// failures.
+    soak: Option<Duration>,
+    slow: Option<Duration>,
 }
 
 fn options() -> Options {
@@ -65,6 +69,8 @@ fn options() -> Options {
         seed: 1,
         loss: 0.0,
         timing: Timing::lan(),
+        soak: None,
+        slow: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -79,6 +85,28 @@ fn options() -> Options {
             }
             "--relay-fanout" => {
                 options.timing.state_relay_fanout = value().parse().expect("--relay-fanout N");
+            }
+            "--suspicion-mult" => {
+                options.timing.suspicion_multiplier = value().parse().expect("--suspicion-mult X");
+            }
+            "--suspicion-max" => {
+                options.timing.suspicion_max_multiplier =
+                    value().parse().expect("--suspicion-max X");
+            }
+            "--confirmations" => {
+                options.timing.suspicion_confirmations =
+                    value().parse().expect("--confirmations K");
+            }
+            "--health-max" => {
+                options.timing.max_health_multiplier = value().parse().expect("--health-max N");
+            }
+            "--soak" => {
+                options.soak = Some(Duration::from_secs(
+                    value().parse().expect("--soak SECONDS"),
+                ))
+            }
+            "--slow" => {
+                options.slow = Some(Duration::from_millis(value().parse().expect("--slow MS")))
             }
             "--refresh" => {
                 options.timing.state_refresh_interval = humantime(&value());
@@ -100,7 +128,10 @@ fn humantime(s: &str) -> Duration {
     let ms: u64 = s
         .strip_suffix("ms")
         .map(|v| v.parse().expect("N ms"))
-        .or_else(|| s.strip_suffix('s').map(|v| v.parse::<u64>().expect("N s") * 1000))
+        .or_else(|| {
+            s.strip_suffix('s')
+                .map(|v| v.parse::<u64>().expect("N s") * 1000)
+        })
         .expect("a duration such as 500ms or 2s");
     Duration::from_millis(ms)
 }
@@ -171,7 +202,11 @@ async fn cold_start(cluster: &SimCluster, n: usize) -> (Duration, Duration) {
 
 /// One load change on `source`; the time until 50/99/100% of the other running nodes see it,
 /// `None` for the fractions not reached within 30 s.
-async fn propagate(cluster: &SimCluster, source: usize, guards: &mut Vec<mesh_core::TaskGuard>) -> [Option<Duration>; 3] {
+async fn propagate(
+    cluster: &SimCluster,
+    source: usize,
+    guards: &mut Vec<mesh_core::TaskGuard>,
+) -> [Option<Duration>; 3] {
     let others = cluster.running().len() - 1;
     cluster.track_updates(source);
     let load = cluster.membership(source).expect("running").load().clone();
@@ -182,9 +217,10 @@ async fn propagate(cluster: &SimCluster, source: usize, guards: &mut Vec<mesh_co
     let id = cluster.node_id(source).clone();
     let seen = |c: &SimCluster| -> Vec<Duration> {
         let mut first: HashMap<usize, Duration> = HashMap::new();
-        for l in c.events_from(from, |l| {
-             matches!(&l.event, MeshEvent::Updated(s) if s.node_id == id && s.pending == want)
-        }) {
+        for l in c.events_from(
+            from,
+            |l| matches!(&l.event, MeshEvent::Updated(s) if s.node_id == id && s.pending == want),
+        ) {
             first.entry(l.observer).or_insert(l.at - started);
         }
         let mut times: Vec<Duration> = first.into_values().collect();
@@ -333,6 +369,42 @@ async fn run(n: usize, options: &Options) -> Report {
     report
 }
 
+/// `span` of simulated time under loss (and a slow node): failure reports and forced
+/// rejoins about healthy nodes, suspicions raised and refuted directly. Several seeds.
+async fn soak(n: usize, seed: u64, options: &Options, span: Duration) -> (usize, usize, u64, u64) {
+    let mut cluster = SimCluster::start(seed, n, options.timing.clone())
+        .await
+        .expect("cluster starts");
+    let all: Vec<usize> = (0..n).collect();
+    cluster
+        .run_until(Duration::from_secs(60), Duration::from_millis(50), |c| {
+            c.sees_exactly(&all)
+        })
+        .await
+        .expect("formed");
+    let before = cluster.total_stats();
+    let since = cluster.logged();
+    cluster.network().set_loss(options.loss);
+    if let Some(slow) = options.slow {
+        cluster.network().set_slow(SimCluster::addr_of(n - 1), slow);
+    }
+    cluster.run_for(span).await;
+    let failed = cluster
+        .events_from(since, |l| matches!(l.event, MeshEvent::Failed(_)))
+        .len();
+    let rejoined = cluster
+        .events_from(since, |l| matches!(l.event, MeshEvent::Rejoined { .. }))
+        .len();
+    let after = cluster.total_stats();
+    cluster.shutdown().await;
+    (
+        failed,
+        rejoined,
+        after.suspicions_raised - before.suspicions_raised,
+        after.suspicions_refuted - before.suspicions_refuted,
+    )
+}
+
 fn secs(d: Duration) -> String {
     format!("{:.2}", d.as_secs_f64())
 }
@@ -357,6 +429,26 @@ fn main() {
         options.loss,
         options.seed,
     );
+    if let Some(span) = options.soak {
+        println!(
+            "| nodes | loss | slow node | seed | false failure reports | forced rejoins | suspicions raised | refuted directly |"
+        );
+        println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for &n in &options.sizes {
+            for seed in options.seed..options.seed + 3 {
+                let (failed, rejoined, raised, refuted) =
+                    runtime.block_on(soak(n, seed, &options, span));
+                println!(
+                    "| {n} | {:.0}% | {} | {seed} | {failed} | {rejoined} | {raised} | {refuted} |",
+                    options.loss * 100.0,
+                    options
+                        .slow
+                        .map_or("none".to_owned(), |d| format!("{d:?} each way")),
+                );
+            }
+        }
+        return;
+    }
     let mut reports = Vec::new();
     for &n in &options.sizes {
         let report = runtime.block_on(run(n, &options));

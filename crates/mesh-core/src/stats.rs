@@ -133,9 +133,7 @@ impl Counters {
     }
 
     pub(crate) fn set_health_score(&self, score: u8) {
-        let previous = self
-            .health_score
-            .swap(u64::from(score), Ordering::Relaxed);
+        let previous = self.health_score.swap(u64::from(score), Ordering::Relaxed);
         if previous != u64::from(score) {
             metrics::gauge!("mesh_health_score").set(f64::from(score));
         }

@@ -9,7 +9,9 @@ use mesh_core::{MeshEvent, Timing, sim::SimCluster};
 const MS: Duration = Duration::from_millis(1);
 
 async fn formed(seed: u64, n: usize, timing: Timing) -> SimCluster {
-    let cluster = SimCluster::start(seed, n, timing).await.expect("cluster starts");
+    let cluster = SimCluster::start(seed, n, timing)
+        .await
+        .expect("cluster starts");
     let all: Vec<usize> = (0..n).collect();
     let formed = cluster
         .run_until(Duration::from_secs(30), 10 * MS, |c| c.sees_exactly(&all))
@@ -33,7 +35,14 @@ fn churn_of(cluster: &SimCluster, since: usize, healthy: &[usize]) -> Vec<String
             _ => false,
         })
         .iter()
-        .map(|l| format!("{} at {:?}: {:?}", cluster.node_id(l.observer), l.at, l.event))
+        .map(|l| {
+            format!(
+                "{} at {:?}: {:?}",
+                cluster.node_id(l.observer),
+                l.at,
+                l.event
+            )
+        })
         .collect()
 }
 
@@ -86,7 +95,10 @@ async fn ten_percent_loss_gives_no_false_failure_and_suspects_refute_directly() 
     cluster.run_for(Duration::from_secs(100)).await;
     let all: Vec<usize> = (0..10).collect();
     let churn = churn_of(&cluster, since, &all);
-    assert!(churn.is_empty(), "false failures under 10% loss: {churn:#?}");
+    assert!(
+        churn.is_empty(),
+        "false failures under 10% loss: {churn:#?}"
+    );
     let total = cluster.total_stats();
     let refuted_self: u64 = all
         .iter()
@@ -94,7 +106,10 @@ async fn ten_percent_loss_gives_no_false_failure_and_suspects_refute_directly() 
         .sum();
     if total.suspicions_raised > 0 {
         // The buddy system: suspects learnt of their suspicion directly and answered.
-        assert!(refuted_self > 0, "no suspect heard of its suspicion directly");
+        assert!(
+            refuted_self > 0,
+            "no suspect heard of its suspicion directly"
+        );
     }
     cluster.network().set_loss(0.0);
     let back = cluster
@@ -115,9 +130,8 @@ async fn a_crash_is_confirmed_by_witnesses_and_needs_no_unconfirmed_timeout() {
     let crashed_at = cluster.elapsed();
     cluster.crash(victim).await;
     let survivors = n - 1;
-    let reported = |c: &SimCluster| {
-        c.events_from(since, |l| l.event == MeshEvent::Failed(identity.clone()))
-    };
+    let reported =
+        |c: &SimCluster| c.events_from(since, |l| l.event == MeshEvent::Failed(identity.clone()));
     let detected = cluster
         .run_until(Duration::from_secs(120), 10 * MS, |c| {
             reported(c).len() == survivors

@@ -204,6 +204,11 @@ impl Suspicions {
         None
     }
 
+    /// How many witnesses confirmed the running suspicion of `member`.
+    pub(crate) fn confirmations(&self, member: &Identity) -> Option<usize> {
+        self.by_member.get(member).map(|s| s.confirmed_by.len())
+    }
+
     /// The suspicion of `member` at `incarnation` or earlier is over (refuted, or the member
     /// went down some other way). Whether one was running.
     pub(crate) fn end(&mut self, member: &Identity, incarnation: u16) -> bool {
@@ -220,7 +225,11 @@ impl Suspicions {
 
     /// The tick `id` is due at `now`: the member, incarnation and foca timer to deliver if its
     /// deadline has come (the tick of a deadline that moved earlier is stale and ignored).
-    pub(crate) fn expire(&mut self, id: u64, now: Instant) -> Option<(Identity, u16, foca::Timer<Identity>)> {
+    pub(crate) fn expire(
+        &mut self,
+        id: u64,
+        now: Instant,
+    ) -> Option<(Identity, u16, foca::Timer<Identity>)> {
         let member = self
             .by_member
             .iter()
@@ -254,7 +263,12 @@ struct Check {
 impl Checks {
     /// `asker` wants `member` checked at `incarnation`. Returns the id of a new check to time
     /// out, `None` if one is already running (the asker is added to it).
-    pub(crate) fn ask(&mut self, member: &Identity, incarnation: u16, asker: SocketAddr) -> Option<u64> {
+    pub(crate) fn ask(
+        &mut self,
+        member: &Identity,
+        incarnation: u16,
+        asker: SocketAddr,
+    ) -> Option<u64> {
         let key = (member.clone(), incarnation);
         if let Some(check) = self.by_member.get_mut(&key) {
             if !check.askers.contains(&asker) {
@@ -275,7 +289,11 @@ impl Checks {
 
     /// `member` answered: the askers of every check of it at `incarnation` or earlier, who
     /// should hear so.
-    pub(crate) fn answered(&mut self, member: &Identity, incarnation: u16) -> Vec<(u16, SocketAddr)> {
+    pub(crate) fn answered(
+        &mut self,
+        member: &Identity,
+        incarnation: u16,
+    ) -> Vec<(u16, SocketAddr)> {
         let keys: Vec<(Identity, u16)> = self
             .by_member
             .keys()
@@ -356,7 +374,10 @@ mod tests {
         assert_eq!(t.after(0), Duration::from_secs(12));
         // memberlist: max − (max − min) · ln 2 / ln 3 = 12 − 10 · 0.63.
         let one = t.after(1).as_secs_f64();
-        assert!((one - (12.0 - 10.0 * 2f64.ln() / 3f64.ln())).abs() < 1e-9, "{one}");
+        assert!(
+            (one - (12.0 - 10.0 * 2f64.ln() / 3f64.ln())).abs() < 1e-9,
+            "{one}"
+        );
         assert_eq!(t.after(2), Duration::from_secs(2));
         assert_eq!(t.after(7), Duration::from_secs(2));
         // Nobody to confirm: the nominal timeout from the start.
@@ -379,20 +400,36 @@ mod tests {
         let mut suspicions = Suspicions::default();
         let x = id("x", 9, 1);
         let t0 = Instant::now();
-        let due = suspicions.start(&x, 3, timer(&x, 3), t0, timeouts(2)).unwrap();
+        let due = suspicions
+            .start(&x, 3, timer(&x, 3), t0, timeouts(2))
+            .unwrap();
         assert_eq!(due.at, t0 + Duration::from_secs(12));
         // A second failed probe of the same suspicion does not restart it.
-        assert!(suspicions.start(&x, 3, timer(&x, 3), t0, timeouts(2)).is_none());
+        assert!(
+            suspicions
+                .start(&x, 3, timer(&x, 3), t0, timeouts(2))
+                .is_none()
+        );
         let w1: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let w2: SocketAddr = "127.0.0.1:2".parse().unwrap();
         let first = suspicions.confirm(&x, 3, w1).unwrap();
         assert!(first.at < due.at);
-        assert!(suspicions.confirm(&x, 3, w1).is_none(), "one confirmation per witness");
-        assert!(suspicions.confirm(&x, 2, w2).is_none(), "another incarnation");
+        assert!(
+            suspicions.confirm(&x, 3, w1).is_none(),
+            "one confirmation per witness"
+        );
+        assert!(
+            suspicions.confirm(&x, 2, w2).is_none(),
+            "another incarnation"
+        );
         let second = suspicions.confirm(&x, 3, w2).unwrap();
         assert_eq!(second.at, t0 + Duration::from_secs(2));
         // Stale ticks are ignored; the due one hands foca's timer over once.
-        assert!(suspicions.expire(due.id, t0 + Duration::from_secs(1)).is_none());
+        assert!(
+            suspicions
+                .expire(due.id, t0 + Duration::from_secs(1))
+                .is_none()
+        );
         let (member, incarnation, _) = suspicions.expire(second.id, second.at).unwrap();
         assert_eq!((member, incarnation), (x.clone(), 3));
         assert!(suspicions.expire(due.id, due.at).is_none());
@@ -403,9 +440,14 @@ mod tests {
         let mut suspicions = Suspicions::default();
         let x = id("x", 9, 1);
         let t0 = Instant::now();
-        let due = suspicions.start(&x, 3, timer(&x, 3), t0, timeouts(0)).unwrap();
+        let due = suspicions
+            .start(&x, 3, timer(&x, 3), t0, timeouts(0))
+            .unwrap();
         assert!(!suspicions.end(&x, 2));
-        assert!(suspicions.is_running(&x), "an older incarnation's refutation");
+        assert!(
+            suspicions.is_running(&x),
+            "an older incarnation's refutation"
+        );
         assert!(suspicions.end(&x, 3));
         assert!(suspicions.expire(due.id, due.at).is_none());
     }

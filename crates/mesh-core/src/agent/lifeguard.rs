@@ -91,8 +91,14 @@ impl<T: Transport> Agent<T> {
                 member,
                 incarnation,
             } => {
+                let first = self.io.guard.suspicions.confirmations(&member) == Some(0);
                 if let Some(due) = self.io.guard.suspicions.confirm(&member, incarnation, from) {
                     self.io.timers.schedule(due.at, Tick::Suspicion(due.id));
+                    if first {
+                        // Like Lifeguard's nacks: someone else cannot reach the suspect either,
+                        // so our failed probe says nothing about our own health.
+                        self.io.guard.health.better();
+                    }
                 }
             }
         }
@@ -143,7 +149,9 @@ impl<T: Transport> Agent<T> {
             member.addr(),
         );
         let rtt = self.timing.probe_rtt;
-        self.io.timers.schedule(self.now + rtt / 2, Tick::CheckRetry(id));
+        self.io
+            .timers
+            .schedule(self.now + rtt / 2, Tick::CheckRetry(id));
         self.io.timers.schedule(self.now + rtt, Tick::CheckDue(id));
     }
 

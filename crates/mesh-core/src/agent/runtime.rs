@@ -14,7 +14,7 @@ use rand::{SeedableRng, rngs::StdRng};
 use tokio::time::Instant;
 
 use super::{
-    health::{Checks, LocalHealth, Suspicions, SuspicionTimeouts},
+    health::{Checks, LocalHealth, SuspicionTimeouts, Suspicions},
     timers::{Tick, TimerQueue},
 };
 use crate::{
@@ -388,7 +388,8 @@ mod tests {
             incarnation: 4,
             token: 0,
         };
-        io.runtime(now).submit_after(suspicion, Duration::from_secs(12));
+        io.runtime(now)
+            .submit_after(suspicion, Duration::from_secs(12));
         io.runtime(now).submit_after(
             foca::Timer::SendIndirectProbe {
                 probed_id: id.clone(),
@@ -416,7 +417,10 @@ mod tests {
             "{due:?}"
         );
         // The suspicion is held back until its unconfirmed deadline, as our own tick.
-        assert_eq!(io.timers.next_deadline(), Some(now + Duration::from_secs(12)));
+        assert_eq!(
+            io.timers.next_deadline(),
+            Some(now + Duration::from_secs(12))
+        );
         assert!(matches!(
             io.timers.pop_due(now + Duration::from_secs(12)),
             Some(Tick::Suspicion(_))

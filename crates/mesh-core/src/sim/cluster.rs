@@ -11,9 +11,7 @@ use std::{
 use tokio::{sync::broadcast::error::RecvError, task::JoinHandle, time::Instant};
 
 use super::network::{LinkConfig, SimNetwork};
-use crate::{
-    Membership, MembershipView, MeshEvent, MeshStats, NodeId, StartError, Timing,
-};
+use crate::{Membership, MembershipView, MeshEvent, MeshStats, NodeId, StartError, Timing};
 
 /// An event as one node saw it, and when (time since the cluster was created).
 #[derive(Debug, Clone)]
@@ -327,6 +325,9 @@ impl SimCluster {
                 total.datagrams_received += s.datagrams_received;
                 total.bytes_received += s.bytes_received;
                 total.dropped_overload += s.dropped_overload;
+                total.suspicions_raised += s.suspicions_raised;
+                total.suspicions_refuted += s.suspicions_refuted;
+                total.refuted_self += s.refuted_self;
             }
         }
         total
