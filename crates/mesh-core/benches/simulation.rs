@@ -138,6 +138,9 @@ fn humantime(s: &str) -> Duration {
 
 /// Quantile of sorted samples by the nearest-rank method.
 fn quantile(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
     let rank = ((sorted.len() as f64) * q).ceil().max(1.0) as usize;
     sorted[rank.min(sorted.len()) - 1]
 }
@@ -250,6 +253,7 @@ async fn traffic(
     guards: &mut HashMap<usize, Vec<mesh_core::TaskGuard>>,
 ) -> (f64, f64) {
     let before = cluster.total_stats();
+    let net_before = cluster.network().stats();
     let ticks = (span.as_millis() / 500) as usize;
     for tick in 0..ticks {
         if busy {
@@ -270,6 +274,24 @@ async fn traffic(
     }
     let after = cluster.total_stats();
     let node_seconds = span.as_secs_f64() * n as f64;
+    let net_after = cluster.network().stats();
+    let names = ["other", "foca", "state push", "leave", "lifeguard"];
+    let split: Vec<String> = (0..5)
+        .filter(|k| net_after.datagrams_by_kind[*k] > net_before.datagrams_by_kind[*k])
+        .map(|k| {
+            format!(
+                "{} {:.1} datagrams, {:.0} B",
+                names[k],
+                (net_after.datagrams_by_kind[k] - net_before.datagrams_by_kind[k]) as f64 / node_seconds,
+                (net_after.bytes_by_kind[k] - net_before.bytes_by_kind[k]) as f64 / node_seconds
+            )
+        })
+        .collect();
+    eprintln!(
+        "{n} nodes, {}: per node per second: {}",
+        if busy { "busy" } else { "idle" },
+        split.join("; ")
+    );
     (
         (after.datagrams_sent - before.datagrams_sent) as f64 / node_seconds,
         (after.bytes_sent - before.bytes_sent) as f64 / node_seconds,

@@ -197,7 +197,8 @@ impl<T: Transport> Agent<T> {
     /// version is relayed at most once per node because only a version new to us gets here.
     pub(super) fn relay_state(&mut self, state: &NodeState, bytes: &[u8], owner: SocketAddr) {
         let fanout = self.timing.state_relay_fanout;
-        if fanout == 0 {
+        // Up to the push fan-out the owner pushed to every member: nothing to relay.
+        if fanout == 0 || self.foca.num_members() <= self.timing.state_push_fanout.get() {
             return;
         }
         let own = self.foca.identity().addr();

@@ -60,6 +60,11 @@ pub struct NetworkStats {
     pub unreachable: u64,
     /// Dropped because the receiver's inbox was full.
     pub overflowed: u64,
+    /// Bytes handed to the network, by the envelope kind byte of the datagram (index 0:
+    /// unknown; 1: foca; 2: state push; 3: leave; 4: lifeguard).
+    pub bytes_by_kind: [u64; 5],
+    /// Datagrams handed to the network, by kind (as `bytes_by_kind`).
+    pub datagrams_by_kind: [u64; 5],
 }
 
 /// A simulated datagram network shared by every [`SimSocket`] bound on it. Cheap to clone.
@@ -168,6 +173,12 @@ impl SimNetwork {
     fn send(&self, from: SocketAddr, datagram: &[u8], to: SocketAddr) {
         let mut net = self.lock();
         net.stats.sent += 1;
+        let kind = datagram
+            .get(3)
+            .map_or(0, |k| usize::from(k & 0x7f))
+            .min(4);
+        net.stats.bytes_by_kind[kind] += datagram.len() as u64;
+        net.stats.datagrams_by_kind[kind] += 1;
         if net.blocked.contains(&(from, to)) {
             net.stats.blocked += 1;
             return;
