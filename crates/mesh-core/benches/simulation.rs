@@ -282,7 +282,8 @@ async fn traffic(
             format!(
                 "{} {:.1} datagrams, {:.0} B",
                 names[k],
-                (net_after.datagrams_by_kind[k] - net_before.datagrams_by_kind[k]) as f64 / node_seconds,
+                (net_after.datagrams_by_kind[k] - net_before.datagrams_by_kind[k]) as f64
+                    / node_seconds,
                 (net_after.bytes_by_kind[k] - net_before.bytes_by_kind[k]) as f64 / node_seconds
             )
         })
@@ -299,6 +300,10 @@ async fn traffic(
 }
 
 async fn run(n: usize, options: &Options) -> Report {
+    #[allow(
+        clippy::disallowed_types,
+        reason = "wall time of the simulation, as above"
+    )]
     let wall = WallClock::now();
     let memory_before = resident_bytes();
     let mut cluster = SimCluster::start(options.seed, n, options.timing.clone())

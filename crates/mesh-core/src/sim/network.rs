@@ -173,10 +173,7 @@ impl SimNetwork {
     fn send(&self, from: SocketAddr, datagram: &[u8], to: SocketAddr) {
         let mut net = self.lock();
         net.stats.sent += 1;
-        let kind = datagram
-            .get(3)
-            .map_or(0, |k| usize::from(k & 0x7f))
-            .min(4);
+        let kind = datagram.get(3).map_or(0, |k| usize::from(k & 0x7f)).min(4);
         net.stats.bytes_by_kind[kind] += datagram.len() as u64;
         net.stats.datagrams_by_kind[kind] += 1;
         if net.blocked.contains(&(from, to)) {
