@@ -1,21 +1,37 @@
-//! The project's own simulator: clusters of 10, 50 and 100 nodes on turmoil's simulated
-//! network (lan timing, 1-5 ms per datagram), measured in simulated time. Prints a markdown
-//! table for BENCHMARKS.md.
+//! The cluster simulator at 10 to 1,000 nodes: every node runs the real membership code
+//! (`mesh_core::sim`) over an in-memory network with 1–5 ms per datagram, on tokio's paused
+//! clock, lan timing unless told otherwise. Prints a markdown table for BENCHMARKS.md.
 //!
-//! `cargo bench -p mesh-core --bench simulation [-- 10 50 100]`
+//! ```text
+//! cargo bench -p mesh-core --bench simulation [-- 10 100 1000] [--changes 20] [--crashes 5]
+//!     [--push-fanout N] [--relay-fanout N] [--loss 0.1] [--seed 1]
+//! ```
+//!
+//! Per cluster size, in order:
+//! 1. cold start: all nodes started at once, each seeded with `node-0`; the time until every
+//!    node sees every member, and until it also holds every member's state;
+//! 2. propagation: `--changes` load changes on different nodes, one at a time; for each, the
+//!    time until 50%, 99% and 100% of the other nodes see it;
+//! 3. traffic: datagrams and bytes sent per node per second, idle (20 s, no change) and busy
+//!    (30 s, 10% of the nodes changing load every 500 ms: 0.2 changes per node per second);
+//! 4. crashes: `--crashes` nodes crashed one at a time; for each, when the first and the last
+//!    survivor report it failed; then it restarts and rejoins before the next;
+//! 5. false failures: failure reports, over the whole run, about nodes that were not crashed;
+//! 6. memory: growth of the process's resident set per node once the cluster has formed.
 
-#[path = "../tests/support/mod.rs"]
-mod support;
-
-use std::time::Duration;
 #[allow(
     clippy::disallowed_types,
     reason = "the report's wall time is the real time a simulation takes, never the simulated clock"
 )]
-use std::time::Instant;
+use std::time::Instant as WallClock;
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
-use mesh_core::{MeshEvent, MeshStats, Timing};
-use support::Cluster;
+use mesh_core::{MeshEvent, Timing, sim::SimCluster};
+use tokio::time::Instant;
 
 /// Resident memory of this process in bytes (Linux), to report memory per node without an
 /// allocator hook (the workspace forbids unsafe code, benches included).
@@ -31,160 +47,479 @@ fn resident_bytes() -> usize {
         .map_or(0, |kib| kib * 1024)
 }
 
+#[derive(Debug, Clone)]
+struct Options {
+    sizes: Vec<usize>,
+    changes: usize,
+    crashes: usize,
+    seed: u64,
+    loss: f64,
+    timing: Timing,
+    /// Instead of the full run: this long under `loss` (and one slow node), counting false
+    /// failures.
+    soak: Option<Duration>,
+    slow: Option<Duration>,
+}
+
+fn options() -> Options {
+    let mut options = Options {
+        sizes: Vec::new(),
+        changes: 20,
+        crashes: 5,
+        seed: 1,
+        loss: 0.0,
+        timing: Timing::lan(),
+        soak: None,
+        slow: None,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().unwrap_or_default();
+        match arg.as_str() {
+            "--changes" => options.changes = value().parse().expect("--changes N"),
+            "--crashes" => options.crashes = value().parse().expect("--crashes N"),
+            "--seed" => options.seed = value().parse().expect("--seed N"),
+            "--loss" => options.loss = value().parse().expect("--loss FRACTION"),
+            "--push-fanout" => {
+                options.timing.state_push_fanout = value().parse().expect("--push-fanout N");
+            }
+            "--relay-fanout" => {
+                options.timing.state_relay_fanout = value().parse().expect("--relay-fanout N");
+            }
+            "--suspicion-mult" => {
+                options.timing.suspicion_multiplier = value().parse().expect("--suspicion-mult X");
+            }
+            "--suspicion-max" => {
+                options.timing.suspicion_max_multiplier =
+                    value().parse().expect("--suspicion-max X");
+            }
+            "--confirmations" => {
+                options.timing.suspicion_confirmations =
+                    value().parse().expect("--confirmations K");
+            }
+            "--health-max" => {
+                options.timing.max_health_multiplier = value().parse().expect("--health-max N");
+            }
+            "--soak" => {
+                options.soak = Some(Duration::from_secs(
+                    value().parse().expect("--soak SECONDS"),
+                ))
+            }
+            "--slow" => {
+                options.slow = Some(Duration::from_millis(value().parse().expect("--slow MS")))
+            }
+            "--refresh" => {
+                options.timing.state_refresh_interval = humantime(&value());
+            }
+            other => {
+                if let Ok(n) = other.parse() {
+                    options.sizes.push(n);
+                }
+            }
+        }
+    }
+    if options.sizes.is_empty() {
+        options.sizes = vec![10, 100, 1000];
+    }
+    options
+}
+
+fn humantime(s: &str) -> Duration {
+    let ms: u64 = s
+        .strip_suffix("ms")
+        .map(|v| v.parse().expect("N ms"))
+        .or_else(|| {
+            s.strip_suffix('s')
+                .map(|v| v.parse::<u64>().expect("N s") * 1000)
+        })
+        .expect("a duration such as 500ms or 2s");
+    Duration::from_millis(ms)
+}
+
+/// Quantile of sorted samples by the nearest-rank method.
+fn quantile(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((sorted.len() as f64) * q).ceil().max(1.0) as usize;
+    sorted[rank.min(sorted.len()) - 1]
+}
+
+fn median(samples: &mut [Duration]) -> Duration {
+    samples.sort();
+    quantile(samples, 0.5)
+}
+
+fn max(samples: &[Duration]) -> Duration {
+    samples.iter().copied().max().unwrap_or_default()
+}
+
+#[derive(Debug, Default)]
 struct Report {
     n: usize,
     members: Duration,
-    converge: Duration,
-    propagation: Vec<Duration>,
-    detection_median: Duration,
-    detection_max: Duration,
-    datagrams_per_node_s: f64,
-    bytes_per_node_s: f64,
+    states: Duration,
+    /// Per change: time until 50%, 99%, 100% of the others saw it.
+    spread: Vec<[Duration; 3]>,
+    changes_incomplete: usize,
+    idle: (f64, f64),
+    busy: (f64, f64),
+    /// Per crash: first and last report.
+    detection: Vec<[Duration; 2]>,
+    false_failures: usize,
     memory_per_node: usize,
     wall: Duration,
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+async fn cold_start(cluster: &SimCluster, n: usize) -> (Duration, Duration) {
+    let start = Instant::now();
+    let members = Arc::new(Mutex::new(Vec::new()));
+    let states = Arc::new(Mutex::new(Vec::new()));
+    let mut waiters = Vec::new();
+    for i in 0..n {
+        let membership = cluster.membership(i).expect("running").clone();
+        let (members, states) = (Arc::clone(&members), Arc::clone(&states));
+        waiters.push(tokio::spawn(async move {
+            membership.wait_until(|v| v.len() == n).await;
+            members.lock().unwrap().push(start.elapsed());
+            membership
+                .wait_until(|v| v.len() == n && v.peers().iter().all(|p| p.state().is_some()))
+                .await;
+            states.lock().unwrap().push(start.elapsed());
+        }));
+    }
+    let limit = Duration::from_secs(120);
+    let all = cluster
+        .run_until(limit, Duration::from_millis(50), |_| {
+            states.lock().unwrap().len() == n
+        })
+        .await;
+    for waiter in waiters {
+        waiter.abort();
+    }
+    assert!(all.is_some(), "{n} nodes did not converge within {limit:?}");
+    let members = max(&members.lock().unwrap());
+    let states = max(&states.lock().unwrap());
+    (members, states)
 }
 
-fn totals(cluster: &Cluster) -> MeshStats {
-    let nodes = cluster.nodes.lock().unwrap();
-    nodes.values().fold(MeshStats::default(), |mut acc, m| {
-        let s = m.stats();
-        acc.datagrams_sent += s.datagrams_sent;
-        acc.bytes_sent += s.bytes_sent;
-        acc
-    })
+/// One load change on `source`; the time until 50/99/100% of the other running nodes see it,
+/// `None` for the fractions not reached within 30 s.
+async fn propagate(
+    cluster: &SimCluster,
+    source: usize,
+    guards: &mut Vec<mesh_core::TaskGuard>,
+) -> [Option<Duration>; 3] {
+    let others = cluster.running().len() - 1;
+    cluster.track_updates(source);
+    let load = cluster.membership(source).expect("running").load().clone();
+    let from = cluster.logged();
+    let started = cluster.elapsed();
+    guards.push(load.begin_task());
+    let want = load.pending();
+    let id = cluster.node_id(source).clone();
+    let seen = |c: &SimCluster| -> Vec<Duration> {
+        let mut first: HashMap<usize, Duration> = HashMap::new();
+        for l in c.events_from(
+            from,
+            |l| matches!(&l.event, MeshEvent::Updated(s) if s.node_id == id && s.pending == want),
+        ) {
+            first.entry(l.observer).or_insert(l.at - started);
+        }
+        let mut times: Vec<Duration> = first.into_values().collect();
+        times.sort();
+        times
+    };
+    cluster
+        .run_until(Duration::from_secs(30), Duration::from_millis(20), |c| {
+            seen(c).len() >= others
+        })
+        .await;
+    cluster.untrack_updates(source);
+    let times = seen(cluster);
+    let at = |fraction: f64| {
+        let needed = ((others as f64) * fraction).ceil() as usize;
+        times.get(needed.max(1) - 1).copied()
+    };
+    [at(0.5), at(0.99), at(1.0)]
 }
 
-fn run(n: usize) -> Report {
+/// Datagrams and bytes sent per node per second over `span`, with `changing` driving load.
+async fn traffic(
+    cluster: &SimCluster,
+    n: usize,
+    span: Duration,
+    busy: bool,
+    guards: &mut HashMap<usize, Vec<mesh_core::TaskGuard>>,
+) -> (f64, f64) {
+    let before = cluster.total_stats();
+    let net_before = cluster.network().stats();
+    let ticks = (span.as_millis() / 500) as usize;
+    for tick in 0..ticks {
+        if busy {
+            for k in 0..n.div_ceil(10) {
+                let i = (tick * 13 + k * 7) % n;
+                let Some(membership) = cluster.membership(i) else {
+                    continue;
+                };
+                let held = guards.entry(i).or_default();
+                if held.is_empty() || tick % 2 == 0 {
+                    held.push(membership.load().begin_task());
+                } else {
+                    held.pop();
+                }
+            }
+        }
+        cluster.run_for(Duration::from_millis(500)).await;
+    }
+    let after = cluster.total_stats();
+    let node_seconds = span.as_secs_f64() * n as f64;
+    let net_after = cluster.network().stats();
+    let names = ["other", "foca", "state push", "leave", "lifeguard"];
+    let split: Vec<String> = (0..5)
+        .filter(|k| net_after.datagrams_by_kind[*k] > net_before.datagrams_by_kind[*k])
+        .map(|k| {
+            format!(
+                "{} {:.1} datagrams, {:.0} B",
+                names[k],
+                (net_after.datagrams_by_kind[k] - net_before.datagrams_by_kind[k]) as f64
+                    / node_seconds,
+                (net_after.bytes_by_kind[k] - net_before.bytes_by_kind[k]) as f64 / node_seconds
+            )
+        })
+        .collect();
+    eprintln!(
+        "{n} nodes, {}: per node per second: {}",
+        if busy { "busy" } else { "idle" },
+        split.join("; ")
+    );
+    (
+        (after.datagrams_sent - before.datagrams_sent) as f64 / node_seconds,
+        (after.bytes_sent - before.bytes_sent) as f64 / node_seconds,
+    )
+}
+
+async fn run(n: usize, options: &Options) -> Report {
     #[allow(
         clippy::disallowed_types,
         reason = "wall time of the simulation, as above"
     )]
-    let wall = Instant::now();
+    let wall = WallClock::now();
     let memory_before = resident_bytes();
-    let mut cluster = Cluster::new(1, n, Timing::lan());
-    let names: Vec<String> = cluster.all().iter().map(|s| s.to_string()).collect();
-    let all: Vec<&str> = names.iter().map(String::as_str).collect();
-
-    // 1. Cold start, everyone seeded with node-0: first the full member list, then every
-    // peer's state too.
-    let members = cluster.run_until("membership", Duration::from_secs(600), |c| {
-        c.sees_exactly(&all)
-    });
-    let converge = members
-        + cluster.run_until("convergence", Duration::from_secs(600), |c| {
-            c.sees_exactly(&all)
-                && all.iter().all(|o| {
-                    c.view(o)
-                        .is_some_and(|v| v.peers().iter().all(|p| p.state().is_some()))
-                })
-        });
-    let memory_per_node = resident_bytes().saturating_sub(memory_before) / n;
-
-    // 2. A load change on one node, until every other node sees it; twenty times.
-    let mut propagation = Vec::new();
-    let mut guards = Vec::new();
-    for round in 0..20 {
-        let source = &names[(round * 7) % n];
-        let load = cluster.membership(source).load().clone();
-        guards.push(load.begin_task());
-        let want = load.pending();
-        let elapsed = cluster.run_until("propagation", Duration::from_secs(60), |c| {
-            all.iter().filter(|o| *o != source).all(|o| {
-                c.view(o)
-                    .and_then(|v| v.get(source).and_then(|m| m.state().map(|s| s.pending)))
-                    == Some(want)
-            })
-        });
-        propagation.push(elapsed);
-        cluster.run_for(Duration::from_millis(500));
-    }
-    propagation.sort();
-
-    // 3. Steady state traffic: 10% of nodes change load every 500 ms for 30 s.
-    let before = totals(&cluster);
-    let window = Duration::from_secs(30);
-    let mut tick = 0usize;
-    while tick < 60 {
-        for k in 0..n.div_ceil(10) {
-            let name = &names[(tick * 13 + k * 7) % n];
-            let load = cluster.membership(name).load().clone();
-            if tick.is_multiple_of(2) {
-                guards.push(load.begin_task());
-            } else {
-                guards.pop();
-            }
-        }
-        cluster.run_for(Duration::from_millis(500));
-        tick += 1;
-    }
-    let after = totals(&cluster);
-    let secs = window.as_secs_f64() * n as f64;
-    let datagrams_per_node_s = (after.datagrams_sent - before.datagrams_sent) as f64 / secs;
-    let bytes_per_node_s = (after.bytes_sent - before.bytes_sent) as f64 / secs;
-
-    // 4. Crash one node; every survivor must report it failed.
-    let victim = names[n - 1].clone();
-    let crashed_at = cluster.now();
-    cluster.crash(&victim);
-    cluster.run_until("detection", Duration::from_secs(600), |c| {
-        let failed = c.events(|l| {
-            l.at >= crashed_at
-                && matches!(&l.event, MeshEvent::Failed(id) if id.node_id().as_str() == victim)
-        });
-        failed.len() >= n - 1
-    });
-    let mut detections: Vec<Duration> = cluster
-        .events(|l| {
-            l.at >= crashed_at
-                && matches!(&l.event, MeshEvent::Failed(id) if id.node_id().as_str() == victim)
-        })
-        .iter()
-        .map(|l| l.at - crashed_at)
-        .collect();
-    detections.sort();
-    drop(guards);
-    Report {
+    let mut cluster = SimCluster::start(options.seed, n, options.timing.clone())
+        .await
+        .expect("cluster starts");
+    let mut report = Report {
         n,
-        members,
-        converge,
-        detection_median: percentile(&detections, 0.5),
-        detection_max: *detections.last().unwrap(),
-        propagation,
-        datagrams_per_node_s,
-        bytes_per_node_s,
-        memory_per_node,
-        wall: wall.elapsed(),
+        ..Report::default()
+    };
+    (report.members, report.states) = cold_start(&cluster, n).await;
+    report.memory_per_node = resident_bytes().saturating_sub(memory_before) / n;
+    cluster.network().set_loss(options.loss);
+
+    let mut guards = Vec::new();
+    for round in 0..options.changes {
+        let source = (round * 7919 + 3) % n;
+        let times = propagate(&cluster, source, &mut guards).await;
+        if times.iter().any(Option::is_none) {
+            report.changes_incomplete += 1;
+        }
+        report
+            .spread
+            .push(times.map(|t| t.unwrap_or(Duration::from_secs(30))));
+        cluster.run_for(Duration::from_millis(300)).await;
     }
+    drop(guards);
+
+    let mut held = HashMap::new();
+    cluster.run_for(Duration::from_secs(5)).await;
+    report.idle = traffic(&cluster, n, Duration::from_secs(20), false, &mut held).await;
+    report.busy = traffic(&cluster, n, Duration::from_secs(30), true, &mut held).await;
+    drop(held);
+
+    let mut crashed: HashSet<(String, u64)> = HashSet::new();
+    for k in 0..options.crashes {
+        let victim = n - 1 - (k * 3) % n;
+        let identity = cluster.membership(victim).expect("running").identity();
+        crashed.insert((identity.node_id().to_string(), identity.generation()));
+        let crashed_at = cluster.elapsed();
+        let from = cluster.logged();
+        cluster.crash(victim).await;
+        let survivors = n - 1;
+        let reports = |c: &SimCluster| {
+            let mut at: Vec<Duration> = c
+                .events_from(from, |l| l.event == MeshEvent::Failed(identity.clone()))
+                .iter()
+                .map(|l| l.at - crashed_at)
+                .collect();
+            at.sort();
+            at
+        };
+        cluster
+            .run_until(Duration::from_secs(60), Duration::from_millis(20), |c| {
+                reports(c).len() >= survivors
+            })
+            .await;
+        let at = reports(&cluster);
+        report.detection.push([
+            at.first().copied().unwrap_or(Duration::from_secs(60)),
+            if at.len() >= survivors {
+                *at.last().unwrap()
+            } else {
+                Duration::from_secs(60)
+            },
+        ]);
+        cluster.restart(victim).await.expect("restart");
+        let name = cluster.node_id(victim).to_string();
+        cluster
+            .run_until(Duration::from_secs(60), Duration::from_millis(100), |c| {
+                (0..n).all(|i| {
+                    c.view(i).is_some_and(|v| {
+                        v.len() == n
+                            && v.get(&name)
+                                .is_some_and(|m| m.identity().generation() > identity.generation())
+                    })
+                })
+            })
+            .await;
+    }
+    report.false_failures = cluster
+        .events(|l| match &l.event {
+            MeshEvent::Failed(id) => {
+                !crashed.contains(&(id.node_id().to_string(), id.generation()))
+            }
+            _ => false,
+        })
+        .len();
+    cluster.shutdown().await;
+    report.wall = wall.elapsed();
+    report
+}
+
+/// `span` of simulated time under loss (and a slow node): failure reports and forced
+/// rejoins about healthy nodes, suspicions raised and refuted directly. Several seeds.
+async fn soak(n: usize, seed: u64, options: &Options, span: Duration) -> (usize, usize, u64, u64) {
+    let mut cluster = SimCluster::start(seed, n, options.timing.clone())
+        .await
+        .expect("cluster starts");
+    let all: Vec<usize> = (0..n).collect();
+    cluster
+        .run_until(Duration::from_secs(60), Duration::from_millis(50), |c| {
+            c.sees_exactly(&all)
+        })
+        .await
+        .expect("formed");
+    let before = cluster.total_stats();
+    let since = cluster.logged();
+    cluster.network().set_loss(options.loss);
+    if let Some(slow) = options.slow {
+        cluster.network().set_slow(SimCluster::addr_of(n - 1), slow);
+    }
+    cluster.run_for(span).await;
+    let failed = cluster
+        .events_from(since, |l| matches!(l.event, MeshEvent::Failed(_)))
+        .len();
+    let rejoined = cluster
+        .events_from(since, |l| matches!(l.event, MeshEvent::Rejoined { .. }))
+        .len();
+    let after = cluster.total_stats();
+    cluster.shutdown().await;
+    (
+        failed,
+        rejoined,
+        after.suspicions_raised - before.suspicions_raised,
+        after.suspicions_refuted - before.suspicions_refuted,
+    )
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64())
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.0}", d.as_secs_f64() * 1000.0)
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; numbers are cluster sizes.
-    let mut sizes: Vec<usize> = std::env::args().filter_map(|a| a.parse().ok()).collect();
-    if sizes.is_empty() {
-        sizes = vec![10, 50, 100];
-    }
+    let options = options();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .expect("runtime");
     println!(
-        "| nodes | cold start: all members / all states | state change seen by all: p50 / p99 / max | failure reported by all: median / last | gossip sent per node | resident memory per node | wall time |"
+        "timing: probe {:?}, suspicion ×{}, push fan-out {}, relay fan-out {}, loss {}, seed {}",
+        options.timing.probe_period,
+        options.timing.suspicion_multiplier,
+        options.timing.state_push_fanout,
+        options.timing.state_relay_fanout,
+        options.loss,
+        options.seed,
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
-    for n in sizes {
-        let r = run(n);
+    if let Some(span) = options.soak {
         println!(
-            "| {} | {:.2} / {:.2} s | {:.0} / {:.0} / {:.0} ms | {:.1} / {:.1} s | {:.1} datagrams/s, {:.1} KiB/s | {:.0} KiB | {:.0} s |",
+            "| nodes | loss | slow node | seed | false failure reports | forced rejoins | suspicions raised | refuted directly |"
+        );
+        println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for &n in &options.sizes {
+            for seed in options.seed..options.seed + 3 {
+                let (failed, rejoined, raised, refuted) =
+                    runtime.block_on(soak(n, seed, &options, span));
+                println!(
+                    "| {n} | {:.0}% | {} | {seed} | {failed} | {rejoined} | {raised} | {refuted} |",
+                    options.loss * 100.0,
+                    options
+                        .slow
+                        .map_or("none".to_owned(), |d| format!("{d:?} each way")),
+                );
+            }
+        }
+        return;
+    }
+    let mut reports = Vec::new();
+    for &n in &options.sizes {
+        let report = runtime.block_on(run(n, &options));
+        eprintln!("{report:?}");
+        reports.push(report);
+    }
+    println!();
+    println!(
+        "| nodes | cold start: all members / all states | change seen by 50% / 99% / 100%: median (max) over changes | crash seen by first / last node: median (max) | false failures | idle: datagrams, bytes per node/s | busy: datagrams, bytes per node/s | memory per node | wall time |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in &reports {
+        let column = |k: usize| {
+            let mut samples: Vec<Duration> = r.spread.iter().map(|s| s[k]).collect();
+            let max = max(&samples);
+            format!("{} ({})", ms(median(&mut samples)), ms(max))
+        };
+        let detection = |k: usize| {
+            let mut samples: Vec<Duration> = r.detection.iter().map(|s| s[k]).collect();
+            let max = max(&samples);
+            format!("{} ({})", secs(median(&mut samples)), secs(max))
+        };
+        println!(
+            "| {} | {} / {} s | {} / {} / {} ms ({} changes{}) | {} / {} s ({} crashes) | {} | {:.1}, {:.0} B | {:.1}, {:.0} B | {:.0} KiB | {:.0} s |",
             r.n,
-            r.members.as_secs_f64(),
-            r.converge.as_secs_f64(),
-            percentile(&r.propagation, 0.5).as_secs_f64() * 1000.0,
-            percentile(&r.propagation, 0.99).as_secs_f64() * 1000.0,
-            r.propagation.last().unwrap().as_secs_f64() * 1000.0,
-            r.detection_median.as_secs_f64(),
-            r.detection_max.as_secs_f64(),
-            r.datagrams_per_node_s,
-            r.bytes_per_node_s / 1024.0,
+            secs(r.members),
+            secs(r.states),
+            column(0),
+            column(1),
+            column(2),
+            r.spread.len(),
+            if r.changes_incomplete > 0 {
+                format!(", {} not seen by all in 30 s", r.changes_incomplete)
+            } else {
+                String::new()
+            },
+            detection(0),
+            detection(1),
+            r.detection.len(),
+            r.false_failures,
+            r.idle.0,
+            r.idle.1,
+            r.busy.0,
+            r.busy.1,
             r.memory_per_node as f64 / 1024.0,
             r.wall.as_secs_f64(),
         );

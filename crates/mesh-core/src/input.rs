@@ -10,7 +10,7 @@ use std::{net::SocketAddr, sync::Arc};
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
-use crate::{Identity, NodeState, StateError, stats::Dropped, wire::Kind};
+use crate::{Identity, NodeState, StateError, agent::Notice, stats::Dropped, wire::Kind};
 
 /// A datagram's message, decoded.
 #[derive(Debug)]
@@ -22,6 +22,8 @@ pub(crate) enum Message {
     StatePush { state: Arc<NodeState>, bytes: Bytes },
     /// A node announcing that it is leaving.
     Leave(Identity),
+    /// A Lifeguard suspicion message.
+    Lifeguard(Notice),
 }
 
 /// Why a well-enveloped datagram's body was refused.
@@ -31,6 +33,8 @@ pub(crate) enum BodyError {
     State(#[from] StateError),
     #[error("malformed leave notice: {0}")]
     Leave(#[source] postcard::Error),
+    #[error("malformed lifeguard message: {0}")]
+    Lifeguard(#[source] postcard::Error),
 }
 
 impl BodyError {
@@ -39,6 +43,7 @@ impl BodyError {
         match self {
             BodyError::State(_) => Dropped::StateRejected,
             BodyError::Leave(_) => Dropped::Malformed("leave_body"),
+            BodyError::Lifeguard(_) => Dropped::Malformed("lifeguard_body"),
         }
     }
 }
@@ -53,6 +58,9 @@ impl Message {
                 bytes: Bytes::copy_from_slice(body),
             },
             Kind::Leave => Message::Leave(postcard::from_bytes(body).map_err(BodyError::Leave)?),
+            Kind::Lifeguard => {
+                Message::Lifeguard(postcard::from_bytes(body).map_err(BodyError::Lifeguard)?)
+            }
         })
     }
 }

@@ -8,10 +8,16 @@
 //! [`foca`] crate, with its suspicion mechanism, piggybacked dissemination and the periodic
 //! gossip/announce extensions. Every probe period a node pings one member; a member that does
 //! not answer directly or through `k` indirect probes becomes *suspect*, and is declared *down*
-//! unless it refutes the suspicion within `suspicion_multiplier × log10(n) × probe_period`
-//! (memberlist's scaling, the same idea as Lifeguard's dynamic suspicion timeouts, Dadgar et al.
-//! 2018). Members announce themselves to nodes they consider down, and to every address the
-//! discovery source returns that is not a member, which is what merges the two sides of a healed
+//! unless it refutes the suspicion in time. On top of foca, Lifeguard ("Lifeguard: Local Health
+//! Awareness for More Accurate Failure Detection", Dadgar, Phillips and Currey, 2018; as in
+//! memberlist) decides how much time: the suspecting node asks witnesses to check the suspect,
+//! and the timeout shrinks from `suspicion_max_multiplier` times the nominal
+//! `suspicion_multiplier × log10(n) × probe_period` down to the nominal one as they confirm
+//! (dynamic suspicion); the suspect is told directly and refutes in one round trip (buddy
+//! system); and a node whose own probes keep failing stretches its probe period and timeout
+//! (local health awareness). `agent/health.rs` explains what is built where foca has no hook.
+//! Members announce themselves to nodes they consider down, and to every address the discovery
+//! source returns that is not a member, which is what merges the two sides of a healed
 //! partition without an operator.
 //!
 //! **Identity** is `{node_id, gossip_addr, generation}` ([`Identity`]). The generation is the
@@ -62,7 +68,8 @@
 //!    joined, rejoined, failed, left, one owner per node id; `agent/announce.rs` introduces us
 //!    to strangers that pushed us a state.
 //! 6. `agent/snapshot.rs` assembles a new [`MembershipView`] (`view.rs`) from foca's members
-//!    and the state table; `shared.rs` publishes it (an `ArcSwap`) and wakes waiters.
+//!    and the state table (at most one per 50 µs per member, so large clusters stay cheap);
+//!    `shared.rs` publishes it (an `ArcSwap`) and wakes waiters, then the events it explains.
 //! 7. `membership.rs`: the router (`mesh_route`) reads [`Membership::view`] for every decision,
 //!    lock-free, and compares peers by [`load_ratio`].
 //!
@@ -122,6 +129,8 @@ mod membership;
 mod node_id;
 mod receive;
 mod shared;
+#[cfg(feature = "sim")]
+pub mod sim;
 mod state;
 mod stats;
 mod store;

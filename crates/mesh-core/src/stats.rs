@@ -53,6 +53,16 @@ pub struct MeshStats {
     /// Members that failed and then came back (a newer life of a node id this node had seen
     /// fail).
     pub flaps: u64,
+    /// Suspicions this node raised (one of its probes failed and nobody vouched in time).
+    pub suspicions_raised: u64,
+    /// Suspicions this node raised that were refuted directly by the suspect or a witness
+    /// (Lifeguard's buddy system).
+    pub suspicions_refuted: u64,
+    /// Times this node learnt directly that it was suspected, and refuted.
+    pub refuted_self: u64,
+    /// Lifeguard's local health score now (not a counter): 0 for a healthy node, up to
+    /// [`crate::Timing::max_health_multiplier`]; probes run `1 +` this many times slower.
+    pub health_score: u64,
 }
 
 #[derive(Debug, Default)]
@@ -71,6 +81,10 @@ pub(crate) struct Counters {
     discovery_failures: AtomicU64,
     suspicions: AtomicU64,
     flaps: AtomicU64,
+    suspicions_raised: AtomicU64,
+    suspicions_refuted: AtomicU64,
+    refuted_self: AtomicU64,
+    health_score: AtomicU64,
 }
 
 /// Why a datagram was dropped, for counting.
@@ -135,6 +149,28 @@ impl Counters {
         metrics::counter!("mesh_member_flaps_total").increment(1);
     }
 
+    pub(crate) fn suspicion_raised(&self) {
+        self.suspicions_raised.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("mesh_suspicions_raised_total").increment(1);
+    }
+
+    pub(crate) fn suspicion_refuted(&self) {
+        self.suspicions_refuted.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("mesh_suspicions_refuted_total").increment(1);
+    }
+
+    pub(crate) fn refuted_self(&self) {
+        self.refuted_self.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("mesh_self_suspicions_refuted_total").increment(1);
+    }
+
+    pub(crate) fn set_health_score(&self, score: u8) {
+        let previous = self.health_score.swap(u64::from(score), Ordering::Relaxed);
+        if previous != u64::from(score) {
+            metrics::gauge!("mesh_health_score").set(f64::from(score));
+        }
+    }
+
     pub(crate) fn snapshot(&self) -> MeshStats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         MeshStats {
@@ -152,6 +188,10 @@ impl Counters {
             discovery_failures: get(&self.discovery_failures),
             suspicions: get(&self.suspicions),
             flaps: get(&self.flaps),
+            suspicions_raised: get(&self.suspicions_raised),
+            suspicions_refuted: get(&self.suspicions_refuted),
+            refuted_self: get(&self.refuted_self),
+            health_score: get(&self.health_score),
         }
     }
 }

@@ -128,6 +128,11 @@ impl StateStore {
         std::mem::take(&mut self.accepted)
     }
 
+    /// Whether accepted states or changes wait to be published.
+    pub(crate) fn has_pending(&self) -> bool {
+        self.dirty || !self.accepted.is_empty()
+    }
+
     pub(crate) fn take_dirty(&mut self) -> bool {
         std::mem::replace(&mut self.dirty, false)
     }

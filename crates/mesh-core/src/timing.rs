@@ -15,9 +15,26 @@ pub struct Timing {
     /// How long a direct probe waits for its ack before asking others to probe indirectly.
     /// Must be shorter than `probe_period`.
     pub probe_rtt: Duration,
-    /// Suspicion timeout is `suspicion_multiplier × max(1, log10(cluster size)) × probe_period`
-    /// (memberlist's formula): larger clusters wait longer before declaring a suspect down.
+    /// The nominal suspicion timeout is `suspicion_multiplier × max(1, log10(cluster size)) ×
+    /// probe_period` (memberlist's formula): larger clusters wait longer before declaring a
+    /// suspect down. It is the timeout of a suspicion that independent witnesses confirmed
+    /// (Lifeguard's dynamic suspicion, see `suspicion_max_multiplier`).
     pub suspicion_multiplier: f64,
+    /// An unconfirmed suspicion waits `suspicion_max_multiplier` times the nominal timeout;
+    /// each confirmation shrinks it, down to the nominal timeout after
+    /// `suspicion_confirmations` of them (Lifeguard; memberlist's `SuspicionMaxTimeoutMult`,
+    /// 6). At least 1 (1: no dynamic suspicion).
+    pub suspicion_max_multiplier: f64,
+    /// Independent confirmations after which a suspicion times out at the nominal timeout
+    /// (memberlist: `SuspicionMult − 2`). Also the number of random members asked to check
+    /// the suspect (witnesses). 0 turns confirmations off: the nominal timeout applies from
+    /// the start.
+    pub suspicion_confirmations: u32,
+    /// Lifeguard's local health awareness: the most this node's probe period and probe
+    /// timeout are stretched (`1 +` the health score, which grows with failed probes and
+    /// refuted suspicions of this node and shrinks with successful probes). memberlist's
+    /// `AwarenessMaxMultiplier`, 8. 0 turns it off.
+    pub max_health_multiplier: u8,
     /// How often membership updates are gossiped, and to how many members, besides
     /// piggybacking on probes.
     pub gossip_interval: Duration,
@@ -49,28 +66,42 @@ pub struct Timing {
     /// gossip interval or more later. 64 for lan and local (every peer of clusters up to 65
     /// nodes), 32 for wan. Each change costs one datagram per pushed peer.
     pub state_push_fanout: NonZeroUsize,
+    /// How many random peers a node relays a state to when that state reached it by a direct
+    /// push from its owner and is a new version to it (0: no relay; 2 in every preset). Only
+    /// in clusters larger than `state_push_fanout + 1`, where the owner's push cannot reach
+    /// everyone: relays carry a change past the push fan-out in one more network hop instead
+    /// of gossip rounds (100 nodes: 99% of nodes see a change in 0.1 s instead of 0.28 s, for
+    /// 8% more bytes; BENCHMARKS.md).
+    pub state_relay_fanout: usize,
     /// The longest [`crate::Membership::leave`] takes.
     pub leave_timeout: Duration,
 }
 
 impl Timing {
-    /// For a data-centre network: one-second probes, like memberlist's `DefaultLANConfig`.
+    /// For a data-centre network: one-second probes, like memberlist's `DefaultLANConfig`, and
+    /// a nominal suspicion timeout of `1.5 × log10(n)` seconds (memberlist: `4 × log10(n)`):
+    /// a confirmed crash is reported sooner, while an unconfirmed suspicion still waits six
+    /// times as long for a refutation (see BENCHMARKS.md for the false-failure measurements).
     pub fn lan() -> Self {
         Self {
             probe_period: Duration::from_secs(1),
             probe_rtt: Duration::from_millis(500),
-            suspicion_multiplier: 4.0,
+            suspicion_multiplier: 1.5,
+            suspicion_max_multiplier: 6.0,
+            suspicion_confirmations: 2,
+            max_health_multiplier: 8,
             gossip_interval: Duration::from_millis(200),
             gossip_fanout: nz(3),
             retransmit_multiplier: NonZeroU8::new(4).unwrap_or(NonZeroU8::MIN),
             announce_interval: Duration::from_secs(30),
-            announce_to_down_interval: Duration::from_secs(10),
+            announce_to_down_interval: Duration::from_secs(5),
             remove_down_after: Duration::from_secs(15 * 60),
             rejoin_interval: Duration::from_secs(2),
             discovery_interval: Duration::from_secs(30),
             state_publish_interval: Duration::from_millis(100),
             state_refresh_interval: Duration::from_secs(2),
             state_push_fanout: nz(64),
+            state_relay_fanout: 2,
             leave_timeout: Duration::from_secs(5),
         }
     }
@@ -81,6 +112,9 @@ impl Timing {
             probe_period: Duration::from_secs(5),
             probe_rtt: Duration::from_secs(3),
             suspicion_multiplier: 6.0,
+            suspicion_max_multiplier: 6.0,
+            suspicion_confirmations: 2,
+            max_health_multiplier: 8,
             gossip_interval: Duration::from_millis(500),
             gossip_fanout: nz(4),
             retransmit_multiplier: NonZeroU8::new(4).unwrap_or(NonZeroU8::MIN),
@@ -92,6 +126,7 @@ impl Timing {
             state_publish_interval: Duration::from_millis(500),
             state_refresh_interval: Duration::from_secs(10),
             state_push_fanout: nz(32),
+            state_relay_fanout: 2,
             leave_timeout: Duration::from_secs(10),
         }
     }
@@ -102,6 +137,9 @@ impl Timing {
             probe_period: Duration::from_millis(200),
             probe_rtt: Duration::from_millis(100),
             suspicion_multiplier: 5.0,
+            suspicion_max_multiplier: 6.0,
+            suspicion_confirmations: 2,
+            max_health_multiplier: 8,
             gossip_interval: Duration::from_millis(50),
             gossip_fanout: nz(3),
             retransmit_multiplier: NonZeroU8::new(4).unwrap_or(NonZeroU8::MIN),
@@ -113,6 +151,7 @@ impl Timing {
             state_publish_interval: Duration::from_millis(20),
             state_refresh_interval: Duration::from_millis(500),
             state_push_fanout: nz(64),
+            state_relay_fanout: 2,
             leave_timeout: Duration::from_secs(1),
         }
     }
@@ -150,7 +189,17 @@ impl Timing {
                 rule: "must be a finite number of at least 1",
             });
         }
-        if self.suspicion_timeout(u32::MAX) > Duration::from_secs(24 * 3600) {
+        if !(self.suspicion_max_multiplier.is_finite() && self.suspicion_max_multiplier >= 1.0) {
+            return Err(TimingError {
+                field: "suspicion_max_multiplier",
+                rule: "must be a finite number of at least 1",
+            });
+        }
+        if self
+            .suspicion_timeout(u32::MAX)
+            .mul_f64(self.suspicion_max_multiplier)
+            > Duration::from_secs(24 * 3600)
+        {
             return Err(TimingError {
                 field: "suspicion_multiplier",
                 rule: "gives a suspicion timeout over a day",
@@ -184,7 +233,11 @@ impl Timing {
         let mut config = foca::Config::new_lan(size);
         config.probe_period = self.probe_period;
         config.probe_rtt = self.probe_rtt;
-        config.suspect_to_down_after = self.suspicion_timeout(size.get());
+        // The longest a suspicion may wait (unconfirmed). The membership task holds foca's
+        // suspicion timer back until the dynamic deadline instead (agent/health.rs).
+        config.suspect_to_down_after = self
+            .suspicion_timeout(size.get())
+            .mul_f64(self.suspicion_max_multiplier);
         config.max_transmissions = self.max_transmissions(size.get());
         config.remove_down_after = Some(self.remove_down_after);
         config.max_packet_size = NonZeroUsize::new(max_packet_size).unwrap_or(NonZeroUsize::MIN);
@@ -242,8 +295,8 @@ mod tests {
     #[test]
     fn suspicion_grows_with_cluster_size() {
         let t = Timing::lan();
-        assert_eq!(t.suspicion_timeout(5), Duration::from_secs(4));
-        assert_eq!(t.suspicion_timeout(100), Duration::from_secs(8));
+        assert_eq!(t.suspicion_timeout(5), Duration::from_millis(1500));
+        assert_eq!(t.suspicion_timeout(100), Duration::from_secs(3));
         let small = t.foca_config(3, 1396);
         let large = t.foca_config(1000, 1396);
         assert!(large.suspect_to_down_after > small.suspect_to_down_after);

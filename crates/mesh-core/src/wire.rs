@@ -61,6 +61,9 @@ pub enum Kind {
     StatePush,
     /// A node announcing that it is leaving; the body is its [`crate::Identity`].
     Leave,
+    /// Lifeguard's suspicion messages (buddy notices, witness checks, refutations and
+    /// confirmations), outside foca's own packets.
+    Lifeguard,
 }
 
 impl Kind {
@@ -69,6 +72,7 @@ impl Kind {
             Kind::Foca => 1,
             Kind::StatePush => 2,
             Kind::Leave => 3,
+            Kind::Lifeguard => 4,
         }
     }
 
@@ -77,6 +81,7 @@ impl Kind {
             1 => Some(Kind::Foca),
             2 => Some(Kind::StatePush),
             3 => Some(Kind::Leave),
+            4 => Some(Kind::Lifeguard),
             _ => None,
         }
     }
@@ -88,6 +93,7 @@ impl fmt::Display for Kind {
             Kind::Foca => "foca",
             Kind::StatePush => "state-push",
             Kind::Leave => "leave",
+            Kind::Lifeguard => "lifeguard",
         })
     }
 }
@@ -410,7 +416,7 @@ mod tests {
 
     #[test]
     fn header_roundtrip() {
-        for kind in [Kind::Foca, Kind::StatePush, Kind::Leave] {
+        for kind in [Kind::Foca, Kind::StatePush, Kind::Leave, Kind::Lifeguard] {
             for encrypted in [false, true] {
                 let header = Header { kind, encrypted };
                 let mut datagram = header.to_bytes().to_vec();

@@ -135,6 +135,12 @@ fn thirty_percent_packet_loss_is_survived_and_the_cluster_recovers() {
         .events(|l| l.at >= start && matches!(l.event, MeshEvent::Rejoined { .. }))
         .len();
     println!("30% loss: {failures} false failure reports, {rejoined} rejoins");
+    // Lifeguard keeps false failures rare even here: suspicions that witnesses do not
+    // confirm wait six times the nominal timeout, and suspects refute directly.
+    assert!(
+        failures + rejoined <= 1,
+        "{failures} false failures and {rejoined} forced rejoins under 30% loss"
+    );
     // Whatever flapped, once the loss stops every node is back in every view.
     cluster.set_loss(0);
     let names = owned(&cluster);
@@ -163,7 +169,7 @@ fn a_one_way_partition_is_bridged_by_indirect_probes() {
 }
 
 #[test]
-fn a_slow_node_is_kept_or_flaps_but_nothing_breaks() {
+fn a_slow_node_gets_no_healthy_node_declared_down() {
     // One-way delays of node-5's links: 300 ms (round trip under the 1 s probe period: the late
     // ack still counts) and 700 ms (round trip over it: probes fail).
     for one_way in [300, 700] {
@@ -206,10 +212,21 @@ fn a_slow_node_is_kept_or_flaps_but_nothing_breaks() {
             // A late ack within the probe period still counts: nothing is even suspected.
             assert_eq!(suspicions + failures + slow_view_failed + healthy_failed, 0);
         }
-        // At 700 ms the slow node times out its own probes and may declare healthy nodes
-        // down; they rejoin at once under a new generation (a flap, not a loss). Lifeguard's
-        // local health awareness would stop the slow node from trusting its own probes; foca
-        // does not implement it. Either way, every node is back once the links recover:
+        // At 700 ms every probe the slow node sends, and every probe of it, times out. Its
+        // suspicions of healthy nodes get no confirmation from witnesses and are refuted by
+        // the suspects directly (Lifeguard), and its own health score slows its probes: no
+        // healthy node is declared down or forced to rejoin because of it.
+        let healthy_rejoined = cluster
+            .events(|l| {
+                l.at >= start && !about_slow(l) && matches!(l.event, MeshEvent::Rejoined { .. })
+            })
+            .len();
+        assert_eq!(
+            slow_view_failed + healthy_failed + healthy_rejoined,
+            0,
+            "healthy nodes were declared down because of one slow node"
+        );
+        // And every node is back once the links recover:
         for other in others {
             cluster
                 .sim
@@ -267,17 +284,39 @@ fn a_rolling_restart_never_loses_a_live_member() {
             );
         }
     }
-    // No node other than a restarting one was ever reported failed.
+    // Nobody is ever reported failed, not even the old life of a restarting node: a restart
+    // at the same address is a rename (the newer generation replaces the older identity), and
+    // the new life is known everywhere within one state refresh (2 s: peers push their state
+    // to its address and it introduces itself; node-0, which has no seeds, is found only this
+    // way), sooner than a suspicion of the old life can be raised and time out (a probe
+    // period plus the nominal suspicion timeout: 2.5 s with the lan preset).
     let failed: Vec<String> = cluster
         .events(|l| matches!(l.event, MeshEvent::Failed(_)))
         .iter()
-        .map(|l| format!("{} saw {:?}", l.observer, l.event))
+        .map(|l| format!("{} at {:?} saw {:?}", l.observer, l.at, l.event))
         .collect();
-    // node-0 has no seeds: its new life is found only when the others announce to members
-    // they consider down, by which time its old life has been reported failed.
+    assert!(failed.is_empty(), "failure reports: {failed:#?}");
+    // Instead, every other node reports each restart as one rejoin.
+    for restarted in &names {
+        for observer in names.iter().filter(|o| *o != restarted) {
+            let rejoins = cluster
+                .events(|l| {
+                    l.observer == *observer
+                        && matches!(&l.event, MeshEvent::Rejoined { current, .. }
+                            if current.node_id().as_str() == restarted)
+                })
+                .len();
+            assert_eq!(
+                rejoins, 1,
+                "{observer} saw {restarted} rejoin {rejoins} times"
+            );
+        }
+    }
     println!(
-        "rolling restart: {} failure reports, all of restarting nodes' old lives",
-        failed.len()
+        "rolling restart: 0 failure reports, {} rejoins",
+        cluster
+            .events(|l| matches!(l.event, MeshEvent::Rejoined { .. }))
+            .len()
     );
 }
 

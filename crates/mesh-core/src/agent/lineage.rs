@@ -276,6 +276,14 @@ impl Lineage {
             .filter_map(|life| Some((&life.identity, life.down?, life.since)))
     }
 
+    /// The gossip address of the live identity of `node_id`, if one is known.
+    pub(crate) fn live_addr(&self, node_id: &NodeId) -> Option<std::net::SocketAddr> {
+        self.lives
+            .get(node_id)
+            .filter(|life| life.down.is_none())
+            .map(|life| life.identity.addr())
+    }
+
     /// Whether another process took over our node id.
     pub(crate) fn is_superseded(&self) -> bool {
         self.superseded_by.is_some()
@@ -287,8 +295,9 @@ impl<T: Transport> Agent<T> {
     pub(super) fn member_up(&mut self, id: Identity) {
         self.resize();
         let local = self.foca.identity().clone();
-        let active: Vec<Identity> = self.foca.iter_members().map(|m| m.id().clone()).collect();
-        let arrival = self.lineage.arrived(id, &local, active.iter(), self.now);
+        // Borrowed, not collected: a cold start of n nodes makes n member-ups on every node.
+        let active = self.foca.iter_members().map(|m| m.id());
+        let arrival = self.lineage.arrived(id, &local, active, self.now);
         for older in arrival.declare_down {
             self.declare_down(older);
         }
@@ -298,12 +307,12 @@ impl<T: Transport> Agent<T> {
         match arrival.outcome {
             Outcome::Joined(id) => {
                 self.join_sync(id.addr());
-                self.shared.emit(MeshEvent::Joined(id));
+                self.emit(MeshEvent::Joined(id));
             }
             Outcome::Rejoined { previous, current } => {
                 self.join_sync(current.addr());
                 self.store.lock().bury(&previous, self.now);
-                self.shared.emit(MeshEvent::Rejoined { previous, current });
+                self.emit(MeshEvent::Rejoined { previous, current });
             }
             Outcome::Superseded(newer) => self.superseded(local, newer),
             Outcome::Nothing => {}
@@ -314,7 +323,7 @@ impl<T: Transport> Agent<T> {
         self.resize();
         self.store.lock().bury(&id, self.now);
         if let Some(event) = self.lineage.departed(id, self.now) {
-            self.shared.emit(event);
+            self.emit(event);
         }
     }
 
@@ -327,7 +336,7 @@ impl<T: Transport> Agent<T> {
         {
             self.join_sync(new_addr);
             self.store.lock().bury(&old, self.now);
-            self.shared.emit(event);
+            self.emit(event);
         }
     }
 
@@ -353,7 +362,7 @@ impl<T: Transport> Agent<T> {
             %local, %newer,
             "another process claims this node id with a newer generation; leaving the cluster to it"
         );
-        self.shared.emit(MeshEvent::Superseded { local, newer });
+        self.emit(MeshEvent::Superseded { local, newer });
         if let Err(error) = self.foca.leave_cluster(self.io.runtime(self.now)) {
             tracing::debug!(%error, "leaving after being superseded failed");
         }
@@ -391,6 +400,8 @@ impl<T: Transport> Agent<T> {
         }
         tracing::info!(identity = %id, "rejoining under a renewed identity");
         self.publisher.restart();
+        // A new identity counts its incarnations from zero again.
+        self.refuted_up_to = None;
         self.set_status(LocalStatus::Joining);
         self.publish(true);
     }
@@ -408,7 +419,7 @@ impl<T: Transport> Agent<T> {
         }
         for id in newly {
             self.shared.counters.suspected();
-            self.shared.emit(MeshEvent::Suspect(id));
+            self.emit(MeshEvent::Suspect(id));
         }
     }
 }

@@ -189,6 +189,31 @@ impl<T: Transport> Agent<T> {
         self.push_state(self.timing.state_push_fanout.get());
     }
 
+    /// Relay (one hop): a new version of a peer's state, pushed to us by its owner, goes on to
+    /// up to [`Timing::state_relay_fanout`](crate::Timing::state_relay_fanout) random members
+    /// other than the owner. Only updates are relayed, never a first sighting (a join sync or
+    /// a cold start would otherwise multiply by the fan-out), and only once: receivers of a
+    /// relay, which comes from someone other than the owner, do not relay it again. Each
+    /// version is relayed at most once per node because only a version new to us gets here.
+    pub(super) fn relay_state(&mut self, state: &NodeState, bytes: &[u8], owner: SocketAddr) {
+        let fanout = self.timing.state_relay_fanout;
+        // Up to the push fan-out the owner pushed to every member: nothing to relay.
+        if fanout == 0 || self.foca.num_members() <= self.timing.state_push_fanout.get() {
+            return;
+        }
+        let own = self.foca.identity().addr();
+        let members: Vec<SocketAddr> = self
+            .foca
+            .iter_members()
+            .map(|m| m.id().addr())
+            .filter(|a| *a != owner && *a != own)
+            .collect();
+        for addr in self.publisher.push_targets(&members, fanout) {
+            self.io.out.send(Kind::StatePush, bytes, addr);
+        }
+        tracing::trace!(node = %state.node_id, version = state.version, "relayed a state");
+    }
+
     /// Join sync: a newcomer gets our state now instead of waiting for gossip.
     pub(super) fn join_sync(&mut self, to: SocketAddr) {
         if let Some(published) = self.publisher.current() {

@@ -13,7 +13,10 @@ use foca::{Foca, OwnedNotification, PostcardCodec};
 use rand::{SeedableRng, rngs::StdRng};
 use tokio::time::Instant;
 
-use super::timers::{Tick, TimerQueue};
+use super::{
+    health::{Checks, LocalHealth, SuspicionTimeouts, Suspicions},
+    timers::{Tick, TimerQueue},
+};
 use crate::{
     Identity,
     shared::Shared,
@@ -75,19 +78,73 @@ impl<T: Transport> Outbound<T> {
     }
 }
 
-/// What foca's runtime writes to: the outbound socket, the timer queue and the notifications
-/// waiting to be handled.
+/// What foca's runtime writes to: the outbound socket, the timer queue, Lifeguard's state and
+/// the notifications waiting to be handled.
 pub(crate) struct Io<T> {
     pub(crate) out: Outbound<T>,
     pub(crate) timers: TimerQueue<Tick>,
+    pub(crate) guard: Guard,
     notes: Vec<OwnedNotification<Identity>>,
 }
 
+/// Lifeguard's state (`health.rs`), where foca's timers pass through it.
+#[derive(Debug)]
+pub(crate) struct Guard {
+    pub(crate) health: LocalHealth,
+    pub(crate) suspicions: Suspicions,
+    pub(crate) checks: Checks,
+    pub(crate) timeouts: SuspicionTimeouts,
+    /// Suspicions foca raised since the loop last looked: their suspects and witnesses are
+    /// told once foca returns.
+    pub(crate) raised: Vec<(Identity, u16)>,
+    /// A probe was started in the previous probe cycle and its outcome is still unknown.
+    probe_in_flight: bool,
+    /// Within the current call: foca started a probe, or declared the previous one failed.
+    probe_started: bool,
+    probe_failed: bool,
+}
+
+impl Guard {
+    pub(crate) fn new(max_health: u8, timeouts: SuspicionTimeouts) -> Self {
+        Self {
+            health: LocalHealth::new(max_health),
+            suspicions: Suspicions::default(),
+            checks: Checks::default(),
+            timeouts,
+            raised: Vec::new(),
+            probe_in_flight: false,
+            probe_started: false,
+            probe_failed: false,
+        }
+    }
+
+    /// foca is about to run a probe cycle (`Timer::ProbeRandomMember`).
+    pub(crate) fn begin_cycle(&mut self) {
+        self.probe_started = false;
+        self.probe_failed = false;
+    }
+
+    /// The probe cycle ran: the previous probe's outcome moves the health score (foca reports a
+    /// failure by submitting `Timer::ChangeSuspectToDown` during the cycle, and nothing on
+    /// success).
+    pub(crate) fn end_cycle(&mut self) {
+        if self.probe_in_flight {
+            if self.probe_failed {
+                self.health.worse();
+            } else {
+                self.health.better();
+            }
+        }
+        self.probe_in_flight = self.probe_started;
+    }
+}
+
 impl<T: Transport> Io<T> {
-    pub(crate) fn new(out: Outbound<T>) -> Self {
+    pub(crate) fn new(out: Outbound<T>, guard: Guard) -> Self {
         Self {
             out,
             timers: TimerQueue::new(),
+            guard,
             notes: Vec::new(),
         }
     }
@@ -119,7 +176,36 @@ impl<T: Transport> foca::Runtime<Identity> for Effects<'_, T> {
         self.io.out.send(Kind::Foca, data, to.addr());
     }
 
+    /// Lifeguard sits here: probe timers are stretched by the local health score, and
+    /// suspicion timers are held back until their dynamic deadline (`health.rs`).
     fn submit_after(&mut self, event: foca::Timer<Identity>, after: Duration) {
+        let guard = &mut self.io.guard;
+        let after = match &event {
+            foca::Timer::ProbeRandomMember(_) => guard.health.scale(after),
+            foca::Timer::SendIndirectProbe { .. } => {
+                guard.probe_started = true;
+                guard.health.scale(after)
+            }
+            foca::Timer::ChangeSuspectToDown {
+                member_id,
+                incarnation,
+                ..
+            } => {
+                guard.probe_failed = true;
+                let (member, incarnation) = (member_id.clone(), *incarnation);
+                let timeouts = guard.timeouts;
+                if let Some(due) =
+                    guard
+                        .suspicions
+                        .start(&member, incarnation, event, self.now, timeouts)
+                {
+                    guard.raised.push((member, incarnation));
+                    self.io.timers.schedule(due.at, Tick::Suspicion(due.id));
+                }
+                return;
+            }
+            _ => after,
+        };
         self.io.timers.schedule(self.now + after, Tick::Foca(event));
     }
 }
@@ -236,19 +322,12 @@ mod tests {
             Arc::clone(&shared),
         );
         assert_eq!(out.max_payload(), MAX_DATAGRAM - 4);
-        let mut io = Io::new(out);
+        let mut io = Io::new(out, guard());
         let now = Instant::now();
         let mut runtime = io.runtime(now);
         runtime.send_to(id.clone(), b"swim");
         runtime.submit_after(foca::Timer::ProbeRandomMember(0), Duration::from_millis(30));
-        runtime.submit_after(
-            foca::Timer::ChangeSuspectToDown {
-                member_id: id.clone(),
-                incarnation: 0,
-                token: 0,
-            },
-            Duration::from_millis(10),
-        );
+        runtime.submit_after(foca::Timer::PeriodicGossip(0), Duration::from_millis(10));
         runtime.notify(foca::Notification::Active);
 
         assert_eq!(
@@ -263,7 +342,7 @@ mod tests {
         let later = now + Duration::from_secs(1);
         assert!(matches!(
             io.timers.pop_due(later),
-            Some(Tick::Foca(foca::Timer::ChangeSuspectToDown { .. }))
+            Some(Tick::Foca(foca::Timer::PeriodicGossip(0)))
         ));
         assert!(matches!(
             io.timers.pop_due(later),
@@ -271,6 +350,85 @@ mod tests {
         ));
         assert_eq!(io.take_notes().len(), 1);
         assert!(io.take_notes().is_empty());
+    }
+
+    fn guard() -> Guard {
+        Guard::new(
+            8,
+            SuspicionTimeouts {
+                min: Duration::from_secs(2),
+                max: Duration::from_secs(12),
+                expected: 2,
+            },
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn probe_timers_stretch_with_local_health_and_suspicions_wait_for_their_deadline() {
+        let transport = Arc::new(Recorder::default());
+        let id = Identity::new(NodeId::new("a").unwrap(), "127.0.0.1:7".parse().unwrap(), 1);
+        let suspect = Identity::new(NodeId::new("x").unwrap(), "127.0.0.1:8".parse().unwrap(), 1);
+        let shared = testing::shared(snapshot::initial(&id));
+        let out = Outbound::new(Arc::clone(&transport), Envelope::plain(), shared);
+        let mut io = Io::new(out, guard());
+        let now = Instant::now();
+        // A probe starts, and the next cycle finds it failed: the score goes up by one.
+        io.guard.begin_cycle();
+        io.runtime(now).submit_after(
+            foca::Timer::SendIndirectProbe {
+                probed_id: suspect.clone(),
+                token: 0,
+            },
+            Duration::from_millis(500),
+        );
+        io.guard.end_cycle();
+        io.guard.begin_cycle();
+        let suspicion = foca::Timer::ChangeSuspectToDown {
+            member_id: suspect.clone(),
+            incarnation: 4,
+            token: 0,
+        };
+        io.runtime(now)
+            .submit_after(suspicion, Duration::from_secs(12));
+        io.runtime(now).submit_after(
+            foca::Timer::SendIndirectProbe {
+                probed_id: id.clone(),
+                token: 0,
+            },
+            Duration::from_millis(500),
+        );
+        io.guard.end_cycle();
+        assert_eq!(io.guard.health.score(), 1);
+        assert_eq!(io.guard.raised, [(suspect.clone(), 4)]);
+        // Probe timers now run twice as long.
+        io.runtime(now)
+            .submit_after(foca::Timer::ProbeRandomMember(0), Duration::from_secs(1));
+        let due: Vec<Tick> =
+            std::iter::from_fn(|| io.timers.pop_due(now + Duration::from_secs(2))).collect();
+        assert!(
+            matches!(
+                due.as_slice(),
+                [
+                    Tick::Foca(foca::Timer::SendIndirectProbe { .. }),
+                    Tick::Foca(foca::Timer::SendIndirectProbe { .. }),
+                    Tick::Foca(foca::Timer::ProbeRandomMember(0)),
+                ]
+            ),
+            "{due:?}"
+        );
+        // The suspicion is held back until its unconfirmed deadline, as our own tick.
+        assert_eq!(
+            io.timers.next_deadline(),
+            Some(now + Duration::from_secs(12))
+        );
+        assert!(matches!(
+            io.timers.pop_due(now + Duration::from_secs(12)),
+            Some(Tick::Suspicion(_))
+        ));
+        // A cycle whose probe was answered brings the score back down.
+        io.guard.begin_cycle();
+        io.guard.end_cycle();
+        assert_eq!(io.guard.health.score(), 0);
     }
 
     #[test]

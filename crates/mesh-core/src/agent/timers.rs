@@ -21,6 +21,14 @@ pub(crate) enum Tick {
     FinishLeave,
     /// Work that comes back on its own period.
     Every(Periodic),
+    /// Publish the coalesced view.
+    View,
+    /// A suspicion we raised may have reached its (dynamic) deadline.
+    Suspicion(u64),
+    /// A check we run as a witness: ask the suspect again.
+    CheckRetry(u64),
+    /// A check we run as a witness: the suspect had its chance.
+    CheckDue(u64),
 }
 
 /// The periodic work of the membership task.

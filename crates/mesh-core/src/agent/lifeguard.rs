@@ -1,0 +1,237 @@
+//! Lifeguard's messages: telling a suspect it is suspected (buddy system), asking witnesses
+//! to check it, and carrying refutations and confirmations back (see `health.rs` for the
+//! algorithm and what foca does not offer).
+//!
+//! Four messages travel in [`Kind::Lifeguard`] datagrams, each about one member at one
+//! incarnation, answered to the datagram's source address:
+//!
+//! | message | from → to | reaction |
+//! |---|---|---|
+//! | `Suspected` | suspecting node or witness → suspect | the suspect refutes (foca bumps its incarnation) and answers `Alive` |
+//! | `Check` | suspecting node → witness | the witness sends the suspect `Suspected` (twice), then answers `Alive` if it heard back, `Confirm` if not |
+//! | `Alive` | suspect → asker, witness → suspecting node | the member is alive at a newer incarnation: applied to foca, which ends the suspicion everywhere it spreads |
+//! | `Confirm` | witness → suspecting node | one more independent confirmation: the suspicion's deadline moves closer |
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Agent, timers::Tick};
+use crate::{Identity, transport::Transport, wire::Kind};
+
+/// A Lifeguard message about `member` at `incarnation`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum Notice {
+    /// You are suspected: refute.
+    Suspected { member: Identity, incarnation: u16 },
+    /// Please check whether `member` answers.
+    Check { member: Identity, incarnation: u16 },
+    /// `member` answered: it is alive at an incarnation above `incarnation`.
+    Alive { member: Identity, incarnation: u16 },
+    /// `member` did not answer the witness either.
+    Confirm { member: Identity, incarnation: u16 },
+}
+
+impl<T: Transport> Agent<T> {
+    fn send_notice(&mut self, notice: &Notice, to: SocketAddr) {
+        match postcard::to_allocvec(notice) {
+            Ok(body) => self.io.out.send(Kind::Lifeguard, &body, to),
+            Err(error) => tracing::debug!(%error, "encoding a lifeguard message failed"),
+        }
+    }
+
+    /// Suspicions foca raised during the last call: tell each suspect (buddy system) and ask
+    /// witnesses to check it.
+    pub(super) fn tell_about_suspicions(&mut self) {
+        let raised = std::mem::take(&mut self.io.guard.raised);
+        for (member, incarnation) in raised {
+            self.shared.counters.suspicion_raised();
+            self.send_notice(
+                &Notice::Suspected {
+                    member: member.clone(),
+                    incarnation,
+                },
+                member.addr(),
+            );
+            let witnesses = self.timing.suspicion_confirmations as usize;
+            if witnesses == 0 {
+                continue;
+            }
+            let candidates: Vec<SocketAddr> = self
+                .foca
+                .iter_members()
+                .filter(|m| m.id() != &member && m.state() == foca::State::Alive)
+                .map(|m| m.id().addr())
+                .collect();
+            let check = Notice::Check {
+                member: member.clone(),
+                incarnation,
+            };
+            for witness in self.publisher.push_targets(&candidates, witnesses) {
+                self.send_notice(&check, witness);
+            }
+        }
+    }
+
+    pub(super) fn on_notice(&mut self, notice: Notice, from: SocketAddr) {
+        match notice {
+            Notice::Suspected {
+                member,
+                incarnation,
+            } => self.suspected(member, incarnation, from),
+            Notice::Check {
+                member,
+                incarnation,
+            } => self.check(member, incarnation, from),
+            Notice::Alive {
+                member,
+                incarnation,
+            } => self.alive(member, incarnation),
+            Notice::Confirm {
+                member,
+                incarnation,
+            } => {
+                let first = self.io.guard.suspicions.confirmations(&member) == Some(0);
+                if let Some(due) = self.io.guard.suspicions.confirm(&member, incarnation, from) {
+                    self.io.timers.schedule(due.at, Tick::Suspicion(due.id));
+                    if first {
+                        // Like Lifeguard's nacks: someone else cannot reach the suspect either,
+                        // so our failed probe says nothing about our own health.
+                        self.io.guard.health.better();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Someone suspects us: refute through foca (which bumps our incarnation and gossips it),
+    /// count it against our health once per incarnation, and answer directly.
+    fn suspected(&mut self, member: Identity, incarnation: u16, from: SocketAddr) {
+        if member != *self.foca.identity() {
+            return; // About a previous life of ours, or not about us at all.
+        }
+        if self.refuted_up_to.is_none_or(|done| done < incarnation) {
+            self.refuted_up_to = Some(incarnation);
+            self.io.guard.health.worse();
+            self.shared.counters.refuted_self();
+            let us = foca::Member::new(member.clone(), incarnation, foca::State::Suspect);
+            if let Err(error) =
+                self.foca
+                    .apply_many(std::iter::once(us), true, self.io.runtime(self.now))
+            {
+                tracing::debug!(%error, "refuting a suspicion failed");
+            }
+        }
+        self.send_notice(
+            &Notice::Alive {
+                member,
+                incarnation,
+            },
+            from,
+        );
+    }
+
+    /// We are a witness: ask the suspect ourselves, and answer the asker once we know.
+    fn check(&mut self, member: Identity, incarnation: u16, from: SocketAddr) {
+        if member == *self.foca.identity() {
+            // Asked about ourselves: we are evidently alive.
+            self.suspected(member, incarnation, from);
+            return;
+        }
+        let Some(id) = self.io.guard.checks.ask(&member, incarnation, from) else {
+            return;
+        };
+        self.send_notice(
+            &Notice::Suspected {
+                member: member.clone(),
+                incarnation,
+            },
+            member.addr(),
+        );
+        let rtt = self.timing.probe_rtt;
+        self.io
+            .timers
+            .schedule(self.now + rtt / 2, Tick::CheckRetry(id));
+        self.io.timers.schedule(self.now + rtt, Tick::CheckDue(id));
+    }
+
+    /// `member` proved it is alive above `incarnation`: apply that (ending any suspicion of
+    /// it, ours and, through foca's gossip, everyone's) and pass it on to whoever asked us.
+    fn alive(&mut self, member: Identity, incarnation: u16) {
+        let active = self
+            .foca
+            .iter_members()
+            .any(|m| *m.id() == member && m.incarnation() <= incarnation);
+        if active && member.addr() != self.foca.identity().addr() {
+            // The suspect bumped its incarnation past `incarnation` before answering.
+            let refuted = foca::Member::new(
+                member.clone(),
+                incarnation.saturating_add(1),
+                foca::State::Alive,
+            );
+            if let Err(error) =
+                self.foca
+                    .apply_many(std::iter::once(refuted), true, self.io.runtime(self.now))
+            {
+                tracing::debug!(%error, "applying a refutation failed");
+            }
+        }
+        if self.io.guard.suspicions.end(&member, incarnation) {
+            self.shared.counters.suspicion_refuted();
+        }
+        for (asked, asker) in self.io.guard.checks.answered(&member, incarnation) {
+            self.send_notice(
+                &Notice::Alive {
+                    member: member.clone(),
+                    incarnation: asked,
+                },
+                asker,
+            );
+        }
+    }
+
+    /// A suspicion we raised may be due: hand foca its timer if the member is still suspected
+    /// at that incarnation. (foca itself would also deliver it after a refutation, and then
+    /// sends the refuted member `TurnUndead`, which makes a healthy node renew its identity.)
+    pub(super) fn suspicion_due(&mut self, id: u64) {
+        let Some((member, incarnation, timer)) = self.io.guard.suspicions.expire(id, self.now)
+        else {
+            return;
+        };
+        let still_suspected = self.foca.iter_members().any(|m| {
+            *m.id() == member && m.state() == foca::State::Suspect && m.incarnation() == incarnation
+        });
+        if still_suspected
+            && let Err(error) = self.foca.handle_timer(timer, self.io.runtime(self.now))
+        {
+            tracing::debug!(%error, "foca suspicion timer error");
+        }
+    }
+
+    /// Half the wait has passed without an answer: ask the suspect once more.
+    pub(super) fn check_retry(&mut self, id: u64) {
+        if let Some((member, incarnation)) = self.io.guard.checks.is_waiting(id) {
+            let addr = member.addr();
+            self.send_notice(
+                &Notice::Suspected {
+                    member,
+                    incarnation,
+                },
+                addr,
+            );
+        }
+    }
+
+    /// The suspect never answered us either: confirm to everyone who asked.
+    pub(super) fn check_due(&mut self, id: u64) {
+        if let Some((member, incarnation, askers)) = self.io.guard.checks.timed_out(id) {
+            let confirm = Notice::Confirm {
+                member,
+                incarnation,
+            };
+            for asker in askers {
+                self.send_notice(&confirm, asker);
+            }
+        }
+    }
+}
