@@ -147,7 +147,8 @@ pub struct Router {
 pub(crate) struct Inner {
     pub(crate) membership: Membership,
     strategy: Arc<dyn Strategy>,
-    max_state_age: Duration,
+    /// Fixed by the builder, or `None` for the default that scales with the cluster.
+    max_state_age: Option<Duration>,
     in_flight: InFlight,
     pub(crate) departures: Departures,
     pub(crate) channels: PeerChannels,
@@ -325,7 +326,10 @@ impl RouterBuilder {
     }
 
     /// Peers whose state has not been confirmed for longer than this are not routed to.
-    /// Default: four state refresh intervals of the membership's timing.
+    /// Default: four refresh rounds — four times the time a node's anti-entropy refresh takes
+    /// to reach every peer (`state_refresh_interval × ceil((members − 1) / state_push_fanout)`),
+    /// so the limit grows with the cluster instead of declaring idle peers of a large cluster
+    /// stale.
     pub fn max_state_age(mut self, age: Duration) -> Self {
         self.max_state_age = Some(age);
         self
@@ -340,9 +344,7 @@ impl RouterBuilder {
     /// Builds the router and starts its housekeeping task (channel eviction), which stops when
     /// the router is dropped. Must be called inside a tokio runtime.
     pub fn build(self) -> Router {
-        let max_state_age = self
-            .max_state_age
-            .unwrap_or(self.membership.timing().state_refresh_interval * 4);
+        let max_state_age = self.max_state_age;
         let channels = PeerChannels::new(self.channels);
         let in_flight = InFlight::default();
         let departures = Departures::default();
@@ -537,12 +539,15 @@ impl Router {
                 &local_fallback
             }
         };
+        let max_state_age = inner
+            .max_state_age
+            .unwrap_or_else(|| default_max_state_age(inner.membership.timing(), view.len()));
         let in_flight = inner.in_flight.lock();
         let mut candidates: Vec<Candidate<'_>> = Vec::with_capacity(view.len());
         let local_matches = request.is_satisfied_by(local_state);
         let mut any_match = local_matches;
         for peer in view.peers() {
-            let Some(state) = usable_state(peer, inner.max_state_age) else {
+            let Some(state) = usable_state(peer, max_state_age) else {
                 continue;
             };
             if !request.is_satisfied_by(state) {
@@ -673,6 +678,14 @@ impl Router {
                 other => other,
             })
     }
+}
+
+/// Four refresh rounds: a node re-sends its state to `state_push_fanout` peers per
+/// `state_refresh_interval`, in turn, so one round reaches every peer of `members`.
+fn default_max_state_age(timing: &mesh_core::Timing, members: usize) -> Duration {
+    let peers = members.saturating_sub(1).max(1);
+    let rounds = peers.div_ceil(timing.state_push_fanout.get());
+    timing.state_refresh_interval * 4 * u32::try_from(rounds).unwrap_or(u32::MAX)
 }
 
 /// The state of a peer we may route to: alive, known, fresh, reachable.
@@ -922,6 +935,17 @@ mod tests {
         // Watching a life that already ended is refused; a newer life can be watched.
         assert!(departures.watch(&node, 5).is_none());
         assert!(departures.watch(&node, 6).is_some());
+    }
+
+    #[test]
+    fn the_default_staleness_limit_grows_with_the_refresh_round() {
+        let lan = mesh_core::Timing::lan();
+        let refresh = lan.state_refresh_interval;
+        assert_eq!(lan.state_push_fanout.get(), 64);
+        assert_eq!(default_max_state_age(&lan, 1), refresh * 4);
+        assert_eq!(default_max_state_age(&lan, 65), refresh * 4);
+        assert_eq!(default_max_state_age(&lan, 66), refresh * 8);
+        assert_eq!(default_max_state_age(&lan, 1_000), refresh * 4 * 16);
     }
 
     #[test]

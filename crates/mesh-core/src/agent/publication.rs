@@ -36,6 +36,8 @@ pub(crate) struct Publisher {
     published: Option<Published>,
     scheduled: bool,
     rng: StdRng,
+    /// Where the next anti-entropy refresh starts in the sorted member list.
+    refresh_cursor: usize,
 }
 
 /// What to do about a change of our state.
@@ -57,6 +59,7 @@ impl Publisher {
             published: None,
             scheduled: false,
             rng,
+            refresh_cursor: 0,
         }
     }
 
@@ -120,6 +123,31 @@ impl Publisher {
     /// The last published version.
     pub(crate) fn current(&self) -> Option<&Published> {
         self.published.as_ref()
+    }
+
+    /// The next `fanout` of `members` in address order, continuing where the previous refresh
+    /// stopped: every member is refreshed once every `ceil(members / fanout)` refreshes (a
+    /// random choice would leave some peer unrefreshed for many intervals at scale, and
+    /// routers would take its state for stale).
+    pub(crate) fn refresh_targets(
+        &mut self,
+        members: &mut [SocketAddr],
+        fanout: usize,
+    ) -> Vec<SocketAddr> {
+        if members.is_empty() || fanout == 0 {
+            return Vec::new();
+        }
+        members.sort_unstable();
+        let start = self.refresh_cursor % members.len();
+        let take = fanout.min(members.len());
+        self.refresh_cursor = (start + take) % members.len();
+        members
+            .iter()
+            .cycle()
+            .skip(start)
+            .take(take)
+            .copied()
+            .collect()
     }
 
     /// Up to `fanout` of `members`, chosen at random.
@@ -186,7 +214,16 @@ impl<T: Transport> Agent<T> {
         if matches!(self.status, LocalStatus::Left | LocalStatus::Defunct) {
             return;
         }
-        self.push_state(self.timing.state_push_fanout.get());
+        let Some(published) = self.publisher.current() else {
+            return;
+        };
+        let bytes = published.bytes.clone();
+        let mut members: Vec<SocketAddr> =
+            self.foca.iter_members().map(|m| m.id().addr()).collect();
+        let fanout = self.timing.state_push_fanout.get();
+        for addr in self.publisher.refresh_targets(&mut members, fanout) {
+            self.io.out.send(Kind::StatePush, &bytes, addr);
+        }
     }
 
     /// Relay (one hop): a new version of a peer's state, pushed to us by its owner, goes on to
@@ -337,6 +374,17 @@ mod tests {
         assert_eq!(distinct.len(), 3);
         assert!(targets.iter().all(|t| members.contains(t)));
         assert_eq!(publisher.push_targets(&members, usize::MAX).len(), 10);
+        // Refreshes go round: every member within ceil(10 / 4) = 3 refreshes.
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..3 {
+            let mut shuffled = members.clone();
+            shuffled.reverse();
+            for target in publisher.refresh_targets(&mut shuffled, 4) {
+                seen.insert(target);
+            }
+        }
+        assert_eq!(seen.len(), 10, "every member refreshed within three rounds");
+        assert!(publisher.refresh_targets(&mut [], 4).is_empty());
         assert!(publisher.push_targets(&[], 3).is_empty());
         // Seeded: the same seed chooses the same peers.
         assert_eq!(
