@@ -90,6 +90,18 @@ fn the_statefulset_wires_pod_name_and_ip_into_a_valid_dns_configuration() {
     assert_eq!(config.dns_service_name, "mesh.build.svc.cluster.local.");
     let (_builder, resolved) = config.node_builder().unwrap();
     assert_eq!(resolved.node_id.as_str(), "mesh-2");
+
+    // A service named `mesh` would give every pod MESH_SERVICE_HOST, MESH_PORT, … through
+    // Kubernetes' service links, which the node refuses as unknown keys: links must be off.
+    let service_name = at(&service, &["metadata", "name"]).as_str().unwrap();
+    let link = format!("{}_SERVICE_HOST", service_name.to_ascii_uppercase());
+    let refused = MeshConfig::default().apply_vars([(link.clone(), "10.43.0.10".to_owned())]);
+    assert!(refused.is_err(), "{link} would be read as a mesh key");
+    assert_eq!(
+        at(&set, &["spec", "template", "spec", "enableServiceLinks"]).as_bool(),
+        Some(false),
+        "service links would inject {link} and the node would refuse to start"
+    );
     assert_eq!(
         resolved.gossip_advertise,
         "10.42.0.17:7946".parse().unwrap()

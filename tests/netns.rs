@@ -8,7 +8,7 @@
 //!
 //! The test creates and removes everything itself, also when it fails. It needs root (or
 //! CAP_NET_ADMIN) and `ip` (iproute2); where the machine does not allow network namespaces it
-//! says why and skips, unless `MESH_NETNS_REQUIRED=1` (set by `.ci/run` where namespaces work),
+//! says why and skips, unless `NETNS_TEST_REQUIRED=1` (set by `.ci/run` where namespaces work),
 //! which makes a skip a failure.
 
 mod cluster_processes;
@@ -301,8 +301,8 @@ async fn burst(bin: &Path, network: &Network) -> std::collections::HashMap<Strin
 async fn five_hosts_in_namespaces_survive_a_partition_a_kill_and_a_rolling_restart() {
     if let Some(reason) = unavailable() {
         assert!(
-            std::env::var("MESH_NETNS_REQUIRED").is_err(),
-            "MESH_NETNS_REQUIRED is set, but {reason}"
+            std::env::var("NETNS_TEST_REQUIRED").is_err(),
+            "NETNS_TEST_REQUIRED is set, but {reason}"
         );
         eprintln!("skipping the network-namespace test: {reason}");
         return;
