@@ -10,13 +10,23 @@
 mod support;
 mod udp;
 
-use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+use std::{
+    collections::{BTreeMap, VecDeque},
+    io,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use mesh_core::{
     LocalStatus, Membership, MembershipView, MeshEvent, NodeId, StartError, StateError, Timing,
+    Transport,
 };
-use support::one_host::{self, Links, simulate};
-use tokio::{net::UdpSocket, sync::broadcast};
+use support::one_host::{self, Links, SimSocket, simulate};
+use tokio::{
+    net::UdpSocket,
+    sync::{Notify, broadcast},
+};
 use udp::{bounded, builder};
 
 async fn node(name: &str, seeds: &[SocketAddr]) -> Membership {
@@ -392,6 +402,120 @@ async fn garbage_datagrams_are_dropped_and_counted_while_the_node_keeps_working(
         nodes[0].wait_until(|v| v.len() == 3),
     )
     .await;
+}
+
+/// Datagrams the test hands to a node's socket all at once: the receive task reads them
+/// back to back, faster than any membership task could take them.
+#[derive(Default)]
+struct Burst {
+    datagrams: Mutex<VecDeque<(Vec<u8>, SocketAddr)>>,
+    arrived: Notify,
+}
+
+/// A simulated socket that delivers a [`Burst`] before anything else.
+struct BurstySocket {
+    socket: SimSocket,
+    burst: Arc<Burst>,
+}
+
+impl Transport for BurstySocket {
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+
+    async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        loop {
+            if let Some((datagram, from)) = self.burst.datagrams.lock().unwrap().pop_front() {
+                buf[..datagram.len()].copy_from_slice(&datagram);
+                return Ok((datagram.len(), from));
+            }
+            tokio::select! {
+                received = self.socket.recv_from(buf) => return received,
+                () = self.burst.arrived.notified() => {}
+            }
+        }
+    }
+
+    fn try_send_to(&self, datagram: &[u8], target: SocketAddr) -> io::Result<usize> {
+        self.socket.try_send_to(datagram, target)
+    }
+}
+
+#[test]
+fn a_burst_beyond_the_input_queue_is_dropped_and_counted_while_the_node_keeps_working() {
+    simulate(15, async {
+        let links = Links::default();
+        let burst = Arc::new(Burst::default());
+        let target = one_host::start_on(
+            one_host::builder("target", &[]),
+            BurstySocket {
+                socket: SimSocket::bind(&links).await,
+                burst: Arc::clone(&burst),
+            },
+        )
+        .await;
+        let peer = one_host::start(one_host::builder("peer", &[target.local_addr()]), &links).await;
+        for member in [&target, &peer] {
+            one_host::until("both members", member, |v| v.len() == 2).await;
+        }
+        let mut events = [target.events(), peer.events()];
+
+        // Well-enveloped SWIM packets: the receive task cannot tell them from real ones, so
+        // each must go through the queue to the membership task (where foca rejects it).
+        const SENT: u64 = 5_000;
+        let garbage = b"ms\x01\x01\xff\xff\xff\xff\xff\xff".to_vec();
+        let from: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let before = target.stats();
+        burst
+            .datagrams
+            .lock()
+            .unwrap()
+            .extend((0..SENT).map(|_| (garbage.clone(), from)));
+        burst.arrived.notify_one();
+        let after = bounded("every datagram of the burst to be accounted for", async {
+            loop {
+                let s = target.stats();
+                let accounted = (s.dropped_overload - before.dropped_overload)
+                    + (s.foca_rejected - before.foca_rejected);
+                if accounted >= SENT {
+                    return s;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await;
+        let dropped = after.dropped_overload - before.dropped_overload;
+        let taken = after.foca_rejected - before.foca_rejected;
+        assert_eq!(dropped + taken, SENT, "{after:?}");
+        assert!(
+            (1..=1024).contains(&taken),
+            "the queue takes what it holds (1024 datagrams), no more: took {taken}"
+        );
+        assert!(
+            dropped >= SENT - 1024,
+            "the rest is dropped and counted: {dropped}"
+        );
+        assert!(after.datagrams_received - before.datagrams_received >= SENT);
+
+        // The node is still a member that gossips its load, and nobody noticed the burst.
+        let _task = target.load().begin_task();
+        one_host::until("the target's new load", &peer, |v| {
+            v.get("target")
+                .and_then(|m| m.state())
+                .is_some_and(|s| s.pending == 1)
+        })
+        .await;
+        for receiver in &mut events {
+            for event in one_host::drain(receiver) {
+                assert!(
+                    !matches!(event, MeshEvent::Failed(_) | MeshEvent::Left(_)),
+                    "{event:?}"
+                );
+            }
+        }
+        assert_eq!(target.view().len(), 2);
+        assert_eq!(peer.view().len(), 2);
+    });
 }
 
 /// A discovery source whose answer the test changes while the node runs.

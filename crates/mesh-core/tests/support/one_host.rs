@@ -171,6 +171,11 @@ pub fn builder(name: &str, seeds: &[SocketAddr]) -> MembershipBuilder {
 /// come from the order members are started in, so a run is reproducible and a restart always
 /// has a higher generation.
 pub async fn start(builder: MembershipBuilder, links: &Links) -> Membership {
+    start_on(builder, SimSocket::bind(links).await).await
+}
+
+/// [`start`] on a transport of the test's own (usually wrapping a [`SimSocket`]).
+pub async fn start_on(builder: MembershipBuilder, transport: impl Transport) -> Membership {
     let n = STARTED.with(|started| {
         started.set(started.get() + 1);
         started.get()
@@ -178,7 +183,7 @@ pub async fn start(builder: MembershipBuilder, links: &Links) -> Membership {
     builder
         .generation(n * 1_000_000_000)
         .rng_seed(0x5eed ^ n)
-        .start_with_transport(SimSocket::bind(links).await)
+        .start_with_transport(transport)
         .await
         .expect("a member starts")
 }
