@@ -4,7 +4,7 @@
 use std::{future::Future, net::SocketAddr, time::Duration};
 
 use mesh::{
-    Node, Tags, Timing, WhenFull,
+    MeshEvent, Node, Tags, Timing, WhenFull,
     route::ChannelConfig,
     tls::{PeerTls, ServerTls},
 };
@@ -12,6 +12,7 @@ use mesh_demo::{
     DemoNode, ServiceStats,
     proto::demo::v1::{Action, ExecuteRequest, Operation, execution_client::ExecutionClient},
 };
+use tokio::sync::broadcast::{self, error::TryRecvError};
 use tonic::transport::Channel;
 
 /// Upper bound for any wait on a loaded CI machine; not an expectation.
@@ -202,6 +203,21 @@ pub async fn converge(nodes: &[TestNode]) {
                 .wait_until(|v| v.len() == n && v.peers().iter().all(|p| p.state().is_some())),
         )
         .await;
+    }
+}
+
+/// Every event `receiver` holds now. Fails loudly if the stream lagged: an event lost there
+/// could be the one a test asserts never happened.
+pub fn drain_events(receiver: &mut broadcast::Receiver<MeshEvent>) -> Vec<MeshEvent> {
+    let mut events = Vec::new();
+    loop {
+        match receiver.try_recv() {
+            Ok(event) => events.push(event),
+            Err(TryRecvError::Empty | TryRecvError::Closed) => return events,
+            Err(TryRecvError::Lagged(missed)) => {
+                panic!("the event stream lagged: {missed} events lost unseen")
+            }
+        }
     }
 }
 
