@@ -13,11 +13,7 @@ use mesh_core::{
     Identity, Keyring, MAX_STATE_SIZE, NodeId, NodeState, SecretKey,
     wire::{self, Envelope, Kind},
 };
-use proptest::{
-    prelude::*,
-    strategy::ValueTree,
-    test_runner::{Config, TestRunner},
-};
+use proptest::{prelude::*, strategy::ValueTree, test_runner::TestRunner};
 
 fn valid_state() -> NodeState {
     let mut state = NodeState::new(NodeId::new("node-1").unwrap(), 1_700_000_000, 42);
@@ -261,7 +257,7 @@ proptest! {
 /// valid header, or only valid node ids, would pass whatever the code did.
 #[test]
 fn the_generators_reach_every_rule() {
-    let mut runner = TestRunner::new(Config::default());
+    let mut runner = TestRunner::deterministic();
     let mut outcomes = std::collections::HashMap::new();
     for _ in 0..4000 {
         let datagram = datagram().new_tree(&mut runner).unwrap().current();

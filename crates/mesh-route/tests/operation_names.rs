@@ -10,11 +10,7 @@
 
 use mesh_core::NodeId;
 use mesh_route::OperationId;
-use proptest::{
-    prelude::*,
-    strategy::ValueTree,
-    test_runner::{Config, TestRunner},
-};
+use proptest::{prelude::*, strategy::ValueTree, test_runner::TestRunner};
 
 /// A node id: 1–63 characters of `[A-Za-z0-9._-]`, mostly short.
 fn node_id() -> impl Strategy<Value = String> {
@@ -189,7 +185,7 @@ proptest! {
 /// names with uppercase node ids and behind prefixes.
 #[test]
 fn the_generator_produces_valid_names_and_near_misses() {
-    let mut runner = TestRunner::new(Config::default());
+    let mut runner = TestRunner::deterministic();
     let (mut valid, mut invalid, mut uppercase, mut prefixed) = (0, 0, 0, 0);
     for _ in 0..3000 {
         let name = name().new_tree(&mut runner).unwrap().current();
