@@ -385,7 +385,8 @@ fn value_for(key: &'static str) -> BoxedStrategy<Value> {
             .boxed(),
         ),
         Type::Tags => (
-            prop::collection::vec(("[a-z]{1,5}", "[a-z0-9_]{0,5}"), 0..3)
+            // Distinct keys: a file with a key twice is not a table.
+            prop::collection::btree_map("[a-z]{1,5}", "[a-z0-9_]{0,5}", 0..3)
                 .prop_map(|pairs| {
                     Value::Table(
                         pairs
