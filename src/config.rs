@@ -211,6 +211,7 @@ mesh_config! {
         /// Port peers reach us at; 0 (the default) means `bind_port`.
         advertise_port: u16 = 0,
         /// `list` (the default) or `dns`.
+        #[serde(deserialize_with = "choice")]
         discovery_mode: DiscoveryMode = DiscoveryMode::List,
         /// `host:port` entries to join through (list mode). Default none.
         join_peers: Vec<String> = Vec::new(),
@@ -224,6 +225,7 @@ mesh_config! {
         #[serde(with = "humantime_serde")]
         discovery_interval: Duration = Duration::from_secs(30),
         /// Timing preset: `lan` (the default), `wan` or `local`.
+        #[serde(deserialize_with = "choice")]
         timing: TimingPreset = TimingPreset::Lan,
         /// `host:port` peers forward gRPC calls to; empty (the default) means
         /// `advertise_addr:grpc_port`.
@@ -236,9 +238,11 @@ mesh_config! {
         tags: BTreeMap<String, String> = BTreeMap::new(),
         /// Routing strategy: `least-loaded` (the default), `power-of-two`, `round-robin`,
         /// `random`, `weighted` or `affinity`.
+        #[serde(deserialize_with = "choice")]
         strategy: StrategyKind = StrategyKind::LeastLoaded,
         /// When every node is full: `wait` (hold the call until a slot frees anywhere, the
         /// default) or `run-locally` (queue it here, the seed server's rule).
+        #[serde(deserialize_with = "choice")]
         when_full: WhenFullMode = WhenFullMode::Wait,
         /// PEM certificate chain of this node's gRPC server. With `tls_key_file` and
         /// `tls_ca_file` it turns TLS on; empty (the default) means plaintext.
@@ -351,6 +355,32 @@ impl<T: Choice> FromText for T {
         let text: &str = text.trim();
         T::deserialize(IntoDeserializer::<ChoiceError>::into_deserializer(text)).map_err(|e| e.0)
     }
+}
+
+/// Reads an enum key from a file by its name. Only a string is a name, so a number or a list
+/// is reported with its value ("invalid type: integer `0`, expected the name of a choice")
+/// instead of TOML's "invalid type: unit variant, expected string only"; an unknown name still
+/// gets serde's "unknown variant `Lan`, expected one of `lan`, `wan`, `local`".
+fn choice<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Choice,
+{
+    struct Name<T>(std::marker::PhantomData<T>);
+
+    impl<'de, T: Choice> serde::de::Visitor<'de> for Name<T> {
+        type Value = T;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("the name of a choice")
+        }
+
+        fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<T, E> {
+            T::deserialize(IntoDeserializer::<E>::into_deserializer(name))
+        }
+    }
+
+    deserializer.deserialize_str(Name(std::marker::PhantomData))
 }
 
 /// The rule an unknown variant broke, worded from serde's list of variant names.

@@ -664,3 +664,26 @@ fn gossip_keys_load_from_a_file_or_a_variable_and_errors_never_show_a_key() {
         "{error}"
     );
 }
+
+/// A value of the wrong type for a choice names the value and says a name is expected (TOML's
+/// own words for it were "invalid type: unit variant, expected string only").
+#[test]
+fn a_number_given_for_a_choice_is_reported_with_its_value() {
+    assert_eq!(
+        MeshConfig::from_toml_str("timing = 5").unwrap_err(),
+        "invalid type: integer `5`, expected the name of a choice\nin `timing`\n"
+    );
+    let error = MeshConfig::from_yaml_str("mesh:\n  strategy: [a]\n").unwrap_err();
+    assert!(
+        error.starts_with("mesh.strategy: invalid type: sequence, expected the name of a choice"),
+        "{error}"
+    );
+    // Unknown names keep serde's list of the known ones, under their key.
+    let error = MeshConfig::from_yaml_str("mesh:\n  timing: Lan\n").unwrap_err();
+    assert!(
+        error.starts_with(
+            "mesh.timing: unknown variant `Lan`, expected one of `lan`, `wan`, `local`"
+        ),
+        "{error}"
+    );
+}

@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::{Buf, BufMut, Bytes};
 use futures::StreamExt;
 use mesh::{
-    Node, NodeId, OperationId, Timing, WhenFull,
+    Node, NodeId, OperationId, WhenFull,
     route::{
         Decision, FORWARDED_BY, RouteRequest,
         layer::{RouteLayer, Rule},
@@ -25,7 +25,7 @@ use mesh_demo::{
     },
 };
 use prost::Message;
-use support::bounded;
+use support::{HasNode, bounded, converge, form, node_builder, patient};
 use tonic::{
     Code, Request, Status,
     codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
@@ -87,14 +87,18 @@ impl EchoNode {
         count: Count,
         when_full: WhenFull,
     ) -> Self {
-        let builder = Node::builder()
-            .node_id(name)
-            .unwrap()
-            .gossip_bind("127.0.0.1:0".parse().unwrap())
-            .seeds(seed.map(|s| s.node().gossip_addr()))
-            .timing(Timing::local())
-            .max_concurrency(slots)
-            .when_full(when_full);
+        let seeds: Vec<_> = seed.map(|s| s.node().gossip_addr()).into_iter().collect();
+        Self::start_seeded(name, slots, &seeds, count, when_full).await
+    }
+
+    async fn start_seeded(
+        name: &str,
+        slots: u32,
+        seeds: &[std::net::SocketAddr],
+        count: Count,
+        when_full: WhenFull,
+    ) -> Self {
+        let builder = node_builder(name, seeds, patient(), slots).when_full(when_full);
         let replica = Replica::start(builder, "127.0.0.1:0".parse().unwrap(), None, move |node| {
             let layer = echo_layer(node, count);
             let service = EchoService::new(node.node_id().clone(), node.load().clone());
@@ -126,26 +130,20 @@ impl EchoNode {
     }
 }
 
-async fn echo_cluster(specs: &[(&str, u32)], count: Count) -> Vec<EchoNode> {
-    let mut nodes: Vec<EchoNode> = Vec::new();
-    for &(name, slots) in specs {
-        let node = EchoNode::start(name, slots, nodes.first(), count).await;
-        nodes.push(node);
+impl HasNode for EchoNode {
+    fn mesh_node(&self) -> &Node {
+        self.node()
     }
-    converge(&nodes).await;
-    nodes
 }
 
-async fn converge(nodes: &[EchoNode]) {
-    for node in nodes {
-        bounded(
-            "every node to know every peer's state",
-            node.node().membership().wait_until(|v| {
-                v.len() == nodes.len() && v.peers().iter().all(|p| p.state().is_some())
-            }),
-        )
-        .await;
-    }
+async fn echo_cluster(specs: &[(&str, u32)], count: Count) -> Vec<EchoNode> {
+    form(specs.len(), |i, seeds| {
+        let (name, slots) = specs[i];
+        async move {
+            EchoNode::start_seeded(name, slots, &seeds, count, WhenFull::RunLocally).await
+        }
+    })
+    .await
 }
 
 /// A client codec that sends and receives message bytes untouched, to compare them.

@@ -6,7 +6,7 @@ mod support;
 use std::collections::HashMap;
 
 use futures::StreamExt;
-use mesh::{MeshEvent, OperationId, Timing, WhenFull, route::FORWARDED_BY};
+use mesh::{OperationId, WhenFull, route::FORWARDED_BY};
 use mesh_demo::{
     finish,
     proto::demo::v1::{Stage, WaitExecutionRequest},
@@ -145,15 +145,16 @@ async fn a_dead_owner_gives_not_found() {
     let done = nodes[0].execute(action(10)).await;
     assert!(done.name.starts_with("doomed:"));
 
-    let mut events = nodes[0].node.events();
     nodes.pop().unwrap().kill().await;
-    bounded("the owner to be declared failed", async {
-        while let Ok(event) = events.recv().await {
-            if matches!(&event, MeshEvent::Failed(id) if id.node_id().as_str() == "doomed") {
-                return;
-            }
-        }
-    })
+    // The view, not the event stream: a stream that lagged would lose the event (and the old
+    // loop stopped silently on a lag, as if the event had come).
+    bounded(
+        "the owner to be declared failed",
+        nodes[0]
+            .node
+            .membership()
+            .wait_until(|v| v.get("doomed").is_none()),
+    )
     .await;
 
     let status = nodes[0]
@@ -365,7 +366,7 @@ async fn when_the_cluster_is_full_a_waiting_router_sends_the_call_to_the_first_f
 async fn entry_nodes_with_stale_state_spread_a_burst_instead_of_herding() {
     // Workers publish their state once and then not again for a minute: during the burst every
     // entry node sees all workers idle. Only optimistic accounting can spread the load.
-    let mut stale = Timing::local();
+    let mut stale = support::patient();
     stale.state_publish_interval = std::time::Duration::from_secs(60);
     let mut specs = vec![
         Spec::new("entry-0", 0),

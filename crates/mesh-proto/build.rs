@@ -2,7 +2,11 @@
 //! system `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // Read when the script runs, not baked in when it is compiled: a build script compiled in
+    // one checkout (a copied or shared target directory) must read this checkout's protos.
+    let manifest_dir =
+        std::env::var_os("CARGO_MANIFEST_DIR").ok_or("CARGO_MANIFEST_DIR is unset")?;
+    let root = std::path::Path::new(&manifest_dir).join("../../proto");
     let files = ["mesh/admin/v1/admin.proto"];
     for file in files {
         println!("cargo:rerun-if-changed={}", root.join(file).display());

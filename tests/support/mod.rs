@@ -1,10 +1,12 @@
-//! Nodes with a real gRPC server on 127.0.0.1, ephemeral ports.
+//! The facade tests' shared fixtures: how a test node is set up (gossip on 127.0.0.1 with an
+//! ephemeral port), demo nodes with a real gRPC server, cluster formation through one seed,
+//! and bounded waits.
 #![allow(dead_code, unreachable_pub)] // Each test binary uses a different subset; `pub` is for them.
 
 use std::{future::Future, net::SocketAddr, time::Duration};
 
 use mesh::{
-    Node, Tags, Timing, WhenFull,
+    Node, NodeBuilder, Tags, Timing, WhenFull,
     route::ChannelConfig,
     tls::{PeerTls, ServerTls},
 };
@@ -14,6 +16,12 @@ use mesh_demo::{
 };
 use tonic::transport::Channel;
 
+/// mesh-core's simulated-time harness; here for its event helpers.
+#[path = "../../crates/mesh-core/tests/support/one_host.rs"]
+pub mod one_host;
+#[allow(unused_imports)] // Not every test binary drains events.
+pub use one_host::drain as drain_events;
+
 /// Upper bound for any wait on a loaded CI machine; not an expectation.
 pub const BOUND: Duration = Duration::from_secs(30);
 
@@ -21,6 +29,76 @@ pub async fn bounded<T>(what: &str, fut: impl Future<Output = T>) -> T {
     tokio::time::timeout(BOUND, fut)
         .await
         .unwrap_or_else(|_| panic!("timed out after {BOUND:?} waiting for {what}"))
+}
+
+/// The local preset with the lan preset's failure detector (1 s probes, 500 ms to answer).
+///
+/// These tests run on real sockets on a machine that may be loaded: a thread can stall for
+/// longer than the local preset's 100 ms probe timeout, and a peer suspected for that reason
+/// is (rightly) kept out of routing, which is not what a routing test is about. Failure
+/// detection itself is tested on simulated time (mesh-core's `cluster.rs` and `faults.rs`,
+/// `sim_restart.rs`); the few tests here that wait for a crash to be noticed take a few
+/// seconds longer.
+pub fn patient() -> Timing {
+    let lan = Timing::lan();
+    let mut timing = Timing::local();
+    timing.probe_period = lan.probe_period;
+    timing.probe_rtt = lan.probe_rtt;
+    timing
+}
+
+/// The set-up every test node starts from: `name`, gossip on 127.0.0.1 with an ephemeral
+/// port, joining through `seeds`, with `timing` and `slots` tasks at once.
+///
+/// Routers trust peer states for [`BOUND`]: staleness is tested on simulated time
+/// (mesh-route's `filters.rs`); here a stalled thread must not make a healthy peer look stale.
+pub fn node_builder(name: &str, seeds: &[SocketAddr], timing: Timing, slots: u32) -> NodeBuilder {
+    Node::builder()
+        .node_id(name)
+        .unwrap()
+        .gossip_bind("127.0.0.1:0".parse().unwrap())
+        .seeds(seeds.iter().copied())
+        .timing(timing)
+        .max_concurrency(slots)
+        .max_state_age(BOUND)
+}
+
+/// Anything a test holds that runs a mesh node.
+pub trait HasNode {
+    fn mesh_node(&self) -> &Node;
+}
+
+impl HasNode for Node {
+    fn mesh_node(&self) -> &Node {
+        self
+    }
+}
+
+impl HasNode for TestNode {
+    fn mesh_node(&self) -> &Node {
+        &self.node
+    }
+}
+
+/// Starts `count` nodes with `start(i, seeds)`, the first one everyone's seed, and waits until
+/// every node knows every other node's state.
+pub async fn form<N, F, Fut>(count: usize, mut start: F) -> Vec<N>
+where
+    N: HasNode,
+    F: FnMut(usize, Vec<SocketAddr>) -> Fut,
+    Fut: Future<Output = N>,
+{
+    let mut nodes: Vec<N> = Vec::with_capacity(count);
+    for i in 0..count {
+        let seeds = nodes
+            .first()
+            .map(|n| n.mesh_node().gossip_addr())
+            .into_iter()
+            .collect();
+        nodes.push(start(i, seeds).await);
+    }
+    converge(&nodes).await;
+    nodes
 }
 
 pub struct Spec {
@@ -45,7 +123,7 @@ impl Spec {
             name,
             max_concurrency,
             tags: Tags::new(),
-            timing: Timing::local(),
+            timing: patient(),
             when_full: WhenFull::RunLocally,
             tls: None,
         }
@@ -91,13 +169,7 @@ impl TestNode {
         seeds: &[SocketAddr],
         advertise: Option<String>,
     ) -> Self {
-        let mut builder = Node::builder()
-            .node_id(spec.name)
-            .unwrap()
-            .gossip_bind("127.0.0.1:0".parse().unwrap())
-            .seeds(seeds.iter().copied())
-            .timing(spec.timing)
-            .max_concurrency(spec.max_concurrency)
+        let mut builder = node_builder(spec.name, seeds, spec.timing, spec.max_concurrency)
             .tags(spec.tags)
             .when_full(spec.when_full);
         if let Some(endpoint) = advertise {
@@ -179,25 +251,21 @@ impl TestNode {
 /// Starts the nodes (the first is everyone's seed) and waits until every node knows every
 /// other node's state.
 pub async fn cluster(specs: Vec<Spec>) -> Vec<TestNode> {
-    let mut nodes: Vec<TestNode> = Vec::new();
-    for spec in specs {
-        let seeds: Vec<SocketAddr> = nodes
-            .first()
-            .map(|n| n.node.gossip_addr())
-            .into_iter()
-            .collect();
-        nodes.push(TestNode::start(spec, &seeds).await);
-    }
-    converge(&nodes).await;
-    nodes
+    let mut specs = specs.into_iter();
+    form(specs.len(), |_, seeds| {
+        let spec = specs.next().expect("one spec per node");
+        async move { TestNode::start(spec, &seeds).await }
+    })
+    .await
 }
 
-pub async fn converge(nodes: &[TestNode]) {
+/// Waits until every node knows every other node's state.
+pub async fn converge<N: HasNode>(nodes: &[N]) {
     let n = nodes.len();
     for node in nodes {
         bounded(
             "every node to know every peer's state",
-            node.node
+            node.mesh_node()
                 .membership()
                 .wait_until(|v| v.len() == n && v.peers().iter().all(|p| p.state().is_some())),
         )

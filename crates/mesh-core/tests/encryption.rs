@@ -1,8 +1,13 @@
-//! Encrypted gossip over real UDP on 127.0.0.1 with ephemeral ports: who can join whom, what
-//! happens to tampered and forged datagrams, and key rotation on a running cluster. Waits are
-//! bounded polls, never fixed sleeps. Every test draws its own keys, so datagrams that stray
-//! between tests running in parallel (a reused port) can never be accepted.
+//! Encrypted gossip: who can join whom, what happens to tampered and forged datagrams, and
+//! key rotation on a running cluster. Every test draws its own keys, so datagrams that stray
+//! between tests can never be accepted.
+//!
+//! One cluster runs on real UDP on 127.0.0.1 (ephemeral ports), asserting only conditions it
+//! waits for. The rest runs on simulated time ([`support::one_host`]): those tests assert what
+//! never happens (an outsider never joins, rotation never breaks membership), which on real
+//! sockets a loaded machine could fake by delaying a probe answer past its 100 ms timeout.
 
+mod support;
 mod udp;
 
 use std::{net::SocketAddr, time::Duration};
@@ -11,24 +16,36 @@ use mesh_core::{
     Keyring, KeyringError, LocalStatus, Membership, MeshEvent, MeshStats, SecretKey, StartError,
     TaskGuard,
 };
-use tokio::{net::UdpSocket, sync::broadcast};
+use support::one_host::{self, Links, simulate};
+use tokio::sync::broadcast;
 use udp::{bounded, builder};
 
 fn new_key() -> SecretKey {
     SecretKey::generate().expect("the operating system's random source")
 }
 
+/// `builder` with `keyring` (if any) and `label`.
+fn keyed(
+    builder: mesh_core::MembershipBuilder,
+    keyring: Option<&Keyring>,
+    label: &str,
+) -> mesh_core::MembershipBuilder {
+    let builder = builder.cluster_label(label);
+    match keyring {
+        Some(keyring) => builder.keyring(keyring.clone()),
+        None => builder,
+    }
+}
+
+/// A member on simulated time.
 async fn node(
+    links: &Links,
     name: &str,
     seeds: &[SocketAddr],
     keyring: Option<&Keyring>,
     label: &str,
 ) -> Membership {
-    let mut builder = builder(name, seeds).cluster_label(label);
-    if let Some(keyring) = keyring {
-        builder = builder.keyring(keyring.clone());
-    }
-    builder.start().await.unwrap()
+    one_host::start(keyed(one_host::builder(name, seeds), keyring, label), links).await
 }
 
 /// Polls `node`'s counters until `condition` holds.
@@ -49,22 +66,21 @@ async fn stats_until(
     .await
 }
 
-/// Starts `n` nodes named `{prefix}-{i}`, all seeded with the first, and waits until every
-/// node sees all of them.
+/// Starts `n` members named `{prefix}-{i}` on simulated time, all seeded with the first, and
+/// waits until every member sees all of them.
 async fn cluster(
+    links: &Links,
     prefix: &str,
     n: usize,
     keyring: Option<&Keyring>,
     label: &str,
 ) -> Vec<Membership> {
-    udp::cluster(prefix, n, |name, seeds| async move {
-        node(&name, &seeds, keyring, label).await
-    })
-    .await
+    one_host::cluster(prefix, n, links, |b| keyed(b, keyring, label)).await
 }
 
 /// Starts one more task on `nodes[from]` (held in `tasks`) and waits until every other node
-/// sees its new pending count: state is flowing, over every path, with the keys in force now.
+/// sees its new pending count, and the whole cluster: state is flowing, over every path, with
+/// the keys in force now.
 async fn load_flows(nodes: &[Membership], from: usize, tasks: &mut Vec<TaskGuard>) {
     tasks.push(nodes[from].load().begin_task());
     let pending = nodes[from].load().pending();
@@ -81,7 +97,11 @@ async fn load_flows(nodes: &[Membership], from: usize, tasks: &mut Vec<TaskGuard
         .await;
     }
     for member in nodes {
-        assert_eq!(member.view().len(), nodes.len(), "on {}", member.node_id());
+        bounded(
+            &format!("{} to see the whole cluster", member.node_id()),
+            member.wait_until(|v| v.len() == nodes.len()),
+        )
+        .await;
     }
 }
 
@@ -105,9 +125,10 @@ async fn assert_kept_apart(members: &[Membership], outsider: &Membership) {
     }
 }
 
+/// Checks that no member was reported failed or left so far.
 fn no_failures(events: &mut [broadcast::Receiver<MeshEvent>]) {
     for receiver in events {
-        while let Ok(event) = receiver.try_recv() {
+        for event in one_host::drain(receiver) {
             assert!(
                 !matches!(event, MeshEvent::Failed(_) | MeshEvent::Left(_)),
                 "membership broke: {event:?}"
@@ -120,7 +141,12 @@ fn no_failures(events: &mut [broadcast::Receiver<MeshEvent>]) {
 async fn three_nodes_sharing_a_key_form_a_cluster_and_gossip_load() {
     let key = new_key();
     let keyring = Keyring::new(key.clone());
-    let nodes = cluster("shared", 3, Some(&keyring), "prod").await;
+    // On real UDP: the keys work over a real socket.
+    let nodes = udp::cluster("shared", 3, |name, seeds| {
+        let builder = keyed(builder(&name, &seeds), Some(&keyring), "prod");
+        async move { builder.start().await.unwrap() }
+    })
+    .await;
     let mut tasks = Vec::new();
     load_flows(&nodes, 2, &mut tasks).await;
     load_flows(&nodes, 2, &mut tasks).await;
@@ -132,66 +158,81 @@ async fn three_nodes_sharing_a_key_form_a_cluster_and_gossip_load() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_with_another_key_cannot_join() {
-    let keyring = Keyring::new(new_key());
-    let nodes = cluster("keyed", 2, Some(&keyring), "").await;
-    let outsider = node(
-        "other-key",
-        &[nodes[0].local_addr()],
-        Some(&Keyring::new(new_key())),
-        "",
-    )
-    .await;
-    assert_kept_apart(&nodes, &outsider).await;
+#[test]
+fn a_node_with_another_key_cannot_join() {
+    simulate(21, async {
+        let links = Links::default();
+        let keyring = Keyring::new(new_key());
+        let nodes = cluster(&links, "keyed", 2, Some(&keyring), "").await;
+        let outsider = node(
+            &links,
+            "other-key",
+            &[nodes[0].local_addr()],
+            Some(&Keyring::new(new_key())),
+            "",
+        )
+        .await;
+        assert_kept_apart(&nodes, &outsider).await;
+    });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_without_a_key_cannot_join_an_encrypted_cluster() {
-    let keyring = Keyring::new(new_key());
-    let nodes = cluster("encrypted", 2, Some(&keyring), "").await;
-    let plain = node("plain", &[nodes[0].local_addr()], None, "").await;
-    assert_kept_apart(&nodes, &plain).await;
+#[test]
+fn a_node_without_a_key_cannot_join_an_encrypted_cluster() {
+    simulate(22, async {
+        let links = Links::default();
+        let keyring = Keyring::new(new_key());
+        let nodes = cluster(&links, "encrypted", 2, Some(&keyring), "").await;
+        let plain = node(&links, "plain", &[nodes[0].local_addr()], None, "").await;
+        assert_kept_apart(&nodes, &plain).await;
 
-    // The encrypted side reaching out is refused by the plain node too.
-    let before = plain.stats().dropped_unauthenticated;
-    nodes[0].join([plain.local_addr()]).await.unwrap();
-    stats_until("the plain node to drop encrypted datagrams", &plain, |s| {
-        s.dropped_unauthenticated > before
-    })
-    .await;
-    assert_eq!(plain.view().len(), 1);
+        // The encrypted side reaching out is refused by the plain node too.
+        let before = plain.stats().dropped_unauthenticated;
+        nodes[0].join([plain.local_addr()]).await.unwrap();
+        stats_until("the plain node to drop encrypted datagrams", &plain, |s| {
+            s.dropped_unauthenticated > before
+        })
+        .await;
+        assert_eq!(plain.view().len(), 1);
 
-    // Keys cannot be added to a node that started without a keyring.
-    assert!(plain.key_fingerprints().is_empty());
-    assert_eq!(plain.install_key(new_key()), Err(KeyringError::NoKeyring));
+        // Keys cannot be added to a node that started without a keyring.
+        assert!(plain.key_fingerprints().is_empty());
+        assert_eq!(plain.install_key(new_key()), Err(KeyringError::NoKeyring));
+    });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_plain_cluster_drops_an_encrypted_node_datagrams() {
-    let nodes = cluster("unencrypted", 2, None, "").await;
-    let encrypted = node(
-        "with-key",
-        &[nodes[0].local_addr()],
-        Some(&Keyring::new(new_key())),
-        "",
-    )
-    .await;
-    assert_kept_apart(&nodes, &encrypted).await;
+#[test]
+fn a_plain_cluster_drops_an_encrypted_node_datagrams() {
+    simulate(23, async {
+        let links = Links::default();
+        let nodes = cluster(&links, "unencrypted", 2, None, "").await;
+        let encrypted = node(
+            &links,
+            "with-key",
+            &[nodes[0].local_addr()],
+            Some(&Keyring::new(new_key())),
+            "",
+        )
+        .await;
+        assert_kept_apart(&nodes, &encrypted).await;
+    });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn another_cluster_label_with_the_same_key_cannot_join() {
-    let keyring = Keyring::new(new_key());
-    let nodes = cluster("labelled", 2, Some(&keyring), "prod").await;
-    let outsider = node(
-        "staging",
-        &[nodes[0].local_addr()],
-        Some(&keyring),
-        "staging",
-    )
-    .await;
-    assert_kept_apart(&nodes, &outsider).await;
+#[test]
+fn another_cluster_label_with_the_same_key_cannot_join() {
+    simulate(24, async {
+        let links = Links::default();
+        let keyring = Keyring::new(new_key());
+        let nodes = cluster(&links, "labelled", 2, Some(&keyring), "prod").await;
+        let outsider = node(
+            &links,
+            "staging",
+            &[nodes[0].local_addr()],
+            Some(&keyring),
+            "staging",
+        )
+        .await;
+        assert_kept_apart(&nodes, &outsider).await;
+    });
 }
 
 #[tokio::test]
@@ -231,131 +272,138 @@ async fn cluster_label_rules_are_checked_at_start() {
     longest.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tampered_and_forged_datagrams_are_dropped_and_counted_while_the_cluster_keeps_working() {
-    let keyring = Keyring::new(new_key());
-    let nodes = cluster("target", 3, Some(&keyring), "").await;
+#[test]
+fn tampered_and_forged_datagrams_are_dropped_and_counted_while_the_cluster_keeps_working() {
+    simulate(25, async {
+        let links = Links::default();
+        let keyring = Keyring::new(new_key());
+        let nodes = cluster(&links, "target", 3, Some(&keyring), "").await;
 
-    // Capture a genuine datagram: node 0 announces to the attacker when told to join it.
-    let attacker = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    nodes[0]
-        .join([attacker.local_addr().unwrap()])
-        .await
-        .unwrap();
-    let mut buf = [0u8; 2048];
-    let (len, from) = bounded("a datagram from node 0", attacker.recv_from(&mut buf))
-        .await
-        .unwrap();
-    assert_eq!(from, nodes[0].local_addr());
-    let captured = buf[..len].to_vec();
-    assert_eq!(captured[..3], *b"ms\x01");
-    assert_eq!(captured[3], 0x81, "an encrypted foca packet");
-    assert!(
-        len > 4 + 24 + 16,
-        "a nonce, a tag and a non-empty ciphertext"
-    );
-
-    let flip = |at: usize, bits: u8| {
-        let mut datagram = captured.clone();
-        datagram[at] ^= bits;
-        datagram
-    };
-    let mut forged = b"ms\x01\x81".to_vec();
-    forged.extend((0u8..120).map(|i| i.wrapping_mul(37)));
-    let attacks = [
-        flip(3, 0x03),                        // relabelled as a state push, still encrypted
-        flip(3, 0x80),                        // passed off as plain
-        flip(4, 0x01),                        // nonce
-        flip(4 + 24, 0x01),                   // first ciphertext byte
-        flip(len - 17, 0x80),                 // last ciphertext byte
-        flip(len - 1, 0x01),                  // tag
-        captured[..len - 1].to_vec(),         // truncated
-        [captured.as_slice(), &[0]].concat(), // extended
-        forged,                               // made up from nothing
-    ];
-    let before = nodes[1].stats();
-    for datagram in &attacks {
-        attacker
-            .send_to(datagram, nodes[1].local_addr())
+        // Capture a genuine datagram: node 0 announces to the attacker when told to join it.
+        let attacker = turmoil::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        nodes[0]
+            .join([attacker.local_addr().unwrap()])
             .await
             .unwrap();
-    }
-    let stats = stats_until("every attack to be counted", &nodes[1], |s| {
-        s.dropped_unauthenticated >= before.dropped_unauthenticated + attacks.len() as u64
-    })
-    .await;
-    assert_eq!(
-        stats.foca_rejected, before.foca_rejected,
-        "nothing reached foca"
-    );
-    assert_eq!(stats.states_rejected, before.states_rejected);
+        let mut buf = [0u8; 2048];
+        let (len, from) = bounded("a datagram from node 0", attacker.recv_from(&mut buf))
+            .await
+            .unwrap();
+        assert_eq!(from, nodes[0].local_addr());
+        let captured = buf[..len].to_vec();
+        assert_eq!(captured[..3], *b"ms\x01");
+        assert_eq!(captured[3], 0x81, "an encrypted foca packet");
+        assert!(
+            len > 4 + 24 + 16,
+            "a nonce, a tag and a non-empty ciphertext"
+        );
 
-    // The cluster did not notice.
-    load_flows(&nodes, 1, &mut Vec::new()).await;
+        let flip = |at: usize, bits: u8| {
+            let mut datagram = captured.clone();
+            datagram[at] ^= bits;
+            datagram
+        };
+        let mut forged = b"ms\x01\x81".to_vec();
+        forged.extend((0u8..120).map(|i| i.wrapping_mul(37)));
+        let attacks = [
+            flip(3, 0x03),                        // relabelled as a state push, still encrypted
+            flip(3, 0x80),                        // passed off as plain
+            flip(4, 0x01),                        // nonce
+            flip(4 + 24, 0x01),                   // first ciphertext byte
+            flip(len - 17, 0x80),                 // last ciphertext byte
+            flip(len - 1, 0x01),                  // tag
+            captured[..len - 1].to_vec(),         // truncated
+            [captured.as_slice(), &[0]].concat(), // extended
+            forged,                               // made up from nothing
+        ];
+        let before = nodes[1].stats();
+        for datagram in &attacks {
+            attacker
+                .send_to(datagram, nodes[1].local_addr())
+                .await
+                .unwrap();
+        }
+        let stats = stats_until("every attack to be counted", &nodes[1], |s| {
+            s.dropped_unauthenticated >= before.dropped_unauthenticated + attacks.len() as u64
+        })
+        .await;
+        assert_eq!(
+            stats.foca_rejected, before.foca_rejected,
+            "nothing reached foca"
+        );
+        assert_eq!(stats.states_rejected, before.states_rejected);
+
+        // The cluster did not notice.
+        load_flows(&nodes, 1, &mut Vec::new()).await;
+    });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn keys_rotate_on_a_running_cluster_without_breaking_membership() {
-    let old = new_key();
-    let new = new_key();
-    let keyring = Keyring::new(old.clone());
-    let nodes = cluster("rotating", 3, Some(&keyring), "prod").await;
-    let mut events: Vec<_> = nodes.iter().map(Membership::events).collect();
-    let mut tasks = Vec::new();
-    load_flows(&nodes, 0, &mut tasks).await;
+#[test]
+fn keys_rotate_on_a_running_cluster_without_breaking_membership() {
+    simulate(26, async {
+        let links = Links::default();
+        let old = new_key();
+        let new = new_key();
+        let keyring = Keyring::new(old.clone());
+        let nodes = cluster(&links, "rotating", 3, Some(&keyring), "prod").await;
+        let mut events: Vec<_> = nodes.iter().map(Membership::events).collect();
+        let mut tasks = Vec::new();
+        load_flows(&nodes, 0, &mut tasks).await;
 
-    // 1. Install the new key everywhere: readable, not yet written.
-    for member in &nodes {
-        member.install_key(new.clone()).unwrap();
-        assert_eq!(
-            member.key_fingerprints(),
-            [old.fingerprint(), new.fingerprint()]
-        );
-    }
-    for from in 0..nodes.len() {
-        load_flows(&nodes, from, &mut tasks).await;
-    }
-
-    // 2. Switch the primary everywhere, one node after the other: both keys stay readable.
-    for member in &nodes {
-        member.use_primary_key(&new).unwrap();
-        assert_eq!(
-            member.key_fingerprints(),
-            [new.fingerprint(), old.fingerprint()]
-        );
+        // 1. Install the new key everywhere: readable, not yet written.
+        for member in &nodes {
+            member.install_key(new.clone()).unwrap();
+            assert_eq!(
+                member.key_fingerprints(),
+                [old.fingerprint(), new.fingerprint()]
+            );
+        }
         for from in 0..nodes.len() {
             load_flows(&nodes, from, &mut tasks).await;
         }
-    }
 
-    // 3. Remove the old key everywhere: only the new one is left, and it carries everything.
-    for member in &nodes {
-        assert_eq!(
-            member.remove_key(&new),
-            Err(KeyringError::RemovePrimary {
-                fingerprint: new.fingerprint()
-            })
-        );
-        member.remove_key(&old).unwrap();
-        assert_eq!(member.key_fingerprints(), [new.fingerprint()]);
-        assert!(matches!(
-            member.use_primary_key(&old),
-            Err(KeyringError::NotInstalled { .. })
-        ));
-    }
-    for from in 0..nodes.len() {
-        load_flows(&nodes, from, &mut tasks).await;
-    }
-    no_failures(&mut events);
+        // 2. Switch the primary everywhere, one node after the other: both keys stay readable.
+        for member in &nodes {
+            member.use_primary_key(&new).unwrap();
+            assert_eq!(
+                member.key_fingerprints(),
+                [new.fingerprint(), old.fingerprint()]
+            );
+            for from in 0..nodes.len() {
+                load_flows(&nodes, from, &mut tasks).await;
+            }
+        }
 
-    // A node that only knows the old key is locked out.
-    let stale = node(
-        "stale",
-        &[nodes[0].local_addr()],
-        Some(&Keyring::new(old)),
-        "prod",
-    )
-    .await;
-    assert_kept_apart(&nodes, &stale).await;
-    no_failures(&mut events);
+        // 3. Remove the old key everywhere: only the new one is left, and it carries everything.
+        for member in &nodes {
+            assert_eq!(
+                member.remove_key(&new),
+                Err(KeyringError::RemovePrimary {
+                    fingerprint: new.fingerprint()
+                })
+            );
+            member.remove_key(&old).unwrap();
+            assert_eq!(member.key_fingerprints(), [new.fingerprint()]);
+            assert!(matches!(
+                member.use_primary_key(&old),
+                Err(KeyringError::NotInstalled { .. })
+            ));
+        }
+        for from in 0..nodes.len() {
+            load_flows(&nodes, from, &mut tasks).await;
+        }
+        no_failures(&mut events);
+
+        // A node that only knows the old key is locked out.
+        let stale = node(
+            &links,
+            "stale",
+            &[nodes[0].local_addr()],
+            Some(&Keyring::new(old)),
+            "prod",
+        )
+        .await;
+        assert_kept_apart(&nodes, &stale).await;
+        no_failures(&mut events);
+    });
 }

@@ -1,5 +1,8 @@
-//! What every [`Transport`] must do, checked against each implementation: the real UDP socket
-//! and turmoil's simulated one (which the fault tests run on).
+//! What every [`Transport`] must do, checked against each implementation: the real UDP socket,
+//! turmoil's simulated one (which the fault tests run on), and the one-host test socket the
+//! simulated-time cluster tests run on (turmoil's, with cuttable links).
+
+mod support;
 
 use std::{future::Future, net::SocketAddr, time::Duration};
 
@@ -112,4 +115,20 @@ fn turmoil_udp_conforms() {
         Ok(())
     });
     sim.run().unwrap();
+}
+
+#[test]
+fn the_one_host_test_socket_conforms() {
+    support::one_host::simulate(1, async {
+        let links = support::one_host::Links::default();
+        conformance(
+            |_| async {
+                let socket = support::one_host::SimSocket::bind(&links).await;
+                let addr = socket.local_addr().unwrap();
+                Bound { socket, addr }
+            },
+            "127.0.0.1:9".parse().unwrap(),
+        )
+        .await;
+    });
 }

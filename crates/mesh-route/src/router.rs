@@ -547,13 +547,18 @@ impl Router {
         let local_matches = request.is_satisfied_by(local_state);
         let mut any_match = local_matches;
         for peer in view.peers() {
-            let Some(state) = usable_state(peer, max_state_age) else {
-                continue;
-            };
-            if !request.is_satisfied_by(state) {
+            // A peer that has the tags but cannot take calls now (suspect, stale) still
+            // matches: the call gets UNAVAILABLE (retry), not FAILED_PRECONDITION.
+            if !peer
+                .state()
+                .is_some_and(|state| request.is_satisfied_by(state))
+            {
                 continue;
             }
             any_match = true;
+            let Some(state) = usable_state(peer, max_state_age) else {
+                continue;
+            };
             if state.draining || excluded.contains(peer.node_id()) {
                 continue;
             }

@@ -3,6 +3,8 @@
 //! seed, same run.
 #![allow(dead_code, unreachable_pub)] // Each test binary uses a different subset.
 
+pub mod one_host;
+
 use std::{
     collections::BTreeMap,
     io,
@@ -153,7 +155,11 @@ impl Cluster {
                             observer: name.clone(),
                             event,
                         }),
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                            // The log is what fault tests count failures in: a gap would
+                            // hide them, so it fails the simulation instead.
+                            panic!("{name}'s event log lagged: {missed} events lost");
+                        }
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => {
                             return Ok(());
                         }
