@@ -33,14 +33,18 @@ fn is_dns_label(text: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-')
 }
 
+/// The highest kind byte this build knows: 1 foca, 2 state push, 3 leave, 4 lifeguard.
+const LAST_KIND: u8 = 4;
+
 /// A body of `0..max` random bytes.
 fn body(max: usize) -> impl Strategy<Value = Vec<u8>> {
     proptest::collection::vec(any::<u8>(), 0..max)
 }
 
-/// A kind byte this build knows (foca, state push, leave), with the encrypted bit or not.
+/// A kind byte this build knows (foca, state push, leave, lifeguard), with the encrypted bit or
+/// not.
 fn known_kind() -> impl Strategy<Value = u8> {
-    (1u8..=3, any::<bool>()).prop_map(|(kind, encrypted)| kind | if encrypted { 0x80 } else { 0 })
+    (1u8..=LAST_KIND, any::<bool>()).prop_map(|(kind, encrypted)| kind | if encrypted { 0x80 } else { 0 })
 }
 
 /// Datagrams that reach each check of the envelope, most of them past the magic.
@@ -61,7 +65,7 @@ fn datagram() -> impl Strategy<Value = Vec<u8>> {
         1 => (any::<u8>().prop_filter("another version", |v| *v != 1), known_kind(), body(64))
             .prop_map(move |(version, kind, body)| with_header(version, kind, body)),
         // A kind this build does not know, with or without the encrypted bit.
-        1 => (any::<u8>().prop_filter("an unknown kind", |k| !(1..=3).contains(&(k & 0x7f))), body(64))
+        1 => (any::<u8>().prop_filter("an unknown kind", |k| !(1..=LAST_KIND).contains(&(k & 0x7f))), body(64))
             .prop_map(move |(kind, body)| with_header(1, kind, body)),
         // One byte of the magic wrong.
         1 => (known_kind(), any::<bool>(), any::<u8>(), body(64)).prop_map(move |(kind, first, byte, body)| {
@@ -90,7 +94,7 @@ fn envelope_rule(datagram: &[u8]) -> Result<[u8; 4], &'static str> {
     if head[2] != 1 {
         return Err("unsupported_version");
     }
-    if !(1..=3).contains(&(head[3] & 0x7f)) {
+    if !(1..=LAST_KIND).contains(&(head[3] & 0x7f)) {
         return Err("unknown_kind");
     }
     Ok(*head)
