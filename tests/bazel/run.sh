@@ -101,6 +101,13 @@ only_kind() { # only_kind <log> <kind> <what>
     echo "$what: $(process_kinds "$log" | paste -sd, - | sed "s/,/, /g")"
 }
 
+# "INFO: Elapsed time: 12.3s, Critical Path: 4.5s" → "<what>: elapsed 12.3 s, critical path 4.5 s".
+timing() { # timing <log> <what>
+    sed -nE 's/^INFO: Elapsed time: ([0-9.]+)s, Critical Path: ([0-9.]+)s.*/\1 \2/p' "$1" | tail -1 |
+        { read -r elapsed critical && echo "timing: $2: elapsed $elapsed s, critical path $critical s"; } ||
+        true
+}
+
 step "building the reapi-cluster example"
 (cd "$root" && cargo build --locked --example reapi-cluster) || fail "cargo build --example reapi-cluster"
 target_dir="${CARGO_TARGET_DIR:-$root/target}"
@@ -139,6 +146,8 @@ step "remote build through ${endpoints[0]}"
 bazel_in remote build "${flags[@]}" //... 2>&1 | tee "$work/remote-build.log" ||
     fail "the remote bazel build"
 only_kind "$work/remote-build.log" remote "remote build"
+timing "$work/local-build.log" "local build (reference, same jobs)"
+timing "$work/remote-build.log" "remote build through $replicas replica(s)"
 
 step "remote test through ${endpoints[0]}"
 bazel_in remote test "${flags[@]}" //... 2>&1 | tee "$work/remote-test.log" ||
