@@ -38,6 +38,8 @@ pub(crate) struct Publisher {
     rng: StdRng,
     /// Where the next anti-entropy refresh starts in the sorted member list.
     refresh_cursor: usize,
+    /// Our load or local fields changed since the last publication.
+    changed: bool,
 }
 
 /// What to do about a change of our state.
@@ -60,11 +62,13 @@ impl Publisher {
             scheduled: false,
             rng,
             refresh_cursor: 0,
+            changed: false,
         }
     }
 
     /// Our state changed at `now`; at most one version per `interval` is published.
     pub(crate) fn request(&mut self, now: Instant, interval: Duration) -> Request {
+        self.changed = true;
         if self.scheduled {
             return Request::Scheduled;
         }
@@ -83,17 +87,25 @@ impl Publisher {
     }
 
     /// Publishes `candidate` (whose version is ignored) as the next version if it differs from
-    /// the published state in anything but the version, or if `force`. `None` if nothing was
-    /// published.
+    /// the published state in anything but the version, if a change was
+    /// [requested](Self::request) since the last publication, or if `force`. `None` if nothing
+    /// was published.
+    ///
+    /// A requested change is published even when the state came back to what was published
+    /// (a task that began and ended within one interval): routers count a call they placed on
+    /// us until a version newer than the one they had when we answered it, so a call that came
+    /// and went between two versions must still produce the next one, or they would count it
+    /// against us until some later change (mesh-route's optimistic accounting).
     pub(crate) fn publish(
         &mut self,
         mut candidate: NodeState,
         now: Instant,
         force: bool,
     ) -> Option<&Published> {
+        let changed = std::mem::take(&mut self.changed);
         if let Some(previous) = &self.published {
             candidate.version = previous.state.version;
-            if candidate == *previous.state && !force {
+            if candidate == *previous.state && !force && !changed {
                 return None;
             }
         }
@@ -308,6 +320,37 @@ mod tests {
             3
         );
         assert_eq!(publisher.current().unwrap().state.pending, 1);
+    }
+
+    #[test]
+    fn a_change_that_came_back_within_the_interval_is_still_a_new_version() {
+        let mut publisher = publisher();
+        let now = Instant::now();
+        let interval = Duration::from_millis(20);
+        publisher.request(now, interval);
+        assert_eq!(
+            publisher
+                .publish(state(0), now, false)
+                .unwrap()
+                .state
+                .version,
+            1
+        );
+        // A task began and ended before the next publication: the load is back at 0, but a
+        // router that placed that task on us waits for a newer version to stop counting it.
+        publisher.request(now, interval);
+        publisher.request(now, interval);
+        publisher.fired();
+        assert_eq!(
+            publisher
+                .publish(state(0), now + interval, false)
+                .unwrap()
+                .state
+                .version,
+            2
+        );
+        // Without a requested change nothing is published.
+        assert!(publisher.publish(state(0), now + interval, false).is_none());
     }
 
     #[test]
