@@ -44,7 +44,8 @@ fn body(max: usize) -> impl Strategy<Value = Vec<u8>> {
 /// A kind byte this build knows (foca, state push, leave, lifeguard), with the encrypted bit or
 /// not.
 fn known_kind() -> impl Strategy<Value = u8> {
-    (1u8..=LAST_KIND, any::<bool>()).prop_map(|(kind, encrypted)| kind | if encrypted { 0x80 } else { 0 })
+    (1u8..=LAST_KIND, any::<bool>())
+        .prop_map(|(kind, encrypted)| kind | if encrypted { 0x80 } else { 0 })
 }
 
 /// Datagrams that reach each check of the envelope, most of them past the magic.
