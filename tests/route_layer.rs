@@ -13,7 +13,7 @@ use futures::StreamExt;
 use mesh::{
     Node, NodeId, OperationId, WhenFull,
     route::{
-        Decision, FORWARDED_BY, RouteRequest,
+        COUNTED_FROM, Decision, FORWARDED_BY, RouteRequest,
         layer::{RouteLayer, Rule},
     },
 };
@@ -292,6 +292,9 @@ async fn metadata_travels_and_the_forwarded_call_is_marked_once() {
     };
     assert!(left <= Duration::from_secs(20), "{seen}");
     assert!(left > Duration::ZERO, "{seen}");
+    // The worker named the state version that counts the call; the entry node read it and
+    // did not pass it on.
+    assert!(response.metadata().get(COUNTED_FROM).is_none());
 
     // A call that says it was already forwarded runs where it lands, full or not.
     let mut request = Request::new(EchoRequest::default());
@@ -301,6 +304,22 @@ async fn metadata_travels_and_the_forwarded_call_is_marked_once() {
     let response = nodes[0].client().await.echo(request).await.unwrap();
     assert_eq!(response.get_ref().served_by, "entry");
     assert_eq!(nodes[0].layer().stats().forwarded_out, 1);
+    // Serving a peer's call, the entry node names a version of its own state after every one
+    // it has published: `{generation}:{version}`.
+    let counted_from = response
+        .metadata()
+        .get(COUNTED_FROM)
+        .unwrap()
+        .to_str()
+        .unwrap();
+    let (generation, version) = counted_from.split_once(':').unwrap();
+    let view = nodes[0].node().view();
+    let published = view.local().state().unwrap();
+    assert_eq!(generation.parse::<u64>().unwrap(), published.generation);
+    assert!(
+        version.parse::<u64>().unwrap() > published.version,
+        "{counted_from}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

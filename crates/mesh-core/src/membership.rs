@@ -131,6 +131,25 @@ impl Membership {
         &self.inner.shared.load
     }
 
+    /// The first version of this node's gossiped state sure to count every task begun before
+    /// this call, as `(generation, version)`: the next version after the last published one
+    /// (a publication in progress is waited for, since it may have read the load before the
+    /// task began).
+    ///
+    /// A node that takes a forwarded call tells the caller (mesh-route's layer sends it as
+    /// `x-mesh-counted-from`), so the caller counts the call against this node exactly until
+    /// a state that includes it arrives — not until any newer version, which may have been
+    /// published while the call was still on the wire.
+    pub fn version_counting_current_load(&self) -> (u64, u64) {
+        let (generation, version) = *self
+            .inner
+            .shared
+            .published
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        (generation, version.saturating_add(1))
+    }
+
     /// This node's current identity (its generation changes if it had to rejoin).
     pub fn identity(&self) -> Identity {
         self.view().local().identity().clone()

@@ -59,6 +59,8 @@ pub(crate) struct Shared {
     pub(crate) discovery_wanted: Notify,
     pub(crate) load: LoadTracker,
     pub(crate) counters: Counters,
+    /// The generation and version of our last published state (`(0, 0)`: none yet).
+    pub(crate) published: Mutex<(u64, u64)>,
 }
 
 impl Shared {
@@ -79,6 +81,7 @@ impl Shared {
             discovery_wanted: Notify::new(),
             load,
             counters: Counters::default(),
+            published: Mutex::new((0, 0)),
         }
     }
 

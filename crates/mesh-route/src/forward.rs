@@ -31,6 +31,20 @@ use crate::{OperationId, PeerTarget, Route, RouteError, RouteRequest, Router};
 /// The header that marks a forwarded call, carrying the forwarding node's id.
 pub const FORWARDED_BY: &str = "x-mesh-forwarded-by";
 
+/// The response header by which a node that took a forwarded call says from which version of
+/// its gossiped state the call is counted, as `{generation}:{version}` (see
+/// `mesh_core::Membership::version_counting_current_load`). The forwarding router counts the
+/// call against the node until that version arrives, and removes the header before relaying
+/// the response. The route layer sets it on the calls it serves for a peer.
+pub const COUNTED_FROM: &str = "x-mesh-counted-from";
+
+/// The `(generation, version)` a [`COUNTED_FROM`] header carries, if it is there and well formed.
+pub(crate) fn counted_from(headers: &http::HeaderMap) -> Option<(u64, u64)> {
+    let text = headers.get(COUNTED_FROM)?.to_str().ok()?;
+    let (generation, version) = text.split_once(':')?;
+    Some((generation.parse().ok()?, version.parse().ok()?))
+}
+
 /// Headers that describe one HTTP/2 connection or one encoding, not the call: never copied.
 const HOP_BY_HOP: [&str; 9] = [
     "te",
@@ -262,8 +276,10 @@ impl Router {
             tracing::Span::current().record("peer", tracing::field::display(target.node_id()));
             tracing::debug!(endpoint = target.endpoint(), "forwarding the call");
             match call(peer).await {
-                Ok(response) => {
-                    self.forward_answered(&target);
+                Ok(mut response) => {
+                    let stamp = counted_from(response.metadata().as_ref());
+                    response.metadata_mut().remove(COUNTED_FROM);
+                    self.forward_answered(&target, stamp);
                     return Ok(Forwarded::Remote {
                         node: target.node_id().clone(),
                         response,
@@ -281,7 +297,7 @@ impl Router {
                     unreachable.push(target.node_id().clone());
                 }
                 Err(status) => {
-                    self.forward_answered(&target);
+                    self.forward_answered(&target, None);
                     return Err(lost_connection(target.node_id(), status));
                 }
             }

@@ -38,8 +38,8 @@ pub use channels::{ChannelConfig, PeerChannels};
 pub use dialer::{DialFuture, Dialer, PeerStream};
 pub use error::RouteError;
 pub use forward::{
-    FORWARDED_BY, ForwardChannel, Forwarded, ForwardedBy, PeerCall, failed_before_accept,
-    forwarded_by,
+    COUNTED_FROM, FORWARDED_BY, ForwardChannel, Forwarded, ForwardedBy, PeerCall,
+    failed_before_accept, forwarded_by,
 };
 pub use layer::Decision;
 pub use operation::{OperationId, OperationIdError, OperationIdReason};

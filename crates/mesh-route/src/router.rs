@@ -635,11 +635,13 @@ impl Router {
     }
 
     /// `target` answered a call placed on it (its response head arrived), or the call ended
-    /// without an answer: the peer's next state version counts it.
-    pub(crate) fn forward_answered(&self, target: &PeerTarget) {
+    /// without an answer. With `counted_from` (the peer's `(generation, version)` from
+    /// [`COUNTED_FROM`](crate::COUNTED_FROM)) the call counts until that version of the peer's
+    /// state; without it, until a version newer than the one we have now.
+    pub(crate) fn forward_answered(&self, target: &PeerTarget, counted_from: Option<(u64, u64)>) {
         let view = self.inner.membership.view();
         if let Some(state) = view.get(target.node_id().as_str()).and_then(Member::state) {
-            self.inner.in_flight.lock().answered(state);
+            self.inner.in_flight.lock().answered(state, counted_from);
         }
     }
 
@@ -787,13 +789,20 @@ impl InFlightGuard<'_> {
     }
 
     /// The peer answered a call (or the call ended without a word): its state counts it from
-    /// the next version on.
-    fn answered(&mut self, state: &NodeState) {
+    /// the version the peer named (`counted_from`, same generation), or else from the next
+    /// version on.
+    fn answered(&mut self, state: &NodeState, counted_from: Option<(u64, u64)>) {
+        let last_uncounted = match counted_from {
+            Some((generation, version)) if generation == state.generation => {
+                version.saturating_sub(1)
+            }
+            _ => state.version,
+        };
         let entry = self.entry(state);
         if !entry.unanswered.is_empty() {
             entry.unanswered.remove(0);
         }
-        entry.answered.push(state.version);
+        entry.answered.push(last_uncounted);
     }
 
     /// A call that never reached the peer.
@@ -964,7 +973,7 @@ mod tests {
         let v2 = state("b", 2);
         assert_eq!(in_flight.lock().extra(&v2), 2);
         // The peer answers one at v2: a version after v2 includes it.
-        in_flight.lock().answered(&v2);
+        in_flight.lock().answered(&v2, None);
         assert_eq!(in_flight.lock().extra(&v2), 2);
         let v3 = state("b", 3);
         assert_eq!(
@@ -983,5 +992,34 @@ mod tests {
         assert_eq!(in_flight.lock().extra(&reborn), 0);
         in_flight.lock().forget(&v3.node_id);
         assert_eq!(in_flight.lock().0.len(), 0);
+    }
+
+    #[test]
+    fn an_answered_call_counts_until_the_version_its_peer_named() {
+        // The burst's first call made the peer publish v2 at once (pending 1); the rest were
+        // answered while we still had v1. v2 does not include them: the peer said v4 would.
+        let in_flight = InFlight::default();
+        let v1 = state("b", 1);
+        for _ in 0..3 {
+            in_flight.lock().record(&v1);
+        }
+        for _ in 0..3 {
+            in_flight.lock().answered(&v1, Some((v1.generation, 4)));
+        }
+        assert_eq!(in_flight.lock().extra(&state("b", 2)), 3);
+        assert_eq!(in_flight.lock().extra(&state("b", 3)), 3);
+        assert_eq!(
+            in_flight.lock().extra(&state("b", 4)),
+            0,
+            "v4 counts them itself"
+        );
+        // A stamp from another life of the peer is ignored: the next version counts the call.
+        let v5 = state("b", 5);
+        in_flight.lock().record(&v5);
+        in_flight
+            .lock()
+            .answered(&v5, Some((v5.generation + 1, 50)));
+        assert_eq!(in_flight.lock().extra(&v5), 1);
+        assert_eq!(in_flight.lock().extra(&state("b", 6)), 0);
     }
 }

@@ -13,7 +13,11 @@
 //! state is by then. [`Publisher`] keeps that bookkeeping; the `impl Agent` below hands the
 //! result to foca and the socket.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, PoisonError},
+    time::Duration,
+};
 
 use rand::{rngs::StdRng, seq::IndexedRandom};
 use tokio::time::Instant;
@@ -191,16 +195,25 @@ impl<T: Transport> Agent<T> {
             return;
         }
         let identity = self.foca.identity();
-        let mut candidate = self
-            .shared
+        // Held from reading the load to recording the new version, so that a task begun
+        // before `Membership::version_counting_current_load` reads the version is counted by
+        // the version it names (mesh-route's accounting of forwarded calls relies on it).
+        let shared = Arc::clone(&self.shared);
+        let mut last_published = shared
+            .published
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut candidate = shared
             .lock_local()
             .node_state(identity.node_id().clone(), identity.generation());
-        candidate.pending = self.shared.load.pending();
-        candidate.max_concurrency = self.shared.load.max_concurrency();
+        candidate.pending = shared.load.pending();
+        candidate.max_concurrency = shared.load.max_concurrency();
         let Some(published) = self.publisher.publish(candidate, self.now, force) else {
             return;
         };
         let (state, bytes) = (Arc::clone(&published.state), published.bytes.clone());
+        *last_published = (state.generation, state.version);
+        drop(last_published);
         let foca = &mut self.foca;
         if let Err(error) = self.store.with_staged(state, || foca.add_broadcast(&bytes)) {
             tracing::warn!(%error, "could not queue our state for gossip");

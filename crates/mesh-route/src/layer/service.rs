@@ -26,7 +26,7 @@ use super::{
 };
 use crate::{
     FORWARDED_BY, OperationId, PeerTarget, Route, RouteError, RouteRequest,
-    forward::{lost_connection, never_reached, peer_lost},
+    forward::{COUNTED_FROM, counted_from, lost_connection, never_reached, peer_lost},
 };
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -97,11 +97,24 @@ where
                     OutcomeRecorder::new(Arc::clone(&self.layer.counters), from, Direction::Inbound)
                 });
                 let response = self.inner.call(request);
+                let membership = self.layer.router.inner.membership.clone();
                 Box::pin(
                     async move {
                         tracing::debug!("serving a call forwarded by a peer");
                         let response = match response.await {
-                            Ok(response) => response.map(Body::new),
+                            Ok(response) => {
+                                // The call's task has begun (a handler counts its work before
+                                // it answers): tell the caller which state version counts it.
+                                let mut response = response.map(Body::new);
+                                let (generation, version) =
+                                    membership.version_counting_current_load();
+                                if let Ok(value) =
+                                    http::HeaderValue::try_from(format!("{generation}:{version}"))
+                                {
+                                    response.headers_mut().insert(COUNTED_FROM, value);
+                                }
+                                response
+                            }
                             Err(error) => {
                                 if let Some(recorder) = recorder {
                                     recorder.finish(ForwardOutcome::Broken);
@@ -361,8 +374,10 @@ where
             "forwarding the call"
         );
         match channel.oneshot(self.forward_request()).await {
-            Ok(response) => {
-                router.forward_answered(target);
+            Ok(mut response) => {
+                let stamp = counted_from(response.headers());
+                response.headers_mut().remove(COUNTED_FROM);
+                router.forward_answered(target, stamp);
                 Ok(outcome.observe(response))
             }
             Err(error) if never_reached(&error) => {
@@ -378,7 +393,7 @@ where
                 Err(Sent::Unreachable(error_chain(&error)))
             }
             Err(error) => {
-                router.forward_answered(target);
+                router.forward_answered(target, None);
                 outcome.finish(ForwardOutcome::Broken);
                 Err(Sent::Broke(lost_connection(
                     target.node_id(),
