@@ -615,12 +615,10 @@ fn collect_outputs(
                             .push(output_file(cas, name, &cwd.join(path))?)
                     }
                     Some(Kind::Symlink(target)) => {
-                        #[allow(deprecated)]
-                        result.output_file_symlinks.push(OutputSymlink {
-                            path: name.clone(),
-                            target,
-                            node_properties: None,
-                        });
+                        #[allow(deprecated)] // REAPI v2.0 clients (Bazel 4) read this list
+                        result
+                            .output_file_symlinks
+                            .push(output_symlink(name, target));
                     }
                     Some(Kind::Directory) => {
                         return Err(ExecError::OutputType(format!(
@@ -638,12 +636,10 @@ fn collect_outputs(
                         &cwd.join(path),
                     )?),
                     Some(Kind::Symlink(target)) => {
-                        #[allow(deprecated)]
-                        result.output_directory_symlinks.push(OutputSymlink {
-                            path: name.clone(),
-                            target,
-                            node_properties: None,
-                        });
+                        #[allow(deprecated)] // REAPI v2.0 clients (Bazel 4) read this list
+                        result
+                            .output_directory_symlinks
+                            .push(output_symlink(name, target));
                     }
                     Some(Kind::File) => {
                         return Err(ExecError::OutputType(format!(
@@ -724,6 +720,16 @@ fn store(cas: &crate::Cas, path: &Path) -> Result<Digest, ExecError> {
 fn store_message(cas: &crate::Cas, message: &impl prost::Message) -> Result<Digest, ExecError> {
     cas.store_bytes_blocking(&message.encode_to_vec())
         .map_err(|e| ExecError::Internal(e.to_string()))
+}
+
+/// An output that is a symbolic link, kept as a link (REAPI v2.0 clients read these fields).
+fn output_symlink(name: &str, target: String) -> OutputSymlink {
+    #[allow(deprecated)]
+    OutputSymlink {
+        path: name.to_owned(),
+        target,
+        node_properties: None,
+    }
 }
 
 fn output_file(cas: &crate::Cas, name: &str, path: &Path) -> Result<OutputFile, ExecError> {
