@@ -342,6 +342,28 @@ async fn a_rule_can_keep_a_call_here() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn following_an_operation_does_not_count_against_its_owner() {
+    let nodes = echo_cluster(&[("entry", 1), ("worker", 1)], Count::Once).await;
+    let _busy = nodes[0].node().load().begin_task();
+    let name = OperationId::new(NodeId::new("worker").unwrap()).to_string();
+    for _ in 0..3 {
+        let reply = nodes[0]
+            .client()
+            .await
+            .lookup(LookupRequest { name: name.clone() })
+            .await
+            .unwrap();
+        assert_eq!(reply.get_ref().served_by, "worker");
+    }
+    // The lookups added no work: the worker's one slot is free, so new work goes there at
+    // once instead of waiting (the entry node is full) as if the lookups were running on it.
+    let mut request = Request::new(EchoRequest::default());
+    request.set_timeout(Duration::from_secs(10));
+    let reply = nodes[0].client().await.echo(request).await.unwrap();
+    assert_eq!(reply.get_ref().served_by, "worker");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_about_an_operation_go_to_its_owner() {
     let nodes = echo_cluster(&[("a", 4), ("b", 4)], Count::Once).await;
     let name = format!(

@@ -249,7 +249,8 @@ where
             Ok(Route::Peer(target)) => target,
             Err(error) => return refuse(&self.layer, error.into()),
         };
-        match self.send(&target).await {
+        // Following an operation adds no work: the owner's load does not count it.
+        match self.send(&target, false).await {
             Ok(response) => {
                 Counters::add(&self.layer.counters.to_owner);
                 self.relay(Some(target), response, None)
@@ -310,7 +311,7 @@ where
                 Route::Local => return Ok(Upstream::Here(self.serve_here().await)),
                 Route::Peer(target) => target.clone(),
             };
-            match self.send(&target).await {
+            match self.send(&target, true).await {
                 Ok(response) => {
                     Counters::add(&counters.forwarded_out);
                     return Ok(Upstream::Peer(target, response));
@@ -350,8 +351,20 @@ where
 
     /// Sends the original request to `target`: same path, headers and body bytes, stamped as
     /// forwarded, with the deadline that is left.
-    async fn send(&self, target: &PeerTarget) -> Result<http::Response<Body>, Sent> {
+    /// `placed`: the router placed the call on `target` and counts it against the peer until
+    /// the peer's state does (new work); an operation's follow-up is not counted.
+    async fn send(&self, target: &PeerTarget, placed: bool) -> Result<http::Response<Body>, Sent> {
         let router = &self.layer.router;
+        let answered = |counted_from| {
+            if placed {
+                router.forward_answered(target, counted_from);
+            }
+        };
+        let never_arrived = || {
+            if placed {
+                router.unrecord_forward(target);
+            }
+        };
         tracing::Span::current().record("peer", tracing::field::display(target.node_id()));
         let outcome = OutcomeRecorder::new(
             Arc::clone(&self.layer.counters),
@@ -362,7 +375,7 @@ where
             Ok(channel) => channel,
             Err(error) => {
                 tracing::warn!(%error, "skipping a peer with an unusable endpoint");
-                router.unrecord_forward(target);
+                never_arrived();
                 outcome.finish(ForwardOutcome::Unreachable);
                 return Err(Sent::Unusable(error));
             }
@@ -377,11 +390,11 @@ where
             Ok(mut response) => {
                 let stamp = counted_from(response.headers());
                 response.headers_mut().remove(COUNTED_FROM);
-                router.forward_answered(target, stamp);
+                answered(stamp);
                 Ok(outcome.observe(response))
             }
             Err(error) if never_reached(&error) => {
-                router.unrecord_forward(target);
+                never_arrived();
                 outcome.finish(ForwardOutcome::Unreachable);
                 metrics::counter!("mesh_route_retries_total").increment(1);
                 tracing::warn!(
@@ -393,7 +406,7 @@ where
                 Err(Sent::Unreachable(error_chain(&error)))
             }
             Err(error) => {
-                router.forward_answered(target, None);
+                answered(None);
                 outcome.finish(ForwardOutcome::Broken);
                 Err(Sent::Broke(lost_connection(
                     target.node_id(),
