@@ -257,7 +257,14 @@ async fn start<T>(
         server = server
             .tls_config(tls.server_config())
             .map_err(|error| ReplicaError::Tls {
-                message: error_chain(&error),
+                // The error and its causes, on one line (tonic's top error says little).
+                message: std::iter::successors(
+                    Some(&error as &(dyn std::error::Error + 'static)),
+                    |error| error.source(),
+                )
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(": "),
             })?;
     }
     // Peers cannot dial 0.0.0.0: advertise the node's reachable IP with the bound port.
@@ -292,18 +299,6 @@ async fn start<T>(
             }),
     );
     Ok((node, served.parts, grpc_addr, server, drain))
-}
-
-/// An error and its causes, on one line (tonic's transport errors say little at the top).
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// What a demo replica hands back: its service and its route layer (for their counters).
