@@ -60,7 +60,9 @@ pub struct Timing {
     /// it are coalesced into one update.
     pub state_publish_interval: Duration,
     /// How often our current state is re-sent to peers even if unchanged (anti-entropy); a peer
-    /// whose state has not been refreshed for several of these is stale.
+    /// whose state has not been refreshed for several of these is stale. 4 s for lan: at 16
+    /// nodes that keeps an idle node's whole gossip (membership and freshness) under
+    /// memberlist's (BENCHMARKS.md, "Where the idle bytes go").
     pub state_refresh_interval: Duration,
     /// The most peers a state change is pushed to directly; the rest learn it by gossip, a
     /// gossip interval or more later. 64 for lan and local (every peer of clusters up to 65
@@ -99,7 +101,7 @@ impl Timing {
             rejoin_interval: Duration::from_secs(2),
             discovery_interval: Duration::from_secs(30),
             state_publish_interval: Duration::from_millis(100),
-            state_refresh_interval: Duration::from_secs(2),
+            state_refresh_interval: Duration::from_secs(4),
             state_push_fanout: nz(64),
             state_relay_fanout: 2,
             leave_timeout: Duration::from_secs(5),

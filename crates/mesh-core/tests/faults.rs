@@ -286,10 +286,11 @@ fn a_rolling_restart_never_loses_a_live_member() {
     }
     // Nobody is ever reported failed, not even the old life of a restarting node: a restart
     // at the same address is a rename (the newer generation replaces the older identity), and
-    // the new life is known everywhere within one state refresh (2 s: peers push their state
-    // to its address and it introduces itself; node-0, which has no seeds, is found only this
-    // way), sooner than a suspicion of the old life can be raised and time out (a probe
-    // period plus the nominal suspicion timeout: 2.5 s with the lan preset).
+    // the new life is known everywhere sooner than a suspicion of the old life can be raised
+    // and time out (a probe period plus the nominal suspicion timeout: 2.5 s with the lan
+    // preset): peers still probe the old life at its address, and the new one answers each
+    // with an announce. node-0, which has no seeds, has no other quick way back in (the next
+    // state refresh, 4 s, would be too late).
     let failed: Vec<String> = cluster
         .events(|l| matches!(l.event, MeshEvent::Failed(_)))
         .iter()

@@ -19,6 +19,7 @@ use std::{
     time::Duration,
 };
 
+use foca::{Codec, PostcardCodec};
 use tokio::{sync::oneshot, time::Instant};
 
 use super::{Agent, timers::Tick};
@@ -151,6 +152,33 @@ impl<T: Transport> Agent<T> {
             .announce(announce_target(from), self.io.runtime(self.now))
         {
             tracing::debug!(%error, %from, "introduction failed");
+        }
+    }
+
+    /// A foca datagram addressed to an earlier life of ours: its sender still probes the node
+    /// we were before a restart at this address, and foca drops what is not addressed to our
+    /// current identity. Announce ourselves to the sender (at most once per rejoin interval),
+    /// so it learns the new life at once — the restart is a rename, not a failure — instead of
+    /// when its next state refresh happens to reach us; a node without seeds has no other way
+    /// back in.
+    pub(super) fn answer_for_an_earlier_life(&mut self, packet: &[u8], from: SocketAddr) {
+        let Ok(header) = Codec::<Identity>::decode_header(&mut PostcardCodec, &mut &packet[..])
+        else {
+            return;
+        };
+        let own = self.foca.identity();
+        if header.dst.node_id() != own.node_id()
+            || header.dst.generation() >= own.generation()
+            || header.src.addr() != from
+        {
+            return;
+        }
+        let interval = self.timing.rejoin_interval;
+        if !self.announcer.should_introduce(from, self.now, interval) {
+            return;
+        }
+        if let Err(error) = self.foca.announce(header.src, self.io.runtime(self.now)) {
+            tracing::debug!(%error, %from, "answering for an earlier life failed");
         }
     }
 

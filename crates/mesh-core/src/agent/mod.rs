@@ -292,6 +292,7 @@ impl<T: Transport> Agent<T> {
                     self.shared.counters.dropped(Dropped::FocaRejected);
                     tracing::debug!(%error, "foca rejected a datagram");
                 }
+                self.answer_for_an_earlier_life(&packet, from);
             }
             Message::StatePush { state, bytes } => self.pushed_state(state, &bytes, from),
             Message::Leave(identity) => self.peer_leaving(identity),
