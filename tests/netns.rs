@@ -20,8 +20,7 @@ use std::{
 };
 
 use cluster_processes::{
-    NodeProcess, NodeSpec, bounded, examples, executed_by, members_by_id, meshctl_json, poll, run,
-    text,
+    NodeProcess, NodeSpec, bounded, examples, loadgen_all_ok, members_by_id, meshctl_json, poll,
 };
 use mesh_discovery::testing::TestDns;
 use tonic_health::pb::{
@@ -281,20 +280,12 @@ async fn wait_ready(network: &Network, i: usize) {
 
 /// A burst of actions through node 1; returns who ran them.
 async fn burst(bin: &Path, network: &Network) -> std::collections::HashMap<String, u64> {
-    let output = run(
+    loadgen_all_ok(
         bin,
-        "loadgen",
         &["--target", &network.url(1), "--actions", "150", "--quiet"],
     )
-    .await;
-    let report = text(&output.stdout);
-    assert!(
-        output.status.success(),
-        "loadgen failed:\n{report}{}",
-        text(&output.stderr)
-    );
-    assert!(report.contains("150 ok, 0 failed"), "{report}");
-    executed_by(&report)
+    .await
+    .1
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,8 +12,8 @@ use std::{
 };
 
 use cluster_processes::{
-    NodeProcess, NodeSpec, bounded, examples, executed_by, http_get, members_by_id, meshctl_json,
-    poll, run, samples, text,
+    NodeProcess, NodeSpec, bounded, examples, http_get, loadgen_all_ok, members_by_id,
+    meshctl_json, poll, run, samples, text,
 };
 use mesh::{
     Identity, MeshEvent, Timing,
@@ -107,9 +107,8 @@ async fn an_operator_follows_a_burst_and_a_crash_with_meshctl_metrics_and_logs()
     );
 
     // A burst through a: loadgen says who ran what; the stats of a and b count the same.
-    let output = run(
+    let (report, ran) = loadgen_all_ok(
         bin,
-        "loadgen",
         &[
             "--target",
             &a.url(),
@@ -122,14 +121,6 @@ async fn an_operator_follows_a_burst_and_a_crash_with_meshctl_metrics_and_logs()
         ],
     )
     .await;
-    let report = text(&output.stdout);
-    assert!(
-        output.status.success(),
-        "loadgen failed:\n{report}{}",
-        text(&output.stderr)
-    );
-    assert!(report.contains("60 ok, 0 failed"), "{report}");
-    let ran = executed_by(&report);
     let (on_a, on_b, on_c) = (ran["a"], ran["b"], ran["c"]);
     assert_eq!(on_a + on_b + on_c, 60, "{report}");
     assert!(on_b > 0 && on_c > 0, "a forwards work: {report}");

@@ -314,6 +314,29 @@ pub fn members_by_id(members: &serde_json::Value) -> HashMap<String, serde_json:
         .collect()
 }
 
+/// Runs `loadgen` with `args` (which include `--actions N`), asserts that it succeeded with all
+/// N actions ok, and returns its report and who ran how many.
+pub async fn loadgen_all_ok(bin: &Path, args: &[&str]) -> (String, HashMap<String, u64>) {
+    let actions = args
+        .iter()
+        .position(|a| *a == "--actions")
+        .and_then(|i| args.get(i + 1))
+        .expect("loadgen_all_ok needs --actions N");
+    let output = run(bin, "loadgen", args).await;
+    let report = text(&output.stdout);
+    assert!(
+        output.status.success(),
+        "loadgen failed:\n{report}{}",
+        text(&output.stderr)
+    );
+    assert!(
+        report.contains(&format!("{actions} ok, 0 failed")),
+        "{report}"
+    );
+    let ran = executed_by(&report);
+    (report, ran)
+}
+
 /// Per-node counts from a loadgen report ("  b                    20").
 pub fn executed_by(report: &str) -> HashMap<String, u64> {
     report
