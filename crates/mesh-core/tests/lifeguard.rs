@@ -120,7 +120,7 @@ async fn ten_percent_loss_gives_no_false_failure_and_suspects_refute_directly() 
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_crash_is_confirmed_by_witnesses_and_needs_no_unconfirmed_timeout() {
+async fn a_crash_is_confirmed_by_witnesses_and_every_survivor_is_told_at_once() {
     let timing = Timing::lan();
     let n = 10;
     let mut cluster = formed(9, n, timing.clone()).await;
@@ -140,17 +140,26 @@ async fn a_crash_is_confirmed_by_witnesses_and_needs_no_unconfirmed_timeout() {
     assert!(detected.is_some(), "not every survivor reported the crash");
     // The first report came well before an unconfirmed suspicion could have expired: the
     // witnesses confirmed. (Probe round and gossip add at most a few probe periods.)
-    let first = reported(&cluster)
+    let times: Vec<Duration> = reported(&cluster)
         .iter()
         .map(|l| l.at - crashed_at)
-        .min()
-        .unwrap();
+        .collect();
+    let first = *times.iter().min().unwrap();
+    let last = *times.iter().max().unwrap();
     let unconfirmed = timing
         .suspicion_timeout(n as u32)
         .mul_f64(timing.suspicion_max_multiplier);
     assert!(
         first < unconfirmed,
         "first report after {first:?}: the suspicion was never confirmed (unconfirmed timeout {unconfirmed:?})"
+    );
+    // The node that declared it down told every other member directly: the last survivor
+    // knew one network hop (1–5 ms here) after the first, before any gossip round could
+    // have carried it to the 8 others.
+    assert!(
+        last - first < timing.gossip_interval,
+        "the last survivor reported the crash {:?} after the first: it waited for gossip",
+        last - first
     );
     let others: Vec<usize> = (0..n).filter(|i| *i != victim).collect();
     assert!(churn_of(&cluster, since, &others).is_empty());
