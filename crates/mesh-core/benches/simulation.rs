@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo bench -p mesh-core --bench simulation [-- 10 100 1000] [--changes 20] [--crashes 5]
-//!     [--push-fanout N] [--relay-fanout N] [--loss 0.1] [--seed 1]
+//!     [--push-fanout N] [--relay-fanout N] [--gossip-budget BYTES] [--loss 0.1] [--seed 1]
 //! ```
 //!
 //! Per cluster size, in order:
@@ -14,6 +14,8 @@
 //!    time until 50%, 99% and 100% of the other nodes see it;
 //! 3. traffic: datagrams and bytes sent per node per second, idle (20 s, no change) and busy
 //!    (30 s, 10% of the nodes changing load every 500 ms: 0.2 changes per node per second);
+//!    under busy load, how many of the other nodes hold each change 500 ms after it was made
+//!    (just before the next changes);
 //! 4. crashes: `--crashes` nodes crashed one at a time; for each, when the first and the last
 //!    survivor report it failed; then it restarts and rejoins before the next;
 //! 5. false failures: failure reports, over the whole run, about nodes that were not crashed;
@@ -108,6 +110,10 @@ fn options() -> Options {
             "--slow" => {
                 options.slow = Some(Duration::from_millis(value().parse().expect("--slow MS")))
             }
+            "--gossip-budget" => {
+                let bytes: u32 = value().parse().expect("--gossip-budget BYTES (0: none)");
+                options.timing.state_gossip_budget = std::num::NonZeroU32::new(bytes);
+            }
             "--refresh" => {
                 options.timing.state_refresh_interval = humantime(&value());
             }
@@ -164,6 +170,9 @@ struct Report {
     changes_incomplete: usize,
     idle: (f64, f64),
     busy: (f64, f64),
+    /// Busy: the fraction of (changed node, other node) pairs where the other node held the
+    /// change 500 ms after it was made.
+    busy_fresh: f64,
     /// Per crash: first and last report.
     detection: Vec<[Duration; 2]>,
     false_failures: usize,
@@ -251,14 +260,17 @@ async fn traffic(
     span: Duration,
     busy: bool,
     guards: &mut HashMap<usize, Vec<mesh_core::TaskGuard>>,
-) -> (f64, f64) {
+) -> (f64, f64, f64) {
     let before = cluster.total_stats();
+    let (mut fresh, mut pairs) = (0_usize, 0_usize);
     let net_before = cluster.network().stats();
     let ticks = (span.as_millis() / 500) as usize;
     for tick in 0..ticks {
+        let mut changed = Vec::new();
         if busy {
             for k in 0..n.div_ceil(10) {
                 let i = (tick * 13 + k * 7) % n;
+                changed.push(i);
                 let Some(membership) = cluster.membership(i) else {
                     continue;
                 };
@@ -271,6 +283,9 @@ async fn traffic(
             }
         }
         cluster.run_for(Duration::from_millis(500)).await;
+        let (f, p) = held_by_others(cluster, &changed);
+        fresh += f;
+        pairs += p;
     }
     let after = cluster.total_stats();
     let node_seconds = span.as_secs_f64() * n as f64;
@@ -296,7 +311,43 @@ async fn traffic(
     (
         (after.datagrams_sent - before.datagrams_sent) as f64 / node_seconds,
         (after.bytes_sent - before.bytes_sent) as f64 / node_seconds,
+        fresh as f64 / pairs.max(1) as f64,
     )
+}
+
+/// For each node in `changed`, how many other running nodes hold its current load (and how
+/// many were asked).
+fn held_by_others(cluster: &SimCluster, changed: &[usize]) -> (usize, usize) {
+    let current: HashMap<String, u32> = changed
+        .iter()
+        .filter_map(|&i| {
+            let membership = cluster.membership(i)?;
+            Some((
+                membership.node_id().to_string(),
+                membership.load().pending(),
+            ))
+        })
+        .collect();
+    let (mut fresh, mut pairs) = (0, 0);
+    for observer in cluster.running() {
+        let Some(view) = cluster.view(observer) else {
+            continue;
+        };
+        for (name, pending) in &current {
+            if name == cluster.node_id(observer).as_str() {
+                continue;
+            }
+            pairs += 1;
+            if view
+                .get(name)
+                .and_then(|peer| peer.state())
+                .is_some_and(|state| state.pending == *pending)
+            {
+                fresh += 1;
+            }
+        }
+    }
+    (fresh, pairs)
 }
 
 async fn run(n: usize, options: &Options) -> Report {
@@ -333,8 +384,13 @@ async fn run(n: usize, options: &Options) -> Report {
 
     let mut held = HashMap::new();
     cluster.run_for(Duration::from_secs(5)).await;
-    report.idle = traffic(&cluster, n, Duration::from_secs(20), false, &mut held).await;
-    report.busy = traffic(&cluster, n, Duration::from_secs(30), true, &mut held).await;
+    let (datagrams, bytes, _) =
+        traffic(&cluster, n, Duration::from_secs(20), false, &mut held).await;
+    report.idle = (datagrams, bytes);
+    let (datagrams, bytes, fresh) =
+        traffic(&cluster, n, Duration::from_secs(30), true, &mut held).await;
+    report.busy = (datagrams, bytes);
+    report.busy_fresh = fresh;
     drop(held);
 
     let mut crashed: HashSet<(String, u64)> = HashSet::new();
@@ -448,11 +504,12 @@ fn main() {
         .build()
         .expect("runtime");
     println!(
-        "timing: probe {:?}, suspicion ×{}, push fan-out {}, relay fan-out {}, loss {}, seed {}",
+        "timing: probe {:?}, suspicion ×{}, push fan-out {}, relay fan-out {}, gossip budget {:?} B/s, loss {}, seed {}",
         options.timing.probe_period,
         options.timing.suspicion_multiplier,
         options.timing.state_push_fanout,
         options.timing.state_relay_fanout,
+        options.timing.state_gossip_budget,
         options.loss,
         options.seed,
     );
@@ -484,9 +541,9 @@ fn main() {
     }
     println!();
     println!(
-        "| nodes | cold start: all members / all states | change seen by 50% / 99% / 100%: median (max) over changes | crash seen by first / last node: median (max) | false failures | idle: datagrams, bytes per node/s | busy: datagrams, bytes per node/s | memory per node | wall time |"
+        "| nodes | cold start: all members / all states | change seen by 50% / 99% / 100%: median (max) over changes | crash seen by first / last node: median, p90 (max) | false failures | idle: datagrams, bytes per node/s | busy: datagrams, bytes per node/s | busy: changes held by others after 0.5 s | memory per node | wall time |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &reports {
         let column = |k: usize| {
             let mut samples: Vec<Duration> = r.spread.iter().map(|s| s[k]).collect();
@@ -496,10 +553,16 @@ fn main() {
         let detection = |k: usize| {
             let mut samples: Vec<Duration> = r.detection.iter().map(|s| s[k]).collect();
             let max = max(&samples);
-            format!("{} ({})", secs(median(&mut samples)), secs(max))
+            let median = median(&mut samples);
+            format!(
+                "{}, {} ({})",
+                secs(median),
+                secs(quantile(&samples, 0.9)),
+                secs(max)
+            )
         };
         println!(
-            "| {} | {} / {} s | {} / {} / {} ms ({} changes{}) | {} / {} s ({} crashes) | {} | {:.1}, {:.0} B | {:.1}, {:.0} B | {:.0} KiB | {:.0} s |",
+            "| {} | {} / {} s | {} / {} / {} ms ({} changes{}) | {} / {} s ({} crashes) | {} | {:.1}, {:.0} B | {:.1}, {:.0} B | {:.1}% | {:.0} KiB | {:.0} s |",
             r.n,
             secs(r.members),
             secs(r.states),
@@ -520,6 +583,7 @@ fn main() {
             r.idle.1,
             r.busy.0,
             r.busy.1,
+            r.busy_fresh * 100.0,
             r.memory_per_node as f64 / 1024.0,
             r.wall.as_secs_f64(),
         );

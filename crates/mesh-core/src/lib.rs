@@ -16,6 +16,8 @@
 //! (dynamic suspicion); the suspect is told directly and refutes in one round trip (buddy
 //! system); and a node whose own probes keep failing stretches its probe period and timeout
 //! (local health awareness). `agent/health.rs` explains what is built where foca has no hook.
+//! The node whose suspicion timed out tells every other member directly that the member is
+//! down, rather than leaving it to gossip (`agent/lifeguard.rs`).
 //! Members announce themselves to nodes they consider down, and to every address the discovery
 //! source returns that is not a member, which is what merges the two sides of a healed
 //! partition without an operator.
@@ -28,7 +30,8 @@
 //! **Node state** ([`NodeState`]: gRPC endpoint, pending tasks, max concurrency, draining,
 //! tags) travels three ways, because piggybacking alone is slow to converge (foca issues #3, #5):
 //! 1. as a foca custom broadcast, versioned so a newer state invalidates an older one still
-//!    being disseminated;
+//!    being disseminated, within a byte budget per node ([`Timing::state_gossip_budget`],
+//!    `budget.rs`);
 //! 2. pushed directly by its owner to up to [`Timing::state_push_fanout`] peers whenever it
 //!    changes (coalesced to at most one version per [`Timing::state_publish_interval`]), and to
 //!    every newly seen member (join sync);
@@ -119,6 +122,7 @@
 #![forbid(unsafe_code)]
 
 mod agent;
+mod budget;
 mod discovery;
 mod events;
 mod identity;

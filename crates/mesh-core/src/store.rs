@@ -17,7 +17,7 @@ use std::{
 
 use tokio::time::Instant;
 
-use crate::{Identity, NodeId, NodeState, StateError};
+use crate::{Identity, NodeId, NodeState, StateError, budget::GossipBudget};
 
 /// What applying a received state did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -184,11 +184,12 @@ impl foca::Invalidates for StateKey {
 /// foca's custom-broadcast handler for node states.
 pub(crate) struct StateGossip {
     store: SharedStore,
+    budget: GossipBudget,
 }
 
 impl StateGossip {
-    pub(crate) fn new(store: SharedStore) -> Self {
-        Self { store }
+    pub(crate) fn new(store: SharedStore, budget: GossipBudget) -> Self {
+        Self { store, budget }
     }
 }
 
@@ -223,6 +224,11 @@ impl foca::BroadcastHandler<Identity> for StateGossip {
             Applied::New => Ok(Some(key)),
             Applied::Refreshed | Applied::Stale => Ok(None),
         }
+    }
+
+    /// States ride along only within the gossip byte budget (`budget.rs`).
+    fn should_add_broadcast_data(&self, _member: &Identity) -> bool {
+        self.budget.may_carry_states()
     }
 }
 
@@ -296,7 +302,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn handler_reports_only_new_states_for_dissemination() {
         let store = SharedStore::default();
-        let mut gossip = StateGossip::new(store.clone());
+        let mut gossip = StateGossip::new(store.clone(), GossipBudget::default());
         let bytes = state("a", 1, 1).encode().unwrap();
         let sender = Identity::new(NodeId::new("b").unwrap(), "127.0.0.1:2".parse().unwrap(), 1);
         assert!(
@@ -321,7 +327,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_staged_state_is_taken_as_is_instead_of_decoding_again() {
         let store = SharedStore::default();
-        let mut gossip = StateGossip::new(store.clone());
+        let mut gossip = StateGossip::new(store.clone(), GossipBudget::default());
         // Bytes that do not decode: only the staged state can make this succeed.
         let added = store.with_staged(state("a", 1, 1), || gossip.receive_item(b"\xff", None));
         assert!(added.unwrap().is_some());

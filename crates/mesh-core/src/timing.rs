@@ -75,6 +75,14 @@ pub struct Timing {
     /// of gossip rounds (100 nodes: 99% of nodes see a change in 0.1 s instead of 0.28 s, for
     /// 8% more bytes; BENCHMARKS.md).
     pub state_relay_fanout: usize,
+    /// The most bytes per second of foca datagrams that may carry piggybacked states (a token
+    /// bucket with one second of burst; `None`: no limit). Beyond it, datagrams carry
+    /// membership updates only until the budget refills, and the states wait in foca's queue,
+    /// where newer versions replace older ones. Reached only when states change faster than
+    /// gossip can spread them: 12 KB/s for lan and wan, which keeps a 1,000-node cluster at 0.2
+    /// changes per node per second under 20 KB/s per node in all (BENCHMARKS.md); 100 busy
+    /// nodes use about half of it.
+    pub state_gossip_budget: Option<NonZeroU32>,
     /// The longest [`crate::Membership::leave`] takes.
     pub leave_timeout: Duration,
 }
@@ -104,6 +112,7 @@ impl Timing {
             state_refresh_interval: Duration::from_secs(4),
             state_push_fanout: nz(64),
             state_relay_fanout: 2,
+            state_gossip_budget: NonZeroU32::new(12_000),
             leave_timeout: Duration::from_secs(5),
         }
     }
@@ -129,6 +138,7 @@ impl Timing {
             state_refresh_interval: Duration::from_secs(10),
             state_push_fanout: nz(32),
             state_relay_fanout: 2,
+            state_gossip_budget: NonZeroU32::new(12_000),
             leave_timeout: Duration::from_secs(10),
         }
     }
@@ -154,6 +164,7 @@ impl Timing {
             state_refresh_interval: Duration::from_millis(500),
             state_push_fanout: nz(64),
             state_relay_fanout: 2,
+            state_gossip_budget: None,
             leave_timeout: Duration::from_secs(1),
         }
     }

@@ -52,6 +52,7 @@ use self::{
 };
 use crate::{
     Identity, LocalStatus, MeshEvent, NodeState,
+    budget::GossipBudget,
     input::{Input, Message},
     shared::Shared,
     stats::Dropped,
@@ -116,12 +117,13 @@ impl<T: Transport> Agent<T> {
         let out = Outbound::new(transport, envelope, Arc::clone(&shared));
         let max_payload = out.max_payload();
         let store = SharedStore::default();
+        let budget = GossipBudget::new(timing.state_gossip_budget);
         let foca = Foca::with_custom_broadcast(
             identity,
             timing.foca_config(1, max_payload),
             foca_rng,
             PostcardCodec,
-            StateGossip::new(store.clone()),
+            StateGossip::new(store.clone(), budget.clone()),
         );
         Self {
             foca,
@@ -131,6 +133,7 @@ impl<T: Transport> Agent<T> {
                     timing.max_health_multiplier,
                     SuspicionTimeouts::new(&timing, 1),
                 ),
+                budget,
             ),
             store,
             shared,
@@ -204,6 +207,15 @@ impl<T: Transport> Agent<T> {
         self.now = now;
         while let Some(tick) = self.io.timers.pop_due(now) {
             match tick {
+                Tick::Foca(foca::Timer::PeriodicGossip(token))
+                    if self.foca.updates_backlog() == 0 && self.io.budget.is_spent() =>
+                {
+                    // Only states wait, and the budget for them is spent: foca would send
+                    // gossip datagrams with nothing but a header. Skip this round.
+                    let next = now + self.timing.gossip_interval;
+                    let round = Tick::Foca(foca::Timer::PeriodicGossip(token));
+                    self.io.timers.schedule(next, round);
+                }
                 Tick::Foca(timer) => {
                     let cycle = matches!(timer, foca::Timer::ProbeRandomMember(_));
                     if cycle {

@@ -19,6 +19,7 @@ use super::{
 };
 use crate::{
     Identity,
+    budget::GossipBudget,
     shared::Shared,
     store::StateGossip,
     transport::Transport,
@@ -82,6 +83,8 @@ impl<T: Transport> Outbound<T> {
 /// the notifications waiting to be handled.
 pub(crate) struct Io<T> {
     pub(crate) out: Outbound<T>,
+    /// Charged for every foca datagram that was allowed to carry states.
+    pub(crate) budget: GossipBudget,
     pub(crate) timers: TimerQueue<Tick>,
     pub(crate) guard: Guard,
     notes: Vec<OwnedNotification<Identity>>,
@@ -140,9 +143,10 @@ impl Guard {
 }
 
 impl<T: Transport> Io<T> {
-    pub(crate) fn new(out: Outbound<T>, guard: Guard) -> Self {
+    pub(crate) fn new(out: Outbound<T>, guard: Guard, budget: GossipBudget) -> Self {
         Self {
             out,
+            budget,
             timers: TimerQueue::new(),
             guard,
             notes: Vec::new(),
@@ -173,6 +177,7 @@ impl<T: Transport> foca::Runtime<Identity> for Effects<'_, T> {
     }
 
     fn send_to(&mut self, to: Identity, data: &[u8]) {
+        self.io.budget.sent(data);
         self.io.out.send(Kind::Foca, data, to.addr());
     }
 
@@ -322,7 +327,7 @@ mod tests {
             Arc::clone(&shared),
         );
         assert_eq!(out.max_payload(), MAX_DATAGRAM - 4);
-        let mut io = Io::new(out, guard());
+        let mut io = Io::new(out, guard(), GossipBudget::default());
         let now = Instant::now();
         let mut runtime = io.runtime(now);
         runtime.send_to(id.clone(), b"swim");
@@ -370,7 +375,7 @@ mod tests {
         let suspect = Identity::new(NodeId::new("x").unwrap(), "127.0.0.1:8".parse().unwrap(), 1);
         let shared = testing::shared(snapshot::initial(&id));
         let out = Outbound::new(Arc::clone(&transport), Envelope::plain(), shared);
-        let mut io = Io::new(out, guard());
+        let mut io = Io::new(out, guard(), GossipBudget::default());
         let now = Instant::now();
         // A probe starts, and the next cycle finds it failed: the score goes up by one.
         io.guard.begin_cycle();

@@ -1,0 +1,114 @@
+//! The gossip byte budget (`Timing::state_gossip_budget`) on the cluster simulator, on
+//! tokio's paused clock: while states change faster than gossip can spread them, the states
+//! piggybacked on foca's datagrams stay within the budget, and once the changes stop every
+//! node still ends up with every node's latest state. Figures live in BENCHMARKS.md.
+
+use std::{num::NonZeroU32, time::Duration};
+
+use mesh_core::{TaskGuard, Timing, sim::SimCluster};
+
+const NODES: usize = 30;
+const CHURN: Duration = Duration::from_secs(20);
+
+/// lan timing where gossip rounds, not pushes, carry the states: pushes reach one peer and
+/// nobody relays.
+fn gossip_only(budget: Option<u32>) -> Timing {
+    let mut timing = Timing::lan();
+    timing.state_push_fanout = 1.try_into().unwrap();
+    timing.state_relay_fanout = 0;
+    timing.state_gossip_budget = budget.and_then(NonZeroU32::new);
+    timing
+}
+
+/// foca bytes sent per node per second while every node changes its load every 100 ms (as
+/// fast as the lan publish interval allows), then whether every node converged on every
+/// node's final load within 30 s of the end of the churn.
+async fn churn(timing: Timing) -> (f64, bool) {
+    let mut cluster = SimCluster::start(5, NODES, timing).await.unwrap();
+    let all: Vec<usize> = (0..NODES).collect();
+    let formed = cluster
+        .run_until(Duration::from_secs(30), Duration::from_millis(10), |c| {
+            c.sees_exactly(&all)
+        })
+        .await;
+    assert!(formed.is_some(), "the cluster did not form");
+    cluster.run_for(Duration::from_secs(10)).await;
+    let foca = |c: &SimCluster| c.network().stats().bytes_by_kind[1];
+    let before = foca(&cluster);
+
+    let mut held: Vec<Vec<TaskGuard>> = (0..NODES).map(|_| Vec::new()).collect();
+    let ticks = CHURN.as_millis() / 100;
+    for tick in 0..ticks {
+        for (i, guards) in held.iter_mut().enumerate() {
+            let load = cluster.membership(i).unwrap().load();
+            if (tick as usize + i).is_multiple_of(3) {
+                guards.clear();
+            } else {
+                guards.push(load.begin_task());
+            }
+        }
+        cluster.run_for(Duration::from_millis(100)).await;
+    }
+    let rate = (foca(&cluster) - before) as f64 / CHURN.as_secs_f64() / NODES as f64;
+
+    let settled = |c: &SimCluster| {
+        (0..NODES).all(|observer| {
+            let view = c.view(observer).unwrap();
+            (0..NODES).filter(|o| *o != observer).all(|owner| {
+                let pending = c.membership(owner).unwrap().load().pending();
+                view.get(c.node_id(owner).as_str())
+                    .and_then(|peer| peer.state())
+                    .is_some_and(|state| state.pending == pending)
+            })
+        })
+    };
+    let converged = cluster
+        .run_until(Duration::from_secs(30), Duration::from_millis(50), settled)
+        .await
+        .is_some();
+    drop(held);
+    cluster.shutdown().await;
+    (rate, converged)
+}
+
+#[tokio::test(start_paused = true)]
+async fn states_gossip_within_the_budget_and_still_converge() {
+    let (unlimited, converged) = churn(gossip_only(None)).await;
+    assert!(converged, "without a budget the states did not converge");
+    let (idle_foca, _) = {
+        // What foca sends with no state to carry: probes, acks, membership gossip.
+        let mut cluster = SimCluster::start(5, NODES, gossip_only(None))
+            .await
+            .unwrap();
+        cluster.run_for(Duration::from_secs(20)).await;
+        let before = cluster.network().stats().bytes_by_kind[1];
+        cluster.run_for(CHURN).await;
+        let rate = (cluster.network().stats().bytes_by_kind[1] - before) as f64
+            / CHURN.as_secs_f64()
+            / NODES as f64;
+        cluster.shutdown().await;
+        (rate, ())
+    };
+    let budget = 1_000.0;
+    let (limited, converged) = churn(gossip_only(Some(budget as u32))).await;
+    println!(
+        "foca bytes per node per second under churn: unlimited {unlimited:.0}, budget {budget} \
+         {limited:.0}, idle {idle_foca:.0}"
+    );
+    assert!(
+        unlimited > idle_foca + 2.0 * budget,
+        "the churn must load gossip well beyond the budget for this test to mean anything: \
+         {unlimited:.0} B/s"
+    );
+    // The budget covers foca's payload; the envelope of each datagram and the bucket's first
+    // second of burst (5% of the 20 s) come on top: a fifth of slack.
+    assert!(
+        limited <= idle_foca + budget * 1.2,
+        "{limited:.0} B/s of foca traffic per node: more than membership ({idle_foca:.0}) plus \
+         the {budget} B/s budget for states"
+    );
+    assert!(
+        converged,
+        "with the budget the states did not converge once the changes stopped"
+    );
+}
