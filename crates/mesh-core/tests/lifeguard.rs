@@ -165,3 +165,33 @@ async fn a_crash_is_confirmed_by_witnesses_and_every_survivor_is_told_at_once() 
     assert!(churn_of(&cluster, since, &others).is_empty());
     cluster.shutdown().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn under_heavy_loss_a_suspect_is_told_until_it_answers() {
+    let mut cluster = formed(11, 10, Timing::lan()).await;
+    let before = cluster.total_stats();
+    cluster.network().set_loss(0.30);
+    cluster.run_for(Duration::from_secs(100)).await;
+    let after = cluster.total_stats();
+    let raised = after.suspicions_raised - before.suspicions_raised;
+    let refuted = after.suspicions_refuted - before.suspicions_refuted;
+    println!("30% loss, 100 s, 10 nodes: {raised} suspicions raised, {refuted} refuted directly");
+    assert!(
+        raised >= 50,
+        "too few suspicions for the ratio to mean anything: {raised}"
+    );
+    // One notice and its answer both get through about half the time at 30% loss; a notice
+    // every probe timeout until the suspect answers makes a direct refutation the rule, so
+    // that no suspicion has to wait for the refutation to arrive by gossip.
+    assert!(
+        refuted * 100 >= raised * 95,
+        "only {refuted} of {raised} suspicions were refuted directly"
+    );
+    let all: Vec<usize> = (0..10).collect();
+    let churn = churn_of(&cluster, 0, &all);
+    assert!(
+        churn.is_empty(),
+        "false failures under 30% loss: {churn:#?}"
+    );
+    cluster.shutdown().await;
+}

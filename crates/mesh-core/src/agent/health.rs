@@ -204,6 +204,22 @@ impl Suspicions {
         None
     }
 
+    /// The member and incarnation of the running suspicion with tick id `id`.
+    pub(crate) fn running(&self, id: u64) -> Option<(Identity, u16)> {
+        self.by_member
+            .iter()
+            .find(|(_, s)| s.id == id)
+            .map(|(member, s)| (member.clone(), s.incarnation))
+    }
+
+    /// The tick id of the running suspicion of `member` at `incarnation`.
+    pub(crate) fn id_of(&self, member: &Identity, incarnation: u16) -> Option<u64> {
+        self.by_member
+            .get(member)
+            .filter(|s| s.incarnation == incarnation)
+            .map(|s| s.id)
+    }
+
     /// How many witnesses confirmed the running suspicion of `member`.
     pub(crate) fn confirmations(&self, member: &Identity) -> Option<usize> {
         self.by_member.get(member).map(|s| s.confirmed_by.len())

@@ -7,7 +7,7 @@
 //!
 //! | message | from → to | reaction |
 //! |---|---|---|
-//! | `Suspected` | suspecting node or witness → suspect | the suspect refutes (foca bumps its incarnation) and answers `Alive` |
+//! | `Suspected` | suspecting node (every probe timeout while the suspicion runs) or witness (twice) → suspect | the suspect refutes (foca bumps its incarnation) and answers `Alive` |
 //! | `Check` | suspecting node → witness | the witness sends the suspect `Suspected` (twice), then answers `Alive` if it heard back, `Confirm` if not |
 //! | `Alive` | suspect → asker, witness → suspecting node | the member is alive at a newer incarnation: applied to foca, which ends the suspicion everywhere it spreads |
 //! | `Confirm` | witness → suspecting node | one more independent confirmation: the suspicion's deadline moves closer |
@@ -61,6 +61,10 @@ impl<T: Transport> Agent<T> {
                 },
                 member.addr(),
             );
+            if let Some(id) = self.io.guard.suspicions.id_of(&member, incarnation) {
+                let again = self.now + self.timing.probe_rtt;
+                self.io.timers.schedule(again, Tick::SuspectAgain(id));
+            }
             let witnesses = self.timing.suspicion_confirmations as usize;
             if witnesses == 0 {
                 continue;
@@ -248,6 +252,26 @@ impl<T: Transport> Agent<T> {
         {
             tracing::debug!(%error, "applying a down notice failed");
         }
+    }
+
+    /// Our suspicion `id` is still running: tell the suspect again, and again a probe timeout
+    /// later. Under loss the first notice or its answer is often lost; without retries a
+    /// fifth of the suspicions at 30% loss waited for the refutation to arrive by gossip,
+    /// which takes longer the larger the cluster.
+    pub(super) fn suspect_again(&mut self, id: u64) {
+        let Some((member, incarnation)) = self.io.guard.suspicions.running(id) else {
+            return;
+        };
+        let addr = member.addr();
+        self.send_notice(
+            &Notice::Suspected {
+                member,
+                incarnation,
+            },
+            addr,
+        );
+        let again = self.now + self.timing.probe_rtt;
+        self.io.timers.schedule(again, Tick::SuspectAgain(id));
     }
 
     /// Half the wait has passed without an answer: ask the suspect once more.

@@ -230,6 +230,7 @@ impl<T: Transport> Agent<T> {
                 }
                 Tick::View => self.view_scheduled = false,
                 Tick::Suspicion(id) => self.suspicion_due(id),
+                Tick::SuspectAgain(id) => self.suspect_again(id),
                 Tick::CheckRetry(id) => self.check_retry(id),
                 Tick::CheckDue(id) => self.check_due(id),
                 Tick::Publish => {

@@ -25,6 +25,8 @@ pub(crate) enum Tick {
     View,
     /// A suspicion we raised may have reached its (dynamic) deadline.
     Suspicion(u64),
+    /// A suspicion we raised is still running: tell the suspect again.
+    SuspectAgain(u64),
     /// A check we run as a witness: ask the suspect again.
     CheckRetry(u64),
     /// A check we run as a witness: the suspect had its chance.
