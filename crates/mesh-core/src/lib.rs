@@ -12,9 +12,9 @@
 //! Awareness for More Accurate Failure Detection", Dadgar, Phillips and Currey, 2018; as in
 //! memberlist) decides how much time: the suspecting node asks witnesses to check the suspect,
 //! and the timeout shrinks from `suspicion_max_multiplier` times the nominal
-//! `suspicion_multiplier × log10(n) × probe_period` down to the nominal one as they confirm
-//! (dynamic suspicion); the suspect is told directly and refutes in one round trip (buddy
-//! system); and a node whose own probes keep failing stretches its probe period and timeout
+//! `suspicion_multiplier × max(1, log10(n) − 1) × probe_period` down to the nominal one as
+//! they confirm (dynamic suspicion); the suspect is told directly, again every probe timeout,
+//! and refutes in one round trip (buddy system); and a node whose own probes keep failing stretches its probe period and timeout
 //! (local health awareness). `agent/health.rs` explains what is built where foca has no hook.
 //! The node whose suspicion timed out tells every other member directly that the member is
 //! down, rather than leaving it to gossip (`agent/lifeguard.rs`).

@@ -15,10 +15,17 @@ pub struct Timing {
     /// How long a direct probe waits for its ack before asking others to probe indirectly.
     /// Must be shorter than `probe_period`.
     pub probe_rtt: Duration,
-    /// The nominal suspicion timeout is `suspicion_multiplier × max(1, log10(cluster size)) ×
-    /// probe_period` (memberlist's formula): larger clusters wait longer before declaring a
-    /// suspect down. It is the timeout of a suspicion that independent witnesses confirmed
-    /// (Lifeguard's dynamic suspicion, see `suspicion_max_multiplier`).
+    /// The nominal suspicion timeout is
+    /// `suspicion_multiplier × max(1, log10(cluster size) − 1) × probe_period`: the timeout of
+    /// a suspicion that independent witnesses confirmed (Lifeguard's dynamic suspicion, see
+    /// `suspicion_max_multiplier`). memberlist multiplies by `log10(cluster size)`, because
+    /// there a refutation travels by gossip. Here only the suspecting node can declare the
+    /// suspect down, it tells the suspect directly, again every probe timeout, and the suspect
+    /// answers it directly, which takes no longer in a larger cluster; only the rare
+    /// refutation that still has to come by gossip (under 1% of suspicions at 30% loss) needs
+    /// time that grows with the cluster. So the timeout stays at its floor up to 100 members
+    /// and doubles at 1,000 (BENCHMARKS.md: no false failure at 30% loss at 10, 100 and 1,000
+    /// nodes, where a constant 1.5 s declared two healthy nodes down in a minute).
     pub suspicion_multiplier: f64,
     /// An unconfirmed suspicion waits `suspicion_max_multiplier` times the nominal timeout;
     /// each confirmation shrinks it, down to the nominal timeout after
@@ -76,12 +83,13 @@ pub struct Timing {
     /// 8% more bytes; BENCHMARKS.md).
     pub state_relay_fanout: usize,
     /// The most bytes per second of foca datagrams that may carry piggybacked states (a token
-    /// bucket with one second of burst; `None`: no limit). Beyond it, datagrams carry
-    /// membership updates only until the budget refills, and the states wait in foca's queue,
-    /// where newer versions replace older ones. Reached only when states change faster than
-    /// gossip can spread them: 12 KB/s for lan and wan, which keeps a 1,000-node cluster at 0.2
-    /// changes per node per second under 20 KB/s per node in all (BENCHMARKS.md); 100 busy
-    /// nodes use about half of it.
+    /// bucket with one second of burst, membership updates not counted; `None`: no limit).
+    /// Beyond it, datagrams carry membership updates only until the budget refills, and the
+    /// states wait in foca's queue, where newer versions replace older ones. Reached only
+    /// when states change faster than gossip can spread them: 16 KB/s for lan and wan, which
+    /// a 1,000-node cluster with 0.2 changes per node per second reaches and 100 such nodes
+    /// do not (all their foca traffic is 6 KB/s). The trade-off, bytes against how many nodes
+    /// hold a change half a second after it, is measured in BENCHMARKS.md.
     pub state_gossip_budget: Option<NonZeroU32>,
     /// The longest [`crate::Membership::leave`] takes.
     pub leave_timeout: Duration,
@@ -89,9 +97,11 @@ pub struct Timing {
 
 impl Timing {
     /// For a data-centre network: one-second probes, like memberlist's `DefaultLANConfig`, and
-    /// a nominal suspicion timeout of `1.5 × log10(n)` seconds (memberlist: `4 × log10(n)`):
-    /// a confirmed crash is reported sooner, while an unconfirmed suspicion still waits six
-    /// times as long for a refutation (see BENCHMARKS.md for the false-failure measurements).
+    /// a nominal suspicion timeout of 1.5 s up to 100 members, 3 s at 1,000 (memberlist:
+    /// `4 × log10(n)` s, 8 s at 100): a confirmed crash is reported sooner, while an
+    /// unconfirmed suspicion still waits six times as long for a refutation, and a member
+    /// 1.4 s of round trip away is kept (see BENCHMARKS.md for the false-failure
+    /// measurements).
     pub fn lan() -> Self {
         Self {
             probe_period: Duration::from_secs(1),
@@ -112,7 +122,7 @@ impl Timing {
             state_refresh_interval: Duration::from_secs(4),
             state_push_fanout: nz(64),
             state_relay_fanout: 2,
-            state_gossip_budget: NonZeroU32::new(12_000),
+            state_gossip_budget: NonZeroU32::new(16_000),
             leave_timeout: Duration::from_secs(5),
         }
     }
@@ -138,7 +148,7 @@ impl Timing {
             state_refresh_interval: Duration::from_secs(10),
             state_push_fanout: nz(32),
             state_relay_fanout: 2,
-            state_gossip_budget: NonZeroU32::new(12_000),
+            state_gossip_budget: NonZeroU32::new(16_000),
             leave_timeout: Duration::from_secs(10),
         }
     }
@@ -232,9 +242,10 @@ impl Timing {
         NonZeroU8::new(times as u8).unwrap_or(NonZeroU8::MAX)
     }
 
-    /// The suspicion timeout for a cluster of `cluster_size` members.
+    /// The nominal suspicion timeout for a cluster of `cluster_size` members:
+    /// `suspicion_multiplier × max(1, log10(cluster_size) − 1) × probe_period`.
     pub fn suspicion_timeout(&self, cluster_size: u32) -> Duration {
-        let scale = f64::max(1.0, f64::from(cluster_size.max(1)).log10());
+        let scale = f64::max(1.0, f64::from(cluster_size.max(1)).log10() - 1.0);
         self.probe_period.mul_f64(scale * self.suspicion_multiplier)
     }
 
@@ -306,13 +317,16 @@ mod tests {
     }
 
     #[test]
-    fn suspicion_grows_with_cluster_size() {
+    fn suspicion_grows_with_cluster_size_beyond_a_hundred() {
         let t = Timing::lan();
         assert_eq!(t.suspicion_timeout(5), Duration::from_millis(1500));
-        assert_eq!(t.suspicion_timeout(100), Duration::from_secs(3));
+        assert_eq!(t.suspicion_timeout(100), Duration::from_millis(1500));
+        assert_eq!(t.suspicion_timeout(1000), Duration::from_secs(3));
         let small = t.foca_config(3, 1396);
         let large = t.foca_config(1000, 1396);
-        assert!(large.suspect_to_down_after > small.suspect_to_down_after);
+        // Unconfirmed: six times the nominal timeout.
+        assert_eq!(small.suspect_to_down_after, Duration::from_secs(9));
+        assert_eq!(large.suspect_to_down_after, Duration::from_secs(18));
         assert!(large.max_transmissions > small.max_transmissions);
         assert_eq!(small.max_packet_size.get(), 1396);
     }
