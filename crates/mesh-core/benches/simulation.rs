@@ -12,7 +12,8 @@
 //!    node sees every member, and until it also holds every member's state;
 //! 2. propagation: `--changes` load changes on different nodes, one at a time; for each, the
 //!    time until 50%, 99% and 100% of the other nodes see it;
-//! 3. traffic: datagrams and bytes sent per node per second, idle (20 s, no change) and busy
+//! 3. traffic: datagrams and bytes sent per node per second, idle (40 s, no change: a whole
+//!    number of lan refresh intervals) and busy
 //!    (30 s, 10% of the nodes changing load every 500 ms: 0.2 changes per node per second);
 //!    under busy load, how many of the other nodes hold each change 500 ms after it was made
 //!    (just before the next changes);
@@ -385,7 +386,7 @@ async fn run(n: usize, options: &Options) -> Report {
     let mut held = HashMap::new();
     cluster.run_for(Duration::from_secs(5)).await;
     let (datagrams, bytes, _) =
-        traffic(&cluster, n, Duration::from_secs(20), false, &mut held).await;
+        traffic(&cluster, n, Duration::from_secs(40), false, &mut held).await;
     report.idle = (datagrams, bytes);
     let (datagrams, bytes, fresh) =
         traffic(&cluster, n, Duration::from_secs(30), true, &mut held).await;
