@@ -61,8 +61,9 @@ pub enum Kind {
     StatePush,
     /// A node announcing that it is leaving; the body is its [`crate::Identity`].
     Leave,
-    /// Lifeguard's suspicion messages (buddy notices, witness checks, refutations and
-    /// confirmations), outside foca's own packets.
+    /// Lifeguard's suspicion messages (buddy notices, witness checks, refutations,
+    /// confirmations, and the notice that a suspect was declared down), outside foca's own
+    /// packets.
     Lifeguard,
 }
 

@@ -26,9 +26,16 @@
 //!   asks `k` random members (*witnesses*) to check the suspect, and each witness that cannot
 //!   reach it either confirms. The timer is intercepted where foca submits it and delivered
 //!   at the dynamic deadline, and only if the member is still suspected at that incarnation.
-//! * **Buddy system**: the suspect is told at once, directly, that it is suspected; it
-//!   refutes (foca bumps its incarnation) and answers the suspecting node, which applies the
-//!   refutation: one round trip instead of waiting for gossip to reach the suspect and back.
+//! * **Buddy system**: the suspect is told at once, directly, that it is suspected, and again
+//!   every probe timeout while the suspicion runs; it refutes (foca bumps its incarnation)
+//!   and answers the suspecting node, which applies the refutation: one round trip instead of
+//!   waiting for gossip to reach the suspect and back. Because refutations come back directly,
+//!   the nominal timeout grows with the cluster far less than memberlist's `4 × log10(n)`
+//!   ([`Timing::suspicion_multiplier`](crate::Timing::suspicion_multiplier) explains why).
+//!
+//! Beyond Lifeguard, the node whose suspicion times out tells every other member directly
+//! that the member is down (`lifeguard.rs`), so a crash reaches the last node one network
+//! hop after the first instead of gossip rounds later.
 //!
 //! Lifeguard's nacks (an indirect prober telling the requester that it got no answer either,
 //! so that *missing* nacks measure the requester's own health) need a message inside foca's

@@ -1,6 +1,7 @@
 //! Lifeguard's messages: telling a suspect it is suspected (buddy system), asking witnesses
-//! to check it, and carrying refutations and confirmations back (see `health.rs` for the
-//! algorithm and what foca does not offer).
+//! to check it, carrying refutations and confirmations back, and telling every member when a
+//! suspect was declared down (see `health.rs` for the algorithm and what foca does not
+//! offer).
 //!
 //! Five messages travel in [`Kind::Lifeguard`] datagrams, each about one member at one
 //! incarnation; the first four are answered to the datagram's source address:

@@ -16,7 +16,7 @@
 //! | [`runtime`] | foca's runtime: sealing and sending datagrams, scheduling timers, collecting notifications |
 //! | [`timers`] | the ordered timer queue and the ticks it delivers |
 //! | [`health`] | Lifeguard's state: local health score, dynamic suspicion deadlines, witness checks |
-//! | [`lifeguard`] | Lifeguard's messages: buddy notices, witness checks, refutations, confirmations |
+//! | [`lifeguard`] | Lifeguard's messages: buddy notices, witness checks, refutations, confirmations, down notices |
 //! | [`lineage`] | identity lives turned into events: joined, rejoined, failed, left, superseded |
 //! | [`publication`] | our own state: versions, coalescing, direct pushes |
 //! | [`announce`] | announcing to seeds and discovered peers, introductions, leaving |
