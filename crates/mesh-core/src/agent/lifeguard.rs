@@ -49,19 +49,25 @@ impl<T: Transport> Agent<T> {
         }
     }
 
+    /// Tells `member` that it is suspected at `incarnation` (it refutes and answers).
+    fn tell_suspect(&mut self, member: Identity, incarnation: u16) {
+        let addr = member.addr();
+        self.send_notice(
+            &Notice::Suspected {
+                member,
+                incarnation,
+            },
+            addr,
+        );
+    }
+
     /// Suspicions foca raised during the last call: tell each suspect (buddy system) and ask
     /// witnesses to check it.
     pub(super) fn tell_about_suspicions(&mut self) {
         let raised = std::mem::take(&mut self.io.guard.raised);
         for (member, incarnation) in raised {
             self.shared.counters.suspicion_raised();
-            self.send_notice(
-                &Notice::Suspected {
-                    member: member.clone(),
-                    incarnation,
-                },
-                member.addr(),
-            );
+            self.tell_suspect(member.clone(), incarnation);
             if let Some(id) = self.io.guard.suspicions.id_of(&member, incarnation) {
                 let again = self.now + self.timing.probe_rtt;
                 self.io.timers.schedule(again, Tick::SuspectAgain(id));
@@ -158,13 +164,7 @@ impl<T: Transport> Agent<T> {
         let Some(id) = self.io.guard.checks.ask(&member, incarnation, from) else {
             return;
         };
-        self.send_notice(
-            &Notice::Suspected {
-                member: member.clone(),
-                incarnation,
-            },
-            member.addr(),
-        );
+        self.tell_suspect(member, incarnation);
         let rtt = self.timing.probe_rtt;
         self.io
             .timers
@@ -263,14 +263,7 @@ impl<T: Transport> Agent<T> {
         let Some((member, incarnation)) = self.io.guard.suspicions.running(id) else {
             return;
         };
-        let addr = member.addr();
-        self.send_notice(
-            &Notice::Suspected {
-                member,
-                incarnation,
-            },
-            addr,
-        );
+        self.tell_suspect(member, incarnation);
         let again = self.now + self.timing.probe_rtt;
         self.io.timers.schedule(again, Tick::SuspectAgain(id));
     }
@@ -278,14 +271,7 @@ impl<T: Transport> Agent<T> {
     /// Half the wait has passed without an answer: ask the suspect once more.
     pub(super) fn check_retry(&mut self, id: u64) {
         if let Some((member, incarnation)) = self.io.guard.checks.is_waiting(id) {
-            let addr = member.addr();
-            self.send_notice(
-                &Notice::Suspected {
-                    member,
-                    incarnation,
-                },
-                addr,
-            );
+            self.tell_suspect(member, incarnation);
         }
     }
 
