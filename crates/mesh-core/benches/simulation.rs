@@ -4,8 +4,16 @@
 //!
 //! ```text
 //! cargo bench -p mesh-core --bench simulation [-- 10 100 1000] [--changes 20] [--crashes 5]
-//!     [--push-fanout N] [--relay-fanout N] [--gossip-budget BYTES] [--loss 0.1] [--seed 1]
+//!     [--push-fanout N] [--relay-fanout N] [--gossip-budget BYTES (0: none)] [--refresh 8s]
+//!     [--suspicion-mult X] [--suspicion-max X] [--confirmations K] [--health-max N]
+//!     [--loss 0.1] [--seed 1]
+//! cargo bench -p mesh-core --bench simulation -- 10 100 --soak 100 [--loss 0.3] [--slow 700]
 //! ```
+//!
+//! With `--soak SECONDS` it runs only the false-failure soak instead: per size and for three
+//! seeds, that long under the loss (and with the last node `--slow` milliseconds away each
+//! way), counting failure reports and forced rejoins about healthy nodes, suspicions raised
+//! and suspicions refuted directly.
 //!
 //! Per cluster size, in order:
 //! 1. cold start: all nodes started at once, each seeded with `node-0`; the time until every
