@@ -69,8 +69,8 @@ pub struct Timing {
     /// How often our current state is re-sent to peers even if unchanged (anti-entropy); a peer
     /// whose state has not been refreshed for several of these is stale. 8 s for lan: at 16
     /// nodes that keeps an idle node's whole traffic (membership and freshness) under serf's,
-    /// measured side by side on loopback; a change then reaches 99% of 100 nodes in 0.28 s
-    /// instead of 0.1 s with 4 s (BENCHMARKS.md, "Where the idle bytes go").
+    /// measured side by side on loopback; the cost is that a lost update is repaired, and a
+    /// silent peer distrusted, later (BENCHMARKS.md, "Where the idle bytes go").
     pub state_refresh_interval: Duration,
     /// The most peers a state change is pushed to directly; the rest learn it by gossip, a
     /// gossip interval or more later. 64 for lan and local (every peer of clusters up to 65
@@ -80,8 +80,9 @@ pub struct Timing {
     /// push from its owner and is a new version to it (0: no relay; 2 in every preset). Only
     /// in clusters larger than `state_push_fanout + 1`, where the owner's push cannot reach
     /// everyone: relays carry a change past the push fan-out in one more network hop instead
-    /// of gossip rounds (100 nodes: 99% of nodes see a change in 0.1 s instead of 0.28 s, for
-    /// 8% more bytes; BENCHMARKS.md).
+    /// of gossip rounds (100 nodes: 99% of nodes see a change in 0.08–0.1 s instead of 0.28 s,
+    /// median over 30 changes on two simulator seeds of three, for 9% more bytes;
+    /// BENCHMARKS.md).
     pub state_relay_fanout: usize,
     /// The most bytes per second of foca datagrams that may carry piggybacked states (a token
     /// bucket with one second of burst, membership updates not counted; `None`: no limit).
