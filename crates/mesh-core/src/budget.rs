@@ -108,7 +108,11 @@ impl GossipBudget {
 /// cannot be read (never the case for what foca itself just encoded).
 fn charged_bytes(datagram: &[u8]) -> usize {
     let mut rest = datagram;
-    if Codec::<Identity>::decode_header(&mut PostcardCodec, &mut rest).is_err() {
+    let Ok(header) = Codec::<Identity>::decode_header(&mut PostcardCodec, &mut rest) else {
+        return datagram.len();
+    };
+    if header.message == foca::Message::Broadcast {
+        // States only: no update count, no membership updates.
         return datagram.len();
     }
     // foca writes a big-endian u16 count of membership updates, then the updates, whenever

@@ -218,6 +218,7 @@ impl<T: Transport> Agent<T> {
                 }
                 Tick::Foca(timer) => {
                     let cycle = matches!(timer, foca::Timer::ProbeRandomMember(_));
+                    let gossip = matches!(timer, foca::Timer::PeriodicGossip(_));
                     if cycle {
                         self.io.guard.begin_cycle();
                     }
@@ -226,6 +227,9 @@ impl<T: Transport> Agent<T> {
                     }
                     if cycle {
                         self.io.guard.end_cycle();
+                    }
+                    if gossip {
+                        self.gossip_states_past_membership();
                     }
                 }
                 Tick::View => self.view_scheduled = false,
@@ -335,6 +339,23 @@ impl<T: Transport> Agent<T> {
                 self.shared.counters.dropped(Dropped::StateRejected);
                 tracing::debug!(%error, "rejected a pushed node state");
             }
+        }
+    }
+
+    /// foca fills each datagram with membership updates first and states after them. While
+    /// membership updates are still queued (after a cold start of a large cluster, for
+    /// seconds) the gossip round just sent may have had no room left for states: send the
+    /// waiting states in datagrams of their own (foca's `Broadcast` messages, which carry no
+    /// membership update), still within the gossip budget.
+    fn gossip_states_past_membership(&mut self) {
+        if self.foca.updates_backlog() == 0
+            || self.foca.custom_broadcast_backlog() == 0
+            || self.io.budget.is_spent()
+        {
+            return;
+        }
+        if let Err(error) = self.foca.broadcast(self.io.runtime(self.now)) {
+            tracing::debug!(%error, "broadcasting states failed");
         }
     }
 
