@@ -31,7 +31,9 @@
 //! tags) travels three ways, because piggybacking alone is slow to converge (foca issues #3, #5):
 //! 1. as a foca custom broadcast, versioned so a newer state invalidates an older one still
 //!    being disseminated, within a byte budget per node ([`Timing::state_gossip_budget`],
-//!    `budget.rs`);
+//!    `budget.rs`); foca fills each datagram with membership updates first, so while those
+//!    are queued (after a cold start) the states left waiting go out in datagrams of their
+//!    own;
 //! 2. pushed directly by its owner to up to [`Timing::state_push_fanout`] peers whenever it
 //!    changes (coalesced to at most one version per [`Timing::state_publish_interval`]), and to
 //!    every newly seen member (join sync);
