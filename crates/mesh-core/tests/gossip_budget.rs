@@ -22,18 +22,24 @@ fn gossip_only(budget: Option<u32>) -> Timing {
     timing
 }
 
+/// `n` nodes started at once (seed `seed`), once every node sees every other.
+async fn formed(seed: u64, n: usize, timing: Timing) -> SimCluster {
+    let cluster = SimCluster::start(seed, n, timing).await.unwrap();
+    let all: Vec<usize> = (0..n).collect();
+    let formed = cluster
+        .run_until(Duration::from_secs(60), Duration::from_millis(10), |c| {
+            c.sees_exactly(&all)
+        })
+        .await;
+    assert!(formed.is_some(), "{n} nodes did not form a cluster");
+    cluster
+}
+
 /// foca bytes sent per node per second while every node changes its load every 100 ms (as
 /// fast as the lan publish interval allows), then whether every node converged on every
 /// node's final load within 30 s of the end of the churn.
 async fn churn(timing: Timing) -> (f64, bool) {
-    let mut cluster = SimCluster::start(5, NODES, timing).await.unwrap();
-    let all: Vec<usize> = (0..NODES).collect();
-    let formed = cluster
-        .run_until(Duration::from_secs(30), Duration::from_millis(10), |c| {
-            c.sees_exactly(&all)
-        })
-        .await;
-    assert!(formed.is_some(), "the cluster did not form");
+    let mut cluster = formed(5, NODES, timing).await;
     cluster.run_for(Duration::from_secs(10)).await;
     let foca = |c: &SimCluster| c.network().stats().bytes_by_kind[1];
     let before = foca(&cluster);
@@ -120,14 +126,7 @@ async fn a_change_right_after_a_cold_start_does_not_wait_for_membership_gossip()
     const N: usize = 300;
     // Pushes reach one peer and nobody relays: gossip rounds carry the change.
     let timing = gossip_only(Some(16_000));
-    let cluster = SimCluster::start(3, N, timing.clone()).await.unwrap();
-    let all: Vec<usize> = (0..N).collect();
-    let formed = cluster
-        .run_until(Duration::from_secs(60), Duration::from_millis(10), |c| {
-            c.sees_exactly(&all)
-        })
-        .await;
-    assert!(formed.is_some(), "the cluster did not form");
+    let cluster = formed(3, N, timing.clone()).await;
     // Every node still has hundreds of join updates to gossip several times each, and foca
     // puts them before states in every datagram. Sent in datagrams of their own, states
     // reach every node in 1.4 s here; waiting behind the join updates they took 3.6 s.
