@@ -207,18 +207,9 @@ impl<T: Transport> Agent<T> {
         self.now = now;
         while let Some(tick) = self.io.timers.pop_due(now) {
             match tick {
-                Tick::Foca(foca::Timer::PeriodicGossip(token))
-                    if self.foca.updates_backlog() == 0 && self.io.budget.is_spent() =>
-                {
-                    // Only states wait, and the budget for them is spent: foca would send
-                    // gossip datagrams with nothing but a header. Skip this round.
-                    let next = now + self.timing.gossip_interval;
-                    let round = Tick::Foca(foca::Timer::PeriodicGossip(token));
-                    self.io.timers.schedule(next, round);
-                }
+                Tick::Foca(foca::Timer::PeriodicGossip(token)) => self.gossip_round(token),
                 Tick::Foca(timer) => {
                     let cycle = matches!(timer, foca::Timer::ProbeRandomMember(_));
-                    let gossip = matches!(timer, foca::Timer::PeriodicGossip(_));
                     if cycle {
                         self.io.guard.begin_cycle();
                     }
@@ -227,9 +218,6 @@ impl<T: Transport> Agent<T> {
                     }
                     if cycle {
                         self.io.guard.end_cycle();
-                    }
-                    if gossip {
-                        self.gossip_states_past_membership();
                     }
                 }
                 Tick::View => self.view_scheduled = false,
@@ -342,19 +330,29 @@ impl<T: Transport> Agent<T> {
         }
     }
 
-    /// foca fills each datagram with membership updates first and states after them. While
-    /// membership updates are still queued (after a cold start of a large cluster, for
-    /// seconds) the gossip round just sent may have had no room left for states: send the
-    /// waiting states in datagrams of their own (foca's `Broadcast` messages, which carry no
-    /// membership update), still within the gossip budget.
-    fn gossip_states_past_membership(&mut self) {
-        if self.foca.updates_backlog() == 0
-            || self.foca.custom_broadcast_backlog() == 0
-            || self.io.budget.is_spent()
-        {
+    /// One periodic gossip round, where the gossip budget (`budget.rs`) meets foca's way of
+    /// filling datagrams: membership updates first, states after them.
+    /// - Only states are waiting and their budget is spent: foca would send datagrams with
+    ///   nothing but a header, so the round is skipped (foca's timer comes back next round).
+    /// - Membership updates are queued (after a cold start of a large cluster, for seconds):
+    ///   the round foca just sent may have had no room left for states, so the states still
+    ///   waiting go out in datagrams of their own (foca's `Broadcast` messages, which carry no
+    ///   membership update), within the budget.
+    fn gossip_round(&mut self, token: foca::TimerToken) {
+        let round = foca::Timer::PeriodicGossip(token);
+        if self.foca.updates_backlog() == 0 && self.io.budget.is_spent() {
+            let next = self.now + self.timing.gossip_interval;
+            self.io.timers.schedule(next, Tick::Foca(round));
             return;
         }
-        if let Err(error) = self.foca.broadcast(self.io.runtime(self.now)) {
+        if let Err(error) = self.foca.handle_timer(round, self.io.runtime(self.now)) {
+            tracing::debug!(%error, "foca gossip timer error");
+        }
+        if self.foca.updates_backlog() > 0
+            && self.foca.custom_broadcast_backlog() > 0
+            && !self.io.budget.is_spent()
+            && let Err(error) = self.foca.broadcast(self.io.runtime(self.now))
+        {
             tracing::debug!(%error, "broadcasting states failed");
         }
     }
