@@ -5,7 +5,7 @@
 //! ```text
 //! cargo bench -p mesh-core --bench simulation [-- 10 100 1000] [--changes 20] [--crashes 5]
 //!     [--push-fanout N] [--relay-fanout N] [--gossip-budget BYTES (0: none)] [--refresh 8s]
-//!     [--suspicion-mult X] [--suspicion-max X] [--confirmations K] [--health-max N]
+//!     [--probe-period 1s] [--probe-rtt 500ms] [--suspicion-mult X] [--suspicion-max X] [--confirmations K] [--health-max N]
 //!     [--loss 0.1] [--seed 1]
 //! cargo bench -p mesh-core --bench simulation -- 10 100 --soak 100 [--loss 0.3] [--slow 700]
 //! ```
@@ -123,6 +123,8 @@ fn options() -> Options {
                 let bytes: u32 = value().parse().expect("--gossip-budget BYTES (0: none)");
                 options.timing.state_gossip_budget = std::num::NonZeroU32::new(bytes);
             }
+            "--probe-period" => options.timing.probe_period = humantime(&value()),
+            "--probe-rtt" => options.timing.probe_rtt = humantime(&value()),
             "--refresh" => {
                 options.timing.state_refresh_interval = humantime(&value());
             }
@@ -139,16 +141,9 @@ fn options() -> Options {
     options
 }
 
+/// A duration flag's value, such as `750ms` or `8s`.
 fn humantime(s: &str) -> Duration {
-    let ms: u64 = s
-        .strip_suffix("ms")
-        .map(|v| v.parse().expect("N ms"))
-        .or_else(|| {
-            s.strip_suffix('s')
-                .map(|v| v.parse::<u64>().expect("N s") * 1000)
-        })
-        .expect("a duration such as 500ms or 2s");
-    Duration::from_millis(ms)
+    humantime::parse_duration(s).expect("a duration such as 750ms or 8s")
 }
 
 /// Quantile of sorted samples by the nearest-rank method.
