@@ -13,11 +13,14 @@
 //! memberlist) decides how much time: the suspecting node asks witnesses to check the suspect,
 //! and the timeout shrinks from `suspicion_max_multiplier` times the nominal
 //! `suspicion_multiplier × max(1, log10(n) − 1) × probe_period` down to the nominal one as
-//! they confirm (dynamic suspicion); the suspect is told directly, again every probe timeout,
-//! and refutes in one round trip (buddy system); and a node whose own probes keep failing stretches its probe period and timeout
-//! (local health awareness). `agent/health.rs` explains what is built where foca has no hook.
-//! The node whose suspicion timed out tells every other member directly that the member is
-//! down, rather than leaving it to gossip (`agent/lifeguard.rs`).
+//! they confirm (dynamic suspicion); the suspect is told directly, again every half probe
+//! timeout, and refutes in one round trip (buddy system); and a node whose own probes keep
+//! failing stretches its probe period and timeout (local health awareness). `agent/health.rs`
+//! explains what is built where foca has no hook. Beyond Lifeguard, a probe target that
+//! answers neither directly nor through others is told before the probe period ends and its
+//! time to refute counts from then, and the node whose suspicion timed out tells every other
+//! member directly that the member is down, rather than leaving it to gossip
+//! (`agent/lifeguard.rs`).
 //! Members announce themselves to nodes they consider down, and to every address the discovery
 //! source returns that is not a member, which is what merges the two sides of a healed
 //! partition without an operator.

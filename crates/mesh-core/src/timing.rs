@@ -18,10 +18,11 @@ pub struct Timing {
     /// The nominal suspicion timeout is
     /// `suspicion_multiplier × max(1, log10(cluster size) − 1) × probe_period`: the timeout of
     /// a suspicion that independent witnesses confirmed (Lifeguard's dynamic suspicion, see
-    /// `suspicion_max_multiplier`). memberlist multiplies by `log10(cluster size)`, because
+    /// `suspicion_max_multiplier`), counted from when the suspect is first told, which is
+    /// before the probe period ends. memberlist multiplies by `log10(cluster size)`, because
     /// there a refutation travels by gossip. Here only the suspecting node can declare the
-    /// suspect down, it tells the suspect directly, again every probe timeout, and the suspect
-    /// answers it directly, which takes no longer in a larger cluster; only the rare
+    /// suspect down, it tells the suspect directly, again every half probe timeout, and the
+    /// suspect answers it directly, which takes no longer in a larger cluster; only the rare
     /// refutation that still has to come by gossip (under 1% of suspicions at 30% loss) needs
     /// time that grows with the cluster. So the timeout stays at its floor up to 100 members
     /// and doubles at 1,000 (BENCHMARKS.md: no false failure at 30% loss at 10, 100 and 1,000

@@ -27,15 +27,24 @@
 //!   reach it either confirms. The timer is intercepted where foca submits it and delivered
 //!   at the dynamic deadline, and only if the member is still suspected at that incarnation.
 //! * **Buddy system**: the suspect is told at once, directly, that it is suspected, and again
-//!   every probe timeout while the suspicion runs; it refutes (foca bumps its incarnation)
-//!   and answers the suspecting node, which applies the refutation: one round trip instead of
-//!   waiting for gossip to reach the suspect and back. Because refutations come back directly,
-//!   the nominal timeout grows with the cluster far less than memberlist's `4 × log10(n)`
+//!   every half probe timeout while the suspicion runs; it refutes (foca bumps its
+//!   incarnation) and answers the suspecting node, which applies the refutation: one round
+//!   trip instead of waiting for gossip to reach the suspect and back. Because refutations
+//!   come back directly, the nominal timeout grows with the cluster far less than
+//!   memberlist's `4 × log10(n)`
 //!   ([`Timing::suspicion_multiplier`](crate::Timing::suspicion_multiplier) explains why).
 //!
-//! Beyond Lifeguard, the node whose suspicion times out tells every other member directly
-//! that the member is down (`lifeguard.rs`), so a crash reaches the last node one network
-//! hop after the first instead of gossip rounds later.
+//! Beyond Lifeguard:
+//!
+//! * **Told before the period ends** ([`ProbeWatch`]): SWIM raises a suspicion only at the end
+//!   of the probe period, though the outcome is settled well before: once the direct probe
+//!   timed out and the indirect probes had a quarter of the rest of the period without an
+//!   answer, the target is told, and the suspicion foca raises at the end of the period is
+//!   timed from that notice. The suspect has as long to refute as before, counted from when
+//!   it was first told, and a crash is declared `(probe_period − probe_rtt) × 3/4` sooner.
+//! * **Down, told directly**: the node whose suspicion times out tells every other member
+//!   that the member is down (`lifeguard.rs`), so a crash reaches the last node one network
+//!   hop after the first instead of gossip rounds later.
 //!
 //! Lifeguard's nacks (an indirect prober telling the requester that it got no answer either,
 //! so that *missing* nacks measure the requester's own health) need a message inside foca's
@@ -131,6 +140,7 @@ impl SuspicionTimeouts {
 struct Suspicion {
     incarnation: u16,
     timer: foca::Timer<Identity>,
+    /// When the suspect was first told: the suspicion's timeouts count from here.
     started: Instant,
     deadline: Instant,
     timeouts: SuspicionTimeouts,
@@ -154,15 +164,17 @@ pub(crate) struct Due {
 }
 
 impl Suspicions {
-    /// foca suspects `member` at `incarnation` and submitted `timer` to declare it down.
-    /// Returns when to look again, or `None` if this suspicion is already running (foca
-    /// submits a timer for every failed probe of a member that is still suspect).
+    /// foca suspects `member` at `incarnation` and submitted `timer` to declare it down; the
+    /// suspect was first told at `since` (now, or earlier in the probe, see [`ProbeWatch`]),
+    /// and its time to refute counts from then. Returns when to look again, or `None` if this
+    /// suspicion is already running (foca submits a timer for every failed probe of a member
+    /// that is still suspect).
     pub(crate) fn start(
         &mut self,
         member: &Identity,
         incarnation: u16,
         timer: foca::Timer<Identity>,
-        now: Instant,
+        since: Instant,
         timeouts: SuspicionTimeouts,
     ) -> Option<Due> {
         if let Some(running) = self.by_member.get(member)
@@ -172,13 +184,13 @@ impl Suspicions {
         }
         self.next_id += 1;
         let id = self.next_id;
-        let deadline = now + timeouts.after(0);
+        let deadline = since + timeouts.after(0);
         self.by_member.insert(
             member.clone(),
             Suspicion {
                 incarnation,
                 timer,
-                started: now,
+                started: since,
                 deadline,
                 timeouts,
                 confirmed_by: HashSet::new(),
@@ -266,6 +278,92 @@ impl Suspicions {
     #[cfg(test)]
     pub(crate) fn is_running(&self, member: &Identity) -> bool {
         self.by_member.contains_key(member)
+    }
+}
+
+/// The probe foca is running, watched from outside (foca keeps its probe state private): whom
+/// it probes and whether an answer came back, directly (`Ack`) or through another member
+/// (`ForwardedAck`), read from the headers of the datagrams foca receives.
+///
+/// SWIM raises a suspicion at the end of the probe period, and the suspect's time to refute
+/// (the suspicion timeout) only starts then. Once the direct probe has timed out and the
+/// indirect probes have had a quarter of what is left of the period (a few network round
+/// trips on a LAN) without an answer, the outcome is all but settled: the suspect is told
+/// then, and a suspicion foca raises at the end of the period is timed from that notice. The
+/// suspect gets the same time to refute as before, counted from when it was first told; a
+/// crashed member is declared down `(probe_period − probe_rtt) × 3/4` sooner (0.375 s with
+/// lan timing); a member that answers the notice before the period ends is never suspected
+/// at all, because its refutation raises its incarnation above the one foca's failed probe
+/// would suspect.
+#[derive(Debug, Default)]
+pub(crate) struct ProbeWatch {
+    /// Counts probes, so that a late tick of an earlier probe is recognised.
+    probe: u64,
+    target: Option<Identity>,
+    answered: bool,
+    /// The member told early in the current probe, at which incarnation and when.
+    told: Option<(Identity, u16, Instant)>,
+}
+
+impl ProbeWatch {
+    /// foca started probing `target`. Returns the probe's number.
+    pub(crate) fn started(&mut self, target: Identity) -> u64 {
+        self.probe += 1;
+        self.target = Some(target);
+        self.answered = false;
+        self.told = None;
+        self.probe
+    }
+
+    /// A datagram for foca arrived: an answer to the running probe? (Its header is read here
+    /// and again by foca; one that cannot be read is foca's to reject.)
+    pub(crate) fn received_datagram(&mut self, mut datagram: &[u8]) {
+        if self.target.is_none() {
+            return;
+        }
+        if let Ok(header) =
+            foca::Codec::<Identity>::decode_header(&mut foca::PostcardCodec, &mut datagram)
+        {
+            self.received(&header);
+        }
+    }
+
+    fn received(&mut self, header: &foca::Header<Identity>) {
+        let Some(target) = &self.target else {
+            return;
+        };
+        let answered = match &header.message {
+            foca::Message::Ack(_) => header.src == *target,
+            foca::Message::ForwardedAck { origin, .. } => origin == target,
+            _ => false,
+        };
+        self.answered |= answered;
+    }
+
+    /// The target of probe number `probe` if that probe is still running and nothing
+    /// answered it yet.
+    pub(crate) fn unanswered(&self, probe: u64) -> Option<&Identity> {
+        self.target
+            .as_ref()
+            .filter(|_| self.probe == probe && !self.answered)
+    }
+
+    /// The number of the running probe.
+    pub(crate) fn current(&self) -> u64 {
+        self.probe
+    }
+
+    /// We told `member` at `incarnation`, at `at`, that it is about to be suspected.
+    pub(crate) fn told(&mut self, member: Identity, incarnation: u16, at: Instant) {
+        self.told = Some((member, incarnation, at));
+    }
+
+    /// When `member` was told early of the suspicion foca now raises at `incarnation`, if it
+    /// was, in this probe.
+    pub(crate) fn told_at(&mut self, member: &Identity, incarnation: u16) -> Option<Instant> {
+        self.told
+            .take_if(|(m, i, _)| m == member && *i == incarnation)
+            .map(|(_, _, at)| at)
     }
 }
 

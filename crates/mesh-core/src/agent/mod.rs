@@ -210,6 +210,7 @@ impl<T: Transport> Agent<T> {
                 Tick::Foca(foca::Timer::PeriodicGossip(token)) => self.gossip_round(token),
                 Tick::Foca(timer) => {
                     let cycle = matches!(timer, foca::Timer::ProbeRandomMember(_));
+                    let indirect = matches!(timer, foca::Timer::SendIndirectProbe { .. });
                     if cycle {
                         self.io.guard.begin_cycle();
                     }
@@ -219,9 +220,13 @@ impl<T: Transport> Agent<T> {
                     if cycle {
                         self.io.guard.end_cycle();
                     }
+                    if indirect {
+                        self.indirect_stage_started();
+                    }
                 }
                 Tick::View => self.view_scheduled = false,
                 Tick::Suspicion(id) => self.suspicion_due(id),
+                Tick::TellEarly(probe) => self.tell_early(probe),
                 Tick::SuspectAgain(id) => self.suspect_again(id),
                 Tick::CheckRetry(id) => self.check_retry(id),
                 Tick::CheckDue(id) => self.check_due(id),
@@ -293,6 +298,7 @@ impl<T: Transport> Agent<T> {
         }
         match message {
             Message::Foca(packet) => {
+                self.io.guard.watch.received_datagram(&packet);
                 if let Err(error) = self.foca.handle_data(&packet, self.io.runtime(self.now)) {
                     self.shared.counters.dropped(Dropped::FocaRejected);
                     tracing::debug!(%error, "foca rejected a datagram");
@@ -634,5 +640,147 @@ mod tests {
         let view = shared.view();
         let local = view.local().state().unwrap();
         assert_eq!((local.version, local.pending), (2, 2));
+    }
+
+    /// A foca datagram from `from` to `to`, as the loop receives it.
+    fn foca_input(from: &Identity, to: &Identity, message: foca::Message<Identity>) -> Input {
+        use foca::Codec;
+        let header = foca::Header {
+            src: from.clone(),
+            src_incarnation: 0,
+            dst: to.clone(),
+            message,
+        };
+        let mut body = Vec::new();
+        foca::PostcardCodec
+            .encode_header(&header, &mut body)
+            .unwrap();
+        Input::Datagram {
+            message: Message::decode(Kind::Foca, &body).unwrap(),
+            from: from.addr(),
+        }
+    }
+
+    /// The first datagram of `kind` sent to `to` from `since` on (an index into what the
+    /// recorder holds) whose body passes `keep`: its index.
+    fn sent_to(
+        transport: &Recorder,
+        since: usize,
+        kind: Kind,
+        to: &Identity,
+        keep: impl Fn(&[u8]) -> bool,
+    ) -> Option<usize> {
+        transport
+            .opened()
+            .iter()
+            .enumerate()
+            .skip(since)
+            .find(|(_, (k, body, addr))| *k == kind && *addr == to.addr() && keep(body))
+            .map(|(i, _)| i)
+    }
+
+    fn is_ping(body: &[u8]) -> bool {
+        use foca::Codec;
+        let mut body = body;
+        Codec::<Identity>::decode_header(&mut foca::PostcardCodec, &mut body)
+            .is_ok_and(|h| matches!(h.message, foca::Message::Ping(_)))
+    }
+
+    /// An agent with one peer, `x`, stepped through its timers until foca pings `x`: the
+    /// agent, the recorder, `x`, and when the ping left.
+    fn probing_a_peer() -> (Agent<Recorder>, Arc<Recorder>, Identity, Instant) {
+        let transport = Arc::new(Recorder::default());
+        let (mut agent, _shared) = agent(&transport);
+        let t0 = Instant::now();
+        agent.start(t0);
+        let x = Identity::new(NodeId::new("x").unwrap(), "127.0.0.1:2".parse().unwrap(), 1);
+        let me = agent.foca.identity().clone();
+        agent.on_input(foca_input(&x, &me, foca::Message::Announce), t0);
+        let mut now = t0;
+        while sent_to(&transport, 0, Kind::Foca, &x, is_ping).is_none() {
+            now = agent.next_deadline().unwrap();
+            assert!(now < t0 + Duration::from_secs(5), "foca never probed x");
+            agent.on_timers(now);
+        }
+        (agent, transport, x, now)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_probe_target_is_told_early_and_its_suspicion_counts_from_then() {
+        let (mut agent, transport, x, pinged) = probing_a_peer();
+        let timing = Timing::local();
+        let since = transport.opened().len();
+        let mut now = pinged;
+        let told = loop {
+            if sent_to(&transport, since, Kind::Lifeguard, &x, |_| true).is_some() {
+                break now;
+            }
+            now = agent.next_deadline().unwrap();
+            agent.on_timers(now);
+        };
+        // Told once the probe timed out and the indirect stage had a quarter of the rest of
+        // the period, not at the end of the period.
+        let share = (timing.probe_period - timing.probe_rtt) / 4;
+        assert_eq!(told - pinged, timing.probe_rtt + share);
+        // foca raises the suspicion at the end of the period; x is declared down one
+        // suspicion timeout after it was told, not after the suspicion was raised.
+        let down = loop {
+            let active = agent
+                .foca
+                .iter_members()
+                .any(|m| *m.id() == x && m.state() != foca::State::Down);
+            if !active {
+                break now;
+            }
+            now = agent.next_deadline().unwrap();
+            assert!(
+                now < pinged + Duration::from_secs(30),
+                "x was never declared down"
+            );
+            agent.on_timers(now);
+        };
+        assert_eq!(down - told, timing.suspicion_timeout(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_target_that_answers_is_not_told() {
+        let (mut agent, transport, x, pinged) = probing_a_peer();
+        let timing = Timing::local();
+        let ping = sent_to(&transport, 0, Kind::Foca, &x, is_ping).unwrap();
+        let number = {
+            use foca::Codec;
+            let body = transport.opened()[ping].1.clone();
+            let header =
+                Codec::<Identity>::decode_header(&mut foca::PostcardCodec, &mut body.as_slice());
+            match header.unwrap().message {
+                foca::Message::Ping(n) => n,
+                other => panic!("not a ping: {other:?}"),
+            }
+        };
+        let me = agent.foca.identity().clone();
+        let since = transport.opened().len();
+        // x answers late: after the direct probe timed out, before the early notice was due.
+        let mut now = pinged;
+        while now < pinged + timing.probe_rtt {
+            now = agent.next_deadline().unwrap();
+            agent.on_timers(now);
+        }
+        agent.on_input(foca_input(&x, &me, foca::Message::Ack(number)), now);
+        while now <= pinged + timing.probe_period {
+            now = agent.next_deadline().unwrap();
+            agent.on_timers(now);
+        }
+        assert!(
+            agent
+                .foca
+                .iter_members()
+                .any(|m| *m.id() == x && m.state() == foca::State::Alive),
+            "foca took the late answer"
+        );
+        assert_eq!(
+            sent_to(&transport, since, Kind::Lifeguard, &x, |_| true),
+            None,
+            "a probe target that answered was told it is suspected"
+        );
     }
 }

@@ -14,7 +14,7 @@ use rand::{SeedableRng, rngs::StdRng};
 use tokio::time::Instant;
 
 use super::{
-    health::{Checks, LocalHealth, SuspicionTimeouts, Suspicions},
+    health::{Checks, LocalHealth, ProbeWatch, SuspicionTimeouts, Suspicions},
     timers::{Tick, TimerQueue},
 };
 use crate::{
@@ -97,6 +97,8 @@ pub(crate) struct Guard {
     pub(crate) suspicions: Suspicions,
     pub(crate) checks: Checks,
     pub(crate) timeouts: SuspicionTimeouts,
+    /// The probe foca is running: its target, and whether it was answered.
+    pub(crate) watch: ProbeWatch,
     /// Suspicions foca raised since the loop last looked: their suspects and witnesses are
     /// told once foca returns.
     pub(crate) raised: Vec<(Identity, u16)>,
@@ -114,6 +116,7 @@ impl Guard {
             suspicions: Suspicions::default(),
             checks: Checks::default(),
             timeouts,
+            watch: ProbeWatch::default(),
             raised: Vec::new(),
             probe_in_flight: false,
             probe_started: false,
@@ -187,8 +190,9 @@ impl<T: Transport> foca::Runtime<Identity> for Effects<'_, T> {
         let guard = &mut self.io.guard;
         let after = match &event {
             foca::Timer::ProbeRandomMember(_) => guard.health.scale(after),
-            foca::Timer::SendIndirectProbe { .. } => {
+            foca::Timer::SendIndirectProbe { probed_id, .. } => {
                 guard.probe_started = true;
+                guard.watch.started(probed_id.clone());
                 guard.health.scale(after)
             }
             foca::Timer::ChangeSuspectToDown {
@@ -199,10 +203,14 @@ impl<T: Transport> foca::Runtime<Identity> for Effects<'_, T> {
                 guard.probe_failed = true;
                 let (member, incarnation) = (member_id.clone(), *incarnation);
                 let timeouts = guard.timeouts;
+                let since = guard
+                    .watch
+                    .told_at(&member, incarnation)
+                    .unwrap_or(self.now);
                 if let Some(due) =
                     guard
                         .suspicions
-                        .start(&member, incarnation, event, self.now, timeouts)
+                        .start(&member, incarnation, event, since, timeouts)
                 {
                     guard.raised.push((member, incarnation));
                     self.io.timers.schedule(due.at, Tick::Suspicion(due.id));

@@ -25,6 +25,9 @@ pub(crate) enum Tick {
     View,
     /// A suspicion we raised may have reached its (dynamic) deadline.
     Suspicion(u64),
+    /// The direct probe with this number timed out: tell its target early unless an answer
+    /// came since (`health::ProbeWatch`).
+    TellEarly(u64),
     /// A suspicion we raised is still running: tell the suspect again.
     SuspectAgain(u64),
     /// A check we run as a witness: ask the suspect again.
