@@ -170,9 +170,10 @@ fn a_one_way_partition_is_bridged_by_indirect_probes() {
 
 #[test]
 fn a_slow_node_gets_no_healthy_node_declared_down() {
-    // One-way delays of node-5's links: 300 ms (round trip under the 1 s probe period: the late
-    // ack still counts) and 700 ms (round trip over it: probes fail).
-    for one_way in [300, 700] {
+    // One-way delays of node-5's links: 300 and 450 ms (round trips over the 500 ms probe
+    // timeout but under the 1 s probe period: the late ack still counts; at 450 ms it comes
+    // after the early notice) and 700 ms (round trip over the period: probes fail).
+    for one_way in [300, 450, 700] {
         let mut cluster = formed(SEED, 6);
         let start = cluster.now();
         let others = ["node-0", "node-1", "node-2", "node-3", "node-4"];
@@ -208,9 +209,18 @@ fn a_slow_node_gets_no_healthy_node_declared_down() {
             "slow node ({one_way} ms each way): {suspicions} suspicions of it, {failures} failure reports of it; \
              it reported {slow_view_failed} failures of others; healthy nodes reported {healthy_failed} of each other"
         );
-        if one_way == 300 {
+        let refuted = cluster.membership("node-5").stats().refuted_self;
+        println!("slow node ({one_way} ms each way): it refuted {refuted} notices of suspicion");
+        if one_way < 500 {
             // A late ack within the probe period still counts: nothing is even suspected.
             assert_eq!(suspicions + failures + slow_view_failed + healthy_failed, 0);
+            // Each prober tells it early once (its probe timed out and nothing answered
+            // yet), gets the late answer, and then leaves it to the end of the period.
+            assert!(
+                refuted <= others.len() as u64,
+                "a node that answers late but within the period refuted {refuted} early notices \
+                 in 60 s, more than once per prober"
+            );
         }
         // At 700 ms every probe the slow node sends, and every probe of it, times out. Its
         // suspicions of healthy nodes get no confirmation from witnesses and are refuted by

@@ -277,7 +277,7 @@ impl<T: Transport> Agent<T> {
     pub(super) fn indirect_stage_started(&mut self) {
         let watch = &self.io.guard.watch;
         let probe = watch.current();
-        if watch.unanswered(probe).is_none() {
+        if watch.to_tell(probe, self.now).is_none() {
             return;
         }
         let share = self
@@ -293,7 +293,7 @@ impl<T: Transport> Agent<T> {
     /// tell it now that it is about to be suspected. A suspicion foca raises at the end of the
     /// period counts from this notice; an answer before then averts it.
     pub(super) fn tell_early(&mut self, probe: u64) {
-        let Some(target) = self.io.guard.watch.unanswered(probe).cloned() else {
+        let Some(target) = self.io.guard.watch.to_tell(probe, self.now).cloned() else {
             return;
         };
         let Some(incarnation) = self

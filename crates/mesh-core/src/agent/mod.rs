@@ -132,6 +132,7 @@ impl<T: Transport> Agent<T> {
                 Guard::new(
                     timing.max_health_multiplier,
                     SuspicionTimeouts::new(&timing, 1),
+                    timing.probe_period,
                 ),
                 budget,
             ),
@@ -298,7 +299,7 @@ impl<T: Transport> Agent<T> {
         }
         match message {
             Message::Foca(packet) => {
-                self.io.guard.watch.received_datagram(&packet);
+                self.io.guard.watch.received_datagram(&packet, self.now);
                 if let Err(error) = self.foca.handle_data(&packet, self.io.runtime(self.now)) {
                     self.shared.counters.dropped(Dropped::FocaRejected);
                     tracing::debug!(%error, "foca rejected a datagram");
@@ -782,5 +783,60 @@ mod tests {
             None,
             "a probe target that answered was told it is suspected"
         );
+    }
+
+    /// Steps `agent` through its timers from `now` until `done` holds for what `transport`
+    /// recorded: the time it first held.
+    fn step_until(
+        agent: &mut Agent<Recorder>,
+        transport: &Recorder,
+        mut now: Instant,
+        done: impl Fn(&Recorder) -> bool,
+    ) -> Instant {
+        let limit = now + Duration::from_secs(30);
+        while !done(transport) {
+            now = agent.next_deadline().unwrap();
+            assert!(now < limit, "not within 30 s");
+            agent.on_timers(now);
+        }
+        now
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_target_that_answers_after_its_early_notice_is_not_told_early_again() {
+        let (mut agent, transport, x, pinged) = probing_a_peer();
+        let timing = Timing::local();
+        let me = agent.foca.identity().clone();
+        let pings = |t: &Recorder| {
+            t.opened()
+                .iter()
+                .filter(|(k, body, to)| *k == Kind::Foca && *to == x.addr() && is_ping(body))
+                .count()
+        };
+        let since = transport.opened().len();
+        let told = step_until(&mut agent, &transport, pinged, |t| {
+            sent_to(t, since, Kind::Lifeguard, &x, |_| true).is_some()
+        });
+        // x's ack comes after the early notice, still inside the period: foca takes it.
+        let ping = sent_to(&transport, 0, Kind::Foca, &x, is_ping).unwrap();
+        let number = {
+            use foca::Codec;
+            let body = transport.opened()[ping].1.clone();
+            let header =
+                Codec::<Identity>::decode_header(&mut foca::PostcardCodec, &mut body.as_slice());
+            match header.unwrap().message {
+                foca::Message::Ping(n) => n,
+                other => panic!("not a ping: {other:?}"),
+            }
+        };
+        agent.on_input(foca_input(&x, &me, foca::Message::Ack(number)), told);
+        // The next probe of x goes unanswered: x hears of it only when foca raises the
+        // suspicion at the end of that period, not early.
+        let second = step_until(&mut agent, &transport, told, |t| pings(t) == 2);
+        let since = transport.opened().len();
+        let told_again = step_until(&mut agent, &transport, second, |t| {
+            sent_to(t, since, Kind::Lifeguard, &x, |_| true).is_some()
+        });
+        assert_eq!(told_again - second, timing.probe_period);
     }
 }

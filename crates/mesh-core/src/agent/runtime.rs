@@ -110,13 +110,13 @@ pub(crate) struct Guard {
 }
 
 impl Guard {
-    pub(crate) fn new(max_health: u8, timeouts: SuspicionTimeouts) -> Self {
+    pub(crate) fn new(max_health: u8, timeouts: SuspicionTimeouts, probe_period: Duration) -> Self {
         Self {
             health: LocalHealth::new(max_health),
             suspicions: Suspicions::default(),
             checks: Checks::default(),
             timeouts,
-            watch: ProbeWatch::default(),
+            watch: ProbeWatch::new(probe_period),
             raised: Vec::new(),
             probe_in_flight: false,
             probe_started: false,
@@ -192,7 +192,7 @@ impl<T: Transport> foca::Runtime<Identity> for Effects<'_, T> {
             foca::Timer::ProbeRandomMember(_) => guard.health.scale(after),
             foca::Timer::SendIndirectProbe { probed_id, .. } => {
                 guard.probe_started = true;
-                guard.watch.started(probed_id.clone());
+                guard.watch.started(probed_id.clone(), self.now);
                 guard.health.scale(after)
             }
             foca::Timer::ChangeSuspectToDown {
@@ -373,6 +373,7 @@ mod tests {
                 max: Duration::from_secs(12),
                 expected: 2,
             },
+            Duration::from_secs(1),
         )
     }
 
