@@ -662,29 +662,51 @@ mod tests {
         }
     }
 
-    /// The first datagram of `kind` sent to `to` from `since` on (an index into what the
-    /// recorder holds) whose body passes `keep`: its index.
-    fn sent_to(
-        transport: &Recorder,
-        since: usize,
-        kind: Kind,
-        to: &Identity,
-        keep: impl Fn(&[u8]) -> bool,
-    ) -> Option<usize> {
-        transport
-            .opened()
-            .iter()
-            .enumerate()
-            .skip(since)
-            .find(|(_, (k, body, addr))| *k == kind && *addr == to.addr() && keep(body))
-            .map(|(i, _)| i)
-    }
-
-    fn is_ping(body: &[u8]) -> bool {
+    /// The foca message a datagram body carries.
+    fn foca_message(body: &[u8]) -> Option<foca::Message<Identity>> {
         use foca::Codec;
         let mut body = body;
         Codec::<Identity>::decode_header(&mut foca::PostcardCodec, &mut body)
-            .is_ok_and(|h| matches!(h.message, foca::Message::Ping(_)))
+            .ok()
+            .map(|h| h.message)
+    }
+
+    /// The probe numbers of the pings sent to `to`, in order.
+    fn pings_to(transport: &Recorder, to: &Identity) -> Vec<foca::ProbeNumber> {
+        transport
+            .opened()
+            .iter()
+            .filter(|(kind, _, addr)| *kind == Kind::Foca && *addr == to.addr())
+            .filter_map(|(_, body, _)| match foca_message(body) {
+                Some(foca::Message::Ping(number)) => Some(number),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// How many Lifeguard notices were sent to `to`.
+    fn notices_to(transport: &Recorder, to: &Identity) -> usize {
+        transport
+            .opened()
+            .iter()
+            .filter(|(kind, _, addr)| *kind == Kind::Lifeguard && *addr == to.addr())
+            .count()
+    }
+
+    /// Steps `agent` through its timers from `now` until `done` holds: the time it first
+    /// held.
+    fn step_until(
+        agent: &mut Agent<Recorder>,
+        mut now: Instant,
+        done: impl Fn(&Agent<Recorder>) -> bool,
+    ) -> Instant {
+        let limit = now + Duration::from_secs(30);
+        while !done(agent) {
+            now = agent.next_deadline().unwrap();
+            assert!(now < limit, "not within 30 s");
+            agent.on_timers(now);
+        }
+        now
     }
 
     /// An agent with one peer, `x`, stepped through its timers until foca pings `x`: the
@@ -697,49 +719,32 @@ mod tests {
         let x = Identity::new(NodeId::new("x").unwrap(), "127.0.0.1:2".parse().unwrap(), 1);
         let me = agent.foca.identity().clone();
         agent.on_input(foca_input(&x, &me, foca::Message::Announce), t0);
-        let mut now = t0;
-        while sent_to(&transport, 0, Kind::Foca, &x, is_ping).is_none() {
-            now = agent.next_deadline().unwrap();
-            assert!(now < t0 + Duration::from_secs(5), "foca never probed x");
-            agent.on_timers(now);
-        }
-        (agent, transport, x, now)
+        let pinged = step_until(&mut agent, t0, |_| !pings_to(&transport, &x).is_empty());
+        (agent, transport, x, pinged)
+    }
+
+    /// Whether foca holds `x` in `state`.
+    fn holds(agent: &Agent<Recorder>, x: &Identity, state: foca::State) -> bool {
+        agent
+            .foca
+            .iter_members()
+            .any(|m| m.id() == x && m.state() == state)
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_silent_probe_target_is_told_early_and_its_suspicion_counts_from_then() {
         let (mut agent, transport, x, pinged) = probing_a_peer();
         let timing = Timing::local();
-        let since = transport.opened().len();
-        let mut now = pinged;
-        let told = loop {
-            if sent_to(&transport, since, Kind::Lifeguard, &x, |_| true).is_some() {
-                break now;
-            }
-            now = agent.next_deadline().unwrap();
-            agent.on_timers(now);
-        };
+        let told = step_until(&mut agent, pinged, |_| notices_to(&transport, &x) > 0);
         // Told once the probe timed out and the indirect stage had a quarter of the rest of
         // the period, not at the end of the period.
         let share = (timing.probe_period - timing.probe_rtt) / 4;
         assert_eq!(told - pinged, timing.probe_rtt + share);
         // foca raises the suspicion at the end of the period; x is declared down one
         // suspicion timeout after it was told, not after the suspicion was raised.
-        let down = loop {
-            let active = agent
-                .foca
-                .iter_members()
-                .any(|m| *m.id() == x && m.state() != foca::State::Down);
-            if !active {
-                break now;
-            }
-            now = agent.next_deadline().unwrap();
-            assert!(
-                now < pinged + Duration::from_secs(30),
-                "x was never declared down"
-            );
-            agent.on_timers(now);
-        };
+        let down = step_until(&mut agent, told, |a| {
+            !holds(a, &x, foca::State::Alive) && !holds(a, &x, foca::State::Suspect)
+        });
         assert_eq!(down - told, timing.suspicion_timeout(2));
     }
 
@@ -747,59 +752,23 @@ mod tests {
     async fn a_probe_target_that_answers_is_not_told() {
         let (mut agent, transport, x, pinged) = probing_a_peer();
         let timing = Timing::local();
-        let ping = sent_to(&transport, 0, Kind::Foca, &x, is_ping).unwrap();
-        let number = {
-            use foca::Codec;
-            let body = transport.opened()[ping].1.clone();
-            let header =
-                Codec::<Identity>::decode_header(&mut foca::PostcardCodec, &mut body.as_slice());
-            match header.unwrap().message {
-                foca::Message::Ping(n) => n,
-                other => panic!("not a ping: {other:?}"),
-            }
-        };
         let me = agent.foca.identity().clone();
-        let since = transport.opened().len();
+        let number = pings_to(&transport, &x)[0];
         // x answers late: after the direct probe timed out, before the early notice was due.
-        let mut now = pinged;
-        while now < pinged + timing.probe_rtt {
-            now = agent.next_deadline().unwrap();
-            agent.on_timers(now);
-        }
+        let timed_out = pinged + timing.probe_rtt;
+        let now = step_until(&mut agent, pinged, |a| a.now >= timed_out);
         agent.on_input(foca_input(&x, &me, foca::Message::Ack(number)), now);
-        while now <= pinged + timing.probe_period {
-            now = agent.next_deadline().unwrap();
-            agent.on_timers(now);
-        }
+        let period_end = pinged + timing.probe_period;
+        step_until(&mut agent, now, |a| a.now >= period_end);
         assert!(
-            agent
-                .foca
-                .iter_members()
-                .any(|m| *m.id() == x && m.state() == foca::State::Alive),
+            holds(&agent, &x, foca::State::Alive),
             "foca took the late answer"
         );
         assert_eq!(
-            sent_to(&transport, since, Kind::Lifeguard, &x, |_| true),
-            None,
+            notices_to(&transport, &x),
+            0,
             "a probe target that answered was told it is suspected"
         );
-    }
-
-    /// Steps `agent` through its timers from `now` until `done` holds for what `transport`
-    /// recorded: the time it first held.
-    fn step_until(
-        agent: &mut Agent<Recorder>,
-        transport: &Recorder,
-        mut now: Instant,
-        done: impl Fn(&Recorder) -> bool,
-    ) -> Instant {
-        let limit = now + Duration::from_secs(30);
-        while !done(transport) {
-            now = agent.next_deadline().unwrap();
-            assert!(now < limit, "not within 30 s");
-            agent.on_timers(now);
-        }
-        now
     }
 
     #[tokio::test(start_paused = true)]
@@ -807,36 +776,14 @@ mod tests {
         let (mut agent, transport, x, pinged) = probing_a_peer();
         let timing = Timing::local();
         let me = agent.foca.identity().clone();
-        let pings = |t: &Recorder| {
-            t.opened()
-                .iter()
-                .filter(|(k, body, to)| *k == Kind::Foca && *to == x.addr() && is_ping(body))
-                .count()
-        };
-        let since = transport.opened().len();
-        let told = step_until(&mut agent, &transport, pinged, |t| {
-            sent_to(t, since, Kind::Lifeguard, &x, |_| true).is_some()
-        });
+        let told = step_until(&mut agent, pinged, |_| notices_to(&transport, &x) > 0);
         // x's ack comes after the early notice, still inside the period: foca takes it.
-        let ping = sent_to(&transport, 0, Kind::Foca, &x, is_ping).unwrap();
-        let number = {
-            use foca::Codec;
-            let body = transport.opened()[ping].1.clone();
-            let header =
-                Codec::<Identity>::decode_header(&mut foca::PostcardCodec, &mut body.as_slice());
-            match header.unwrap().message {
-                foca::Message::Ping(n) => n,
-                other => panic!("not a ping: {other:?}"),
-            }
-        };
+        let number = pings_to(&transport, &x)[0];
         agent.on_input(foca_input(&x, &me, foca::Message::Ack(number)), told);
         // The next probe of x goes unanswered: x hears of it only when foca raises the
         // suspicion at the end of that period, not early.
-        let second = step_until(&mut agent, &transport, told, |t| pings(t) == 2);
-        let since = transport.opened().len();
-        let told_again = step_until(&mut agent, &transport, second, |t| {
-            sent_to(t, since, Kind::Lifeguard, &x, |_| true).is_some()
-        });
+        let second = step_until(&mut agent, told, |_| pings_to(&transport, &x).len() == 2);
+        let told_again = step_until(&mut agent, second, |_| notices_to(&transport, &x) > 1);
         assert_eq!(told_again - second, timing.probe_period);
     }
 }
