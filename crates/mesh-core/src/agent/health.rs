@@ -333,14 +333,13 @@ impl ProbeWatch {
         }
     }
 
-    /// foca started probing `target` at `now`. Returns the probe's number.
-    pub(crate) fn started(&mut self, target: Identity, now: Instant) -> u64 {
+    /// foca started probing `target` at `now`.
+    pub(crate) fn started(&mut self, target: Identity, now: Instant) {
         self.probe += 1;
         self.target = Some(target);
         self.answered = false;
         self.told = None;
         self.late.retain(|_, until| *until > now);
-        self.probe
     }
 
     /// A datagram for foca arrived: an answer to the running probe? (Its header is read here

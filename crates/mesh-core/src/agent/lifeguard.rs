@@ -299,7 +299,7 @@ impl<T: Transport> Agent<T> {
         let Some(incarnation) = self
             .foca
             .iter_members()
-            .find(|m| *m.id() == target && m.state() != foca::State::Down)
+            .find(|m| *m.id() == target)
             .map(foca::Member::incarnation)
         else {
             return;
