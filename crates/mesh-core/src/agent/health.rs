@@ -343,9 +343,11 @@ impl ProbeWatch {
     }
 
     /// A datagram for foca arrived: an answer to the running probe? (Its header is read here
-    /// and again by foca; one that cannot be read is foca's to reject.)
+    /// and again by foca, but only while the probe waits for an answer, which on a LAN is
+    /// the first millisecond or so of each period; one that cannot be read is foca's to
+    /// reject.)
     pub(crate) fn received_datagram(&mut self, mut datagram: &[u8], now: Instant) {
-        if self.target.is_none() {
+        if self.target.is_none() || self.answered {
             return;
         }
         if let Ok(header) =
@@ -367,7 +369,7 @@ impl ProbeWatch {
             foca::Message::ForwardedAck { origin, .. } => origin == target,
             _ => false,
         };
-        if !answer || self.answered {
+        if !answer {
             return;
         }
         self.answered = true;
