@@ -322,14 +322,15 @@ impl<T: Transport> Agent<T> {
             .store
             .with_staged(Arc::clone(&state), || foca.add_broadcast(bytes))
         {
-            // Only a state new to us can come from a stranger worth introducing ourselves to.
-            Ok(true) => {
-                if had_older && self.lineage.live_addr(&state.node_id) == Some(from) {
+            // `new`: a state new to us, queued for gossip.
+            Ok(new) => {
+                if new && had_older && self.lineage.live_addr(&state.node_id) == Some(from) {
                     self.relay_state(&state, bytes, from);
                 }
+                // New to us or not: gossip often brings a state before its owner's join sync
+                // does, and the owner is still a stranger then.
                 self.introduce_to_stranger(&state, from);
             }
-            Ok(false) => {}
             Err(error) => {
                 self.shared.counters.dropped(Dropped::StateRejected);
                 tracing::debug!(%error, "rejected a pushed node state");
@@ -618,6 +619,37 @@ mod tests {
         );
         assert_eq!(announces(&transport), 1);
         assert_eq!(shared.counters.snapshot().states_rejected, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stranger_pushing_a_state_we_already_hold_is_still_answered() {
+        // After a cold start of 1,000 nodes, a member's join update sometimes runs out of
+        // retransmissions before reaching a node, while its state reached that node by gossip.
+        // The member's join sync then brings nothing new, yet it is the only sign that the
+        // member exists and knows us.
+        let transport = Arc::new(Recorder::default());
+        let (mut agent, _shared) = agent(&transport);
+        let t0 = Instant::now();
+        agent.start(t0);
+        let state = NodeState::new(NodeId::new("peer").unwrap(), 3, 1);
+        let push = |from: SocketAddr| Input::Datagram {
+            message: Message::decode(Kind::StatePush, &state.encode().unwrap()).unwrap(),
+            from,
+        };
+        let relayer: SocketAddr = "127.0.0.1:8".parse().unwrap();
+        let owner: SocketAddr = "127.0.0.1:7".parse().unwrap();
+        agent.on_input(push(relayer), t0);
+        agent.on_input(push(owner), t0 + Duration::from_millis(10));
+        let announces = transport
+            .opened()
+            .iter()
+            .filter(|(kind, body, to)| {
+                *kind == Kind::Foca
+                    && *to == owner
+                    && matches!(foca_message(body), Some(foca::Message::Announce))
+            })
+            .count();
+        assert_eq!(announces, 1);
     }
 
     #[tokio::test(start_paused = true)]
