@@ -118,12 +118,13 @@ impl<T: Transport> Agent<T> {
         let max_payload = out.max_payload();
         let store = SharedStore::default();
         let budget = GossipBudget::new(timing.state_gossip_budget);
+        let local = identity.node_id().clone();
         let foca = Foca::with_custom_broadcast(
             identity,
             timing.foca_config(1, max_payload),
             foca_rng,
             PostcardCodec,
-            StateGossip::new(store.clone(), budget.clone()),
+            StateGossip::new(store.clone(), budget.clone(), local),
         );
         Self {
             foca,
@@ -322,9 +323,10 @@ impl<T: Transport> Agent<T> {
             .store
             .with_staged(Arc::clone(&state), || foca.add_broadcast(bytes))
         {
-            // `new`: a state new to us, queued for gossip.
-            Ok(new) => {
-                if new && had_older && self.lineage.live_addr(&state.node_id) == Some(from) {
+            // `queued`: a newer version than ours (or a first state that came by gossip),
+            // queued for gossip by the handler (`store.rs`).
+            Ok(queued) => {
+                if queued && had_older && self.lineage.live_addr(&state.node_id) == Some(from) {
                     self.relay_state(&state, bytes, from);
                 }
                 // New to us or not: gossip often brings a state before its owner's join sync
