@@ -7,20 +7,23 @@
 //!     [--push-fanout N] [--relay-fanout N] [--gossip-budget BYTES (0: none)] [--refresh 8s]
 //!     [--probe-period 1s] [--probe-rtt 500ms] [--suspicion-mult X] [--suspicion-max X]
 //!     [--confirmations K] [--health-max N]
-//!     [--loss 0.1] [--seed 1]
+//!     [--loss 0.1] [--seed 1] [--no-traffic]
 //! cargo bench -p mesh-core --bench simulation -- 10 100 --soak 100 [--loss 0.3] [--slow 700]
 //! ```
 //!
 //! With `--soak SECONDS` it runs only the false-failure soak instead: per size and for three
 //! seeds, that long under the loss (and with the last node `--slow` milliseconds away each
 //! way), counting failure reports and forced rejoins about healthy nodes, suspicions raised
-//! and suspicions refuted directly.
+//! and suspicions refuted directly. `--no-traffic` skips phase 3 below, for a quicker look at
+//! cold starts and changes.
 //!
 //! Per cluster size, in order:
 //! 1. cold start: all nodes started at once, each seeded with `node-0`; the time until every
 //!    node sees every member, and until it also holds every member's state;
-//! 2. propagation: `--changes` load changes on different nodes, one at a time; for each, the
-//!    time until 50%, 99% and 100% of the other nodes see it;
+//! 2. propagation: one load change made as soon as the cold start converged, while its
+//!    membership updates are still being gossiped (reported below the table); then, once 5 s
+//!    have passed since the start, `--changes` load changes on different nodes, one at a
+//!    time; for each, the time until 50%, 99% and 100% of the other nodes see it;
 //! 3. traffic: datagrams and bytes sent per node per second, idle (40 s, no change: a whole
 //!    number of lan refresh intervals) and busy
 //!    (30 s, 10% of the nodes changing load every 500 ms: 0.2 changes per node per second);
@@ -71,6 +74,8 @@ struct Options {
     /// failures.
     soak: Option<Duration>,
     slow: Option<Duration>,
+    /// Skip the idle and busy traffic phases (a quicker look at cold starts and changes).
+    no_traffic: bool,
 }
 
 fn options() -> Options {
@@ -83,6 +88,7 @@ fn options() -> Options {
         timing: Timing::lan(),
         soak: None,
         slow: None,
+        no_traffic: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -90,6 +96,7 @@ fn options() -> Options {
         match arg.as_str() {
             "--changes" => options.changes = value().parse().expect("--changes N"),
             "--crashes" => options.crashes = value().parse().expect("--crashes N"),
+            "--no-traffic" => options.no_traffic = true,
             "--seed" => options.seed = value().parse().expect("--seed N"),
             "--loss" => options.loss = value().parse().expect("--loss FRACTION"),
             "--push-fanout" => {
@@ -172,6 +179,8 @@ struct Report {
     states: Duration,
     /// Per change: time until 50%, 99%, 100% of the others saw it.
     spread: Vec<[Duration; 3]>,
+    /// A change made right after the cold start: time until 50%, 99%, 100% saw it.
+    change_in_cold_start: [Option<Duration>; 3],
     changes_incomplete: usize,
     idle: (f64, f64),
     busy: (f64, f64),
@@ -374,6 +383,13 @@ async fn run(n: usize, options: &Options) -> Report {
     cluster.network().set_loss(options.loss);
 
     let mut guards = Vec::new();
+    // One change made at once, while the cold start's membership updates are still being
+    // gossiped; then the others in a formed cluster, from when the cold start's 5 s target
+    // has passed.
+    report.change_in_cold_start = propagate(&cluster, n / 2, &mut guards).await;
+    cluster
+        .run_for(Duration::from_secs(5).saturating_sub(cluster.elapsed()))
+        .await;
     for round in 0..options.changes {
         let source = (round * 7919 + 3) % n;
         let times = propagate(&cluster, source, &mut guards).await;
@@ -387,16 +403,18 @@ async fn run(n: usize, options: &Options) -> Report {
     }
     drop(guards);
 
-    let mut held = HashMap::new();
-    cluster.run_for(Duration::from_secs(5)).await;
-    let (datagrams, bytes, _) =
-        traffic(&cluster, n, Duration::from_secs(40), false, &mut held).await;
-    report.idle = (datagrams, bytes);
-    let (datagrams, bytes, fresh) =
-        traffic(&cluster, n, Duration::from_secs(30), true, &mut held).await;
-    report.busy = (datagrams, bytes);
-    report.busy_fresh = fresh;
-    drop(held);
+    if !options.no_traffic {
+        let mut held = HashMap::new();
+        cluster.run_for(Duration::from_secs(5)).await;
+        let (datagrams, bytes, _) =
+            traffic(&cluster, n, Duration::from_secs(40), false, &mut held).await;
+        report.idle = (datagrams, bytes);
+        let (datagrams, bytes, fresh) =
+            traffic(&cluster, n, Duration::from_secs(30), true, &mut held).await;
+        report.busy = (datagrams, bytes);
+        report.busy_fresh = fresh;
+        drop(held);
+    }
 
     let mut crashed: HashSet<(String, u64)> = HashSet::new();
     for k in 0..options.crashes {
@@ -591,6 +609,17 @@ fn main() {
             r.busy_fresh * 100.0,
             r.memory_per_node as f64 / 1024.0,
             r.wall.as_secs_f64(),
+        );
+    }
+    println!();
+    for r in &reports {
+        let [half, most, all] = r
+            .change_in_cold_start
+            .map(|t| t.map_or_else(|| "over 30 s".to_owned(), |t| format!("{} ms", ms(t))));
+        println!(
+            "{} nodes: a change made as soon as the cold start converged was seen by 50% / 99% / \
+             100% after {half} / {most} / {all}",
+            r.n
         );
     }
 }
