@@ -74,7 +74,7 @@ pub enum DiscoveryMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum TimingPreset {
-    /// [`Timing::lan`]: one-second probes, for a data-centre network.
+    /// [`Timing::lan`]: probes every 0.8 s, for a data-centre network.
     #[default]
     Lan,
     /// [`Timing::wan`]: five-second probes, for links between regions.

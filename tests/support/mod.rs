@@ -31,7 +31,7 @@ pub async fn bounded<T>(what: &str, fut: impl Future<Output = T>) -> T {
         .unwrap_or_else(|_| panic!("timed out after {BOUND:?} waiting for {what}"))
 }
 
-/// The local preset with the lan preset's failure detector (1 s probes, 500 ms to answer).
+/// The local preset with the lan preset's failure detector (0.8 s probes, 500 ms to answer).
 ///
 /// These tests run on real sockets on a machine that may be loaded: a thread can stall for
 /// longer than the local preset's 100 ms probe timeout, and a peer suspected for that reason

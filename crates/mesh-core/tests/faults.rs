@@ -170,10 +170,11 @@ fn a_one_way_partition_is_bridged_by_indirect_probes() {
 
 #[test]
 fn a_slow_node_gets_no_healthy_node_declared_down() {
-    // One-way delays of node-5's links: 300 and 450 ms (round trips over the 500 ms probe
-    // timeout but under the 1 s probe period: the late ack still counts; at 450 ms it comes
-    // after the early notice) and 700 ms (round trip over the period: probes fail).
-    for one_way in [300, 450, 700] {
+    // One-way delays of node-5's links: 260 and 350 ms (round trips over the 500 ms probe
+    // timeout but under the 0.8 s probe period: the late ack still counts; at 350 ms it comes
+    // after the early notice, 575 ms into the probe) and 700 ms (round trip over the period:
+    // probes fail).
+    for one_way in [260, 350, 700] {
         let mut cluster = formed(SEED, 6);
         let start = cluster.now();
         let others = ["node-0", "node-1", "node-2", "node-3", "node-4"];

@@ -52,7 +52,7 @@ async fn a_slow_node_gets_no_healthy_node_declared_down_and_slows_its_own_probes
     let slow = 7;
     let since = cluster.logged();
     // 700 ms each way: every probe the slow node sends times out (1.4 s round trip against a
-    // 0.5 s probe timeout and a 1 s probe period), and so does every probe of it.
+    // 0.5 s probe timeout and a 0.8 s probe period), and so does every probe of it.
     cluster
         .network()
         .set_slow(SimCluster::addr_of(slow), Duration::from_millis(700));
