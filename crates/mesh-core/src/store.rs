@@ -313,14 +313,19 @@ mod tests {
         assert_eq!(store.len(), 1);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn handler_reports_only_new_states_for_dissemination() {
-        let store = SharedStore::default();
-        let mut gossip = StateGossip::new(
+    /// The gossip handler of node `me` over `store`, without a byte budget.
+    fn gossip_as_me(store: &SharedStore) -> StateGossip {
+        StateGossip::new(
             store.clone(),
             GossipBudget::default(),
             NodeId::new("me").unwrap(),
-        );
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn handler_reports_only_new_states_for_dissemination() {
+        let store = SharedStore::default();
+        let mut gossip = gossip_as_me(&store);
         let bytes = state("a", 1, 1).encode().unwrap();
         let sender = Identity::new(NodeId::new("b").unwrap(), "127.0.0.1:2".parse().unwrap(), 1);
         assert!(
@@ -345,11 +350,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_first_state_pushed_by_its_owner_is_held_but_not_gossiped() {
         let store = SharedStore::default();
-        let mut gossip = StateGossip::new(
-            store.clone(),
-            GossipBudget::default(),
-            NodeId::new("me").unwrap(),
-        );
+        let mut gossip = gossip_as_me(&store);
         let first = state("a", 1, 1).encode().unwrap();
         assert!(gossip.receive_item(&first, None).unwrap().is_none());
         assert!(store.lock().get(&NodeId::new("a").unwrap()).is_some());
@@ -371,11 +372,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_staged_state_is_taken_as_is_instead_of_decoding_again() {
         let store = SharedStore::default();
-        let mut gossip = StateGossip::new(
-            store.clone(),
-            GossipBudget::default(),
-            NodeId::new("me").unwrap(),
-        );
+        let mut gossip = gossip_as_me(&store);
         // Bytes that do not decode: only the staged state can make this succeed.
         let added = store.with_staged(state("me", 1, 1), || gossip.receive_item(b"\xff", None));
         assert!(added.unwrap().is_some());
