@@ -292,9 +292,9 @@ impl Suspicions {
 /// then, and a suspicion foca raises at the end of the period is timed from that notice. The
 /// suspect gets the same time to refute as before, counted from when it was first told; a
 /// crashed member is declared down `(probe_period − probe_rtt) × 3/4` sooner (0.225 s with
-/// lan timing, 0.375 s with 1 s probes); a member that answers the notice before the period ends is never suspected
-/// at all, because its refutation raises its incarnation above the one foca's failed probe
-/// would suspect.
+/// lan timing, 0.375 s with 1 s probes); a member that answers the notice before the period
+/// ends is never suspected at all, because its refutation raises its incarnation above the
+/// one foca's failed probe would suspect.
 ///
 /// A member whose answers are late but still inside the period (a round trip between the
 /// probe timeout and the period) would be told needlessly at every probe, refute every time
