@@ -189,6 +189,8 @@ struct Report {
     busy_fresh: f64,
     /// Per crash: first and last report.
     detection: Vec<[Duration; 2]>,
+    /// Per crash: from the restart until every node held the new life and its state.
+    rejoined: Vec<Duration>,
     false_failures: usize,
     memory_per_node: usize,
     wall: Duration,
@@ -450,17 +452,23 @@ async fn run(n: usize, options: &Options) -> Report {
         ]);
         cluster.restart(victim).await.expect("restart");
         let name = cluster.node_id(victim).to_string();
-        cluster
-            .run_until(Duration::from_secs(60), Duration::from_millis(100), |c| {
+        let held = cluster
+            .run_until(Duration::from_secs(60), Duration::from_millis(20), |c| {
                 (0..n).all(|i| {
                     c.view(i).is_some_and(|v| {
                         v.len() == n
-                            && v.get(&name)
-                                .is_some_and(|m| m.identity().generation() > identity.generation())
+                            && v.get(&name).is_some_and(|m| {
+                                m.identity().generation() > identity.generation()
+                                    && m.state()
+                                        .is_some_and(|s| s.generation == m.identity().generation())
+                            })
                     })
                 })
             })
             .await;
+        report
+            .rejoined
+            .push(held.unwrap_or(Duration::from_secs(60)));
     }
     report.false_failures = cluster
         .events(|l| match &l.event {
@@ -612,6 +620,18 @@ fn main() {
         );
     }
     println!();
+    for r in reports.iter().filter(|r| !r.rejoined.is_empty()) {
+        let mut rejoined = r.rejoined.clone();
+        let max = max(&rejoined);
+        println!(
+            "{} nodes: a restarted node and its state were held by every node after {} s, \
+             median ({} s max) over {} restarts",
+            r.n,
+            secs(median(&mut rejoined)),
+            secs(max),
+            rejoined.len()
+        );
+    }
     for r in &reports {
         let [half, most, all] = r
             .change_in_cold_start
