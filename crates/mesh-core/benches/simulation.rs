@@ -30,7 +30,8 @@
 //!    under busy load, how many of the other nodes hold each change 500 ms after it was made
 //!    (just before the next changes);
 //! 4. crashes: `--crashes` nodes crashed one at a time; for each, when the first and the last
-//!    survivor report it failed; then it restarts and rejoins before the next;
+//!    survivor report it failed; then it restarts, and the time until every node holds its
+//!    new life and that life's state is reported below the table;
 //! 5. false failures: failure reports, over the whole run, about nodes that were not crashed;
 //! 6. memory: growth of the process's resident set per node once the cluster has formed.
 

@@ -39,8 +39,8 @@
 //!    own;
 //! 2. pushed directly by its owner to up to [`Timing::state_push_fanout`] peers whenever it
 //!    changes (coalesced to at most one version per [`Timing::state_publish_interval`]), and to
-//!    every newly seen member (join sync; a first state that arrived this way is not gossiped
-//!    on, so a cold start does not fill every node's queue with first sightings);
+//!    every newly seen member (join sync; at most 16 first states a second that arrived this
+//!    way are gossiped on, so a cold start does not fill every node's queue with them);
 //! 3. re-sent periodically (anti-entropy, [`Timing::state_refresh_interval`]), which also lets
 //!    readers see how long ago a peer's state was confirmed ([`Member::age`]).
 //!
