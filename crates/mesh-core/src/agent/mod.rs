@@ -323,8 +323,8 @@ impl<T: Transport> Agent<T> {
             .store
             .with_staged(Arc::clone(&state), || foca.add_broadcast(bytes))
         {
-            // `queued`: a newer version than ours (or a first state that came by gossip),
-            // queued for gossip by the handler (`store.rs`).
+            // `queued`: the handler (`store.rs`) queued it for gossip: a newer version than
+            // ours, or a first state within the share of pushed first states passed on.
             Ok(queued) => {
                 if queued && had_older && self.lineage.live_addr(&state.node_id) == Some(from) {
                     self.relay_state(&state, bytes, from);
@@ -568,12 +568,19 @@ mod tests {
         (agent, shared)
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn starting_publishes_our_state_and_announces_to_the_seeds() {
+    /// An agent over a recording transport, started now: the agent, the recorder, its shared
+    /// state, and when it started.
+    fn started() -> (Agent<Recorder>, Arc<Recorder>, Arc<Shared>, Instant) {
         let transport = Arc::new(Recorder::default());
         let (mut agent, shared) = agent(&transport);
         let t0 = Instant::now();
         agent.start(t0);
+        (agent, transport, shared, t0)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn starting_publishes_our_state_and_announces_to_the_seeds() {
+        let (mut agent, transport, shared, t0) = started();
         let view = shared.view();
         assert_eq!(view.epoch(), 1);
         let local = view.local().state().unwrap();
@@ -626,13 +633,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_stranger_pushing_a_state_we_already_hold_is_still_answered() {
         // After a cold start of 1,000 nodes, a member's join update sometimes runs out of
-        // retransmissions before reaching a node, while its state reached that node by gossip.
-        // The member's join sync then brings nothing new, yet it is the only sign that the
-        // member exists and knows us.
-        let transport = Arc::new(Recorder::default());
-        let (mut agent, _shared) = agent(&transport);
-        let t0 = Instant::now();
-        agent.start(t0);
+        // retransmissions before reaching a node, while its state reached that node another
+        // way (by gossip; here, pushed by a relayer). The member's join sync then brings
+        // nothing new, yet it is the only sign that the member exists and knows us.
+        let (mut agent, transport, _shared, t0) = started();
         let state = NodeState::new(NodeId::new("peer").unwrap(), 3, 1);
         let push = |from: SocketAddr| Input::Datagram {
             message: Message::decode(Kind::StatePush, &state.encode().unwrap()).unwrap(),
@@ -656,10 +660,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_load_change_is_published_once_per_interval() {
-        let transport = Arc::new(Recorder::default());
-        let (mut agent, shared) = agent(&transport);
-        let t0 = Instant::now();
-        agent.start(t0);
+        let (mut agent, _transport, shared, t0) = started();
         let version = |shared: &Shared| shared.view().local().state().unwrap().version;
         let _task = shared.load.begin_task();
         agent.on_local_change(t0 + Duration::from_millis(1));
@@ -746,10 +747,7 @@ mod tests {
     /// An agent with one peer, `x`, stepped through its timers until foca pings `x`: the
     /// agent, the recorder, `x`, and when the ping left.
     fn probing_a_peer() -> (Agent<Recorder>, Arc<Recorder>, Identity, Instant) {
-        let transport = Arc::new(Recorder::default());
-        let (mut agent, _shared) = agent(&transport);
-        let t0 = Instant::now();
-        agent.start(t0);
+        let (mut agent, transport, _shared, t0) = started();
         let x = Identity::new(NodeId::new("x").unwrap(), "127.0.0.1:2".parse().unwrap(), 1);
         let me = agent.foca.identity().clone();
         agent.on_input(foca_input(&x, &me, foca::Message::Announce), t0);
