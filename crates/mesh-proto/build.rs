@@ -7,7 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let manifest_dir =
         std::env::var_os("CARGO_MANIFEST_DIR").ok_or("CARGO_MANIFEST_DIR is unset")?;
     let root = std::path::Path::new(&manifest_dir).join("../../proto");
-    let files = ["mesh/admin/v1/admin.proto"];
+    let files = ["mesh/admin/v1/admin.proto", "mesh/reapi/v1/claims.proto"];
     for file in files {
         println!("cargo:rerun-if-changed={}", root.join(file).display());
     }

@@ -1,21 +1,42 @@
 #!/usr/bin/env bash
-# Bazel builds and tests this workspace through a cluster of mesh-reapi replicas.
+# Bazel builds and tests this workspace through clusters of mesh-reapi replicas.
 #
 #   tests/bazel/run.sh [--no-check-spread] [--replicas N] [--jobs N] [--keep]
 #
-# 1. Builds the workspace locally once: the reference outputs.
-# 2. Starts `examples/reapi-cluster` (N replicas in one process, default 3, ephemeral ports).
-# 3. `bazel build` and `bazel test` with the flags the example prints
-#    (--remote_executor=grpc://… of the first replica, --spawn_strategy=remote,
-#    --noremote_local_fallback): every action must run remotely and the tests must pass.
-# 4. Checks the remote outputs are byte-identical to the local ones.
-# 5. `bazel clean`, then builds again through the *second* replica and tests through the
-#    third: every action must be a remote cache hit (parsed from Bazel's summary line), though
-#    the results were written on another replica.
-# 6. `bazel clean`, then builds again with --noremote_accept_cached while the last replica is
-#    crashed (SIGUSR1 to the cluster) as soon as it runs an action: the build must pass.
-# 7. Stops the cluster (SIGTERM) and reads its per-node table: every replica must have
-#    executed actions (the route layer spreads Execute; --no-check-spread turns this off).
+#  1. Builds the workspace locally once: the reference outputs.
+#  2. Starts `examples/reapi-cluster` (N replicas in one process, default 3, ephemeral ports).
+#  Downloading every output (Bazel's default):
+#  3. `bazel build` and `bazel test` with the flags the example prints
+#     (--remote_executor=grpc://… of the first replica, --spawn_strategy=remote,
+#     --noremote_local_fallback): every action must run remotely, the tests must pass and the
+#     outputs must be byte-identical to the local ones.
+#  4. `bazel clean`, then builds again through the *second* replica and tests through the
+#     third: every action must be a remote cache hit (parsed from Bazel's summary line), though
+#     the results were written on another replica.
+#  5. `bazel clean`, then builds again with --noremote_accept_cached while the last replica is
+#     crashed (SIGUSR1 to the cluster) as soon as it runs an action: the build must pass and
+#     its outputs must again equal the local ones.
+#  6. Stops the cluster (SIGTERM) and reads its per-node table: every replica must have
+#     executed actions (the route layer spreads Execute; --no-check-spread turns this off).
+#  Build without the Bytes, on a second, fresh cluster (in the first, Bazel has uploaded every
+#  intermediate output to the first replica, which would hide a replica answering
+#  FindMissingBlobs from its own store). Bazel 4.2.3 cannot upload an input it never
+#  downloaded: an output any replica holds but the one asked reports missing fails the action
+#  ("Exit 34: … errors during bulk transfer"; the message names the file).
+#  7. `bazel clean`, then `bazel build` and `bazel test` with --remote_download_minimal through
+#     the first replica: every action must run remotely and the tests must pass (bazel-bin
+#     stays nearly empty: the tests are the comparison).
+#  8. `bazel clean`, then `bazel build --remote_download_toplevel` through the *second*
+#     replica: every action must be a remote cache hit, and the top-level outputs it downloads
+#     (written through the first replica in 7) must be byte-identical to the local ones.
+#  9. `bazel clean`, then a --remote_download_minimal --noremote_accept_cached build while the
+#     last replica is crashed, as in 5, and the tests run again: both must pass. Then
+#     `bazel clean` and a --remote_download_toplevel build through the first replica (all
+#     remote cache hits) fetches that build's top-level outputs to compare with the local ones.
+# 10. Stops the second cluster and checks its table as in 6.
+# Each build prints a `timing:` line (Bazel's elapsed time and critical path: local,
+# download-all, minimal, the two with a crash), all repeated side by side at the end. Loading
+# and analysis run first (--nobuild), so the elapsed times compare execution alone.
 #
 # Needs bazel (Debian's bazel-bootstrap 4.2.3) and cargo. Exits non-zero with a message
 # naming the failed step. Everything it creates lives in one temporary directory (kept with
@@ -35,7 +56,7 @@ while [[ $# -gt 0 ]]; do
         --replicas) replicas="$2"; shift ;;
         --jobs) jobs="$2"; shift ;;
         --keep) keep=1 ;;
-        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        -h|--help) sed -n '/^set -euo pipefail$/q; 2,$p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -51,6 +72,7 @@ work="$(mktemp -d "${TMPDIR:-/tmp}/mesh-reapi-bazel.XXXXXX")"
 cluster_pid=""
 bazel_root="$work/bazel-root"
 started=$SECONDS
+timings=()
 
 cleanup() {
     local status=$?
@@ -79,8 +101,21 @@ cd "$work/ws"
 bazel_in() { # bazel_in <local|remote> <command> [args…]
     local base="$1"; shift
     local command="$1"; shift
+    local verbose=()
+    # A failed remote action then names the file it could not upload.
+    [[ "$command" == build || "$command" == test ]] && verbose=(--verbose_failures)
     timeout 900 bazel --output_user_root="$bazel_root" --output_base="$work/$base" --nohome_rc \
-        "$command" --nosandbox_debug --symlink_prefix=/ --color=no --curses=no "$@"
+        "$command" --nosandbox_debug --symlink_prefix=/ --color=no --curses=no "${verbose[@]}" "$@"
+}
+
+# Fails naming <what>, Bazel's first error and the first input it could not upload (never
+# downloaded: "Exit 34") (its whole output is already on stdout).
+bazel_failed() { # bazel_failed <log> <what>
+    local error missing
+    error="$(grep -m1 -E '^ERROR: ' "$1" | sed -E 's/^ERROR: //')" || true
+    missing="$(grep -m1 -oE 'FileNotFoundException: [^ ]+' "$1" | sed -E 's/^[^ ]+ //; s|^.*/(bazel-out/)|\1|')" || true
+    [[ "$error" != *"$missing"* ]] || missing=""
+    fail "$2${error:+: $error}${missing:+ (input not in the local output tree: $missing)}"
 }
 
 # "INFO: 45 processes: 16 internal, 29 remote." → every kind with its count, one per line.
@@ -101,11 +136,50 @@ only_kind() { # only_kind <log> <kind> <what>
     echo "$what: $(process_kinds "$log" | paste -sd, - | sed "s/,/, /g")"
 }
 
-# "INFO: Elapsed time: 12.3s, Critical Path: 4.5s" → "<what>: elapsed 12.3 s, critical path 4.5 s".
+# Fails unless <log> reports every test passed, <executed> of them run (a number, or "[0-9]+").
+tests_passed() { # tests_passed <log> <executed> <what>
+    grep -qE "^Executed $2 out of [0-9]+ tests?: [0-9]+ tests? pass" "$1" ||
+        fail "$3: $(grep -m1 -E '^Executed [0-9]+ out of' "$1" || echo 'no test summary')"
+}
+
+# "INFO: Elapsed time: 12.3s, Critical Path: 4.5s" → "<what>: elapsed 12.3 s, critical path 4.5 s",
+# printed and kept for the summary at the end.
 timing() { # timing <log> <what>
-    sed -nE 's/^INFO: Elapsed time: ([0-9.]+)s, Critical Path: ([0-9.]+)s.*/\1 \2/p' "$1" | tail -1 |
-        { read -r elapsed critical && echo "timing: $2: elapsed $elapsed s, critical path $critical s"; } ||
-        true
+    local times elapsed critical line
+    times="$(sed -nE 's/^INFO: Elapsed time: ([0-9.]+)s, Critical Path: ([0-9.]+)s.*/\1 \2/p' "$1" | tail -1)"
+    [[ -n "$times" ]] || return 0
+    read -r elapsed critical <<<"$times"
+    line="timing: $2: elapsed $elapsed s, critical path $critical s"
+    echo "$line"
+    timings+=("$line")
+}
+
+# Runfiles trees and manifests are Bazel's local bookkeeping (absolute paths), not outputs.
+list_outputs() { (cd "$1" && find . -type f ! -path '*.runfiles/*' ! -name '*.runfiles_manifest' | sort); }
+
+# Every output the remote build has in bazel-bin must be byte-identical to the local one, and
+# at least <least> of them must come from remote actions (not the *.params files Bazel writes
+# itself). With <partial>, some outputs must be missing (Build without the Bytes in effect).
+compare_present() { # compare_present <what> <least> [partial]
+    local what="$1" least="$2" partial="${3:-}" file compared=0 fetched=0 total names=()
+    total="$(list_outputs "$local_bin" | wc -l)"
+    while read -r file; do
+        [[ -f "$local_bin/$file" ]] || fail "$what: $file is in the remote bazel-bin, not in the local one"
+        cmp -s "$local_bin/$file" "$remote_bin/$file" ||
+            fail "$what: output $file differs between the local and the remote build"
+        compared=$((compared + 1))
+        [[ "$file" == *.params ]] || fetched=$((fetched + 1))
+        names+=("${file#./}")
+    done < <(list_outputs "$remote_bin")
+    [[ "$fetched" -ge "$least" ]] ||
+        fail "$what: $fetched outputs of remote actions in bazel-bin to compare, expected at least $least"
+    if [[ -n "$partial" ]]; then
+        [[ "$compared" -lt "$total" ]] ||
+            fail "$what: all $total outputs are in bazel-bin: Build without the Bytes not in effect"
+        echo "$what: $compared of the $total local outputs in bazel-bin ($fetched from remote actions), byte-identical${names[*]:+: ${names[*]}}"
+    else
+        echo "$what: $compared outputs byte-identical"
+    fi
 }
 
 step "building the reapi-cluster example"
@@ -115,25 +189,35 @@ cluster_bin="$target_dir/debug/examples/reapi-cluster"
 [[ -x "$cluster_bin" ]] || fail "no example binary at $cluster_bin"
 
 step "reference build, locally"
+# Loading and analysis first (--nobuild), here and before the first remote build: the elapsed
+# times of the builds then compare execution alone, not a cold Bazel server against a warm one.
+bazel_in local build --nobuild --jobs="$jobs" //... >"$work/local-analysis.log" 2>&1 ||
+    { tail -40 "$work/local-analysis.log"; fail "the local bazel build --nobuild (loading and analysis)"; }
 bazel_in local build --jobs="$jobs" //... >"$work/local-build.log" 2>&1 ||
     { tail -40 "$work/local-build.log"; fail "the local bazel build"; }
 local_bin="$(bazel_in local info bazel-bin 2>/dev/null)"
 
-step "starting $replicas replicas"
-"$cluster_bin" --nodes "$replicas" --data-dir "$work/cluster" --jobs "$jobs" \
-    >"$work/cluster.log" 2>"$work/cluster.err" &
-cluster_pid=$!
-for _ in $(seq 1 600); do
-    grep -q '^ready$' "$work/cluster.log" && break
-    kill -0 "$cluster_pid" 2>/dev/null || { cat "$work/cluster.err"; fail "the cluster exited before it was ready"; }
-    sleep 0.1
-done
-grep -q '^ready$' "$work/cluster.log" || fail "the cluster was not ready within 60 s"
-cat "$work/cluster.log"
-mapfile -t endpoints < <(grep -E '^grpc://127\.0\.0\.1:[0-9]+$' "$work/cluster.log")
-[[ "${#endpoints[@]}" -eq "$replicas" ]] || fail "expected $replicas endpoints, got ${#endpoints[@]}"
-read -r -a flags <<<"$(sed -n 's/^bazel flags: //p' "$work/cluster.log")"
-[[ "${#flags[@]}" -gt 0 ]] || fail "the cluster printed no bazel flags"
+# Starts a cluster with its own (empty) data directory: sets cluster_pid, cluster_log,
+# endpoints (one per replica) and flags (the Bazel flags it prints, for the first replica).
+start_cluster() { # start_cluster <name>
+    cluster_log="$work/cluster-$1.log"
+    cluster_err="$work/cluster-$1.err"
+    "$cluster_bin" --nodes "$replicas" --data-dir "$work/cluster-$1" --jobs "$jobs" \
+        >"$cluster_log" 2>"$cluster_err" &
+    cluster_pid=$!
+    for _ in $(seq 1 600); do
+        grep -q '^ready$' "$cluster_log" && break
+        kill -0 "$cluster_pid" 2>/dev/null || { cat "$cluster_err"; fail "the $1 cluster exited before it was ready"; }
+        sleep 0.1
+    done
+    grep -q '^ready$' "$cluster_log" || fail "the $1 cluster was not ready within 60 s"
+    cat "$cluster_log"
+    mapfile -t endpoints < <(grep -E '^grpc://127\.0\.0\.1:[0-9]+$' "$cluster_log")
+    [[ "${#endpoints[@]}" -eq "$replicas" ]] || fail "expected $replicas endpoints, got ${#endpoints[@]}"
+    read -r -a flags <<<"$(sed -n 's/^bazel flags: //p' "$cluster_log")"
+    [[ "${#flags[@]}" -gt 0 ]] || fail "the $1 cluster printed no bazel flags"
+}
+
 # The same flags, pointing at another replica.
 flags_for() { # flags_for <endpoint>
     local flag
@@ -142,80 +226,144 @@ flags_for() { # flags_for <endpoint>
     done
 }
 
+# Stops the cluster (SIGTERM), prints its per-node table and checks the spread.
+stop_cluster() { # stop_cluster <name>
+    local node executed executed_total=0 idle=()
+    kill -TERM "$cluster_pid"
+    wait "$cluster_pid" || fail "the $1 cluster exited with an error: $(cat "$cluster_err")"
+    cluster_pid=""
+    sed -n '/^node /,$p' "$cluster_log"
+    while read -r node _endpoint executed _rest; do
+        executed_total=$((executed_total + executed))
+        [[ "$executed" -gt 0 ]] || idle+=("$node")
+    done < <(sed -n '/^node /,$p' "$cluster_log" | tail -n +2)
+    [[ "$executed_total" -gt 0 ]] || fail "the $1 cluster reports no executed action"
+    if [[ "$check_spread" == 1 ]]; then
+        [[ "${#idle[@]}" -eq 0 ]] || fail "the $1 cluster: actions did not run on every replica (idle: ${idle[*]})"
+        echo "actions ran on every replica"
+    else
+        echo "spread check off (--no-check-spread): ${#idle[@]} of $replicas replicas ran nothing"
+    fi
+}
+
+# Crashes the last replica the next time it runs an action (SIGUSR1 to the cluster).
+arm_crash() { kill -USR1 "$cluster_pid"; }
+crashed() { # crashed <what>: fails unless a replica crashed
+    grep -q '^crashing ' "$cluster_log" || fail "$1: no replica crashed during the build"
+    grep '^crashing ' "$cluster_log"
+}
+
+step "starting $replicas replicas (download every output)"
+start_cluster download-all
+
 step "remote build through ${endpoints[0]}"
+bazel_in remote build --nobuild "${flags[@]}" //... >"$work/remote-analysis.log" 2>&1 ||
+    { tail -40 "$work/remote-analysis.log"; fail "the remote bazel build --nobuild (loading and analysis)"; }
 bazel_in remote build "${flags[@]}" //... 2>&1 | tee "$work/remote-build.log" ||
-    fail "the remote bazel build"
+    bazel_failed "$work/remote-build.log" "the remote bazel build"
 only_kind "$work/remote-build.log" remote "remote build"
 timing "$work/local-build.log" "local build (reference, same jobs)"
-timing "$work/remote-build.log" "remote build through $replicas replica(s)"
+timing "$work/remote-build.log" "remote build through $replicas replica(s), downloading every output"
 
 step "remote test through ${endpoints[0]}"
 bazel_in remote test "${flags[@]}" //... 2>&1 | tee "$work/remote-test.log" ||
-    fail "the remote bazel test"
-grep -qE '^Executed [0-9]+ out of [0-9]+ tests?: [0-9]+ tests? pass' "$work/remote-test.log" ||
-    fail "the remote bazel test: no tests passed"
+    bazel_failed "$work/remote-test.log" "the remote bazel test"
+tests_passed "$work/remote-test.log" '[0-9]+' "the remote bazel test"
 only_kind "$work/remote-test.log" remote "remote test"
 
 step "comparing remote outputs with the local build"
 remote_bin="$(bazel_in remote info bazel-bin 2>/dev/null)"
-# Runfiles trees and manifests are Bazel's local bookkeeping (absolute paths), not outputs.
-list_outputs() { (cd "$1" && find . -type f ! -path '*.runfiles/*' ! -name '*.runfiles_manifest' | sort); }
-diff <(list_outputs "$local_bin") <(list_outputs "$remote_bin") >"$work/outputs.diff" ||
-    { cat "$work/outputs.diff"; fail "the remote build produced other files than the local one"; }
-compared=0
-while read -r file; do
-    cmp -s "$local_bin/$file" "$remote_bin/$file" || fail "output $file differs between the local and the remote build"
-    compared=$((compared + 1))
-done < <(list_outputs "$local_bin")
-[[ "$compared" -gt 0 ]] || fail "no outputs to compare"
-echo "$compared outputs byte-identical"
+compare_all() { # compare_all <what>: the same files as the local build, byte for byte
+    diff <(list_outputs "$local_bin") <(list_outputs "$remote_bin") >"$work/outputs.diff" ||
+        { cat "$work/outputs.diff"; fail "$1: the remote build produced other files than the local one"; }
+    compare_present "$1" 1
+}
+compare_all "download-all build"
 
 step "clean build through ${endpoints[1 % replicas]}: all remote cache hits"
 bazel_in remote clean >/dev/null 2>&1 || fail "bazel clean"
 mapfile -t second < <(flags_for "${endpoints[1 % replicas]}")
 bazel_in remote build "${second[@]}" //... 2>&1 | tee "$work/cached-build.log" ||
-    fail "the second (clean) remote build"
+    bazel_failed "$work/cached-build.log" "the second (clean) remote build"
 only_kind "$work/cached-build.log" "remote cache hit" "clean build"
 
 step "tests through ${endpoints[2 % replicas]}: all remote cache hits"
 mapfile -t third < <(flags_for "${endpoints[2 % replicas]}")
 bazel_in remote test "${third[@]}" //... 2>&1 | tee "$work/cached-test.log" ||
-    fail "the cached remote bazel test"
-grep -qE '^Executed 0 out of [0-9]+ tests?: [0-9]+ tests? pass' "$work/cached-test.log" ||
-    fail "the cached remote bazel test: tests were not cache hits"
+    bazel_failed "$work/cached-test.log" "the cached remote bazel test"
+tests_passed "$work/cached-test.log" 0 "the cached remote bazel test: tests were not cache hits"
 only_kind "$work/cached-test.log" "remote cache hit" "cached test"
 
 if [[ "$replicas" -gt 1 ]]; then
 step "a replica crashes in the middle of a build through ${endpoints[0]}: the build passes"
 bazel_in remote clean >/dev/null 2>&1 || fail "bazel clean"
-kill -USR1 "$cluster_pid"
+arm_crash
 # Nothing from the cache: every action runs again, spread over the replicas, one of which
 # crashes while it runs one.
 bazel_in remote build "${flags[@]}" --noremote_accept_cached //... 2>&1 | tee "$work/crash-build.log" ||
-    fail "the build during which a replica crashed"
+    bazel_failed "$work/crash-build.log" "the build during which a replica crashed"
 only_kind "$work/crash-build.log" remote "build with a crash"
-grep -q '^crashing ' "$work/cluster.log" || fail "no replica crashed during the build"
-grep '^crashing ' "$work/cluster.log"
+crashed "the build with a crash"
+timing "$work/crash-build.log" "remote build, downloading every output, a replica crashed"
+compare_all "build with a crash"
 fi
 
-step "stopping the cluster"
-kill -TERM "$cluster_pid"
-wait "$cluster_pid" || fail "the cluster exited with an error: $(cat "$work/cluster.err")"
-cluster_pid=""
-sed -n '/^node /,$p' "$work/cluster.log"
-executed_total=0
-idle=()
-while read -r node _endpoint executed _rest; do
-    executed_total=$((executed_total + executed))
-    [[ "$executed" -gt 0 ]] || idle+=("$node")
-done < <(sed -n '/^node /,$p' "$work/cluster.log" | tail -n +2)
-[[ "$executed_total" -gt 0 ]] || fail "the cluster reports no executed action"
-if [[ "$check_spread" == 1 ]]; then
-    [[ "${#idle[@]}" -eq 0 ]] || fail "actions did not run on every replica (idle: ${idle[*]})"
-    echo "actions ran on every replica"
-else
-    echo "spread check off (--no-check-spread): ${#idle[@]} of $replicas replicas ran nothing"
+step "stopping the download-all cluster"
+stop_cluster download-all
+
+step "starting $replicas fresh replicas (Build without the Bytes)"
+start_cluster bwob
+mapfile -t second < <(flags_for "${endpoints[1 % replicas]}")
+
+step "--remote_download_minimal: clean build and tests through ${endpoints[0]}"
+bazel_in remote clean >/dev/null 2>&1 || fail "bazel clean"
+bazel_in remote build "${flags[@]}" --remote_download_minimal //... 2>&1 | tee "$work/minimal-build.log" ||
+    bazel_failed "$work/minimal-build.log" "the --remote_download_minimal build through ${endpoints[0]}"
+only_kind "$work/minimal-build.log" remote "minimal build"
+bazel_in remote test "${flags[@]}" --remote_download_minimal //... 2>&1 | tee "$work/minimal-test.log" ||
+    bazel_failed "$work/minimal-test.log" "the --remote_download_minimal test through ${endpoints[0]}"
+tests_passed "$work/minimal-test.log" '[1-9][0-9]*' "the --remote_download_minimal test"
+only_kind "$work/minimal-test.log" remote "minimal test"
+compare_present "minimal build" 0 partial
+timing "$work/minimal-build.log" "remote build through $replicas replica(s), --remote_download_minimal"
+
+step "--remote_download_toplevel: clean build through ${endpoints[1 % replicas]}, all remote cache hits"
+bazel_in remote clean >/dev/null 2>&1 || fail "bazel clean"
+bazel_in remote build "${second[@]}" --remote_download_toplevel //... 2>&1 | tee "$work/toplevel-build.log" ||
+    bazel_failed "$work/toplevel-build.log" "the --remote_download_toplevel build through ${endpoints[1 % replicas]}"
+only_kind "$work/toplevel-build.log" "remote cache hit" "toplevel build"
+compare_present "toplevel build" 1 partial
+
+if [[ "$replicas" -gt 1 ]]; then
+step "a replica crashes in the middle of a --remote_download_minimal build through ${endpoints[0]}: build and tests pass"
+bazel_in remote clean >/dev/null 2>&1 || fail "bazel clean"
+arm_crash
+# As in the download-all crash step, every action runs again; here its outputs stay remote.
+bazel_in remote build "${flags[@]}" --remote_download_minimal --noremote_accept_cached //... 2>&1 |
+    tee "$work/minimal-crash-build.log" ||
+    bazel_failed "$work/minimal-crash-build.log" "the --remote_download_minimal build during which a replica crashed"
+only_kind "$work/minimal-crash-build.log" remote "minimal build with a crash"
+crashed "the --remote_download_minimal build with a crash"
+timing "$work/minimal-crash-build.log" "remote build, --remote_download_minimal, a replica crashed"
+bazel_in remote test "${flags[@]}" --remote_download_minimal --noremote_accept_cached //... 2>&1 |
+    tee "$work/minimal-crash-test.log" ||
+    bazel_failed "$work/minimal-crash-test.log" "the --remote_download_minimal test after a replica crashed"
+tests_passed "$work/minimal-crash-test.log" '[1-9][0-9]*' "the --remote_download_minimal test after a replica crashed"
+only_kind "$work/minimal-crash-test.log" remote "minimal test after the crash"
+
+step "--remote_download_toplevel: the outputs of that build through ${endpoints[0]}, all remote cache hits"
+bazel_in remote clean >/dev/null 2>&1 || fail "bazel clean"
+bazel_in remote build "${flags[@]}" --remote_download_toplevel //... 2>&1 | tee "$work/crash-toplevel-build.log" ||
+    bazel_failed "$work/crash-toplevel-build.log" "the --remote_download_toplevel build after the crash"
+only_kind "$work/crash-toplevel-build.log" "remote cache hit" "toplevel build after the crash"
+compare_present "toplevel build after the crash" 1 partial
 fi
+
+step "stopping the Build without the Bytes cluster"
+stop_cluster bwob
+
+step "timings"
+printf '%s\n' "${timings[@]}"
 
 echo
 echo "run.sh: ok in $((SECONDS - started)) s"

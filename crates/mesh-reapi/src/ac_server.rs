@@ -1,13 +1,14 @@
 //! `build.bazel.remote.execution.v2.ActionCache`: a thin adapter onto [`ClusterCas`].
 //!
 //! * `GetActionResult` looks in this replica's action cache, then (unless the call came from
-//!   a peer) in every live peer's; a result is served only if its outputs exist somewhere in
+//!   a peer) in those of the action's owners; a result is served only if its outputs exist somewhere in
 //!   the cluster (see [`crate::cluster`]). `NOT_FOUND` is a plain miss. Inlining of stdout,
 //!   stderr or output files is not done (REAPI allows ignoring those fields; Bazel reads
 //!   everything by digest).
 //! * `UpdateActionResult` (clients that ran an action themselves) checks the digests in the
-//!   result and that the blobs it names exist in the cluster (here only, for a call from a
-//!   peer; `FAILED_PRECONDITION` with the missing ones otherwise), then stores it locally.
+//!   result and that the blobs it names exist in the cluster (`FAILED_PRECONDITION` with the
+//!   missing ones otherwise), then stores it here and on the action's owners. A call from a
+//!   peer (a result being placed) is stored here as it is: the peer checked it.
 
 use bazel_remote_apis::build::bazel::remote::execution::v2::{
     ActionResult, GetActionResultRequest, UpdateActionResultRequest,
@@ -79,19 +80,22 @@ impl ActionCache for ActionCacheService {
             .action_result
             .ok_or_else(|| invalid("action_result is required"))?;
         let digests = result_digests(&result)?;
-        let missing = if local_only {
-            self.cluster.local().find_missing(&digests)
-        } else {
+        if local_only {
             self.cluster
-                .find_missing_in_cluster(&digests, &[], &metadata)
-                .await
-        };
+                .local_action_cache()
+                .put(action, &result)
+                .await?;
+            return Ok(Response::new(result));
+        }
+        let missing = self
+            .cluster
+            .find_missing_in_cluster(&digests, &[], &metadata)
+            .await;
         if !missing.is_empty() {
             return Err(MissingBlobs(missing).into());
         }
         self.cluster
-            .local_action_cache()
-            .put(action, &result)
+            .store_result(action, &result, &metadata)
             .await?;
         Ok(Response::new(result))
     }

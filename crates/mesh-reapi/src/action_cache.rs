@@ -128,6 +128,11 @@ impl ActionCache {
         })?
     }
 
+    /// Every action with a result here now (a snapshot; handoff walks it).
+    pub(crate) fn actions(&self) -> Vec<Digest> {
+        self.dir.keys()
+    }
+
     /// Current usage.
     pub fn usage(&self) -> StoreUsage {
         self.dir.usage()

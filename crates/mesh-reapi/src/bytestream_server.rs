@@ -6,8 +6,10 @@
 //!   is fetched from a peer first (and kept), unless the call came from a peer.
 //! * `Write` of `{instance/}uploads/{uuid}/blobs/{hash}/{size}` streams into a temporary file,
 //!   checking offsets as it goes; only when `finish_write` arrives and the SHA-256 and size
-//!   match is the blob renamed into the CAS. A blob already present ends the call at once with
-//!   its full `committed_size` (REAPI allows this; Bazel stops sending).
+//!   match is the blob renamed into the CAS, then copied to its owners
+//!   ([`ClusterCas::replicate`]) before the write is answered. A blob already present ends the
+//!   call at once with its full `committed_size` (REAPI allows this; Bazel stops sending). A
+//!   write from a peer (a copy being placed) is stored and not passed on.
 //! * `QueryWriteStatus`: complete for a blob that is present; otherwise nothing is committed
 //!   (partial uploads are not kept, so a client resumes from 0).
 
@@ -116,6 +118,8 @@ impl ByteStream for ByteStreamService {
         &self,
         request: Request<Streaming<WriteRequest>>,
     ) -> Result<Response<WriteResponse>, Status> {
+        let from_peer = forwarded_by(request.metadata()).is_some();
+        let metadata = request.metadata().clone();
         let mut stream = request.into_inner();
         let Some(first) = stream.message().await? else {
             return Err(invalid(
@@ -175,6 +179,10 @@ impl ByteStream for ByteStreamService {
             )));
         }
         writer.commit().await?;
+        if !from_peer {
+            // Acknowledged only once its owners hold it (a peer's push is stored, not passed on).
+            self.cluster.replicate(&[digest], &metadata).await;
+        }
         Ok(committed(digest))
     }
 

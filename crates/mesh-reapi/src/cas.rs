@@ -148,6 +148,11 @@ impl Cas {
         self.dir.touch(digest)
     }
 
+    /// Every blob here now (a snapshot; handoff walks it).
+    pub(crate) fn digests(&self) -> Vec<Digest> {
+        self.dir.keys()
+    }
+
     /// The digests of `digests` that are not here, in order, each once.
     pub fn find_missing(&self, digests: &[Digest]) -> Vec<Digest> {
         let mut seen = std::collections::HashSet::new();

@@ -1,13 +1,15 @@
 //! `build.bazel.remote.execution.v2.ContentAddressableStorage`: a thin adapter onto
 //! [`ClusterCas`].
 //!
-//! * `FindMissingBlobs` answers from this replica's own CAS: a client uploads what the replica
-//!   it talks to lacks, so an action's inputs sit on the replica that will forward it, where
-//!   the executing peer's hinted fetch finds them in one round trip (see [`crate::cluster`]).
-//!   Peers use the same call to ask what this replica has.
+//! * `FindMissingBlobs` answers for the whole cluster: what this replica lacks is looked up on
+//!   the digests' owners (one batched call per owner, in parallel; see [`crate::cluster`]), so
+//!   a blob any replica acknowledged is never reported missing through another — what Bazel's
+//!   Build without the Bytes relies on. Peers use the same call, marked as theirs, to ask what
+//!   this replica holds itself.
 //! * `BatchUpdateBlobs` / `BatchReadBlobs` enforce [`MAX_BATCH_TOTAL_SIZE`] on the whole batch
-//!   (`INVALID_ARGUMENT` naming the limit) and report each blob's own status; a read of a blob
-//!   this replica lacks fetches it from a peer first (unless the call came from a peer).
+//!   (`INVALID_ARGUMENT` naming the limit) and report each blob's own status; stored blobs are
+//!   copied to their owners before the batch is answered, and a read of a blob this replica
+//!   lacks fetches it from a peer first (unless the call came from a peer).
 //! * `GetTree` walks the tree breadth first and streams it in pages; directories missing
 //!   everywhere are left out (REAPI: "the server will return the portion present").
 //! * Blob splitting and splicing (v2.12+) are not offered (`split_blob_support = false`) and
@@ -93,6 +95,8 @@ impl ContentAddressableStorage for CasService {
         &self,
         request: Request<FindMissingBlobsRequest>,
     ) -> Result<Response<FindMissingBlobsResponse>, Status> {
+        let from_peer = forwarded_by(request.metadata()).is_some();
+        let metadata = request.metadata().clone();
         let request = request.into_inner();
         check_digest_function(request.digest_function)?;
         let digests = request
@@ -100,7 +104,13 @@ impl ContentAddressableStorage for CasService {
             .iter()
             .map(|d| Digest::from_proto(d, "blob_digests"))
             .collect::<Result<Vec<_>, _>>()?;
-        let missing = self.cluster.local().find_missing(&digests);
+        let missing = if from_peer {
+            self.cluster.local().find_missing(&digests)
+        } else {
+            self.cluster
+                .find_missing_in_cluster(&digests, &[], &metadata)
+                .await
+        };
         Ok(Response::new(FindMissingBlobsResponse {
             missing_blob_digests: missing.iter().map(Digest::to_proto).collect(),
         }))
@@ -110,6 +120,8 @@ impl ContentAddressableStorage for CasService {
         &self,
         request: Request<BatchUpdateBlobsRequest>,
     ) -> Result<Response<BatchUpdateBlobsResponse>, Status> {
+        let from_peer = forwarded_by(request.metadata()).is_some();
+        let metadata = request.metadata().clone();
         let request = request.into_inner();
         check_digest_function(request.digest_function)?;
         let total: u64 = request.requests.iter().map(|r| r.data.len() as u64).sum();
@@ -144,6 +156,17 @@ impl ContentAddressableStorage for CasService {
                 digest: blob.digest,
                 status: Some(status),
             });
+        }
+        if !from_peer {
+            // Answered only once the owners hold what was stored (a peer's push is not
+            // passed on).
+            let stored: Vec<Digest> = responses
+                .iter()
+                .filter(|r| r.status.as_ref().is_some_and(|s| s.code == 0))
+                .filter_map(|r| r.digest.as_ref())
+                .filter_map(|d| Digest::from_proto(d, "digest").ok())
+                .collect();
+            self.cluster.replicate(&stored, &metadata).await;
         }
         Ok(Response::new(BatchUpdateBlobsResponse { responses }))
     }

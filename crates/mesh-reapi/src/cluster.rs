@@ -1,75 +1,100 @@
-//! Blobs and action results across replicas, with no shared storage.
+//! One CAS and one action cache for the whole cluster, with no shared storage and no
+//! external store.
 //!
-//! # The design: fetch-through with hints
+//! # Placement
 //!
-//! Every replica owns its CAS and action cache ([`Cas`], [`ActionCache`]) and keeps whatever it
-//! stored or used. Nothing is placed or replicated ahead of need. When a replica needs a blob
-//! it lacks, it finds it on a peer and fetches a copy (which it then keeps, like any other
-//! blob):
+//! Every digest (a blob's, or an action's for its cached result) has `R` **owners**: the first
+//! `R` replicas of its rendezvous ranking over the live, non-draining members
+//! ([`crate::placement`]; `R` is [`ReplicationConfig::factor`], 2 by default). Nothing
+//! is looked up in a directory: every replica computes the same owners from its own view of
+//! the membership, which SWIM keeps converged.
 //!
-//! 1. **Hints first.** The node most likely to have the blob is asked directly, before anyone
-//!    else: for an action's inputs the node that forwarded the `Execute` (clients upload inputs
-//!    to the replica they talk to, which is the one that forwards); for outputs the replica
-//!    that ran the action (`ExecutedActionMetadata.worker`); and any node remembered from a
-//!    recent action result or fetch (a bounded location cache). A hinted peer is asked for the
-//!    blobs themselves (`BatchReadBlobs` for small ones, `ByteStream.Read` for large ones): in
-//!    the common case one round trip, no lookup.
-//! 2. **Then everyone.** Whatever is still missing is looked up with one batched
-//!    `FindMissingBlobs` per live peer, in parallel, and fetched from a peer that has it.
-//! 3. **One hop.** Every peer call carries `x-mesh-forwarded-by`, and a replica answering such
-//!    a call answers from its own stores only, so a lookup never fans out further and can
-//!    never loop.
+//! * **Writes are placed before they are acknowledged.** A blob uploaded to a replica
+//!   (`ByteStream.Write`, `BatchUpdateBlobs`) and the outputs of an action a replica ran are
+//!   stored there *and* copied to the first `R` replicas of the digest's ranking other than the
+//!   writer itself, before the upload is answered or the `ExecuteResponse` sent. An action
+//!   result goes to its action's owners the same way. So the `R` owners hold every blob, and a
+//!   writer that is an owner itself leaves one copy more: a blob the cluster acknowledged
+//!   survives the loss of its writer and any one more replica (`R` = 2). A peer that cannot
+//!   take a copy is replaced by the next replica of the ranking.
+//! * **Lookups ask the owners only.** `FindMissingBlobs` (and the check that a cached result's
+//!   outputs exist) asks this replica's own store, then the owners of what it lacks: one
+//!   batched call per owner, all in parallel, so its cost is `O(R)` per digest whatever the
+//!   size of the cluster. `GetActionResult` asks the action's owners.
+//! * **Membership changes move data in the background** ([`crate::handoff`]): when the
+//!   placement members change, every replica copies the blobs and results it holds to their
+//!   new owners that lack them. Until that is done, lookups also ask the owners under the
+//!   placements of the last minutes ("former owners"), so nothing is reported missing
+//!   meanwhile. A replica that comes back on its data directory is an owner again and already
+//!   holds its share: handoff asks before it copies, so nothing is sent twice.
+//! * **Reads fetch through.** A replica that needs a blob it lacks (to run an action, or to
+//!   serve a read) asks hinted nodes first — the replica that forwarded the `Execute` (clients
+//!   upload where they talk), the worker named in a result, remembered locations — then the
+//!   owners, and as a last resort every live peer; the copy it fetched stays (LRU-evicted like
+//!   any other blob).
+//! * **One hop.** Every call between replicas carries `x-mesh-forwarded-by`, and a replica
+//!   answering such a call uses its own stores only: a push is stored and not pushed further, a
+//!   lookup never fans out, and nothing can loop.
 //!
-//! The action cache works the same way: a local miss asks every live peer's action cache in
-//! parallel (`GetActionResult`, answered locally by each), keeps the first hit, and remembers
-//! where its outputs are (the answering peer and the worker) so reading them is a hinted
-//! fetch. Before a result is served as a hit by the replica the client talks to, its outputs
-//! are checked to exist somewhere in the cluster (the files of output directories included), so
-//! a result whose outputs were evicted everywhere is a miss and the action runs again, rather
-//! than a hit the client cannot download.
+//! # What a client may rely on
 //!
-//! # Why this design, and what it costs
+//! A blob that an upload acknowledged, that `FindMissingBlobs` did not list, or that an action
+//! result names stays readable through every live replica after any one replica crashes, as
+//! long as no replica evicts it: eviction is per replica (least recently used under its bound),
+//! so size each replica's CAS for the blobs a build needs for its life (Bazel 7 assumes
+//! `--experimental_remote_cache_ttl`, 3 hours by default). An action-cache entry is served only
+//! while every blob it names exists somewhere in the cluster; one whose outputs are gone is a
+//! miss, and the action runs again.
 //!
-//! * **No placement.** Rendezvous placement (each blob stored on the top-k replicas by
-//!   `hash(digest, node)`, as Buildbarn's sharded CAS does) finds any blob in one hop, but it
-//!   copies every blob at write time whether or not anyone needs it elsewhere, and every
-//!   membership change moves ownership (and must move data, or miss). Build traffic is
-//!   local: inputs are uploaded where they are used, outputs are mostly read through the
-//!   replica that produced them or the one the client talks to. Fetch-through moves only the
-//!   blobs that are actually needed elsewhere, and a replica joining or leaving changes
-//!   nothing for the others.
-//! * **The cost** is the lookup when no hint is right: one `FindMissingBlobs` per live peer
-//!   (parallel, bounded by [`PeerConfig::call_timeout`]), and for the action cache one
-//!   `GetActionResult` per live peer on every local miss. That is fine for clusters of a
-//!   handful to a few dozen replicas on one network; for hundreds, rendezvous placement of
-//!   action-cache entries would bound it and can be added behind the same interface.
-//! * **Durability** is per replica: a blob lives as long as some replica keeps it. If the only
-//!   copy is evicted or its replica dies, the client gets `FAILED_PRECONDITION` with the
-//!   missing digests (Bazel re-uploads and retries) or an action-cache miss (the action runs
-//!   again). No shared directory is needed; a replica's data dir may live on any file system
-//!   (a network mount included), but two replicas never share one: each indexes and evicts
-//!   its own.
-//! * Concurrent requests on one replica that need the same missing blob fetch it once: the
-//!   first claims it, the others wait for that fetch (and try themselves only if it failed).
+//! # Compared with
+//!
+//! Buildbarn places blobs by rendezvous hashing over a static shard list and mirrors pairs;
+//! BuildBuddy uses a consistent-hash ring with a replication factor and hinted handoff, its
+//! peers known through Redis or a static list; NativeLink's shard store does not rebalance.
+//! Here the placement follows the live membership, which heals itself.
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
     sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
 };
 
 use bazel_remote_apis::build::bazel::remote::execution::v2::{ActionResult, Directory, Tree};
 use bytes::Bytes;
 use futures::{StreamExt as _, stream::FuturesUnordered};
 use mesh::Node;
-use mesh_core::{NodeId, PeerStatus};
+use mesh_core::NodeId;
 use tokio::sync::watch;
 use tonic::metadata::MetadataMap;
 
 use crate::{
     ActionCache, ActionCacheError, Cas, CasError, Digest,
     peers::{PeerConfig, Peers},
+    placement::{Ring, Rings},
     stats::Counters,
 };
+
+/// How many copies the cluster keeps and how it moves them when the membership changes.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct ReplicationConfig {
+    /// `R`: how many replicas own each blob and each action result (see the module docs).
+    /// At least 1; 1 keeps a single owner copy (plus the writer's own), so a crash can lose
+    /// blobs. Default 2.
+    pub factor: usize,
+    /// How long the placement members must stay unchanged before handoff copies blobs to
+    /// their new owners (a burst of joins moves data once). Default 1 s.
+    pub handoff_delay: Duration,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        Self {
+            factor: 2,
+            handoff_delay: Duration::from_secs(1),
+        }
+    }
+}
 
 /// How many blob locations the location cache remembers.
 const LOCATION_CACHE_ENTRIES: usize = 65_536;
@@ -130,13 +155,16 @@ pub enum ClusterError {
 /// Tree): larger ones are refused rather than loaded.
 pub const MAX_MESSAGE_SIZE: u64 = 64 * 1024 * 1024;
 
-/// Where to look for blobs and action results: this replica first, then its peers.
+/// The cluster's CAS and action cache as seen from one replica: its own stores, and its peers
+/// reached through the mesh (see the module docs).
 #[derive(Debug, Clone)]
 pub struct ClusterCas {
     cas: Cas,
     action_cache: ActionCache,
     node: Node,
     config: PeerConfig,
+    replication: ReplicationConfig,
+    rings: Rings,
     locations: Arc<Mutex<Locations>>,
     fetching: Arc<Mutex<Fetching>>,
     counters: Arc<Counters>,
@@ -211,13 +239,16 @@ impl ClusterCas {
         action_cache: ActionCache,
         node: Node,
         config: PeerConfig,
+        replication: ReplicationConfig,
         counters: Arc<Counters>,
     ) -> Self {
         Self {
             cas,
             action_cache,
+            rings: Rings::new(node.clone()),
             node,
             config,
+            replication,
             locations: Arc::default(),
             fetching: Arc::default(),
             counters,
@@ -234,6 +265,37 @@ impl ClusterCas {
         &self.action_cache
     }
 
+    /// How many copies are kept.
+    pub fn replication(&self) -> ReplicationConfig {
+        self.replication
+    }
+
+    pub(crate) fn node(&self) -> &Node {
+        &self.node
+    }
+
+    pub(crate) fn rings(&self) -> &Rings {
+        &self.rings
+    }
+
+    pub(crate) fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// The replicas that own `digest` now (its first `R` by rendezvous ranking), best first.
+    pub fn owners(&self, digest: &Digest) -> Vec<NodeId> {
+        self.rings
+            .current()
+            .owners(digest, self.replication.factor)
+            .into_iter()
+            .cloned()
+            .collect()
+    }
+
+    fn is_self(&self, node: &NodeId) -> bool {
+        node == self.node.node_id()
+    }
+
     fn locations(&self) -> MutexGuard<'_, Locations> {
         self.locations
             .lock()
@@ -242,7 +304,7 @@ impl ClusterCas {
 
     /// Remembers that `node` has these blobs (for example the outputs of an action it ran).
     pub fn record_locations(&self, node: &NodeId, digests: impl IntoIterator<Item = Digest>) {
-        if node == self.node.node_id() {
+        if self.is_self(node) {
             return;
         }
         let mut locations = self.locations();
@@ -253,20 +315,19 @@ impl ClusterCas {
 
     /// Live peers with a gRPC endpoint, in node id order.
     fn live_peers(&self) -> Vec<NodeId> {
-        self.node
+        let mut peers: Vec<NodeId> = self
+            .node
             .view()
             .peers()
             .iter()
-            .filter(|peer| peer.status() == PeerStatus::Alive)
-            .filter(|peer| {
-                peer.state()
-                    .is_some_and(|state| state.grpc_endpoint.is_some())
-            })
+            .filter(|peer| peer.state().is_some_and(|s| s.grpc_endpoint.is_some()))
             .map(|peer| peer.node_id().clone())
-            .collect()
+            .collect();
+        peers.sort();
+        peers
     }
 
-    fn peers<'a>(&'a self, metadata: &'a MetadataMap) -> Peers<'a> {
+    pub(crate) fn peers<'a>(&'a self, metadata: &'a MetadataMap) -> Peers<'a> {
         Peers {
             router: self.node.router(),
             metadata,
@@ -291,6 +352,61 @@ impl ClusterCas {
             }
         }
         order
+    }
+
+    /// For each digest, the peers to ask for it: its owners under the current placement, then
+    /// those under the placements of the last minutes (while handoff moves data), only live
+    /// peers, never this replica.
+    fn owners_to_ask(&self, digests: &[Digest], live: &[NodeId]) -> Vec<Vec<NodeId>> {
+        let current = self.rings.current();
+        let former = self.rings.former();
+        let r = self.replication.factor;
+        digests
+            .iter()
+            .map(|digest| {
+                let mut owners: Vec<NodeId> = Vec::with_capacity(r);
+                for ring in std::iter::once(&current).chain(former.iter()) {
+                    for node in ring.owners(digest, r) {
+                        if !self.is_self(node)
+                            && !owners.contains(node)
+                            && live.binary_search(node).is_ok()
+                        {
+                            owners.push(node.clone());
+                        }
+                    }
+                }
+                owners
+            })
+            .collect()
+    }
+
+    /// Which of `digests` the given peers hold, asking each peer once for all the digests it
+    /// is asked about, all peers in parallel.
+    async fn ask_holders(
+        &self,
+        peers: &Peers<'_>,
+        asks: HashMap<NodeId, Vec<Digest>>,
+    ) -> HashMap<Digest, NodeId> {
+        let calls: FuturesUnordered<_> = asks
+            .into_iter()
+            .map(|(node, digests)| async move {
+                let answer = peers.has(&node, &digests).await;
+                (node, answer)
+            })
+            .collect();
+        let answers: Vec<_> = calls.collect().await;
+        let mut holders = HashMap::new();
+        for (node, answer) in answers {
+            match answer {
+                Ok(present) => {
+                    for digest in present {
+                        holders.entry(digest).or_insert_with(|| node.clone());
+                    }
+                }
+                Err(error) => tracing::debug!(peer = %node, %error, "blob lookup on a peer failed"),
+            }
+        }
+        holders
     }
 
     /// Makes every blob of `digests` present in the local CAS, fetching the missing ones
@@ -368,8 +484,8 @@ impl ClusterCas {
         )
     }
 
-    /// Fetches `missing` from peers (hinted nodes first, then whoever has them); returns
-    /// what no peer could provide.
+    /// Fetches `missing` from peers — hinted nodes first, then the owners rank by rank, then
+    /// whoever has them — and returns what no peer could provide.
     async fn fetch_missing(
         &self,
         mut missing: Vec<Digest>,
@@ -390,15 +506,63 @@ impl ClusterCas {
                 return missing;
             }
         }
-        let others: Vec<&NodeId> = live.iter().filter(|n| !hinted.contains(n)).collect();
-        let holders = self.find_holders(&peers, &others, &missing).await;
-        let mut by_node: HashMap<NodeId, Vec<Digest>> = HashMap::new();
-        for digest in &missing {
-            if let Some(node) = holders.get(digest) {
-                by_node.entry(node.clone()).or_default().push(*digest);
+        // The owners: every digest's best owner first, all owners of one rank in parallel.
+        let mut owners: HashMap<Digest, Vec<NodeId>> = missing
+            .iter()
+            .copied()
+            .zip(self.owners_to_ask(&missing, &live))
+            .collect();
+        let mut asked: HashMap<Digest, Vec<NodeId>> = HashMap::new();
+        loop {
+            let mut by_node: HashMap<NodeId, Vec<Digest>> = HashMap::new();
+            for digest in &missing {
+                let candidates = owners.entry(*digest).or_default();
+                let tried = asked.entry(*digest).or_default();
+                while let Some(node) = (!candidates.is_empty()).then(|| candidates.remove(0)) {
+                    if !hinted.contains(&node) && !tried.contains(&node) {
+                        tried.push(node.clone());
+                        by_node.entry(node).or_default().push(*digest);
+                        break;
+                    }
+                }
+            }
+            if by_node.is_empty() {
+                break;
+            }
+            let fetches: FuturesUnordered<_> = by_node
+                .iter()
+                .map(|(node, digests)| peers.fetch(node, digests, &self.cas))
+                .collect();
+            let fetched: Vec<Vec<Digest>> = fetches.collect().await;
+            for fetched in fetched {
+                self.count_fetched(&fetched);
+                missing.retain(|d| !fetched.contains(d));
+            }
+            if missing.is_empty() {
+                return missing;
             }
         }
-        let fetches: FuturesUnordered<_> = by_node
+        // Last resort (placement disturbed, e.g. several replicas lost at once): every live
+        // peer not asked yet is asked what it has.
+        let mut by_node: HashMap<NodeId, Vec<Digest>> = HashMap::new();
+        for node in live.iter().filter(|n| !hinted.contains(n)) {
+            let digests: Vec<Digest> = missing
+                .iter()
+                .filter(|d| !asked.get(d).is_some_and(|tried| tried.contains(node)))
+                .copied()
+                .collect();
+            if !digests.is_empty() {
+                by_node.insert(node.clone(), digests);
+            }
+        }
+        let holders = self.ask_holders(&peers, by_node).await;
+        let mut by_holder: HashMap<NodeId, Vec<Digest>> = HashMap::new();
+        for digest in &missing {
+            if let Some(node) = holders.get(digest) {
+                by_holder.entry(node.clone()).or_default().push(*digest);
+            }
+        }
+        let fetches: FuturesUnordered<_> = by_holder
             .iter()
             .map(|(node, digests)| peers.fetch(node, digests, &self.cas))
             .collect();
@@ -420,34 +584,10 @@ impl ClusterCas {
         metrics::counter!("mesh_reapi_bytes_fetched_total").increment(bytes);
     }
 
-    /// For each of `digests`, the first of `nodes` (asked in parallel) that has it.
-    async fn find_holders(
-        &self,
-        peers: &Peers<'_>,
-        nodes: &[&NodeId],
-        digests: &[Digest],
-    ) -> HashMap<Digest, NodeId> {
-        let asks: FuturesUnordered<_> = nodes
-            .iter()
-            .map(|node| async move { ((*node).clone(), peers.has(node, digests).await) })
-            .collect();
-        let answers: Vec<_> = asks.collect().await;
-        let mut holders = HashMap::new();
-        for (node, answer) in answers {
-            match answer {
-                Ok(present) => {
-                    for digest in present {
-                        holders.entry(digest).or_insert_with(|| node.clone());
-                    }
-                }
-                Err(error) => tracing::debug!(peer = %node, %error, "blob lookup on a peer failed"),
-            }
-        }
-        holders
-    }
-
-    /// Which of `digests` exist nowhere in the cluster (local CAS, then hinted peers, then
-    /// every live peer), without fetching them.
+    /// Which of `digests` exist nowhere in the cluster, without fetching them: this
+    /// replica's CAS, then — in one parallel round, one call per peer — the hinted nodes and
+    /// the owners (current and recent) of whatever is not here. Never asks every peer: its
+    /// cost does not grow with the cluster.
     pub async fn find_missing_in_cluster(
         &self,
         digests: &[Digest],
@@ -459,22 +599,20 @@ impl ClusterCas {
             return missing;
         }
         let live = self.live_peers();
-        let peers = self.peers(metadata);
         let hinted = self.hinted(hints, &missing, &live);
+        let mut asks: HashMap<NodeId, Vec<Digest>> = HashMap::new();
         for node in &hinted {
-            match peers.has(node, &missing).await {
-                Ok(present) => {
-                    self.record_locations(node, present.iter().copied());
-                    missing.retain(|d| !present.contains(d));
+            asks.insert(node.clone(), missing.clone());
+        }
+        for (digest, owners) in missing.iter().zip(self.owners_to_ask(&missing, &live)) {
+            for node in owners {
+                if !hinted.contains(&node) {
+                    asks.entry(node).or_default().push(*digest);
                 }
-                Err(error) => tracing::debug!(peer = %node, %error, "blob lookup on a peer failed"),
-            }
-            if missing.is_empty() {
-                return missing;
             }
         }
-        let others: Vec<&NodeId> = live.iter().filter(|n| !hinted.contains(n)).collect();
-        let holders = self.find_holders(&peers, &others, &missing).await;
+        let peers = self.peers(metadata);
+        let holders = self.ask_holders(&peers, asks).await;
         for (digest, node) in &holders {
             self.record_locations(node, [*digest]);
         }
@@ -525,7 +663,7 @@ impl ClusterCas {
     }
 
     /// The cached result of `action`: from the local action cache, or (unless `local_only`)
-    /// from the first peer that has one, which is then kept locally.
+    /// from the action's owners, asked in parallel; a result found there is kept locally.
     ///
     /// Unless `local_only`, a hit is served only if all its outputs exist somewhere in the
     /// cluster; one whose outputs are gone is a miss. With `local_only` (a peer asking) the
@@ -540,18 +678,22 @@ impl ClusterCas {
             if local_only || self.outputs_available(&result, &[], metadata).await? {
                 return Ok(Some(result));
             }
-            // A peer may hold a newer result whose outputs still exist.
-            tracing::info!(%action, "a cached result's outputs are gone; asking peers");
+            // An owner may hold a newer result whose outputs still exist.
+            tracing::info!(%action, "a cached result's outputs are gone; asking its owners");
         }
         if local_only {
             return Ok(None);
         }
         let live = self.live_peers();
-        if live.is_empty() {
+        let owners = self
+            .owners_to_ask(std::slice::from_ref(action), &live)
+            .pop()
+            .unwrap_or_default();
+        if owners.is_empty() {
             return Ok(None);
         }
         let peers = self.peers(metadata);
-        let mut asks: FuturesUnordered<_> = live
+        let mut asks: FuturesUnordered<_> = owners
             .iter()
             .map(|node| async move { (node, peers.action_result(node, action).await) })
             .collect();
@@ -576,6 +718,141 @@ impl ClusterCas {
             }
         }
         Ok(None)
+    }
+
+    /// Copies `digests` (all present here) to their placement: for each, the first `R`
+    /// replicas of its ranking other than this one, each asked first what it has. A replica
+    /// that cannot be reached is replaced by the next in the ranking. Returns the digests
+    /// that got fewer than `R` copies elsewhere (all of them on a replica with no peers).
+    pub async fn replicate(&self, digests: &[Digest], metadata: &MetadataMap) -> Vec<Digest> {
+        let ring = self.rings.current();
+        let mut plans: Vec<Plan> = Vec::new();
+        let mut seen = HashSet::new();
+        for digest in digests {
+            if digest.size() == 0 || !seen.insert(*digest) {
+                continue;
+            }
+            plans.push(Plan::new(
+                *digest,
+                &ring,
+                self.node.node_id(),
+                self.replication.factor,
+            ));
+        }
+        let peers = self.peers(metadata);
+        let mut failed: HashSet<NodeId> = HashSet::new();
+        loop {
+            let mut by_node: HashMap<NodeId, Vec<usize>> = HashMap::new();
+            // Each round sends every digest to as many candidates as it still needs, in
+            // parallel; a failure is made up for with the next candidates in the next round.
+            for (index, plan) in plans.iter_mut().enumerate() {
+                let mut assigned = 0;
+                while assigned < plan.needed {
+                    let Some(node) = plan.next_candidate() else {
+                        break;
+                    };
+                    if failed.contains(&node) {
+                        continue;
+                    }
+                    by_node.entry(node).or_default().push(index);
+                    assigned += 1;
+                }
+            }
+            if by_node.is_empty() {
+                break;
+            }
+            let pushes: FuturesUnordered<_> = by_node
+                .into_iter()
+                .map(|(node, indices)| {
+                    let digests: Vec<Digest> = indices.iter().map(|i| plans[*i].digest).collect();
+                    let peers = &peers;
+                    async move {
+                        let result = peers.push(&node, &digests, &self.cas).await;
+                        (node, indices, result)
+                    }
+                })
+                .collect();
+            let results: Vec<_> = pushes.collect().await;
+            for (node, indices, result) in results {
+                match result {
+                    Ok(pushed) => {
+                        self.counters.replicated(pushed.sent, pushed.bytes);
+                        for index in indices {
+                            if pushed.held.contains(&plans[index].digest) {
+                                plans[index].needed -= 1;
+                            }
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(peer = %node, %error, "could not place blobs on a peer; trying the next in their ranking");
+                        failed.insert(node);
+                    }
+                }
+            }
+        }
+        let short: Vec<Digest> = plans
+            .iter()
+            .filter(|plan| plan.needed > 0 && plan.possible)
+            .map(|plan| plan.digest)
+            .collect();
+        if !short.is_empty() {
+            tracing::warn!(
+                blobs = short.len(),
+                "fewer copies than the replication factor: handoff will retry"
+            );
+        }
+        short
+    }
+
+    /// Stores `result` for `action` here and on the action's placement (the first `R`
+    /// replicas of its ranking other than this one).
+    pub async fn store_result(
+        &self,
+        action: Digest,
+        result: &ActionResult,
+        metadata: &MetadataMap,
+    ) -> Result<(), ClusterError> {
+        self.action_cache.put(action, result).await?;
+        let ring = self.rings.current();
+        let mut plan = Plan::new(action, &ring, self.node.node_id(), self.replication.factor);
+        let peers = self.peers(metadata);
+        while plan.needed > 0 {
+            let Some(node) = plan.next_candidate() else {
+                break;
+            };
+            match peers.put_action_result(&node, &action, result).await {
+                Ok(()) => plan.needed -= 1,
+                Err(error) => {
+                    tracing::warn!(peer = %node, %action, %error, "could not place an action result on a peer; trying the next");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies every blob an action result names (output files, the trees of output
+    /// directories and every file in them, stdout, stderr) to its placement. The trees are
+    /// read here: the replica that ran the action holds them.
+    pub async fn replicate_outputs(&self, result: &ActionResult, metadata: &MetadataMap) {
+        let Ok(mut digests) = result_digests(result) else {
+            return;
+        };
+        for directory in &result.output_directories {
+            let Some(tree) = directory
+                .tree_digest
+                .as_ref()
+                .and_then(|d| Digest::from_proto(d, "tree_digest").ok())
+            else {
+                continue;
+            };
+            if let Ok(Some(bytes)) = self.cas.read(&tree).await
+                && let Ok(tree) = <Tree as prost::Message>::decode(bytes)
+                && let Ok(mut files) = tree_file_digests(&tree)
+            {
+                digests.append(&mut files);
+            }
+        }
+        self.replicate(&digests, metadata).await;
     }
 
     /// Whether every output of `result` exists somewhere in the cluster. Output directories'
@@ -626,6 +903,38 @@ impl ClusterCas {
             .find_missing_in_cluster(&digests, &hints, metadata)
             .await
             .is_empty())
+    }
+}
+
+/// Where one digest's copies go: down its ranking, skipping this replica, until `R` peers
+/// hold it.
+struct Plan {
+    digest: Digest,
+    candidates: VecDeque<NodeId>,
+    needed: usize,
+    /// Whether the ranking had `R` peers at all (a smaller cluster keeps what it can).
+    possible: bool,
+}
+
+impl Plan {
+    fn new(digest: Digest, ring: &Ring, local: &NodeId, factor: usize) -> Self {
+        let candidates: VecDeque<NodeId> = ring
+            .ranked(&digest)
+            .into_iter()
+            .filter(|node| *node != local)
+            .cloned()
+            .collect();
+        let needed = factor.min(candidates.len());
+        Self {
+            digest,
+            possible: candidates.len() >= factor,
+            candidates,
+            needed,
+        }
+    }
+
+    fn next_candidate(&mut self) -> Option<NodeId> {
+        self.candidates.pop_front()
     }
 }
 

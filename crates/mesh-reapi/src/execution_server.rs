@@ -201,9 +201,13 @@ impl Execution for ExecutionService {
         let hints: Vec<NodeId> = from.into_iter().collect();
         let action = self.read_action(&digest, &hints, &metadata).await?;
         let spec = ActionSpec::parse(digest, &action, &self.limits).map_err(invalid)?;
-        let submitted = self
-            .scheduler
-            .submit(&request.instance_name, spec, hints, metadata);
+        let submitted = self.scheduler.submit(
+            &request.instance_name,
+            spec,
+            hints,
+            metadata,
+            !request.skip_cache_lookup,
+        );
         if submitted.merged {
             tracing::debug!(action = %digest, "joined an identical action in flight");
         }

@@ -19,11 +19,14 @@
 //!   instances share one CAS and action cache.
 //! * **Stores** — [`Cas`] and [`ActionCache`]: one replica's blobs and results on disk,
 //!   bounded, least recently used evicted, nothing half-written ever visible.
-//! * **Cluster** — [`ClusterCas`]: a blob or result a replica lacks is found on a peer and
-//!   fetched through the mesh (hinted fetch-through; the [`cluster`] module explains the design
-//!   and its costs).
+//! * **Cluster** — [`ClusterCas`]: the replicas answer as one CAS and one action cache. Every
+//!   blob and result has `R` owners by rendezvous hashing over the live membership
+//!   ([`placement`]); writes reach their owners before they are acknowledged, lookups ask the
+//!   owners only, and membership changes move data in the background ([`handoff`]). The
+//!   [`cluster`] module explains the design and what a client may rely on.
 //! * **Execution** — the [`scheduler`] queues, bounds and merges actions and keeps their
-//!   operations; the [`executor`] runs each one for real in a directory of its own.
+//!   operations (identical actions in flight anywhere run once: [`claims`]); the [`executor`]
+//!   runs each one for real in a directory of its own.
 //! * **Assembly** — [`Reapi`] (all of the above over a started node) and [`ReapiServer`]
 //!   (served on a listener).
 //!
@@ -75,12 +78,15 @@ pub mod bytestream_server;
 pub mod capabilities_server;
 mod cas;
 pub mod cas_server;
+pub mod claims;
 pub mod cluster;
 mod digest;
 mod error;
 pub mod execution_server;
 pub mod executor;
+pub mod handoff;
 mod peers;
+pub mod placement;
 mod resource;
 pub mod routing;
 pub mod scheduler;
@@ -95,7 +101,8 @@ pub use bytestream_server::ByteStreamService;
 pub use capabilities_server::CapabilitiesService;
 pub use cas::{BlobWriter, Cas, CasError};
 pub use cas_server::CasService;
-pub use cluster::{ClusterCas, ClusterError, MissingBlobs};
+pub use claims::ClaimsService;
+pub use cluster::{ClusterCas, ClusterError, MissingBlobs, ReplicationConfig};
 pub use digest::{Digest, DigestError, DigestRule, HASH_LEN, Hasher};
 pub use execution_server::{ExecutionService, OperationStream};
 pub use executor::{ActionSpec, ExecError, Executed};

@@ -9,17 +9,23 @@ use std::time::Duration;
 
 use bazel_remote_apis::{
     build::bazel::remote::execution::v2::{
-        ActionResult, BatchReadBlobsRequest, FindMissingBlobsRequest, GetActionResultRequest,
-        action_cache_client::ActionCacheClient,
+        ActionResult, BatchReadBlobsRequest, BatchUpdateBlobsRequest, FindMissingBlobsRequest,
+        GetActionResultRequest, UpdateActionResultRequest, action_cache_client::ActionCacheClient,
+        batch_update_blobs_request,
         content_addressable_storage_client::ContentAddressableStorageClient,
     },
-    google::bytestream::{ReadRequest, byte_stream_client::ByteStreamClient},
+    google::bytestream::{ReadRequest, WriteRequest, byte_stream_client::ByteStreamClient},
 };
 use mesh_core::NodeId;
+use mesh_proto::reapi::v1::{ClaimRequest, ReleaseRequest, claims_client::ClaimsClient};
 use mesh_route::{PeerCall, RouteError, Router};
+use tokio::io::AsyncReadExt as _;
 use tonic::{Code, metadata::MetadataMap};
 
-use crate::{BlobWriter, CasError, Digest};
+use crate::{BlobWriter, Cas, CasError, Digest};
+
+/// Bytes per `ByteStream.Write` message when pushing a blob to a peer.
+const PUSH_CHUNK: usize = 1024 * 1024;
 
 /// The largest total of blob bytes asked for in one `BatchReadBlobs` to a peer, and the limit
 /// this server advertises for batches: 4 MiB minus room for the message framing, so a whole
@@ -71,6 +77,24 @@ pub(crate) enum PeerError {
         #[source]
         source: CasError,
     },
+    #[error("reading blob {digest} to push it to peer {node} failed: {source}")]
+    Local {
+        node: NodeId,
+        digest: Digest,
+        #[source]
+        source: CasError,
+    },
+}
+
+/// What [`Peers::push`] did.
+#[derive(Debug)]
+pub(crate) struct Pushed {
+    /// The digests the peer holds now (it had them, or they were sent).
+    pub(crate) held: Vec<Digest>,
+    /// Blobs sent.
+    pub(crate) sent: u64,
+    /// Bytes sent.
+    pub(crate) bytes: u64,
 }
 
 /// Calls to peers on behalf of one request (whose metadata they carry).
@@ -294,6 +318,232 @@ impl Peers<'_> {
             Err(error) => Err(error),
         }
     }
+}
+
+impl Peers<'_> {
+    /// Copies every blob of `digests` the peer lacks to it from the local `cas` (asking first
+    /// what it has, so nothing it holds crosses the network). A blob no longer here is left
+    /// out; a failed call fails the whole push (the caller picks another peer).
+    pub(crate) async fn push(
+        &self,
+        node: &NodeId,
+        digests: &[Digest],
+        cas: &Cas,
+    ) -> Result<Pushed, PeerError> {
+        let present = self.has(node, digests).await?;
+        let mut held: Vec<Digest> = present.clone();
+        let lacking: Vec<Digest> = digests
+            .iter()
+            .filter(|d| !present.contains(d))
+            .copied()
+            .collect();
+        let mut sent = 0;
+        let mut bytes = 0;
+        let (small, large): (Vec<Digest>, Vec<Digest>) =
+            lacking.iter().partition(|d| d.size() <= BATCHED_BLOB_MAX);
+        for batch in batches(&small) {
+            let mut requests = Vec::with_capacity(batch.len());
+            for digest in &batch {
+                let data = cas.read(digest).await.map_err(|source| PeerError::Local {
+                    node: node.clone(),
+                    digest: *digest,
+                    source,
+                })?;
+                if let Some(data) = data {
+                    requests.push(batch_update_blobs_request::Request {
+                        digest: Some(digest.to_proto()),
+                        data: data.to_vec(),
+                        compressor: 0,
+                    });
+                }
+            }
+            if requests.is_empty() {
+                continue;
+            }
+            let call = self.call(node)?;
+            let mut client = ContentAddressableStorageClient::new(call.channel())
+                .max_encoding_message_size(2 * MAX_BATCH_TOTAL_SIZE as usize);
+            let request = call.request(BatchUpdateBlobsRequest {
+                instance_name: String::new(),
+                requests,
+                digest_function: 0,
+            });
+            let response = self
+                .bounded(
+                    node,
+                    self.config.call_timeout,
+                    client.batch_update_blobs(request),
+                )
+                .await?
+                .into_inner();
+            for blob in response.responses {
+                let ok = blob.status.as_ref().is_none_or(|s| s.code == 0);
+                if let Some(digest) = blob
+                    .digest
+                    .as_ref()
+                    .and_then(|d| Digest::from_proto(d, "digest").ok())
+                    .filter(|_| ok)
+                {
+                    sent += 1;
+                    bytes += digest.size();
+                    held.push(digest);
+                } else {
+                    tracing::warn!(peer = %node, status = ?blob.status, "a peer refused a pushed blob");
+                }
+            }
+        }
+        for digest in large {
+            if self.stream_write(node, digest, cas).await? {
+                sent += 1;
+                bytes += digest.size();
+                held.push(digest);
+            }
+        }
+        Ok(Pushed { held, sent, bytes })
+    }
+
+    /// Streams one local blob to the peer with `ByteStream.Write`. `Ok(false)`: it is no
+    /// longer here.
+    async fn stream_write(
+        &self,
+        node: &NodeId,
+        digest: Digest,
+        cas: &Cas,
+    ) -> Result<bool, PeerError> {
+        let local = |source| PeerError::Local {
+            node: node.clone(),
+            digest,
+            source,
+        };
+        let Some(mut file) = cas.open_reader(&digest).await.map_err(local)? else {
+            return Ok(false);
+        };
+        let resource_name = format!("uploads/{}/blobs/{digest}", uuid::Uuid::new_v4());
+        let (sender, receiver) = tokio::sync::mpsc::channel::<WriteRequest>(2);
+        let reader = async move {
+            let mut offset = 0u64;
+            let mut first = true;
+            loop {
+                let mut chunk = vec![0u8; PUSH_CHUNK];
+                let mut filled = 0;
+                while filled < chunk.len() {
+                    match file.read(&mut chunk[filled..]).await {
+                        Ok(0) => break,
+                        Ok(n) => filled += n,
+                        Err(error) => {
+                            return Err(CasError::Io {
+                                context: format!("reading blob {digest}"),
+                                source: error,
+                            });
+                        }
+                    }
+                }
+                chunk.truncate(filled);
+                let finish_write = offset + filled as u64 >= digest.size();
+                let message = WriteRequest {
+                    resource_name: if first {
+                        resource_name.clone()
+                    } else {
+                        String::new()
+                    },
+                    write_offset: i64::try_from(offset).unwrap_or(i64::MAX),
+                    finish_write,
+                    data: chunk,
+                };
+                first = false;
+                offset += filled as u64;
+                if sender.send(message).await.is_err() || finish_write {
+                    return Ok(());
+                }
+                if filled == 0 {
+                    // The file is shorter than its digest says: stop; the peer refuses it.
+                    return Ok(());
+                }
+            }
+        };
+        let call = self.call(node)?;
+        let mut client = ByteStreamClient::new(call.channel());
+        let request = call.request(tokio_stream_of(receiver));
+        let write = self.bounded(
+            node,
+            self.config
+                .stream_idle_timeout
+                .max(self.config.call_timeout),
+            client.write(request),
+        );
+        let (read, written) = tokio::join!(reader, write);
+        read.map_err(local)?;
+        let response = written?.into_inner();
+        Ok(u64::try_from(response.committed_size).ok() == Some(digest.size()))
+    }
+
+    /// Stores `result` as the peer's own action-cache entry for `action`.
+    pub(crate) async fn put_action_result(
+        &self,
+        node: &NodeId,
+        action: &Digest,
+        result: &ActionResult,
+    ) -> Result<(), PeerError> {
+        let call = self.call(node)?;
+        let mut client = ActionCacheClient::new(call.channel());
+        let request = call.request(UpdateActionResultRequest {
+            instance_name: String::new(),
+            action_digest: Some(action.to_proto()),
+            action_result: Some(result.clone()),
+            results_cache_policy: None,
+            digest_function: 0,
+        });
+        self.bounded(
+            node,
+            self.config.call_timeout,
+            client.update_action_result(request),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Claims `action` at its owner `node` (see `mesh.reapi.v1.Claims`): the operation that
+    /// runs it.
+    pub(crate) async fn claim(
+        &self,
+        node: &NodeId,
+        request: ClaimRequest,
+    ) -> Result<String, PeerError> {
+        let call = self.call(node)?;
+        let mut client = ClaimsClient::new(call.channel());
+        let response = self
+            .bounded(
+                node,
+                self.config.call_timeout,
+                client.claim(call.request(request)),
+            )
+            .await?;
+        Ok(response.into_inner().operation)
+    }
+
+    /// Releases a claim at `node`.
+    pub(crate) async fn release(
+        &self,
+        node: &NodeId,
+        request: ReleaseRequest,
+    ) -> Result<(), PeerError> {
+        let call = self.call(node)?;
+        let mut client = ClaimsClient::new(call.channel());
+        self.bounded(
+            node,
+            self.config.call_timeout,
+            client.release(call.request(request)),
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+/// The messages of `receiver` as a stream (a request stream for a client-streaming call).
+fn tokio_stream_of<T: Send + 'static>(
+    mut receiver: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures::Stream<Item = T> + Send + 'static {
+    futures::stream::poll_fn(move |cx| receiver.poll_recv(cx))
 }
 
 /// Groups small blobs into batches whose total stays within [`MAX_BATCH_TOTAL_SIZE`].

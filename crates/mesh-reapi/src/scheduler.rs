@@ -7,7 +7,15 @@
 //!   run); the rest wait in order.
 //! * **Merging**: an `Execute` of an action already queued or running here (same instance,
 //!   same action digest) does not run it again: the caller follows the running operation, under
-//!   its name (Buildfarm and NativeLink merge the same way).
+//!   its name (Buildfarm and NativeLink merge the same way). Across replicas, the first
+//!   `Execute` of an action here claims it at the action's owner ([`crate::claims`]); if
+//!   another replica already runs it, this replica's operation follows that one
+//!   (`WaitExecution` on the replica that runs it) instead of running it again, and gives up
+//!   its load slot while it does.
+//! * **Placement before the answer**: once an action ran, its outputs are copied to their
+//!   owners and its result stored on the action's owners ([`crate::cluster`]) *before* the
+//!   operation is published as done, so whatever the `ExecuteResponse` names outlives this
+//!   replica.
 //! * **Names**: `{instance}/operations/{node}:{uuid}` ([`mesh_route::OperationId`]), so any
 //!   replica — or the route layer in front of it — can tell the owner from the name.
 //! * **Retention**: a finished operation stays followable with `WaitExecution` for
@@ -46,10 +54,14 @@ use tonic::{Code, Status, metadata::MetadataMap};
 
 use crate::{
     ClusterCas, Digest,
+    claims::{self, ClaimTable, Claimed},
     error::{exec_rpc_status, rpc_status},
     executor::{ActionSpec, Executor},
     stats::Counters,
 };
+
+/// How often an operation tries to follow another replica's before it runs the action itself.
+const FOLLOW_ATTEMPTS: usize = 3;
 
 /// The most finished operations kept followable at once, whatever the retention.
 pub const MAX_RETAINED_OPERATIONS: usize = 100_000;
@@ -144,6 +156,7 @@ struct Inner {
     slots: Semaphore,
     config: SchedulerConfig,
     counters: Arc<Counters>,
+    claims: ClaimTable,
     registry: Mutex<Registry>,
 }
 
@@ -177,6 +190,7 @@ impl Scheduler {
         max_concurrency: usize,
         config: SchedulerConfig,
         counters: Arc<Counters>,
+        claims: ClaimTable,
     ) -> Self {
         let inner = Arc::new(Inner {
             node_id,
@@ -186,6 +200,7 @@ impl Scheduler {
             slots: Semaphore::new(max_concurrency.clamp(1, Semaphore::MAX_PERMITS)),
             config,
             counters,
+            claims,
             registry: Mutex::default(),
         });
         tokio::spawn(sweep(Arc::downgrade(&inner)));
@@ -197,13 +212,16 @@ impl Scheduler {
     }
 
     /// Accepts `spec` (or joins the identical action already in flight). `hints` name nodes
-    /// likely to hold its inputs; `metadata` is the caller's, for fetches from peers.
+    /// likely to hold its inputs; `metadata` is the caller's, for fetches from peers;
+    /// `accept_cached` is false when the client asked to skip the cache (an identical action
+    /// that just finished elsewhere is then not followed: this one runs).
     pub(crate) fn submit(
         &self,
         instance_name: &str,
         spec: ActionSpec,
         hints: Vec<NodeId>,
         metadata: MetadataMap,
+        accept_cached: bool,
     ) -> Submitted {
         let key = (instance_name.to_owned(), spec.action_digest);
         let mut registry = self.registry();
@@ -239,13 +257,15 @@ impl Scheduler {
         let completion = Completion {
             inner: self.inner.clone(),
             id,
-            key: Some(key),
+            key: Some(key.clone()),
             sender,
             done: false,
         };
         let queued_at = SystemTime::now();
         tokio::spawn(run(
             self.inner.clone(),
+            key.0,
+            accept_cached,
             spec,
             hints,
             metadata,
@@ -312,9 +332,13 @@ fn lock(inner: &Inner) -> MutexGuard<'_, Registry> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// One action's life: wait for a slot, run, publish the outcome.
+/// One action's life: claim it cluster-wide (or follow whoever runs it), wait for a slot,
+/// run, place the outputs and the result, publish the outcome.
+#[allow(clippy::too_many_arguments)]
 async fn run(
     inner: Arc<Inner>,
+    instance: String,
+    accept_cached: bool,
     spec: ActionSpec,
     hints: Vec<NodeId>,
     metadata: MetadataMap,
@@ -322,6 +346,37 @@ async fn run(
     guard: TaskGuard,
     completion: Completion,
 ) {
+    let name = completion.sender.borrow().name.clone();
+    let mut guard = Some(guard);
+    let mut stale = String::new();
+    for _ in 0..FOLLOW_ATTEMPTS {
+        let claimed = claims::claim(
+            &inner.cluster,
+            &inner.claims,
+            &instance,
+            spec.action_digest,
+            &name,
+            &stale,
+            accept_cached,
+            &metadata,
+        )
+        .await;
+        let Claimed::Follow(other) = claimed else {
+            break;
+        };
+        // Another replica runs it: follow that operation, holding no slot meanwhile.
+        guard = None;
+        match follow_elsewhere(&inner, &other, &metadata, &completion.sender).await {
+            Some(response) => {
+                inner.counters.merged();
+                tracing::debug!(action = %spec.action_digest, operation = %other, "followed an identical action running elsewhere");
+                completion.finish(response);
+                return;
+            }
+            None => stale = other,
+        }
+    }
+    let guard = guard.unwrap_or_else(|| inner.load.begin_task());
     let Ok(_slot) = inner.slots.acquire().await else {
         return;
     };
@@ -332,6 +387,7 @@ async fn run(
         .executor
         .run(&spec, queued_at, &hints, &metadata)
         .await;
+    let mut cached = false;
     let response = match outcome {
         Ok(executed) => {
             let status = executed.timed_out.then(|| {
@@ -345,14 +401,20 @@ async fn run(
             });
             let cacheable =
                 !spec.do_not_cache && !executed.timed_out && executed.result.exit_code == 0;
+            // What the response names must outlive this replica: placed before it is sent.
+            inner
+                .cluster
+                .replicate_outputs(&executed.result, &metadata)
+                .await;
             if cacheable
                 && let Err(error) = inner
                     .cluster
-                    .local_action_cache()
-                    .put(spec.action_digest, &executed.result)
+                    .store_result(spec.action_digest, &executed.result, &metadata)
                     .await
             {
                 tracing::warn!(action = %spec.action_digest, %error, "could not cache an action result");
+            } else {
+                cached = cacheable;
             }
             inner.counters.executed();
             ExecuteResponse {
@@ -374,9 +436,86 @@ async fn run(
             }
         }
     };
+    claims::release(
+        &inner.cluster,
+        &inner.claims,
+        &instance,
+        spec.action_digest,
+        &name,
+        cached,
+    )
+    .await;
     completion.finish(response);
     // The load drops only once followers can see the outcome.
     drop(guard);
+}
+
+/// Follows operation `name` (another replica's, or this one's) to its end, mirroring its
+/// stage into `sender`; its `ExecuteResponse`, or `None` if it cannot be followed (its
+/// replica is gone, or no longer knows it).
+async fn follow_elsewhere(
+    inner: &Inner,
+    name: &str,
+    metadata: &MetadataMap,
+    sender: &watch::Sender<OperationState>,
+) -> Option<ExecuteResponse> {
+    use bazel_remote_apis::build::bazel::remote::execution::v2::{
+        WaitExecutionRequest, execution_client::ExecutionClient,
+    };
+    let id: OperationId = name.parse().ok()?;
+    if id.node() == &inner.node_id {
+        let mut updates = lock(inner).operations.get(&id)?.updates.clone();
+        loop {
+            let state = updates.borrow_and_update().clone();
+            sender.send_modify(|mine| mine.stage = state.stage);
+            if let Some(response) = state.response {
+                return Some(response);
+            }
+            updates.changed().await.ok()?;
+        }
+    }
+    let call = match inner.cluster.node().router().peer(id.node(), metadata) {
+        Ok(call) => call,
+        Err(error) => {
+            tracing::debug!(operation = %name, %error, "cannot follow an operation elsewhere");
+            return None;
+        }
+    };
+    let mut client = ExecutionClient::new(call.channel());
+    let mut stream = client
+        .wait_execution(call.request(WaitExecutionRequest {
+            name: name.to_owned(),
+        }))
+        .await
+        .ok()?
+        .into_inner();
+    while let Ok(Some(operation)) = stream.message().await {
+        if let Some(metadata) = operation.metadata.as_ref().and_then(|any| {
+            bazel_remote_apis::build::bazel::remote::execution::v2::ExecuteOperationMetadata::decode(
+                any.value.as_slice(),
+            )
+            .ok()
+        }) && let Ok(stage) = Stage::try_from(metadata.stage)
+        {
+            sender.send_modify(|mine| mine.stage = stage);
+        }
+        if operation.done {
+            return match operation.result {
+                Some(operation::Result::Response(any)) => {
+                    ExecuteResponse::decode(any.value.as_slice()).ok()
+                }
+                Some(operation::Result::Error(status)) => Some(ExecuteResponse {
+                    result: None,
+                    cached_result: false,
+                    status: Some(status),
+                    server_logs: HashMap::new(),
+                    message: String::new(),
+                }),
+                None => None,
+            };
+        }
+    }
+    None
 }
 
 /// Publishes an operation's outcome exactly once, and removes it from the in-flight set; if

@@ -14,9 +14,9 @@ use tonic::{service::Routes, transport::server::TcpIncoming};
 
 use crate::{
     ActionCache, ActionCacheError, ActionCacheService, ActionLimits, ByteStreamService,
-    CapabilitiesService, Cas, CasError, CasService, ClusterCas, ExecutionService, PeerConfig,
-    ReapiStats, SchedulerConfig, executor::Executor, routing, scheduler::Scheduler,
-    stats::Counters,
+    CapabilitiesService, Cas, CasError, CasService, ClaimsService, ClusterCas, ExecutionService,
+    PeerConfig, ReapiStats, ReplicationConfig, SchedulerConfig, claims::ClaimTable,
+    executor::Executor, handoff, routing, scheduler::Scheduler, stats::Counters,
 };
 
 /// How one replica stores and runs things.
@@ -40,6 +40,8 @@ pub struct ReapiConfig {
     pub scheduler: SchedulerConfig,
     /// Deadlines of calls to peers.
     pub peers: PeerConfig,
+    /// How many copies of each blob and result the cluster keeps, and handoff.
+    pub replication: ReplicationConfig,
 }
 
 impl ReapiConfig {
@@ -55,6 +57,7 @@ impl ReapiConfig {
             limits: ActionLimits::default(),
             scheduler: SchedulerConfig::default(),
             peers: PeerConfig::default(),
+            replication: ReplicationConfig::default(),
         }
     }
 }
@@ -109,6 +112,14 @@ struct Inner {
     counters: Arc<Counters>,
     cas_max_bytes: u64,
     layer: RouteLayer,
+    claims: ClaimTable,
+    handoff: JoinHandle<()>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.handoff.abort();
+    }
 }
 
 impl Reapi {
@@ -118,6 +129,11 @@ impl Reapi {
         if config.max_concurrency == 0 {
             return Err(ReapiError::Config(
                 "max_concurrency must be at least 1".to_owned(),
+            ));
+        }
+        if config.replication.factor == 0 {
+            return Err(ReapiError::Config(
+                "replication.factor 0 is invalid: it must be at least 1 (2 keeps every blob through the loss of a replica)".to_owned(),
             ));
         }
         node.load().set_max_concurrency(config.max_concurrency);
@@ -131,8 +147,10 @@ impl Reapi {
             action_cache,
             node.clone(),
             config.peers,
+            config.replication,
             counters.clone(),
         );
+        let claims = ClaimTable::default();
         let executor = Executor::new(cluster.clone(), work_dir, node.node_id().clone());
         let scheduler = Scheduler::new(
             node.node_id().clone(),
@@ -142,6 +160,7 @@ impl Reapi {
             usize::try_from(config.max_concurrency).unwrap_or(usize::MAX),
             config.scheduler,
             counters.clone(),
+            claims.clone(),
         );
         let execution = ExecutionService::new(
             node.node_id().clone(),
@@ -154,16 +173,19 @@ impl Reapi {
         let action_cache = ActionCacheService::new(cluster.clone(), counters.clone());
         let layer = routing::layer(node.router().clone(), &execution)
             .map_err(|error| ReapiError::Config(error.to_string()))?;
+        let handoff = handoff::spawn(cluster.clone());
         Ok(Self {
             inner: Arc::new(Inner {
                 node,
-                cluster,
+                cluster: cluster.clone(),
                 execution,
                 action_cache,
                 scheduler,
                 counters,
                 cas_max_bytes: config.cas_max_bytes,
                 layer,
+                claims,
+                handoff,
             }),
         })
     }
@@ -201,7 +223,7 @@ impl Reapi {
     }
 
     /// All services (Capabilities, ContentAddressableStorage, ByteStream, ActionCache,
-    /// Execution), for `tonic::transport::Server::builder().add_routes(…)`, behind
+    /// Execution, and `mesh.reapi.v1.Claims` which replicas call on each other), for `tonic::transport::Server::builder().add_routes(…)`, behind
     /// [`Reapi::layer`]: without it every replica runs only what it is sent and consults only
     /// its own action cache for `Execute`.
     pub fn routes(&self) -> Routes {
@@ -211,6 +233,10 @@ impl Reapi {
             .add_service(ByteStreamService::new(cluster).into_server())
             .add_service(self.inner.action_cache.clone().into_server())
             .add_service(self.inner.execution.clone().into_server())
+            .add_service(
+                ClaimsService::new(self.inner.cluster.clone(), self.inner.claims.clone())
+                    .into_server(),
+            )
     }
 }
 

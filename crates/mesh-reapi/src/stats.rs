@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub struct ReapiStats {
     /// Actions this replica ran to completion (merged callers count once).
     pub executed: u64,
-    /// `Execute` calls that joined an identical action already in flight here.
+    /// `Execute` calls that joined an identical action already in flight, here or (through
+    /// the action's claim at its owner) on another replica.
     pub merged: u64,
     /// Action cache hits served to clients (`GetActionResult` hits and `Execute` answered
     /// from the cache), wherever the entry was found.
@@ -19,6 +20,17 @@ pub struct ReapiStats {
     pub blobs_fetched: u64,
     /// Bytes fetched from peers.
     pub bytes_fetched: u64,
+    /// Blobs this replica copied to their owners when it stored them (uploads it received,
+    /// outputs of actions it ran).
+    pub blobs_replicated: u64,
+    /// Bytes of those copies.
+    pub bytes_replicated: u64,
+    /// Blobs this replica copied to new owners after membership changes (handoff).
+    pub blobs_handed_off: u64,
+    /// Bytes of those copies.
+    pub bytes_handed_off: u64,
+    /// Handoff passes completed (one per placement change this replica saw settle).
+    pub handoff_passes: u64,
     /// `Execute` calls that arrived forwarded by a peer (they carry `x-mesh-forwarded-by`).
     pub forwarded_in: u64,
     /// `Execute` calls this replica's route layer sent to a peer.
@@ -38,6 +50,11 @@ pub(crate) struct Counters {
     peer_cache_hits: AtomicU64,
     blobs_fetched: AtomicU64,
     bytes_fetched: AtomicU64,
+    blobs_replicated: AtomicU64,
+    bytes_replicated: AtomicU64,
+    blobs_handed_off: AtomicU64,
+    bytes_handed_off: AtomicU64,
+    handoff_passes: AtomicU64,
     forwarded_in: AtomicU64,
 }
 
@@ -70,6 +87,24 @@ impl Counters {
         add(&self.bytes_fetched, bytes);
     }
 
+    pub(crate) fn replicated(&self, blobs: u64, bytes: u64) {
+        add(&self.blobs_replicated, blobs);
+        add(&self.bytes_replicated, bytes);
+        metrics::counter!("mesh_reapi_blobs_replicated_total").increment(blobs);
+        metrics::counter!("mesh_reapi_bytes_replicated_total").increment(bytes);
+    }
+
+    pub(crate) fn handed_off(&self, blobs: u64, bytes: u64) {
+        add(&self.blobs_handed_off, blobs);
+        add(&self.bytes_handed_off, bytes);
+        metrics::counter!("mesh_reapi_blobs_handed_off_total").increment(blobs);
+        metrics::counter!("mesh_reapi_bytes_handed_off_total").increment(bytes);
+    }
+
+    pub(crate) fn handoff_pass(&self) {
+        add(&self.handoff_passes, 1);
+    }
+
     pub(crate) fn forwarded_in(&self) {
         add(&self.forwarded_in, 1);
     }
@@ -84,6 +119,11 @@ impl Counters {
             peer_cache_hits: get(&self.peer_cache_hits),
             blobs_fetched: get(&self.blobs_fetched),
             bytes_fetched: get(&self.bytes_fetched),
+            blobs_replicated: get(&self.blobs_replicated),
+            bytes_replicated: get(&self.bytes_replicated),
+            blobs_handed_off: get(&self.blobs_handed_off),
+            bytes_handed_off: get(&self.bytes_handed_off),
+            handoff_passes: get(&self.handoff_passes),
             forwarded_in: get(&self.forwarded_in),
             forwarded_out: routed.forwarded_out,
             rerouted: routed.rerouted,

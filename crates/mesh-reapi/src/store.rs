@@ -208,6 +208,11 @@ impl LruDir {
         self.lock().touch(key).is_some()
     }
 
+    /// Every key present now (a snapshot, in no particular order).
+    pub(crate) fn keys(&self) -> Vec<Digest> {
+        self.lock().entries.keys().copied().collect()
+    }
+
     /// Whether `key` is present, without counting it as a use.
     #[cfg(test)]
     pub(crate) fn contains(&self, key: &Digest) -> bool {

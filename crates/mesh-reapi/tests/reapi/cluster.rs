@@ -49,13 +49,14 @@ async fn inputs_uploaded_to_one_replica_run_on_another_and_outputs_are_read_ever
     let action = produce().build();
     upload(&cluster, 0, &action.blobs).await;
     let uploaded: Vec<Digest> = action.blobs.iter().map(|(d, _)| *d).collect();
-    assert_eq!(
-        missing_on(&cluster, 1, &uploaded).await,
-        uploaded,
-        "B starts with nothing"
-    );
+    for replica in 0..3 {
+        assert!(
+            missing_on(&cluster, replica, &uploaded).await.is_empty(),
+            "replica {replica}: the cluster is one CAS"
+        );
+    }
 
-    // Execute on B: B finds the Action, Command, tree and input on A.
+    // Execute on B: B finds the Action, Command, tree and input (placed on it, or on A).
     let operations = execute(
         &mut cluster.exec(1).await,
         execute_request(action.action, false),
@@ -101,14 +102,13 @@ async fn inputs_uploaded_to_one_replica_run_on_another_and_outputs_are_read_ever
     ] {
         assert!(stamp.is_some_and(|t| t.seconds > 0), "{name} timestamp");
     }
-    let fetched = cluster.replicas[1].stats();
-    assert!(
-        fetched.blobs_fetched >= 5,
-        "B fetched the inputs from A: {fetched:?}"
-    );
-    assert_eq!(fetched.executed, 1);
+    let worker = cluster.replicas[1].stats();
+    assert_eq!(worker.executed, 1);
+    // Outputs (file, tree, the tree's two files) placed on the two other replicas before
+    // the response was sent.
+    assert!(worker.blobs_replicated >= 2 * 4, "{worker:?}");
 
-    // The output file, read from A and from C: each fetches it from B and keeps a copy.
+    // The output file, read from A and from C.
     let output = &result.output_files[0];
     assert_eq!(output.path, "out/result.txt");
     let output_digest = Digest::from_proto(output.digest.as_ref().unwrap(), "d").unwrap();
@@ -117,13 +117,7 @@ async fn inputs_uploaded_to_one_replica_run_on_another_and_outputs_are_read_ever
             .await
             .unwrap();
         assert_eq!(data, b"FROM THE CLIENT");
-        assert!(
-            missing_on(&cluster, reader, &[output_digest])
-                .await
-                .is_empty(),
-            "kept locally"
-        );
-        assert!(cluster.replicas[reader].stats().blobs_fetched >= 1);
+        assert!(cluster.holds(reader, &output_digest), "placed on {reader}");
     }
 
     // The output directory: its Tree, read on C, names the files, which C can read too.
@@ -177,7 +171,10 @@ async fn inputs_uploaded_to_one_replica_run_on_another_and_outputs_are_read_ever
 async fn a_forwarding_node_is_asked_first() {
     let cluster = Cluster::start(3, |_, _| {}).await;
     let action = produce().salt("forwarded").build();
-    upload(&cluster, 2, &action.blobs).await;
+    // The inputs are on C only (as if every other copy had been evicted).
+    for (_, data) in &action.blobs {
+        cluster.put_only_on(2, data).await;
+    }
     // As the route layer will send it: forwarded by C, where the client uploaded.
     let mut request = tonic::Request::new(execute_request(action.action, false));
     request.metadata_mut().insert(
@@ -240,7 +237,7 @@ async fn a_repeat_is_a_cache_hit_whichever_replica_is_asked() {
 
     let executed: u64 = cluster.replicas.iter().map(|r| r.stats().executed).sum();
     assert_eq!(executed, 1, "one execution in the whole cluster");
-    assert!(cluster.replicas[2].stats().peer_cache_hits >= 1);
+    assert!(cluster.replicas[2].stats().cache_hits >= 1);
     assert_eq!(cluster.replicas[0].stats().cache_hits, 1);
 
     // skip_cache_lookup runs it again.
@@ -430,7 +427,9 @@ async fn batch_reads_fetch_from_peers_and_report_each_blob() {
             (Digest::of(&data), data)
         })
         .collect();
-    upload(&cluster, 0, &blobs).await;
+    for (_, data) in &blobs {
+        cluster.put_only_on(0, data).await;
+    }
     let absent = Digest::of(b"on no replica");
     let mut wanted: Vec<Digest> = blobs.iter().map(|(d, _)| *d).collect();
     wanted.push(absent);
@@ -464,18 +463,30 @@ async fn batch_reads_fetch_from_peers_and_report_each_blob() {
 async fn calls_from_peers_are_answered_from_local_stores_only() {
     let cluster = Cluster::start(3, |_, _| {}).await;
     let data = b"only on A".to_vec();
-    let digest = Digest::of(&data);
-    upload(&cluster, 0, &[(digest, data.clone())]).await;
-    let action = produce().salt("local only").build();
-    upload(&cluster, 0, &action.blobs).await;
-    finished(
-        &execute(
-            &mut cluster.exec(0).await,
-            execute_request(action.action, false),
-        )
+    let digest = cluster.put_only_on(0, &data).await;
+    // A result only A holds, for an action A owns (so C's lookup, asked directly, asks A).
+    let owner_a = cluster.replicas[0].reapi().cluster();
+    let action = (0..)
+        .map(|i: u32| Digest::of(format!("action {i}").as_bytes()))
+        .find(|d| owner_a.owners(d).iter().any(|n| n.as_str() == "r0"))
+        .unwrap();
+    let result = ActionResult {
+        output_files: vec![OutputFile {
+            path: "only".into(),
+            digest: Some(digest.to_proto()),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    owner_a
+        .local_action_cache()
+        .put(action, &result)
         .await
-        .unwrap(),
-    );
+        .unwrap();
+    struct Built {
+        action: Digest,
+    }
+    let action = Built { action };
     let from_b = || {
         let mut metadata = tonic::metadata::MetadataMap::new();
         metadata.insert(

@@ -47,7 +47,17 @@ pub async fn eventually(what: &str, mut condition: impl AsyncFnMut() -> bool) {
 
 pub struct Cluster {
     pub replicas: Vec<ReapiServer>,
-    _dirs: Vec<tempfile::TempDir>,
+    /// Each replica's data directory, by node index (`r{i}`).
+    pub dirs: Vec<tempfile::TempDir>,
+}
+
+/// The configuration every test replica starts from.
+pub fn test_config(dir: &std::path::Path) -> ReapiConfig {
+    let mut config = ReapiConfig::new(dir);
+    config.max_concurrency = 4;
+    config.cas_max_bytes = 256 << 20;
+    config.replication.handoff_delay = Duration::from_millis(100);
+    config
 }
 
 impl Cluster {
@@ -58,9 +68,7 @@ impl Cluster {
         let mut dirs = Vec::new();
         for i in 0..n {
             let dir = tempfile::tempdir().unwrap();
-            let mut config = ReapiConfig::new(dir.path());
-            config.max_concurrency = 4;
-            config.cas_max_bytes = 256 << 20;
+            let mut config = test_config(dir.path());
             configure(i, &mut config);
             let mut builder = mesh::Node::builder()
                 .node_id(format!("r{i}"))
@@ -87,10 +95,79 @@ impl Cluster {
             )
             .await;
         }
-        Self {
-            replicas,
-            _dirs: dirs,
+        Self { replicas, dirs }
+    }
+
+    /// Starts replica `r{index}` again on its data directory, joined through replica 0 of
+    /// `self.replicas`, and waits until every replica sees every other.
+    pub async fn restart(&mut self, index: usize, configure: impl Fn(&mut ReapiConfig)) {
+        let mut config = test_config(self.dirs[index].path());
+        configure(&mut config);
+        let builder = mesh::Node::builder()
+            .node_id(format!("r{index}"))
+            .unwrap()
+            .gossip_bind("127.0.0.1:0".parse().unwrap())
+            .timing(Timing::local())
+            .seeds([self.replicas[0].node().gossip_addr()]);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        self.replicas
+            .push(ReapiServer::start(builder, config, listener).await.unwrap());
+        self.converge().await;
+    }
+
+    /// Waits until every replica sees every other (and only them) with its endpoint.
+    pub async fn converge(&self) {
+        let n = self.replicas.len();
+        for replica in &self.replicas {
+            bounded(
+                "every replica to see every other with its endpoint",
+                replica.node().membership().wait_until(|view| {
+                    view.len() == n
+                        && view
+                            .peers()
+                            .iter()
+                            .all(|p| p.state().is_some_and(|s| s.grpc_endpoint.is_some()))
+                }),
+            )
+            .await;
         }
+    }
+
+    /// Stops the replica at `position` in `self.replicas` (it leaves the mesh) and waits
+    /// until the others see it gone.
+    pub async fn stop(&mut self, position: usize) {
+        let replica = self.replicas.remove(position);
+        replica.shutdown().await;
+        self.converge().await;
+    }
+
+    /// The position in `self.replicas` of node `name`.
+    pub fn position(&self, name: &str) -> usize {
+        self.replicas
+            .iter()
+            .position(|r| r.node().node_id().as_str() == name)
+            .unwrap_or_else(|| panic!("no replica {name}"))
+    }
+
+    /// Whether the replica at `position` holds `digest` in its own CAS.
+    pub fn holds(&self, position: usize, digest: &Digest) -> bool {
+        self.replicas[position]
+            .reapi()
+            .cluster()
+            .local()
+            .contains(digest)
+    }
+
+    /// Stores a blob on the replica at `position` only, as if every other copy had been
+    /// evicted (no placement).
+    pub async fn put_only_on(&self, position: usize, data: &[u8]) -> Digest {
+        self.replicas[position]
+            .reapi()
+            .cluster()
+            .local()
+            .put(bytes::Bytes::copy_from_slice(data))
+            .await
+            .unwrap()
     }
 
     pub fn url(&self, i: usize) -> String {
