@@ -304,7 +304,7 @@ bazel_in remote build "${flags[@]}" --noremote_accept_cached //... 2>&1 | tee "$
     bazel_failed "$work/crash-build.log" "the build during which a replica crashed"
 only_kind "$work/crash-build.log" remote "build with a crash"
 crashed "the build with a crash"
-timing "$work/crash-build.log" "remote build, downloading every output, a replica crashed"
+timing "$work/crash-build.log" "remote build through $replicas replica(s), downloading every output, one crashed"
 compare_all "build with a crash"
 fi
 
@@ -344,7 +344,7 @@ bazel_in remote build "${flags[@]}" --remote_download_minimal --noremote_accept_
     bazel_failed "$work/minimal-crash-build.log" "the --remote_download_minimal build during which a replica crashed"
 only_kind "$work/minimal-crash-build.log" remote "minimal build with a crash"
 crashed "the --remote_download_minimal build with a crash"
-timing "$work/minimal-crash-build.log" "remote build, --remote_download_minimal, a replica crashed"
+timing "$work/minimal-crash-build.log" "remote build through $replicas replica(s), --remote_download_minimal, one crashed"
 bazel_in remote test "${flags[@]}" --remote_download_minimal --noremote_accept_cached //... 2>&1 |
     tee "$work/minimal-crash-test.log" ||
     bazel_failed "$work/minimal-crash-test.log" "the --remote_download_minimal test after a replica crashed"

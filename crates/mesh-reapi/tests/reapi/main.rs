@@ -2,12 +2,14 @@
 //!
 //! One test binary (one link) for all of them: `cluster` (blobs and results across replicas),
 //! `execution` (the executor and the scheduler on one replica), `errors` (bad input),
-//! `storage` (eviction, ByteStream chunking), `routing` (what the route layer will call).
+//! `storage` (eviction, ByteStream chunking), `routing` (what the route layer will call),
+//! `placement` (one store for the cluster: owners, durability, handoff, merging anywhere).
 #![allow(missing_docs, unreachable_pub)]
 
 mod cluster;
 mod errors;
 mod execution;
+mod placement;
 mod routing;
 mod storage;
 mod support;

@@ -100,7 +100,11 @@ impl Cluster {
 
     /// Starts replica `r{index}` again on its data directory, joined through replica 0 of
     /// `self.replicas`, and waits until every replica sees every other.
+    /// (An index one past the last data directory starts a new replica on a new one.)
     pub async fn restart(&mut self, index: usize, configure: impl Fn(&mut ReapiConfig)) {
+        if index == self.dirs.len() {
+            self.dirs.push(tempfile::tempdir().unwrap());
+        }
         let mut config = test_config(self.dirs[index].path());
         configure(&mut config);
         let builder = mesh::Node::builder()
@@ -147,6 +151,26 @@ impl Cluster {
             .iter()
             .position(|r| r.node().node_id().as_str() == name)
             .unwrap_or_else(|| panic!("no replica {name}"))
+    }
+
+    /// Waits until no replica has blobs left to hand to new owners.
+    pub async fn handoff_settled(&self) {
+        eventually("every replica's handoff to settle", async || {
+            self.replicas
+                .iter()
+                .all(|r| !r.reapi().cluster().handoff_pending())
+        })
+        .await;
+    }
+
+    /// Whether every current owner of `digest` (as replica 0 sees them) holds it.
+    pub fn owners_hold(&self, digest: &Digest) -> bool {
+        self.replicas[0]
+            .reapi()
+            .cluster()
+            .owners(digest)
+            .iter()
+            .all(|owner| self.holds(self.position(owner.as_str()), digest))
     }
 
     /// Whether the replica at `position` holds `digest` in its own CAS.

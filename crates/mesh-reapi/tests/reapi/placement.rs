@@ -1,0 +1,251 @@
+//! One store for the whole cluster: every replica answers for every blob, a blob outlives its
+//! writer, membership changes move data to the new owners, and identical actions run once.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicUsize, Ordering},
+};
+
+use futures::StreamExt as _;
+use mesh_reapi::{
+    Digest,
+    proto::build::bazel::remote::execution::v2::{ExecuteResponse, FindMissingBlobsRequest},
+};
+
+use crate::support::{
+    Cluster, Gate, bounded, eventually, execute_request, read, response, shell, upload, write,
+};
+
+/// `n` small blobs and their digests.
+fn blobs(n: usize, tag: &str) -> Vec<(Digest, Vec<u8>)> {
+    (0..n)
+        .map(|i| {
+            let data = format!("{tag} blob {i}").into_bytes();
+            (Digest::of(&data), data)
+        })
+        .collect()
+}
+
+async fn missing_on(cluster: &Cluster, position: usize, digests: &[Digest]) -> Vec<Digest> {
+    cluster
+        .cas(position)
+        .await
+        .find_missing_blobs(FindMissingBlobsRequest {
+            blob_digests: digests.iter().map(Digest::to_proto).collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .missing_blob_digests
+        .iter()
+        .map(|d| Digest::from_proto(d, "d").unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn find_missing_blobs_answers_for_the_cluster_through_every_replica() {
+    let cluster = Cluster::start(5, |_, _| {}).await;
+    let small = blobs(40, "find");
+    upload(&cluster, 0, &small).await;
+    let large: Vec<u8> = (0..2 * 1024 * 1024 + 7).map(|i: u32| (i % 249) as u8).collect();
+    let large_digest = Digest::of(&large);
+    write(
+        &mut cluster.bytestream(0).await,
+        format!("uploads/u/blobs/{large_digest}"),
+        &large,
+        256 * 1024,
+    )
+    .await
+    .unwrap();
+    let absent = Digest::of(b"uploaded nowhere");
+    let mut asked: Vec<Digest> = small.iter().map(|(d, _)| *d).collect();
+    asked.push(large_digest);
+    asked.push(absent);
+    for position in 0..5 {
+        assert_eq!(
+            missing_on(&cluster, position, &asked).await,
+            vec![absent],
+            "through replica {position}: only the blob nobody uploaded is missing"
+        );
+    }
+    // Every blob is on its owners, and no replica holds everything (R = 2 of 5, plus the
+    // writer's own copy).
+    for digest in &asked[..asked.len() - 1] {
+        assert!(cluster.owners_hold(digest), "{digest} is on its owners");
+    }
+    for position in 1..5 {
+        let held = asked.iter().filter(|d| cluster.holds(position, d)).count();
+        assert!(held < asked.len() - 1, "replica {position} holds all {held}");
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_survives_its_writer_and_one_more_replica() {
+    let mut cluster = Cluster::start(4, |_, _| {}).await;
+    let small = blobs(30, "durable");
+    upload(&cluster, 0, &small).await;
+    let large: Vec<u8> = (0..3 * 1024 * 1024).map(|i: u32| (i % 241) as u8).collect();
+    let large_digest = Digest::of(&large);
+    write(
+        &mut cluster.bytestream(0).await,
+        format!("uploads/d/blobs/{large_digest}"),
+        &large,
+        1024 * 1024,
+    )
+    .await
+    .unwrap();
+    // The worst second loss: a replica that holds a copy of the large blob.
+    let victim = (1..4)
+        .find(|p| cluster.holds(*p, &large_digest))
+        .expect("a copy beside the writer's");
+    let victim_name = cluster.node_id(victim);
+    cluster.stop(cluster.position(&victim_name)).await;
+    cluster.stop(cluster.position("r0")).await;
+    assert_eq!(cluster.replicas.len(), 2);
+    for position in 0..2 {
+        let (data, _) = read(&mut cluster.bytestream(position).await, &large_digest)
+            .await
+            .unwrap_or_else(|e| panic!("the large blob through replica {position}: {e}"));
+        assert!(data == large);
+        for (digest, data) in &small {
+            let (read_back, _) = read(&mut cluster.bytestream(position).await, digest)
+                .await
+                .unwrap_or_else(|e| panic!("{digest} through replica {position}: {e}"));
+            assert_eq!(&read_back, data);
+        }
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_replica_receives_its_share() {
+    let mut cluster = Cluster::start(2, |_, _| {}).await;
+    let stored = blobs(60, "join");
+    upload(&cluster, 0, &stored).await;
+    cluster.restart(2, |_| {}).await;
+    cluster.handoff_settled().await;
+    let newcomer = cluster.position("r2");
+    let share = stored
+        .iter()
+        .filter(|(d, _)| {
+            cluster.replicas[0]
+                .reapi()
+                .cluster()
+                .owners(d)
+                .iter()
+                .any(|n| n.as_str() == "r2")
+        })
+        .count();
+    assert!(share > 0, "r2 owns some of 60 blobs");
+    for (digest, _) in &stored {
+        assert!(cluster.owners_hold(digest), "{digest} on its owners");
+    }
+    let held = stored.iter().filter(|(d, _)| cluster.holds(newcomer, d)).count();
+    assert_eq!(held, share, "r2 received exactly its share");
+    let handed: u64 = cluster
+        .replicas
+        .iter()
+        .map(|r| r.stats().blobs_handed_off)
+        .sum();
+    assert!(handed >= share as u64, "sent by handoff: {handed}");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_departure_hands_its_share_to_the_next_owners_and_a_restart_keeps_its_data() {
+    let mut cluster = Cluster::start(4, |_, _| {}).await;
+    let stored = blobs(80, "leave");
+    upload(&cluster, 0, &stored).await;
+    cluster.handoff_settled().await;
+    let r1_held: Vec<Digest> = stored
+        .iter()
+        .map(|(d, _)| *d)
+        .filter(|d| cluster.holds(cluster.position("r1"), d))
+        .collect();
+    assert!(!r1_held.is_empty());
+
+    cluster.stop(cluster.position("r1")).await;
+    cluster.handoff_settled().await;
+    for (digest, _) in &stored {
+        assert!(cluster.owners_hold(digest), "{digest} on its owners without r1");
+    }
+
+    // r1 comes back on its data directory: it owns what it owned and holds it already, so
+    // nothing is sent to it.
+    let before: Vec<u64> = cluster
+        .replicas
+        .iter()
+        .map(|r| r.stats().bytes_handed_off)
+        .collect();
+    cluster.restart(1, |_| {}).await;
+    cluster.handoff_settled().await;
+    let back = cluster.position("r1");
+    for digest in &r1_held {
+        assert!(cluster.holds(back, digest), "{digest} kept across the restart");
+    }
+    for (position, bytes) in before.iter().enumerate() {
+        assert_eq!(
+            cluster.replicas[position].stats().bytes_handed_off,
+            *bytes,
+            "replica {position} sent nothing to the restarted r1"
+        );
+    }
+    for (digest, _) in &stored {
+        assert!(cluster.owners_hold(digest));
+    }
+    assert!(missing_on(&cluster, back, &r1_held).await.is_empty());
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_executes_spread_over_the_cluster_run_once() {
+    let cluster = Cluster::start(3, |_, _| {}).await;
+    let gate = Gate::new();
+    let action = shell(&format!("{}; echo merged > out", gate.wait()))
+        .output_file("out")
+        .build();
+    upload(&cluster, 0, &action.blobs).await;
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let mut calls = Vec::new();
+    for i in 0..100 {
+        let mut client = cluster.exec(i % 3).await;
+        let accepted = accepted.clone();
+        let request = execute_request(action.action, false);
+        calls.push(tokio::spawn(async move {
+            let mut stream = client.execute(request).await?.into_inner();
+            let mut last = None;
+            let mut first = true;
+            while let Some(operation) = stream.next().await {
+                if first {
+                    accepted.fetch_add(1, Ordering::SeqCst);
+                    first = false;
+                }
+                last = Some(operation?);
+            }
+            Ok::<_, tonic::Status>(last.expect("at least one operation"))
+        }));
+    }
+    eventually("all 100 Executes to be accepted", async || {
+        accepted.load(Ordering::SeqCst) == 100
+    })
+    .await;
+    gate.open();
+    let mut results: Vec<ExecuteResponse> = Vec::new();
+    for call in calls {
+        let operation = bounded("an Execute to finish", call).await.unwrap().unwrap();
+        results.push(response(&operation));
+    }
+    for response in &results {
+        let result = response.result.as_ref().expect("a result");
+        assert_eq!(result.exit_code, 0, "{response:?}");
+        assert_eq!(result, results[0].result.as_ref().unwrap());
+    }
+    let executed: u64 = cluster.replicas.iter().map(|r| r.stats().executed).sum();
+    assert_eq!(executed, 1, "100 identical Executes ran once in the cluster");
+    let merged: u64 = cluster.replicas.iter().map(|r| r.stats().merged).sum();
+    let hits: u64 = cluster.replicas.iter().map(|r| r.stats().cache_hits).sum();
+    assert_eq!(merged + hits, 99, "merged {merged}, cache hits {hits}");
+    cluster.shutdown().await;
+}
