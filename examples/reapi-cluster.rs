@@ -5,8 +5,9 @@
 //! system's temporary directory, removed on exit), joined into one cluster. Prints each
 //! replica's endpoint on a line of its own (`grpc://127.0.0.1:PORT`), then the Bazel flags to
 //! use, then `ready`. On Ctrl-C or SIGTERM it prints who did what — actions executed, cache
-//! hits, blobs fetched from peers, `Execute` calls forwarded in and out and re-routed — and
-//! exits.
+//! hits, bytes fetched from peers, bytes it placed on the owners of what it stored, bytes it
+//! handed to new owners after a replica left, `Execute` calls forwarded in and out and
+//! re-routed — and exits.
 //!
 //! Each replica runs on a thread and runtime of its own, as if it were a process: `SIGUSR1`
 //! crashes the last replica the next time it is running an action (no goodbye, every socket
@@ -137,15 +138,15 @@ async fn serve(args: &Args, data_dir: &std::path::Path) -> Result<(), Box<dyn st
 
     println!();
     println!(
-        "{:<6} {:<24} {:>9} {:>7} {:>11} {:>10} {:>14} {:>14} {:>13} {:>14} {:>9}",
+        "{:<6} {:<24} {:>9} {:>7} {:>11} {:>14} {:>13} {:>17} {:>13} {:>14} {:>9}",
         "node",
         "endpoint",
         "executed",
         "merged",
         "cache hits",
-        "peer hits",
-        "blobs fetched",
         "bytes fetched",
+        "bytes placed",
+        "bytes handed off",
         "forwarded in",
         "forwarded out",
         "rerouted"
@@ -157,15 +158,15 @@ async fn serve(args: &Args, data_dir: &std::path::Path) -> Result<(), Box<dyn st
     for (replica, crashed) in rows {
         let stats = replica.parts().stats();
         println!(
-            "{:<6} {:<24} {:>9} {:>7} {:>11} {:>10} {:>14} {:>14} {:>13} {:>14} {:>9}{}",
+            "{:<6} {:<24} {:>9} {:>7} {:>11} {:>14} {:>13} {:>17} {:>13} {:>14} {:>9}{}",
             replica.node().node_id().as_str(),
             endpoint(replica),
             stats.executed,
             stats.merged,
             stats.cache_hits,
-            stats.peer_cache_hits,
-            stats.blobs_fetched,
             stats.bytes_fetched,
+            stats.bytes_replicated,
+            stats.bytes_handed_off,
             stats.forwarded_in,
             stats.forwarded_out,
             stats.rerouted,

@@ -131,27 +131,24 @@ async fn pass(cluster: &ClusterCas, before: Option<&Ring>, now: &Ring) -> bool {
     let mut sends: FuturesUnordered<_> = FuturesUnordered::new();
     let mut queue: Vec<(NodeId, Vec<Digest>)> = blobs.into_iter().collect();
     let mut complete = true;
-    let send = |node: NodeId, digests: Vec<Digest>| {
-        let peers = peers;
-        async move {
-            let mut sent = 0u64;
-            let mut bytes = 0u64;
-            let mut complete = true;
-            for batch in digests.chunks(HANDOFF_BATCH) {
-                match peers.push(&node, batch, cluster.local()).await {
-                    Ok(pushed) => {
-                        sent += pushed.sent;
-                        bytes += pushed.bytes;
-                    }
-                    Err(error) => {
-                        tracing::warn!(peer = %node, %error, "handoff to a new owner failed; the pass is retried");
-                        complete = false;
-                        break;
-                    }
+    let send = |node: NodeId, digests: Vec<Digest>| async move {
+        let mut sent = 0u64;
+        let mut bytes = 0u64;
+        let mut complete = true;
+        for batch in digests.chunks(HANDOFF_BATCH) {
+            match peers.push(&node, batch, cluster.local()).await {
+                Ok(pushed) => {
+                    sent += pushed.sent;
+                    bytes += pushed.bytes;
+                }
+                Err(error) => {
+                    tracing::warn!(peer = %node, %error, "handoff to a new owner failed; the pass is retried");
+                    complete = false;
+                    break;
                 }
             }
-            (sent, bytes, complete)
         }
+        (sent, bytes, complete)
     };
     while !queue.is_empty() || !sends.is_empty() {
         while sends.len() < HANDOFF_PARALLEL {

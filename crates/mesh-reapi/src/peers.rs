@@ -82,7 +82,7 @@ pub(crate) enum PeerError {
         node: NodeId,
         digest: Digest,
         #[source]
-        source: CasError,
+        source: Box<CasError>,
     },
 }
 
@@ -347,7 +347,7 @@ impl Peers<'_> {
                 let data = cas.read(digest).await.map_err(|source| PeerError::Local {
                     node: node.clone(),
                     digest: *digest,
-                    source,
+                    source: Box::new(source),
                 })?;
                 if let Some(data) = data {
                     requests.push(batch_update_blobs_request::Request {
@@ -413,7 +413,7 @@ impl Peers<'_> {
         let local = |source| PeerError::Local {
             node: node.clone(),
             digest,
-            source,
+            source: Box::new(source),
         };
         let Some(mut file) = cas.open_reader(&digest).await.map_err(local)? else {
             return Ok(false);

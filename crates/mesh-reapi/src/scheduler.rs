@@ -182,21 +182,21 @@ pub(crate) struct Submitted {
 }
 
 impl Scheduler {
+    /// A scheduler for the node of `cluster` (its id names the operations, its load tracker
+    /// counts them).
     pub(crate) fn new(
-        node_id: NodeId,
         executor: Executor,
         cluster: ClusterCas,
-        load: LoadTracker,
         max_concurrency: usize,
         config: SchedulerConfig,
         counters: Arc<Counters>,
         claims: ClaimTable,
     ) -> Self {
         let inner = Arc::new(Inner {
-            node_id,
+            node_id: cluster.node().node_id().clone(),
+            load: cluster.node().load().clone(),
             executor,
             cluster,
-            load,
             slots: Semaphore::new(max_concurrency.clamp(1, Semaphore::MAX_PERMITS)),
             config,
             counters,

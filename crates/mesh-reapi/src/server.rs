@@ -153,10 +153,8 @@ impl Reapi {
         let claims = ClaimTable::default();
         let executor = Executor::new(cluster.clone(), work_dir, node.node_id().clone());
         let scheduler = Scheduler::new(
-            node.node_id().clone(),
             executor,
             cluster.clone(),
-            node.load().clone(),
             usize::try_from(config.max_concurrency).unwrap_or(usize::MAX),
             config.scheduler,
             counters.clone(),

@@ -48,7 +48,9 @@ async fn find_missing_blobs_answers_for_the_cluster_through_every_replica() {
     let cluster = Cluster::start(5, |_, _| {}).await;
     let small = blobs(40, "find");
     upload(&cluster, 0, &small).await;
-    let large: Vec<u8> = (0..2 * 1024 * 1024 + 7).map(|i: u32| (i % 249) as u8).collect();
+    let large: Vec<u8> = (0..2 * 1024 * 1024 + 7)
+        .map(|i: u32| (i % 249) as u8)
+        .collect();
     let large_digest = Digest::of(&large);
     write(
         &mut cluster.bytestream(0).await,
@@ -76,7 +78,10 @@ async fn find_missing_blobs_answers_for_the_cluster_through_every_replica() {
     }
     for position in 1..5 {
         let held = asked.iter().filter(|d| cluster.holds(position, d)).count();
-        assert!(held < asked.len() - 1, "replica {position} holds all {held}");
+        assert!(
+            held < asked.len() - 1,
+            "replica {position} holds all {held}"
+        );
     }
     cluster.shutdown().await;
 }
@@ -142,7 +147,10 @@ async fn a_joining_replica_receives_its_share() {
     for (digest, _) in &stored {
         assert!(cluster.owners_hold(digest), "{digest} on its owners");
     }
-    let held = stored.iter().filter(|(d, _)| cluster.holds(newcomer, d)).count();
+    let held = stored
+        .iter()
+        .filter(|(d, _)| cluster.holds(newcomer, d))
+        .count();
     assert_eq!(held, share, "r2 received exactly its share");
     let handed: u64 = cluster
         .replicas
@@ -169,7 +177,10 @@ async fn a_departure_hands_its_share_to_the_next_owners_and_a_restart_keeps_its_
     cluster.stop(cluster.position("r1")).await;
     cluster.handoff_settled().await;
     for (digest, _) in &stored {
-        assert!(cluster.owners_hold(digest), "{digest} on its owners without r1");
+        assert!(
+            cluster.owners_hold(digest),
+            "{digest} on its owners without r1"
+        );
     }
 
     // r1 comes back on its data directory: it owns what it owned and holds it already, so
@@ -183,7 +194,10 @@ async fn a_departure_hands_its_share_to_the_next_owners_and_a_restart_keeps_its_
     cluster.handoff_settled().await;
     let back = cluster.position("r1");
     for digest in &r1_held {
-        assert!(cluster.holds(back, digest), "{digest} kept across the restart");
+        assert!(
+            cluster.holds(back, digest),
+            "{digest} kept across the restart"
+        );
     }
     for (position, bytes) in before.iter().enumerate() {
         assert_eq!(
@@ -234,7 +248,10 @@ async fn identical_executes_spread_over_the_cluster_run_once() {
     gate.open();
     let mut results: Vec<ExecuteResponse> = Vec::new();
     for call in calls {
-        let operation = bounded("an Execute to finish", call).await.unwrap().unwrap();
+        let operation = bounded("an Execute to finish", call)
+            .await
+            .unwrap()
+            .unwrap();
         results.push(response(&operation));
     }
     for response in &results {
@@ -243,7 +260,10 @@ async fn identical_executes_spread_over_the_cluster_run_once() {
         assert_eq!(result, results[0].result.as_ref().unwrap());
     }
     let executed: u64 = cluster.replicas.iter().map(|r| r.stats().executed).sum();
-    assert_eq!(executed, 1, "100 identical Executes ran once in the cluster");
+    assert_eq!(
+        executed, 1,
+        "100 identical Executes ran once in the cluster"
+    );
     let merged: u64 = cluster.replicas.iter().map(|r| r.stats().merged).sum();
     let hits: u64 = cluster.replicas.iter().map(|r| r.stats().cache_hits).sum();
     assert_eq!(merged + hits, 99, "merged {merged}, cache hits {hits}");
