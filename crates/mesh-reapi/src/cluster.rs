@@ -168,8 +168,6 @@ pub struct ClusterCas {
     locations: Arc<Mutex<Locations>>,
     fetching: Arc<Mutex<Fetching>>,
     counters: Arc<Counters>,
-    /// The placement the last completed handoff pass covered.
-    handed_off: Arc<Mutex<Option<Arc<Ring>>>>,
 }
 
 /// Blobs being fetched from peers right now, so concurrent requests fetch each once.
@@ -254,26 +252,13 @@ impl ClusterCas {
             locations: Arc::default(),
             fetching: Arc::default(),
             counters,
-            handed_off: Arc::default(),
         }
     }
 
     /// Whether this replica still has to hand blobs to new owners: the placement members
     /// changed since its last completed handoff pass ([`crate::handoff`]).
     pub fn handoff_pending(&self) -> bool {
-        let current = self.rings.current();
-        self.handed_off
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .as_deref()
-            != Some(&*current)
-    }
-
-    pub(crate) fn set_handed_off(&self, ring: Arc<Ring>) {
-        *self
-            .handed_off
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(ring);
+        self.rings.handoff_pending()
     }
 
     /// The local CAS.

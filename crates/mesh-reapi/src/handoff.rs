@@ -64,7 +64,7 @@ async fn run(cluster: ClusterCas) {
         }
         if ring.len() <= 1 && done.is_none() {
             // Alone: nobody to hand anything to yet; the first pass waits for the first peer.
-            cluster.set_handed_off(ring.clone());
+            cluster.rings().handed_off(ring.clone());
             let view = cluster
                 .node()
                 .membership()
@@ -77,7 +77,7 @@ async fn run(cluster: ClusterCas) {
         }
         if pass(&cluster, done.as_deref(), &ring).await {
             cluster.counters().handoff_pass();
-            cluster.set_handed_off(ring.clone());
+            cluster.rings().handed_off(ring.clone());
             done = Some(ring);
         } else {
             // A new owner could not be reached: try the whole pass again a little later

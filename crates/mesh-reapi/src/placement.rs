@@ -29,8 +29,11 @@ use tokio::time::Instant;
 
 use crate::Digest;
 
-/// Former rings are asked for this long after they stopped being current.
+/// Former rings are asked for at most this long after they stopped being current.
 const FORMER_RING_WINDOW: Duration = Duration::from_secs(300);
+/// ... and no longer than this after this replica's handoff to the current ring completed
+/// (every replica starts its handoff when it sees the same change, after the same delay).
+const FORMER_RING_GRACE: Duration = Duration::from_secs(10);
 /// At most this many former rings are kept.
 const FORMER_RINGS: usize = 8;
 
@@ -154,6 +157,8 @@ struct RingState {
     current: Arc<Ring>,
     /// Rings that were current before, newest first, with when they stopped being current.
     former: VecDeque<(Instant, Arc<Ring>)>,
+    /// The ring the last completed handoff pass covered, and when it completed.
+    handed_off: Option<(Arc<Ring>, Instant)>,
 }
 
 impl Rings {
@@ -166,6 +171,7 @@ impl Rings {
                 epoch: view.epoch(),
                 current,
                 former: VecDeque::new(),
+                handed_off: None,
             })),
         }
     }
@@ -192,11 +198,18 @@ impl Rings {
         state.current.clone()
     }
 
-    /// The former rings still asked (they stopped being current within the last minutes).
+    /// The former rings still asked: those that stopped being current within the last
+    /// minutes, until this replica's handoff to the current ring is some seconds old.
     pub(crate) fn former(&self) -> Vec<Arc<Ring>> {
-        let _ = self.current();
+        let current = self.current();
         let mut state = self.lock();
         let now = Instant::now();
+        let settled = state.handed_off.as_ref().is_some_and(|(ring, at)| {
+            **ring == *current && now.duration_since(*at) > FORMER_RING_GRACE
+        });
+        if settled {
+            state.former.clear();
+        }
         while state
             .former
             .back()
@@ -205,6 +218,20 @@ impl Rings {
             state.former.pop_back();
         }
         state.former.iter().map(|(_, ring)| ring.clone()).collect()
+    }
+
+    /// Records that a handoff pass to `ring` completed.
+    pub(crate) fn handed_off(&self, ring: Arc<Ring>) {
+        self.lock().handed_off = Some((ring, Instant::now()));
+    }
+
+    /// Whether the placement changed since the last completed handoff pass.
+    pub(crate) fn handoff_pending(&self) -> bool {
+        let current = self.current();
+        self.lock()
+            .handed_off
+            .as_ref()
+            .is_none_or(|(ring, _)| **ring != *current)
     }
 }
 
