@@ -29,9 +29,8 @@
 //!   holds its share: handoff asks before it copies, so nothing is sent twice.
 //! * **Reads fetch through.** A replica that needs a blob it lacks (to run an action, or to
 //!   serve a read) asks hinted nodes first — the replica that forwarded the `Execute` (clients
-//!   upload where they talk), the worker named in a result, remembered locations — then the
-//!   owners, and as a last resort every live peer; the copy it fetched stays (LRU-evicted like
-//!   any other blob).
+//!   upload where they talk) and the worker named in a result — then the owners, and as a last
+//!   resort every live peer; the copy it fetched stays (LRU-evicted like any other blob).
 //! * **One hop.** Every call between replicas carries `x-mesh-forwarded-by`, and a replica
 //!   answering such a call uses its own stores only: a push is stored and not pushed further, a
 //!   lookup never fans out, and nothing can loop.
@@ -55,7 +54,7 @@
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -95,9 +94,6 @@ impl Default for ReplicationConfig {
         }
     }
 }
-
-/// How many blob locations the location cache remembers.
-const LOCATION_CACHE_ENTRIES: usize = 65_536;
 
 /// Blobs that are on no live replica (REAPI: `FAILED_PRECONDITION` with a `MISSING`
 /// violation per digest).
@@ -165,7 +161,6 @@ pub struct ClusterCas {
     config: PeerConfig,
     replication: ReplicationConfig,
     rings: Rings,
-    locations: Arc<Mutex<Locations>>,
     fetching: Arc<Mutex<Fetching>>,
     counters: Arc<Counters>,
 }
@@ -212,26 +207,6 @@ struct OtherFetches {
     waits: Vec<watch::Receiver<()>>,
 }
 
-/// Which node recently had which blob (bounded, oldest forgotten first).
-#[derive(Debug, Default)]
-struct Locations {
-    by_digest: HashMap<Digest, NodeId>,
-    order: VecDeque<Digest>,
-}
-
-impl Locations {
-    fn record(&mut self, digest: Digest, node: &NodeId) {
-        if self.by_digest.insert(digest, node.clone()).is_none() {
-            self.order.push_back(digest);
-            while self.order.len() > LOCATION_CACHE_ENTRIES {
-                if let Some(old) = self.order.pop_front() {
-                    self.by_digest.remove(&old);
-                }
-            }
-        }
-    }
-}
-
 impl ClusterCas {
     /// Local stores plus the mesh `node` to reach peers through.
     pub(crate) fn new(
@@ -249,7 +224,6 @@ impl ClusterCas {
             node,
             config,
             replication,
-            locations: Arc::default(),
             fetching: Arc::default(),
             counters,
         }
@@ -302,23 +276,6 @@ impl ClusterCas {
         node == self.node.node_id()
     }
 
-    fn locations(&self) -> MutexGuard<'_, Locations> {
-        self.locations
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Remembers that `node` has these blobs (for example the outputs of an action it ran).
-    pub fn record_locations(&self, node: &NodeId, digests: impl IntoIterator<Item = Digest>) {
-        if self.is_self(node) {
-            return;
-        }
-        let mut locations = self.locations();
-        for digest in digests {
-            locations.record(digest, node);
-        }
-    }
-
     /// Live peers with a gRPC endpoint, in node id order.
     fn live_peers(&self) -> Vec<NodeId> {
         let mut peers: Vec<NodeId> = self
@@ -341,20 +298,12 @@ impl ClusterCas {
         }
     }
 
-    /// Hinted nodes in order: the explicit ones, then remembered locations of `digests`;
-    /// only live peers, each once.
-    fn hinted(&self, hints: &[NodeId], digests: &[Digest], live: &[NodeId]) -> Vec<NodeId> {
+    /// The hinted nodes that are live peers, in order, each once.
+    fn hinted(&self, hints: &[NodeId], live: &[NodeId]) -> Vec<NodeId> {
         let mut order: Vec<NodeId> = Vec::new();
-        let remembered: Vec<NodeId> = {
-            let locations = self.locations();
-            digests
-                .iter()
-                .filter_map(|d| locations.by_digest.get(d).cloned())
-                .collect()
-        };
-        for node in hints.iter().cloned().chain(remembered) {
-            if live.contains(&node) && !order.contains(&node) {
-                order.push(node);
+        for node in hints {
+            if live.binary_search(node).is_ok() && !order.contains(node) {
+                order.push(node.clone());
             }
         }
         order
@@ -503,7 +452,7 @@ impl ClusterCas {
         }
         let live = self.live_peers();
         let peers = self.peers(metadata);
-        let hinted = self.hinted(hints, &missing, &live);
+        let hinted = self.hinted(hints, &live);
         for node in &hinted {
             let fetched = peers.fetch(node, &missing, &self.cas).await;
             self.count_fetched(&fetched);
@@ -605,7 +554,7 @@ impl ClusterCas {
             return missing;
         }
         let live = self.live_peers();
-        let hinted = self.hinted(hints, &missing, &live);
+        let hinted = self.hinted(hints, &live);
         let mut asks: HashMap<NodeId, Vec<Digest>> = HashMap::new();
         for node in &hinted {
             asks.insert(node.clone(), missing.clone());
@@ -619,9 +568,6 @@ impl ClusterCas {
         }
         let peers = self.peers(metadata);
         let holders = self.ask_holders(&peers, asks).await;
-        for (digest, node) in &holders {
-            self.record_locations(node, [*digest]);
-        }
         missing.retain(|d| !holders.contains_key(d));
         missing
     }
@@ -862,8 +808,7 @@ impl ClusterCas {
     }
 
     /// Whether every output of `result` exists somewhere in the cluster. Output directories'
-    /// `Tree`s are read (fetched if needed) so the files inside them are checked too; where
-    /// blobs were found is remembered, so reading them later is a hinted fetch.
+    /// `Tree`s are read (fetched if needed) so the files inside them are checked too.
     async fn outputs_available(
         &self,
         result: &ActionResult,
