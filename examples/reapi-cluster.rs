@@ -3,8 +3,9 @@
 //! Starts `--nodes` replicas (default 3) on 127.0.0.1 with ephemeral ports, each a mesh node
 //! with its own CAS and action cache under `--data-dir` (default: a fresh directory in the
 //! system's temporary directory, removed on exit), joined into one cluster. Prints each
-//! replica's endpoint on a line of its own (`grpc://127.0.0.1:PORT`), then the Bazel flags to
-//! use, then `ready`. On Ctrl-C or SIGTERM it prints who did what — actions executed, cache
+//! replica's endpoint on a line of its own (`grpc://127.0.0.1:PORT`), whether actions run
+//! sandboxed (`--sandbox auto|required|off`; auto uses bubblewrap where it works), then the
+//! Bazel flags to use, then `ready`. On Ctrl-C or SIGTERM it prints who did what — actions executed, cache
 //! hits, bytes fetched from peers, bytes it placed on the owners of what it stored, bytes it
 //! handed to new owners after a replica left, `Execute` calls forwarded in and out and
 //! re-routed — and exits.
@@ -45,6 +46,9 @@ struct Args {
     /// The `--jobs` value suggested in the printed Bazel flags.
     #[arg(long, default_value_t = 32)]
     jobs: u32,
+    /// Whether actions run in the sandbox (bubblewrap): auto (where it works), required, off.
+    #[arg(long, default_value = "auto")]
+    sandbox: mesh_reapi::SandboxMode,
 }
 
 #[tokio::main]
@@ -87,6 +91,7 @@ async fn serve(args: &Args, data_dir: &std::path::Path) -> Result<(), Box<dyn st
         if let Some(max) = args.max_concurrency {
             config.max_concurrency = max;
         }
+        config.sandbox = args.sandbox;
         let node = mesh::Node::builder()
             .node_id(format!("r{i}"))?
             .gossip_bind("127.0.0.1:0".parse()?)
@@ -127,6 +132,15 @@ async fn serve(args: &Args, data_dir: &std::path::Path) -> Result<(), Box<dyn st
     for replica in &replicas {
         println!("{}", endpoint(replica));
     }
+    let sandboxed = replicas.iter().all(|replica| replica.parts().sandboxed());
+    println!(
+        "actions run {}",
+        if sandboxed {
+            "sandboxed"
+        } else {
+            "WITHOUT a sandbox"
+        }
+    );
     println!(
         "bazel flags: --remote_executor={} --spawn_strategy=remote --noremote_local_fallback --jobs={}",
         endpoint(&replicas[0]),

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Bazel builds and tests this workspace through clusters of mesh-reapi replicas.
 #
-#   tests/bazel/run.sh [--no-check-spread] [--replicas N] [--jobs N] [--keep]
+#   tests/bazel/run.sh [--no-check-spread] [--replicas N] [--jobs N] [--sandbox MODE] [--keep]
 #
 #  1. Builds the workspace locally once: the reference outputs.
 #  2. Starts `examples/reapi-cluster` (N replicas in one process, default 3, ephemeral ports).
@@ -49,12 +49,16 @@ check_spread="${MESH_REAPI_CHECK_SPREAD:-1}"
 replicas=3
 jobs=32
 keep="${MESH_REAPI_KEEP:-0}"
+# Actions run in the sandbox (bubblewrap) where it works; with SANDBOX_TEST_REQUIRED=1 (.ci/run
+# sets it once bubblewrap works) the clusters must report that they do.
+sandbox="auto"
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --check-spread) check_spread=1 ;;
         --no-check-spread) check_spread=0 ;;
         --replicas) replicas="$2"; shift ;;
         --jobs) jobs="$2"; shift ;;
+        --sandbox) sandbox="$2"; shift ;;
         --keep) keep=1 ;;
         -h|--help) sed -n '/^set -euo pipefail$/q; 2,$p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
@@ -203,7 +207,7 @@ start_cluster() { # start_cluster <name>
     cluster_log="$work/cluster-$1.log"
     cluster_err="$work/cluster-$1.err"
     "$cluster_bin" --nodes "$replicas" --data-dir "$work/cluster-$1" --jobs "$jobs" \
-        >"$cluster_log" 2>"$cluster_err" &
+        --sandbox "$sandbox" >"$cluster_log" 2>"$cluster_err" &
     cluster_pid=$!
     for _ in $(seq 1 600); do
         grep -q '^ready$' "$cluster_log" && break
@@ -216,6 +220,10 @@ start_cluster() { # start_cluster <name>
     [[ "${#endpoints[@]}" -eq "$replicas" ]] || fail "expected $replicas endpoints, got ${#endpoints[@]}"
     read -r -a flags <<<"$(sed -n 's/^bazel flags: //p' "$cluster_log")"
     [[ "${#flags[@]}" -gt 0 ]] || fail "the $1 cluster printed no bazel flags"
+    if [[ "${SANDBOX_TEST_REQUIRED:-0}" == 1 && "$sandbox" != off ]]; then
+        grep -q '^actions run sandboxed$' "$cluster_log" ||
+            fail "the $1 cluster runs actions without a sandbox, but SANDBOX_TEST_REQUIRED=1"
+    fi
 }
 
 # The same flags, pointing at another replica.

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use bazel_remote_apis::build::bazel::remote::execution::v2::{Action, Command};
+use bazel_remote_apis::build::bazel::remote::execution::v2::{Action, Command, Platform};
 use mesh_core::Tags;
 
 use crate::{Digest, executor::ActionSpec};
@@ -85,15 +85,27 @@ impl ActionSpec {
             input_root_digest,
             timeout,
             do_not_cache: action.do_not_cache,
+            network: action.platform.as_ref().is_some_and(wants_network),
         })
     }
+}
+
+/// Whether a platform lets the action reach the network ([`crate::sandbox::NETWORK_PROPERTY`]
+/// set to `on`).
+pub(crate) fn wants_network(platform: &Platform) -> bool {
+    platform
+        .properties
+        .iter()
+        .any(|p| p.name == crate::sandbox::NETWORK_PROPERTY && p.value == "on")
 }
 
 /// The mesh tags a replica must carry to run `action`: its platform properties, one value per
 /// name. REAPI v2.2 moved the platform from the `Command` to the `Action`; Bazel 4.2.3 still
 /// sets only `Command.platform`, so the command's is used when the action has none. A name
 /// given twice with different values cannot be matched by tags (which hold one value per
-/// name) and is refused, naming both values.
+/// name) and is refused, naming both values. The property the sandbox interprets,
+/// [`NETWORK_PROPERTY`](crate::sandbox::NETWORK_PROPERTY), is not a tag: any replica can give
+/// an action the network.
 ///
 /// ```
 /// use bazel_remote_apis::build::bazel::remote::execution::v2::{Action, Platform, platform::Property};
@@ -117,6 +129,10 @@ pub fn platform_tags(action: &Action, command: Option<&Command>) -> Result<Tags,
         .or_else(|| command.and_then(|c| c.platform.as_ref()));
     let mut tags = Tags::new();
     for property in platform.iter().flat_map(|p| p.properties.iter()) {
+        if property.name == crate::sandbox::NETWORK_PROPERTY {
+            // Interpreted by the sandbox of whichever replica runs it, not a routing tag.
+            continue;
+        }
         if let Some(previous) = tags.get(&property.name) {
             if previous != &property.value {
                 return Err(PlatformError {

@@ -141,6 +141,8 @@ impl ActionCache {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
     use super::*;
 
     #[tokio::test]
@@ -176,7 +178,10 @@ mod tests {
         let cache = ActionCache::open(dir.path(), 1 << 20).unwrap();
         let action = Digest::of(b"action");
         cache.put(action, &ActionResult::default()).await.unwrap();
-        fs::write(cache.dir.path(&action), [0xff, 0xff, 0xff]).unwrap();
+        // Entries are read-only: made writable first, as anything rewriting one would.
+        let path = cache.dir.path(&action);
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::write(&path, [0xff, 0xff, 0xff]).unwrap();
         assert!(cache.get(&action).await.unwrap().is_none());
         assert_eq!(cache.usage().entries, 0);
     }

@@ -3,7 +3,12 @@
 //!
 //! * `Read` of `{instance/}blobs/{hash}/{size}` streams the blob in [`READ_CHUNK`] pieces, so
 //!   no response comes near the 4 MiB message limit Bazel enforces. A blob this replica lacks
-//!   is fetched from a peer first (and kept), unless the call came from a peer.
+//!   is fetched from a peer first (and kept), unless the call came from a peer. What is sent
+//!   is checked against the digest as it is read ([`crate::BlobReader`]): a blob found corrupt
+//!   before anything was sent is dropped and fetched again from a peer; one found corrupt
+//!   at its last piece ends the stream with `NOT_FOUND` instead of that piece (it is dropped,
+//!   and the next read fetches a good copy). A stream that ends without error carried the
+//!   blob as stored.
 //! * `Write` of `{instance/}uploads/{uuid}/blobs/{hash}/{size}` streams into a temporary file,
 //!   checking offsets as it goes; only when `finish_write` arrives and the SHA-256 and size
 //!   match is the blob renamed into the CAS, then copied to its owners
@@ -22,10 +27,9 @@ use bazel_remote_apis::google::bytestream::{
 };
 use futures::Stream;
 use mesh_route::forwarded_by;
-use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::{ClusterCas, Digest, ResourceName, error::invalid};
+use crate::{BlobReader, CasError, ClusterCas, Digest, ResourceName, error::invalid};
 
 /// The size of each `ReadResponse`'s data: 1 MiB, a quarter of the 4 MiB message limit.
 pub const READ_CHUNK: usize = 1024 * 1024;
@@ -80,38 +84,48 @@ impl ByteStream for ByteStreamService {
                 "read_offset {offset} is past the end of blob {digest}"
             )));
         }
-        if !self.cluster.local().contains(&digest) {
-            self.cluster
-                .ensure_local(&[digest], &[], &metadata, local_only)
-                .await
-                .map_err(|_| {
-                    Status::not_found(format!(
-                        "blob {digest} is not in the CAS of {}",
-                        if local_only {
-                            "this replica"
-                        } else {
-                            "any replica"
-                        }
-                    ))
-                })?;
-        }
-        let mut file = self
-            .cluster
-            .local()
-            .open_reader(&digest)
-            .await?
-            .ok_or_else(|| Status::not_found(format!("blob {digest} was evicted; retry")))?;
-        file.seek(std::io::SeekFrom::Start(offset))
-            .await
-            .map_err(|e| Status::internal(format!("seeking in blob {digest}: {e}")))?;
         let end = if limit == 0 {
             digest.size()
         } else {
             digest.size().min(offset.saturating_add(limit))
         };
-        Ok(Response::new(Box::pin(read_chunks(
-            file, digest, offset, end,
-        ))))
+        // A blob dropped on the way (evicted, or found corrupt) is fetched once more.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            if !self.cluster.local().contains(&digest) {
+                self.cluster
+                    .ensure_local(&[digest], &[], &metadata, local_only)
+                    .await
+                    .map_err(|_| {
+                        Status::not_found(format!(
+                            "blob {digest} is not in the CAS of {}",
+                            if local_only {
+                                "this replica"
+                            } else {
+                                "any replica"
+                            }
+                        ))
+                    })?;
+            }
+            let Some(reader) = self.cluster.local().open_reader(&digest).await? else {
+                if attempts < 2 {
+                    continue;
+                }
+                return Err(Status::not_found(format!(
+                    "blob {digest} was evicted; retry"
+                )));
+            };
+            let mut reader = reader.range(offset, end);
+            // The first piece is read before the call is answered, so a blob that fits in
+            // one piece and is found corrupt is fetched again instead of failing the call.
+            let first = match reader.next_chunk(READ_CHUNK).await {
+                Ok(first) => first,
+                Err(CasError::Corrupt { .. }) if attempts < 2 => continue,
+                Err(error) => return Err(error.into()),
+            };
+            return Ok(Response::new(Box::pin(read_chunks(first, reader))));
+        }
     }
 
     async fn write(
@@ -203,34 +217,30 @@ impl ByteStream for ByteStreamService {
     }
 }
 
-/// Reads `[offset, end)` of an open blob in [`READ_CHUNK`] pieces.
+/// The rest of a blob's range in [`READ_CHUNK`] pieces after `first`. A blob found corrupt
+/// on the way ends the stream with `NOT_FOUND` instead of its last piece (it has been dropped;
+/// reading it again fetches a good copy), so a stream that ends without an error carried the
+/// blob as stored.
 fn read_chunks(
-    file: tokio::fs::File,
-    digest: Digest,
-    offset: u64,
-    end: u64,
+    first: Option<Vec<u8>>,
+    reader: BlobReader,
 ) -> impl Stream<Item = Result<ReadResponse, Status>> + Send {
-    futures::stream::unfold(
-        (file, offset, false),
-        move |(mut file, position, failed)| async move {
-            if failed || position >= end {
-                return None;
+    futures::stream::unfold((first, Some(reader)), move |(pending, reader)| async move {
+        if let Some(data) = pending {
+            return Some((Ok(ReadResponse { data }), (None, reader)));
+        }
+        let mut reader = reader?;
+        match reader.next_chunk(READ_CHUNK).await {
+            Ok(Some(data)) => Some((Ok(ReadResponse { data }), (None, Some(reader)))),
+            Ok(None) => None,
+            Err(error) => {
+                let digest = reader.digest();
+                let status = match error {
+                    CasError::Corrupt { .. } => Status::not_found(error.to_string()),
+                    error => Status::data_loss(format!("blob {digest} could not be read: {error}")),
+                };
+                Some((Err(status), (None, None)))
             }
-            let want =
-                usize::try_from((end - position).min(READ_CHUNK as u64)).unwrap_or(READ_CHUNK);
-            let mut data = vec![0u8; want];
-            match file.read_exact(&mut data).await {
-                Ok(_) => Some((
-                    Ok(ReadResponse { data }),
-                    (file, position + want as u64, false),
-                )),
-                Err(error) => Some((
-                    Err(Status::data_loss(format!(
-                        "blob {digest} could not be read at offset {position}: {error}"
-                    ))),
-                    (file, position, true),
-                )),
-            }
-        },
-    )
+        }
+    })
 }

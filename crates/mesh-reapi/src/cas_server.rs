@@ -29,10 +29,11 @@ use bazel_remote_apis::build::bazel::remote::execution::v2::{
     },
     digest_function,
 };
+use bytes::Bytes;
 use futures::Stream;
 use mesh_route::forwarded_by;
 use prost::Message as _;
-use tonic::{Code, Request, Response, Status, Streaming};
+use tonic::{Code, Request, Response, Status, Streaming, metadata::MetadataMap};
 
 use crate::{
     ClusterCas, ClusterError, Digest,
@@ -64,6 +65,29 @@ impl CasService {
     pub fn into_server(self) -> ContentAddressableStorageServer<Self> {
         ContentAddressableStorageServer::new(self)
             .max_decoding_message_size(4 * MAX_BATCH_TOTAL_SIZE as usize)
+    }
+
+    /// A blob of a batch read, after the batch's fetch: from the local CAS, which checks it
+    /// against its digest. One that was here but is dropped on reading (found corrupt, or
+    /// evicted just then) is fetched once more from the cluster (unless `local_only`).
+    async fn read_local(
+        &self,
+        digest: &Digest,
+        metadata: &MetadataMap,
+        local_only: bool,
+    ) -> Result<Option<Bytes>, Status> {
+        let present = self.cluster.local().contains(digest);
+        match self.cluster.local().read(digest).await? {
+            Some(data) => Ok(Some(data)),
+            None if present && !local_only => {
+                match self.cluster.read(digest, &[], metadata, false).await {
+                    Ok(data) => Ok(Some(data)),
+                    Err(ClusterError::Missing(_)) => Ok(None),
+                    Err(error) => Err(error.into()),
+                }
+            }
+            None => Ok(None),
+        }
     }
 }
 
@@ -203,16 +227,13 @@ impl ContentAddressableStorage for CasService {
                     Vec::new(),
                     rpc_status(Code::InvalidArgument, error.to_string()),
                 ),
-                Ok(digest) => match self.cluster.local().read(&digest).await {
+                Ok(digest) => match self.read_local(&digest, &metadata, local_only).await {
                     Ok(Some(data)) => (data.to_vec(), rpc_status(Code::Ok, "")),
                     Ok(None) => (
                         Vec::new(),
                         rpc_status(Code::NotFound, format!("blob {digest} is on no replica")),
                     ),
-                    Err(error) => {
-                        let status = Status::from(error);
-                        (Vec::new(), rpc_status(status.code(), status.message()))
-                    }
+                    Err(status) => (Vec::new(), rpc_status(status.code(), status.message())),
                 },
             };
             responses.push(batch_read_blobs_response::Response {

@@ -111,6 +111,7 @@ impl From<CasError> for Status {
             CasError::DigestMismatch { .. }
             | CasError::TooMuchData { .. }
             | CasError::TooLarge { .. } => invalid(error),
+            CasError::Corrupt { .. } => Status::not_found(error.to_string()),
             CasError::Io { .. } => Status::internal(error.to_string()),
         }
     }

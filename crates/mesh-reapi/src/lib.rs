@@ -26,7 +26,9 @@
 //!   [`cluster`] module explains the design and what a client may rely on.
 //! * **Execution** — the [`scheduler`] queues, bounds and merges actions and keeps their
 //!   operations (identical actions in flight anywhere run once: [`claims`]); the [`executor`]
-//!   runs each one for real in a directory of its own.
+//!   runs each one for real in a directory of its own, in a [`sandbox`] (namespaces: the host
+//!   read-only, the data directory invisible, no network, every process ending with the
+//!   action and with the replica).
 //! * **Assembly** — [`Reapi`] (all of the above over a started node) and [`ReapiServer`]
 //!   (served on a listener).
 //!
@@ -89,6 +91,7 @@ mod peers;
 pub mod placement;
 mod resource;
 pub mod routing;
+pub mod sandbox;
 pub mod scheduler;
 mod server;
 mod stats;
@@ -99,7 +102,7 @@ pub use action::{ActionLimits, InvalidAction, PlatformError, platform_tags};
 pub use action_cache::{ActionCache, ActionCacheError};
 pub use bytestream_server::ByteStreamService;
 pub use capabilities_server::CapabilitiesService;
-pub use cas::{BlobWriter, Cas, CasError};
+pub use cas::{BlobReader, BlobWriter, Cas, CasError};
 pub use cas_server::CasService;
 pub use claims::ClaimsService;
 pub use cluster::{ClusterCas, ClusterError, MissingBlobs, ReplicationConfig};
@@ -108,6 +111,7 @@ pub use execution_server::{ExecutionService, OperationStream};
 pub use executor::{ActionSpec, ExecError, Executed};
 pub use peers::{MAX_BATCH_TOTAL_SIZE, PeerConfig};
 pub use resource::{ResourceName, ResourceNameError, ResourceRule};
+pub use sandbox::{NETWORK_PROPERTY, SandboxError, SandboxMode};
 pub use scheduler::{OperationState, SchedulerConfig};
 pub use server::{NodeSource, Reapi, ReapiConfig, ReapiError, ReapiServer};
 pub use stats::ReapiStats;

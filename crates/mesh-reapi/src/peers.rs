@@ -19,7 +19,6 @@ use bazel_remote_apis::{
 use mesh_core::NodeId;
 use mesh_proto::reapi::v1::{ClaimRequest, ReleaseRequest, claims_client::ClaimsClient};
 use mesh_route::{PeerCall, RouteError, Router};
-use tokio::io::AsyncReadExt as _;
 use tonic::{Code, metadata::MetadataMap};
 
 use crate::{BlobWriter, Cas, CasError, Digest};
@@ -403,7 +402,8 @@ impl Peers<'_> {
     }
 
     /// Streams one local blob to the peer with `ByteStream.Write`. `Ok(false)`: it is no
-    /// longer here.
+    /// longer here, or it was found corrupt while being read (then the write is abandoned
+    /// before `finish_write`, so the peer stores nothing, and the blob is dropped here).
     async fn stream_write(
         &self,
         node: &NodeId,
@@ -415,7 +415,7 @@ impl Peers<'_> {
             digest,
             source: Box::new(source),
         };
-        let Some(mut file) = cas.open_reader(&digest).await.map_err(local)? else {
+        let Some(mut blob) = cas.open_reader(&digest).await.map_err(local)? else {
             return Ok(false);
         };
         let resource_name = format!("uploads/{}/blobs/{digest}", uuid::Uuid::new_v4());
@@ -423,23 +423,10 @@ impl Peers<'_> {
         let reader = async move {
             let mut offset = 0u64;
             let mut first = true;
-            loop {
-                let mut chunk = vec![0u8; PUSH_CHUNK];
-                let mut filled = 0;
-                while filled < chunk.len() {
-                    match file.read(&mut chunk[filled..]).await {
-                        Ok(0) => break,
-                        Ok(n) => filled += n,
-                        Err(error) => {
-                            return Err(CasError::Io {
-                                context: format!("reading blob {digest}"),
-                                source: error,
-                            });
-                        }
-                    }
-                }
-                chunk.truncate(filled);
-                let finish_write = offset + filled as u64 >= digest.size();
+            // The piece that ends the blob (sent with `finish_write`) comes only once the
+            // whole blob matched its digest (`BlobReader`).
+            while let Some(chunk) = blob.next_chunk(PUSH_CHUNK).await? {
+                let finish_write = offset + chunk.len() as u64 >= digest.size();
                 let message = WriteRequest {
                     resource_name: if first {
                         resource_name.clone()
@@ -451,15 +438,12 @@ impl Peers<'_> {
                     data: chunk,
                 };
                 first = false;
-                offset += filled as u64;
+                offset += message.data.len() as u64;
                 if sender.send(message).await.is_err() || finish_write {
-                    return Ok(());
-                }
-                if filled == 0 {
-                    // The file is shorter than its digest says: stop; the peer refuses it.
-                    return Ok(());
+                    break;
                 }
             }
+            Ok::<(), CasError>(())
         };
         let call = self.call(node)?;
         let mut client = ByteStreamClient::new(call.channel());
@@ -472,7 +456,11 @@ impl Peers<'_> {
             client.write(request),
         );
         let (read, written) = tokio::join!(reader, write);
-        read.map_err(local)?;
+        match read {
+            Ok(()) => {}
+            Err(CasError::Corrupt { .. }) => return Ok(false),
+            Err(error) => return Err(local(error)),
+        }
         let response = written?.into_inner();
         Ok(u64::try_from(response.committed_size).ok() == Some(digest.size()))
     }

@@ -15,8 +15,9 @@ use tonic::{service::Routes, transport::server::TcpIncoming};
 use crate::{
     ActionCache, ActionCacheError, ActionCacheService, ActionLimits, ByteStreamService,
     CapabilitiesService, Cas, CasError, CasService, ClaimsService, ClusterCas, ExecutionService,
-    PeerConfig, ReapiStats, ReplicationConfig, SchedulerConfig, claims::ClaimTable,
-    executor::Executor, handoff, routing, scheduler::Scheduler, stats::Counters,
+    PeerConfig, ReapiStats, ReplicationConfig, SandboxError, SandboxMode, SchedulerConfig,
+    claims::ClaimTable, executor::Executor, handoff, routing, sandbox::Sandbox,
+    scheduler::Scheduler, stats::Counters,
 };
 
 /// How one replica stores and runs things.
@@ -42,6 +43,8 @@ pub struct ReapiConfig {
     pub peers: PeerConfig,
     /// How many copies of each blob and result the cluster keeps, and handoff.
     pub replication: ReplicationConfig,
+    /// Whether actions run sandboxed ([`crate::sandbox`]). Default [`SandboxMode::Auto`].
+    pub sandbox: SandboxMode,
 }
 
 impl ReapiConfig {
@@ -58,6 +61,7 @@ impl ReapiConfig {
             scheduler: SchedulerConfig::default(),
             peers: PeerConfig::default(),
             replication: ReplicationConfig::default(),
+            sandbox: SandboxMode::default(),
         }
     }
 }
@@ -90,6 +94,9 @@ pub enum ReapiError {
     /// The mesh node could not start.
     #[error(transparent)]
     Node(#[from] NodeError),
+    /// Actions must run sandboxed ([`SandboxMode::Required`]) and cannot.
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
 }
 
 /// One replica's REAPI state — stores, scheduler, services — over a started mesh [`Node`].
@@ -114,6 +121,7 @@ struct Inner {
     layer: RouteLayer,
     claims: ClaimTable,
     handoff: JoinHandle<()>,
+    sandboxed: bool,
 }
 
 impl Drop for Inner {
@@ -142,6 +150,8 @@ impl Reapi {
         let action_cache =
             ActionCache::open(&config.data_dir.join("ac"), config.action_cache_max_bytes)?;
         let work_dir = prepare_work_dir(&config.data_dir)?;
+        let sandbox = Sandbox::prepare(config.sandbox, &config.data_dir)?;
+        let sandboxed = sandbox.is_on();
         let cluster = ClusterCas::new(
             cas,
             action_cache,
@@ -151,7 +161,7 @@ impl Reapi {
             counters.clone(),
         );
         let claims = ClaimTable::default();
-        let executor = Executor::new(cluster.clone(), work_dir, node.node_id().clone());
+        let executor = Executor::new(cluster.clone(), work_dir, node.node_id().clone(), sandbox);
         let scheduler = Scheduler::new(
             executor,
             cluster.clone(),
@@ -184,6 +194,7 @@ impl Reapi {
                 layer,
                 claims,
                 handoff,
+                sandboxed,
             }),
         })
     }
@@ -206,7 +217,14 @@ impl Reapi {
 
     /// What this replica did so far.
     pub fn stats(&self) -> ReapiStats {
-        self.inner.counters.snapshot(self.inner.layer.stats())
+        self.inner
+            .counters
+            .snapshot(self.inner.layer.stats(), self.inner.cluster.local())
+    }
+
+    /// Whether this replica runs actions in the sandbox ([`crate::sandbox`]).
+    pub fn sandboxed(&self) -> bool {
+        self.inner.sandboxed
     }
 
     /// The route layer that makes the replicas one cluster: serve [`Reapi::routes`] behind it
@@ -249,7 +267,8 @@ fn prepare_work_dir(data_dir: &Path) -> Result<PathBuf, ReapiError> {
         std::fs::remove_dir_all(&work).map_err(error)?;
     }
     std::fs::create_dir_all(&work).map_err(error)?;
-    Ok(work)
+    // The sandbox mounts an action's directory at the same path: a canonical one.
+    work.canonicalize().map_err(error)
 }
 
 /// Where a replica's mesh node comes from.

@@ -39,6 +39,10 @@ pub struct ReapiStats {
     pub rerouted: u64,
     /// `WaitExecution` calls sent to the replica that owns the operation.
     pub waits_relayed: u64,
+    /// Blobs of this replica's CAS found not to match their digest when read, and removed
+    /// (see [`crate::Cas::corrupt_blobs_dropped`]; the `mesh_reapi_corrupt_blobs_total`
+    /// counter).
+    pub corrupt_blobs_dropped: u64,
 }
 
 /// The live counters.
@@ -109,8 +113,12 @@ impl Counters {
         add(&self.forwarded_in, 1);
     }
 
-    /// The counters, with the route layer's share.
-    pub(crate) fn snapshot(&self, routed: mesh_route::layer::LayerStats) -> ReapiStats {
+    /// The counters, with the route layer's and the local CAS's shares.
+    pub(crate) fn snapshot(
+        &self,
+        routed: mesh_route::layer::LayerStats,
+        cas: &crate::Cas,
+    ) -> ReapiStats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         ReapiStats {
             executed: get(&self.executed),
@@ -128,6 +136,7 @@ impl Counters {
             forwarded_out: routed.forwarded_out,
             rerouted: routed.rerouted,
             waits_relayed: routed.to_owner,
+            corrupt_blobs_dropped: cas.corrupt_blobs_dropped(),
         }
     }
 }

@@ -14,10 +14,19 @@
 //!
 //! **Pins** keep entries an execution is about to copy from being evicted under it; the bound
 //! may be exceeded while pins are held, and eviction catches up when they are released.
+//!
+//! **Files are read-only, directories writable by their owner only**: an entry is made
+//! `0o444` before it is renamed into place, the store's directories are `0o755` (the `tmp`
+//! directory `0o700`), and opening a store left by an older version tightens what it finds.
+//! This keeps a stray write (a tool that opens the wrong path, an action running as another
+//! user) from changing an entry; it does not stop a process of the server's own user, which
+//! may `chmod` first. Against those, the CAS checks what it reads ([`crate::Cas`]) and the
+//! executor's sandbox keeps the data directory out of actions' sight.
 
 use std::{
     collections::{BTreeMap, HashMap},
     fs, io,
+    os::unix::fs::{DirBuilderExt as _, MetadataExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard},
     time::SystemTime,
@@ -26,6 +35,13 @@ use std::{
 use tempfile::TempPath;
 
 use crate::Digest;
+
+/// The mode of every entry's file: readable, writable by nobody.
+const FILE_MODE: u32 = 0o444;
+/// The mode of the store's root and shard directories: only the owner adds or removes names.
+const DIR_MODE: u32 = 0o755;
+/// The mode of the temporary directory: entries being written are the owner's alone.
+const TMP_MODE: u32 = 0o700;
 
 /// An on-disk, size-bounded, least-recently-used set of files keyed by digest.
 #[derive(Debug, Clone)]
@@ -126,14 +142,15 @@ impl LruDir {
     /// Opens (creating if needed) the store at `root`, with temporary files in `tmp` (which
     /// must be on the same file system), and indexes what a previous run left there.
     pub(crate) fn open(root: &Path, tmp: &Path, max_bytes: u64) -> io::Result<Self> {
-        fs::create_dir_all(root)?;
-        fs::create_dir_all(tmp)?;
+        create_dir(root, DIR_MODE)?;
+        create_dir(tmp, TMP_MODE)?;
         let mut found: Vec<(SystemTime, Digest, u64)> = Vec::new();
         for shard in fs::read_dir(root)? {
             let shard = shard?;
             if !shard.file_type()?.is_dir() {
                 continue;
             }
+            restrict(&shard.path(), DIR_MODE)?;
             for file in fs::read_dir(shard.path())? {
                 let file = file?;
                 let metadata = file.metadata()?;
@@ -144,6 +161,13 @@ impl LruDir {
                     .and_then(|(hash, size)| format!("{hash}/{size}").parse::<Digest>().ok());
                 match key {
                     Some(key) if metadata.is_file() => {
+                        if metadata.mode() & 0o7777 != FILE_MODE {
+                            // Written by a version that left entries writable.
+                            fs::set_permissions(
+                                file.path(),
+                                fs::Permissions::from_mode(FILE_MODE),
+                            )?;
+                        }
                         found.push((
                             metadata.modified().unwrap_or(SystemTime::UNIX_EPOCH),
                             key,
@@ -226,6 +250,9 @@ impl LruDir {
             return Err(InsertError::TooLarge { size, max });
         }
         let path = self.path(&key);
+        // Read-only before it has a name in the store: no moment where it is both visible
+        // and writable.
+        fs::set_permissions(&file, fs::Permissions::from_mode(FILE_MODE))?;
         let mut index = self.lock();
         if index.entries.contains_key(&key) && path.exists() {
             // Someone stored the same entry first; ours is dropped (and deleted).
@@ -233,7 +260,7 @@ impl LruDir {
             return Ok(());
         }
         if let Some(parent) = path.parent() {
-            fs::create_dir_all(parent)?;
+            create_dir(parent, DIR_MODE)?;
         }
         file.persist(&path).map_err(|e| InsertError::Io(e.error))?;
         index.insert(key, size);
@@ -246,6 +273,35 @@ impl LruDir {
         let mut index = self.lock();
         if index.remove(key).is_some() {
             let _ = fs::remove_file(self.path(key));
+        }
+    }
+
+    /// Forgets `key` and deletes its file if that file is still `file` (the one a reader found
+    /// corrupt), identified by device and inode; the reader must still hold it open, so its
+    /// inode cannot have been reused. Returns whether the entry was removed: `false` if it was
+    /// gone already, or replaced meanwhile by a new file (a good copy fetched by another
+    /// caller), which stays.
+    pub(crate) fn remove_if_file(&self, key: &Digest, file: &fs::Metadata) -> bool {
+        let path = self.path(key);
+        let mut index = self.lock();
+        if !index.entries.contains_key(key) {
+            return false;
+        }
+        match fs::symlink_metadata(&path) {
+            Ok(current) if (current.dev(), current.ino()) != (file.dev(), file.ino()) => false,
+            Ok(_) => {
+                index.remove(key);
+                if let Err(error) = fs::remove_file(&path)
+                    && error.kind() != io::ErrorKind::NotFound
+                {
+                    tracing::warn!(%key, %error, "could not delete a corrupt file");
+                }
+                true
+            }
+            Err(_) => {
+                index.remove(key);
+                true
+            }
         }
     }
 
@@ -329,6 +385,25 @@ impl LruDir {
             evictions: index.evictions,
         }
     }
+}
+
+/// Creates `dir` and its missing parents with `mode` (narrowed by the umask), and narrows an
+/// existing `dir` to `mode` if others could write to it.
+fn create_dir(dir: &Path, mode: u32) -> io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(dir)?;
+    restrict(dir, mode)
+}
+
+/// Narrows `dir`'s mode to `mode` if it grants more.
+fn restrict(dir: &Path, mode: u32) -> io::Result<()> {
+    let current = fs::metadata(dir)?.permissions().mode() & 0o7777;
+    if current & !mode != 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(current & mode))?;
+    }
+    Ok(())
 }
 
 /// Keeps entries pinned (see [`LruDir::pin`]).
@@ -416,6 +491,64 @@ mod tests {
         assert!(error.to_string().contains("bound of 5 bytes"), "{error}");
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
         assert_eq!(store.usage().entries, 0);
+    }
+
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn entries_are_read_only_in_directories_only_the_owner_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        // Left by an older version or a permissive umask: writable by everyone.
+        let root = dir.path().join("files");
+        fs::create_dir_all(root.join("2c")).unwrap();
+        for path in [&root, &root.join("2c")] {
+            fs::set_permissions(path, fs::Permissions::from_mode(0o777)).unwrap();
+        }
+        let key = Digest::of(b"hello");
+        let old = store(dir.path(), 100).path(&key);
+        fs::write(&old, b"hello").unwrap();
+        assert_eq!(mode(&old), 0o644);
+        let store = store(dir.path(), 100);
+        assert!(store.contains(&key));
+        assert_eq!(mode(&old), FILE_MODE, "tightened on opening");
+        assert_eq!(mode(&root), DIR_MODE);
+        assert_eq!(mode(&root.join("2c")), DIR_MODE);
+        assert_eq!(mode(&dir.path().join("tmp")), TMP_MODE);
+        // A new entry, in a new shard and in a shard someone opened up meanwhile.
+        let a = add(&store, b"a");
+        let shard = store.path(&Digest::of(b"b")).parent().unwrap().to_owned();
+        fs::create_dir(&shard).unwrap();
+        fs::set_permissions(&shard, fs::Permissions::from_mode(0o777)).unwrap();
+        let b = add(&store, b"b");
+        for key in [a, b] {
+            let path = store.path(&key);
+            assert_eq!(mode(&path), FILE_MODE, "{}", path.display());
+            assert_eq!(mode(path.parent().unwrap()), DIR_MODE);
+        }
+    }
+
+    #[test]
+    fn only_the_file_found_corrupt_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path(), 100);
+        let key = add(&store, b"hello");
+        // Held open, as a reader does, so its inode cannot be reused.
+        let open = fs::File::open(store.path(&key)).unwrap();
+        let found = open.metadata().unwrap();
+        // Replaced meanwhile (dropped and stored again by another caller): the new file stays.
+        store.remove(&key);
+        add(&store, b"hello");
+        assert!(!store.remove_if_file(&key, &found));
+        assert!(store.contains(&key) && store.path(&key).exists());
+        // The file found is still the one there: removed, once.
+        let open = fs::File::open(store.path(&key)).unwrap();
+        let found = open.metadata().unwrap();
+        assert!(store.remove_if_file(&key, &found));
+        assert!(!store.contains(&key) && !store.path(&key).exists());
+        assert!(!store.remove_if_file(&key, &found));
+        assert_eq!(store.usage().bytes, 0);
     }
 
     #[test]

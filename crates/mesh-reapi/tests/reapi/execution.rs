@@ -12,8 +12,8 @@ use prost::Message as _;
 use tonic::Code;
 
 use crate::support::{
-    Cluster, Gate, bounded, eventually, execute, execute_request, finished, read, shell, upload,
-    wait_execution,
+    Cluster, Gate, bounded, eventually, execute, execute_request, finished, processes_with, read,
+    shell, sleep_token, upload, wait_execution,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -121,8 +121,9 @@ async fn actions_cannot_change_the_cas_through_their_inputs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timeout_kills_the_process_group_and_is_deadline_exceeded() {
     let cluster = Cluster::start(1, |_, _| {}).await;
-    // A background child prints its pid; both it and the shell must die.
-    let action = shell("sleep 30 & echo $!; echo started >&2; wait")
+    // A background child; both it and the shell must die.
+    let token = sleep_token();
+    let action = shell(&format!("sleep {token} & echo $!; echo started >&2; wait"))
         .timeout(Duration::from_millis(300))
         .build();
     upload(&cluster, 0, &action.blobs).await;
@@ -144,11 +145,9 @@ async fn a_timeout_kills_the_process_group_and_is_deadline_exceeded() {
         .await
         .unwrap();
     let pid = String::from_utf8(pid).unwrap().trim().to_owned();
-    assert!(!pid.is_empty());
+    assert!(!pid.is_empty(), "the child had started");
     eventually("the background child to be gone", async || {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|stat| stat.contains(") Z "))
-            .unwrap_or(true)
+        processes_with(&token).is_empty()
     })
     .await;
     // Not cached.

@@ -3,10 +3,12 @@
 //! One test binary (one link) for all of them: `cluster` (blobs and results across replicas),
 //! `execution` (the executor and the scheduler on one replica), `errors` (bad input),
 //! `storage` (eviction, ByteStream chunking), `routing` (what the route layer will call),
-//! `placement` (one store for the cluster: owners, durability, handoff, merging anywhere).
+//! `placement` (one store for the cluster: owners, durability, handoff, merging anywhere),
+//! `confinement` (actions touch only their own tree; the sandbox).
 #![allow(missing_docs, unreachable_pub)]
 
 mod cluster;
+mod confinement;
 mod errors;
 mod execution;
 mod placement;

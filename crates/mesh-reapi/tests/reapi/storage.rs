@@ -1,11 +1,15 @@
-//! The CAS's bound, and large blobs through ByteStream.
+//! The CAS's bound, large blobs through ByteStream, and blobs tampered with on disk.
+
+use std::{fs, os::unix::fs::PermissionsExt as _};
 
 use mesh_reapi::{
-    Digest, proto::build::bazel::remote::execution::v2::FindMissingBlobsRequest,
+    Digest,
+    proto::build::bazel::remote::execution::v2::{BatchReadBlobsRequest, FindMissingBlobsRequest},
     proto::google::bytestream::ReadRequest,
 };
+use tonic::{Code, metadata::MetadataMap};
 
-use crate::support::{Cluster, read, write};
+use crate::support::{Cluster, read, upload, write};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cas_evicts_least_recently_used_blobs_to_stay_within_its_bound() {
@@ -132,5 +136,200 @@ async fn concurrent_reads_of_a_missing_blob_fetch_it_once() {
         assert!(read_back == data);
     }
     assert_eq!(cluster.replicas[1].stats().blobs_fetched, 1);
+    cluster.shutdown().await;
+}
+
+/// Overwrites replica `position`'s file of `digest` with as many other bytes, as a process of
+/// the server's user could (making the read-only file writable first).
+fn tamper(cluster: &Cluster, position: usize, digest: &Digest) {
+    let path = cluster.replicas[position]
+        .reapi()
+        .cluster()
+        .local()
+        .path_of(digest);
+    let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o444, "blob files are stored read-only");
+    let mut bytes = fs::read(&path).unwrap();
+    for byte in &mut bytes {
+        *byte = byte.wrapping_add(1);
+    }
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+    fs::write(&path, &bytes).unwrap();
+}
+
+/// What replica `position`'s own file of `digest` holds now.
+fn stored(cluster: &Cluster, position: usize, digest: &Digest) -> Vec<u8> {
+    fs::read(
+        cluster.replicas[position]
+            .reapi()
+            .cluster()
+            .local()
+            .path_of(digest),
+    )
+    .unwrap()
+}
+
+fn corrupt_dropped(cluster: &Cluster, position: usize) -> u64 {
+    cluster.replicas[position].stats().corrupt_blobs_dropped
+}
+
+fn bytes(n: usize, seed: u32) -> Vec<u8> {
+    (0..n as u32)
+        .map(|i| (i.wrapping_mul(seed) % 251) as u8)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytestream_never_serves_a_tampered_blob_and_fetches_a_good_copy() {
+    let cluster = Cluster::start(2, |_, _| {}).await;
+    // Blobs put on one replica only stay there (no handoff pass after this).
+    cluster.handoff_settled().await;
+    let mut bytestream = cluster.bytestream(0).await;
+
+    // One piece, on both replicas: replica 0 finds its copy corrupt before sending anything,
+    // drops it and serves the copy it fetches from replica 1.
+    let small = bytes(100_000, 7);
+    let digest = Digest::of(&small);
+    upload(&cluster, 0, &[(digest, small.clone())]).await;
+    assert!(cluster.holds(0, &digest) && cluster.holds(1, &digest));
+    tamper(&cluster, 0, &digest);
+    let (read_back, _) = read(&mut bytestream, &digest).await.unwrap();
+    assert!(read_back == small, "replica 0 served the tampered bytes");
+    assert_eq!(corrupt_dropped(&cluster, 0), 1);
+    assert!(cluster.holds(0, &digest), "fetched again");
+    assert!(stored(&cluster, 0, &digest) == small, "and stored again");
+    assert_eq!(cluster.replicas[0].stats().blobs_fetched, 1);
+
+    // Several pieces: the stream ends with NOT_FOUND instead of its last piece, and the
+    // next read gets the good copy.
+    let large = bytes(3 * 1024 * 1024 + 5, 11);
+    let digest = Digest::of(&large);
+    write(
+        &mut bytestream,
+        format!("uploads/l/blobs/{digest}"),
+        &large,
+        1 << 20,
+    )
+    .await
+    .unwrap();
+    assert!(cluster.holds(1, &digest));
+    tamper(&cluster, 0, &digest);
+    match read(&mut bytestream, &digest).await {
+        Err(status) => assert_eq!(status.code(), Code::NotFound, "{status}"),
+        Ok((read_back, _)) => assert!(read_back == large, "a complete stream of other bytes"),
+    }
+    assert_eq!(corrupt_dropped(&cluster, 0), 2);
+    let (read_back, _) = read(&mut bytestream, &digest).await.unwrap();
+    assert!(read_back == large);
+
+    // No good copy anywhere: NOT_FOUND, through the replica that had it and through its peer.
+    for (position, reader) in [(0, 0), (0, 1)] {
+        let lonely = cluster
+            .put_only_on(position, &bytes(50_000, 13 + reader as u32))
+            .await;
+        tamper(&cluster, position, &lonely);
+        let status = read(&mut cluster.bytestream(reader).await, &lonely)
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::NotFound, "{status}");
+        assert!(!cluster.holds(0, &lonely) && !cluster.holds(1, &lonely));
+    }
+    assert_eq!(corrupt_dropped(&cluster, 0), 4);
+    assert_eq!(corrupt_dropped(&cluster, 1), 0);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_read_blobs_never_serves_a_tampered_blob() {
+    let cluster = Cluster::start(2, |_, _| {}).await;
+    // Blobs put on one replica only stay there (no handoff pass after this).
+    cluster.handoff_settled().await;
+    let replicated = bytes(20_000, 17);
+    let digest = Digest::of(&replicated);
+    upload(&cluster, 0, &[(digest, replicated.clone())]).await;
+    assert!(cluster.holds(1, &digest));
+    let lonely = cluster.put_only_on(0, &bytes(20_000, 19)).await;
+    let intact = cluster.put_only_on(0, &bytes(20_000, 23)).await;
+    tamper(&cluster, 0, &digest);
+    tamper(&cluster, 0, &lonely);
+    let responses = cluster
+        .cas(0)
+        .await
+        .batch_read_blobs(BatchReadBlobsRequest {
+            digests: [digest, lonely, intact]
+                .iter()
+                .map(Digest::to_proto)
+                .collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .responses;
+    let code = |i: usize| responses[i].status.as_ref().map_or(0, |s| s.code);
+    // The tampered copy is dropped and the good one on replica 1 served instead.
+    assert_eq!(code(0), Code::Ok as i32, "{:?}", responses[0].status);
+    assert!(
+        responses[0].data == replicated,
+        "replica 0 served the tampered bytes"
+    );
+    assert!(stored(&cluster, 0, &digest) == replicated);
+    // No good copy anywhere: NOT_FOUND, no bytes.
+    assert_eq!(code(1), Code::NotFound as i32, "{:?}", responses[1].status);
+    assert!(responses[1].data.is_empty());
+    assert!(!cluster.holds(0, &lonely));
+    assert_eq!(code(2), Code::Ok as i32);
+    assert!(responses[2].data == bytes(20_000, 23));
+    assert_eq!(corrupt_dropped(&cluster, 0), 2);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tampered_blob_is_not_pushed_to_peers() {
+    let cluster = Cluster::start(2, |_, _| {}).await;
+    // Blobs put on one replica only stay there (no handoff pass after this).
+    cluster.handoff_settled().await;
+    // Small blobs go in a batch, large ones (over 1 MiB) are streamed.
+    let blobs = [
+        bytes(10_000, 29),
+        bytes(10_000, 31),
+        bytes(2 * 1024 * 1024 + 7, 37),
+        bytes(2 * 1024 * 1024 + 7, 41),
+    ];
+    let mut digests = Vec::new();
+    for data in &blobs {
+        digests.push(cluster.put_only_on(0, data).await);
+    }
+    let [good_small, bad_small, good_large, bad_large] = digests[..] else {
+        unreachable!()
+    };
+    tamper(&cluster, 0, &bad_small);
+    tamper(&cluster, 0, &bad_large);
+    cluster.replicas[0]
+        .reapi()
+        .cluster()
+        .replicate(&digests, &MetadataMap::new())
+        .await;
+    // The push goes on past the tampered blobs: the intact ones are placed and counted.
+    let placed = cluster.replicas[0].stats();
+    assert_eq!(
+        (placed.blobs_replicated, placed.bytes_replicated),
+        (2, good_small.size() + good_large.size()),
+        "{placed:?}"
+    );
+    for digest in [good_small, good_large] {
+        assert!(cluster.holds(1, &digest), "the intact blobs are placed");
+    }
+    for digest in [bad_small, bad_large] {
+        assert!(
+            !cluster.holds(1, &digest),
+            "a tampered blob reached the peer"
+        );
+        assert!(
+            !cluster.holds(0, &digest),
+            "and it is dropped where it was found"
+        );
+    }
+    assert_eq!(corrupt_dropped(&cluster, 0), 2);
     cluster.shutdown().await;
 }

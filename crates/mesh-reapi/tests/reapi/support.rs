@@ -51,6 +51,12 @@ pub struct Cluster {
     pub dirs: Vec<tempfile::TempDir>,
 }
 
+/// A replica's data directory: outside `/tmp`, as a deployment's is (`/var/lib/…`), so the
+/// sandbox's private `/tmp` is not what hides it from actions.
+pub fn data_dir() -> tempfile::TempDir {
+    tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap()
+}
+
 /// The configuration every test replica starts from.
 pub fn test_config(dir: &std::path::Path) -> ReapiConfig {
     let mut config = ReapiConfig::new(dir);
@@ -67,7 +73,7 @@ impl Cluster {
         let mut replicas: Vec<ReapiServer> = Vec::new();
         let mut dirs = Vec::new();
         for i in 0..n {
-            let dir = tempfile::tempdir().unwrap();
+            let dir = data_dir();
             let mut config = test_config(dir.path());
             configure(i, &mut config);
             let mut builder = mesh::Node::builder()
@@ -103,7 +109,7 @@ impl Cluster {
     /// (An index one past the last data directory starts a new replica on a new one.)
     pub async fn restart(&mut self, index: usize, configure: impl Fn(&mut ReapiConfig)) {
         if index == self.dirs.len() {
-            self.dirs.push(tempfile::tempdir().unwrap());
+            self.dirs.push(data_dir());
         }
         let mut config = test_config(self.dirs[index].path());
         configure(&mut config);
@@ -385,8 +391,18 @@ impl TestAction {
         self
     }
 
-    #[allow(deprecated)]
     pub fn build(&self) -> Built {
+        self.build_with(|add| build_tree(&self.inputs, "", add))
+    }
+
+    /// Builds the action over an input root of the caller's making: `root` stores the
+    /// messages and contents it needs with `add` and returns the root `Directory`'s digest
+    /// (for input trees the builder would refuse to make, such as bad names).
+    #[allow(deprecated)]
+    pub fn build_with(
+        &self,
+        root: impl FnOnce(&mut dyn FnMut(Vec<u8>) -> Digest) -> Digest,
+    ) -> Built {
         let mut blobs = Vec::new();
         let mut add = |data: Vec<u8>| {
             let digest = Digest::of(&data);
@@ -395,7 +411,7 @@ impl TestAction {
             }
             digest
         };
-        let input_root = build_tree(&self.inputs, "", &mut add);
+        let input_root = root(&mut add);
         let command = Command {
             arguments: self.arguments.clone(),
             environment_variables: self
@@ -443,7 +459,7 @@ impl TestAction {
 fn build_tree(
     inputs: &BTreeMap<String, (Vec<u8>, bool)>,
     prefix: &str,
-    add: &mut impl FnMut(Vec<u8>) -> Digest,
+    add: &mut dyn FnMut(Vec<u8>) -> Digest,
 ) -> Digest {
     let mut directory = Directory::default();
     let mut subdirs: Vec<String> = Vec::new();
@@ -546,9 +562,11 @@ pub struct Gate {
 }
 
 impl Gate {
+    /// In the target directory, not in `/tmp`: a sandboxed action has a private `/tmp` but
+    /// sees the rest of the host read-only, which is all a gate needs.
     pub fn new() -> Self {
         Self {
-            dir: tempfile::tempdir().unwrap(),
+            dir: tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap(),
         }
     }
 
@@ -567,4 +585,39 @@ impl Gate {
     pub fn open(&self) {
         std::fs::write(self.path(), b"").unwrap();
     }
+}
+
+/// A token unique to one test run, to find an action's processes by: `sleep {token}` sleeps
+/// about 30 s and shows the token in its command line, whatever pid namespace it is in.
+pub fn sleep_token() -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("30.{}{:04}", std::process::id(), n)
+}
+
+/// The host processes whose command line contains `token` (zombies excluded).
+pub fn processes_with(token: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let zombie = std::fs::read_to_string(entry.path().join("stat"))
+            .map(|stat| stat.contains(") Z "))
+            .unwrap_or(true);
+        if !zombie && String::from_utf8_lossy(&cmdline).contains(token) {
+            found.push(pid);
+        }
+    }
+    found
 }

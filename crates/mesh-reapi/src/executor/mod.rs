@@ -1,0 +1,324 @@
+//! Running one action for real: inputs materialised, the command run in a sandbox, outputs
+//! captured — each stage in a module of its own.
+//!
+//! For each action (REAPI v2 `Action`/`Command` semantics):
+//!
+//! 1. **Inputs** ([`inputs`]): the `Command` and the input root's `Directory` tree are read from
+//!    the CAS, level by level, fetching what is missing from peers
+//!    ([`ClusterCas::ensure_local`]); then every input file. Names are checked (no `/`, `.`,
+//!    `..`, empty, duplicates). The files are pinned against eviction and **copied** into a
+//!    fresh directory of the action's own (`{data_dir}/work/{uuid}/root`), so nothing the action
+//!    does can change the CAS.
+//! 2. **Run** ([`command`]): parents of every output path and the working directory are
+//!    created (REAPI: the server creates them) beneath the action's directory, never through a
+//!    link out of it; then `arguments` run in `working_directory` with exactly the command's
+//!    environment, stdin closed and stdout/stderr to files, in the [`crate::sandbox`] (or, with
+//!    the sandbox off, as a process group of its own). On timeout every process of the action
+//!    is killed (`SIGKILL`), and after a normal exit too, so nothing outlives its action.
+//! 3. **Outputs** ([`outputs`]): read beneath the action's directory only, through a directory
+//!    handle (`cap-std`'s `Dir`: a path that leads out through a symlink is refused, never
+//!    followed); output files are copied into the CAS (hashed while copying); output
+//!    directories become `Tree` messages (and their `Directory` messages are stored too, for
+//!    `GetTree` and `root_directory_digest`); a symlink is reported as a symlink, never followed
+//!    to collect what it points at; stdout and stderr are stored as blobs. Outputs that do not
+//!    exist are simply absent (REAPI).
+//! 4. **Clean up**: the action's directory is removed, also after a failure or timeout.
+//!
+//! Errors are typed ([`ExecError`]) and become the `status` of the `ExecuteResponse`: missing
+//! blobs are `FAILED_PRECONDITION` with their digests (so Bazel re-uploads), malformed commands
+//! or trees `INVALID_ARGUMENT`, a timeout `DEADLINE_EXCEEDED` (with the partial result).
+
+use std::{
+    fs, io,
+    os::unix::fs::{MetadataExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use bazel_remote_apis::{
+    build::bazel::remote::execution::v2::{ActionResult, Command, ExecutedActionMetadata},
+    google::protobuf::Timestamp,
+};
+use mesh_core::NodeId;
+use tonic::metadata::MetadataMap;
+
+use crate::{ClusterCas, ClusterError, Digest, MissingBlobs, sandbox::Sandbox};
+
+pub(crate) mod command;
+pub(crate) mod inputs;
+pub(crate) mod outputs;
+
+use command::CommandSpec;
+
+/// A validated action, ready to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActionSpec {
+    /// The action's digest.
+    pub action_digest: Digest,
+    /// Its `Command`.
+    pub command_digest: Digest,
+    /// Its input root `Directory`.
+    pub input_root_digest: Digest,
+    /// How long the command may run.
+    pub timeout: Duration,
+    /// Whether the result must stay out of the action cache.
+    pub do_not_cache: bool,
+    /// Whether the action's platform lets it reach the network
+    /// ([`crate::sandbox::NETWORK_PROPERTY`]); its `Command`'s platform may say so too.
+    pub network: bool,
+}
+
+/// Running an action failed before it produced a result.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ExecError {
+    /// Inputs (or the command) are on no replica: `FAILED_PRECONDITION` with a `MISSING`
+    /// violation per blob.
+    #[error(transparent)]
+    Missing(#[from] MissingBlobs),
+    /// The command or input tree is malformed: `INVALID_ARGUMENT`.
+    #[error("{0}")]
+    Invalid(String),
+    /// An output exists with the wrong type: `FAILED_PRECONDITION`.
+    #[error("{0}")]
+    OutputType(String),
+    /// This server failed (file system, process spawning): `INTERNAL`.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<ClusterError> for ExecError {
+    fn from(error: ClusterError) -> Self {
+        match error {
+            ClusterError::Missing(missing) => ExecError::Missing(missing),
+            ClusterError::Malformed { .. } | ClusterError::MessageTooLarge { .. } => {
+                ExecError::Invalid(error.to_string())
+            }
+            other => ExecError::Internal(other.to_string()),
+        }
+    }
+}
+
+pub(crate) fn internal(context: impl std::fmt::Display) -> impl FnOnce(io::Error) -> ExecError {
+    move |error| ExecError::Internal(format!("{context}: {error}"))
+}
+
+/// What running an action produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Executed {
+    /// The result (also when the command failed or timed out).
+    pub result: ActionResult,
+    /// Whether the command was killed for running past its timeout.
+    pub timed_out: bool,
+}
+
+/// Runs actions in directories under `work_dir`, reading and writing blobs through `cluster`.
+#[derive(Debug, Clone)]
+pub(crate) struct Executor {
+    cluster: ClusterCas,
+    work_dir: PathBuf,
+    node_id: NodeId,
+    sandbox: Sandbox,
+}
+
+impl Executor {
+    pub(crate) fn new(
+        cluster: ClusterCas,
+        work_dir: PathBuf,
+        node_id: NodeId,
+        sandbox: Sandbox,
+    ) -> Self {
+        Self {
+            cluster,
+            work_dir,
+            node_id,
+            sandbox,
+        }
+    }
+
+    /// Runs `spec`. `queued_at` is when the action was accepted; `hints` are nodes likely to
+    /// hold its inputs (the node that forwarded it).
+    pub(crate) async fn run(
+        &self,
+        spec: &ActionSpec,
+        queued_at: SystemTime,
+        hints: &[NodeId],
+        metadata: &MetadataMap,
+    ) -> Result<Executed, ExecError> {
+        let scratch = self.work_dir.join(uuid::Uuid::now_v7().to_string());
+        let outcome = self
+            .run_in(spec, queued_at, hints, metadata, &scratch)
+            .await;
+        let cleanup = scratch.clone();
+        let removed = tokio::task::spawn_blocking(move || remove_tree(&cleanup)).await;
+        if let Ok(Err(error)) = removed {
+            tracing::warn!(dir = %scratch.display(), %error, "could not remove an action's directory");
+        }
+        outcome
+    }
+
+    async fn run_in(
+        &self,
+        spec: &ActionSpec,
+        queued_at: SystemTime,
+        hints: &[NodeId],
+        metadata: &MetadataMap,
+        scratch: &Path,
+    ) -> Result<Executed, ExecError> {
+        let mut timing = ExecutedActionMetadata {
+            worker: self.node_id.to_string(),
+            queued_timestamp: Some(timestamp(queued_at)),
+            worker_start_timestamp: Some(now()),
+            input_fetch_start_timestamp: Some(now()),
+            ..Default::default()
+        };
+        let command: Command = self
+            .cluster
+            .read_message(&spec.command_digest, "Command", hints, metadata, false)
+            .await?;
+        #[allow(deprecated)] // Command.platform: what Bazel 4.2.3 sets.
+        let network = spec.network
+            || command
+                .platform
+                .as_ref()
+                .is_some_and(crate::action::wants_network);
+        let command = CommandSpec::parse(&command)?;
+        let inputs = self
+            .collect_inputs(&spec.input_root_digest, hints, metadata)
+            .await?;
+        let file_digests: Vec<Digest> = inputs.files.iter().map(|f| f.digest).collect();
+        let pins = self.pin_inputs(&file_digests, hints, metadata).await?;
+        let root = scratch.join("root");
+        let cas = self.cluster.local().clone();
+        let materialise_root = root.clone();
+        let prepared = command.clone();
+        tokio::task::spawn_blocking(move || {
+            inputs::materialise(&cas, &materialise_root, &inputs)?;
+            prepared.prepare_directories(&materialise_root)
+        })
+        .await
+        .map_err(|e| ExecError::Internal(format!("materialising inputs: {e}")))??;
+        drop(pins);
+        timing.input_fetch_completed_timestamp = Some(now());
+
+        timing.execution_start_timestamp = Some(now());
+        let stdout_path = scratch.join("stdout");
+        let stderr_path = scratch.join("stderr");
+        let run = command::run(
+            &self.sandbox,
+            &command,
+            &root,
+            &stdout_path,
+            &stderr_path,
+            spec.timeout,
+            network,
+        )
+        .await?;
+        timing.execution_completed_timestamp = Some(now());
+
+        timing.output_upload_start_timestamp = Some(now());
+        let cas = self.cluster.local().clone();
+        let mut result = tokio::task::spawn_blocking(move || {
+            let mut result = outputs::collect(&cas, &command, &root)?;
+            let stdout = cas
+                .store_file(&stdout_path)
+                .map_err(|e| ExecError::Internal(e.to_string()))?;
+            let stderr = cas
+                .store_file(&stderr_path)
+                .map_err(|e| ExecError::Internal(e.to_string()))?;
+            result.stdout_digest = Some(stdout.to_proto());
+            result.stderr_digest = Some(stderr.to_proto());
+            Ok::<_, ExecError>(result)
+        })
+        .await
+        .map_err(|e| ExecError::Internal(format!("collecting outputs: {e}")))??;
+        result.exit_code = run.exit_code;
+        timing.output_upload_completed_timestamp = Some(now());
+        timing.worker_completed_timestamp = Some(now());
+        result.execution_metadata = Some(timing);
+        Ok(Executed {
+            result,
+            timed_out: run.timed_out,
+        })
+    }
+}
+
+/// A handle on the action's directory: every path opened through it stays beneath it (a
+/// symlink leading out is refused, never followed).
+pub(crate) fn open_root(root: &Path) -> Result<cap_std::fs::Dir, ExecError> {
+    cap_std::fs::Dir::open_ambient_dir(root, cap_std::ambient_authority())
+        .map_err(internal("opening the action's directory"))
+}
+
+/// Whether an I/O error is cap-std refusing a path that leads out of the directory.
+pub(crate) fn escapes(error: &io::Error) -> bool {
+    error.kind() == io::ErrorKind::PermissionDenied
+        && error.to_string().contains("outside of the filesystem")
+}
+
+/// Removes a directory tree, making read-only directories writable if that is what stops
+/// it (an action may leave its outputs read-only).
+fn remove_tree(path: &Path) -> io::Result<()> {
+    match fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(_) => {
+            make_writable(path);
+            fs::remove_dir_all(path)
+        }
+    }
+}
+
+fn make_writable(path: &Path) {
+    let Ok(metadata) = fs::symlink_metadata(path) else {
+        return;
+    };
+    if metadata.is_dir() {
+        let _ = fs::set_permissions(path, fs::Permissions::from_mode(metadata.mode() | 0o700));
+        if let Ok(entries) = fs::read_dir(path) {
+            for entry in entries.flatten() {
+                make_writable(&entry.path());
+            }
+        }
+    }
+}
+
+fn timestamp(time: SystemTime) -> Timestamp {
+    let since = time
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    Timestamp {
+        seconds: i64::try_from(since.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(since.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+/// The wall-clock time now, as a protocol timestamp (REAPI timestamps are wall-clock).
+pub(crate) fn now() -> Timestamp {
+    timestamp(SystemTime::now())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_are_checked() {
+        let error = CommandSpec::parse(&Command::default())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("no arguments"), "{error}");
+        let command = Command {
+            arguments: vec!["/bin/true".to_owned()],
+            environment_variables: vec![
+                bazel_remote_apis::build::bazel::remote::execution::v2::command::EnvironmentVariable {
+                    name: "A=B".to_owned(),
+                    value: String::new(),
+                },
+            ],
+            ..Default::default()
+        };
+        let error = CommandSpec::parse(&command).unwrap_err().to_string();
+        assert!(error.contains("\"A=B\""), "{error}");
+    }
+}

@@ -1,0 +1,291 @@
+//! Actions are untrusted: each runs in a sandbox of its own.
+//!
+//! The sandbox is [bubblewrap](https://github.com/containers/bubblewrap) (`bwrap`, Debian's
+//! `bubblewrap` package), the runner Flatpak uses, set up the way Bazel's own `linux-sandbox`
+//! isolates a local action:
+//!
+//! * **Namespaces**: user, mount, pid, ipc, uts, cgroup and network (`--unshare-all`), every
+//!   capability dropped (`--cap-drop ALL`), a new session (no terminal to inject into).
+//! * **File system**: the host's `/` mounted read-only, so the tools actions name
+//!   (`/usr/bin/gcc`, `/bin/bash`) are there as they are; a fresh `/dev` and `/proc`; a private,
+//!   empty, writable `/tmp`; the replica's data directory (CAS, action cache, other actions'
+//!   directories) covered by an empty file system, so an action can neither read nor poison a
+//!   stored blob; and the action's own directory, mounted writable at the same path.
+//! * **Network**: none (a loopback interface of its own only) unless the action's platform sets
+//!   [`NETWORK_PROPERTY`] to `on`.
+//! * **Lifetime**: every process of the action lives in its pid namespace, so all of them end
+//!   when the action's first process does, when the action is killed at its timeout, and when
+//!   the replica itself dies, even by `kill -9` (`--die-with-parent`, `PR_SET_PDEATHSIG`).
+//!
+//! [`SandboxMode::Auto`] (the default) uses the sandbox where it can be set up and says
+//! clearly, once, when it cannot; [`SandboxMode::Required`] refuses to start without it;
+//! [`SandboxMode::Off`] runs actions as plain child processes of the replica (each in a process
+//! group of its own, killed as a group), for machines where the replica itself is the sandbox.
+//! Memory and process-count limits (cgroups) are not set here.
+
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::Stdio,
+};
+
+/// The platform property that lets an action reach the network: `network=on`. Any other value
+/// (or none) keeps it off. The server interprets it itself: it is not a routing tag.
+pub const NETWORK_PROPERTY: &str = "network";
+
+/// Whether actions run sandboxed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum SandboxMode {
+    /// Sandboxed where `bwrap` is installed and works; otherwise a warning at start and plain
+    /// processes.
+    #[default]
+    Auto,
+    /// Sandboxed, or the replica does not start.
+    Required,
+    /// Plain processes (the replica's own isolation is all there is).
+    Off,
+}
+
+impl std::str::FromStr for SandboxMode {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        match value {
+            "auto" => Ok(Self::Auto),
+            "required" | "on" => Ok(Self::Required),
+            "off" => Ok(Self::Off),
+            other => Err(format!(
+                "sandbox mode {other:?} is not one of auto, required (or on), off"
+            )),
+        }
+    }
+}
+
+/// The sandbox could not be set up while [`SandboxMode::Required`].
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "actions must run sandboxed (sandbox = required), but the sandbox cannot be set up: {reason}"
+)]
+pub struct SandboxError {
+    reason: String,
+}
+
+/// How this replica runs action processes.
+#[derive(Debug, Clone)]
+pub(crate) struct Sandbox {
+    /// `bwrap`, when actions are sandboxed.
+    runner: Option<PathBuf>,
+    /// Hidden from actions (the data directory).
+    hidden: PathBuf,
+}
+
+impl Sandbox {
+    /// Sets up the sandbox for a replica whose data lives in `data_dir`: finds `bwrap` and
+    /// checks it can create the namespaces here. Blocking (runs `bwrap` once).
+    pub(crate) fn prepare(mode: SandboxMode, data_dir: &Path) -> Result<Self, SandboxError> {
+        let hidden = data_dir
+            .canonicalize()
+            .unwrap_or_else(|_| data_dir.to_path_buf());
+        if mode == SandboxMode::Off {
+            return Ok(Self {
+                runner: None,
+                hidden,
+            });
+        }
+        match probe() {
+            Ok(runner) => Ok(Self {
+                runner: Some(runner),
+                hidden,
+            }),
+            Err(reason) if mode == SandboxMode::Required => Err(SandboxError { reason }),
+            Err(reason) => {
+                tracing::warn!(
+                    "actions run WITHOUT a sandbox: {reason}. Install bubblewrap (apt-get install bubblewrap) to isolate them, or set the sandbox to off to say this is intended"
+                );
+                Ok(Self {
+                    runner: None,
+                    hidden,
+                })
+            }
+        }
+    }
+
+    /// Whether actions run sandboxed.
+    pub(crate) fn is_on(&self) -> bool {
+        self.runner.is_some()
+    }
+
+    /// The process for `program` and `arguments` with exactly `environment`, in `cwd`, with
+    /// `root` (the action's directory, holding `cwd`) writable and nothing else. `network`
+    /// shares the host's network.
+    pub(crate) fn command(
+        &self,
+        program: &Path,
+        arguments: &[String],
+        environment: &[(String, String)],
+        root: &Path,
+        cwd: &Path,
+        network: bool,
+    ) -> tokio::process::Command {
+        let mut command = match &self.runner {
+            None => {
+                let mut command = tokio::process::Command::new(program);
+                command.args(arguments).current_dir(cwd);
+                command
+            }
+            Some(bwrap) => {
+                let mut command = tokio::process::Command::new(bwrap);
+                command.args(sandbox_arguments(
+                    &self.hidden,
+                    root,
+                    cwd,
+                    network,
+                    program,
+                    arguments,
+                ));
+                // Its own working directory does not matter; the action's is set inside.
+                command.current_dir("/");
+                command
+            }
+        };
+        command
+            .env_clear()
+            .envs(environment.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .process_group(0)
+            .kill_on_drop(true);
+        command
+    }
+}
+
+fn sandbox_arguments(
+    hidden: &Path,
+    root: &Path,
+    cwd: &Path,
+    network: bool,
+    program: &Path,
+    arguments: &[String],
+) -> Vec<OsString> {
+    let mut args: Vec<OsString> = [
+        "--die-with-parent",
+        "--new-session",
+        "--unshare-all",
+        "--cap-drop",
+        "ALL",
+        "--ro-bind",
+        "/",
+        "/",
+        "--dev",
+        "/dev",
+        "--proc",
+        "/proc",
+        "--tmpfs",
+        "/tmp",
+    ]
+    .iter()
+    .map(OsString::from)
+    .collect();
+    if network {
+        args.push("--share-net".into());
+    }
+    args.push("--tmpfs".into());
+    args.push(hidden.into());
+    args.push("--bind".into());
+    args.push(root.into());
+    args.push(root.into());
+    args.push("--chdir".into());
+    args.push(cwd.into());
+    args.push("--".into());
+    args.push(program.into());
+    args.extend(arguments.iter().map(OsString::from));
+    args
+}
+
+/// Finds `bwrap` on the `PATH` and runs `true` in a sandbox like an action's.
+fn probe() -> Result<PathBuf, String> {
+    let bwrap = find_on_path("bwrap", std::env::var_os("PATH").as_deref())
+        .ok_or_else(|| "bwrap (bubblewrap) is not installed (not on PATH)".to_owned())?;
+    let scratch = tempfile::tempdir().map_err(|e| format!("creating a probe directory: {e}"))?;
+    let truth =
+        find_on_path("true", Some(std::ffi::OsStr::new("/usr/bin:/bin"))).ok_or_else(|| {
+            "no `true` program in /usr/bin or /bin to probe the sandbox with".to_owned()
+        })?;
+    let output = std::process::Command::new(&bwrap)
+        .args(sandbox_arguments(
+            scratch.path(),
+            scratch.path(),
+            scratch.path(),
+            false,
+            &truth,
+            &[],
+        ))
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("running {}: {e}", bwrap.display()))?;
+    if output.status.success() {
+        Ok(bwrap)
+    } else {
+        Err(format!(
+            "{} cannot create namespaces here ({}): {}",
+            bwrap.display(),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        ))
+    }
+}
+
+/// `name` in the directories of `path` (a `PATH` value), if it is an executable file there.
+pub(crate) fn find_on_path(name: &str, path: Option<&std::ffi::OsStr>) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::env::split_paths(path?)
+        .map(|dir| dir.join(name))
+        .find(|candidate| {
+            std::fs::metadata(candidate)
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_parse_with_a_clear_error() {
+        assert_eq!("auto".parse::<SandboxMode>(), Ok(SandboxMode::Auto));
+        assert_eq!("on".parse::<SandboxMode>(), Ok(SandboxMode::Required));
+        assert_eq!("off".parse::<SandboxMode>(), Ok(SandboxMode::Off));
+        let error = "maybe".parse::<SandboxMode>().unwrap_err();
+        assert!(
+            error.contains("\"maybe\"") && error.contains("auto, required"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn the_data_directory_is_hidden_after_the_root_tmp_and_before_the_action() {
+        let args = sandbox_arguments(
+            Path::new("/data"),
+            Path::new("/data/work/1/root"),
+            Path::new("/data/work/1/root/wd"),
+            false,
+            Path::new("/bin/sh"),
+            &["-c".to_owned(), "true".to_owned()],
+        );
+        let text: Vec<String> = args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let at = |needle: &[&str]| {
+            text.windows(needle.len())
+                .position(|w| w == needle)
+                .unwrap_or_else(|| panic!("{needle:?} in {text:?}"))
+        };
+        assert!(at(&["--ro-bind", "/", "/"]) < at(&["--tmpfs", "/data"]));
+        assert!(
+            at(&["--tmpfs", "/data"]) < at(&["--bind", "/data/work/1/root", "/data/work/1/root"])
+        );
+        assert!(!text.contains(&"--share-net".to_owned()));
+        assert_eq!(&text[text.len() - 4..], ["--", "/bin/sh", "-c", "true"]);
+    }
+}
