@@ -52,6 +52,10 @@ struct Args {
     /// (default: mesh-reapi-<node id> in the system's temporary directory).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// With --api reapi: whether actions run in the sandbox (bubblewrap): auto (where it
+    /// works, with a warning where it does not), required, off.
+    #[arg(long, default_value = "auto")]
+    sandbox: mesh_reapi::SandboxMode,
     /// Serve Prometheus metrics at http://<this address>/metrics (port 0: any free port).
     #[arg(long)]
     metrics_addr: Option<SocketAddr>,
@@ -221,6 +225,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             });
             let mut reapi = ReapiConfig::new(&data_dir);
             reapi.max_concurrency = config.max_concurrency;
+            reapi.sandbox = args.sandbox;
             let listener = tokio::net::TcpListener::bind(resolved.grpc_bind)
                 .await
                 .map_err(|e| format!("binding the grpc listener to {}: {e}", resolved.grpc_bind))?;

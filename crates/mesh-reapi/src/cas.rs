@@ -229,12 +229,13 @@ impl Cas {
 
     /// The digests of `digests` that are not here, in order, each once.
     pub fn find_missing(&self, digests: &[Digest]) -> Vec<Digest> {
-        let mut seen = std::collections::HashSet::new();
-        digests
+        let mut seen = std::collections::HashSet::with_capacity(digests.len());
+        let unique: Vec<Digest> = digests
             .iter()
-            .filter(|d| seen.insert(**d) && !self.contains(d))
+            .filter(|d| seen.insert(**d))
             .copied()
-            .collect()
+            .collect();
+        self.dir.missing(&unique)
     }
 
     /// The whole blob, if it is here and matches its digest. Meant for small blobs (actions,

@@ -178,13 +178,26 @@ fn parse_hash(text: &str) -> Result<[u8; HASH_LEN], DigestRule> {
 }
 
 /// Lowercase hexadecimal digits only: REAPI requires lowercase, and one spelling per digest
-/// keeps every store's keys unique.
+/// keeps every store's keys unique. A table, not a match: every digest of every
+/// `FindMissingBlobs` goes through here.
 fn hex_value(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
-    }
+    const INVALID: u8 = 0xff;
+    const TABLE: [u8; 256] = {
+        let mut table = [INVALID; 256];
+        let mut i = 0;
+        while i < 10 {
+            table[b'0' as usize + i] = i as u8;
+            i += 1;
+        }
+        let mut i = 0;
+        while i < 6 {
+            table[b'a' as usize + i] = 10 + i as u8;
+            i += 1;
+        }
+        table
+    };
+    let value = TABLE[usize::from(c)];
+    (value != INVALID).then_some(value)
 }
 
 fn to_hex(bytes: &[u8]) -> String {

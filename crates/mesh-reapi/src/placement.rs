@@ -31,9 +31,12 @@ use crate::Digest;
 
 /// Former rings are asked for at most this long after they stopped being current.
 const FORMER_RING_WINDOW: Duration = Duration::from_secs(300);
-/// ... and no longer than this after this replica's handoff to the current ring completed
-/// (every replica starts its handoff when it sees the same change, after the same delay).
-const FORMER_RING_GRACE: Duration = Duration::from_secs(10);
+/// Former placements are asked for no longer than this after this replica's handoff to the
+/// current one completed (every replica starts its handoff when it sees the same change,
+/// after the same delay). Until then a lookup of a digest nobody holds asks the owners under
+/// each recent placement too: a cluster just formed by many joins answers more slowly for
+/// these seconds.
+pub const FORMER_RING_GRACE: Duration = Duration::from_secs(10);
 /// At most this many former rings are kept.
 const FORMER_RINGS: usize = 8;
 

@@ -232,6 +232,16 @@ impl LruDir {
         self.lock().touch(key).is_some()
     }
 
+    /// The keys of `keys` that are not present, in order; present ones count as used. One
+    /// lock for the whole list (a `FindMissingBlobs` of thousands of digests).
+    pub(crate) fn missing(&self, keys: &[Digest]) -> Vec<Digest> {
+        let mut index = self.lock();
+        keys.iter()
+            .filter(|key| index.touch(key).is_none())
+            .copied()
+            .collect()
+    }
+
     /// Every key present now (a snapshot, in no particular order).
     pub(crate) fn keys(&self) -> Vec<Digest> {
         self.lock().entries.keys().copied().collect()
