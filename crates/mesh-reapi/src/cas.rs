@@ -227,6 +227,11 @@ impl Cas {
         self.dir.keys()
     }
 
+    /// Whether each of `digests` is here, in order; a hit counts as a use.
+    pub fn present(&self, digests: &[Digest]) -> Vec<bool> {
+        self.dir.present(digests)
+    }
+
     /// The digests of `digests` that are not here, in order, each once.
     pub fn find_missing(&self, digests: &[Digest]) -> Vec<Digest> {
         let mut seen = std::collections::HashSet::with_capacity(digests.len());

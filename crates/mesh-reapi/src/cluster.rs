@@ -559,10 +559,34 @@ impl ClusterCas {
         for node in &hinted {
             asks.insert(node.clone(), missing.clone());
         }
-        for (digest, owners) in missing.iter().zip(self.owners_to_ask(&missing, &live)) {
-            for node in owners {
-                if !hinted.contains(&node) {
-                    asks.entry(node).or_default().push(*digest);
+        let former = self.rings.former();
+        if former.is_empty() {
+            // The settled case, on the path of every FindMissingBlobs: owners by position in
+            // the current ring, no per-digest allocation (its members are the live ones).
+            let ring = self.rings.current();
+            let me = ring.position(self.node.node_id());
+            let mut by_member: Vec<Vec<Digest>> = vec![Vec::new(); ring.len()];
+            let mut best = Vec::with_capacity(self.replication.factor + 1);
+            for digest in &missing {
+                ring.owner_positions(digest, self.replication.factor, &mut best);
+                for &(_, position) in &best {
+                    if Some(position) != me {
+                        by_member[position].push(*digest);
+                    }
+                }
+            }
+            for (position, digests) in by_member.into_iter().enumerate() {
+                let node = ring.member(position);
+                if !digests.is_empty() && !hinted.contains(node) {
+                    asks.entry(node.clone()).or_default().extend(digests);
+                }
+            }
+        } else {
+            for (digest, owners) in missing.iter().zip(self.owners_to_ask(&missing, &live)) {
+                for node in owners {
+                    if !hinted.contains(&node) {
+                        asks.entry(node).or_default().push(*digest);
+                    }
                 }
             }
         }

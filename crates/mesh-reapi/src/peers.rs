@@ -17,7 +17,10 @@ use bazel_remote_apis::{
     google::bytestream::{ReadRequest, WriteRequest, byte_stream_client::ByteStreamClient},
 };
 use mesh_core::NodeId;
-use mesh_proto::reapi::v1::{ClaimRequest, ReleaseRequest, claims_client::ClaimsClient};
+use mesh_proto::reapi::v1::{
+    ClaimRequest, HasRequest, ReleaseRequest, claims_client::ClaimsClient,
+    presence_client::PresenceClient,
+};
 use mesh_route::{PeerCall, RouteError, Router};
 use tonic::{Code, metadata::MetadataMap};
 
@@ -36,6 +39,9 @@ const BATCHED_BLOB_MAX: u64 = 1024 * 1024;
 
 /// Digests per `FindMissingBlobs` sent to a peer (keeps each request far below 4 MiB).
 const FIND_MISSING_CHUNK: usize = 8192;
+
+/// Digests per presence query sent to a peer: 2 MB of packed digests, half the 4 MiB limit.
+const PRESENCE_CHUNK: usize = 50_000;
 
 /// How calls to peers are bounded.
 #[derive(Debug, Clone, Copy)]
@@ -129,8 +135,47 @@ impl Peers<'_> {
         }
     }
 
-    /// Which of `digests` the peer has.
+    /// Which of `digests` the peer has: asked with `mesh.reapi.v1.Presence/Has` (packed
+    /// digests, a bitmap back), or with `FindMissingBlobs` if the peer does not serve it.
     pub(crate) async fn has(
+        &self,
+        node: &NodeId,
+        digests: &[Digest],
+    ) -> Result<Vec<Digest>, PeerError> {
+        let mut present = Vec::new();
+        for chunk in digests.chunks(PRESENCE_CHUNK) {
+            let call = self.call(node)?;
+            let mut client = PresenceClient::new(call.channel());
+            let request = call.request(HasRequest {
+                digests: crate::presence::pack(chunk),
+            });
+            match self
+                .bounded(node, self.config.call_timeout, client.has(request))
+                .await
+            {
+                Ok(response) => {
+                    let bitmap = response.into_inner().present;
+                    present.extend(
+                        chunk
+                            .iter()
+                            .enumerate()
+                            .filter(|(i, _)| crate::presence::bit(&bitmap, *i))
+                            .map(|(_, d)| *d),
+                    );
+                }
+                Err(PeerError::Status {
+                    code: Code::Unimplemented,
+                    ..
+                }) => present.extend(self.find_missing_has(node, chunk).await?),
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(present)
+    }
+
+    /// Which of `digests` the peer has, asked with REAPI's `FindMissingBlobs` (a peer of an
+    /// older release).
+    async fn find_missing_has(
         &self,
         node: &NodeId,
         digests: &[Digest],

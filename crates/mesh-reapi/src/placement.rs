@@ -115,6 +115,37 @@ impl Ring {
         best.into_iter().map(|(_, node)| node).collect()
     }
 
+    /// The positions (in [`Ring::member`] order) of the first `r` members of the ranking of
+    /// `digest`, best first, written into `best` (cleared first): the allocation-free form of
+    /// [`Ring::owners`] for a lookup of thousands of digests.
+    pub(crate) fn owner_positions(&self, digest: &Digest, r: usize, best: &mut Vec<(u64, usize)>) {
+        best.clear();
+        let key = key(digest);
+        for (position, (node, seed)) in self.members.iter().enumerate() {
+            let score = score(key, *seed);
+            let better =
+                |b: &(u64, usize)| score > b.0 || (score == b.0 && node < &self.members[b.1].0);
+            if best.len() == r && best.last().is_some_and(|last| !better(last)) {
+                continue;
+            }
+            let at = best.iter().position(better).unwrap_or(best.len());
+            best.insert(at, (score, position));
+            best.truncate(r);
+        }
+    }
+
+    /// The member at `position` (members are in node id order).
+    pub(crate) fn member(&self, position: usize) -> &NodeId {
+        &self.members[position].0
+    }
+
+    /// The position of `node`, if it is a member.
+    pub(crate) fn position(&self, node: &NodeId) -> Option<usize> {
+        self.members
+            .binary_search_by(|(member, _)| member.cmp(node))
+            .ok()
+    }
+
     /// How many members.
     pub(crate) fn len(&self) -> usize {
         self.members.len()
@@ -259,6 +290,10 @@ mod tests {
             for r in 1..=5 {
                 let prefix = a.ranked(&digest).into_iter().take(r).collect::<Vec<_>>();
                 assert_eq!(a.owners(&digest, r), prefix, "the first {r} of the ranking");
+                let mut best = Vec::new();
+                a.owner_positions(&digest, r, &mut best);
+                let by_position: Vec<&NodeId> = best.iter().map(|(_, p)| a.member(*p)).collect();
+                assert_eq!(by_position, prefix, "positions name the same owners");
             }
         }
     }

@@ -15,8 +15,8 @@ use tonic::{service::Routes, transport::server::TcpIncoming};
 use crate::{
     ActionCache, ActionCacheError, ActionCacheService, ActionLimits, ByteStreamService,
     CapabilitiesService, Cas, CasError, CasService, ClaimsService, ClusterCas, ExecutionService,
-    PeerConfig, ReapiStats, ReplicationConfig, SandboxError, SandboxMode, SchedulerConfig,
-    claims::ClaimTable, executor::Executor, handoff, routing, sandbox::Sandbox,
+    PeerConfig, PresenceService, ReapiStats, ReplicationConfig, SandboxError, SandboxMode,
+    SchedulerConfig, claims::ClaimTable, executor::Executor, handoff, routing, sandbox::Sandbox,
     scheduler::Scheduler, stats::Counters,
 };
 
@@ -239,7 +239,8 @@ impl Reapi {
     }
 
     /// All services (Capabilities, ContentAddressableStorage, ByteStream, ActionCache,
-    /// Execution, and `mesh.reapi.v1.Claims` which replicas call on each other), for `tonic::transport::Server::builder().add_routes(…)`, behind
+    /// Execution, and `mesh.reapi.v1.Claims` and `Presence`, which replicas call on each
+    /// other), for `tonic::transport::Server::builder().add_routes(…)`, behind
     /// [`Reapi::layer`]: without it every replica runs only what it is sent and consults only
     /// its own action cache for `Execute`.
     pub fn routes(&self) -> Routes {
@@ -253,6 +254,7 @@ impl Reapi {
                 ClaimsService::new(self.inner.cluster.clone(), self.inner.claims.clone())
                     .into_server(),
             )
+            .add_service(PresenceService::new(self.inner.cluster.local().clone()).into_server())
     }
 }
 

@@ -232,6 +232,13 @@ impl LruDir {
         self.lock().touch(key).is_some()
     }
 
+    /// Whether each of `keys` is present, in order; present ones count as used. One lock for
+    /// the whole list (a peer's presence query of thousands of digests).
+    pub(crate) fn present(&self, keys: &[Digest]) -> Vec<bool> {
+        let mut index = self.lock();
+        keys.iter().map(|key| index.touch(key).is_some()).collect()
+    }
+
     /// The keys of `keys` that are not present, in order; present ones count as used. One
     /// lock for the whole list (a `FindMissingBlobs` of thousands of digests).
     pub(crate) fn missing(&self, keys: &[Digest]) -> Vec<Digest> {
