@@ -30,7 +30,7 @@ pub(crate) fn pack(digests: &[Digest]) -> Vec<u8> {
 
 /// Unpacks a [`HasRequest`]'s digests; a length that is not a multiple of 40 is refused.
 pub(crate) fn unpack(packed: &[u8]) -> Result<Vec<Digest>, String> {
-    if packed.len() % PACKED_DIGEST != 0 {
+    if !packed.len().is_multiple_of(PACKED_DIGEST) {
         return Err(format!(
             "digests holds {} bytes, not a multiple of {PACKED_DIGEST} (a 32-byte hash and an 8-byte big-endian size per digest)",
             packed.len()
