@@ -21,13 +21,16 @@
 //! clearly, once, when it cannot; [`SandboxMode::Required`] refuses to start without it;
 //! [`SandboxMode::Off`] runs actions as plain child processes of the replica (each in a process
 //! group of its own, killed as a group), for machines where the replica itself is the sandbox.
-//! Memory and process-count limits (cgroups) are not set here.
+//! Memory and process-count limits come from control groups ([`crate::cgroups`]), in either
+//! mode, where the machine lets the replica make them.
 
 use std::{
     ffi::OsString,
     path::{Path, PathBuf},
     process::Stdio,
 };
+
+use crate::cgroups::{ActionGroup, Cgroups, ResourceLimits};
 
 /// The platform property that lets an action reach the network: `network=on`. Any other value
 /// (or none) keeps it off. The server interprets it itself: it is not a routing tag.
@@ -78,37 +81,61 @@ pub(crate) struct Sandbox {
     runner: Option<PathBuf>,
     /// Hidden from actions (the data directory).
     hidden: PathBuf,
+    /// Where actions get their memory and process limits, if anywhere.
+    cgroups: Option<Cgroups>,
 }
 
 impl Sandbox {
     /// Sets up the sandbox for a replica whose data lives in `data_dir`: finds `bwrap` and
-    /// checks it can create the namespaces here. Blocking (runs `bwrap` once).
-    pub(crate) fn prepare(mode: SandboxMode, data_dir: &Path) -> Result<Self, SandboxError> {
+    /// checks it can create the namespaces here, and prepares control groups named `name` for
+    /// `limits`. Blocking (runs `bwrap` once).
+    pub(crate) fn prepare(
+        mode: SandboxMode,
+        data_dir: &Path,
+        limits: ResourceLimits,
+        name: &str,
+    ) -> Result<Self, SandboxError> {
         let hidden = data_dir
             .canonicalize()
             .unwrap_or_else(|_| data_dir.to_path_buf());
-        if mode == SandboxMode::Off {
-            return Ok(Self {
-                runner: None,
-                hidden,
-            });
-        }
-        match probe() {
-            Ok(runner) => Ok(Self {
-                runner: Some(runner),
-                hidden,
-            }),
-            Err(reason) if mode == SandboxMode::Required => Err(SandboxError { reason }),
+        let cgroups = match Cgroups::prepare(limits, name) {
+            Ok(cgroups) => cgroups,
             Err(reason) => {
-                tracing::warn!(
-                    "actions run WITHOUT a sandbox: {reason}. Install bubblewrap (apt-get install bubblewrap) to isolate them, or set the sandbox to off to say this is intended"
-                );
-                Ok(Self {
-                    runner: None,
-                    hidden,
-                })
+                tracing::warn!("actions run without memory and process limits: {reason}");
+                None
             }
-        }
+        };
+        let runner = match mode {
+            SandboxMode::Off => None,
+            _ => match probe() {
+                Ok(runner) => Some(runner),
+                Err(reason) if mode == SandboxMode::Required => {
+                    return Err(SandboxError { reason });
+                }
+                Err(reason) => {
+                    tracing::warn!(
+                        "actions run WITHOUT a sandbox: {reason}. Install bubblewrap (apt-get install bubblewrap) to isolate them, or set the sandbox to off to say this is intended"
+                    );
+                    None
+                }
+            },
+        };
+        Ok(Self {
+            runner,
+            hidden,
+            cgroups,
+        })
+    }
+
+    /// The control groups of a new action (`id` unique among running actions), if actions
+    /// get limits here.
+    pub(crate) fn action_group(&self, id: &str) -> std::io::Result<Option<ActionGroup>> {
+        self.cgroups.as_ref().map(|c| c.action(id)).transpose()
+    }
+
+    /// Whether actions get memory and process limits.
+    pub(crate) fn limits_resources(&self) -> bool {
+        self.cgroups.is_some()
     }
 
     /// Whether actions run sandboxed.
@@ -118,7 +145,8 @@ impl Sandbox {
 
     /// The process for `program` and `arguments` with exactly `environment`, in `cwd`, with
     /// `root` (the action's directory, holding `cwd`) writable and nothing else. `network`
-    /// shares the host's network.
+    /// shares the host's network; `group` is the action's control groups, which its first
+    /// process enters before it runs anything.
     pub(crate) fn command(
         &self,
         program: &Path,
@@ -127,28 +155,46 @@ impl Sandbox {
         root: &Path,
         cwd: &Path,
         network: bool,
+        group: Option<&ActionGroup>,
     ) -> tokio::process::Command {
-        let mut command = match &self.runner {
-            None => {
-                let mut command = tokio::process::Command::new(program);
-                command.args(arguments).current_dir(cwd);
-                command
-            }
-            Some(bwrap) => {
-                let mut command = tokio::process::Command::new(bwrap);
-                command.args(sandbox_arguments(
+        let mut argv: Vec<OsString> = match &self.runner {
+            None => std::iter::once(program.as_os_str().to_owned())
+                .chain(arguments.iter().map(OsString::from))
+                .collect(),
+            Some(bwrap) => std::iter::once(bwrap.as_os_str().to_owned())
+                .chain(sandbox_arguments(
                     &self.hidden,
                     root,
                     cwd,
                     network,
                     program,
                     arguments,
-                ));
-                // Its own working directory does not matter; the action's is set inside.
-                command.current_dir("/");
-                command
-            }
+                ))
+                .collect(),
         };
+        if let Some(group) = group {
+            // `sh -c 'echo $$ > "$1" && … && shift N && exec "$@"' sh FILES… ARGV…`: the
+            // first process joins the groups, then becomes the action (or its sandbox).
+            let procs: Vec<PathBuf> = group.procs().collect();
+            let mut script = String::new();
+            for i in 1..=procs.len() {
+                script.push_str(&format!("echo $$ > \"${i}\" && "));
+            }
+            script.push_str(&format!("shift {} && exec \"$@\"", procs.len()));
+            let mut wrapped: Vec<OsString> =
+                vec!["/bin/sh".into(), "-c".into(), script.into(), "sh".into()];
+            wrapped.extend(procs.into_iter().map(OsString::from));
+            wrapped.append(&mut argv);
+            argv = wrapped;
+        }
+        let mut command = tokio::process::Command::new(&argv[0]);
+        command.args(&argv[1..]);
+        // Sandboxed, the action's working directory is set inside; unsandboxed, here.
+        command.current_dir(if self.runner.is_some() {
+            Path::new("/")
+        } else {
+            cwd
+        });
         command
             .env_clear()
             .envs(environment.iter().map(|(k, v)| (k, v)))

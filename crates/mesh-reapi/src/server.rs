@@ -15,9 +15,9 @@ use tonic::{service::Routes, transport::server::TcpIncoming};
 use crate::{
     ActionCache, ActionCacheError, ActionCacheService, ActionLimits, ByteStreamService,
     CapabilitiesService, Cas, CasError, CasService, ClaimsService, ClusterCas, ExecutionService,
-    PeerConfig, PresenceService, ReapiStats, ReplicationConfig, SandboxError, SandboxMode,
-    SchedulerConfig, claims::ClaimTable, executor::Executor, handoff, routing, sandbox::Sandbox,
-    scheduler::Scheduler, stats::Counters,
+    PeerConfig, PresenceService, ReapiStats, ReplicationConfig, ResourceLimits, SandboxError,
+    SandboxMode, SchedulerConfig, claims::ClaimTable, executor::Executor, handoff, routing,
+    sandbox::Sandbox, scheduler::Scheduler, stats::Counters,
 };
 
 /// How one replica stores and runs things.
@@ -45,6 +45,8 @@ pub struct ReapiConfig {
     pub replication: ReplicationConfig,
     /// Whether actions run sandboxed ([`crate::sandbox`]). Default [`SandboxMode::Auto`].
     pub sandbox: SandboxMode,
+    /// Each action's process and memory limits ([`crate::cgroups`]), where the machine allows.
+    pub resources: ResourceLimits,
 }
 
 impl ReapiConfig {
@@ -62,6 +64,7 @@ impl ReapiConfig {
             peers: PeerConfig::default(),
             replication: ReplicationConfig::default(),
             sandbox: SandboxMode::default(),
+            resources: ResourceLimits::default(),
         }
     }
 }
@@ -122,6 +125,7 @@ struct Inner {
     claims: ClaimTable,
     handoff: JoinHandle<()>,
     sandboxed: bool,
+    limits_resources: bool,
 }
 
 impl Drop for Inner {
@@ -150,8 +154,14 @@ impl Reapi {
         let action_cache =
             ActionCache::open(&config.data_dir.join("ac"), config.action_cache_max_bytes)?;
         let work_dir = prepare_work_dir(&config.data_dir)?;
-        let sandbox = Sandbox::prepare(config.sandbox, &config.data_dir)?;
+        let sandbox = Sandbox::prepare(
+            config.sandbox,
+            &config.data_dir,
+            config.resources,
+            &format!("mesh-reapi-{}", node.node_id()),
+        )?;
         let sandboxed = sandbox.is_on();
+        let limits_resources = sandbox.limits_resources();
         let cluster = ClusterCas::new(
             cas,
             action_cache,
@@ -195,6 +205,7 @@ impl Reapi {
                 claims,
                 handoff,
                 sandboxed,
+                limits_resources,
             }),
         })
     }
@@ -225,6 +236,11 @@ impl Reapi {
     /// Whether this replica runs actions in the sandbox ([`crate::sandbox`]).
     pub fn sandboxed(&self) -> bool {
         self.inner.sandboxed
+    }
+
+    /// Whether this replica's actions get process and memory limits ([`crate::cgroups`]).
+    pub fn limits_resources(&self) -> bool {
+        self.inner.limits_resources
     }
 
     /// The route layer that makes the replicas one cluster: serve [`Reapi::routes`] behind it

@@ -206,6 +206,15 @@ pub(crate) async fn run(
     let stdout_file = fs::File::create(stdout).map_err(internal("creating the stdout file"))?;
     let stderr_file = fs::File::create(stderr).map_err(internal("creating the stderr file"))?;
     let cwd = root.join(&command.working_directory);
+    let group_id = root
+        .parent()
+        .and_then(Path::file_name)
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    // Kept until the action's processes are gone; dropping it removes the groups.
+    let group = sandbox
+        .action_group(&group_id)
+        .map_err(internal("making the action's control groups"))?;
     let mut process = sandbox.command(
         &program_path,
         &command.arguments[1..],
@@ -213,6 +222,7 @@ pub(crate) async fn run(
         root,
         &cwd,
         network,
+        group.as_ref(),
     );
     process
         .stdout(Stdio::from(stdout_file))

@@ -415,3 +415,54 @@ async fn nothing_outlives_an_action_and_its_directory_goes() {
     }
     cluster.shutdown().await;
 }
+
+/// Whether the replicas set process and memory limits; `false` (and a message) means: skip.
+fn limited(cluster: &Cluster, test: &str) -> bool {
+    if cluster.replicas[0].reapi().limits_resources() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CGROUP_TEST_REQUIRED").is_none_or(|v| v != "1"),
+        "{test}: control groups are required (CGROUP_TEST_REQUIRED=1) but actions run without limits"
+    );
+    eprintln!("{test}: skipped, no control groups for actions here");
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_action_is_held_to_its_process_and_memory_limits() {
+    let cluster = Cluster::start(1, |_, config| {
+        config.resources.max_processes = Some(16);
+        config.resources.max_memory_bytes = Some(64 << 20);
+    })
+    .await;
+    if !limited(&cluster, "limits") {
+        return cluster.shutdown().await;
+    }
+    // Forty children of 16 allowed: forks fail, and the action sees it.
+    let forks = shell(
+        "n=0; for i in $(seq 1 40); do sleep 2 & n=$((n+1)); done 2>/dev/null; \
+         echo started; wait",
+    );
+    let response = run(&cluster, &forks).await;
+    let result = response.result.as_ref().expect("a result");
+    assert_ne!(
+        result.exit_code, 0,
+        "forking past the limit fails: {response:?}"
+    );
+    // 200 MB held by `tail` (no newline in /dev/zero) of 64 MiB allowed: the kernel kills it.
+    let memory = shell("head -c 200000000 /dev/zero | tail > /dev/null; echo $?");
+    let response = run(&cluster, &memory).await;
+    assert_eq!(
+        stdout(&cluster, &response),
+        "137\n",
+        "killed by the OOM killer"
+    );
+    // Within the limits, the same commands run.
+    let small = shell(
+        "head -c 1000000 /dev/zero | tail > /dev/null; for i in 1 2 3; do sleep 0.1 & done; wait; echo ok",
+    );
+    let response = run(&cluster, &small).await;
+    assert_eq!(stdout(&cluster, &response), "ok\n");
+    cluster.shutdown().await;
+}
