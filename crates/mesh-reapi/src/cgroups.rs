@@ -64,7 +64,7 @@ impl Drop for ActionGroup {
     fn drop(&mut self) {
         // A group is removed with rmdir once it has no processes left. The processes of a
         // killed sandbox may still be on their way out (reaped by the host's init): try
-        // again, a little later, on a thread of its own, for up to 10 s.
+        // again, a little later, in a task of its own, for up to 10 s.
         let left: Vec<PathBuf> = self
             .dirs
             .drain(..)
@@ -73,10 +73,16 @@ impl Drop for ActionGroup {
         if left.is_empty() {
             return;
         }
-        std::thread::spawn(move || {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
             for _ in 0..100 {
-                std::thread::sleep(std::time::Duration::from_millis(100));
-                if left.iter().all(|dir| fs::remove_dir(dir).is_ok() || !dir.exists()) {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                if left
+                    .iter()
+                    .all(|dir| fs::remove_dir(dir).is_ok() || !dir.exists())
+                {
                     return;
                 }
             }

@@ -74,6 +74,21 @@ pub struct SandboxError {
     reason: String,
 }
 
+/// One action's process: `program` and `arguments` with exactly `environment`, in `cwd`, with
+/// `root` (the action's directory, holding `cwd`) writable and nothing else; `network` shares
+/// the host's network; `group` is the action's control groups, which its first process enters
+/// before it runs anything.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Launch<'a> {
+    pub(crate) program: &'a Path,
+    pub(crate) arguments: &'a [String],
+    pub(crate) environment: &'a [(String, String)],
+    pub(crate) root: &'a Path,
+    pub(crate) cwd: &'a Path,
+    pub(crate) network: bool,
+    pub(crate) group: Option<&'a ActionGroup>,
+}
+
 /// How this replica runs action processes.
 #[derive(Debug, Clone)]
 pub(crate) struct Sandbox {
@@ -143,20 +158,17 @@ impl Sandbox {
         self.runner.is_some()
     }
 
-    /// The process for `program` and `arguments` with exactly `environment`, in `cwd`, with
-    /// `root` (the action's directory, holding `cwd`) writable and nothing else. `network`
-    /// shares the host's network; `group` is the action's control groups, which its first
-    /// process enters before it runs anything.
-    pub(crate) fn command(
-        &self,
-        program: &Path,
-        arguments: &[String],
-        environment: &[(String, String)],
-        root: &Path,
-        cwd: &Path,
-        network: bool,
-        group: Option<&ActionGroup>,
-    ) -> tokio::process::Command {
+    /// The process that runs `launch`.
+    pub(crate) fn command(&self, launch: &Launch<'_>) -> tokio::process::Command {
+        let Launch {
+            program,
+            arguments,
+            environment,
+            root,
+            cwd,
+            network,
+            group,
+        } = *launch;
         let mut argv: Vec<OsString> = match &self.runner {
             None => std::iter::once(program.as_os_str().to_owned())
                 .chain(arguments.iter().map(OsString::from))

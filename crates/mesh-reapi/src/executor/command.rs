@@ -11,7 +11,7 @@ use std::{
 use bazel_remote_apis::build::bazel::remote::execution::v2::Command;
 
 use super::{ExecError, internal};
-use crate::sandbox::{Sandbox, find_on_path};
+use crate::sandbox::{Launch, Sandbox, find_on_path};
 
 /// A relative path inside the input root: no absolute paths, no `.`/`..`, no empty
 /// components.
@@ -215,15 +215,15 @@ pub(crate) async fn run(
     let group = sandbox
         .action_group(&group_id)
         .map_err(internal("making the action's control groups"))?;
-    let mut process = sandbox.command(
-        &program_path,
-        &command.arguments[1..],
-        &command.environment,
+    let mut process = sandbox.command(&Launch {
+        program: &program_path,
+        arguments: &command.arguments[1..],
+        environment: &command.environment,
         root,
-        &cwd,
+        cwd: &cwd,
         network,
-        group.as_ref(),
-    );
+        group: group.as_ref(),
+    });
     process
         .stdout(Stdio::from(stdout_file))
         .stderr(Stdio::from(stderr_file));
