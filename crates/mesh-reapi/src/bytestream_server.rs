@@ -148,6 +148,11 @@ impl ByteStream for ByteStreamService {
             })
         };
         if self.cluster.local().contains(&digest) {
+            if !from_peer {
+                // Held here already (perhaps only as a copy this replica fetched): make sure
+                // its owners hold it too before acknowledging (they are asked first).
+                self.cluster.replicate(&[digest], &metadata).await;
+            }
             return Ok(committed(digest));
         }
         let mut writer = self.cluster.local().writer(digest)?;

@@ -192,11 +192,13 @@ pub(crate) async fn run(
         }
         path
     } else {
+        // The command's own PATH, or (as a process started without one would) the server's.
         let path = command
             .environment
             .iter()
             .find(|(name, _)| name == "PATH")
-            .map(|(_, value)| std::ffi::OsString::from(value));
+            .map(|(_, value)| std::ffi::OsString::from(value))
+            .or_else(|| std::env::var_os("PATH"));
         find_on_path(program, path.as_deref()).ok_or_else(|| {
             ExecError::Invalid(format!(
                 "the command's program {program:?} could not be started: it is not on the command's PATH"
