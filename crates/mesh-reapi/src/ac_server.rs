@@ -1,10 +1,10 @@
 //! `build.bazel.remote.execution.v2.ActionCache`: a thin adapter onto [`ClusterCas`].
 //!
-//! * `GetActionResult` looks in this replica's action cache, then (unless the call came from
-//!   a peer) in those of the action's owners; a result is served only if its outputs exist somewhere in
-//!   the cluster (see [`crate::cluster`]). `NOT_FOUND` is a plain miss. Inlining of stdout,
-//!   stderr or output files is not done (REAPI allows ignoring those fields; Bazel reads
-//!   everything by digest).
+//! * `GetActionResult` looks in this replica's action cache, then (unless the call came from a
+//!   peer) in those of the action's owners; a result is served only if its outputs exist somewhere
+//!   in the cluster (see [`crate::cluster`]). `NOT_FOUND` is a plain miss. Inlining of stdout,
+//!   stderr or output files is not done (REAPI allows ignoring those fields; Bazel reads everything
+//!   by digest).
 //! * `UpdateActionResult` (clients that ran an action themselves) checks the digests in the
 //!   result and that the blobs it names exist in the cluster (`FAILED_PRECONDITION` with the
 //!   missing ones otherwise), then stores it here and on the action's owners. A call from a

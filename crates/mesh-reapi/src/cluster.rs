@@ -19,8 +19,9 @@
 //!   take a copy is replaced by the next replica of the ranking.
 //! * **Lookups ask the owners only.** `FindMissingBlobs` (and the check that a cached result's
 //!   outputs exist) asks this replica's own store, then the owners of what it lacks: one
-//!   batched call per owner, all in parallel, so its cost is `O(R)` per digest whatever the
-//!   size of the cluster. `GetActionResult` asks the action's owners.
+//!   batched call per owner, all in parallel (`mesh.reapi.v1.Presence/Has`, packed digests and
+//!   a bitmap back: [`crate::presence`]), so its cost is `O(R)` per digest whatever the size
+//!   of the cluster. `GetActionResult` asks the action's owners.
 //! * **Membership changes move data in the background** ([`crate::handoff`]): when the
 //!   placement members change, every replica copies the blobs and results it holds to their
 //!   new owners that lack them. Until that is done, lookups also ask the owners under the

@@ -13,7 +13,7 @@
 //! when a member leaves, only the digests it owned get one new owner each (the next in their
 //! ranking); when one joins, only the digests it now owns change, each losing its last owner.
 //!
-//! A [`Ring`] is one set of placement members; [`Rings`] keeps the current one and the recent
+//! A `Ring` is one set of placement members; `Rings` keeps the current one and the recent
 //! former ones, so lookups made while handoff copies blobs to their new owners also ask the
 //! owners under the former sets ("reads fall back to former owners").
 

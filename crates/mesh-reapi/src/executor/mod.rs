@@ -3,21 +3,21 @@
 //!
 //! For each action (REAPI v2 `Action`/`Command` semantics):
 //!
-//! 1. **Inputs** ([`inputs`]): the `Command` and the input root's `Directory` tree are read from
-//!    the CAS, level by level, fetching what is missing from peers
+//! 1. **Inputs** (`executor/inputs.rs`): the `Command` and the input root's `Directory` tree
+//!    are read from the CAS, level by level, fetching what is missing from peers
 //!    ([`ClusterCas::ensure_local`]); then every input file. Names are checked (no `/`, `.`,
 //!    `..`, empty, duplicates). The files are pinned against eviction and **copied** into a
 //!    fresh directory of the action's own (`{data_dir}/work/{uuid}/root`), so nothing the action
 //!    does can change the CAS.
-//! 2. **Run** ([`command`]): parents of every output path and the working directory are
-//!    created (REAPI: the server creates them) beneath the action's directory, never through a
+//! 2. **Run** (`executor/command.rs`): parents of every output path and the working directory
+//!    are created (REAPI: the server creates them) beneath the action's directory, never through a
 //!    link out of it; then `arguments` run in `working_directory` with exactly the command's
 //!    environment, stdin closed and stdout/stderr to files, in the [`crate::sandbox`] (or, with
 //!    the sandbox off, as a process group of its own). On timeout every process of the action
 //!    is killed (`SIGKILL`), and after a normal exit too, so nothing outlives its action.
-//! 3. **Outputs** ([`outputs`]): read beneath the action's directory only, through a directory
-//!    handle (`cap-std`'s `Dir`: a path that leads out through a symlink is refused, never
-//!    followed); output files are copied into the CAS (hashed while copying); output
+//! 3. **Outputs** (`executor/outputs.rs`): read beneath the action's directory only, through a
+//!    directory handle (`cap-std`'s `Dir`: a path that leads out through a symlink is refused,
+//!    never followed); output files are copied into the CAS (hashed while copying); output
 //!    directories become `Tree` messages (and their `Directory` messages are stored too, for
 //!    `GetTree` and `root_directory_digest`); a symlink is reported as a symlink, never followed
 //!    to collect what it points at; stdout and stderr are stored as blobs. Outputs that do not
