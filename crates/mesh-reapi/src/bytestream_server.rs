@@ -67,8 +67,9 @@ impl ByteStream for ByteStreamService {
         let request = request.into_inner();
         let name = ResourceName::parse_read(&request.resource_name)?;
         let digest = name.digest;
+        // bytestream.proto: a negative offset, like one past the end, is OUT_OF_RANGE.
         let offset = u64::try_from(request.read_offset).map_err(|_| {
-            invalid(format!(
+            Status::out_of_range(format!(
                 "read_offset {} must not be negative",
                 request.read_offset
             ))

@@ -298,7 +298,16 @@ async fn malformed_resource_names_and_digests_are_invalid_argument() {
         })
         .await
         .unwrap_err();
-    assert_eq!(error.code(), Code::InvalidArgument);
+    assert_eq!(
+        error.code(),
+        Code::OutOfRange,
+        "bytestream.proto: negative is OUT_OF_RANGE"
+    );
+    assert!(
+        error.message().contains("read_offset -1"),
+        "{}",
+        error.message()
+    );
     // A missing blob is NOT_FOUND.
     let error = read(&mut bytestream, &Digest::of(b"absent"))
         .await
