@@ -60,8 +60,14 @@ use crate::{
     stats::Counters,
 };
 
-/// How often an operation tries to follow another replica's before it runs the action itself.
+/// How often an operation claims an action (and follows another replica's operation) before
+/// it runs the action itself.
 const FOLLOW_ATTEMPTS: usize = 3;
+/// How often a broken connection to a followed operation's replica, still a member, is
+/// followed again before the operation counts as gone.
+const FOLLOW_RETRIES: u32 = 5;
+/// The wait before following again grows by this much each time.
+const FOLLOW_BACKOFF: Duration = Duration::from_millis(50);
 
 /// The most finished operations kept followable at once, whatever the retention.
 pub const MAX_RETAINED_OPERATIONS: usize = 100_000;
@@ -364,17 +370,27 @@ async fn run(
         let Claimed::Follow(other) = claimed else {
             break;
         };
-        // Another replica runs it: follow that operation, holding no slot meanwhile.
+        // Another replica runs it: follow that operation, holding no slot meanwhile. A
+        // connection that breaks while its replica is still a member is followed again (a
+        // moment later); an operation that is gone is claimed anew.
         guard = None;
-        match follow_elsewhere(&inner, &other, &metadata, &completion.sender).await {
-            Some(response) => {
-                inner.counters.merged();
-                tracing::debug!(action = %spec.action_digest, operation = %other, "followed an identical action running elsewhere");
-                completion.finish(response);
-                return;
+        let mut broken = 0;
+        loop {
+            match follow_elsewhere(&inner, &other, &metadata, &completion.sender).await {
+                Followed::Done(response) => {
+                    inner.counters.merged();
+                    tracing::debug!(action = %spec.action_digest, operation = %other, "followed an identical action running elsewhere");
+                    completion.finish(*response);
+                    return;
+                }
+                Followed::Broke if broken < FOLLOW_RETRIES => {
+                    broken += 1;
+                    tokio::time::sleep(FOLLOW_BACKOFF * broken).await;
+                }
+                Followed::Broke | Followed::Gone => break,
             }
-            None => stale = other,
         }
+        stale = other;
     }
     let guard = guard.unwrap_or_else(|| inner.load.begin_task());
     let Ok(_slot) = inner.slots.acquire().await else {
@@ -450,46 +466,85 @@ async fn run(
     drop(guard);
 }
 
+/// How following another operation ended.
+enum Followed {
+    /// With its outcome.
+    Done(Box<ExecuteResponse>),
+    /// The operation is gone: its replica is no longer a member, or no longer knows it.
+    Gone,
+    /// The connection broke (or could not be made) while its replica is still a member.
+    Broke,
+}
+
 /// Follows operation `name` (another replica's, or this one's) to its end, mirroring its
-/// stage into `sender`; its `ExecuteResponse`, or `None` if it cannot be followed (its
-/// replica is gone, or no longer knows it).
+/// stage into `sender`.
 async fn follow_elsewhere(
     inner: &Inner,
     name: &str,
     metadata: &MetadataMap,
     sender: &watch::Sender<OperationState>,
-) -> Option<ExecuteResponse> {
+) -> Followed {
     use bazel_remote_apis::build::bazel::remote::execution::v2::{
         WaitExecutionRequest, execution_client::ExecutionClient,
     };
-    let id: OperationId = name.parse().ok()?;
+    let Ok(id) = name.parse::<OperationId>() else {
+        return Followed::Gone;
+    };
     if id.node() == &inner.node_id {
-        let mut updates = lock(inner).operations.get(&id)?.updates.clone();
+        let Some(mut updates) = lock(inner).operations.get(&id).map(|t| t.updates.clone()) else {
+            return Followed::Gone;
+        };
         loop {
             let state = updates.borrow_and_update().clone();
             sender.send_modify(|mine| mine.stage = state.stage);
             if let Some(response) = state.response {
-                return Some(response);
+                return Followed::Done(Box::new(response));
             }
-            updates.changed().await.ok()?;
+            if updates.changed().await.is_err() {
+                return Followed::Gone;
+            }
         }
     }
+    let member = || {
+        inner
+            .cluster
+            .node()
+            .view()
+            .get(id.node().as_str())
+            .is_some()
+    };
+    let broke = || {
+        if member() {
+            Followed::Broke
+        } else {
+            Followed::Gone
+        }
+    };
     let call = match inner.cluster.node().router().peer(id.node(), metadata) {
         Ok(call) => call,
         Err(error) => {
             tracing::debug!(operation = %name, %error, "cannot follow an operation elsewhere");
-            return None;
+            return broke();
         }
     };
     let mut client = ExecutionClient::new(call.channel());
-    let mut stream = client
+    let mut stream = match client
         .wait_execution(call.request(WaitExecutionRequest {
             name: name.to_owned(),
         }))
         .await
-        .ok()?
-        .into_inner();
-    while let Ok(Some(operation)) = stream.message().await {
+    {
+        Ok(response) => response.into_inner(),
+        Err(status) if status.code() == Code::NotFound => return Followed::Gone,
+        Err(_) => return broke(),
+    };
+    loop {
+        let operation = match stream.message().await {
+            Ok(Some(operation)) => operation,
+            Ok(None) => return broke(),
+            Err(status) if status.code() == Code::NotFound => return Followed::Gone,
+            Err(_) => return broke(),
+        };
         if let Some(metadata) = operation.metadata.as_ref().and_then(|any| {
             bazel_remote_apis::build::bazel::remote::execution::v2::ExecuteOperationMetadata::decode(
                 any.value.as_slice(),
@@ -502,20 +557,24 @@ async fn follow_elsewhere(
         if operation.done {
             return match operation.result {
                 Some(operation::Result::Response(any)) => {
-                    ExecuteResponse::decode(any.value.as_slice()).ok()
+                    match ExecuteResponse::decode(any.value.as_slice()) {
+                        Ok(response) => Followed::Done(Box::new(response)),
+                        Err(_) => Followed::Gone,
+                    }
                 }
-                Some(operation::Result::Error(status)) => Some(ExecuteResponse {
-                    result: None,
-                    cached_result: false,
-                    status: Some(status),
-                    server_logs: HashMap::new(),
-                    message: String::new(),
-                }),
-                None => None,
+                Some(operation::Result::Error(status)) => {
+                    Followed::Done(Box::new(ExecuteResponse {
+                        result: None,
+                        cached_result: false,
+                        status: Some(status),
+                        server_logs: HashMap::new(),
+                        message: String::new(),
+                    }))
+                }
+                None => Followed::Gone,
             };
         }
     }
-    None
 }
 
 /// Publishes an operation's outcome exactly once, and removes it from the in-flight set; if

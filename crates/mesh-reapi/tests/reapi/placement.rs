@@ -12,8 +12,20 @@ use mesh_reapi::{
     proto::build::bazel::remote::execution::v2::{ExecuteResponse, FindMissingBlobsRequest},
 };
 
+use mesh_demo::{Replica, Served};
+use mesh_reapi::{
+    Reapi, ReapiServer,
+    proto::build::bazel::remote::execution::v2::{
+        BatchUpdateBlobsRequest, ExecuteOperationMetadata, batch_update_blobs_request,
+        content_addressable_storage_client::ContentAddressableStorageClient,
+        execution_client::ExecutionClient, execution_stage::Value as Stage,
+    },
+};
+use prost::Message as _;
+
 use crate::support::{
-    Cluster, Gate, bounded, eventually, execute_request, read, response, shell, upload, write,
+    Cluster, Gate, bounded, data_dir, eventually, execute_request, finished, read, response, shell,
+    test_config, upload, write,
 };
 
 /// `n` small blobs and their digests.
@@ -268,4 +280,155 @@ async fn identical_executes_spread_over_the_cluster_run_once() {
     let hits: u64 = cluster.replicas.iter().map(|r| r.stats().cache_hits).sum();
     assert_eq!(merged + hits, 99, "merged {merged}, cache hits {hits}");
     cluster.shutdown().await;
+}
+
+/// An `Execute` that runs where it lands (as the route layer sends it on: marked forwarded).
+fn landing_here(
+    action: Digest,
+    from: &str,
+) -> tonic::Request<mesh_reapi::proto::build::bazel::remote::execution::v2::ExecuteRequest> {
+    let mut request = tonic::Request::new(execute_request(action, false));
+    request.metadata_mut().insert(
+        mesh_route::FORWARDED_BY,
+        tonic::metadata::AsciiMetadataValue::try_from(from).unwrap(),
+    );
+    request
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_whose_runner_crashes_runs_the_action_itself() {
+    // r0 on a runtime of its own, so it can crash for real; r1 as usual.
+    let dir0 = data_dir();
+    let config0 = test_config(dir0.path());
+    let mut r0 = Replica::start(
+        mesh::Node::builder()
+            .node_id("r0")
+            .unwrap()
+            .gossip_bind("127.0.0.1:0".parse().unwrap())
+            .timing(mesh::Timing::local()),
+        "127.0.0.1:0".parse().unwrap(),
+        None,
+        move |node| {
+            let reapi = Reapi::open(node.clone(), &config0)
+                .map_err(|e| mesh_demo::ReplicaError::Serve(e.to_string()))?;
+            Ok(Served {
+                layer: reapi.layer(),
+                routes: reapi.routes(),
+                parts: reapi,
+            })
+        },
+    )
+    .await
+    .unwrap();
+    let dir1 = data_dir();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let r1 = ReapiServer::start(
+        mesh::Node::builder()
+            .node_id("r1")
+            .unwrap()
+            .gossip_bind("127.0.0.1:0".parse().unwrap())
+            .timing(mesh::Timing::local())
+            .seeds([r0.node().gossip_addr()]),
+        test_config(dir1.path()),
+        listener,
+    )
+    .await
+    .unwrap();
+    for node in [r0.node(), r1.node()] {
+        bounded(
+            "both replicas to see each other",
+            node.membership().wait_until(|view| {
+                view.len() == 2
+                    && view
+                        .peers()
+                        .iter()
+                        .all(|p| p.state().is_some_and(|s| s.grpc_endpoint.is_some()))
+            }),
+        )
+        .await;
+    }
+    let connect = |addr: std::net::SocketAddr| async move {
+        ExecutionClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap()
+    };
+    let gate = Gate::new();
+    let action = shell(&format!("{}; echo done > out", gate.wait()))
+        .output_file("out")
+        .build();
+    let mut cas = ContentAddressableStorageClient::connect(format!("http://{}", r1.addr()))
+        .await
+        .unwrap();
+    cas.batch_update_blobs(BatchUpdateBlobsRequest {
+        requests: action
+            .blobs
+            .iter()
+            .map(|(digest, data)| batch_update_blobs_request::Request {
+                digest: Some(digest.to_proto()),
+                data: data.clone(),
+                compressor: 0,
+            })
+            .collect(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    // r0 runs it (held on the gate); r1, asked for the same action, follows r0's operation.
+    let mut runner = connect(r0.grpc_addr())
+        .await
+        .execute(landing_here(action.action, "r1"))
+        .await
+        .unwrap()
+        .into_inner();
+    // EXECUTING: r0 claimed the action (a claim precedes the wait for a slot) and runs it.
+    bounded("r0 to run the action", async {
+        loop {
+            let operation = runner
+                .message()
+                .await
+                .unwrap()
+                .expect("r0's stream goes on");
+            let metadata = ExecuteOperationMetadata::decode(
+                operation.metadata.as_ref().unwrap().value.as_slice(),
+            )
+            .unwrap();
+            if metadata.stage == Stage::Executing as i32 {
+                break;
+            }
+        }
+    })
+    .await;
+    let mut on_r1 = connect(r1.addr()).await;
+    let follower = tokio::spawn(async move {
+        let mut stream = on_r1
+            .execute(landing_here(action.action, "r0"))
+            .await?
+            .into_inner();
+        let mut operations = Vec::new();
+        while let Some(operation) = stream.message().await? {
+            operations.push(operation);
+        }
+        Ok::<_, tonic::Status>(operations)
+    });
+    // Following holds no slot: r1's load is 0 while its operation exists.
+    eventually("r1 to follow r0's operation", async || {
+        r1.reapi().known_operations() == 1 && r1.node().load().pending() == 0
+    })
+    .await;
+
+    // r0 crashes mid-action: r1 finds the operation gone, claims the action anew, runs it.
+    r0.crash().await;
+    drop(runner);
+    gate.open();
+    let operations = bounded("the follower's stream to end", follower)
+        .await
+        .unwrap()
+        .expect("no error reaches the client");
+    let result = finished(&operations).result.expect("a result");
+    assert_eq!(result.exit_code, 0, "{result:?}");
+    assert_eq!(result.execution_metadata.unwrap().worker, "r1");
+    let stats = r1.stats();
+    assert_eq!((stats.executed, stats.merged), (1, 0), "{stats:?}");
+    r1.shutdown().await;
 }
