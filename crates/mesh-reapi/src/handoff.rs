@@ -48,13 +48,7 @@ async fn run(cluster: ClusterCas) {
             if done.as_deref() != Some(&*current) {
                 break current;
             }
-            let last = current.clone();
-            let view = cluster
-                .node()
-                .membership()
-                .wait_until(|view| Ring::of(view) != *last)
-                .await;
-            if view.status() == mesh_core::LocalStatus::Left {
+            if !placement_changes(&cluster, &current).await {
                 return;
             }
         };
@@ -65,12 +59,7 @@ async fn run(cluster: ClusterCas) {
         if ring.len() <= 1 && done.is_none() {
             // Alone: nobody to hand anything to yet; the first pass waits for the first peer.
             cluster.rings().handed_off(ring.clone());
-            let view = cluster
-                .node()
-                .membership()
-                .wait_until(|view| Ring::of(view) != *ring)
-                .await;
-            if view.status() == mesh_core::LocalStatus::Left {
+            if !placement_changes(&cluster, &ring).await {
                 return;
             }
             continue;
@@ -85,6 +74,18 @@ async fn run(cluster: ClusterCas) {
             tokio::time::sleep(delay.max(Duration::from_secs(1)) * 5).await;
         }
     }
+}
+
+/// Waits until the placement members differ from `ring`; `false` when they never will: the
+/// node left the cluster, or its membership task stopped (then `wait_until` returns at once,
+/// every time, and waiting again would spin).
+async fn placement_changes(cluster: &ClusterCas, ring: &Ring) -> bool {
+    let view = cluster
+        .node()
+        .membership()
+        .wait_until(|view| Ring::of(view) != *ring)
+        .await;
+    view.status() != mesh_core::LocalStatus::Left && Ring::of(&view) != *ring
 }
 
 /// One handoff pass from `before` (the placement of the last pass) to `now`; whether every
