@@ -416,22 +416,8 @@ impl Cas {
             .dir
             .temp_file()
             .map_err(CasError::io("creating a temporary file"))?;
-        let mut hasher = Hasher::new();
-        let mut buffer = vec![0u8; COPY_BUFFER];
-        loop {
-            let n = match input.read(&mut buffer) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(CasError::io(context())(e)),
-            };
-            hasher.update(&buffer[..n]);
-            output
-                .write_all(&buffer[..n])
-                .map_err(CasError::io(context()))?;
-        }
+        let digest = copy_hashing(input, &mut output, COPY_BUFFER, &context)?;
         drop(output);
-        let digest = hasher.finish();
         self.commit_temp(digest, path)?;
         Ok(digest)
     }
@@ -482,22 +468,8 @@ impl Cas {
         let mut output = fs::File::create(dest).map_err(CasError::io(context()))?;
         if let Some((input, metadata)) = source {
             let mut input = input.take(digest.size().saturating_add(1));
-            let mut hasher = Hasher::new();
-            let mut buffer =
-                vec![0u8; COPY_BUFFER.min(usize::try_from(digest.size()).unwrap_or(COPY_BUFFER))];
-            loop {
-                let n = match input.read(&mut buffer) {
-                    Ok(0) => break,
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(CasError::io(context())(e)),
-                };
-                hasher.update(&buffer[..n]);
-                output
-                    .write_all(&buffer[..n])
-                    .map_err(CasError::io(context()))?;
-            }
-            let actual = hasher.finish();
+            let buffer = COPY_BUFFER.min(usize::try_from(digest.size()).unwrap_or(COPY_BUFFER));
+            let actual = copy_hashing(&mut input, &mut output, buffer, &context)?;
             if actual != *digest {
                 drop(output);
                 fs::remove_file(dest).map_err(CasError::io(format!(
@@ -539,6 +511,31 @@ impl Cas {
     pub fn usage(&self) -> StoreUsage {
         self.dir.usage()
     }
+}
+
+/// Copies `input` to `output` in pieces of `buffer` bytes, hashing what passes, and returns
+/// the digest of the bytes copied (`context` names the copy in errors). Blocking.
+fn copy_hashing(
+    input: &mut impl io::Read,
+    output: &mut impl io::Write,
+    buffer: usize,
+    context: &dyn Fn() -> String,
+) -> Result<Digest, CasError> {
+    let mut hasher = Hasher::new();
+    let mut buffer = vec![0u8; buffer.max(1)];
+    loop {
+        let n = match input.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(CasError::io(context())(e)),
+        };
+        hasher.update(&buffer[..n]);
+        output
+            .write_all(&buffer[..n])
+            .map_err(CasError::io(context()))?;
+    }
+    Ok(hasher.finish())
 }
 
 /// Writes one blob in pieces; nothing is visible until [`BlobWriter::commit`] checks the

@@ -485,15 +485,7 @@ impl ClusterCas {
             if by_node.is_empty() {
                 break;
             }
-            let fetches: FuturesUnordered<_> = by_node
-                .iter()
-                .map(|(node, digests)| peers.fetch(node, digests, &self.cas))
-                .collect();
-            let fetched: Vec<Vec<Digest>> = fetches.collect().await;
-            for fetched in fetched {
-                self.count_fetched(&fetched);
-                missing.retain(|d| !fetched.contains(d));
-            }
+            self.fetch_from(&peers, &by_node, &mut missing).await;
             if missing.is_empty() {
                 return missing;
             }
@@ -518,7 +510,19 @@ impl ClusterCas {
                 by_holder.entry(node.clone()).or_default().push(*digest);
             }
         }
-        let fetches: FuturesUnordered<_> = by_holder
+        self.fetch_from(&peers, &by_holder, &mut missing).await;
+        missing
+    }
+
+    /// Fetches each peer's share of `by_node`, all peers in parallel, and takes what arrived
+    /// out of `missing`.
+    async fn fetch_from(
+        &self,
+        peers: &Peers<'_>,
+        by_node: &HashMap<NodeId, Vec<Digest>>,
+        missing: &mut Vec<Digest>,
+    ) {
+        let fetches: FuturesUnordered<_> = by_node
             .iter()
             .map(|(node, digests)| peers.fetch(node, digests, &self.cas))
             .collect();
@@ -527,7 +531,6 @@ impl ClusterCas {
             self.count_fetched(&fetched);
             missing.retain(|d| !fetched.contains(d));
         }
-        missing
     }
 
     fn count_fetched(&self, fetched: &[Digest]) {

@@ -4,9 +4,8 @@ use mesh_reapi::{
     Digest,
     proto::{
         build::bazel::remote::execution::v2::{
-            ActionResult, BatchReadBlobsRequest, Directory, FindMissingBlobsRequest,
-            GetActionResultRequest, GetTreeRequest, OutputFile, Tree, UpdateActionResultRequest,
-            WaitExecutionRequest,
+            ActionResult, BatchReadBlobsRequest, Directory, GetActionResultRequest, GetTreeRequest,
+            OutputFile, Tree, UpdateActionResultRequest, WaitExecutionRequest,
         },
         google::bytestream::ReadRequest,
     },
@@ -15,7 +14,8 @@ use prost::Message as _;
 use tonic::{Code, metadata::AsciiMetadataValue};
 
 use crate::support::{
-    Cluster, Gate, execute, execute_request, finished, read, shell, upload, wait_execution,
+    Cluster, Gate, execute, execute_request, finished, missing_on, read, shell, upload,
+    wait_execution,
 };
 
 /// The action most tests run: reads an input, writes an output file and an output directory.
@@ -24,23 +24,6 @@ fn produce() -> crate::support::TestAction {
         .input("in/source.txt", b"from the client")
         .output_file("out/result.txt")
         .output_directory("tree")
-}
-
-async fn missing_on(cluster: &Cluster, i: usize, digests: &[Digest]) -> Vec<Digest> {
-    cluster
-        .cas(i)
-        .await
-        .find_missing_blobs(FindMissingBlobsRequest {
-            blob_digests: digests.iter().map(Digest::to_proto).collect(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .missing_blob_digests
-        .iter()
-        .map(|d| Digest::from_proto(d, "d").unwrap())
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

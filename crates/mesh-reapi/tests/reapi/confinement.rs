@@ -88,14 +88,34 @@ fn stdout(cluster: &Cluster, response: &ExecuteResponse) -> String {
 
 /// Whether the replicas run actions sandboxed; `false` (and a message) means: skip.
 fn sandboxed(cluster: &Cluster, test: &str) -> bool {
-    if cluster.replicas[0].reapi().sandboxed() {
+    available(
+        cluster.replicas[0].reapi().sandboxed(),
+        "SANDBOX_TEST_REQUIRED",
+        test,
+        "actions run without a sandbox here (install bubblewrap)",
+    )
+}
+
+/// Whether the replicas set process and memory limits; `false` (and a message) means: skip.
+fn limited(cluster: &Cluster, test: &str) -> bool {
+    available(
+        cluster.replicas[0].reapi().limits_resources(),
+        "CGROUP_TEST_REQUIRED",
+        test,
+        "no control groups for actions here",
+    )
+}
+
+/// `here`, or a skip with `why`; a panic instead if `required` (an environment variable) is 1.
+fn available(here: bool, required: &str, test: &str, why: &str) -> bool {
+    if here {
         return true;
     }
     assert!(
-        std::env::var_os("SANDBOX_TEST_REQUIRED").is_none_or(|v| v != "1"),
-        "{test}: the sandbox is required (SANDBOX_TEST_REQUIRED=1) but actions run without it"
+        std::env::var_os(required).is_none_or(|v| v != "1"),
+        "{test}: required ({required}=1), but {why}"
     );
-    eprintln!("{test}: skipped, actions run without a sandbox here (install bubblewrap)");
+    eprintln!("{test}: skipped, {why}");
     false
 }
 
@@ -414,19 +434,6 @@ async fn nothing_outlives_an_action_and_its_directory_goes() {
         );
     }
     cluster.shutdown().await;
-}
-
-/// Whether the replicas set process and memory limits; `false` (and a message) means: skip.
-fn limited(cluster: &Cluster, test: &str) -> bool {
-    if cluster.replicas[0].reapi().limits_resources() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CGROUP_TEST_REQUIRED").is_none_or(|v| v != "1"),
-        "{test}: control groups are required (CGROUP_TEST_REQUIRED=1) but actions run without limits"
-    );
-    eprintln!("{test}: skipped, no control groups for actions here");
-    false
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,10 +7,7 @@ use std::sync::{
 };
 
 use futures::StreamExt as _;
-use mesh_reapi::{
-    Digest,
-    proto::build::bazel::remote::execution::v2::{ExecuteResponse, FindMissingBlobsRequest},
-};
+use mesh_reapi::{Digest, proto::build::bazel::remote::execution::v2::ExecuteResponse};
 
 use mesh_demo::{Replica, Served};
 use mesh_reapi::{
@@ -24,8 +21,8 @@ use mesh_reapi::{
 use prost::Message as _;
 
 use crate::support::{
-    Cluster, Gate, bounded, data_dir, eventually, execute_request, finished, read, response, shell,
-    test_config, upload, write,
+    Cluster, Gate, bounded, data_dir, eventually, execute_request, finished, missing_on, read,
+    response, shell, test_config, upload, write,
 };
 
 /// `n` small blobs and their digests.
@@ -35,23 +32,6 @@ fn blobs(n: usize, tag: &str) -> Vec<(Digest, Vec<u8>)> {
             let data = format!("{tag} blob {i}").into_bytes();
             (Digest::of(&data), data)
         })
-        .collect()
-}
-
-async fn missing_on(cluster: &Cluster, position: usize, digests: &[Digest]) -> Vec<Digest> {
-    cluster
-        .cas(position)
-        .await
-        .find_missing_blobs(FindMissingBlobsRequest {
-            blob_digests: digests.iter().map(Digest::to_proto).collect(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .missing_blob_digests
-        .iter()
-        .map(|d| Digest::from_proto(d, "d").unwrap())
         .collect()
 }
 

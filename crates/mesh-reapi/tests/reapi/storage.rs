@@ -3,13 +3,12 @@
 use std::{fs, os::unix::fs::PermissionsExt as _};
 
 use mesh_reapi::{
-    Digest,
-    proto::build::bazel::remote::execution::v2::{BatchReadBlobsRequest, FindMissingBlobsRequest},
+    Digest, proto::build::bazel::remote::execution::v2::BatchReadBlobsRequest,
     proto::google::bytestream::ReadRequest,
 };
 use tonic::{Code, metadata::MetadataMap};
 
-use crate::support::{Cluster, read, upload, write};
+use crate::support::{Cluster, missing_on, read, upload, write};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cas_evicts_least_recently_used_blobs_to_stay_within_its_bound() {
@@ -36,20 +35,7 @@ async fn the_cas_evicts_least_recently_used_blobs_to_stay_within_its_bound() {
     let usage = cluster.replicas[0].reapi().cluster().local().usage();
     assert!(usage.bytes <= bound, "{usage:?}");
     assert!(usage.evictions >= 6, "{usage:?}");
-    let missing: Vec<Digest> = cluster
-        .cas(0)
-        .await
-        .find_missing_blobs(FindMissingBlobsRequest {
-            blob_digests: digests.iter().map(Digest::to_proto).collect(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .missing_blob_digests
-        .iter()
-        .map(|d| Digest::from_proto(d, "d").unwrap())
-        .collect();
+    let missing = missing_on(&cluster, 0, &digests).await;
     assert!(!missing.contains(&digests[0]), "recently used");
     assert!(!missing.contains(&digests[9]), "just written");
     assert!(missing.contains(&digests[1]), "least recently used");

@@ -10,7 +10,7 @@ use mesh_reapi::{
     proto::{
         build::bazel::remote::execution::v2::{
             Action, BatchUpdateBlobsRequest, Command, Directory, DirectoryNode, ExecuteRequest,
-            ExecuteResponse, FileNode, Platform, WaitExecutionRequest,
+            ExecuteResponse, FileNode, FindMissingBlobsRequest, Platform, WaitExecutionRequest,
             action_cache_client::ActionCacheClient, batch_update_blobs_request,
             command::EnvironmentVariable,
             content_addressable_storage_client::ContentAddressableStorageClient,
@@ -88,20 +88,9 @@ impl Cluster {
             replicas.push(ReapiServer::start(builder, config, listener).await.unwrap());
             dirs.push(dir);
         }
-        for replica in &replicas {
-            bounded(
-                "every replica to see every other with its endpoint",
-                replica.node().membership().wait_until(|view| {
-                    view.len() == n
-                        && view
-                            .peers()
-                            .iter()
-                            .all(|p| p.state().is_some_and(|s| s.grpc_endpoint.is_some()))
-                }),
-            )
-            .await;
-        }
-        Self { replicas, dirs }
+        let cluster = Self { replicas, dirs };
+        cluster.converge().await;
+        cluster
     }
 
     /// Starts replica `r{index}` again on its data directory, joined through replica 0 of
@@ -239,6 +228,24 @@ impl Cluster {
             replica.shutdown().await;
         }
     }
+}
+
+/// What `FindMissingBlobs` through the replica at `position` reports missing of `digests`.
+pub async fn missing_on(cluster: &Cluster, position: usize, digests: &[Digest]) -> Vec<Digest> {
+    cluster
+        .cas(position)
+        .await
+        .find_missing_blobs(FindMissingBlobsRequest {
+            blob_digests: digests.iter().map(Digest::to_proto).collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .missing_blob_digests
+        .iter()
+        .map(|d| Digest::from_proto(d, "d").unwrap())
+        .collect()
 }
 
 /// Uploads small blobs with `BatchUpdateBlobs`, checking every blob's status.
