@@ -818,11 +818,7 @@ impl ClusterCas {
             return;
         };
         for directory in &result.output_directories {
-            let Some(tree) = directory
-                .tree_digest
-                .as_ref()
-                .and_then(|d| Digest::from_proto(d, "tree_digest").ok())
-            else {
+            let Some(tree) = tree_of(directory) else {
                 continue;
             };
             if let Ok(Some(bytes)) = self.cas.read(&tree).await
@@ -854,11 +850,7 @@ impl ClusterCas {
             Err(_) => return Ok(false),
         };
         for directory in &result.output_directories {
-            let Some(tree) = directory
-                .tree_digest
-                .as_ref()
-                .and_then(|d| Digest::from_proto(d, "tree_digest").ok())
-            else {
+            let Some(tree) = tree_of(directory) else {
                 return Ok(false);
             };
             let tree: Tree = match self
@@ -915,6 +907,16 @@ impl Plan {
     fn next_candidate(&mut self) -> Option<NodeId> {
         self.candidates.pop_front()
     }
+}
+
+/// The digest of an output directory's `Tree`, if it names a valid one.
+fn tree_of(
+    directory: &bazel_remote_apis::build::bazel::remote::execution::v2::OutputDirectory,
+) -> Option<Digest> {
+    directory
+        .tree_digest
+        .as_ref()
+        .and_then(|d| Digest::from_proto(d, "tree_digest").ok())
 }
 
 /// The replica that ran the action, as recorded in its result.

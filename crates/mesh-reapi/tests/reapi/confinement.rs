@@ -17,21 +17,12 @@ use prost::Message as _;
 use tonic::Code;
 
 use crate::support::{
-    Cluster, TestAction, eventually, execute, execute_request, finished, processes_with, read,
-    shell, sleep_token, upload,
+    Built, Cluster, TestAction, eventually, execute, execute_request, finished, processes_with,
+    read, shell, sleep_token, upload,
 };
 
 async fn run(cluster: &Cluster, action: &TestAction) -> ExecuteResponse {
-    let built = action.build();
-    upload(cluster, 0, &built.blobs).await;
-    finished(
-        &execute(
-            &mut cluster.exec(0).await,
-            execute_request(built.action, true),
-        )
-        .await
-        .unwrap(),
-    )
+    run_built(cluster, action.build()).await
 }
 
 async fn run_over(
@@ -39,7 +30,11 @@ async fn run_over(
     action: &TestAction,
     root: impl FnOnce(&mut dyn FnMut(Vec<u8>) -> Digest) -> Digest,
 ) -> ExecuteResponse {
-    let built = action.build_with(root);
+    run_built(cluster, action.build_with(root)).await
+}
+
+/// Uploads a built action to replica 0 and runs it there, uncached.
+async fn run_built(cluster: &Cluster, built: Built) -> ExecuteResponse {
     upload(cluster, 0, &built.blobs).await;
     finished(
         &execute(

@@ -13,7 +13,7 @@ use mesh_demo::{Replica, Served};
 use mesh_reapi::{
     Reapi, ReapiServer,
     proto::build::bazel::remote::execution::v2::{
-        BatchUpdateBlobsRequest, ExecuteOperationMetadata, batch_update_blobs_request,
+        ExecuteOperationMetadata,
         content_addressable_storage_client::ContentAddressableStorageClient,
         execution_client::ExecutionClient, execution_stage::Value as Stage,
     },
@@ -22,7 +22,7 @@ use prost::Message as _;
 
 use crate::support::{
     Cluster, Gate, bounded, data_dir, eventually, execute_request, finished, missing_on, read,
-    response, shell, test_config, upload, write,
+    response, shell, test_config, upload, upload_with, write,
 };
 
 /// `n` small blobs and their digests.
@@ -339,20 +339,7 @@ async fn a_follower_whose_runner_crashes_runs_the_action_itself() {
     let mut cas = ContentAddressableStorageClient::connect(format!("http://{}", r1.addr()))
         .await
         .unwrap();
-    cas.batch_update_blobs(BatchUpdateBlobsRequest {
-        requests: action
-            .blobs
-            .iter()
-            .map(|(digest, data)| batch_update_blobs_request::Request {
-                digest: Some(digest.to_proto()),
-                data: data.clone(),
-                compressor: 0,
-            })
-            .collect(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    upload_with(&mut cas, &action.blobs).await;
 
     // r0 runs it (held on the gate); r1, asked for the same action, follows r0's operation.
     let mut runner = connect(r0.grpc_addr())

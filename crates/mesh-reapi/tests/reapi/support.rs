@@ -250,7 +250,14 @@ pub async fn missing_on(cluster: &Cluster, position: usize, digests: &[Digest]) 
 
 /// Uploads small blobs with `BatchUpdateBlobs`, checking every blob's status.
 pub async fn upload(cluster: &Cluster, i: usize, blobs: &[(Digest, Vec<u8>)]) {
-    let mut client = cluster.cas(i).await;
+    upload_with(&mut cluster.cas(i).await, blobs).await;
+}
+
+/// [`upload`] through a client of the caller's (a replica outside a [`Cluster`]).
+pub async fn upload_with(
+    client: &mut ContentAddressableStorageClient<Channel>,
+    blobs: &[(Digest, Vec<u8>)],
+) {
     let response = client
         .batch_update_blobs(BatchUpdateBlobsRequest {
             instance_name: String::new(),
