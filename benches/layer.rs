@@ -53,7 +53,7 @@ async fn echo_replica(name: &str, slots: u32, seed: Option<SocketAddr>) -> Repli
                     Ok(Decision::Route(RouteRequest::new()))
                 }),
             )?;
-            let service = EchoService::new(node.node_id().clone(), node.load().clone());
+            let service = EchoService::new(node.node_id().clone());
             Ok(Served {
                 layer,
                 routes: Routes::new(service.into_server()),

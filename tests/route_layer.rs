@@ -101,7 +101,7 @@ impl EchoNode {
         let builder = node_builder(name, seeds, patient(), slots).when_full(when_full);
         let replica = Replica::start(builder, "127.0.0.1:0".parse().unwrap(), None, move |node| {
             let layer = echo_layer(node, count);
-            let service = EchoService::new(node.node_id().clone(), node.load().clone());
+            let service = EchoService::new(node.node_id().clone());
             Ok(Served {
                 layer: layer.clone(),
                 routes: Routes::new(service.into_server()),

@@ -1,12 +1,24 @@
 //! Counting the work a node has in hand, so its load can be gossiped without embedders doing
 //! arithmetic by hand.
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicU32, Ordering},
+use std::{
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
 };
 
 use tokio::sync::{Notify, watch};
+
+tokio::task_local! {
+    /// Set while a call that something else already counts runs (see
+    /// [`LoadTracker::already_counted`]).
+    static ALREADY_COUNTED: ();
+}
+
+/// Whether the double-count warning was logged (once per process).
+static WARNED_DOUBLE_COUNT: AtomicBool = AtomicBool::new(false);
 
 /// Tracks pending tasks (queued plus executing) and the node's concurrency limit.
 ///
@@ -58,7 +70,13 @@ impl LoadTracker {
     /// Counts one more pending task until the returned guard is dropped.
     ///
     /// Always succeeds, even over the limit: queued work counts as load too.
+    ///
+    /// Inside a call that is already counted (the route layer counts every call it runs
+    /// here, see [`LoadTracker::already_counted`]) this counts the call a second time, which
+    /// halves what the node appears able to take: the first time that happens, a warning
+    /// says so.
     pub fn begin_task(&self) -> TaskGuard {
+        warn_if_already_counted();
         let now = self
             .inner
             .pending
@@ -74,6 +92,7 @@ impl LoadTracker {
     /// Like [`LoadTracker::begin_task`], but only while fewer than `max_concurrency` tasks
     /// are pending.
     pub fn try_begin_task(&self) -> Option<TaskGuard> {
+        warn_if_already_counted();
         let max = self.inner.max_concurrency.load(Ordering::Acquire);
         let mut current = self.inner.pending.load(Ordering::Acquire);
         loop {
@@ -95,6 +114,15 @@ impl LoadTracker {
         Some(TaskGuard {
             tracker: self.clone(),
         })
+    }
+
+    /// Runs `future` as a call that its caller already counts with a [`TaskGuard`] of its
+    /// own. The route layer runs every call it counts this way, so that a handler which
+    /// also calls [`LoadTracker::begin_task`] for the same call (counting it twice) is
+    /// reported with a warning, once per process. Work a handler spawns as a task of its own
+    /// is outside the scope.
+    pub fn already_counted<F: Future>(future: F) -> impl Future<Output = F::Output> {
+        ALREADY_COUNTED.scope((), future)
     }
 
     /// Tasks currently pending.
@@ -157,6 +185,19 @@ impl LoadTracker {
     }
 }
 
+fn warn_if_already_counted() {
+    if ALREADY_COUNTED.try_with(|()| ()).is_ok()
+        && !WARNED_DOUBLE_COUNT.swap(true, Ordering::Relaxed)
+    {
+        tracing::warn!(
+            "LoadTracker::begin_task was called inside a call the route layer already counts: \
+             the call is counted twice and the node looks twice as busy as it is. Take the \
+             layer's guard instead (mesh_route::layer::CallTask in the request's extensions) \
+             or drop the begin_task call (this warning is logged once)"
+        );
+    }
+}
+
 /// One pending task; dropping it ends the task.
 #[derive(Debug)]
 #[must_use = "the task ends as soon as the guard is dropped"]
@@ -202,6 +243,47 @@ mod tests {
         });
         assert_eq!(guards.lock().unwrap().len(), 50);
         assert_eq!(load.pending(), 50);
+    }
+
+    /// A writer the test's log subscriber appends to.
+    #[derive(Clone, Default)]
+    struct Log(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Log {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn counting_a_counted_call_again_is_reported_once() {
+        let log = Log::default();
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        tracing::subscriber::with_default(subscriber, || {
+            let load = LoadTracker::new(4);
+            let outside = load.begin_task();
+            let logged = |log: &Log| String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+            assert_eq!(logged(&log), "", "a task outside a counted call is fine");
+            runtime.block_on(LoadTracker::already_counted(async {
+                let _twice = load.begin_task();
+                let _again = load.try_begin_task();
+            }));
+            let text = logged(&log);
+            assert!(text.contains("counted twice"), "{text}");
+            assert_eq!(text.matches("WARN").count(), 1, "once: {text}");
+            drop(outside);
+        });
     }
 
     #[tokio::test]

@@ -1,14 +1,14 @@
 //! `mesh.test.v1.Echo`: a service the route layer has never seen, for the layer's tests.
 //!
-//! Every call holds a task guard while it runs, so the node's gossiped load counts it. The
-//! response metadata reports what the call looked like when it arrived: `x-seen-forwarded-by`
+//! It counts nothing itself: the route layer counts every call of a spread rule while it runs
+//! (as a server that only adds the layer would be). The response metadata reports what the call looked like when it arrived: `x-seen-forwarded-by`
 //! (the `x-mesh-forwarded-by` header, empty when it came straight from a client) and
 //! `x-seen-grpc-timeout` (the deadline that was left).
 
 use std::{pin::Pin, time::Duration};
 
 use futures::Stream;
-use mesh::{LoadTracker, NodeId, route::FORWARDED_BY};
+use mesh::{NodeId, route::FORWARDED_BY};
 use tonic::{Request, Response, Status, metadata::MetadataValue};
 
 use crate::proto::test::v1::{
@@ -19,13 +19,12 @@ use crate::proto::test::v1::{
 #[derive(Debug, Clone)]
 pub struct EchoService {
     node_id: NodeId,
-    load: LoadTracker,
 }
 
 impl EchoService {
-    /// Serves as `node_id`, counting calls in `load`.
-    pub fn new(node_id: NodeId, load: LoadTracker) -> Self {
-        Self { node_id, load }
+    /// Serves as `node_id`.
+    pub fn new(node_id: NodeId) -> Self {
+        Self { node_id }
     }
 
     /// The tonic server wrapper for this service.
@@ -57,7 +56,6 @@ impl echo_server::Echo for EchoService {
     type CountStream = TickStream;
 
     async fn echo(&self, request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
-        let _task = self.load.begin_task();
         let message = request.get_ref();
         tokio::time::sleep(Duration::from_millis(message.hold_ms)).await;
         let reply = EchoReply {
@@ -68,7 +66,6 @@ impl echo_server::Echo for EchoService {
     }
 
     async fn count(&self, request: Request<CountRequest>) -> Result<Response<TickStream>, Status> {
-        let task = self.load.begin_task();
         let message = request.get_ref().clone();
         let served_by = self.node_id.to_string();
         let ticks = futures::stream::unfold(0, move |index| {
@@ -91,11 +88,6 @@ impl echo_server::Echo for EchoService {
                 };
                 Some((Ok(tick), index + 1))
             }
-        });
-        // The guard lives as long as the stream.
-        let ticks = futures::StreamExt::map(ticks, move |tick| {
-            let _ = &task;
-            tick
         });
         Ok(self.reply(request.metadata(), Box::pin(ticks) as TickStream))
     }

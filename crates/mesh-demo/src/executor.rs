@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use mesh::{LoadTracker, NodeId, OperationId};
+use mesh::{LoadTracker, NodeId, OperationId, TaskGuard};
 use tokio::{
     sync::{Semaphore, watch},
     time::Instant,
@@ -82,6 +82,11 @@ impl DemoExecutor {
 
     /// Accepts an action: it is queued at once (counted as pending), runs when a slot frees,
     /// and completes after its duration. Returns the operation's updates.
+    ///
+    /// `call_task` is the `Execute` call's count, taken from the route layer
+    /// ([`mesh::route::layer::CallTask`]): the action keeps it until it is done, so the call
+    /// and its action count once. Without one (a call that did not come through the layer)
+    /// the action counts itself.
     pub fn submit(
         &self,
         id: OperationId,
@@ -89,8 +94,9 @@ impl DemoExecutor {
         action: Action,
         forwarded_by: Option<NodeId>,
         request_id: String,
+        call_task: Option<TaskGuard>,
     ) -> watch::Receiver<Operation> {
-        let guard = self.inner.load.begin_task();
+        let guard = call_task.unwrap_or_else(|| self.inner.load.begin_task());
         let (updates, receiver) = watch::channel(Operation {
             name,
             stage: Stage::Queued as i32,
@@ -169,7 +175,14 @@ mod tests {
             duration_ms: 10,
             ..Action::default()
         };
-        let mut updates = executor.submit(id.clone(), id.to_string(), action, None, String::new());
+        let mut updates = executor.submit(
+            id.clone(),
+            id.to_string(),
+            action,
+            None,
+            String::new(),
+            None,
+        );
         while !updates.borrow_and_update().done {
             updates.changed().await.unwrap();
         }

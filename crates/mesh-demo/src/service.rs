@@ -11,7 +11,10 @@ use std::{
 };
 
 use futures::{Stream, StreamExt};
-use mesh::{OperationId, route::forwarded_by};
+use mesh::{
+    OperationId,
+    route::{forwarded_by, layer::CallTask},
+};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
@@ -122,7 +125,13 @@ impl execution_server::Execution for ExecutionService {
         let node = self.executor.node_id().clone();
         let id = OperationId::new(node);
         let name = id.with_prefix(&operation_prefix(&message.instance_name));
-        let updates = self.executor.submit(id, name, action, from, request_id);
+        let call_task = request
+            .extensions()
+            .get::<CallTask>()
+            .and_then(CallTask::take);
+        let updates = self
+            .executor
+            .submit(id, name, action, from, request_id, call_task);
         Ok(Response::new(follow(updates)))
     }
 

@@ -34,7 +34,7 @@ use bazel_remote_apis::{
 };
 use futures::Stream;
 use mesh_core::NodeId;
-use mesh_route::{OperationId, RouteRequest, forwarded_by};
+use mesh_route::{OperationId, RouteRequest, forwarded_by, layer::CallTask};
 use tonic::{Request, Response, Status, metadata::MetadataMap};
 
 use crate::{
@@ -182,6 +182,12 @@ impl Execution for ExecutionService {
             self.counters.forwarded_in();
         }
         let metadata = request.metadata().clone();
+        // The route layer counts this call as one task of the node: a new action keeps that
+        // count until it is done; a cache hit or a merged action ends it with the call.
+        let call_task = request
+            .extensions()
+            .get::<CallTask>()
+            .and_then(CallTask::take);
         let request = request.into_inner();
         check_digest_function(request.digest_function)?;
         let digest = Digest::from_required(request.action_digest.as_ref(), "action_digest")?;
@@ -207,6 +213,7 @@ impl Execution for ExecutionService {
             hints,
             metadata,
             !request.skip_cache_lookup,
+            call_task,
         );
         if submitted.merged {
             tracing::debug!(action = %digest, "joined an identical action in flight");

@@ -3,6 +3,8 @@
 //!
 //! * **Load**: every accepted action takes a [`mesh_core::TaskGuard`] at once and holds it
 //!   until its operation is done, so the load the mesh gossips (queued + executing) is exact.
+//!   The guard is the `Execute` call's own, which the route layer counted when it placed the
+//!   call here ([`mesh_route::layer::CallTask`]), so the call and its action count once.
 //!   At most `max_concurrency` actions execute at a time (a fair semaphore: first come, first
 //!   run); the rest wait in order.
 //! * **Merging**: an `Execute` of an action already queued or running here (same instance,
@@ -228,6 +230,7 @@ impl Scheduler {
         hints: Vec<NodeId>,
         metadata: MetadataMap,
         accept_cached: bool,
+        call_task: Option<TaskGuard>,
     ) -> Submitted {
         let key = (instance_name.to_owned(), spec.action_digest);
         let mut registry = self.registry();
@@ -243,7 +246,9 @@ impl Scheduler {
                 merged: true,
             };
         }
-        let guard = self.inner.load.begin_task();
+        // The call's own count (the route layer's) becomes the action's, queued and running;
+        // a call that joined an action in flight above added no work and drops it.
+        let guard = call_task.unwrap_or_else(|| self.inner.load.begin_task());
         let id = OperationId::new(self.inner.node_id.clone());
         let name = operation_name(instance_name, &id);
         let (sender, updates) = watch::channel(OperationState {

@@ -8,10 +8,10 @@ use std::{
     },
 };
 
-use mesh_core::NodeId;
+use mesh_core::{NodeId, TaskGuard};
 use tower::Layer;
 
-use super::{PeerForwards, RouteService, Rule, outcome::PeerCounters};
+use super::{CallTask, PeerForwards, RouteService, Rule, outcome::PeerCounters, task::Running};
 use crate::Router;
 
 /// The header naming a call across nodes: kept if the client sent one, otherwise generated
@@ -107,6 +107,19 @@ impl RouteLayer {
         self.counters.peers.snapshot()
     }
 
+    /// Counts one call run here as a pending task of this node.
+    pub(crate) fn begin_task(&self) -> TaskGuard {
+        self.router.membership().load().begin_task()
+    }
+
+    /// Hands a counted call's guard to the inner service through the request's extensions
+    /// (see [`CallTask`]); the layer ends it with the response unless the service takes it.
+    pub(crate) fn hand_over(&self, task: TaskGuard, extensions: &mut http::Extensions) -> CallTask {
+        let task = CallTask::new(task, Running::start(&self.counters));
+        extensions.insert(task.clone());
+        task
+    }
+
     /// The span a call with a rule runs in: this node, the method, the request id, and the
     /// peer it came `from` (a forwarded call) or, once chosen, the `peer` it went to.
     pub(crate) fn call_span(
@@ -180,6 +193,10 @@ pub struct LayerStats {
     pub relays_broken: u64,
     /// Calls answered with an error by the layer itself (bad request, no node, deadline).
     pub refused: u64,
+    /// Calls of spread rules running here now, each counted as one pending task of the node
+    /// until its response ends (see [`CallTask`]): with no other work counted, the node's
+    /// [`LoadTracker::pending`](mesh_core::LoadTracker::pending) equals this.
+    pub running: u64,
 }
 
 #[derive(Debug, Default)]
@@ -192,6 +209,8 @@ pub(crate) struct Counters {
     pub(crate) unreachable: AtomicU64,
     pub(crate) relays_broken: AtomicU64,
     pub(crate) refused: AtomicU64,
+    /// A gauge: calls counted here whose response has not ended.
+    pub(crate) running: AtomicU64,
     /// Forwarded calls by peer, direction and outcome.
     pub(crate) peers: PeerCounters,
 }
@@ -212,6 +231,7 @@ impl Counters {
             unreachable: read(&self.unreachable),
             relays_broken: read(&self.relays_broken),
             refused: read(&self.refused),
+            running: read(&self.running),
         }
     }
 }

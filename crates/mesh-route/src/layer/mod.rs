@@ -86,9 +86,11 @@ mod layer;
 mod outcome;
 mod rule;
 mod service;
+mod task;
 
 pub use body::RelayBody;
 pub use layer::{DEFAULT_MAX_REQUEST_BYTES, InvalidPath, LayerStats, REQUEST_ID, RouteLayer};
 pub use outcome::{ForwardCounts, ForwardOutcome, PeerForwards};
 pub use rule::{Decision, Rule};
 pub use service::RouteService;
+pub use task::CallTask;

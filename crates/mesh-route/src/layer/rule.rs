@@ -63,6 +63,12 @@ impl fmt::Debug for Rule {
 }
 
 impl Rule {
+    /// Whether the rule's calls are new work (spread), which the layer counts while they
+    /// run here; an operation's follow-up (to owner) adds none.
+    pub(crate) fn spreads(&self) -> bool {
+        matches!(self.kind, RuleKind::Spread(_))
+    }
+
     /// New work, spread over the cluster: `decide` gets the first request message (decoded as
     /// `M`) and the call's metadata, and answers [`Decision::Local`] or
     /// [`Decision::Route`]. It may be async (read the CAS, look up a cache); an error it

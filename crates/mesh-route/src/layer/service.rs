@@ -10,7 +10,7 @@ use std::{
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
-use mesh_core::NodeId;
+use mesh_core::{LoadTracker, NodeId, TaskGuard};
 use tokio::{sync::mpsc, time::Instant};
 use tonic::{Status, body::Body, metadata::MetadataMap, transport::Channel};
 use tower::{Service, ServiceExt};
@@ -23,6 +23,7 @@ use super::{
     layer::Counters,
     outcome::{Direction, OutcomeRecorder},
     rule::{Rule, RuleKind},
+    task::{CallTask, CountedBody},
 };
 use crate::{
     FORWARDED_BY, OperationId, PeerTarget, Route, RouteError, RouteRequest,
@@ -84,7 +85,7 @@ where
                         .instrument(span),
                 )
             }
-            Some(_) => {
+            Some(rule) => {
                 // Forwarded by a peer: served here, counted under that peer by how it ends.
                 let headers = request.headers();
                 let from = header_text(headers, FORWARDED_BY);
@@ -96,16 +97,22 @@ where
                 let recorder = from.and_then(|from| NodeId::new(from).ok()).map(|from| {
                     OutcomeRecorder::new(Arc::clone(&self.layer.counters), from, Direction::Inbound)
                 });
-                let response = self.inner.call(request);
+                // New work is counted from now until its response ends; following an
+                // operation adds none.
+                let task = rule.spreads().then(|| {
+                    let task = self.layer.begin_task();
+                    self.layer.hand_over(task, request.extensions_mut())
+                });
+                let response = LoadTracker::already_counted(self.inner.call(request));
                 let membership = self.layer.router.inner.membership.clone();
                 Box::pin(
                     async move {
                         tracing::debug!("serving a call forwarded by a peer");
                         let response = match response.await {
                             Ok(response) => {
-                                // The call's task has begun (a handler counts its work before
-                                // it answers): tell the caller which state version counts it.
-                                let mut response = response.map(Body::new);
+                                // The call's task has begun: tell the caller which state
+                                // version counts it.
+                                let mut response = counted(response.map(Body::new), task);
                                 let (generation, version) =
                                     membership.version_counting_current_load();
                                 if let Ok(value) =
@@ -116,6 +123,7 @@ where
                                 response
                             }
                             Err(error) => {
+                                drop(task.and_then(|task| task.take()));
                                 if let Some(recorder) = recorder {
                                     recorder.finish(ForwardOutcome::Broken);
                                 }
@@ -219,7 +227,8 @@ where
                 // Nothing to decide on (e.g. a compressed message): the inner service serves
                 // it here and reports any problem in its own terms.
                 tracing::debug!(path = call.head.uri.path(), reason, "serving a call here");
-                return call.serve_here().await;
+                let task = call.rule.spreads().then(|| call.layer.begin_task());
+                return call.serve_here(task).await;
             }
         };
         match call.rule.kind.clone() {
@@ -230,7 +239,10 @@ where
             RuleKind::Spread(decide) => {
                 let metadata = MetadataMap::from_headers(call.head.headers.clone());
                 match decide(message, metadata).await {
-                    Ok(Decision::Local) => call.serve_here().await,
+                    Ok(Decision::Local) => {
+                        let task = call.layer.begin_task();
+                        call.serve_here(Some(task)).await
+                    }
                     Ok(Decision::Route(route)) => call.spread(route).await,
                     Err(status) => refuse(&call.layer, status),
                 }
@@ -245,7 +257,8 @@ where
             Err(error) => return refuse(&self.layer, RouteError::from(error).into()),
         };
         let target = match self.layer.router.owner(&operation) {
-            Ok(Route::Local) => return self.serve_here().await,
+            // Following an operation adds no work: not counted.
+            Ok(Route::Local) => return self.serve_here(None).await,
             Ok(Route::Peer(target)) => target,
             Err(error) => return refuse(&self.layer, error.into()),
         };
@@ -307,8 +320,13 @@ where
                     None => placed.await,
                 }?;
             let target = match placement.route() {
-                // The placement holds the slot until the inner service has the call.
-                Route::Local => return Ok(Upstream::Here(self.serve_here().await)),
+                Route::Local => {
+                    // The call's own task takes over the slot the placement held, before
+                    // the placement lets it go: counted once, for as long as it runs.
+                    let task = self.layer.begin_task();
+                    drop(placement);
+                    return Ok(Upstream::Here(self.serve_here(Some(task)).await));
+                }
                 Route::Peer(target) => target.clone(),
             };
             match self.send(&target, true).await {
@@ -333,19 +351,28 @@ where
         }
     }
 
-    /// The inner service's answer, here.
-    async fn serve_here(&self) -> http::Response<Body> {
+    /// The inner service's answer, here. `task` counts the call (new work) until its
+    /// response ends, unless the service takes it ([`CallTask`]).
+    async fn serve_here(&self, task: Option<TaskGuard>) -> http::Response<Body> {
         Counters::add(&self.layer.counters.local);
-        let request =
+        let mut request =
             http::Request::from_parts(self.head.clone(), Body::new(Full::new(self.body.clone())));
+        let task = task.map(|task| self.layer.hand_over(task, request.extensions_mut()));
         let inner = self
             .inner
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .clone();
-        match inner.oneshot(request).await {
-            Ok(response) => response.map(Body::new),
-            Err(error) => Status::from_error(error.into()).into_http(),
+        let response = match &task {
+            Some(_) => LoadTracker::already_counted(inner.oneshot(request)).await,
+            None => inner.oneshot(request).await,
+        };
+        match response {
+            Ok(response) => counted(response.map(Body::new), task),
+            Err(error) => {
+                drop(task.and_then(|task| task.take()));
+                Status::from_error(error.into()).into_http()
+            }
         }
     }
 
@@ -594,6 +621,14 @@ where
                 () = tx.closed() => return Pumped::ClientGone,
             }
         }
+    }
+}
+
+/// `response`, ending `task` (if the call is counted) when it ends.
+fn counted(response: http::Response<Body>, task: Option<CallTask>) -> http::Response<Body> {
+    match task {
+        Some(task) => response.map(|body| Body::new(CountedBody::new(body, task))),
+        None => response,
     }
 }
 
