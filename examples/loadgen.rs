@@ -26,7 +26,7 @@ use tokio::time::Instant;
 
 use clap::Parser;
 
-#[path = "support/client.rs"]
+#[path = "../src/bin/meshctl/client.rs"]
 mod client;
 use mesh::proto::admin::v1::{ListMembersRequest, mesh_admin_client::MeshAdminClient};
 use mesh_demo::{

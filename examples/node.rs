@@ -12,9 +12,9 @@
 //! cargo run --example node -- --node-id a --bind-addr 127.0.0.1 --bind-port 7946 --grpc-port 50051 --timing local --metrics-addr 127.0.0.1:9100
 //! cargo run --example node -- --node-id b --bind-addr 127.0.0.1 --bind-port 7947 --grpc-port 50052 --timing local --join 127.0.0.1:7946
 //! cargo run --example node -- --node-id c --bind-addr 127.0.0.1 --bind-port 7948 --grpc-port 50053 --timing local --join 127.0.0.1:7946
-//! cargo run --example meshctl -- --addr http://127.0.0.1:50052 members
+//! cargo run --bin meshctl -- --addr http://127.0.0.1:50052 members
 //! cargo run --example loadgen -- --target http://127.0.0.1:50051 --actions 200
-//! cargo run --example meshctl -- --addr http://127.0.0.1:50051 stats
+//! cargo run --bin meshctl -- --addr http://127.0.0.1:50051 stats
 //! curl -s http://127.0.0.1:9100/metrics
 //!
 //! # one REAPI replica per process (Bazel: --remote_executor=grpc://127.0.0.1:50061)

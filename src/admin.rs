@@ -12,7 +12,8 @@
 //!   ([`mesh_route::layer::LayerStats`]), and for each peer how the calls forwarded to and from
 //!   it ended ([`mesh_route::layer::RouteLayer::peer_stats`]) and how fresh its state is.
 //!
-//! `meshctl` (`examples/meshctl.rs`) is its command-line client.
+//! `meshctl` (`src/bin/meshctl`, installed by `cargo install --path .`) is its command-line
+//! client.
 
 use std::{collections::BTreeMap, pin::Pin, time::Duration};
 

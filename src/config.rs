@@ -7,7 +7,7 @@
 //! Each key is written once, in the `mesh_config!` list below: its documentation, its type and
 //! its default. The struct, its `Default`, [`MeshConfig::KEYS`] and the text setter behind the
 //! environment overlay ([`MeshConfig::set`]) all come from that list, and the text of a value is
-//! read by its type ([`FromText`]): numbers, booleans, comma-separated lists, `k=v` maps,
+//! read by its type (the private `FromText` trait): numbers, booleans, comma-separated lists, `k=v` maps,
 //! durations (`humantime`, as in files), and the enums by their serde names, so a variant is
 //! spelled in one place too.
 //!
@@ -44,7 +44,9 @@ use mesh_core::{
     DEFAULT_GOSSIP_PORT, DEFAULT_MAX_CONCURRENCY, Keyring, MAX_CLUSTER_LABEL_LEN, NodeId, Tags,
     Timing,
 };
-use mesh_discovery::{Dns, Static};
+#[cfg(feature = "dns")]
+use mesh_discovery::Dns;
+use mesh_discovery::Static;
 use mesh_route::{
     Affinity, ChannelConfig, LeastLoaded, PowerOfTwoChoices, Random, RoundRobin, Strategy,
     WeightedCapacity, WhenFull,
@@ -668,6 +670,7 @@ impl MeshConfig {
                     check_host_port("join_peers", peer)?;
                 }
             }
+            DiscoveryMode::Dns if !cfg!(feature = "dns") => return Err(without_dns()),
             DiscoveryMode::Dns => {
                 if self.dns_service_name.trim().is_empty() {
                     return Err(invalid(
@@ -842,6 +845,9 @@ impl MeshConfig {
                     .map_err(|e| invalid("join_peers", self.join_peers.join(","), e.to_string()))?;
                 builder.discovery(peers)
             }
+            #[cfg(not(feature = "dns"))]
+            DiscoveryMode::Dns => return Err(without_dns()),
+            #[cfg(feature = "dns")]
             DiscoveryMode::Dns => {
                 let mut dns = Dns::builder(self.dns_service_name.trim())
                     .port(resolved.gossip_advertise.port());
@@ -863,6 +869,15 @@ impl MeshConfig {
         };
         Ok((builder, resolved))
     }
+}
+
+/// `discovery_mode = "dns"` in a build without the `dns` feature.
+fn without_dns() -> ConfigError {
+    invalid(
+        "discovery_mode",
+        "dns",
+        "needs DNS discovery, which this build of mesh leaves out (its `dns` feature)",
+    )
 }
 
 fn check_host_port(key: &str, value: &str) -> Result<(), ConfigError> {

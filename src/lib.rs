@@ -1,5 +1,20 @@
-//! Turn any gRPC server into a cluster: SWIM membership with load gossip ([`mesh_core`]), peer
-//! discovery from a list or DNS ([`mesh_discovery`]), wired together by [`Node`].
+//! Turn any gRPC server into a cluster: SWIM membership with load gossip ([`core`]), peer
+//! discovery from a list or DNS ([`discovery`]), wired together by [`Node`]; load-aware
+//! routing and forwarding ([`route`]), with the [`RouteLayer`](route::layer::RouteLayer) and
+//! its [`Rule`](route::layer::Rule)s that put a tonic server in the cluster.
+//!
+//! # Where to start
+//!
+//! * [`Node`]: one member of the cluster (membership, discovery, the router).
+//! * [`route::layer`]: the tower layer a server adds, with a rule per method; it counts the
+//!   calls it runs here ([`CallTask`](route::layer::CallTask)).
+//! * [`admin`] and `health`: the admin API (`meshctl`) and `grpc.health.v1`.
+//! * `config`: the TOML, YAML and environment loader.
+//!
+//! # Features
+//!
+//! All on by default: `dns` (DNS discovery, hickory-resolver), `config` (the loader),
+//! `health` (tonic-health), `cli` (the `meshctl` binary, clap). TLS is always built in.
 //!
 //! ```
 //! use std::time::Duration;
@@ -31,11 +46,14 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+#[cfg(feature = "config")]
 pub mod config;
+#[cfg(feature = "health")]
 pub mod health;
 mod node;
 pub mod tls;
 
+#[cfg(feature = "config")]
 pub use config::{ConfigError, DiscoveryMode, MeshConfig};
 pub use mesh_core::{
     Identity, LoadTracker, LocalStatus, Member, MembershipView, MeshEvent, NodeId, NodeIdError,
@@ -48,13 +66,13 @@ pub use mesh_route::{
     Router, Strategy, WeightedCapacity, WhenFull,
 };
 
-/// The membership layer, re-exported whole.
+#[doc(inline)]
 pub use mesh_core as core;
-/// Peer discovery, re-exported whole.
+#[doc(inline)]
 pub use mesh_discovery as discovery;
-/// Generated gRPC code (the admin API), re-exported whole.
+#[doc(inline)]
 pub use mesh_proto as proto;
-/// Routing and forwarding, re-exported whole.
+#[doc(inline)]
 pub use mesh_route as route;
 
 /// Compiles and runs the examples in `README.md`, so the README cannot drift from the API.

@@ -100,14 +100,14 @@ for size in $nodes $kill_sizes; do
 done
 
 node_bin="$root/target/release/examples/node"
-ctl_bin="$root/target/release/examples/meshctl"
+ctl_bin="$root/target/release/meshctl"
 if [[ " $systems " == *" mesh "* ]]; then
     if [[ $build -eq 1 ]]; then
         command -v cargo >/dev/null || fail "cargo is not on PATH (build first and pass --no-build)"
-        say "cargo build --release --example node --example meshctl"
-        (cd "$root" && cargo build --release --quiet --example node --example meshctl)
+        say "cargo build --release --example node --bin meshctl"
+        (cd "$root" && cargo build --release --quiet --example node --bin meshctl)
     fi
-    [[ -x $node_bin && -x $ctl_bin ]] || fail "$node_bin or $ctl_bin is missing: cargo build --release --example node --example meshctl"
+    [[ -x $node_bin && -x $ctl_bin ]] || fail "$node_bin or $ctl_bin is missing: cargo build --release --example node --bin meshctl"
 fi
 serf_bin="$(command -v serf || true)"
 

@@ -1,5 +1,6 @@
 //! Real `node`, `meshctl` and `loadgen` processes, as an operator runs them: the examples built
-//! in this test's profile, their output captured for assertions.
+//! in this test's profile and the installed `meshctl` binary, their output captured for
+//! assertions.
 #![allow(dead_code, unreachable_pub)] // Each test binary uses a different subset.
 
 use std::{
@@ -55,14 +56,7 @@ pub fn examples() -> PathBuf {
     }
     let status = cargo
         .args(["build", "--quiet", "--workspace"])
-        .args([
-            "--example",
-            "node",
-            "--example",
-            "loadgen",
-            "--example",
-            "meshctl",
-        ])
+        .args(["--example", "node", "--example", "loadgen"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .status()
         .expect("cargo runs");
@@ -263,7 +257,11 @@ pub async fn run(bin: &Path, example: &str, args: &[&str]) -> Output {
 
 /// Runs an example under `wrapper` (e.g. `ip netns exec ns1`) to completion.
 pub async fn run_wrapped(bin: &Path, wrapper: &[&str], example: &str, args: &[&str]) -> Output {
-    let program = bin.join(example);
+    // meshctl is a binary of the package (what `cargo install` installs), not an example.
+    let program = match example {
+        "meshctl" => PathBuf::from(env!("CARGO_BIN_EXE_meshctl")),
+        example => bin.join(example),
+    };
     let mut command = match wrapper.split_first() {
         Some((first, rest)) => {
             let mut command = Command::new(first);

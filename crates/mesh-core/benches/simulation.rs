@@ -3,12 +3,12 @@
 //! clock, lan timing unless told otherwise. Prints a markdown table for BENCHMARKS.md.
 //!
 //! ```text
-//! cargo bench -p mesh-core --bench simulation [-- 10 100 1000] [--changes 20] [--crashes 5]
+//! cargo bench -p tonic-mesh-core --bench simulation [-- 10 100 1000] [--changes 20] [--crashes 5]
 //!     [--push-fanout N] [--relay-fanout N] [--gossip-budget BYTES (0: none)] [--refresh 8s]
 //!     [--probe-period 1s] [--probe-rtt 500ms] [--suspicion-mult X] [--suspicion-max X]
 //!     [--confirmations K] [--health-max N]
 //!     [--loss 0.1] [--seed 1] [--no-traffic]
-//! cargo bench -p mesh-core --bench simulation -- 10 100 --soak 100 [--loss 0.3] [--slow 700]
+//! cargo bench -p tonic-mesh-core --bench simulation -- 10 100 --soak 100 [--loss 0.3] [--slow 700]
 //! ```
 //!
 //! With `--soak SECONDS` it runs only the false-failure soak instead: per size and for three

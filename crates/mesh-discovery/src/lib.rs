@@ -80,6 +80,7 @@
 
 use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc};
 
+#[cfg(feature = "dns")]
 mod dns;
 mod error;
 mod last_known_good;
@@ -87,6 +88,7 @@ mod static_peers;
 #[cfg(feature = "test-server")]
 pub mod testing;
 
+#[cfg(feature = "dns")]
 pub use dns::{Dns, DnsBuilder};
 pub use error::DiscoveryError;
 pub use last_known_good::{LastKnownGood, Refresh, RefreshOutcome};

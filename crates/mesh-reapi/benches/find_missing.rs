@@ -21,7 +21,7 @@
 //! `ClusterCas::find_missing_in_cluster` called in process (no client connection).
 //!
 //! ```text
-//! cargo bench -p mesh-reapi --bench find_missing [-- --replicas 3,10,30] [--iterations 50]
+//! cargo bench -p tonic-mesh-reapi --bench find_missing [-- --replicas 3,10,30] [--iterations 50]
 //!     [--warmups 5] [--blobs 10000]
 //! ```
 //!

@@ -1098,7 +1098,7 @@ mod tests {
     /// The figures in the module docs: each way a blob leaves the CAS, unchecked and checked,
     /// the best of five alternating runs (the best, because other work on the machine only
     /// ever adds time). Run with
-    /// `cargo test --release -p mesh-reapi --lib verification_cost -- --ignored --nocapture`.
+    /// `cargo test --release -p tonic-mesh-reapi --lib verification_cost -- --ignored --nocapture`.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     #[ignore = "a measurement (1 GiB on disk, about a minute), not a check"]
     async fn verification_cost() {

@@ -2,13 +2,16 @@
 //! answered as JSON (one object per line for `watch`), for scripts.
 //!
 //! ```text
-//! cargo run --example meshctl -- --addr http://127.0.0.1:50051 members
-//! cargo run --example meshctl -- --addr http://127.0.0.1:50051 members --json
-//! cargo run --example meshctl -- --addr http://127.0.0.1:50051 watch
-//! cargo run --example meshctl -- --addr http://127.0.0.1:50051 stats
-//! cargo run --example meshctl -- --addr http://127.0.0.1:50051 drain
-//! cargo run --example meshctl -- --addr http://127.0.0.1:50051 undrain
+//! meshctl --addr http://127.0.0.1:50051 members
+//! meshctl --addr http://127.0.0.1:50051 members --json
+//! meshctl --addr http://127.0.0.1:50051 watch
+//! meshctl --addr http://127.0.0.1:50051 stats
+//! meshctl --addr http://127.0.0.1:50051 drain
+//! meshctl --addr http://127.0.0.1:50051 undrain
 //! ```
+//!
+//! Installed with the server (`cargo install --path .`), or run from a checkout with
+//! `cargo run --bin meshctl -- …`.
 //!
 //! It exits non-zero, with a message naming the address, when the node cannot be reached.
 
@@ -17,9 +20,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tokio::time::Instant;
 
-#[path = "support/client.rs"]
 mod client;
-#[path = "support/table.rs"]
 mod table;
 use mesh::proto::admin::v1::{
     DrainRequest, ListMembersRequest, ListMembersResponse, MemberEvent, StatsRequest,

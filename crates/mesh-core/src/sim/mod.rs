@@ -23,7 +23,7 @@
 //! same seed make the same random choices; the order in which tokio polls tasks woken at the
 //! same instant is not part of that promise, so figures are compared as distributions.
 //!
-//! `cargo bench -p mesh-core --bench simulation` reports convergence, propagation, failure
+//! `cargo bench -p tonic-mesh-core --bench simulation` reports convergence, propagation, failure
 //! detection, traffic and memory for 10 to 1,000 nodes with it (BENCHMARKS.md).
 //!
 //! ```
