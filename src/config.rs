@@ -47,19 +47,20 @@ use mesh_core::{
 #[cfg(feature = "dns")]
 use mesh_discovery::Dns;
 use mesh_discovery::Static;
+#[cfg(feature = "tls")]
+use mesh_route::ChannelConfig;
 use mesh_route::{
-    Affinity, ChannelConfig, LeastLoaded, PowerOfTwoChoices, Random, RoundRobin, Strategy,
-    WeightedCapacity, WhenFull,
+    Affinity, LeastLoaded, PowerOfTwoChoices, Random, RoundRobin, Strategy, WeightedCapacity,
+    WhenFull,
 };
 use serde::{
     Deserialize,
     de::{DeserializeOwned, IntoDeserializer},
 };
 
-use crate::{
-    NodeBuilder,
-    tls::{CaBundle, PeerTls, ServerTls, TlsError, TlsIdentity, TlsMaterial},
-};
+use crate::NodeBuilder;
+#[cfg(feature = "tls")]
+use crate::tls::{CaBundle, PeerTls, ServerTls, TlsError, TlsIdentity, TlsMaterial};
 
 /// How a node finds its peers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -491,6 +492,7 @@ pub struct ResolvedConfig {
 }
 
 /// TLS read from the `tls_*` keys, for both sides of a node.
+#[cfg(feature = "tls")]
 #[derive(Debug, Clone)]
 pub struct ResolvedTls {
     /// The gRPC server's TLS ([`ServerTls::server_config`] is what
@@ -498,6 +500,14 @@ pub struct ResolvedTls {
     pub server: ServerTls,
     /// How forwarding channels connect to peers ([`MeshConfig::node_builder`] applies it).
     pub peers: PeerTls,
+}
+
+/// TLS read from the `tls_*` keys: never made in a build without the `tls` feature, where
+/// [`ResolvedConfig::tls`] is always `None` and a `tls_*` key is refused.
+#[cfg(not(feature = "tls"))]
+#[derive(Debug, Clone)]
+pub struct ResolvedTls {
+    _never: std::convert::Infallible,
 }
 
 impl MeshConfig {
@@ -752,7 +762,26 @@ impl MeshConfig {
         Ok(keyring)
     }
 
+    /// Refuses the `tls_*` keys in a build without TLS.
+    #[cfg(not(feature = "tls"))]
+    fn tls(&self) -> Result<Option<ResolvedTls>, ConfigError> {
+        let rule = "needs TLS, which this build of mesh leaves out (its `tls` feature)";
+        for (key, value) in [
+            ("tls_cert_file", self.tls_cert_file.trim()),
+            ("tls_key_file", self.tls_key_file.trim()),
+            ("tls_ca_file", self.tls_ca_file.trim()),
+            ("tls_domain", self.tls_domain.trim()),
+            ("tls_client_auth", if self.tls_client_auth { "true" } else { "" }),
+        ] {
+            if !value.is_empty() {
+                return Err(invalid(key, value, rule));
+            }
+        }
+        Ok(None)
+    }
+
     /// Reads and checks the TLS material named by the `tls_*` keys.
+    #[cfg(feature = "tls")]
     fn tls(&self) -> Result<Option<ResolvedTls>, ConfigError> {
         let files = [
             ("tls_cert_file", &self.tls_cert_file),
@@ -797,6 +826,7 @@ impl MeshConfig {
     }
 
     /// A TLS error under the key that names the file at fault.
+    #[cfg(feature = "tls")]
     fn tls_error(&self, error: TlsError) -> ConfigError {
         let (what, rule) = match &error {
             TlsError::Read { what, source, .. } => {
@@ -831,6 +861,7 @@ impl MeshConfig {
         if let Some(endpoint) = &resolved.grpc_endpoint {
             builder = builder.grpc_endpoint(endpoint.clone());
         }
+        #[cfg(feature = "tls")]
         if let Some(tls) = &resolved.tls {
             builder = builder.channel_config(ChannelConfig::default().tls(tls.peers.clone()));
         }

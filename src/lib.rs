@@ -14,7 +14,8 @@
 //! # Features
 //!
 //! All on by default: `dns` (DNS discovery, hickory-resolver), `config` (the loader),
-//! `health` (tonic-health), `cli` (the `meshctl` binary, clap). TLS is always built in.
+//! `health` (tonic-health), `tls` (rustls with ring, for the server and the forwarding
+//! channels), `cli` (the `meshctl` binary, clap).
 //!
 //! ```
 //! use std::time::Duration;
@@ -51,6 +52,7 @@ pub mod config;
 #[cfg(feature = "health")]
 pub mod health;
 mod node;
+#[cfg(feature = "tls")]
 pub mod tls;
 
 #[cfg(feature = "config")]

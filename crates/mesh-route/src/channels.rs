@@ -22,7 +22,17 @@ use http::{
 use mesh_core::{NodeId, abbreviate};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::{Dialer, PeerTarget, PeerTls, RouteError, dialer::DialerService, tls::PeerConnector};
+use crate::{Dialer, PeerTarget, RouteError, dialer::DialerService};
+#[cfg(feature = "tls")]
+use crate::{PeerTls, tls::PeerConnector};
+
+/// Why an `https://` endpoint is refused when peer channels have no TLS.
+#[cfg(feature = "tls")]
+const NO_TLS: &str = "the endpoint is https:// but peer channels have no TLS configured \
+                      (ChannelConfig::tls); refusing to guess trust roots";
+#[cfg(not(feature = "tls"))]
+const NO_TLS: &str = "the endpoint is https:// but this build leaves TLS out (the `tls` feature \
+                      of tonic-mesh-route); refusing to forward in plaintext";
 
 /// How peer channels connect.
 #[derive(Debug, Clone)]
@@ -42,6 +52,7 @@ pub struct ChannelConfig {
     pub keep_alive_timeout: Duration,
     /// TLS for every peer channel; peers must then advertise `https://` endpoints. `None`
     /// (the default) connects in plaintext HTTP/2 and refuses `https://` endpoints.
+    #[cfg(feature = "tls")]
     pub tls: Option<PeerTls>,
     /// Opens plaintext connections instead of TCP (a simulated network, a proxy). Not
     /// combined with TLS.
@@ -55,6 +66,7 @@ impl Default for ChannelConfig {
             request_timeout: None,
             keep_alive_interval: Duration::from_secs(10),
             keep_alive_timeout: Duration::from_secs(5),
+            #[cfg(feature = "tls")]
             tls: None,
             dialer: None,
         }
@@ -81,6 +93,7 @@ impl ChannelConfig {
     }
 
     /// Sets [`ChannelConfig::tls`]: peer channels use TLS, and only TLS.
+    #[cfg(feature = "tls")]
     pub fn tls(mut self, tls: PeerTls) -> Self {
         self.tls = Some(tls);
         self
@@ -146,49 +159,47 @@ impl PeerChannels {
             .endpoint()
             .parse()
             .map_err(|e: InvalidUri| invalid(e.to_string()))?;
-        match (&self.config.tls, uri.scheme() == Some(&Scheme::HTTPS)) {
-            (Some(_), true) if self.config.dialer.is_some() => Err(invalid(
-                "a custom dialer cannot be combined with TLS (ChannelConfig::dialer and ::tls \
-                 are both set)"
-                    .to_owned(),
-            )),
-            (Some(tls), true) => {
-                let connector = PeerConnector::new(tls, self.config.connect_timeout)
-                    .map_err(|e| invalid(format!("the peer TLS configuration is unusable: {e}")))?;
-                // Given an https:// address, tonic would run its own TLS over ours: hand it
-                // the address as http:// and keep https:// as the origin calls are made to.
-                // The connector bounds the connection time itself (tonic's bound would hide
-                // that the peer never saw the call).
-                let mut parts = uri.clone().into_parts();
-                parts.scheme = Some(Scheme::HTTP);
-                let address = Uri::from_parts(parts).map_err(|e| invalid(e.to_string()))?;
-                Ok(self
-                    .endpoint(address)
-                    .origin(uri)
-                    .connect_with_connector_lazy(connector))
+        let https = uri.scheme() == Some(&Scheme::HTTPS);
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &self.config.tls {
+            if !https {
+                return Err(invalid(
+                    "peer channels require TLS (ChannelConfig::tls is set), so endpoints must be \
+                     https://; refusing to forward in plaintext"
+                        .to_owned(),
+                ));
             }
-            (Some(_), false) => Err(invalid(
-                "peer channels require TLS (ChannelConfig::tls is set), so endpoints must be \
-                 https://; refusing to forward in plaintext"
-                    .to_owned(),
-            )),
-            (None, true) => Err(invalid(
-                "the endpoint is https:// but peer channels have no TLS configured \
-                 (ChannelConfig::tls); refusing to guess trust roots"
-                    .to_owned(),
-            )),
-            (None, false) => {
-                let endpoint = self
-                    .endpoint(uri)
-                    .connect_timeout(self.config.connect_timeout);
-                Ok(match &self.config.dialer {
-                    Some(dialer) => {
-                        endpoint.connect_with_connector_lazy(DialerService(dialer.clone()))
-                    }
-                    None => endpoint.connect_lazy(),
-                })
+            if self.config.dialer.is_some() {
+                return Err(invalid(
+                    "a custom dialer cannot be combined with TLS (ChannelConfig::dialer and ::tls \
+                     are both set)"
+                        .to_owned(),
+                ));
             }
+            let connector = PeerConnector::new(tls, self.config.connect_timeout)
+                .map_err(|e| invalid(format!("the peer TLS configuration is unusable: {e}")))?;
+            // Given an https:// address, tonic would run its own TLS over ours: hand it the
+            // address as http:// and keep https:// as the origin calls are made to. The
+            // connector bounds the connection time itself (tonic's bound would hide that the
+            // peer never saw the call).
+            let mut parts = uri.clone().into_parts();
+            parts.scheme = Some(Scheme::HTTP);
+            let address = Uri::from_parts(parts).map_err(|e| invalid(e.to_string()))?;
+            return Ok(self
+                .endpoint(address)
+                .origin(uri)
+                .connect_with_connector_lazy(connector));
         }
+        if https {
+            return Err(invalid(NO_TLS.to_owned()));
+        }
+        let endpoint = self
+            .endpoint(uri)
+            .connect_timeout(self.config.connect_timeout);
+        Ok(match &self.config.dialer {
+            Some(dialer) => endpoint.connect_with_connector_lazy(DialerService(dialer.clone())),
+            None => endpoint.connect_lazy(),
+        })
     }
 
     fn endpoint(&self, uri: Uri) -> Endpoint {
@@ -255,7 +266,7 @@ impl PeerChannels {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "tls"))]
 mod tests {
     use super::*;
     use crate::{CaBundle, tls::testing::TestCa};

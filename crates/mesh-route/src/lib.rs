@@ -32,6 +32,7 @@ pub mod layer;
 mod operation;
 mod router;
 pub mod select;
+#[cfg(feature = "tls")]
 pub mod tls;
 
 pub use channels::{ChannelConfig, PeerChannels};
@@ -48,4 +49,5 @@ pub use select::{
     Affinity, Candidate, LeastLoaded, LoadFactorError, PowerOfTwoChoices, Random, RoundRobin,
     RouteRequest, Strategy, WeightedCapacity, backpressure,
 };
+#[cfg(feature = "tls")]
 pub use tls::{CaBundle, PeerTls, TlsError, TlsIdentity, TlsMaterial};
