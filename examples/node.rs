@@ -119,6 +119,14 @@ struct Args {
     /// Mutual TLS: require client certificates from --tls-ca, and present ours to peers.
     #[arg(long)]
     tls_client_auth: bool,
+    /// `--api reapi`: the bearer tokens clients must present, one per line (name, rights,
+    /// SHA-256 of the token; see mesh_reapi::auth). Needs --cluster-token-file.
+    #[arg(long, requires = "cluster_token_file")]
+    tokens_file: Option<PathBuf>,
+    /// `--api reapi`: the cluster token replicas authenticate to each other with (first line
+    /// sent, every line accepted). Needs --tokens-file.
+    #[arg(long, requires = "tokens_file")]
+    cluster_token_file: Option<PathBuf>,
 }
 
 impl Args {
@@ -217,15 +225,17 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             None => DemoNode::start(builder, resolved.grpc_bind).await?,
         }),
         Api::Reapi => {
-            if resolved.tls.is_some() {
-                return Err("--api reapi serves plaintext only; remove the tls_* settings".into());
-            }
             let data_dir = args.data_dir.clone().unwrap_or_else(|| {
                 std::env::temp_dir().join(format!("mesh-reapi-{}", resolved.node_id))
             });
             let mut reapi = ReapiConfig::new(&data_dir);
             reapi.max_concurrency = config.max_concurrency;
             reapi.sandbox = args.sandbox;
+            reapi.tls = resolved.tls.map(|tls| tls.server);
+            if let (Some(tokens), Some(cluster)) = (&args.tokens_file, &args.cluster_token_file) {
+                reapi.authorization = Some(mesh_reapi::Authorization::from_files(tokens, cluster)?);
+                println!("clients need a bearer token (from {})", tokens.display());
+            }
             let listener = tokio::net::TcpListener::bind(resolved.grpc_bind)
                 .await
                 .map_err(|e| format!("binding the grpc listener to {}: {e}", resolved.grpc_bind))?;

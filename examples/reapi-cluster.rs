@@ -14,6 +14,11 @@
 //! crashes the last replica the next time it is running an action (no goodbye, every socket
 //! dropped), to show that a replica lost in the middle of a build costs Bazel nothing.
 //!
+//! With `--tls-cert`, `--tls-key` and `--tls-ca` (one certificate for 127.0.0.1, used by every
+//! replica) clients and replicas speak TLS (`grpcs://`; `--tls-client-auth` for mutual TLS),
+//! and with `--tokens-file` and `--cluster-token-file` clients need a bearer token
+//! (`mesh_reapi::auth`).
+//!
 //! ```text
 //! cargo run --example reapi-cluster
 //! cargo run --example reapi-cluster -- --nodes 5 --max-concurrency 4 --data-dir /tmp/reapi
@@ -22,9 +27,13 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::Parser;
-use mesh::Timing;
+use mesh::{
+    Timing,
+    route::ChannelConfig,
+    tls::{CaBundle, PeerTls, ServerTls, TlsIdentity},
+};
 use mesh_demo::{Replica, Served};
-use mesh_reapi::{Reapi, ReapiConfig};
+use mesh_reapi::{Authorization, Reapi, ReapiConfig};
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser, Debug)]
@@ -49,6 +58,42 @@ struct Args {
     /// Whether actions run in the sandbox (bubblewrap): auto (where it works), required, off.
     #[arg(long, default_value = "auto")]
     sandbox: mesh_reapi::SandboxMode,
+    /// PEM certificate every replica serves (valid for 127.0.0.1); with --tls-key and
+    /// --tls-ca, turns TLS on for clients and between replicas.
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s) the replicas' (and, with --tls-client-auth, the clients')
+    /// certificates chain to.
+    #[arg(long, requires = "tls_cert")]
+    tls_ca: Option<PathBuf>,
+    /// Mutual TLS: clients must present a certificate from --tls-ca.
+    #[arg(long, requires = "tls_cert")]
+    tls_client_auth: bool,
+    /// Bearer tokens clients must present (see mesh_reapi::auth). Needs --cluster-token-file.
+    #[arg(long, requires = "cluster_token_file")]
+    tokens_file: Option<PathBuf>,
+    /// The token replicas authenticate to each other with. Needs --tokens-file.
+    #[arg(long, requires = "tokens_file")]
+    cluster_token_file: Option<PathBuf>,
+}
+
+/// TLS for one replica: its server, and how it connects to its peers.
+fn tls(args: &Args) -> Result<Option<(ServerTls, PeerTls)>, Box<dyn std::error::Error>> {
+    let (Some(cert), Some(key), Some(ca)) = (&args.tls_cert, &args.tls_key, &args.tls_ca) else {
+        return Ok(None);
+    };
+    let identity = TlsIdentity::from_files(cert, key)?;
+    let ca = CaBundle::from_file(ca)?;
+    let mut server = ServerTls::new(identity.clone());
+    let mut peers = PeerTls::new(ca.clone());
+    if args.tls_client_auth {
+        server = server.require_client_certificates(ca);
+        peers = peers.identity(identity);
+    }
+    Ok(Some((server, peers)))
 }
 
 #[tokio::main]
@@ -85,6 +130,11 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 
 async fn serve(args: &Args, data_dir: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
     let mut replicas: Vec<Replica<Reapi>> = Vec::new();
+    let tls = tls(args)?;
+    let authorization = match (&args.tokens_file, &args.cluster_token_file) {
+        (Some(tokens), Some(cluster)) => Some(Authorization::from_files(tokens, cluster)?),
+        _ => None,
+    };
     for i in 0..args.nodes {
         let mut config = ReapiConfig::new(data_dir.join(format!("r{i}")));
         config.cas_max_bytes = args.cas_max_mib << 20;
@@ -92,13 +142,21 @@ async fn serve(args: &Args, data_dir: &std::path::Path) -> Result<(), Box<dyn st
             config.max_concurrency = max;
         }
         config.sandbox = args.sandbox;
-        let node = mesh::Node::builder()
+        config.authorization = authorization.clone();
+        let mut node = mesh::Node::builder()
             .node_id(format!("r{i}"))?
             .gossip_bind("127.0.0.1:0".parse()?)
             .timing(Timing::local())
             .max_concurrency(config.max_concurrency)
             .seeds(replicas.first().map(|first| first.node().gossip_addr()));
-        let replica = Replica::start(node, "127.0.0.1:0".parse()?, None, move |node| {
+        if let Some((_, peers)) = &tls {
+            node = node.channel_config(ChannelConfig::default().tls(peers.clone()));
+        }
+        if let Some(authorization) = &authorization {
+            node = node.peer_credential(authorization.peer_credential());
+        }
+        let server_tls = tls.as_ref().map(|(server, _)| server.clone());
+        let replica = Replica::start(node, "127.0.0.1:0".parse()?, server_tls, move |node| {
             let reapi = Reapi::open(node.clone(), &config)
                 .map_err(|error| mesh_demo::ReplicaError::Serve(error.to_string()))?;
             Ok(Served {
@@ -123,7 +181,8 @@ async fn serve(args: &Args, data_dir: &std::path::Path) -> Result<(), Box<dyn st
             .await
             .map_err(|_| "the replicas did not form one cluster within 30 s")?;
     }
-    let endpoint = |replica: &Replica<Reapi>| format!("grpc://{}", replica.grpc_addr());
+    let scheme = if tls.is_some() { "grpcs" } else { "grpc" };
+    let endpoint = |replica: &Replica<Reapi>| format!("{scheme}://{}", replica.grpc_addr());
     println!(
         "{} replicas in one cluster, data in {}",
         replicas.len(),

@@ -771,7 +771,10 @@ impl MeshConfig {
             ("tls_key_file", self.tls_key_file.trim()),
             ("tls_ca_file", self.tls_ca_file.trim()),
             ("tls_domain", self.tls_domain.trim()),
-            ("tls_client_auth", if self.tls_client_auth { "true" } else { "" }),
+            (
+                "tls_client_auth",
+                if self.tls_client_auth { "true" } else { "" },
+            ),
         ] {
             if !value.is_empty() {
                 return Err(invalid(key, value, rule));

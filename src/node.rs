@@ -192,6 +192,15 @@ impl NodeBuilder {
         self
     }
 
+    /// Stamps every call to a peer with `credential` (see [`ChannelConfig::credential`]),
+    /// keeping the rest of the channel configuration. Call it after
+    /// [`NodeBuilder::channel_config`], which replaces the whole configuration.
+    pub fn peer_credential(mut self, credential: mesh_route::PeerCredential) -> Self {
+        let config = self.channel_config.take().unwrap_or_default();
+        self.channel_config = Some(config.credential(credential));
+        self
+    }
+
     /// Peers whose state is older than this are not routed to (default: four state refresh
     /// intervals).
     pub fn max_state_age(mut self, age: Duration) -> Self {

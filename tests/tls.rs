@@ -4,65 +4,26 @@
 
 mod support;
 
+#[path = "support/pki.rs"]
+mod pki;
+
 use mesh::{
     OperationId,
-    tls::{CaBundle, PeerTls, ServerTls, TlsIdentity},
+    tls::{PeerTls, ServerTls},
 };
 use mesh_demo::{finish, proto::demo::v1::WaitExecutionRequest};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
+use pki::Pki;
 use support::{NodeTls, Spec, TestNode, action, cluster, converge};
 use tonic::Code;
 
-/// A certificate authority made up for one test.
-struct Pki {
-    issuer: Issuer<'static, KeyPair>,
-    ca_pem: String,
+/// TLS for a cluster member, made by the test's [`Pki`].
+trait NodeTlsOf {
+    fn node(&self, name: &str, mutual: bool) -> NodeTls;
 }
 
-impl Pki {
-    fn new(name: &str) -> Self {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let key = KeyPair::generate().unwrap();
-        let ca_pem = params.self_signed(&key).unwrap().pem();
-        Self {
-            issuer: Issuer::new(params, key),
-            ca_pem,
-        }
-    }
-
-    fn ca(&self) -> CaBundle {
-        CaBundle::from_pem(&self.ca_pem).unwrap()
-    }
-
-    /// A certificate for 127.0.0.1 and localhost, usable by a server and by a client.
-    fn identity(&self, name: &str) -> TlsIdentity {
-        self.identity_for(name, &["127.0.0.1", "localhost"])
-    }
-
-    /// A certificate for `names` only, usable by a server and by a client.
-    fn identity_for(&self, name: &str, names: &[&str]) -> TlsIdentity {
-        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
-        let mut params = CertificateParams::new(names).unwrap();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.use_authority_key_identifier_extension = true;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        TlsIdentity::from_pem(cert.pem(), key.serialize_pem()).unwrap()
-    }
-
-    /// TLS for a cluster member. With `mutual`, its server requires client certificates from
-    /// this CA and it presents its own to peers; the test's client then has one too.
+/// With `mutual`, its server requires client certificates from this CA and it presents its
+/// own to peers; the test's client then has one too.
+impl NodeTlsOf for Pki {
     fn node(&self, name: &str, mutual: bool) -> NodeTls {
         let identity = self.identity(name);
         let mut server = ServerTls::new(identity.clone());

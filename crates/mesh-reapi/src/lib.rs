@@ -76,6 +76,7 @@
 pub mod ac_server;
 mod action;
 mod action_cache;
+pub mod auth;
 pub mod bytestream_server;
 pub mod capabilities_server;
 mod cas;
@@ -102,6 +103,7 @@ mod store;
 pub use ac_server::ActionCacheService;
 pub use action::{ActionLimits, InvalidAction, PlatformError, platform_tags};
 pub use action_cache::{ActionCache, ActionCacheError};
+pub use auth::{AuthError, Authorization, Right};
 pub use bytestream_server::ByteStreamService;
 pub use capabilities_server::CapabilitiesService;
 pub use cas::{BlobReader, BlobWriter, Cas, CasError};

@@ -13,11 +13,11 @@ use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tonic::{service::Routes, transport::server::TcpIncoming};
 
 use crate::{
-    ActionCache, ActionCacheError, ActionCacheService, ActionLimits, ByteStreamService,
-    CapabilitiesService, Cas, CasError, CasService, ClaimsService, ClusterCas, ExecutionService,
-    PeerConfig, PresenceService, ReapiStats, ReplicationConfig, ResourceLimits, SandboxError,
-    SandboxMode, SchedulerConfig, claims::ClaimTable, executor::Executor, handoff, routing,
-    sandbox::Sandbox, scheduler::Scheduler, stats::Counters,
+    ActionCache, ActionCacheError, ActionCacheService, ActionLimits, Authorization,
+    ByteStreamService, CapabilitiesService, Cas, CasError, CasService, ClaimsService, ClusterCas,
+    ExecutionService, PeerConfig, PresenceService, ReapiStats, ReplicationConfig, ResourceLimits,
+    SandboxError, SandboxMode, SchedulerConfig, claims::ClaimTable, executor::Executor, handoff,
+    routing, sandbox::Sandbox, scheduler::Scheduler, stats::Counters,
 };
 
 /// How one replica stores and runs things.
@@ -47,6 +47,13 @@ pub struct ReapiConfig {
     pub sandbox: SandboxMode,
     /// Each action's process and memory limits ([`crate::cgroups`]), where the machine allows.
     pub resources: ResourceLimits,
+    /// TLS for clients (Bazel's `grpcs://`), and mutual TLS when it requires client
+    /// certificates. Calls to peers use the node's channel configuration
+    /// ([`mesh::NodeBuilder::channel_config`] with a [`mesh::tls::PeerTls`]). `None`: plaintext.
+    pub tls: Option<mesh::tls::ServerTls>,
+    /// Bearer tokens checked on every call ([`crate::auth`]). `None`: every client may do
+    /// everything.
+    pub authorization: Option<Authorization>,
 }
 
 impl ReapiConfig {
@@ -65,6 +72,8 @@ impl ReapiConfig {
             replication: ReplicationConfig::default(),
             sandbox: SandboxMode::default(),
             resources: ResourceLimits::default(),
+            tls: None,
+            authorization: None,
         }
     }
 }
@@ -100,6 +109,9 @@ pub enum ReapiError {
     /// Actions must run sandboxed ([`SandboxMode::Required`]) and cannot.
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
+    /// The server's TLS configuration was refused.
+    #[error("configuring TLS for the grpc server failed: {0}")]
+    Tls(#[source] tonic::transport::Error),
 }
 
 /// One replica's REAPI state — stores, scheduler, services — over a started mesh [`Node`].
@@ -189,8 +201,13 @@ impl Reapi {
             counters.clone(),
         );
         let action_cache = ActionCacheService::new(cluster.clone(), counters.clone());
-        let layer = routing::layer(node.router().clone(), &execution)
+        let mut layer = routing::layer(node.router().clone(), &execution)
             .map_err(|error| ReapiError::Config(error.to_string()))?;
+        if let Some(auth) = config.authorization.clone() {
+            // Checked before anything else: a refused call never reaches a peer.
+            auth.watch();
+            layer = layer.check_calls(move |path, headers| auth.check(path, headers));
+        }
         let handoff = handoff::spawn(cluster.clone());
         Ok(Self {
             inner: Arc::new(Inner {
@@ -292,8 +309,10 @@ fn prepare_work_dir(data_dir: &Path) -> Result<PathBuf, ReapiError> {
 /// Where a replica's mesh node comes from.
 #[derive(Debug)]
 pub enum NodeSource {
-    /// A node to start: it gossips `http://{listener address}` as its gRPC endpoint unless
-    /// the builder sets one (set one when the listener is bound to `0.0.0.0`).
+    /// A node to start: it gossips `http://{listener address}` (`https://` with TLS) as its
+    /// gRPC endpoint unless the builder sets one (set one when the listener is bound to
+    /// `0.0.0.0`), and stamps its calls to peers with the cluster token when
+    /// [`ReapiConfig::authorization`] is set.
     Builder(Box<NodeBuilder>),
     /// A node already started, whose gossiped gRPC endpoint already points at the listener.
     Started(Node),
@@ -334,6 +353,7 @@ impl From<Node> for NodeSource {
 pub struct ReapiServer {
     reapi: Reapi,
     addr: SocketAddr,
+    tls: bool,
     stop: Option<oneshot::Sender<()>>,
     serving: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
 }
@@ -347,11 +367,19 @@ impl ReapiServer {
         listener: TcpListener,
     ) -> Result<Self, ReapiError> {
         let addr = listener.local_addr().map_err(ReapiError::Listener)?;
+        let scheme = if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         let node = match node.into() {
             NodeSource::Started(node) => node,
-            NodeSource::Builder(builder) => {
+            NodeSource::Builder(mut builder) => {
+                if let Some(auth) = &config.authorization {
+                    *builder = builder.peer_credential(auth.peer_credential());
+                }
                 builder
-                    .default_grpc_endpoint(format!("http://{addr}"))
+                    .default_grpc_endpoint(format!("{scheme}://{addr}"))
                     .max_concurrency(config.max_concurrency)
                     .start()
                     .await?
@@ -371,12 +399,22 @@ impl ReapiServer {
             .await;
         let (stop, stopped) = oneshot::channel::<()>();
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let mut server = tonic::transport::Server::builder()
+            // An Execute stream may stay silent for as long as its action runs: HTTP/2
+            // pings keep the connection alive through middleboxes and notice dead clients.
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)));
+        if let Some(tls) = &config.tls {
+            server = match server.tls_config(tls.server_config()) {
+                Ok(server) => server,
+                Err(error) => {
+                    node.shutdown().await;
+                    return Err(ReapiError::Tls(error));
+                }
+            };
+        }
         let serving = tokio::spawn(
-            tonic::transport::Server::builder()
-                // An Execute stream may stay silent for as long as its action runs: HTTP/2
-                // pings keep the connection alive through middleboxes and notice dead clients.
-                .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-                .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+            server
                 .layer(reapi.layer())
                 .add_routes(reapi.routes())
                 .add_service(health)
@@ -389,6 +427,7 @@ impl ReapiServer {
         Ok(Self {
             reapi,
             addr,
+            tls: config.tls.is_some(),
             stop: Some(stop),
             serving: Some(serving),
         })
@@ -409,9 +448,11 @@ impl ReapiServer {
         self.addr
     }
 
-    /// The endpoint to give Bazel: `grpc://{addr}` (Bazel takes a bare address as TLS).
+    /// The endpoint to give Bazel: `grpc://{addr}`, or `grpcs://{addr}` with TLS (Bazel takes
+    /// a bare address as TLS).
     pub fn endpoint(&self) -> String {
-        format!("grpc://{}", self.addr)
+        let scheme = if self.tls { "grpcs" } else { "grpc" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// What the replica did so far.

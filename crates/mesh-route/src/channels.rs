@@ -57,6 +57,48 @@ pub struct ChannelConfig {
     /// Opens plaintext connections instead of TCP (a simulated network, a proxy). Not
     /// combined with TLS.
     pub dialer: Option<Dialer>,
+    /// A header every call to a peer carries (forwarded calls and [`crate::Router::peer`]
+    /// calls alike), so a peer can tell the cluster's own calls from clients' — e.g. a
+    /// cluster token that a server's authorization checks. `None` by default.
+    pub credential: Option<PeerCredential>,
+}
+
+/// A header that proves a call comes from a replica of the cluster (see
+/// [`ChannelConfig::credential`]). Its value is marked sensitive, so HTTP/2 never indexes it
+/// and `Debug` never shows it.
+#[derive(Clone)]
+pub struct PeerCredential {
+    name: http::HeaderName,
+    value: http::HeaderValue,
+}
+
+impl PeerCredential {
+    /// The header `name` with the value `secret`; `None` when either is not a valid header
+    /// name or value.
+    pub fn new(name: &str, secret: &str) -> Option<Self> {
+        let name = http::HeaderName::from_bytes(name.as_bytes()).ok()?;
+        let mut value = http::HeaderValue::from_str(secret).ok()?;
+        value.set_sensitive(true);
+        Some(Self { name, value })
+    }
+
+    /// The header's name.
+    pub fn name(&self) -> &http::HeaderName {
+        &self.name
+    }
+
+    pub(crate) fn stamp(&self, headers: &mut http::HeaderMap) {
+        headers.insert(self.name.clone(), self.value.clone());
+    }
+}
+
+impl std::fmt::Debug for PeerCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerCredential")
+            .field("name", &self.name)
+            .field("value", &"<redacted>")
+            .finish()
+    }
 }
 
 impl Default for ChannelConfig {
@@ -69,6 +111,7 @@ impl Default for ChannelConfig {
             #[cfg(feature = "tls")]
             tls: None,
             dialer: None,
+            credential: None,
         }
     }
 }
@@ -83,6 +126,12 @@ impl ChannelConfig {
     /// Sets [`ChannelConfig::request_timeout`].
     pub fn request_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.request_timeout = timeout;
+        self
+    }
+
+    /// Sets [`ChannelConfig::credential`].
+    pub fn credential(mut self, credential: PeerCredential) -> Self {
+        self.credential = Some(credential);
         self
     }
 
@@ -120,6 +169,11 @@ impl PeerChannels {
             inner: Arc::default(),
             config,
         }
+    }
+
+    /// The header every call to a peer carries, if any.
+    pub(crate) fn credential(&self) -> Option<&PeerCredential> {
+        self.config.credential.as_ref()
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<NodeId, Cached>> {

@@ -66,10 +66,12 @@ pub fn forwarded_by(metadata: &MetadataMap) -> Option<NodeId> {
         .and_then(|value| NodeId::new(value).ok())
 }
 
-/// Client interceptor stamping [`FORWARDED_BY`].
+/// Client interceptor stamping [`FORWARDED_BY`] (and the cluster's
+/// [`PeerCredential`](crate::PeerCredential), when the channels have one).
 #[derive(Debug, Clone)]
 pub struct ForwardedBy {
     value: AsciiMetadataValue,
+    credential: Option<crate::PeerCredential>,
 }
 
 impl ForwardedBy {
@@ -78,7 +80,24 @@ impl ForwardedBy {
         // A node id is `[A-Za-z0-9._-]`, always a valid header value.
         let value = AsciiMetadataValue::try_from(node.as_str())
             .unwrap_or_else(|_| AsciiMetadataValue::from_static("invalid"));
-        Self { value }
+        Self {
+            value,
+            credential: None,
+        }
+    }
+
+    /// Also stamps calls with `credential`.
+    pub(crate) fn with_credential(mut self, credential: Option<crate::PeerCredential>) -> Self {
+        self.credential = credential;
+        self
+    }
+
+    /// Stamps an outgoing request's headers: [`FORWARDED_BY`] and the credential.
+    pub(crate) fn stamp(&self, headers: &mut http::HeaderMap) {
+        headers.insert(FORWARDED_BY, self.header());
+        if let Some(credential) = &self.credential {
+            credential.stamp(headers);
+        }
     }
 }
 
@@ -96,6 +115,11 @@ impl Interceptor for ForwardedBy {
         request
             .metadata_mut()
             .insert(FORWARDED_BY, self.value.clone());
+        if let Some(credential) = &self.credential {
+            let mut headers = std::mem::take(request.metadata_mut()).into_headers();
+            credential.stamp(&mut headers);
+            *request.metadata_mut() = MetadataMap::from_headers(headers);
+        }
         Ok(request)
     }
 }

@@ -35,7 +35,7 @@ pub mod select;
 #[cfg(feature = "tls")]
 pub mod tls;
 
-pub use channels::{ChannelConfig, PeerChannels};
+pub use channels::{ChannelConfig, PeerChannels, PeerCredential};
 pub use dialer::{DialFuture, Dialer, PeerStream};
 pub use error::RouteError;
 pub use forward::{

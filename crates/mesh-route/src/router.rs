@@ -357,7 +357,8 @@ impl RouterBuilder {
         ));
         Router {
             inner: Arc::new(Inner {
-                forwarded_by: ForwardedBy::new(self.membership.node_id()),
+                forwarded_by: ForwardedBy::new(self.membership.node_id())
+                    .with_credential(channels.credential().cloned()),
                 membership: self.membership,
                 strategy: self.strategy,
                 max_state_age,

@@ -39,8 +39,54 @@ struct Args {
     json: bool,
     #[command(flatten)]
     tls: client::TlsArgs,
+    /// A file whose first line is a bearer token with the `admin` right, for nodes that check
+    /// tokens (a REAPI server with a token file).
+    #[arg(long, global = true)]
+    token_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Adds `authorization: Bearer …` to every call when a token was given.
+#[derive(Clone)]
+struct Bearer(Option<tonic::metadata::AsciiMetadataValue>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(token) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", token.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// The admin client, with the token if one was given.
+type Admin = MeshAdminClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>,
+>;
+
+/// The bearer token in `path` (its first non-empty line).
+fn bearer(path: Option<&std::path::Path>) -> Result<Bearer, String> {
+    let Some(path) = path else {
+        return Ok(Bearer(None));
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("reading the token file {}: {e}", path.display()))?;
+    let token = text
+        .lines()
+        .map(str::trim)
+        .find(|line| !line.is_empty())
+        .ok_or_else(|| format!("the token file {} is empty", path.display()))?;
+    let mut value: tonic::metadata::AsciiMetadataValue = format!("Bearer {token}")
+        .parse()
+        .map_err(|_| format!("the token in {} is not visible ASCII", path.display()))?;
+    value.set_sensitive(true);
+    Ok(Bearer(Some(value)))
 }
 
 #[derive(Subcommand, Debug)]
@@ -74,7 +120,9 @@ async fn main() -> ExitCode {
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let addr = args.addr.as_str();
-    let mut client = MeshAdminClient::new(client::connect(addr, &args.tls).await?);
+    let token = bearer(args.token_file.as_deref())?;
+    let mut client =
+        MeshAdminClient::with_interceptor(client::connect(addr, &args.tls).await?, token);
     let failed =
         |what: &'static str| move |status: tonic::Status| client::call_failed(addr, what, &status);
     match args.command {
@@ -134,7 +182,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 async fn drain(
-    client: &mut MeshAdminClient<tonic::transport::Channel>,
+    client: &mut Admin,
     addr: &str,
     draining: bool,
     json: bool,

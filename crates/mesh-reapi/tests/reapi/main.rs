@@ -13,5 +13,6 @@ mod errors;
 mod execution;
 mod placement;
 mod routing;
+mod security;
 mod storage;
 mod support;

@@ -70,6 +70,16 @@ impl Cluster {
     /// `n` replicas named `r0`…, joined through the first, each seeing every other with its
     /// gRPC endpoint before this returns.
     pub async fn start(n: usize, configure: impl Fn(usize, &mut ReapiConfig)) -> Self {
+        Self::start_with(n, configure, |_, node| node).await
+    }
+
+    /// [`Cluster::start`], with each replica's node builder passed through `node` (e.g. for
+    /// TLS between replicas).
+    pub async fn start_with(
+        n: usize,
+        configure: impl Fn(usize, &mut ReapiConfig),
+        node: impl Fn(usize, mesh::NodeBuilder) -> mesh::NodeBuilder,
+    ) -> Self {
         let mut replicas: Vec<ReapiServer> = Vec::new();
         let mut dirs = Vec::new();
         for i in 0..n {
@@ -84,6 +94,7 @@ impl Cluster {
             if let Some(first) = replicas.first() {
                 builder = builder.seeds([first.node().gossip_addr()]);
             }
+            builder = node(i, builder);
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             replicas.push(ReapiServer::start(builder, config, listener).await.unwrap());
             dirs.push(dir);

@@ -44,13 +44,21 @@ pub const DEFAULT_MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 /// // tonic::transport::Server::builder().layer(layer).add_service(...)
 /// # Ok(()) }
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RouteLayer {
     pub(crate) router: Router,
     pub(crate) rules: Arc<HashMap<String, Rule>>,
     pub(crate) max_request_bytes: usize,
     pub(crate) counters: Arc<Counters>,
+    pub(crate) check: Option<CheckFn>,
 }
+
+/// A check every call passes before anything else (see [`RouteLayer::check_calls`]).
+pub(crate) type CheckFn =
+    Arc<dyn Fn(&str, &mut http::HeaderMap) -> Result<(), tonic::Status> + Send + Sync>;
+
+/// Shows whether a check is set, not the check.
+pub(crate) struct CheckDebug<'a>(pub(crate) &'a Option<CheckFn>);
 
 /// A gRPC method path that is not of the form `/{package.Service}/{Method}`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -71,7 +79,21 @@ impl RouteLayer {
             rules: Arc::default(),
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             counters: Arc::default(),
+            check: None,
         }
+    }
+
+    /// Checks every call — with a rule or not — before the layer does anything else with it:
+    /// `check` gets the method path and the request headers (it may remove a header, e.g. a
+    /// client's credential once verified, so it never travels to a peer), and a call it
+    /// refuses is answered at once with its status, never routed or forwarded. This is where a
+    /// server authenticates and authorizes its clients.
+    pub fn check_calls(
+        mut self,
+        check: impl Fn(&str, &mut http::HeaderMap) -> Result<(), tonic::Status> + Send + Sync + 'static,
+    ) -> Self {
+        self.check = Some(Arc::new(check));
+        self
     }
 
     /// Routes the calls of the method at `path` (`/{package.Service}/{Method}`) by `rule`.
@@ -160,6 +182,24 @@ fn check_path(path: &str) -> Result<(), InvalidPath> {
         Err(InvalidPath {
             path: path.to_owned(),
         })
+    }
+}
+
+impl std::fmt::Debug for RouteLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteLayer")
+            .field("router", &self.router)
+            .field("rules", &self.rules)
+            .field("max_request_bytes", &self.max_request_bytes)
+            .field("counters", &self.counters)
+            .field("check", &CheckDebug(&self.check))
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for CheckDebug<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "Some(..)" } else { "None" })
     }
 }
 

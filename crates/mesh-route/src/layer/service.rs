@@ -63,6 +63,12 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
+        if let Some(check) = &self.layer.check {
+            let path = request.uri().path().to_owned();
+            if let Err(status) = check(&path, request.headers_mut()) {
+                return Box::pin(std::future::ready(Ok(refuse(&self.layer, status))));
+            }
+        }
         let rule = self.layer.rules.get(request.uri().path()).cloned();
         let forwarded = request.headers().contains_key(FORWARDED_BY);
         if forwarded && rule.is_some() {
@@ -456,8 +462,11 @@ where
         ] {
             head.headers.remove(hop);
         }
-        head.headers
-            .insert(FORWARDED_BY, self.layer.router.inner.forwarded_by.header());
+        self.layer
+            .router
+            .inner
+            .forwarded_by
+            .stamp(&mut head.headers);
         if let Some(deadline) = self.deadline {
             let left = deadline.saturating_duration_since(Instant::now());
             head.headers
