@@ -37,13 +37,17 @@
 # 11. A cluster that checks bearer tokens: build and tests with
 #     --remote_header=authorization=Bearer …, a build without the token refused
 #     UNAUTHENTICATED, and a read-only token that gets remote cache hits and whose uploads of
-#     local results are refused PERMISSION_DENIED while the build goes on. (Not over TLS:
-#     Debian's Bazel 4.2.3 cannot speak TLS, see the step.)
+#     local results are refused PERMISSION_DENIED while the build goes on.
+# 12. A cluster that speaks only TLS (a test CA made with openssl): build and tests through
+#     grpcs:// with --tls_certificate, by the official Bazel 2.1.0 from the npm registry
+#     (Debian's Bazel 4.2.3 cannot speak TLS, see the step), and refused when Bazel trusts
+#     another CA.
 # Each build prints a `timing:` line (Bazel's elapsed time and critical path: local,
 # download-all, minimal, the two with a crash), all repeated side by side at the end. Loading
 # and analysis run first (--nobuild), so the elapsed times compare execution alone.
 #
-# Needs bazel (Debian's bazel-bootstrap 4.2.3) and cargo. Exits non-zero with a message
+# Needs bazel (Debian's bazel-bootstrap 4.2.3), cargo, openssl and npm (or MESH_TLS_BAZEL, the
+# path of a Bazel that speaks TLS). Exits non-zero with a message
 # naming the failed step. Everything it creates lives in one temporary directory (kept with
 # --keep or MESH_REAPI_KEEP=1).
 set -euo pipefail
@@ -94,6 +98,9 @@ cleanup() {
             bazel --output_user_root="$bazel_root" --output_base="$work/$base" shutdown >/dev/null 2>&1 || true
         fi
     done
+    if [[ -n "${tls_bazel:-}" && -d "$work/tls-base" ]]; then
+        "$tls_bazel" --output_user_root="$work/tls-bazel-root" --output_base="$work/tls-base" shutdown >/dev/null 2>&1 || true
+    fi
     if [[ "$keep" == 1 ]]; then
         echo "run.sh: kept $work"
     else
@@ -383,10 +390,6 @@ laptop_token="$(token)"
 printf 'ci read,write-cas,write-ac,execute %s\nlaptop read %s\n' "$(sha256 "$ci_token")" "$(sha256 "$laptop_token")" >"$work/tokens"
 token >"$work/cluster-token"
 
-# Bazel over TLS is not run here: Debian's bazel-bootstrap 4.2.3 links a Netty whose JDK ALPN
-# support is patched out, so any grpcs:// endpoint fails in Bazel itself ("JDK provider does
-# not support ALPN protocol") before it connects. TLS and mutual TLS are tested with a client
-# built from the bindings (crates/mesh-reapi/tests/reapi/security.rs).
 step "starting $replicas replicas that check bearer tokens"
 start_cluster tokens --tokens-file "$work/tokens" --cluster-token-file "$work/cluster-token"
 step "a token with every right: build and tests through ${endpoints[0]}"
@@ -420,6 +423,57 @@ grep -q PERMISSION_DENIED "$work/read-only-upload.log" ||
     fail "the read-only token's uploads were not refused with PERMISSION_DENIED"
 grep -m1 PERMISSION_DENIED "$work/read-only-upload.log"
 stop_cluster tokens
+
+# Debian's Bazel 4.2.3 cannot speak TLS: its Netty has the JDK's ALPN support patched out, so any
+# grpcs:// endpoint fails in Bazel itself ("JDK provider does not support ALPN protocol"). The
+# official Bazel 2.1.0, as published on the npm registry, can; it predates
+# --tls_client_certificate and --remote_header, so mutual TLS and tokens over TLS are tested
+# with a client built from the bindings (crates/mesh-reapi/tests/reapi/security.rs).
+step "certificates for 127.0.0.1 (a test CA, openssl) and the official Bazel 2.1.0 (npm)"
+pki="$work/pki"
+mkdir -p "$pki"
+openssl req -x509 -newkey rsa:2048 -nodes -keyout "$pki/ca.key" -out "$pki/ca.pem" -days 2 \
+    -subj "/CN=mesh test CA" 2>/dev/null || fail "making the test CA (openssl)"
+openssl req -newkey rsa:2048 -nodes -keyout "$pki/replica.key" -out "$pki/replica.csr" \
+    -subj "/CN=replica" 2>/dev/null || fail "making the replicas' key (openssl)"
+printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n' >"$pki/replica.ext"
+openssl x509 -req -in "$pki/replica.csr" -CA "$pki/ca.pem" -CAkey "$pki/ca.key" -CAcreateserial \
+    -days 2 -extfile "$pki/replica.ext" -out "$pki/replica.pem" 2>/dev/null ||
+    fail "signing the replicas' certificate (openssl)"
+tls_bazel="${MESH_TLS_BAZEL:-}"
+if [[ -z "$tls_bazel" ]]; then
+    (cd "$work" && npm pack --silent @bazel/bazel-linux_x64@2.1.0 >/dev/null &&
+        tar xzf bazel-bazel-linux_x64-2.1.0.tgz) || fail "npm pack @bazel/bazel-linux_x64@2.1.0"
+    tls_bazel="$work/package/bazel-2.1.0-linux-x86_64"
+    chmod +x "$tls_bazel"
+fi
+tls_bazel_in() { # tls_bazel_in <command> [args…]: Bazel 2.1.0 with an output base of its own
+    local command="$1"; shift
+    timeout 900 "$tls_bazel" --output_user_root="$work/tls-bazel-root" --output_base="$work/tls-base" \
+        --nohome_rc "$command" --color=no --curses=no "$@"
+}
+
+step "starting $replicas replicas that speak only TLS"
+start_cluster tls --tls-cert "$pki/replica.pem" --tls-key "$pki/replica.key" --tls-ca "$pki/ca.pem"
+[[ "${endpoints[0]}" == grpcs://* ]] || fail "the TLS cluster's endpoint is not grpcs://: ${endpoints[0]}"
+step "Bazel 2.1.0 over TLS: build and tests through ${endpoints[0]} with --tls_certificate"
+tls_bazel_in build "${flags[@]}" --tls_certificate="$pki/ca.pem" //... 2>&1 | tee "$work/tls-build.log" ||
+    bazel_failed "$work/tls-build.log" "the build over TLS (Bazel 2.1.0)"
+only_kind "$work/tls-build.log" remote "build over TLS"
+tls_bazel_in test "${flags[@]}" --tls_certificate="$pki/ca.pem" //... 2>&1 | tee "$work/tls-test.log" ||
+    bazel_failed "$work/tls-test.log" "the tests over TLS (Bazel 2.1.0)"
+tests_passed "$work/tls-test.log" '[0-9]+' "the tests over TLS"
+step "Bazel 2.1.0 trusting another CA: refused"
+openssl req -x509 -newkey rsa:2048 -nodes -keyout "$pki/other.key" -out "$pki/other.pem" -days 2 \
+    -subj "/CN=another CA" 2>/dev/null || fail "making a second CA (openssl)"
+tls_bazel_in clean >/dev/null 2>&1 || fail "bazel clean (2.1.0)"
+if tls_bazel_in build "${flags[@]}" --tls_certificate="$pki/other.pem" //... >"$work/other-ca.log" 2>&1; then
+    fail "Bazel trusting another CA built through the TLS cluster"
+fi
+echo "refused: $(grep -m1 -E '^ERROR: ' "$work/other-ca.log" || echo 'Bazel failed')"
+tls_bazel_in shutdown >/dev/null 2>&1 || true
+stop_cluster tls
+
 
 step "timings"
 printf '%s\n' "${timings[@]}"
