@@ -127,6 +127,14 @@ struct Args {
     /// sent, every line accepted). Needs --tokens-file.
     #[arg(long, requires = "tokens_file")]
     cluster_token_file: Option<PathBuf>,
+    /// On SIGTERM: how long running calls may take to finish (e.g. "20s"; below the
+    /// orchestrator's own grace period).
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    drain_grace: std::time::Duration,
+    /// `--api reapi`, on SIGTERM: this replica leaves for good (a scale-down): hand every blob
+    /// and result it holds to their other owners before exiting.
+    #[arg(long)]
+    hand_off_on_exit: bool,
 }
 
 impl Args {
@@ -271,11 +279,40 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     });
 
     shutdown_signal().await;
-    println!("leaving the cluster");
+    println!(
+        "draining: no new work, clients told to go elsewhere, up to {} for running calls",
+        humantime::format_duration(args.drain_grace)
+    );
     printer.abort();
-    match replica {
-        Replica::Demo(demo) => demo.shutdown_gracefully().await?,
-        Replica::Reapi(reapi) => reapi.shutdown().await,
+    let drained = match replica {
+        Replica::Demo(demo) => demo.drain(args.drain_grace).await,
+        Replica::Reapi(reapi) => {
+            let mut config = mesh_reapi::DrainConfig::default();
+            config.grace = args.drain_grace;
+            config.hand_off = args.hand_off_on_exit;
+            let report = reapi.drain(config).await;
+            if !report.handed_off {
+                println!(
+                    "handoff unfinished: {} blobs ({} bytes) may lack a copy on their new owners",
+                    report.blobs_held, report.bytes_held
+                );
+            }
+            Some(report.drained)
+        }
+    };
+    match drained {
+        Some(drained) if drained.finished => {
+            println!(
+                "drained in {} ms, left the cluster",
+                drained.took.as_millis()
+            );
+        }
+        Some(drained) => println!(
+            "grace period over after {} ms with {} tasks still running: cut; left the cluster",
+            drained.took.as_millis(),
+            drained.pending
+        ),
+        None => println!("left the cluster"),
     }
     Ok(())
 }

@@ -12,7 +12,9 @@
 //!
 //! Each replica runs on a thread and runtime of its own, as if it were a process: `SIGUSR1`
 //! crashes the last replica the next time it is running an action (no goodbye, every socket
-//! dropped), to show that a replica lost in the middle of a build costs Bazel nothing.
+//! dropped), to show that a replica lost in the middle of a build costs Bazel nothing; `SIGUSR2`
+//! restarts every replica in turn on its port and data directory, draining it first
+//! (`mesh::drain`), as a rolling update does.
 //!
 //! With `--tls-cert`, `--tls-key` and `--tls-ca` (one certificate for 127.0.0.1, used by every
 //! replica) clients and replicas speak TLS (`grpcs://`; `--tls-client-auth` for mutual TLS),
@@ -78,6 +80,10 @@ struct Args {
     /// The token replicas authenticate to each other with. Needs --tokens-file.
     #[arg(long, requires = "tokens_file")]
     cluster_token_file: Option<PathBuf>,
+    /// In a rolling restart (SIGUSR2), how long each replica's running calls may take to
+    /// finish before it restarts.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    drain_grace: Duration,
 }
 
 /// TLS for one replica: its server, and how it connects to its peers.
@@ -128,35 +134,45 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     result
 }
 
-async fn serve(args: &Args, data_dir: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
-    let mut replicas: Vec<Replica<Reapi>> = Vec::new();
-    let tls = tls(args)?;
-    let authorization = match (&args.tokens_file, &args.cluster_token_file) {
-        (Some(tokens), Some(cluster)) => Some(Authorization::from_files(tokens, cluster)?),
-        _ => None,
-    };
-    for i in 0..args.nodes {
-        let mut config = ReapiConfig::new(data_dir.join(format!("r{i}")));
+/// What every replica of this process shares.
+struct Setup<'a> {
+    args: &'a Args,
+    data_dir: &'a std::path::Path,
+    tls: Option<(ServerTls, PeerTls)>,
+    authorization: Option<Authorization>,
+}
+
+impl Setup<'_> {
+    /// Starts replica `r{i}` on its data directory, listening on `grpc_bind`, joining through
+    /// `seed`.
+    async fn start(
+        &self,
+        i: usize,
+        grpc_bind: std::net::SocketAddr,
+        seed: Option<std::net::SocketAddr>,
+    ) -> Result<Replica<Reapi>, Box<dyn std::error::Error>> {
+        let args = self.args;
+        let mut config = ReapiConfig::new(self.data_dir.join(format!("r{i}")));
         config.cas_max_bytes = args.cas_max_mib << 20;
         if let Some(max) = args.max_concurrency {
             config.max_concurrency = max;
         }
         config.sandbox = args.sandbox;
-        config.authorization = authorization.clone();
+        config.authorization = self.authorization.clone();
         let mut node = mesh::Node::builder()
             .node_id(format!("r{i}"))?
             .gossip_bind("127.0.0.1:0".parse()?)
             .timing(Timing::local())
             .max_concurrency(config.max_concurrency)
-            .seeds(replicas.first().map(|first| first.node().gossip_addr()));
-        if let Some((_, peers)) = &tls {
+            .seeds(seed);
+        if let Some((_, peers)) = &self.tls {
             node = node.channel_config(ChannelConfig::default().tls(peers.clone()));
         }
-        if let Some(authorization) = &authorization {
+        if let Some(authorization) = &self.authorization {
             node = node.peer_credential(authorization.peer_credential());
         }
-        let server_tls = tls.as_ref().map(|(server, _)| server.clone());
-        let replica = Replica::start(node, "127.0.0.1:0".parse()?, server_tls, move |node| {
+        let server_tls = self.tls.as_ref().map(|(server, _)| server.clone());
+        let replica = Replica::start(node, grpc_bind, server_tls, move |node| {
             let reapi = Reapi::open(node.clone(), &config)
                 .map_err(|error| mesh_demo::ReplicaError::Serve(error.to_string()))?;
             Ok(Served {
@@ -166,7 +182,24 @@ async fn serve(args: &Args, data_dir: &std::path::Path) -> Result<(), Box<dyn st
             })
         })
         .await?;
-        replicas.push(replica);
+        Ok(replica)
+    }
+}
+
+async fn serve(args: &Args, data_dir: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+    let setup = Setup {
+        args,
+        data_dir,
+        tls: tls(args)?,
+        authorization: match (&args.tokens_file, &args.cluster_token_file) {
+            (Some(tokens), Some(cluster)) => Some(Authorization::from_files(tokens, cluster)?),
+            _ => None,
+        },
+    };
+    let mut replicas: Vec<Replica<Reapi>> = Vec::new();
+    for i in 0..usize::from(args.nodes) {
+        let seed = replicas.first().map(|first| first.node().gossip_addr());
+        replicas.push(setup.start(i, "127.0.0.1:0".parse()?, seed).await?);
     }
     let expected = replicas.len();
     for replica in &replicas {
@@ -181,7 +214,7 @@ async fn serve(args: &Args, data_dir: &std::path::Path) -> Result<(), Box<dyn st
             .await
             .map_err(|_| "the replicas did not form one cluster within 30 s")?;
     }
-    let scheme = if tls.is_some() { "grpcs" } else { "grpc" };
+    let scheme = if setup.tls.is_some() { "grpcs" } else { "grpc" };
     let endpoint = |replica: &Replica<Reapi>| format!("{scheme}://{}", replica.grpc_addr());
     println!(
         "{} replicas in one cluster, data in {}",
@@ -207,7 +240,7 @@ async fn serve(args: &Args, data_dir: &std::path::Path) -> Result<(), Box<dyn st
     );
     println!("ready");
 
-    let crashed = run_until_stopped(&mut replicas).await?;
+    let crashed = run_until_stopped(&setup, &mut replicas).await?;
 
     println!();
     println!(
@@ -252,14 +285,63 @@ async fn serve(args: &Args, data_dir: &std::path::Path) -> Result<(), Box<dyn st
     Ok(())
 }
 
+/// Restarts every replica in turn, as a StatefulSet's rolling update does: drains it (see
+/// `mesh::drain`), starts it again on the same port and data directory, and waits until every
+/// other replica sees it serving before the next one.
+async fn rolling_restart(
+    setup: &Setup<'_>,
+    replicas: &mut Vec<Replica<Reapi>>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    println!("rolling restart of {} replicas", replicas.len());
+    for i in 0..replicas.len() {
+        let stopping = replicas.remove(i);
+        let grpc_bind = stopping.grpc_addr();
+        let name = stopping.node().node_id().to_string();
+        let index: usize = name.trim_start_matches('r').parse()?;
+        let seed = replicas.first().map(|other| other.node().gossip_addr());
+        let reapi = stopping.parts().clone();
+        let started = tokio::time::Instant::now();
+        let drained = stopping.drain(setup.args.drain_grace).await;
+        let executed = reapi.stats().executed;
+        let drained_ms = started.elapsed().as_millis();
+        let restarted = setup.start(index, grpc_bind, seed).await?;
+        let expected = replicas.len() + 1;
+        let joined = restarted.node().membership().wait_until(|view| {
+            view.len() == expected
+                && view
+                    .peers()
+                    .iter()
+                    .all(|p| p.state().is_some_and(|s| s.grpc_endpoint.is_some()))
+        });
+        tokio::time::timeout(Duration::from_secs(30), joined)
+            .await
+            .map_err(|_| format!("{name} did not rejoin within 30 s"))?;
+        println!(
+            "restarted {name}: executed {executed} before it restarted, drained in {drained_ms} \
+             ms ({}), serving again {} ms after the drain began",
+            match drained {
+                Some(drained) if drained.finished => "every call finished",
+                Some(_) => "grace period over: calls cut",
+                None => "it had stopped",
+            },
+            started.elapsed().as_millis()
+        );
+        replicas.insert(i, restarted);
+    }
+    println!("rolling restart done");
+    Ok(())
+}
+
 /// Serves until Ctrl-C or SIGTERM; on SIGUSR1, crashes the last replica as soon as it is
-/// running an action. Returns the crashed replicas (still readable: their counters outlive
-/// them).
+/// running an action; on SIGUSR2, restarts every replica in turn (a rolling update). Returns
+/// the crashed replicas (still readable: their counters outlive them).
 async fn run_until_stopped(
+    setup: &Setup<'_>,
     replicas: &mut Vec<Replica<Reapi>>,
 ) -> Result<Vec<Replica<Reapi>>, Box<dyn std::error::Error>> {
     let mut terminate = signal(SignalKind::terminate())?;
     let mut crash = signal(SignalKind::user_defined1())?;
+    let mut roll = signal(SignalKind::user_defined2())?;
     let mut crashed = Vec::new();
     let mut armed = false;
     let mut poll = tokio::time::interval(Duration::from_millis(5));
@@ -267,6 +349,7 @@ async fn run_until_stopped(
         tokio::select! {
             result = tokio::signal::ctrl_c() => { result?; break; }
             _ = terminate.recv() => break,
+            _ = roll.recv() => rolling_restart(setup, replicas).await?,
             _ = crash.recv() => {
                 armed = replicas.len() > 1;
                 println!("armed: the last replica crashes when it next runs an action");

@@ -49,6 +49,7 @@
 pub mod admin;
 #[cfg(feature = "config")]
 pub mod config;
+pub mod drain;
 #[cfg(feature = "health")]
 pub mod health;
 mod node;

@@ -190,3 +190,34 @@ fn the_metrics_endpoint_is_served_declared_and_announced_on_one_port() {
     );
     assert_eq!(annotations["prometheus.io/path"].as_str(), Some("/metrics"));
 }
+
+/// The drain fits in the pod's termination grace period: preStop, then the node's drain
+/// grace, then its leave, all before the kubelet's SIGKILL.
+#[test]
+fn the_drain_grace_and_prestop_fit_inside_the_pods_grace_period() {
+    let set = load("statefulset.yaml");
+    let pod = at(&set, &["spec", "template", "spec"]);
+    let container = &pod["containers"][0];
+    let args: Vec<&str> = container["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let at_flag = args
+        .iter()
+        .position(|a| *a == "--drain-grace")
+        .expect("the node's drain grace is set");
+    let drain = humantime::parse_duration(args[at_flag + 1]).unwrap();
+    let pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+        .as_u64()
+        .expect("a preStop sleep");
+    let pod_grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+    // The leave (the lan preset's leave timeout) and the process exit need a few seconds.
+    let leave = 5;
+    assert!(
+        pre_stop + drain.as_secs() + leave <= pod_grace,
+        "preStop {pre_stop} s + drain {drain:?} + leave {leave} s exceed the pod's {pod_grace} s"
+    );
+    assert!(drain < mesh::drain::DEFAULT_GRACE + std::time::Duration::from_secs(1));
+}

@@ -7,6 +7,7 @@ use mesh::{
     Node, NodeBuilder, NodeError,
     admin::AdminService,
     core::LeaveError,
+    drain::Drained,
     health::NodeHealth,
     route::layer::{InvalidPath, RouteLayer},
     tls::{PeerTls, ServerTls},
@@ -43,13 +44,15 @@ pub struct Replica<T> {
     parts: T,
     grpc_addr: SocketAddr,
     control: Option<oneshot::Sender<Stop>>,
-    stopped: Option<oneshot::Receiver<Result<(), LeaveError>>>,
+    stopped: Option<oneshot::Receiver<Result<Option<Drained>, LeaveError>>>,
 }
 
 /// How a replica's runtime ends.
 #[derive(Debug)]
 enum Stop {
     Gracefully,
+    /// A drain ([`mesh::drain`]) with this grace period.
+    Drain(std::time::Duration),
     Crash,
 }
 
@@ -173,6 +176,19 @@ impl<T: Clone + Send + 'static> Replica<T> {
         self.stop(Stop::Gracefully).await
     }
 
+    /// Drains the replica ([`mesh::drain`]): takes no new work, tells its clients to go
+    /// elsewhere (GOAWAY), lets the calls running finish for up to `grace`, leaves, and stops.
+    /// `None` if the replica had already stopped.
+    pub async fn drain(mut self, grace: std::time::Duration) -> Option<Drained> {
+        if let Some(control) = self.control.take() {
+            let _ = control.send(Stop::Drain(grace));
+        }
+        match self.stopped.take() {
+            Some(stopped) => stopped.await.ok().and_then(|r| r.ok()).flatten(),
+            None => None,
+        }
+    }
+
     /// Crashes the replica: no goodbye to the cluster, every connection and task dropped.
     pub async fn kill(mut self) {
         self.crash().await;
@@ -189,7 +205,7 @@ impl<T: Clone + Send + 'static> Replica<T> {
             let _ = control.send(how);
         }
         match self.stopped.take() {
-            Some(stopped) => stopped.await.unwrap_or(Ok(())),
+            Some(stopped) => stopped.await.unwrap_or(Ok(None)).map(|_| ()),
             None => Ok(()),
         }
     }
@@ -205,17 +221,24 @@ async fn run<T>(
     serve: ServeFn<T>,
     ready: oneshot::Sender<Ready<T>>,
     control: oneshot::Receiver<Stop>,
-) -> Result<(), LeaveError> {
+) -> Result<Option<Drained>, LeaveError> {
     let started = start(builder, grpc_bind, tls, serve).await;
-    let (node, parts, grpc_addr, server, drain) = match started {
+    let Started {
+        node,
+        parts,
+        grpc_addr,
+        server,
+        drain,
+        layer,
+    } = match started {
         Ok(started) => started,
         Err(error) => {
             let _ = ready.send(Err(error));
-            return Ok(());
+            return Ok(None);
         }
     };
     if ready.send(Ok((node.clone(), parts, grpc_addr))).is_err() {
-        return Ok(());
+        return Ok(None);
     }
     match control.await {
         Ok(Stop::Gracefully) => {
@@ -224,20 +247,32 @@ async fn run<T>(
             // Clients that keep their connections open (Bazel's server does) would hold a
             // graceful shutdown forever: give running calls a moment, then stop.
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), server).await;
-            left
+            left.map(|()| None)
+        }
+        Ok(Stop::Drain(grace)) => {
+            let stop = move || {
+                let _ = drain.send(());
+            };
+            let settled = std::future::ready(());
+            let drained = mesh::drain::drain(&node, grace, &layer, stop, server, settled).await;
+            // Returning drops the runtime: whatever still runs is cut.
+            Ok(Some(drained))
         }
         // A crash, or the replica was dropped: returning drops the runtime and all on it.
-        Ok(Stop::Crash) | Err(_) => Ok(()),
+        Ok(Stop::Crash) | Err(_) => Ok(None),
     }
 }
 
-type Started<T> = (
-    Node,
-    T,
-    SocketAddr,
-    tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
-    oneshot::Sender<()>,
-);
+/// A started replica: its node, parts and address, its server's task, the sender that starts
+/// the server's graceful shutdown, and the route layer (to cut calls at the end of a drain).
+struct Started<T> {
+    node: Node,
+    parts: T,
+    grpc_addr: SocketAddr,
+    server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    drain: oneshot::Sender<()>,
+    layer: RouteLayer,
+}
 
 async fn start<T>(
     builder: NodeBuilder,
@@ -290,6 +325,7 @@ async fn start<T>(
     let (drain, drained) = oneshot::channel::<()>();
     // Without TCP_NODELAY a small response waits for the client's delayed ACK (40 ms).
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let layer = served.layer.clone();
     let server = tokio::spawn(
         server
             .layer(served.layer)
@@ -298,7 +334,14 @@ async fn start<T>(
                 let _ = drained.await;
             }),
     );
-    Ok((node, served.parts, grpc_addr, server, drain))
+    Ok(Started {
+        node,
+        parts: served.parts,
+        grpc_addr,
+        server,
+        drain,
+        layer,
+    })
 }
 
 /// What a demo replica hands back: its service and its route layer (for their counters).
@@ -389,6 +432,11 @@ impl DemoNode {
         Ok(ExecutionClient::new(
             self.replica.channel_with_tls(tls).await?,
         ))
+    }
+
+    /// Drains the replica (see [`Replica::drain`]).
+    pub async fn drain(self, grace: std::time::Duration) -> Option<Drained> {
+        self.replica.drain(grace).await
     }
 
     /// Leaves the cluster, lets running calls finish, and stops.

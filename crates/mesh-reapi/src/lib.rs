@@ -119,7 +119,9 @@ pub use presence::PresenceService;
 pub use resource::{ResourceName, ResourceNameError, ResourceRule};
 pub use sandbox::{NETWORK_PROPERTY, SandboxError, SandboxMode};
 pub use scheduler::{OperationState, SchedulerConfig};
-pub use server::{NodeSource, Reapi, ReapiConfig, ReapiError, ReapiServer};
+pub use server::{
+    DrainConfig, DrainReport, NodeSource, Reapi, ReapiConfig, ReapiError, ReapiServer,
+};
 pub use stats::ReapiStats;
 pub use store::StoreUsage;
 

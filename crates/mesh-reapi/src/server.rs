@@ -306,6 +306,44 @@ fn prepare_work_dir(data_dir: &Path) -> Result<PathBuf, ReapiError> {
     work.canonicalize().map_err(error)
 }
 
+/// How a replica stops ([`ReapiServer::drain`]).
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct DrainConfig {
+    /// How long running calls and actions may take to finish. Default
+    /// [`mesh::drain::DEFAULT_GRACE`] (20 s, below Kubernetes' 30 s).
+    pub grace: std::time::Duration,
+    /// Whether the replica leaves for good (a scale-down): it then hands every blob and
+    /// result it holds to their owners without it before it goes. A replica that comes back
+    /// on its data directory (a rolling update) need not: it is an owner again when it
+    /// returns. Default `false`.
+    pub hand_off: bool,
+}
+
+impl Default for DrainConfig {
+    fn default() -> Self {
+        Self {
+            grace: mesh::drain::DEFAULT_GRACE,
+            hand_off: false,
+        }
+    }
+}
+
+/// How a drain went ([`ReapiServer::drain`]).
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct DrainReport {
+    /// The mesh's part: whether every call and action finished, and how long it took.
+    pub drained: mesh::drain::Drained,
+    /// Whether everything held here reached its owners (always `true` without
+    /// [`DrainConfig::hand_off`]).
+    pub handed_off: bool,
+    /// When the handoff did not finish: the blobs held here, which may lack a copy elsewhere.
+    pub blobs_held: u64,
+    /// And their bytes.
+    pub bytes_held: u64,
+}
+
 /// Where a replica's mesh node comes from.
 #[derive(Debug)]
 pub enum NodeSource {
@@ -458,6 +496,64 @@ impl ReapiServer {
     /// What the replica did so far.
     pub fn stats(&self) -> ReapiStats {
         self.reapi.stats()
+    }
+
+    /// Stops without cutting a call ([`mesh::drain`]): takes no new work, tells clients to go
+    /// elsewhere (GOAWAY), lets running calls and actions finish for up to `config.grace`,
+    /// with [`DrainConfig::hand_off`] hands every blob and result it holds to their owners
+    /// without it, then leaves the mesh and stops. What still runs after the grace period is
+    /// cut (a call forwarded here by a peer is then routed again by that peer).
+    pub async fn drain(mut self, config: DrainConfig) -> DrainReport {
+        let stop = self.stop.take();
+        let serving = self.serving.take();
+        let abort = serving.as_ref().map(JoinHandle::abort_handle);
+        let server = async move {
+            if let Some(serving) = serving {
+                let _ = serving.await;
+            }
+        };
+        let cluster = self.reapi.cluster().clone();
+        let hand_off = config.hand_off;
+        let settle = async move {
+            // The node left the placement when it started draining; its handoff task copies
+            // what it holds to the new owners once the placement settled.
+            while hand_off && cluster.handoff_pending() {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        };
+        let stop_accepting = move || {
+            if let Some(stop) = stop {
+                let _ = stop.send(());
+            }
+        };
+        let layer = self.reapi.layer();
+        let node = self.reapi.node().clone();
+        let drained =
+            mesh::drain::drain(&node, config.grace, &layer, stop_accepting, server, settle).await;
+        if let Some(abort) = abort {
+            abort.abort();
+        }
+        let handed_off = !hand_off || !self.reapi.cluster().handoff_pending();
+        let (blobs_held, bytes_held) = if handed_off {
+            (0, 0)
+        } else {
+            let usage = self.reapi.cluster().local().usage();
+            (usage.entries, usage.bytes)
+        };
+        if !handed_off {
+            tracing::warn!(
+                blobs = blobs_held,
+                bytes = bytes_held,
+                "the handoff did not finish within the grace period: these blobs may have no \
+                 copy on their new owners"
+            );
+        }
+        DrainReport {
+            drained,
+            handed_off,
+            blobs_held,
+            bytes_held,
+        }
     }
 
     /// Leaves the mesh (peers see it as left, not failed), stops accepting calls and waits

@@ -9,6 +9,7 @@
 
 mod cluster;
 mod confinement;
+mod drain;
 mod errors;
 mod execution;
 mod placement;

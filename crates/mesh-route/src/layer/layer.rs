@@ -51,6 +51,7 @@ pub struct RouteLayer {
     pub(crate) max_request_bytes: usize,
     pub(crate) counters: Arc<Counters>,
     pub(crate) check: Option<CheckFn>,
+    pub(crate) cutoff: Arc<super::cutoff::Cutoff>,
 }
 
 /// A check every call passes before anything else (see [`RouteLayer::check_calls`]).
@@ -80,6 +81,7 @@ impl RouteLayer {
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             counters: Arc::default(),
             check: None,
+            cutoff: Arc::default(),
         }
     }
 
@@ -110,6 +112,15 @@ impl RouteLayer {
     pub fn max_request_bytes(mut self, limit: usize) -> Self {
         self.max_request_bytes = limit;
         self
+    }
+
+    /// Ends every response this layer (and each of its clones) still streams, now and from now
+    /// on: for a server that must stop before its calls are done (a drain whose grace period
+    /// ran out, see `mesh::drain`). A call a peer forwarded here ends with a reset stream, so
+    /// that peer routes it again if its rule is idempotent, as if this node had died; a
+    /// client's own call ends with `UNAVAILABLE`, which gRPC clients retry.
+    pub fn cut_running_calls(&self) {
+        self.cutoff.cut();
     }
 
     /// The router the layer routes with.

@@ -80,6 +80,7 @@
 //! embedder makes itself.
 
 mod body;
+mod cutoff;
 mod grpc;
 #[allow(clippy::module_inception)]
 mod layer;

@@ -87,8 +87,12 @@ where
                 let inner = std::mem::replace(&mut self.inner, fresh);
                 let layer = self.layer.clone();
                 Box::pin(
-                    async move { Ok(Call::handle(layer, inner, rule, request).await) }
-                        .instrument(span),
+                    async move {
+                        let cutoff = Arc::clone(&layer.cutoff);
+                        let response = Call::handle(layer, inner, rule, request).await;
+                        Ok(response.map(|body| cutoff.wrap(body, false)))
+                    }
+                    .instrument(span),
                 )
             }
             Some(rule) => {
@@ -111,6 +115,7 @@ where
                 });
                 let response = LoadTracker::already_counted(self.inner.call(request));
                 let membership = self.layer.router.inner.membership.clone();
+                let cutoff = Arc::clone(&self.layer.cutoff);
                 Box::pin(
                     async move {
                         tracing::debug!("serving a call forwarded by a peer");
@@ -136,19 +141,22 @@ where
                                 return Err(error.into());
                             }
                         };
-                        Ok(match recorder {
+                        let response = match recorder {
                             Some(recorder) => recorder.observe(response),
                             None => response,
-                        })
+                        };
+                        Ok(response.map(|body| cutoff.wrap(body, true)))
                     }
                     .instrument(span),
                 )
             }
             None => {
+                let forwarded = request.headers().contains_key(FORWARDED_BY);
                 let response = self.inner.call(request);
+                let cutoff = Arc::clone(&self.layer.cutoff);
                 Box::pin(async move {
                     let response = response.await.map_err(Into::into)?;
-                    Ok(response.map(Body::new))
+                    Ok(response.map(|body| cutoff.wrap(Body::new(body), forwarded)))
                 })
             }
         }
