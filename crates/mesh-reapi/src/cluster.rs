@@ -164,6 +164,9 @@ pub struct ClusterCas {
     rings: Rings,
     fetching: Arc<Mutex<Fetching>>,
     counters: Arc<Counters>,
+    /// The replica leaves for good (a drain with handoff): its handoff then sends what it
+    /// holds to every owner that lacks it.
+    leaving: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Blobs being fetched from peers right now, so concurrent requests fetch each once.
@@ -222,6 +225,7 @@ impl ClusterCas {
             cas,
             action_cache,
             rings: Rings::new(node.clone()),
+            leaving: Arc::default(),
             node,
             config,
             replication,
@@ -257,6 +261,19 @@ impl ClusterCas {
 
     pub(crate) fn rings(&self) -> &Rings {
         &self.rings
+    }
+
+    /// Marks the replica as leaving for good: while it drains, its handoff sends everything
+    /// it holds to whichever owner lacks it ([`crate::handoff`]); a replica that drains to
+    /// come back (a restart) hands nothing over.
+    pub(crate) fn set_leaving(&self) {
+        self.leaving
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether [`ClusterCas::set_leaving`] was called.
+    pub(crate) fn leaving(&self) -> bool {
+        self.leaving.load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub(crate) fn counters(&self) -> &Counters {

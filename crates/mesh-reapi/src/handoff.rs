@@ -17,6 +17,10 @@
 //! survived; several replicas may send the same blob at once (the receiver keeps one). The
 //! pass is what BuildBuddy calls hinted handoff, driven here by the membership instead of a
 //! hint log. While it runs, lookups also ask the former owners ([`crate::cluster`]).
+//!
+//! A replica that drains to come back (a rolling update) sends nothing: it owns its blobs again
+//! when it returns. One that leaves for good ([`crate::DrainConfig::hand_off`]) sends
+//! everything it holds to every owner without it that lacks it, before it goes.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -64,7 +68,24 @@ async fn run(cluster: ClusterCas) {
             }
             continue;
         }
-        if pass(&cluster, done.as_deref(), &ring).await {
+        let draining = cluster
+            .node()
+            .view()
+            .local()
+            .state()
+            .is_some_and(|state| state.draining);
+        if draining && !cluster.leaving() {
+            // Draining to come back (a restart): it owns its blobs again when it returns, and
+            // everything it holds has another owner meanwhile. Nothing to send.
+            if !placement_changes(&cluster, &ring).await {
+                return;
+            }
+            continue;
+        }
+        // Leaving for good: every owner is asked what it lacks, not only the new ones (an
+        // owner may have evicted its copy; this may be the last one).
+        let before = if draining { None } else { done.as_deref() };
+        if pass(&cluster, before, &ring).await {
             cluster.counters().handoff_pass();
             cluster.rings().handed_off(ring.clone());
             done = Some(ring);

@@ -514,6 +514,9 @@ impl ReapiServer {
         };
         let cluster = self.reapi.cluster().clone();
         let hand_off = config.hand_off;
+        if hand_off {
+            cluster.set_leaving();
+        }
         let settle = async move {
             // The node left the placement when it started draining; its handoff task copies
             // what it holds to the new owners once the placement settled.
