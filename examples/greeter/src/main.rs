@@ -1,7 +1,7 @@
 //! A gRPC greeter whose replicas form one cluster: a call sent to any replica runs on the one
 //! with the most room. Everything the mesh needs is in [`main`]: start a [`mesh::Node`], put a
-//! [`RouteLayer`] in front of the services, serve the admin and health services, and leave the
-//! cluster on SIGTERM.
+//! [`RouteLayer`] in front of the services, serve the admin and health services, and drain on
+//! SIGTERM (finish the calls running, then leave the cluster).
 //!
 //! Three replicas on one machine, each in its own terminal:
 //!
@@ -51,7 +51,7 @@ use proto::{
     greeter_server::{self, GreeterServer},
 };
 
-/// How long running calls may take to finish once the replica has left the cluster.
+/// How long running calls may take to finish when the replica stops.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// One replica of the greeter.
@@ -177,7 +177,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(
         Server::builder()
-            .layer(layer)
+            .layer(layer.clone())
             .add_service(greeter)
             .add_service(admin)
             .add_service(health)
@@ -191,17 +191,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing::info!(node = %node.node_id(), %grpc_addr, "serving");
 
     shutdown_signal().await;
-    // Leave first, so peers stop sending calls here ("left", not "failed"), then let the
-    // calls still running finish.
-    tracing::info!("leaving the cluster");
-    if let Err(error) = node.leave().await {
-        tracing::warn!(%error, "leaving the cluster");
-    }
-    let _ = stop.send(());
-    match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
-        Ok(served) => served??,
-        Err(_) => tracing::warn!("calls still open after {SHUTDOWN_GRACE:?}; stopping anyway"),
-    }
+    // Drain: readiness off and no new work routed here, GOAWAY so clients go elsewhere, the
+    // calls running finish (up to the grace period, then they are cut), then leave: peers
+    // see "left", not "failed".
+    let stop_accepting = move || {
+        let _ = stop.send(());
+    };
+    let drained = mesh::drain::drain(
+        &node,
+        SHUTDOWN_GRACE,
+        &layer,
+        stop_accepting,
+        server,
+        std::future::ready(()),
+    )
+    .await;
+    tracing::info!(finished = drained.finished, took = ?drained.took, "drained and left");
     Ok(())
 }
 
