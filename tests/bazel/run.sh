@@ -271,6 +271,24 @@ stop_cluster() { # stop_cluster <name>
     fi
 }
 
+# After stop_cluster: fails unless the replicas routed an Execute again (the crashed replica's,
+# by the replica Bazel talks to), so the crash cost Bazel nothing because the mesh re-ran the
+# action, not because Bazel retried.
+rerouted() { # rerouted <what>
+    local total
+    total="$(sed -n '/^node /,$p' "$cluster_log" | tail -n +2 | awk '{ s += $11 } END { print s + 0 }')"
+    [[ "$total" -ge 1 ]] || fail "$1: no Execute was routed again after the crash"
+    echo "$1: $total Execute call(s) routed again by the mesh"
+}
+
+# Fails if Bazel retried a remote call or saw one fail (the mesh must hide the crash).
+no_remote_retry() { # no_remote_retry <log> <what>
+    if grep -E 'Retrying|UNAVAILABLE|io exception|DEADLINE_EXCEEDED' "$1"; then
+        fail "$2: Bazel saw a remote error or retried"
+    fi
+    echo "$2: no remote retry in Bazel's log"
+}
+
 # Crashes the last replica the next time it runs an action (SIGUSR1 to the cluster).
 arm_crash() { kill -USR1 "$cluster_pid"; }
 crashed() { # crashed <what>: fails unless a replica crashed
@@ -329,12 +347,14 @@ bazel_in remote build "${flags[@]}" --noremote_accept_cached //... 2>&1 | tee "$
     bazel_failed "$work/crash-build.log" "the build during which a replica crashed"
 only_kind "$work/crash-build.log" remote "build with a crash"
 crashed "the build with a crash"
+no_remote_retry "$work/crash-build.log" "the build with a crash"
 timing "$work/crash-build.log" "remote build through $replicas replica(s), downloading every output, one crashed"
 compare_all "build with a crash"
 fi
 
 step "stopping the download-all cluster"
 stop_cluster download-all
+[[ "$replicas" -le 1 ]] || rerouted "the download-all cluster"
 
 step "starting $replicas fresh replicas (Build without the Bytes)"
 start_cluster bwob
@@ -369,6 +389,7 @@ bazel_in remote build "${flags[@]}" --remote_download_minimal --noremote_accept_
     bazel_failed "$work/minimal-crash-build.log" "the --remote_download_minimal build during which a replica crashed"
 only_kind "$work/minimal-crash-build.log" remote "minimal build with a crash"
 crashed "the --remote_download_minimal build with a crash"
+no_remote_retry "$work/minimal-crash-build.log" "the --remote_download_minimal build with a crash"
 timing "$work/minimal-crash-build.log" "remote build through $replicas replica(s), --remote_download_minimal, one crashed"
 bazel_in remote test "${flags[@]}" --remote_download_minimal --noremote_accept_cached //... 2>&1 |
     tee "$work/minimal-crash-test.log" ||
@@ -386,6 +407,7 @@ fi
 
 step "stopping the Build without the Bytes cluster"
 stop_cluster bwob
+[[ "$replicas" -le 1 ]] || rerouted "the Build without the Bytes cluster"
 
 step "token files"
 token() { od -An -tx1 -N16 /dev/urandom | tr -d ' \n'; }

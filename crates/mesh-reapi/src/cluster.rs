@@ -167,6 +167,8 @@ pub struct ClusterCas {
     /// The replica leaves for good (a drain with handoff): its handoff then sends what it
     /// holds to every owner that lacks it.
     leaving: Arc<std::sync::atomic::AtomicBool>,
+    /// How often each peer was asked for blobs this replica lacked.
+    fetch_asks: Arc<Mutex<std::collections::BTreeMap<NodeId, u64>>>,
 }
 
 /// Blobs being fetched from peers right now, so concurrent requests fetch each once.
@@ -226,6 +228,7 @@ impl ClusterCas {
             action_cache,
             rings: Rings::new(node.clone()),
             leaving: Arc::default(),
+            fetch_asks: Arc::default(),
             node,
             config,
             replication,
@@ -261,6 +264,25 @@ impl ClusterCas {
 
     pub(crate) fn rings(&self) -> &Rings {
         &self.rings
+    }
+
+    /// How often each peer was asked for blobs this replica lacked (a fetch, or asking who
+    /// holds them), since start: where reads went — the hinted holder first, then the owners,
+    /// every peer only as a last resort.
+    pub fn fetch_asks(&self) -> std::collections::BTreeMap<NodeId, u64> {
+        self.fetch_asks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn count_ask(&self, node: &NodeId) {
+        *self
+            .fetch_asks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(node.clone())
+            .or_default() += 1;
     }
 
     /// Marks the replica as leaving for good: while it drains, its handoff sends everything
@@ -472,6 +494,7 @@ impl ClusterCas {
         let peers = self.peers(metadata);
         let hinted = self.hinted(hints, &live);
         for node in &hinted {
+            self.count_ask(node);
             let fetched = peers.fetch(node, &missing, &self.cas).await;
             self.count_fetched(&fetched);
             missing.retain(|d| !fetched.contains(d));
@@ -520,6 +543,9 @@ impl ClusterCas {
                 by_node.insert(node.clone(), digests);
             }
         }
+        for node in by_node.keys() {
+            self.count_ask(node);
+        }
         let holders = self.ask_holders(&peers, by_node).await;
         let mut by_holder: HashMap<NodeId, Vec<Digest>> = HashMap::new();
         for digest in &missing {
@@ -541,7 +567,10 @@ impl ClusterCas {
     ) {
         let fetches: FuturesUnordered<_> = by_node
             .iter()
-            .map(|(node, digests)| peers.fetch(node, digests, &self.cas))
+            .map(|(node, digests)| {
+                self.count_ask(node);
+                peers.fetch(node, digests, &self.cas)
+            })
             .collect();
         let fetched: Vec<Vec<Digest>> = fetches.collect().await;
         for fetched in fetched {

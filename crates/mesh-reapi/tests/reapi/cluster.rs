@@ -153,7 +153,13 @@ async fn inputs_uploaded_to_one_replica_run_on_another_and_outputs_are_read_ever
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forwarding_node_is_asked_first() {
     let cluster = Cluster::start(3, |_, _| {}).await;
-    let action = produce().salt("forwarded").build();
+    // Enough inputs that some have A as their first owner: a fetch that ignored the hint
+    // would ask A for them.
+    let mut action = produce().salt("forwarded");
+    for i in 0..12 {
+        action = action.input(&format!("in/extra{i}.txt"), format!("extra {i}").as_bytes());
+    }
+    let action = action.build();
     // The inputs are on C only (as if every other copy had been evicted).
     for (_, data) in &action.blobs {
         cluster.put_only_on(2, data).await;
@@ -169,6 +175,18 @@ async fn a_forwarding_node_is_asked_first() {
     let stats = cluster.replicas[1].stats();
     assert_eq!(stats.forwarded_in, 1);
     assert!(stats.blobs_fetched >= 5, "{stats:?}");
+    // B asked C, which had everything, and nobody else.
+    let asks = cluster.replicas[1].reapi().cluster().fetch_asks();
+    let (a, c) = (
+        cluster.replicas[0].node().node_id(),
+        cluster.replicas[2].node().node_id(),
+    );
+    assert!(asks.get(c).is_some_and(|n| *n >= 1), "{asks:?}");
+    assert_eq!(
+        asks.get(a),
+        None,
+        "A was asked although C, the hint, had it all: {asks:?}"
+    );
     cluster.shutdown().await;
 }
 
@@ -561,4 +579,75 @@ async fn a_replica_can_embed_a_node_started_elsewhere() {
         "served: the Action was never uploaded"
     );
     server.shutdown().await;
+}
+
+/// A peer that accepts connections and never answers (a hung process) costs each lookup at
+/// most the configured call timeout: the replicas still find and read every blob.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_never_answers_costs_a_timeout_not_a_hang() {
+    let timeout = std::time::Duration::from_millis(500);
+    let cluster = Cluster::start(2, |_, config| config.peers.call_timeout = timeout).await;
+    // The hung peer: a member whose gRPC port accepts TCP and then says nothing.
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hung_addr = hung.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((socket, _)) = hung.accept().await {
+            open.push(socket);
+        }
+    });
+    let liar = mesh::Node::builder()
+        .node_id("hung")
+        .unwrap()
+        .gossip_bind("127.0.0.1:0".parse().unwrap())
+        .timing(mesh::Timing::local())
+        .grpc_endpoint(format!("http://{hung_addr}"))
+        .seeds([cluster.replicas[0].node().gossip_addr()])
+        .start()
+        .await
+        .unwrap();
+    for replica in &cluster.replicas {
+        crate::support::bounded(
+            "every replica to see the hung peer with its endpoint",
+            replica.node().membership().wait_until(|view| {
+                view.len() == 3
+                    && view
+                        .peers()
+                        .iter()
+                        .all(|p| p.state().is_some_and(|s| s.grpc_endpoint.is_some()))
+            }),
+        )
+        .await;
+    }
+    let blobs: Vec<(Digest, Vec<u8>)> = (0..12)
+        .map(|i| {
+            let data = format!("blob {i} beside a hung peer").into_bytes();
+            (Digest::of(&data), data)
+        })
+        .collect();
+    // Some of these have the hung peer as an owner: each lookup there ends at the call
+    // timeout. Without it the hung connection would hold the upload until HTTP/2's keepalive
+    // gave up on it (15 s): allow ten timeouts, far more than the lookups need.
+    tokio::time::timeout(timeout * 10, upload(&cluster, 0, &blobs))
+        .await
+        .expect("the upload waited on the hung peer past its call timeout");
+    let digests: Vec<Digest> = blobs.iter().map(|(d, _)| *d).collect();
+    let missing = crate::support::bounded(
+        "FindMissingBlobs through r1",
+        missing_on(&cluster, 1, &digests),
+    )
+    .await;
+    assert!(missing.is_empty(), "{missing:?}");
+    for (digest, data) in &blobs {
+        let (read_back, _) = crate::support::bounded(
+            "a read through r1",
+            read(&mut cluster.bytestream(1).await, digest),
+        )
+        .await
+        .unwrap();
+        assert_eq!(&read_back, data);
+    }
+    held.abort();
+    liar.shutdown().await;
+    cluster.shutdown().await;
 }

@@ -399,3 +399,107 @@ async fn a_follower_whose_runner_crashes_runs_the_action_itself() {
     assert_eq!((stats.executed, stats.merged), (1, 0), "{stats:?}");
     r1.shutdown().await;
 }
+
+/// The replica running a forwarded action dies mid-action: the entry routes the `Execute`
+/// again (its rule is idempotent) and the client's stream ends with the result. No
+/// `UNAVAILABLE` reaches the client, and the re-route is counted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_action_whose_replica_dies_is_routed_again_and_the_client_never_notices() {
+    // r0, the worker, on a runtime of its own so it can crash for real; r1, the entry.
+    let dir0 = data_dir();
+    let config0 = test_config(dir0.path());
+    let mut r0 = Replica::start(
+        mesh::Node::builder()
+            .node_id("r0")
+            .unwrap()
+            .gossip_bind("127.0.0.1:0".parse().unwrap())
+            .timing(mesh::Timing::local()),
+        "127.0.0.1:0".parse().unwrap(),
+        None,
+        move |node| {
+            let reapi = Reapi::open(node.clone(), &config0)
+                .map_err(|e| mesh_demo::ReplicaError::Serve(e.to_string()))?;
+            Ok(Served {
+                layer: reapi.layer(),
+                routes: reapi.routes(),
+                parts: reapi,
+            })
+        },
+    )
+    .await
+    .unwrap();
+    let dir1 = data_dir();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let r1 = ReapiServer::start(
+        mesh::Node::builder()
+            .node_id("r1")
+            .unwrap()
+            .gossip_bind("127.0.0.1:0".parse().unwrap())
+            .timing(mesh::Timing::local())
+            .seeds([r0.node().gossip_addr()]),
+        test_config(dir1.path()),
+        listener,
+    )
+    .await
+    .unwrap();
+    for node in [r0.node(), r1.node()] {
+        bounded(
+            "both replicas to see each other",
+            node.membership().wait_until(|view| {
+                view.len() == 2
+                    && view
+                        .peers()
+                        .iter()
+                        .all(|p| p.state().is_some_and(|s| s.grpc_endpoint.is_some()))
+            }),
+        )
+        .await;
+    }
+    let gate = Gate::new();
+    let action = shell(&format!("{}; echo done > out", gate.wait()))
+        .output_file("out")
+        .build();
+    let mut cas = ContentAddressableStorageClient::connect(format!("http://{}", r1.addr()))
+        .await
+        .unwrap();
+    upload_with(&mut cas, &action.blobs).await;
+
+    // r1 is full: the Execute sent to it runs on r0, held there on the gate.
+    let max = r1.node().load().max_concurrency();
+    let busy: Vec<_> = (0..max).map(|_| r1.node().load().begin_task()).collect();
+    let mut client = ExecutionClient::connect(format!("http://{}", r1.addr()))
+        .await
+        .unwrap();
+    let call = tokio::spawn(async move {
+        let mut stream = client
+            .execute(execute_request(action.action, true))
+            .await?
+            .into_inner();
+        let mut operations = Vec::new();
+        while let Some(operation) = stream.message().await? {
+            operations.push(operation);
+        }
+        Ok::<_, tonic::Status>(operations)
+    });
+    let r0_load = r0.node().load().clone();
+    eventually("r0 to run the forwarded action", async || {
+        r0_load.pending() == 1
+    })
+    .await;
+
+    // r0 dies mid-action; r1 has room again; the action may now finish wherever it runs.
+    r0.crash().await;
+    drop(busy);
+    gate.open();
+    let operations = bounded("the client's stream to end", call)
+        .await
+        .unwrap()
+        .expect("no error reaches the client");
+    let result = finished(&operations).result.expect("a result");
+    assert_eq!(result.exit_code, 0, "{result:?}");
+    assert_eq!(result.execution_metadata.unwrap().worker, "r1");
+    let stats = r1.stats();
+    assert_eq!(stats.rerouted, 1, "{stats:?}");
+    assert_eq!(stats.executed, 1, "{stats:?}");
+    r1.shutdown().await;
+}
