@@ -4,7 +4,7 @@
 
 mod cluster_processes;
 
-use std::{process::Stdio, time::Duration};
+use std::process::Stdio;
 
 use cluster_processes::{NodeProcess, NodeSpec, bounded, examples, poll};
 use mesh::proto::admin::v1::{ListMembersRequest, mesh_admin_client::MeshAdminClient};
@@ -48,7 +48,21 @@ async fn a_burst_survives_a_worker_killed_with_sigkill() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // w2 (8 slots) dies while it runs actions: wait until the entry sees it busy.
+    poll("w2 to run actions", || {
+        let mut admin = admin.clone();
+        async move {
+            let members = admin
+                .list_members(ListMembersRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .members;
+            let w2 = members.iter().find(|m| m.node_id == "w2")?;
+            (w2.state.as_ref()?.pending > 0).then_some(())
+        }
+    })
+    .await;
     assert!(
         loadgen.try_wait().unwrap().is_none(),
         "the worker must die in the middle of the burst"

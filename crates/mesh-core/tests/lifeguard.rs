@@ -104,13 +104,16 @@ async fn ten_percent_loss_gives_no_false_failure_and_suspects_refute_directly() 
         .iter()
         .map(|i| cluster.membership(*i).unwrap().stats().refuted_self)
         .sum();
-    if total.suspicions_raised > 0 {
-        // The buddy system: suspects learnt of their suspicion directly and answered.
-        assert!(
-            refuted_self > 0,
-            "no suspect heard of its suspicion directly"
-        );
-    }
+    // 10% loss makes probes fail now and then (the seed is fixed: this run raises
+    // suspicions), and the buddy system makes suspects learn of them directly and answer.
+    assert!(
+        total.suspicions_raised > 0,
+        "no suspicion at all: the scenario tests nothing"
+    );
+    assert!(
+        refuted_self > 0,
+        "no suspect heard of its suspicion directly"
+    );
     cluster.network().set_loss(0.0);
     let back = cluster
         .run_until(Duration::from_secs(30), 10 * MS, |c| c.sees_exactly(&all))

@@ -124,7 +124,8 @@ async fn a_timeout_kills_the_process_group_and_is_deadline_exceeded() {
     // A background child; both it and the shell must die.
     let token = sleep_token();
     let action = shell(&format!("sleep {token} & echo $!; echo started >&2; wait"))
-        .timeout(Duration::from_millis(300))
+        // Long enough for the shell to print its child's pid on a loaded machine.
+        .timeout(Duration::from_secs(2))
         .build();
     upload(&cluster, 0, &action.blobs).await;
     let response = finished(
@@ -248,7 +249,8 @@ async fn load_is_held_from_queueing_to_completion_within_max_concurrency() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finished_operations_are_forgotten_after_their_retention_even_when_idle() {
     let cluster = Cluster::start(1, |_, config| {
-        config.scheduler.retention = Duration::from_millis(300);
+        // Long enough to follow the operation right after it finished on a loaded machine.
+        config.scheduler.retention = Duration::from_secs(2);
     })
     .await;
     let action = shell("true").build();
