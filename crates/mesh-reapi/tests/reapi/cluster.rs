@@ -60,7 +60,8 @@ async fn inputs_uploaded_to_one_replica_run_on_another_and_outputs_are_read_ever
         cluster.node_id(1),
         "ExecutedActionMetadata.worker"
     );
-    for (name, stamp) in [
+    // In the order the stages happen.
+    let stamps = [
         ("queued", metadata.queued_timestamp),
         ("worker_start", metadata.worker_start_timestamp),
         ("input_fetch_start", metadata.input_fetch_start_timestamp),
@@ -82,8 +83,16 @@ async fn inputs_uploaded_to_one_replica_run_on_another_and_outputs_are_read_ever
             metadata.output_upload_completed_timestamp,
         ),
         ("worker_completed", metadata.worker_completed_timestamp),
-    ] {
-        assert!(stamp.is_some_and(|t| t.seconds > 0), "{name} timestamp");
+    ];
+    let mut previous: Option<(&str, (i64, i32))> = None;
+    for (name, stamp) in stamps {
+        let stamp = stamp.unwrap_or_else(|| panic!("{name} timestamp missing"));
+        assert!(stamp.seconds > 0, "{name} timestamp");
+        let at = (stamp.seconds, stamp.nanos);
+        if let Some((before, then)) = previous {
+            assert!(then <= at, "{before} ({then:?}) after {name} ({at:?})");
+        }
+        previous = Some((name, at));
     }
     let worker = cluster.replicas[1].stats();
     assert_eq!(worker.executed, 1);

@@ -32,7 +32,24 @@ async fn route_requests_carry_the_platform_as_required_tags() {
         .collect();
     assert_eq!(tags, [("OSFamily", "Linux"), ("pool", "default")]);
     let affinity = route.affinity_key().expect("the input root digest");
-    assert_eq!(affinity.len(), 32);
+    let action = built
+        .blobs
+        .iter()
+        .find(|(digest, _)| *digest == built.action)
+        .map(|(_, data)| {
+            <mesh_reapi::proto::build::bazel::remote::execution::v2::Action as prost::Message>::decode(
+                data.as_slice(),
+            )
+            .unwrap()
+        })
+        .unwrap();
+    let root =
+        mesh_reapi::Digest::from_proto(action.input_root_digest.as_ref().unwrap(), "root").unwrap();
+    assert_eq!(
+        affinity,
+        root.hash(),
+        "the affinity key is the input root digest"
+    );
     cluster.shutdown().await;
 }
 
