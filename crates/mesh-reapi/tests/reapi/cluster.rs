@@ -660,3 +660,191 @@ async fn a_peer_that_never_answers_costs_a_timeout_not_a_hang() {
     liar.shutdown().await;
     cluster.shutdown().await;
 }
+
+/// A peer that answers with bytes that do not match what was asked: a fake replica that claims
+/// to hold every blob and serves garbage.
+mod liar {
+    use mesh_proto::reapi::v1::{
+        HasRequest, HasResponse,
+        presence_server::{Presence, PresenceServer},
+    };
+    use mesh_reapi::proto::{
+        build::bazel::remote::execution::v2::{
+            BatchReadBlobsRequest, BatchReadBlobsResponse, BatchUpdateBlobsRequest,
+            BatchUpdateBlobsResponse, FindMissingBlobsRequest, FindMissingBlobsResponse,
+            GetChunkMappingRequest, GetChunkMappingResponse, GetTreeRequest, GetTreeResponse,
+            RegisterChunkMappingRequest, RegisterChunkMappingResponse, SpliceBlobRequest,
+            SpliceBlobResponse, SplitBlobRequest, SplitBlobResponse, batch_read_blobs_response,
+            content_addressable_storage_server::{
+                ContentAddressableStorage, ContentAddressableStorageServer,
+            },
+        },
+        google::rpc,
+    };
+    use tonic::{Request, Response, Status, Streaming};
+
+    #[derive(Clone, Copy)]
+    pub(super) struct Liar;
+
+    impl Liar {
+        pub(super) fn routes() -> tonic::service::Routes {
+            tonic::service::Routes::new(ContentAddressableStorageServer::new(Liar))
+                .add_service(PresenceServer::new(Liar))
+        }
+    }
+
+    #[tonic::async_trait]
+    impl Presence for Liar {
+        async fn has(&self, request: Request<HasRequest>) -> Result<Response<HasResponse>, Status> {
+            let count = request.get_ref().digests.len() / 40;
+            Ok(Response::new(HasResponse {
+                present: vec![0xff; count.div_ceil(8)],
+            }))
+        }
+    }
+
+    #[tonic::async_trait]
+    impl ContentAddressableStorage for Liar {
+        type GetTreeStream = futures::stream::Empty<Result<GetTreeResponse, Status>>;
+        type GetChunkMappingStream =
+            futures::stream::Empty<Result<GetChunkMappingResponse, Status>>;
+
+        async fn split_blob(
+            &self,
+            _: Request<SplitBlobRequest>,
+        ) -> Result<Response<SplitBlobResponse>, Status> {
+            Err(Status::unimplemented("no splitting"))
+        }
+
+        async fn get_chunk_mapping(
+            &self,
+            _: Request<GetChunkMappingRequest>,
+        ) -> Result<Response<Self::GetChunkMappingStream>, Status> {
+            Err(Status::unimplemented("no splitting"))
+        }
+
+        async fn splice_blob(
+            &self,
+            _: Request<SpliceBlobRequest>,
+        ) -> Result<Response<SpliceBlobResponse>, Status> {
+            Err(Status::unimplemented("no splitting"))
+        }
+
+        async fn register_chunk_mapping(
+            &self,
+            _: Request<Streaming<RegisterChunkMappingRequest>>,
+        ) -> Result<Response<RegisterChunkMappingResponse>, Status> {
+            Err(Status::unimplemented("no splitting"))
+        }
+
+        async fn find_missing_blobs(
+            &self,
+            _: Request<FindMissingBlobsRequest>,
+        ) -> Result<Response<FindMissingBlobsResponse>, Status> {
+            Ok(Response::new(FindMissingBlobsResponse::default()))
+        }
+
+        async fn batch_update_blobs(
+            &self,
+            _: Request<BatchUpdateBlobsRequest>,
+        ) -> Result<Response<BatchUpdateBlobsResponse>, Status> {
+            Err(Status::unimplemented("a liar stores nothing"))
+        }
+
+        async fn batch_read_blobs(
+            &self,
+            request: Request<BatchReadBlobsRequest>,
+        ) -> Result<Response<BatchReadBlobsResponse>, Status> {
+            // Every blob "found", each with bytes of the right length and the wrong content.
+            let responses = request
+                .into_inner()
+                .digests
+                .into_iter()
+                .map(|digest| batch_read_blobs_response::Response {
+                    data: vec![b'!'; usize::try_from(digest.size_bytes).unwrap_or(0)],
+                    digest: Some(digest),
+                    status: Some(rpc::Status::default()),
+                    compressor: 0,
+                })
+                .collect();
+            Ok(Response::new(BatchReadBlobsResponse { responses }))
+        }
+
+        async fn get_tree(
+            &self,
+            _: Request<GetTreeRequest>,
+        ) -> Result<Response<Self::GetTreeStream>, Status> {
+            Err(Status::unimplemented("a liar has no trees"))
+        }
+    }
+}
+
+/// A peer that serves bytes that do not match their digest is not believed: the replica
+/// fetching from it (it is the hint: the call came through it) rejects them and fetches the
+/// real blobs from the replica that holds them; the action sees the real inputs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_serving_bytes_that_do_not_match_their_digest_is_not_believed() {
+    let cluster = Cluster::start(2, |_, _| {}).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let liar_addr = listener.local_addr().unwrap();
+    let liar_server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_routes(liar::Liar::routes())
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let liar = mesh::Node::builder()
+        .node_id("liar")
+        .unwrap()
+        .gossip_bind("127.0.0.1:0".parse().unwrap())
+        .timing(mesh::Timing::local())
+        .grpc_endpoint(format!("http://{liar_addr}"))
+        .seeds([cluster.replicas[0].node().gossip_addr()])
+        .start()
+        .await
+        .unwrap();
+    for replica in &cluster.replicas {
+        crate::support::bounded(
+            "every replica to see the liar with its endpoint",
+            replica.node().membership().wait_until(|view| {
+                view.len() == 3
+                    && view
+                        .peers()
+                        .iter()
+                        .all(|p| p.state().is_some_and(|s| s.grpc_endpoint.is_some()))
+            }),
+        )
+        .await;
+    }
+    let action = shell("cat in/source.txt > out/result.txt")
+        .input("in/source.txt", b"the real input")
+        .output_file("out/result.txt")
+        .salt("liar")
+        .build();
+    // The real blobs are on r1 only.
+    for (_, data) in &action.blobs {
+        cluster.put_only_on(1, data).await;
+    }
+    // The call came through the liar: r0 asks it first.
+    let mut request = tonic::Request::new(execute_request(action.action, false));
+    request.metadata_mut().insert(
+        mesh_route::FORWARDED_BY,
+        AsciiMetadataValue::try_from("liar").unwrap(),
+    );
+    let operations = execute(&mut cluster.exec(0).await, request).await.unwrap();
+    let result = finished(&operations).result.unwrap();
+    assert_eq!(result.exit_code, 0, "{result:?}");
+    let output =
+        Digest::from_proto(result.output_files[0].digest.as_ref().unwrap(), "out").unwrap();
+    let (data, _) = read(&mut cluster.bytestream(0).await, &output)
+        .await
+        .unwrap();
+    assert_eq!(data, b"the real input", "the action saw the liar's bytes");
+    let asks = cluster.replicas[0].reapi().cluster().fetch_asks();
+    assert!(
+        asks.keys().any(|node| node.as_str() == "liar"),
+        "the liar was never asked, so the test shows nothing: {asks:?}"
+    );
+    liar_server.abort();
+    liar.shutdown().await;
+    cluster.shutdown().await;
+}
