@@ -398,11 +398,13 @@ impl Authorization {
             }
             Needs::Right(right) => right,
         };
+        // The scheme is case-insensitive (RFC 9110): `Bearer`, `bearer`, …
         let token = headers
             .get(http::header::AUTHORIZATION)
             .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .map(str::trim);
+            .and_then(|value| value.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim());
         let Some(token) = token else {
             return Err(Status::unauthenticated(format!(
                 "{path} needs a bearer token with the right {:?} (header `authorization: Bearer \
@@ -473,6 +475,12 @@ mod tests {
         );
         let mut headers = bearer("laptop-secret");
         auth.check(GET, &mut headers).unwrap();
+        let mut lower = http::HeaderMap::new();
+        lower.insert(
+            http::header::AUTHORIZATION,
+            "bearer laptop-secret".parse().unwrap(),
+        );
+        auth.check(GET, &mut lower).unwrap();
         assert!(
             headers.get("authorization").is_none(),
             "removed once checked"
