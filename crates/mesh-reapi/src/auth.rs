@@ -207,25 +207,13 @@ fn parse_tokens(path: &Path, text: &str) -> Result<HashMap<[u8; 32], Arc<Grant>>
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let mut digest = [0u8; 32];
-        let hex_ok = hash.len() == 64
-            && hash
-                .as_bytes()
-                .chunks(2)
-                .zip(digest.iter_mut())
-                .all(|(pair, byte)| {
-                    std::str::from_utf8(pair)
-                        .ok()
-                        .and_then(|pair| u8::from_str_radix(pair, 16).ok())
-                        .map(|value| *byte = value)
-                        .is_some()
-                });
-        if !hex_ok {
+        let parsed = crate::digest::parse_hash(hash);
+        let Ok(digest) = parsed else {
             return Err(invalid(format!(
                 "token {name:?}: the third field must be the token's SHA-256 in hex (64 \
                  characters), e.g. from `printf %s TOKEN | sha256sum`"
             )));
-        }
+        };
         let grant = Arc::new(Grant {
             name: name.to_owned(),
             rights,

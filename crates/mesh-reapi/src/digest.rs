@@ -164,7 +164,7 @@ pub(crate) fn parse_size(text: &str) -> Option<u64> {
     text.parse().ok()
 }
 
-fn parse_hash(text: &str) -> Result<[u8; HASH_LEN], DigestRule> {
+pub(crate) fn parse_hash(text: &str) -> Result<[u8; HASH_LEN], DigestRule> {
     if text.len() != HASH_LEN * 2 {
         return Err(DigestRule::HashLength { len: text.len() });
     }

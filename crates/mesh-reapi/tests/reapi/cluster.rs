@@ -605,29 +605,7 @@ async fn a_peer_that_never_answers_costs_a_timeout_not_a_hang() {
             open.push(socket);
         }
     });
-    let liar = mesh::Node::builder()
-        .node_id("hung")
-        .unwrap()
-        .gossip_bind("127.0.0.1:0".parse().unwrap())
-        .timing(mesh::Timing::local())
-        .grpc_endpoint(format!("http://{hung_addr}"))
-        .seeds([cluster.replicas[0].node().gossip_addr()])
-        .start()
-        .await
-        .unwrap();
-    for replica in &cluster.replicas {
-        crate::support::bounded(
-            "every replica to see the hung peer with its endpoint",
-            replica.node().membership().wait_until(|view| {
-                view.len() == 3
-                    && view
-                        .peers()
-                        .iter()
-                        .all(|p| p.state().is_some_and(|s| s.grpc_endpoint.is_some()))
-            }),
-        )
-        .await;
-    }
+    let liar = cluster.join_member("hung", hung_addr).await;
     let blobs: Vec<(Digest, Vec<u8>)> = (0..12)
         .map(|i| {
             let data = format!("blob {i} beside a hung peer").into_bytes();
@@ -792,29 +770,7 @@ async fn a_peer_serving_bytes_that_do_not_match_their_digest_is_not_believed() {
             .add_routes(liar::Liar::routes())
             .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
     );
-    let liar = mesh::Node::builder()
-        .node_id("liar")
-        .unwrap()
-        .gossip_bind("127.0.0.1:0".parse().unwrap())
-        .timing(mesh::Timing::local())
-        .grpc_endpoint(format!("http://{liar_addr}"))
-        .seeds([cluster.replicas[0].node().gossip_addr()])
-        .start()
-        .await
-        .unwrap();
-    for replica in &cluster.replicas {
-        crate::support::bounded(
-            "every replica to see the liar with its endpoint",
-            replica.node().membership().wait_until(|view| {
-                view.len() == 3
-                    && view
-                        .peers()
-                        .iter()
-                        .all(|p| p.state().is_some_and(|s| s.grpc_endpoint.is_some()))
-            }),
-        )
-        .await;
-    }
+    let liar = cluster.join_member("liar", liar_addr).await;
     let action = shell("cat in/source.txt > out/result.txt")
         .input("in/source.txt", b"the real input")
         .output_file("out/result.txt")

@@ -278,55 +278,7 @@ fn landing_here(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_whose_runner_crashes_runs_the_action_itself() {
     // r0 on a runtime of its own, so it can crash for real; r1 as usual.
-    let dir0 = data_dir();
-    let config0 = test_config(dir0.path());
-    let mut r0 = Replica::start(
-        mesh::Node::builder()
-            .node_id("r0")
-            .unwrap()
-            .gossip_bind("127.0.0.1:0".parse().unwrap())
-            .timing(mesh::Timing::local()),
-        "127.0.0.1:0".parse().unwrap(),
-        None,
-        move |node| {
-            let reapi = Reapi::open(node.clone(), &config0)
-                .map_err(|e| mesh_demo::ReplicaError::Serve(e.to_string()))?;
-            Ok(Served {
-                layer: reapi.layer(),
-                routes: reapi.routes(),
-                parts: reapi,
-            })
-        },
-    )
-    .await
-    .unwrap();
-    let dir1 = data_dir();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let r1 = ReapiServer::start(
-        mesh::Node::builder()
-            .node_id("r1")
-            .unwrap()
-            .gossip_bind("127.0.0.1:0".parse().unwrap())
-            .timing(mesh::Timing::local())
-            .seeds([r0.node().gossip_addr()]),
-        test_config(dir1.path()),
-        listener,
-    )
-    .await
-    .unwrap();
-    for node in [r0.node(), r1.node()] {
-        bounded(
-            "both replicas to see each other",
-            node.membership().wait_until(|view| {
-                view.len() == 2
-                    && view
-                        .peers()
-                        .iter()
-                        .all(|p| p.state().is_some_and(|s| s.grpc_endpoint.is_some()))
-            }),
-        )
-        .await;
-    }
+    let (mut r0, r1, _dirs) = crashable_pair().await;
     let connect = |addr: std::net::SocketAddr| async move {
         ExecutionClient::connect(format!("http://{addr}"))
             .await
@@ -406,55 +358,7 @@ async fn a_follower_whose_runner_crashes_runs_the_action_itself() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forwarded_action_whose_replica_dies_is_routed_again_and_the_client_never_notices() {
     // r0, the worker, on a runtime of its own so it can crash for real; r1, the entry.
-    let dir0 = data_dir();
-    let config0 = test_config(dir0.path());
-    let mut r0 = Replica::start(
-        mesh::Node::builder()
-            .node_id("r0")
-            .unwrap()
-            .gossip_bind("127.0.0.1:0".parse().unwrap())
-            .timing(mesh::Timing::local()),
-        "127.0.0.1:0".parse().unwrap(),
-        None,
-        move |node| {
-            let reapi = Reapi::open(node.clone(), &config0)
-                .map_err(|e| mesh_demo::ReplicaError::Serve(e.to_string()))?;
-            Ok(Served {
-                layer: reapi.layer(),
-                routes: reapi.routes(),
-                parts: reapi,
-            })
-        },
-    )
-    .await
-    .unwrap();
-    let dir1 = data_dir();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let r1 = ReapiServer::start(
-        mesh::Node::builder()
-            .node_id("r1")
-            .unwrap()
-            .gossip_bind("127.0.0.1:0".parse().unwrap())
-            .timing(mesh::Timing::local())
-            .seeds([r0.node().gossip_addr()]),
-        test_config(dir1.path()),
-        listener,
-    )
-    .await
-    .unwrap();
-    for node in [r0.node(), r1.node()] {
-        bounded(
-            "both replicas to see each other",
-            node.membership().wait_until(|view| {
-                view.len() == 2
-                    && view
-                        .peers()
-                        .iter()
-                        .all(|p| p.state().is_some_and(|s| s.grpc_endpoint.is_some()))
-            }),
-        )
-        .await;
-    }
+    let (mut r0, r1, _dirs) = crashable_pair().await;
     let gate = Gate::new();
     let action = shell(&format!("{}; echo done > out", gate.wait()))
         .output_file("out")
@@ -502,4 +406,59 @@ async fn a_forwarded_action_whose_replica_dies_is_routed_again_and_the_client_ne
     assert_eq!(stats.rerouted, 1, "{stats:?}");
     assert_eq!(stats.executed, 1, "{stats:?}");
     r1.shutdown().await;
+}
+
+/// Two replicas that see each other: `r0` on a runtime of its own, so it can crash for real,
+/// and `r1` as usual; with their data directories (keep them alive).
+async fn crashable_pair() -> (Replica<Reapi>, ReapiServer, [tempfile::TempDir; 2]) {
+    let dir0 = data_dir();
+    let config0 = test_config(dir0.path());
+    let r0 = Replica::start(
+        mesh::Node::builder()
+            .node_id("r0")
+            .unwrap()
+            .gossip_bind("127.0.0.1:0".parse().unwrap())
+            .timing(mesh::Timing::local()),
+        "127.0.0.1:0".parse().unwrap(),
+        None,
+        move |node| {
+            let reapi = Reapi::open(node.clone(), &config0)
+                .map_err(|e| mesh_demo::ReplicaError::Serve(e.to_string()))?;
+            Ok(Served {
+                layer: reapi.layer(),
+                routes: reapi.routes(),
+                parts: reapi,
+            })
+        },
+    )
+    .await
+    .unwrap();
+    let dir1 = data_dir();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let r1 = ReapiServer::start(
+        mesh::Node::builder()
+            .node_id("r1")
+            .unwrap()
+            .gossip_bind("127.0.0.1:0".parse().unwrap())
+            .timing(mesh::Timing::local())
+            .seeds([r0.node().gossip_addr()]),
+        test_config(dir1.path()),
+        listener,
+    )
+    .await
+    .unwrap();
+    for node in [r0.node(), r1.node()] {
+        bounded(
+            "both replicas to see each other",
+            node.membership().wait_until(|view| {
+                view.len() == 2
+                    && view
+                        .peers()
+                        .iter()
+                        .all(|p| p.state().is_some_and(|s| s.grpc_endpoint.is_some()))
+            }),
+        )
+        .await;
+    }
+    (r0, r1, [dir0, dir1])
 }

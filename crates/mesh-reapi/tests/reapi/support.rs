@@ -125,9 +125,31 @@ impl Cluster {
         self.converge().await;
     }
 
+    /// Starts a mesh node `name` that is not a replica but advertises `grpc_addr` as its
+    /// endpoint (a fake or broken peer), joined through replica 0, and waits until every
+    /// replica sees it.
+    pub async fn join_member(&self, name: &str, grpc_addr: std::net::SocketAddr) -> mesh::Node {
+        let node = mesh::Node::builder()
+            .node_id(name)
+            .unwrap()
+            .gossip_bind("127.0.0.1:0".parse().unwrap())
+            .timing(Timing::local())
+            .grpc_endpoint(format!("http://{grpc_addr}"))
+            .seeds([self.replicas[0].node().gossip_addr()])
+            .start()
+            .await
+            .unwrap();
+        self.converge_to(self.replicas.len() + 1).await;
+        node
+    }
+
     /// Waits until every replica sees every other (and only them) with its endpoint.
     pub async fn converge(&self) {
-        let n = self.replicas.len();
+        self.converge_to(self.replicas.len()).await;
+    }
+
+    /// Waits until every replica sees `n` members, each peer with its endpoint.
+    async fn converge_to(&self, n: usize) {
         for replica in &self.replicas {
             bounded(
                 "every replica to see every other with its endpoint",
