@@ -7,6 +7,7 @@ use mesh::{
     ConfigError, DiscoveryMode, MeshConfig,
     config::{StrategyKind, TimingPreset, WhenFullMode},
 };
+use mesh_reapi::ReapiSettings;
 
 const SEED_TOML: &str = r#"
 [mesh]
@@ -189,6 +190,66 @@ fn the_readme_configuration_block_is_the_defaults() {
     let block = &section[start..start + section[start..].find("```").unwrap()];
     let config = MeshConfig::from_toml_str(block).unwrap_or_else(|e| panic!("{e}\n{block}"));
     assert_eq!(config, MeshConfig::default(), "{block}");
+    let reapi: ReapiSettings =
+        mesh::config::from_toml_str(block).unwrap_or_else(|e| panic!("{e}\n{block}"));
+    assert_eq!(reapi, ReapiSettings::default(), "{block}");
+    let reapi_block = &block[block.find("[reapi]").expect("a [reapi] section")..];
+    for key in ReapiSettings::KEYS {
+        assert!(
+            reapi_block.contains(&format!("\n{key} = ")),
+            "README's [reapi] block lacks {key}"
+        );
+    }
+}
+
+/// `[reapi]` keys come from the same file as `[mesh]` (TOML or YAML), then from
+/// `MESH_REAPI_*` variables, which the mesh section leaves alone.
+#[test]
+fn the_reapi_section_shares_the_file_and_has_its_own_variables() {
+    let toml =
+        "[mesh]\nnode_id = \"r0\"\n\n[reapi]\ndata_dir = \"/data\"\ncas_max_bytes = \"2GiB\"\n";
+    let mesh = MeshConfig::from_toml_str(toml).unwrap();
+    assert_eq!(mesh.node_id, "r0");
+    let mut reapi: ReapiSettings = mesh::config::from_toml_str(toml).unwrap();
+    assert_eq!(reapi.data_dir, "/data");
+    assert_eq!(reapi.cas_max_bytes.as_u64(), 2 << 30);
+    let yaml = "mesh:\n  node_id: r0\nreapi:\n  sandbox: \"off\"\n  max_action_memory: 1GiB\n";
+    let from_yaml: ReapiSettings = mesh::config::from_yaml_str(yaml).unwrap();
+    assert_eq!(from_yaml.sandbox, mesh_reapi::SandboxMode::Off);
+    assert_eq!(from_yaml.max_action_memory.as_u64(), 1 << 30);
+    assert_eq!(MeshConfig::from_yaml_str(yaml).unwrap().node_id, "r0");
+    // A file of mesh keys only gives the [reapi] defaults; a misspelled section is refused.
+    let flat: ReapiSettings = mesh::config::from_toml_str("node_id = \"r0\"\n").unwrap();
+    assert_eq!(flat, ReapiSettings::default());
+    let error = MeshConfig::from_toml_str("[mesh]\n[reapl]\n").unwrap_err();
+    assert!(
+        error.contains("reapl") && error.contains("`reapi`"),
+        "{error}"
+    );
+
+    let vars = [
+        ("MESH_REAPI_REPLICATION_FACTOR", "3"),
+        ("MESH_REAPI_OPERATION_RETENTION", "1m"),
+        ("MESH_NODE_ID", "r1"),
+    ]
+    .map(|(k, v)| (k.to_owned(), v.to_owned()));
+    mesh::config::apply_vars(&mut reapi, vars.clone()).unwrap();
+    assert_eq!(reapi.replication_factor, 3);
+    assert_eq!(reapi.operation_retention, Duration::from_secs(60));
+    let mut mesh = mesh;
+    mesh.apply_vars(vars).unwrap();
+    assert_eq!(mesh.node_id, "r1");
+
+    let error = mesh::config::apply_vars(
+        &mut reapi,
+        [("MESH_REAPI_CAS_MAX_BYTE".to_owned(), "1GiB".to_owned())],
+    )
+    .unwrap_err()
+    .to_string();
+    assert_eq!(
+        error,
+        "invalid MESH_REAPI_CAS_MAX_BYTE \"1GiB\": is not a key of the [reapi] section"
+    );
 }
 
 /// Builders started without a concurrency limit get the documented one.
@@ -247,7 +308,7 @@ fn bad_environment_variables_name_the_variable_and_the_rule() {
             "must be \"list\" or \"dns\"",
         ),
         ("MESH_TAGS", "gpu", "tag \"gpu\" must be key=value"),
-        ("MESH_BIND_PROT", "1", "is not a mesh configuration key"),
+        ("MESH_BIND_PROT", "1", "is not a key of the [mesh] section"),
     ];
     for (var, value, rule) in cases {
         let mut config = MeshConfig::default();

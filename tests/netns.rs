@@ -1,4 +1,4 @@
-//! Five hosts that are really apart: each `node` process runs in a Linux network namespace of
+//! Five hosts that are really apart: each `mesh-node` process runs in a Linux network namespace of
 //! its own, joined to the others by a bridge and veth pairs, with addresses in 198.18.0.0/15
 //! (the range RFC 2544 sets aside for tests). The nodes find each other through a DNS server on
 //! the bridge, and advertise the address of their default route (no `--advertise-addr`), as pods
@@ -187,7 +187,7 @@ fn free_subnet(id: u32) -> u8 {
 
 /// Starts node `i` in its namespace: DNS discovery through the bridge, defaults otherwise
 /// (gossip on 0.0.0.0:7946, advertising its default route's address, gRPC on 50051).
-async fn start_node(bin: &Path, network: &Network, dns: SocketAddr, i: usize) -> NodeProcess {
+async fn start_node(network: &Network, dns: SocketAddr, i: usize) -> NodeProcess {
     let name = format!("n{i}");
     let spec = NodeSpec {
         name: name.clone(),
@@ -205,7 +205,7 @@ async fn start_node(bin: &Path, network: &Network, dns: SocketAddr, i: usize) ->
             .map(str::to_owned)
             .collect(),
     };
-    let node = NodeProcess::start(bin, spec).await;
+    let node = NodeProcess::start(spec).await;
     // The address of the default route, found by the node itself.
     assert_eq!(
         node.advertised,
@@ -307,7 +307,7 @@ async fn five_hosts_in_namespaces_survive_a_partition_a_kill_and_a_rolling_resta
     }
     let mut nodes: Vec<NodeProcess> = Vec::new();
     for i in 1..=NODES {
-        nodes.push(start_node(bin, network, dns.addr(), i).await);
+        nodes.push(start_node(network, dns.addr(), i).await);
     }
     let everyone: Vec<usize> = (1..=NODES).collect();
 
@@ -341,7 +341,7 @@ async fn five_hosts_in_namespaces_survive_a_partition_a_kill_and_a_rolling_resta
     // kill -9: failed, then back after a restart in the same namespace.
     nodes[3].kill9().await;
     wait_status(bin, network, 1, 4, "failed").await;
-    nodes[3] = start_node(bin, network, dns.addr(), 4).await;
+    nodes[3] = start_node(network, dns.addr(), 4).await;
     wait_alive(bin, network, 1, &everyone).await;
 
     // A rolling restart, one host at a time, as Kubernetes does it: SIGTERM (the node leaves),
@@ -350,7 +350,7 @@ async fn five_hosts_in_namespaces_survive_a_partition_a_kill_and_a_rolling_resta
         let observer = i % NODES + 1;
         nodes[i - 1].terminate().await;
         wait_status(bin, network, observer, i, "left").await;
-        nodes[i - 1] = start_node(bin, network, dns.addr(), i).await;
+        nodes[i - 1] = start_node(network, dns.addr(), i).await;
         wait_ready(network, i).await;
         wait_alive(bin, network, observer, &everyone).await;
     }

@@ -1,4 +1,4 @@
-//! Operating a cluster as a person does at 3 a.m.: `meshctl`, `loadgen` and `node` processes,
+//! Operating a cluster as a person does at 3 a.m.: `meshctl`, `loadgen` and `mesh-node` processes,
 //! the Prometheus endpoint and the logs (real processes on 127.0.0.1, ephemeral ports); the
 //! gRPC health service of in-process replicas; and the advisory coordinator on simulated time.
 
@@ -50,7 +50,6 @@ async fn an_operator_follows_a_burst_and_a_crash_with_meshctl_metrics_and_logs()
     let bin = &examples();
     // a forwards most of the burst: it has the fewest slots.
     let a = NodeProcess::start(
-        bin,
         NodeSpec::local("a")
             .arg("--max-concurrency", 2)
             .arg("--metrics-addr", "127.0.0.1:0")
@@ -58,7 +57,6 @@ async fn an_operator_follows_a_burst_and_a_crash_with_meshctl_metrics_and_logs()
     )
     .await;
     let b = NodeProcess::start(
-        bin,
         NodeSpec::local("b")
             .arg("--max-concurrency", 4)
             .arg("--join", &a.gossip)
@@ -66,7 +64,6 @@ async fn an_operator_follows_a_burst_and_a_crash_with_meshctl_metrics_and_logs()
     )
     .await;
     let mut c = NodeProcess::start(
-        bin,
         NodeSpec::local("c")
             .arg("--max-concurrency", 6)
             .arg("--join", &a.gossip),
@@ -258,7 +255,6 @@ async fn an_operator_follows_a_burst_and_a_crash_with_meshctl_metrics_and_logs()
 
     // It comes back: a flap.
     let c2 = NodeProcess::start(
-        bin,
         NodeSpec::local("c")
             .arg("--max-concurrency", 6)
             .arg("--join", &a.gossip),
@@ -318,8 +314,8 @@ async fn an_operator_follows_a_burst_and_a_crash_with_meshctl_metrics_and_logs()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn loadgen_and_meshctl_fail_fast_naming_the_address_instead_of_hanging() {
     let bin = &examples();
-    // As the node example's own doc comment starts it: the documented 16 slots.
-    let fine = NodeProcess::start(bin, NodeSpec::local("fine")).await;
+    // As mesh-node's own doc comment starts it: the documented 16 slots.
+    let fine = NodeProcess::start(NodeSpec::local("fine")).await;
     let members = wait_for_members(bin, &fine, &["fine"]).await;
     assert_eq!(members["fine"]["state"]["max_concurrency"], 16);
     let output = run(
@@ -370,7 +366,7 @@ async fn loadgen_and_meshctl_fail_fast_naming_the_address_instead_of_hanging() {
     );
 
     // Every node has max_concurrency 0.
-    let empty = NodeProcess::start(bin, NodeSpec::local("empty").arg("--max-concurrency", 0)).await;
+    let empty = NodeProcess::start(NodeSpec::local("empty").arg("--max-concurrency", 0)).await;
     wait_for_members(bin, &empty, &["empty"]).await;
     let output = run(
         bin,
@@ -420,8 +416,8 @@ async fn the_node_example_runs_one_reapi_replica_per_process() {
             .arg("--api", "reapi")
             .arg("--data-dir", data.path().join(name).display())
     };
-    let r0 = NodeProcess::start(bin, reapi("r0")).await;
-    let r1 = NodeProcess::start(bin, reapi("r1").arg("--join", &r0.gossip)).await;
+    let r0 = NodeProcess::start(reapi("r0")).await;
+    let r1 = NodeProcess::start(reapi("r1").arg("--join", &r0.gossip)).await;
     // One cluster, seen through the admin API every replica serves.
     let members = wait_for_members(bin, &r1, &["r0", "r1"]).await;
     assert_eq!(members["r0"]["state"]["max_concurrency"], 16);

@@ -1,4 +1,4 @@
-//! Real processes: five `node` replicas and `loadgen`, as an operator runs them, with a
+//! Real processes: five `mesh-node` replicas and `loadgen`, as an operator runs them, with a
 //! worker killed with SIGKILL in the middle of a burst. Every action must still complete:
 //! `Execute` is idempotent, so the route layer runs the dead worker's actions again elsewhere.
 
@@ -13,14 +13,13 @@ use tokio::process::Command;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_survives_a_worker_killed_with_sigkill() {
     let bin = examples();
-    let entry =
-        NodeProcess::start(&bin, NodeSpec::local("entry").arg("--max-concurrency", 4)).await;
+    let entry = NodeProcess::start(NodeSpec::local("entry").arg("--max-concurrency", 4)).await;
     let mut nodes = vec![entry];
     for (name, slots) in [("w1", 4), ("w2", 8), ("w3", 4), ("w4", 8)] {
         let spec = NodeSpec::local(name)
             .arg("--max-concurrency", slots)
             .arg("--join", &nodes[0].gossip);
-        nodes.push(NodeProcess::start(&bin, spec).await);
+        nodes.push(NodeProcess::start(spec).await);
     }
     let url = nodes[0].url();
     let admin = MeshAdminClient::connect(url.clone()).await.unwrap();

@@ -5,7 +5,7 @@
 
 mod cluster_processes;
 
-use cluster_processes::{NodeProcess, NodeSpec, examples, poll};
+use cluster_processes::{NodeProcess, NodeSpec, poll};
 use mesh_reapi::{
     Digest,
     proto::build::bazel::remote::execution::v2::{
@@ -46,7 +46,7 @@ async fn a_replica_killed_with_sigkill_leaves_no_action_process() {
     let spec = NodeSpec::local("sandboxed")
         .arg("--api", "reapi")
         .arg("--data-dir", data.path().display());
-    let mut node = NodeProcess::start(&examples(), spec).await;
+    let mut node = NodeProcess::start(spec).await;
     if node.stderr.find(&["WITHOUT a sandbox"]).is_some() {
         assert!(
             std::env::var_os("SANDBOX_TEST_REQUIRED").is_none_or(|v| v != "1"),

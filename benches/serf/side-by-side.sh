@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# HashiCorp serf (memberlist's lan defaults) and the mesh's `node` example (lan timing, the
+# HashiCorp serf (memberlist's lan defaults) and the mesh-node binary (lan timing, the
 # default), side by side, as real processes on loopback: the two figures issue 13 asks for.
 #
 #   sudo benches/serf/side-by-side.sh [--nodes 16] [--kill-sizes "16 8"] [--kills 5]
@@ -99,15 +99,15 @@ for size in $nodes $kill_sizes; do
     [[ $size =~ ^[0-9]+$ && $size -ge 3 && $size -le 200 ]] || fail "cluster sizes must be 3..200, not $size"
 done
 
-node_bin="$root/target/release/examples/node"
+node_bin="$root/target/release/mesh-node"
 ctl_bin="$root/target/release/meshctl"
 if [[ " $systems " == *" mesh "* ]]; then
     if [[ $build -eq 1 ]]; then
         command -v cargo >/dev/null || fail "cargo is not on PATH (build first and pass --no-build)"
-        say "cargo build --release --example node --bin meshctl"
-        (cd "$root" && cargo build --release --quiet --example node --bin meshctl)
+        say "cargo build --release --bin mesh-node --bin meshctl"
+        (cd "$root" && cargo build --release --quiet --bin mesh-node --bin meshctl)
     fi
-    [[ -x $node_bin && -x $ctl_bin ]] || fail "$node_bin or $ctl_bin is missing: cargo build --release --example node --bin meshctl"
+    [[ -x $node_bin && -x $ctl_bin ]] || fail "$node_bin or $ctl_bin is missing: cargo build --release --bin mesh-node --bin meshctl"
 fi
 serf_bin="$(command -v serf || true)"
 

@@ -1,5 +1,5 @@
-//! Real `node`, `meshctl` and `loadgen` processes, as an operator runs them: the examples built
-//! in this test's profile and the installed `meshctl` binary, their output captured for
+//! Real `mesh-node`, `meshctl` and `loadgen` processes, as an operator runs them: the
+//! binaries and the example built in this test's profile, their output captured for
 //! assertions.
 #![allow(dead_code, unreachable_pub)] // Each test binary uses a different subset.
 
@@ -56,7 +56,7 @@ pub fn examples() -> PathBuf {
     }
     let status = cargo
         .args(["build", "--quiet", "--workspace"])
-        .args(["--example", "node", "--example", "loadgen"])
+        .args(["--example", "loadgen"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .status()
         .expect("cargo runs");
@@ -96,7 +96,7 @@ impl Lines {
     }
 }
 
-/// How to start a `node` process.
+/// How to start a `mesh-node` process.
 pub struct NodeSpec {
     pub name: String,
     pub args: Vec<String>,
@@ -139,7 +139,7 @@ impl NodeSpec {
     }
 }
 
-/// A running `node` and the addresses it printed.
+/// A running `mesh-node` and the addresses it printed.
 pub struct NodeProcess {
     pub name: String,
     pub child: Child,
@@ -153,8 +153,9 @@ pub struct NodeProcess {
 }
 
 impl NodeProcess {
-    pub async fn start(bin: &Path, spec: NodeSpec) -> Self {
-        let node = bin.join("node");
+    pub async fn start(spec: NodeSpec) -> Self {
+        // mesh-node is a binary of the package (what `cargo install` installs).
+        let node = PathBuf::from(env!("CARGO_BIN_EXE_mesh-node"));
         let mut command = match spec.wrapper.split_first() {
             Some((program, rest)) => {
                 let mut command = Command::new(program);
@@ -170,7 +171,7 @@ impl NodeProcess {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        let mut child = command.spawn().expect("the node example starts");
+        let mut child = command.spawn().expect("mesh-node starts");
         let stdout = Lines::default();
         let stderr = Lines::default();
         stdout.collect(child.stdout.take().unwrap());

@@ -36,8 +36,9 @@ use crate::cgroups::{ActionGroup, Cgroups, ResourceLimits};
 /// (or none) keeps it off. The server interprets it itself: it is not a routing tag.
 pub const NETWORK_PROPERTY: &str = "network";
 
-/// Whether actions run sandboxed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// Whether actions run sandboxed (`auto`, `required`, `off` in configuration files).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 #[non_exhaustive]
 pub enum SandboxMode {
     /// Sandboxed where `bwrap` is installed and works; otherwise a warning at start and plain
@@ -45,6 +46,7 @@ pub enum SandboxMode {
     #[default]
     Auto,
     /// Sandboxed, or the replica does not start.
+    #[serde(alias = "on")]
     Required,
     /// Plain processes (the replica's own isolation is all there is).
     Off,

@@ -4,12 +4,15 @@
 //! section, then overridden by `MESH_*` environment variables, then validated. Every error names
 //! the key (or variable), the offending value and the rule.
 //!
-//! Each key is written once, in the `mesh_config!` list below: its documentation, its type and
-//! its default. The struct, its `Default`, [`MeshConfig::KEYS`] and the text setter behind the
-//! environment overlay ([`MeshConfig::set`]) all come from that list, and the text of a value is
-//! read by its type (the private `FromText` trait): numbers, booleans, comma-separated lists, `k=v` maps,
-//! durations (`humantime`, as in files), and the enums by their serde names, so a variant is
-//! spelled in one place too.
+//! Each key is written once, in the [`config_section!`](crate::config_section) list below: its
+//! documentation, its type and its default. The struct, its `Default`, [`MeshConfig::KEYS`] and
+//! the text setter behind the environment overlay ([`MeshConfig::set`]) all come from that list,
+//! and the text of a value is read by its type ([`FromText`]): numbers, booleans,
+//! comma-separated lists, `k=v` maps, durations (`humantime`, as in files), sizes, and the enums
+//! by their serde names, so a variant is spelled in one place too.
+//!
+//! Other parts of a server declare their own sections the same way and read them from the same
+//! file ([`Section`], [`from_file`]): `mesh-reapi`'s `[reapi]` is one.
 //!
 //! A configuration for a Kubernetes StatefulSet behind a headless service (every other key at
 //! its default; the README lists the defaults):
@@ -33,7 +36,6 @@
 
 use std::{
     collections::BTreeMap,
-    fmt,
     net::{IpAddr, SocketAddr, ToSocketAddrs},
     path::{Path, PathBuf},
     sync::Arc,
@@ -53,14 +55,23 @@ use mesh_route::{
     Affinity, LeastLoaded, PowerOfTwoChoices, Random, RoundRobin, Strategy, WeightedCapacity,
     WhenFull,
 };
-use serde::{
-    Deserialize,
-    de::{DeserializeOwned, IntoDeserializer},
-};
+use serde::Deserialize;
+
+mod section;
+mod text;
+
+pub use section::{SECTIONS, Section, apply_vars, from_file, from_toml_str, from_yaml_str};
+use text::DURATION_RULE;
+pub use text::{ByteSize, Choice, FromText, choice, size};
 
 use crate::NodeBuilder;
 #[cfg(feature = "tls")]
 use crate::tls::{CaBundle, PeerTls, ServerTls, TlsError, TlsIdentity, TlsMaterial};
+
+impl Choice for DiscoveryMode {}
+impl Choice for TimingPreset {}
+impl Choice for StrategyKind {}
+impl Choice for WhenFullMode {}
 
 /// How a node finds its peers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -150,56 +161,13 @@ impl From<WhenFullMode> for WhenFull {
     }
 }
 
-/// Declares [`MeshConfig`] from one list of keys: each key's documentation and serde
-/// attributes, its type and its default. The struct, its `Default`, [`MeshConfig::KEYS`] and
-/// [`MeshConfig::set`] are generated from the list, so a key is written in one place.
-macro_rules! mesh_config {
-    (
-        $(#[$struct_attr:meta])*
-        pub struct MeshConfig {
-            $(
-                $(#[$key_attr:meta])*
-                $key:ident: $ty:ty = $default:expr,
-            )*
-        }
-    ) => {
-        $(#[$struct_attr])*
-        pub struct MeshConfig {
-            $( $(#[$key_attr])* pub $key: $ty, )*
-        }
-
-        impl Default for MeshConfig {
-            fn default() -> Self {
-                Self { $( $key: $default, )* }
-            }
-        }
-
-        impl MeshConfig {
-            /// Every key, in the order they are declared.
-            pub const KEYS: &'static [&'static str] = &[$( stringify!($key) ),*];
-
-            /// Sets one key from text, as an environment variable or a command-line flag
-            /// would: lists are comma-separated, `tags` is `k=v,k=v`, durations are like
-            /// `"30s"`. Unknown keys are an error too, so a misspelled variable does not pass
-            /// silently. The error is the rule the value broke.
-            pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
-                match key {
-                    $( stringify!($key) => self.$key = FromText::from_text(value)?, )*
-                    _ => return Err("is not a mesh configuration key".to_owned()),
-                }
-                Ok(())
-            }
-        }
-    };
-}
-
-mesh_config! {
+crate::config_section! {
     /// The mesh configuration, with the seed server's keys. Every key has a default, so an
     /// empty file is a valid (single-node, list-mode) configuration.
     #[derive(Debug, Clone, PartialEq, Deserialize)]
     #[serde(default, deny_unknown_fields)]
     #[non_exhaustive]
-    pub struct MeshConfig {
+    pub struct MeshConfig in "mesh" {
         /// Whether the server should join a mesh at all. Default `true`.
         enabled: bool = true,
         /// This node's id; empty (the default) means the hostname.
@@ -269,155 +237,6 @@ mesh_config! {
         /// A label authenticated with every datagram: nodes with another label cannot talk even
         /// with the same key. Needs gossip keys.
         cluster_label: String = String::new(),
-    }
-}
-
-/// A value of a configuration key written as text (an environment variable, a flag); the
-/// error is the rule the text broke.
-trait FromText: Sized {
-    fn from_text(text: &str) -> Result<Self, String>;
-}
-
-impl FromText for String {
-    fn from_text(text: &str) -> Result<Self, String> {
-        Ok(text.to_owned())
-    }
-}
-
-/// Parses trimmed `text`, or fails with `rule`.
-fn parse_or<T: std::str::FromStr>(text: &str, rule: &str) -> Result<T, String> {
-    text.trim().parse().map_err(|_| rule.to_owned())
-}
-
-impl FromText for bool {
-    fn from_text(text: &str) -> Result<Self, String> {
-        parse_or(text, "must be true or false")
-    }
-}
-
-/// Every `u16` key is a port.
-impl FromText for u16 {
-    fn from_text(text: &str) -> Result<Self, String> {
-        parse_or(text, "must be a port number (0-65535)")
-    }
-}
-
-impl FromText for u32 {
-    fn from_text(text: &str) -> Result<Self, String> {
-        parse_or(text, "must be a whole number")
-    }
-}
-
-/// Comma-separated, blanks dropped.
-impl FromText for Vec<String> {
-    fn from_text(text: &str) -> Result<Self, String> {
-        Ok(text
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-            .collect())
-    }
-}
-
-/// `k=v,k=v` (the only map key is `tags`).
-impl FromText for BTreeMap<String, String> {
-    fn from_text(text: &str) -> Result<Self, String> {
-        Vec::<String>::from_text(text)?
-            .into_iter()
-            .map(|pair| {
-                pair.split_once('=')
-                    .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-                    .ok_or_else(|| format!("tag {pair:?} must be key=value"))
-            })
-            .collect()
-    }
-}
-
-/// What a duration looks like, in errors.
-const DURATION_RULE: &str =
-    "must be a positive duration such as \"500ms\", \"30s\", \"5m\" or \"1h\"";
-
-/// `humantime`'s format, as `humantime_serde` reads it in files.
-impl FromText for Duration {
-    fn from_text(text: &str) -> Result<Self, String> {
-        humantime::parse_duration(text.trim()).map_err(|_| DURATION_RULE.to_owned())
-    }
-}
-
-/// The enums of this module, read by their serde names.
-trait Choice: DeserializeOwned {}
-
-impl Choice for DiscoveryMode {}
-impl Choice for TimingPreset {}
-impl Choice for StrategyKind {}
-impl Choice for WhenFullMode {}
-
-impl<T: Choice> FromText for T {
-    fn from_text(text: &str) -> Result<Self, String> {
-        let text: &str = text.trim();
-        T::deserialize(IntoDeserializer::<ChoiceError>::into_deserializer(text)).map_err(|e| e.0)
-    }
-}
-
-/// Reads an enum key from a file by its name. Only a string is a name, so a number or a list
-/// is reported with its value ("invalid type: integer `0`, expected the name of a choice")
-/// instead of TOML's "invalid type: unit variant, expected string only"; an unknown name still
-/// gets serde's "unknown variant `Lan`, expected one of `lan`, `wan`, `local`".
-fn choice<'de, D, T>(deserializer: D) -> Result<T, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: Choice,
-{
-    struct Name<T>(std::marker::PhantomData<T>);
-
-    impl<'de, T: Choice> serde::de::Visitor<'de> for Name<T> {
-        type Value = T;
-
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("the name of a choice")
-        }
-
-        fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<T, E> {
-            T::deserialize(IntoDeserializer::<E>::into_deserializer(name))
-        }
-    }
-
-    deserializer.deserialize_str(Name(std::marker::PhantomData))
-}
-
-/// The rule an unknown variant broke, worded from serde's list of variant names.
-#[derive(Debug)]
-struct ChoiceError(String);
-
-impl fmt::Display for ChoiceError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for ChoiceError {}
-
-impl serde::de::Error for ChoiceError {
-    fn custom<M: fmt::Display>(message: M) -> Self {
-        Self(message.to_string())
-    }
-
-    fn unknown_variant(_variant: &str, expected: &'static [&'static str]) -> Self {
-        Self(format!("must be {}", one_of(expected)))
-    }
-}
-
-/// `"a" or "b"`, `"a", "b" or "c"`; longer lists as `one of a, b, c, d`.
-fn one_of(names: &[&str]) -> String {
-    match names {
-        [] => "nothing".to_owned(),
-        [only] => format!("{only:?}"),
-        [init @ .., last] if names.len() <= 3 => {
-            let init: Vec<String> = init.iter().map(|n| format!("{n:?}")).collect();
-            format!("{} or {last:?}", init.join(", "))
-        }
-        _ => format!("one of {}", names.join(", ")),
     }
 }
 
@@ -512,62 +331,24 @@ pub struct ResolvedTls {
 
 impl MeshConfig {
     /// Reads a TOML (`.toml`) or YAML (`.yaml`, `.yml`) file. The mesh keys may be at the top
-    /// level or under a `mesh` section.
+    /// level or under a `mesh` section, beside the other sections ([`SECTIONS`]).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
-        let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        let parse_error = |message: String| ConfigError::Parse {
-            path: path.to_owned(),
-            message,
-        };
-        match path.extension().and_then(|e| e.to_str()) {
-            Some("toml") => Self::from_toml_str(&text).map_err(parse_error),
-            Some("yaml" | "yml") => Self::from_yaml_str(&text).map_err(parse_error),
-            _ => Err(ConfigError::UnknownFormat {
-                path: path.to_owned(),
-            }),
-        }
+        section::from_file(path)
     }
 
     /// Parses TOML text (top level or `[mesh]` section).
     pub fn from_toml_str(text: &str) -> Result<Self, String> {
-        let value: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
-        let section = match value.get("mesh") {
-            Some(toml::Value::Table(section)) if value.len() == 1 => section.clone(),
-            _ => value,
-        };
-        section
-            .try_into()
-            .map_err(|e: toml::de::Error| e.to_string())
+        section::from_toml_str(text)
     }
 
     /// Parses YAML text (top level or `mesh:` section).
     pub fn from_yaml_str(text: &str) -> Result<Self, String> {
-        #[derive(Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct Sectioned {
-            mesh: MeshConfig,
-        }
-        // Look at the shape first, then parse the text itself again so errors keep their
-        // key path and line.
-        let value: serde_yaml_ng::Value =
-            serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?;
-        match &value {
-            serde_yaml_ng::Value::Null => Ok(Self::default()),
-            serde_yaml_ng::Value::Mapping(map) if map.len() == 1 && map.contains_key("mesh") => {
-                serde_yaml_ng::from_str::<Sectioned>(text)
-                    .map(|s| s.mesh)
-                    .map_err(|e| e.to_string())
-            }
-            _ => serde_yaml_ng::from_str(text).map_err(|e| e.to_string()),
-        }
+        section::from_yaml_str(text)
     }
 
     /// Overrides keys from `MESH_<KEY>` environment variables (`MESH_NODE_ID`,
     /// `MESH_BIND_PORT`, `MESH_JOIN_PEERS` comma-separated, `MESH_TAGS` as `k=v,k=v`, …).
+    /// Variables of the other sections (`MESH_REAPI_*`) are theirs.
     pub fn apply_env(&mut self) -> Result<(), ConfigError> {
         self.apply_vars(std::env::vars())
     }
@@ -577,15 +358,7 @@ impl MeshConfig {
         &mut self,
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> Result<(), ConfigError> {
-        for (name, value) in vars {
-            let Some(key) = name.strip_prefix("MESH_") else {
-                continue;
-            };
-            let key = key.to_ascii_lowercase();
-            self.set(&key, &value)
-                .map_err(|rule| invalid(&name, value.clone(), rule))?;
-        }
-        Ok(())
+        section::apply_vars(self, vars)
     }
 
     /// Checks every value and resolves the defaults that depend on the machine (hostname,
@@ -953,6 +726,7 @@ fn default_route_ip(bind: IpAddr) -> Option<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::text::one_of;
 
     #[test]
     fn durations_read_as_in_files() {
@@ -1051,7 +825,7 @@ mod tests {
         }
         assert_eq!(
             config.set("nope", "1"),
-            Err("is not a mesh configuration key".to_owned())
+            Err("is not a key of the [mesh] section".to_owned())
         );
         assert_eq!(MeshConfig::KEYS.first(), Some(&"enabled"));
     }

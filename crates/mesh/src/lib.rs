@@ -15,7 +15,7 @@
 //!
 //! All on by default: `dns` (DNS discovery, hickory-resolver), `config` (the loader),
 //! `health` (tonic-health), `tls` (rustls with ring, for the server and the forwarding
-//! channels), `cli` (the `meshctl` binary, clap).
+//! channels).
 //!
 //! ```
 //! use std::time::Duration;
@@ -80,5 +80,5 @@ pub use mesh_route as route;
 
 /// Compiles and runs the examples in `README.md`, so the README cannot drift from the API.
 #[cfg(doctest)]
-#[doc = include_str!("../README.md")]
+#[doc = include_str!("../../../README.md")]
 struct ReadmeDoctests;

@@ -8,9 +8,15 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
+use metrics_exporter_prometheus::Matcher;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use metrics_util::MetricKindMask;
 use tokio::net::TcpListener;
+
+/// Bucket bounds of the `*_seconds` histograms.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+];
 
 /// Installs the Prometheus recorder as the process's `metrics` recorder and serves it at
 /// `http://{addr}/metrics`. Returns the bound address.
@@ -23,6 +29,10 @@ pub(crate) async fn serve(addr: SocketAddr) -> Result<SocketAddr, Box<dyn std::e
         // Gauges of peers that are gone stop being exported a while after their last update;
         // the mesh refreshes the gauges of live members every probe period.
         .idle_timeout(MetricKindMask::GAUGE, Some(Duration::from_secs(120)))
+        // Times (`reapi_queue_seconds`, `reapi_execution_seconds`) as Prometheus histograms,
+        // from a millisecond to an hour, so replicas' buckets add up across the cluster.
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), SECONDS_BUCKETS)
+        .map_err(|e| format!("configuring the histogram buckets: {e}"))?
         .install_recorder()
         .map_err(|e| format!("installing the metrics recorder: {e}"))?;
     let upkeep = handle.clone();

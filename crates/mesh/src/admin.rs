@@ -15,7 +15,7 @@
 //! `meshctl` (`src/bin/meshctl`, installed by `cargo install --path .`) is its command-line
 //! client.
 
-use std::{collections::BTreeMap, pin::Pin, time::Duration};
+use std::{collections::BTreeMap, fmt, pin::Pin, sync::Arc, time::Duration};
 
 use futures::Stream;
 use mesh_core::{
@@ -38,13 +38,25 @@ use crate::Node;
 /// `mesh.admin.v1.MeshAdmin` over one node.
 ///
 /// Made from the membership alone ([`AdminService::new`]), `Stats` reports gossip only; give
-/// it the node's router ([`AdminService::for_node`]) for routing decisions, and the route layer
-/// in front of the node's services ([`AdminService::route_layer`]) for forwarded calls.
+/// it the node's router ([`AdminService::for_node`]) for routing decisions, the route layer
+/// in front of the node's services ([`AdminService::route_layer`]) for forwarded calls, and
+/// the server's own counters ([`AdminService::server_stats`]).
 #[derive(Debug, Clone)]
 pub struct AdminService {
     membership: Membership,
     router: Option<Router>,
     layer: Option<RouteLayer>,
+    server_stats: Option<ServerStats>,
+}
+
+/// The server's own counters, read at each `Stats` call.
+#[derive(Clone)]
+struct ServerStats(Arc<dyn Fn() -> Vec<(String, u64)> + Send + Sync>);
+
+impl fmt::Debug for ServerStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ServerStats")
+    }
 }
 
 impl AdminService {
@@ -54,6 +66,7 @@ impl AdminService {
             membership,
             router: None,
             layer: None,
+            server_stats: None,
         }
     }
 
@@ -63,6 +76,7 @@ impl AdminService {
             membership: node.membership().clone(),
             router: Some(node.router().clone()),
             layer: None,
+            server_stats: None,
         }
     }
 
@@ -72,6 +86,16 @@ impl AdminService {
             self.router = Some(layer.router().clone());
         }
         self.layer = Some(layer);
+        self
+    }
+
+    /// Reports the server's own counters with `Stats` (`StatsResponse.server`; `meshctl stats`
+    /// lists them): `read` is called at each `Stats` call and returns `(name, value)` pairs.
+    pub fn server_stats(
+        mut self,
+        read: impl Fn() -> Vec<(String, u64)> + Send + Sync + 'static,
+    ) -> Self {
+        self.server_stats = Some(ServerStats(Arc::new(read)));
         self
     }
 
@@ -379,6 +403,11 @@ impl mesh_admin_server::MeshAdmin for AdminService {
             gossip: Some(gossip_stats(&self.membership.stats())),
             routing: Some(self.routing_stats()),
             peers: self.peer_stats(),
+            server: self
+                .server_stats
+                .as_ref()
+                .map(|read| (read.0)().into_iter().collect())
+                .unwrap_or_default(),
         }))
     }
 }

@@ -1,27 +1,30 @@
-//! One replica as a process: a mesh node serving the demo execution API (or, with
-//! `--api reapi`, the Remote Execution API), the admin API and the gRPC health service.
+//! `mesh-node`, the server: one replica as a process, a mesh node serving the Remote
+//! Execution API (`--api reapi`, what Bazel builds through) or the demo execution API (the
+//! default), with the admin API (`meshctl`) and the gRPC health service. `cargo install --path .`
+//! installs it next to `meshctl`.
 //!
-//! Configuration comes from, lowest precedence first: defaults, a TOML/YAML file (`--config`),
-//! `MESH_*` environment variables, and flags. Runs until Ctrl-C or SIGTERM, then leaves the
+//! Configuration comes from, lowest precedence first: defaults, a TOML/YAML file (`--config`,
+//! with `[mesh]` and `[reapi]` sections), `MESH_*` and `MESH_REAPI_*` environment variables,
+//! and flags. Runs until Ctrl-C or SIGTERM, then leaves the
 //! cluster gracefully. `--metrics-addr` serves Prometheus metrics at `/metrics`; logs go to
 //! stderr, and `RUST_LOG=info,mesh_route=debug` logs every forwarded call with its request id
 //! on both nodes.
 //!
 //! ```text
 //! # three processes on one machine
-//! cargo run --example node -- --node-id a --bind-addr 127.0.0.1 --bind-port 7946 --grpc-port 50051 --timing local --metrics-addr 127.0.0.1:9100
-//! cargo run --example node -- --node-id b --bind-addr 127.0.0.1 --bind-port 7947 --grpc-port 50052 --timing local --join 127.0.0.1:7946
-//! cargo run --example node -- --node-id c --bind-addr 127.0.0.1 --bind-port 7948 --grpc-port 50053 --timing local --join 127.0.0.1:7946
+//! cargo run --bin mesh-node -- --node-id a --bind-addr 127.0.0.1 --bind-port 7946 --grpc-port 50051 --timing local --metrics-addr 127.0.0.1:9100
+//! cargo run --bin mesh-node -- --node-id b --bind-addr 127.0.0.1 --bind-port 7947 --grpc-port 50052 --timing local --join 127.0.0.1:7946
+//! cargo run --bin mesh-node -- --node-id c --bind-addr 127.0.0.1 --bind-port 7948 --grpc-port 50053 --timing local --join 127.0.0.1:7946
 //! cargo run --bin meshctl -- --addr http://127.0.0.1:50052 members
 //! cargo run --example loadgen -- --target http://127.0.0.1:50051 --actions 200
 //! cargo run --bin meshctl -- --addr http://127.0.0.1:50051 stats
 //! curl -s http://127.0.0.1:9100/metrics
 //!
-//! # one REAPI replica per process (Bazel: --remote_executor=grpc://127.0.0.1:50061)
-//! cargo run --example node -- --api reapi --data-dir /tmp/reapi-r0 --node-id r0 --bind-addr 127.0.0.1 --bind-port 7956 --grpc-port 50061 --timing local
+//! # one REAPI replica per process (Bazel: --remote_executor=grpc://127.0.0.1:50061), or
+//! # everything from a file: mesh-node --api reapi --config mesh-node.toml
+//! cargo run --bin mesh-node -- --api reapi --data-dir /tmp/reapi-r0 --node-id r0 --bind-addr 127.0.0.1 --bind-port 7956 --grpc-port 50061 --timing local
 //! ```
 
-#[path = "support/metrics.rs"]
 mod metrics_endpoint;
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
@@ -29,7 +32,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 use clap::{Parser, ValueEnum};
 use mesh::{MeshConfig, MeshEvent, Node};
 use mesh_demo::DemoNode;
-use mesh_reapi::{ReapiConfig, ReapiServer};
+use mesh_reapi::{ReapiServer, ReapiSettings};
 
 /// What the replica serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -49,17 +52,18 @@ struct Args {
     #[arg(long, value_enum, default_value_t = Api::Demo)]
     api: Api,
     /// With --api reapi: where the replica keeps its CAS, action cache and work directories
-    /// (default: mesh-reapi-<node id> in the system's temporary directory).
+    /// (`[reapi] data_dir`; default: mesh-reapi-<node id> in the system's temporary directory).
     #[arg(long)]
-    data_dir: Option<PathBuf>,
-    /// With --api reapi: whether actions run in the sandbox (bubblewrap): auto (where it
-    /// works, with a warning where it does not), required, off.
-    #[arg(long, default_value = "auto")]
-    sandbox: mesh_reapi::SandboxMode,
+    data_dir: Option<String>,
+    /// With --api reapi: whether actions run in the sandbox (bubblewrap): auto (the default:
+    /// where it works, with a warning where it does not), required, off (`[reapi] sandbox`).
+    #[arg(long)]
+    sandbox: Option<String>,
     /// Serve Prometheus metrics at http://<this address>/metrics (port 0: any free port).
     #[arg(long)]
     metrics_addr: Option<SocketAddr>,
-    /// A TOML or YAML configuration file (keys at the top level or under `mesh`).
+    /// A TOML or YAML configuration file: `[mesh]` and `[reapi]` sections (or the mesh keys
+    /// at the top level).
     #[arg(long)]
     config: Option<PathBuf>,
     /// Node id (default: the hostname).
@@ -121,12 +125,12 @@ struct Args {
     tls_client_auth: bool,
     /// `--api reapi`: the bearer tokens clients must present, one per line (name, rights,
     /// SHA-256 of the token; see mesh_reapi::auth). Needs --cluster-token-file.
-    #[arg(long, requires = "cluster_token_file")]
-    tokens_file: Option<PathBuf>,
+    #[arg(long)]
+    tokens_file: Option<String>,
     /// `--api reapi`: the cluster token replicas authenticate to each other with (first line
     /// sent, every line accepted). Needs --tokens-file.
-    #[arg(long, requires = "tokens_file")]
-    cluster_token_file: Option<PathBuf>,
+    #[arg(long)]
+    cluster_token_file: Option<String>,
     /// On SIGTERM: how long running calls may take to finish (e.g. "20s"; below the
     /// orchestrator's own grace period).
     #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
@@ -179,6 +183,22 @@ impl Args {
         }
         out
     }
+
+    /// Flag values as `[reapi]` keys, to apply after the file and the environment.
+    fn reapi_overrides(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        for (key, value) in [
+            ("data_dir", &self.data_dir),
+            ("sandbox", &self.sandbox),
+            ("tokens_file", &self.tokens_file),
+            ("cluster_token_file", &self.cluster_token_file),
+        ] {
+            if let Some(value) = value {
+                out.push((key, value.clone()));
+            }
+        }
+        out
+    }
 }
 
 #[tokio::main]
@@ -194,20 +214,29 @@ async fn main() -> ExitCode {
     match run(Args::parse()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("node: {error}");
+            eprintln!("mesh-node: {error}");
             ExitCode::FAILURE
         }
     }
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let mut config = match &args.config {
-        Some(path) => MeshConfig::from_file(path)?,
-        None => MeshConfig::default(),
+    let (mut config, mut reapi_settings) = match &args.config {
+        Some(path) => (
+            MeshConfig::from_file(path)?,
+            ReapiSettings::from_file(path)?,
+        ),
+        None => (MeshConfig::default(), ReapiSettings::default()),
     };
     config.apply_env()?;
+    reapi_settings.apply_env()?;
     for (key, value) in args.overrides() {
         config
+            .set(key, &value)
+            .map_err(|rule| format!("invalid --{} {value:?}: {rule}", key.replace('_', "-")))?;
+    }
+    for (key, value) in args.reapi_overrides() {
+        reapi_settings
             .set(key, &value)
             .map_err(|rule| format!("invalid --{} {value:?}: {rule}", key.replace('_', "-")))?;
     }
@@ -233,16 +262,15 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             None => DemoNode::start(builder, resolved.grpc_bind).await?,
         }),
         Api::Reapi => {
-            let data_dir = args.data_dir.clone().unwrap_or_else(|| {
-                std::env::temp_dir().join(format!("mesh-reapi-{}", resolved.node_id))
-            });
-            let mut reapi = ReapiConfig::new(&data_dir);
-            reapi.max_concurrency = config.max_concurrency;
-            reapi.sandbox = args.sandbox;
+            let mut reapi =
+                reapi_settings.reapi_config(resolved.node_id.as_str(), config.max_concurrency)?;
+            let data_dir = reapi.data_dir.clone();
             reapi.tls = resolved.tls.map(|tls| tls.server);
-            if let (Some(tokens), Some(cluster)) = (&args.tokens_file, &args.cluster_token_file) {
-                reapi.authorization = Some(mesh_reapi::Authorization::from_files(tokens, cluster)?);
-                println!("clients need a bearer token (from {})", tokens.display());
+            if reapi.authorization.is_some() {
+                println!(
+                    "clients need a bearer token (from {})",
+                    reapi_settings.tokens_file
+                );
             }
             let listener = tokio::net::TcpListener::bind(resolved.grpc_bind)
                 .await
