@@ -47,6 +47,11 @@
 #     drained and restarted on its port and data directory (SIGUSR2 to the cluster). The build
 #     must pass with no remote error in Bazel's log, outputs equal to the local build's, and
 #     every action executed exactly once.
+# 14. The deployable binary: two `mesh-node --api reapi` processes with the default
+#     configuration (only their ids, loopback addresses with ephemeral ports, the seed to join
+#     and a data directory), a clean build through the second with outputs equal to the local
+#     build's, and their `reapi_*` Prometheus series scraped afterwards: the executions they
+#     report add up to Bazel's remote processes.
 # Each build prints a `timing:` line (Bazel's elapsed time and critical path: local,
 # download-all, minimal, the two with a crash), all repeated side by side at the end. Loading
 # and analysis run first (--nobuild), so the elapsed times compare execution alone.
@@ -88,12 +93,14 @@ command -v cargo >/dev/null || fail "cargo is not installed"
 
 work="$(mktemp -d "${TMPDIR:-/tmp}/mesh-reapi-bazel.XXXXXX")"
 cluster_pid=""
+node_pids=()
 bazel_root="$work/bazel-root"
 started=$SECONDS
 timings=()
 
 cleanup() {
     local status=$?
+    for pid in "${node_pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
     if [[ -n "$cluster_pid" ]] && kill -0 "$cluster_pid" 2>/dev/null; then
         kill -TERM "$cluster_pid" 2>/dev/null || true
         wait "$cluster_pid" 2>/dev/null || true
@@ -558,6 +565,49 @@ echo "executed during the rolling restart build: $executed for $remote_processes
     fail "no replica ran an action after its restart: the restart did not overlap the build"
 [[ "$executed" -eq "$remote_processes" ]] ||
     fail "the replicas executed $executed actions for $remote_processes remote processes: some ran twice (or not at all)"
+
+step "two mesh-node processes with the default configuration"
+(cd "$root" && cargo build --locked --bin mesh-node) || fail "cargo build --bin mesh-node"
+node_bin="$target_dir/debug/mesh-node"
+node_pids=()
+start_node() { # start_node <id> [more flags…]: sets node_grpc and node_metrics
+    local log="$work/node-$1.log"
+    "$node_bin" --api reapi --node-id "$1" --bind-addr 127.0.0.1 --bind-port 0 --grpc-port 0 \
+        --data-dir "$work/node-$1" --metrics-addr 127.0.0.1:0 "${@:2}" >"$log" 2>"$work/node-$1.err" &
+    node_pids+=($!)
+    for _ in $(seq 1 600); do
+        grep -q '^metrics at ' "$log" && break
+        kill -0 "${node_pids[-1]}" 2>/dev/null || { cat "$work/node-$1.err"; fail "mesh-node $1 exited at start"; }
+        sleep 0.1
+    done
+    grep -q '^metrics at ' "$log" || fail "mesh-node $1 printed no metrics address within 60 s"
+    node_grpc="$(sed -nE 's/.*, grpc at ([0-9.:]+),.*/\1/p' "$log" | head -1)"
+    node_gossip="$(sed -nE 's/.* gossiping at ([0-9.:]+) .*/\1/p' "$log" | head -1)"
+    node_metrics="$(sed -nE 's|^metrics at (http://[0-9.:]+/metrics)$|\1|p' "$log")"
+}
+start_node n0
+first_gossip="$node_gossip"
+first_metrics="$node_metrics"
+start_node n1 --join "$first_gossip"
+mapfile -t through_node < <(flags_for "grpc://$node_grpc")
+bazel_in remote clean >/dev/null 2>&1 || fail "bazel clean"
+bazel_in remote build "${through_node[@]}" --noremote_accept_cached //... 2>&1 | tee "$work/node-build.log" ||
+    bazel_failed "$work/node-build.log" "the build through mesh-node"
+only_kind "$work/node-build.log" remote "build through mesh-node"
+timing "$work/node-build.log" "remote build through two mesh-node processes"
+remote_bin="$(bazel_in remote info bazel-bin 2>/dev/null)"
+compare_all "build through mesh-node"
+# reapi_executions_total{outcome="exit_zero"} of both processes, against Bazel's count.
+executions() { curl -sf "$1" | sed -nE 's/^reapi_executions_total\{outcome="exit_zero"\} ([0-9]+)$/\1/p'; }
+command -v curl >/dev/null || fail "curl is not installed"
+ran=$(( $(executions "$first_metrics" || echo 0) + $(executions "$node_metrics" || echo 0) ))
+remote_processes="$(process_kinds "$work/node-build.log" | sed -nE 's/^([0-9]+) remote$/\1/p')"
+echo "reapi_executions_total{outcome=\"exit_zero\"}: $ran across both processes, for $remote_processes remote processes"
+[[ "$ran" -eq "$remote_processes" ]] ||
+    fail "the mesh-node processes report $ran executions for $remote_processes remote processes"
+for pid in "${node_pids[@]}"; do kill -TERM "$pid"; done
+for pid in "${node_pids[@]}"; do wait "$pid" || fail "a mesh-node process exited with an error"; done
+node_pids=()
 
 step "timings"
 printf '%s\n' "${timings[@]}"

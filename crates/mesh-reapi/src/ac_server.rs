@@ -57,13 +57,18 @@ impl ActionCache for ActionCacheService {
         {
             Some(result) => {
                 if !local_only {
-                    self.counters.cache_hit();
+                    self.counters.cache_hit("GetActionResult");
                 }
                 Ok(Response::new(result))
             }
-            None => Err(Status::not_found(format!(
-                "no cached result for action {action}"
-            ))),
+            None => {
+                if !local_only {
+                    self.counters.cache_miss("GetActionResult");
+                }
+                Err(Status::not_found(format!(
+                    "no cached result for action {action}"
+                )))
+            }
         }
     }
 

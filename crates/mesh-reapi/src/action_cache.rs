@@ -61,12 +61,12 @@ impl ActionCache {
                 source,
             })?;
         }
-        let dir = LruDir::open(&dir.join("entries"), &tmp, max_bytes).map_err(|source| {
-            ActionCacheError::Io {
+        let dir = LruDir::open("action_cache", &dir.join("entries"), &tmp, max_bytes).map_err(
+            |source| ActionCacheError::Io {
                 context: format!("opening the action cache in {}", dir.display()),
                 source,
-            }
-        })?;
+            },
+        )?;
         Ok(Self { dir })
     }
 

@@ -125,6 +125,8 @@ impl ByteStream for ByteStreamService {
                 Err(CasError::Corrupt { .. }) if attempts < 2 => continue,
                 Err(error) => return Err(error.into()),
             };
+            self.cluster
+                .served("ByteStream", 1, end.saturating_sub(offset));
             return Ok(Response::new(Box::pin(read_chunks(first, reader))));
         }
     }

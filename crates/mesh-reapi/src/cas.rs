@@ -30,7 +30,7 @@
 //! * `Cas::copy_out` (inputs copied into an action's directory) hashes as it copies.
 //!
 //! A blob that does not match (other bytes, or another size) is removed, entry and file, and
-//! counted ([`Cas::corrupt_blobs_dropped`], the `mesh_reapi_corrupt_blobs_total` counter),
+//! counted ([`Cas::corrupt_blobs_dropped`], the `reapi_corrupt_blobs_total` counter),
 //! logged with its digest, and reported as missing, so the cluster fetches a good copy from
 //! another replica ([`crate::ClusterCas`] does when a read finds nothing here).
 //!
@@ -192,9 +192,9 @@ impl Cas {
                 tmp.display()
             )))?;
         }
-        let store = LruDir::open(&dir.join("blobs"), &tmp, max_bytes).map_err(CasError::io(
-            format!("opening the CAS in {}", dir.display()),
-        ))?;
+        let store = LruDir::open("cas", &dir.join("blobs"), &tmp, max_bytes).map_err(
+            CasError::io(format!("opening the CAS in {}", dir.display())),
+        )?;
         let (file, path) = store
             .temp_file()
             .map_err(CasError::io("creating the empty blob"))?;
@@ -313,7 +313,7 @@ impl Cas {
     fn drop_corrupt(&self, digest: &Digest, file: &fs::Metadata, found: &str) {
         if self.dir.remove_if_file(digest, file) {
             self.corrupt_dropped.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("mesh_reapi_corrupt_blobs_total").increment(1);
+            metrics::counter!("reapi_corrupt_blobs_total").increment(1);
             tracing::warn!(
                 %digest,
                 found,

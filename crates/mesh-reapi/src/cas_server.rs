@@ -243,6 +243,11 @@ impl ContentAddressableStorage for CasService {
                 status: Some(status),
             });
         }
+        let (blobs, bytes) = responses
+            .iter()
+            .filter(|r| r.status.as_ref().is_some_and(|s| s.code == Code::Ok as i32))
+            .fold((0, 0), |(n, b), r| (n + 1, b + r.data.len() as u64));
+        self.cluster.served("BatchReadBlobs", blobs, bytes);
         Ok(Response::new(BatchReadBlobsResponse { responses }))
     }
 

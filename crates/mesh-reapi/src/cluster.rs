@@ -579,14 +579,17 @@ impl ClusterCas {
         }
     }
 
+    /// Counts blobs sent to a client (`api`: `ByteStream` or `BatchReadBlobs`).
+    pub(crate) fn served(&self, api: &'static str, blobs: u64, bytes: u64) {
+        self.counters.served(api, blobs, bytes);
+    }
+
     fn count_fetched(&self, fetched: &[Digest]) {
         if fetched.is_empty() {
             return;
         }
         let bytes: u64 = fetched.iter().map(Digest::size).sum();
         self.counters.fetched(fetched.len() as u64, bytes);
-        metrics::counter!("mesh_reapi_blobs_fetched_total").increment(fetched.len() as u64);
-        metrics::counter!("mesh_reapi_bytes_fetched_total").increment(bytes);
     }
 
     /// Which of `digests` exist nowhere in the cluster, without fetching them: this

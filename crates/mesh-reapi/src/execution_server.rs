@@ -197,8 +197,11 @@ impl Execution for ExecutionService {
         } else {
             self.cluster.action_result(&digest, &metadata, true).await?
         };
+        if !request.skip_cache_lookup && cached.is_none() {
+            self.counters.cache_miss("Execute");
+        }
         if let Some(result) = cached {
-            self.counters.cache_hit();
+            self.counters.cache_hit("Execute");
             let updates = self
                 .scheduler
                 .cached(&request.instance_name, digest, result);

@@ -59,7 +59,7 @@ use crate::{
     claims::{self, ClaimTable, Claimed},
     error::{exec_rpc_status, rpc_status},
     executor::{ActionSpec, Executor},
-    stats::Counters,
+    stats::{Counters, Outcome},
 };
 
 /// How often an operation claims an action (and follows another replica's operation) before
@@ -404,10 +404,15 @@ async fn run(
     completion
         .sender
         .send_modify(|state| state.stage = Stage::Executing);
+    let queued = SystemTime::now()
+        .duration_since(queued_at)
+        .unwrap_or_default();
+    let started = tokio::time::Instant::now();
     let outcome = inner
         .executor
         .run(&spec, queued_at, &hints, &metadata)
         .await;
+    let ran = started.elapsed();
     let mut cached = false;
     let response = match outcome {
         Ok(executed) => {
@@ -437,7 +442,17 @@ async fn run(
             } else {
                 cached = cacheable;
             }
-            inner.counters.executed();
+            inner.counters.executed(
+                if executed.timed_out {
+                    Outcome::TimedOut
+                } else if executed.result.exit_code == 0 {
+                    Outcome::ExitZero
+                } else {
+                    Outcome::ExitNonzero
+                },
+                queued,
+                ran,
+            );
             ExecuteResponse {
                 result: Some(executed.result),
                 cached_result: false,
@@ -448,6 +463,7 @@ async fn run(
         }
         Err(error) => {
             tracing::info!(action = %spec.action_digest, %error, "action failed before producing a result");
+            inner.counters.executed(Outcome::Failed, queued, ran);
             ExecuteResponse {
                 result: None,
                 cached_result: false,

@@ -250,6 +250,30 @@ impl Reapi {
             .snapshot(self.inner.layer.stats(), self.inner.cluster.local())
     }
 
+    /// [`Reapi::stats`] and the stores' usage as named counters, as the admin API's `Stats`
+    /// reports them (`meshctl stats`).
+    pub fn counters(&self) -> Vec<(String, u64)> {
+        let mut counters: Vec<(String, u64)> = self
+            .stats()
+            .counters()
+            .into_iter()
+            .map(|(name, value)| (name.to_owned(), value))
+            .collect();
+        for (store, usage) in [
+            ("cas", self.inner.cluster.local().usage()),
+            (
+                "action_cache",
+                self.inner.cluster.local_action_cache().usage(),
+            ),
+        ] {
+            counters.push((format!("{store}_bytes"), usage.bytes));
+            counters.push((format!("{store}_entries"), usage.entries));
+            counters.push((format!("{store}_max_bytes"), usage.max_bytes));
+            counters.push((format!("{store}_evictions"), usage.evictions));
+        }
+        counters
+    }
+
     /// Whether this replica runs actions in the sandbox ([`crate::sandbox`]).
     pub fn sandboxed(&self) -> bool {
         self.inner.sandboxed
@@ -456,7 +480,13 @@ impl ReapiServer {
                 .layer(reapi.layer())
                 .add_routes(reapi.routes())
                 .add_service(health)
-                .add_service(mesh::admin::AdminService::for_node(&node).into_server())
+                .add_service({
+                    let counters = reapi.clone();
+                    mesh::admin::AdminService::for_node(&node)
+                        .route_layer(reapi.layer())
+                        .server_stats(move || counters.counters())
+                        .into_server()
+                })
                 // Without TCP_NODELAY small responses wait for the client's delayed ACK.
                 .serve_with_incoming_shutdown(incoming, async {
                     let _ = stopped.await;

@@ -1,6 +1,51 @@
-//! What one replica did: counters behind [`ReapiStats`].
+//! What one replica did: counters behind [`ReapiStats`], and the same events as `reapi_*`
+//! series of the [`metrics`] facade (a server that installs a Prometheus recorder, as
+//! `mesh-node --metrics-addr` does, exports them):
+//!
+//! | series | kind | labels |
+//! |---|---|---|
+//! | `reapi_executions_total` | counter | `outcome`: `exit_zero`, `exit_nonzero`, `timed_out`, `failed` (no result), `cache_hit`, `merged` |
+//! | `reapi_queue_seconds` | histogram | time from `Execute` to the action's start |
+//! | `reapi_execution_seconds` | histogram | time the action ran (inputs, command, outputs) |
+//! | `reapi_action_cache_hits_total`, `reapi_action_cache_misses_total` | counter | `api`: `GetActionResult`, `Execute` |
+//! | `reapi_action_cache_peer_hits_total` | counter | entries found on a peer and copied here |
+//! | `reapi_store_bytes`, `reapi_store_entries` | gauge | `store`: `cas`, `action_cache` |
+//! | `reapi_store_evicted_total`, `reapi_store_evicted_bytes_total` | counter | `store` |
+//! | `reapi_peer_blobs_fetched_total`, `reapi_peer_bytes_fetched_total` | counter | |
+//! | `reapi_blobs_served_total`, `reapi_bytes_served_total` | counter | `api`: `ByteStream`, `BatchReadBlobs` |
+//! | `reapi_blobs_replicated_total`, `reapi_bytes_replicated_total` | counter | copies to owners |
+//! | `reapi_blobs_handed_off_total`, `reapi_bytes_handed_off_total` | counter | handoff copies |
+//! | `reapi_corrupt_blobs_total` | counter | blobs found not to match their digest |
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::{
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
+
+/// How an `Execute` ended, as the `outcome` label of `reapi_executions_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// The command ran and exited 0.
+    ExitZero,
+    /// The command ran and exited with another code.
+    ExitNonzero,
+    /// The command ran past its timeout and was killed.
+    TimedOut,
+    /// The action failed before producing a result (missing inputs, a command that could
+    /// not start, …).
+    Failed,
+}
+
+impl Outcome {
+    fn label(self) -> &'static str {
+        match self {
+            Outcome::ExitZero => "exit_zero",
+            Outcome::ExitNonzero => "exit_nonzero",
+            Outcome::TimedOut => "timed_out",
+            Outcome::Failed => "failed",
+        }
+    }
+}
 
 /// A snapshot of one replica's counters (see [`crate::Reapi::stats`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -40,9 +85,33 @@ pub struct ReapiStats {
     /// `WaitExecution` calls sent to the replica that owns the operation.
     pub waits_relayed: u64,
     /// Blobs of this replica's CAS found not to match their digest when read, and removed
-    /// (see [`crate::Cas::corrupt_blobs_dropped`]; the `mesh_reapi_corrupt_blobs_total`
+    /// (see [`crate::Cas::corrupt_blobs_dropped`]; the `reapi_corrupt_blobs_total`
     /// counter).
     pub corrupt_blobs_dropped: u64,
+}
+
+impl ReapiStats {
+    /// Every field by name, in declaration order.
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("executed", self.executed),
+            ("merged", self.merged),
+            ("cache_hits", self.cache_hits),
+            ("peer_cache_hits", self.peer_cache_hits),
+            ("blobs_fetched", self.blobs_fetched),
+            ("bytes_fetched", self.bytes_fetched),
+            ("blobs_replicated", self.blobs_replicated),
+            ("bytes_replicated", self.bytes_replicated),
+            ("blobs_handed_off", self.blobs_handed_off),
+            ("bytes_handed_off", self.bytes_handed_off),
+            ("handoff_passes", self.handoff_passes),
+            ("forwarded_in", self.forwarded_in),
+            ("forwarded_out", self.forwarded_out),
+            ("rerouted", self.rerouted),
+            ("waits_relayed", self.waits_relayed),
+            ("corrupt_blobs_dropped", self.corrupt_blobs_dropped),
+        ]
+    }
 }
 
 /// The live counters.
@@ -67,42 +136,66 @@ fn add(counter: &AtomicU64, n: u64) {
 }
 
 impl Counters {
-    pub(crate) fn executed(&self) {
-        add(&self.executed, 1);
-        metrics::counter!("mesh_reapi_actions_executed_total").increment(1);
+    /// An action this replica ran (or tried to): `queued` from `Execute` to its start,
+    /// `ran` from its start to its end.
+    pub(crate) fn executed(&self, outcome: Outcome, queued: Duration, ran: Duration) {
+        if outcome != Outcome::Failed {
+            add(&self.executed, 1);
+        }
+        metrics::counter!("reapi_executions_total", "outcome" => outcome.label()).increment(1);
+        metrics::histogram!("reapi_queue_seconds").record(queued.as_secs_f64());
+        metrics::histogram!("reapi_execution_seconds").record(ran.as_secs_f64());
     }
 
     pub(crate) fn merged(&self) {
         add(&self.merged, 1);
-        metrics::counter!("mesh_reapi_actions_merged_total").increment(1);
+        metrics::counter!("reapi_executions_total", "outcome" => "merged").increment(1);
     }
 
-    pub(crate) fn cache_hit(&self) {
+    /// A client's lookup (`api`: `GetActionResult` or `Execute`) found a result.
+    pub(crate) fn cache_hit(&self, api: &'static str) {
         add(&self.cache_hits, 1);
-        metrics::counter!("mesh_reapi_cache_hits_total").increment(1);
+        metrics::counter!("reapi_action_cache_hits_total", "api" => api).increment(1);
+        if api == "Execute" {
+            metrics::counter!("reapi_executions_total", "outcome" => "cache_hit").increment(1);
+        }
+    }
+
+    /// A client's lookup found no result.
+    pub(crate) fn cache_miss(&self, api: &'static str) {
+        metrics::counter!("reapi_action_cache_misses_total", "api" => api).increment(1);
     }
 
     pub(crate) fn peer_cache_hit(&self) {
         add(&self.peer_cache_hits, 1);
+        metrics::counter!("reapi_action_cache_peer_hits_total").increment(1);
     }
 
     pub(crate) fn fetched(&self, blobs: u64, bytes: u64) {
         add(&self.blobs_fetched, blobs);
         add(&self.bytes_fetched, bytes);
+        metrics::counter!("reapi_peer_blobs_fetched_total").increment(blobs);
+        metrics::counter!("reapi_peer_bytes_fetched_total").increment(bytes);
+    }
+
+    /// Blobs sent to a client (`api`: `ByteStream` or `BatchReadBlobs`).
+    pub(crate) fn served(&self, api: &'static str, blobs: u64, bytes: u64) {
+        metrics::counter!("reapi_blobs_served_total", "api" => api).increment(blobs);
+        metrics::counter!("reapi_bytes_served_total", "api" => api).increment(bytes);
     }
 
     pub(crate) fn replicated(&self, blobs: u64, bytes: u64) {
         add(&self.blobs_replicated, blobs);
         add(&self.bytes_replicated, bytes);
-        metrics::counter!("mesh_reapi_blobs_replicated_total").increment(blobs);
-        metrics::counter!("mesh_reapi_bytes_replicated_total").increment(bytes);
+        metrics::counter!("reapi_blobs_replicated_total").increment(blobs);
+        metrics::counter!("reapi_bytes_replicated_total").increment(bytes);
     }
 
     pub(crate) fn handed_off(&self, blobs: u64, bytes: u64) {
         add(&self.blobs_handed_off, blobs);
         add(&self.bytes_handed_off, bytes);
-        metrics::counter!("mesh_reapi_blobs_handed_off_total").increment(blobs);
-        metrics::counter!("mesh_reapi_bytes_handed_off_total").increment(bytes);
+        metrics::counter!("reapi_blobs_handed_off_total").increment(blobs);
+        metrics::counter!("reapi_bytes_handed_off_total").increment(bytes);
     }
 
     pub(crate) fn handoff_pass(&self) {

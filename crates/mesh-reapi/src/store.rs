@@ -51,6 +51,8 @@ pub(crate) struct LruDir {
 
 #[derive(Debug)]
 struct Inner {
+    /// What the store holds (`cas`, `action_cache`): the `store` label of its metrics.
+    name: &'static str,
     root: PathBuf,
     tmp: PathBuf,
     max_bytes: u64,
@@ -141,7 +143,13 @@ impl Index {
 impl LruDir {
     /// Opens (creating if needed) the store at `root`, with temporary files in `tmp` (which
     /// must be on the same file system), and indexes what a previous run left there.
-    pub(crate) fn open(root: &Path, tmp: &Path, max_bytes: u64) -> io::Result<Self> {
+    /// `name` labels its metrics (`reapi_store_bytes{store="cas"}`).
+    pub(crate) fn open(
+        name: &'static str,
+        root: &Path,
+        tmp: &Path,
+        max_bytes: u64,
+    ) -> io::Result<Self> {
         create_dir(root, DIR_MODE)?;
         create_dir(tmp, TMP_MODE)?;
         let mut found: Vec<(SystemTime, Digest, u64)> = Vec::new();
@@ -188,6 +196,7 @@ impl LruDir {
         }
         let store = Self {
             inner: Arc::new(Inner {
+                name,
                 root: root.to_owned(),
                 tmp: tmp.to_owned(),
                 max_bytes,
@@ -290,6 +299,7 @@ impl LruDir {
         let mut index = self.lock();
         if index.remove(key).is_some() {
             let _ = fs::remove_file(self.path(key));
+            self.publish(&index);
         }
     }
 
@@ -304,7 +314,7 @@ impl LruDir {
         if !index.entries.contains_key(key) {
             return false;
         }
-        match fs::symlink_metadata(&path) {
+        let removed = match fs::symlink_metadata(&path) {
             Ok(current) if (current.dev(), current.ino()) != (file.dev(), file.ino()) => false,
             Ok(_) => {
                 index.remove(key);
@@ -319,7 +329,11 @@ impl LruDir {
                 index.remove(key);
                 true
             }
+        };
+        if removed {
+            self.publish(&index);
         }
+        removed
     }
 
     /// Pins every present key of `keys` against eviction until the guard is dropped.
@@ -359,9 +373,20 @@ impl LruDir {
 
     /// Evicts least recently used, unpinned entries until the total is within the bound.
     fn evict(&self, index: &mut Index) {
-        if index.total_bytes <= self.inner.max_bytes {
-            return;
+        if index.total_bytes > self.inner.max_bytes {
+            self.evict_over_bound(index);
         }
+        self.publish(index);
+    }
+
+    /// The store's size as gauges: `reapi_store_bytes` and `reapi_store_entries`.
+    fn publish(&self, index: &Index) {
+        let store = self.inner.name;
+        metrics::gauge!("reapi_store_bytes", "store" => store).set(index.total_bytes as f64);
+        metrics::gauge!("reapi_store_entries", "store" => store).set(index.entries.len() as f64);
+    }
+
+    fn evict_over_bound(&self, index: &mut Index) {
         let victims: Vec<Digest> = {
             let mut over = index.total_bytes - self.inner.max_bytes;
             let mut victims = Vec::new();
@@ -380,15 +405,17 @@ impl LruDir {
             }
             victims
         };
+        let store = self.inner.name;
         for key in victims {
-            index.remove(&key);
+            let size = index.remove(&key).map_or(0, |entry| entry.size);
             index.evictions += 1;
+            metrics::counter!("reapi_store_evicted_bytes_total", "store" => store).increment(size);
             if let Err(error) = fs::remove_file(self.path(&key))
                 && error.kind() != io::ErrorKind::NotFound
             {
                 tracing::warn!(%key, %error, "could not delete an evicted file");
             }
-            metrics::counter!("mesh_reapi_store_evictions_total").increment(1);
+            metrics::counter!("reapi_store_evicted_total", "store" => store).increment(1);
         }
     }
 
@@ -445,7 +472,7 @@ mod tests {
     use super::*;
 
     fn store(dir: &Path, max: u64) -> LruDir {
-        LruDir::open(&dir.join("files"), &dir.join("tmp"), max).unwrap()
+        LruDir::open("test", &dir.join("files"), &dir.join("tmp"), max).unwrap()
     }
 
     fn add(store: &LruDir, data: &[u8]) -> Digest {

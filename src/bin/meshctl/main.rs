@@ -375,6 +375,29 @@ fn stats_text(stats: &StatsResponse) -> String {
             routing.refused
         ));
     }
+    if !stats.server.is_empty() {
+        // The server's own counters (mesh-reapi: executions, cache, stores), by name.
+        let mut pairs: Vec<(&String, &u64)> = stats.server.iter().collect();
+        pairs.sort();
+        let mut line = String::new();
+        for (name, value) in pairs {
+            let value = if name.ends_with("bytes") {
+                human_bytes(*value)
+            } else {
+                value.to_string()
+            };
+            let item = format!("{name} {value}");
+            if !line.is_empty() && line.len() + item.len() > 80 {
+                out.push_str(&format!("  server     {line}\n"));
+                line.clear();
+            }
+            if !line.is_empty() {
+                line.push_str(", ");
+            }
+            line.push_str(&item);
+        }
+        out.push_str(&format!("  server     {line}\n"));
+    }
     let outcomes = |map: &std::collections::HashMap<String, u64>| {
         let order = ["ok", "error", "broken", "cancelled", "unreachable"];
         let parts: Vec<String> = order

@@ -1,0 +1,209 @@
+//! `mesh-node`, the binary `cargo install --path .` installs, as an operator deploys it: one
+//! configuration file (`[mesh]` and `[reapi]`), an environment variable over it, and nothing
+//! else on the command line. It serves REAPI from that file, runs an action, and reports it in
+//! its `reapi_*` Prometheus series and in `meshctl stats`; a bad value is refused naming its
+//! key.
+
+mod cluster_processes;
+
+use std::path::Path;
+
+use cluster_processes::{NodeProcess, NodeSpec, http_get, meshctl_json, samples, text};
+use mesh_reapi::{
+    Digest,
+    proto::build::bazel::remote::execution::v2::{
+        Action, BatchUpdateBlobsRequest, Command, ExecuteRequest, GetActionResultRequest,
+        action_cache_client::ActionCacheClient, batch_update_blobs_request,
+        command::EnvironmentVariable,
+        content_addressable_storage_client::ContentAddressableStorageClient,
+        execution_client::ExecutionClient,
+    },
+};
+use prost::Message as _;
+
+/// A configuration file with every setting of the replica in it.
+fn config_file(dir: &Path, data_dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("mesh-node.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"[mesh]
+node_id = "from-file"
+bind_addr = "127.0.0.1"
+bind_port = 0
+grpc_port = 0
+timing = "local"
+max_concurrency = 3
+
+[reapi]
+data_dir = "{}"
+sandbox = "off"
+cas_max_bytes = "1GiB"
+"#,
+            data_dir.display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// A spec with only what an operator passes: the API, the file, the metrics address.
+fn from_file(config: &Path) -> NodeSpec {
+    let mut spec = NodeSpec::local("from-file");
+    spec.args = ["--api", "reapi", "--config"]
+        .into_iter()
+        .map(str::to_owned)
+        .chain([config.display().to_string()])
+        .chain(["--metrics-addr".to_owned(), "127.0.0.1:0".to_owned()])
+        .collect();
+    spec
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_node_serves_reapi_from_one_file_and_reports_what_it_did() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let data = dir.path().join("data");
+    let config = config_file(dir.path(), &data);
+    let spec = from_file(&config).env("MESH_REAPI_ACTION_CACHE_MAX_BYTES", "32MiB");
+    let mut node = NodeProcess::start(spec).await;
+    assert!(
+        node.stdout
+            .find(&["node from-file gossiping at 127.0.0.1:", "3 slots"])
+            .is_some(),
+        "{:?}",
+        node.stdout.all()
+    );
+    assert!(
+        data.join("cas").is_dir(),
+        "the CAS lives in the file's data_dir"
+    );
+
+    // `echo hello`, uploaded and executed, then looked up in the action cache.
+    #[allow(deprecated)]
+    let command = Command {
+        arguments: vec!["/bin/sh".into(), "-c".into(), "echo hello".into()],
+        environment_variables: vec![EnvironmentVariable {
+            name: "PATH".into(),
+            value: "/bin:/usr/bin".into(),
+        }],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let command_digest = Digest::of(&command);
+    let action = Action {
+        command_digest: Some(command_digest.to_proto()),
+        input_root_digest: Some(Digest::EMPTY.to_proto()),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let action_digest = Digest::of(&action);
+    let mut cas = ContentAddressableStorageClient::connect(node.url())
+        .await
+        .unwrap();
+    cas.batch_update_blobs(BatchUpdateBlobsRequest {
+        requests: [(command_digest, command), (action_digest, action)]
+            .into_iter()
+            .map(|(digest, data)| batch_update_blobs_request::Request {
+                digest: Some(digest.to_proto()),
+                data,
+                compressor: 0,
+            })
+            .collect(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut execution = ExecutionClient::connect(node.url()).await.unwrap();
+    let mut stream = execution
+        .execute(ExecuteRequest {
+            action_digest: Some(action_digest.to_proto()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut last = None;
+    while let Some(operation) = stream.message().await.unwrap() {
+        last = Some(operation);
+    }
+    let operation = last.expect("the stream ends with the operation");
+    assert!(operation.done, "{operation:?}");
+    let mut action_cache = ActionCacheClient::connect(node.url()).await.unwrap();
+    let cached = action_cache
+        .get_action_result(GetActionResultRequest {
+            action_digest: Some(action_digest.to_proto()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cached.exit_code, 0);
+    assert_eq!(
+        cached.stdout_digest,
+        Some(Digest::of(b"hello\n").to_proto()),
+        "the action ran the file's way and printed hello"
+    );
+
+    // The REAPI series, from the metrics endpoint.
+    let metrics = node.metrics.clone().expect("--metrics-addr is served");
+    let series = samples(&http_get(&metrics, "/metrics").await);
+    let value = |name: &str| series.get(name).copied().unwrap_or(0.0);
+    assert_eq!(
+        value(r#"reapi_executions_total{outcome="exit_zero"}"#),
+        1.0,
+        "{series:#?}"
+    );
+    assert_eq!(
+        value(r#"reapi_action_cache_misses_total{api="Execute"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(r#"reapi_action_cache_hits_total{api="GetActionResult"}"#),
+        1.0
+    );
+    assert_eq!(value("reapi_execution_seconds_count"), 1.0);
+    assert_eq!(value("reapi_queue_seconds_count"), 1.0);
+    assert!(
+        value(r#"reapi_store_bytes{store="cas"}"#) > 0.0,
+        "{series:#?}"
+    );
+    assert!(value(r#"reapi_store_entries{store="action_cache"}"#) >= 1.0);
+
+    // The same counters through the admin API, and the variable's bound over the file's.
+    let stats = meshctl_json(Path::new(""), &node.url(), "stats").await;
+    let server = &stats["server"];
+    assert_eq!(server["executed"], 1, "{stats:#}");
+    assert_eq!(server["cache_hits"], 1, "{stats:#}");
+    assert_eq!(server["cas_max_bytes"], 1u64 << 30, "{stats:#}");
+    assert_eq!(server["action_cache_max_bytes"], 32u64 << 20, "{stats:#}");
+    node.terminate().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_reapi_value_is_refused_naming_its_key_value_and_rule() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let config = config_file(dir.path(), &dir.path().join("data"));
+    for (variable, value, expected) in [
+        (
+            "MESH_REAPI_SANDBOX",
+            "maybe",
+            r#"mesh-node: invalid MESH_REAPI_SANDBOX "maybe": must be one of auto, on, required, off"#,
+        ),
+        (
+            "MESH_REAPI_REPLICATION_FACTOR",
+            "0",
+            r#"mesh-node: invalid reapi.replication_factor "0": must be at least 1"#,
+        ),
+    ] {
+        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_mesh-node"))
+            .args(["--api", "reapi", "--config"])
+            .arg(&config)
+            .env(variable, value)
+            .output()
+            .await
+            .unwrap();
+        assert!(!output.status.success(), "{variable}={value} was accepted");
+        let stderr = text(&output.stderr);
+        assert!(stderr.starts_with(expected), "{stderr}");
+    }
+}
