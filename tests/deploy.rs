@@ -221,3 +221,167 @@ fn the_drain_grace_and_prestop_fit_inside_the_pods_grace_period() {
     );
     assert!(drain < mesh::drain::DEFAULT_GRACE + std::time::Duration::from_secs(1));
 }
+
+/// Every document of a multi-document manifest.
+fn load_all(name: &str) -> Vec<Value> {
+    use serde::Deserialize as _;
+    let path = format!("{}/deploy/k8s/{name}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap();
+    serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|document| Value::deserialize(document).unwrap())
+        .collect()
+}
+
+/// The REAPI manifests (`deploy/k8s/reapi/`) hold together with the binary and the keys: the
+/// ConfigMap's file is a valid configuration in both sections with the pod's variables over it,
+/// its data directory is the volume each pod claims, the container's flags are `mesh-node`'s,
+/// the probes and services use the configured gRPC port, and Bazel's service reaches the
+/// replicas.
+#[test]
+fn the_reapi_manifests_match_the_binarys_flags_and_the_configuration_keys() {
+    use mesh_reapi::ReapiSettings;
+
+    let config_map = load("reapi/configmap.yaml");
+    let set = load("reapi/statefulset.yaml");
+    let services = load_all("reapi/service.yaml");
+    let pod = at(&set, &["spec", "template", "spec"]);
+    let container = &pod["containers"][0];
+    let args: Vec<&str> = container["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+
+    // Every flag is one mesh-node has (its --help lists it).
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_mesh-node"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8(help.stdout).unwrap();
+    for flag in args.iter().filter(|a| a.starts_with("--")) {
+        assert!(
+            help.contains(&format!("{flag} ")),
+            "mesh-node has no {flag}"
+        );
+    }
+    let flag = |name: &str| {
+        let i = args.iter().position(|a| *a == name).unwrap();
+        args[i + 1]
+    };
+    assert_eq!(flag("--api"), "reapi");
+
+    // The file the ConfigMap mounts where --config points.
+    let config_path = std::path::Path::new(flag("--config"));
+    let mounts = container["volumeMounts"].as_sequence().unwrap();
+    let mount_of = |volume: &str| {
+        mounts
+            .iter()
+            .find(|m| m["name"].as_str() == Some(volume))
+            .and_then(|m| m["mountPath"].as_str())
+            .unwrap_or_else(|| panic!("no mount of volume {volume}"))
+    };
+    let config_volume = pod["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["configMap"]["name"] == config_map["metadata"]["name"])
+        .expect("the ConfigMap is a volume");
+    assert_eq!(
+        std::path::Path::new(mount_of(config_volume["name"].as_str().unwrap())),
+        config_path.parent().unwrap()
+    );
+    let file_name = config_path.file_name().unwrap().to_str().unwrap();
+    let text = config_map["data"][file_name]
+        .as_str()
+        .unwrap_or_else(|| panic!("the ConfigMap has no {file_name}"));
+
+    // The pod's variables over the file, as mesh-node applies them.
+    let pod_fields = [
+        ("$(POD_NAME)", "reapi-1"),
+        ("$(POD_IP)", "10.42.0.18"),
+        ("$(POD_NAMESPACE)", "build"),
+    ];
+    let vars: Vec<(String, String)> = container["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|e| Some((e["name"].as_str()?, e["value"].as_str()?)))
+        .filter(|(name, _)| name.starts_with("MESH_"))
+        .map(|(name, value)| {
+            let value = pod_fields
+                .iter()
+                .fold(value.to_owned(), |v, (field, real)| v.replace(field, real));
+            (name.to_owned(), value)
+        })
+        .collect();
+    let mut mesh = MeshConfig::from_toml_str(text).unwrap();
+    mesh.apply_vars(vars.clone()).unwrap();
+    let mut reapi: ReapiSettings = mesh::config::from_toml_str(text).unwrap();
+    mesh::config::apply_vars(&mut reapi, vars).unwrap();
+    let (_builder, resolved) = mesh.node_builder().unwrap();
+    assert_eq!(resolved.node_id.as_str(), "reapi-1");
+    assert_eq!(mesh.discovery_mode, DiscoveryMode::Dns);
+    let headless = services
+        .iter()
+        .find(|s| s["spec"]["clusterIP"].as_str() == Some("None"))
+        .expect("a headless service");
+    let headless_name = headless["metadata"]["name"].as_str().unwrap();
+    assert_eq!(
+        mesh.dns_service_name,
+        format!("{headless_name}.build.svc.cluster.local.")
+    );
+    assert_eq!(
+        at(&set, &["spec", "serviceName"]).as_str(),
+        Some(headless_name)
+    );
+    let made = reapi.reapi_config("reapi-1", mesh.max_concurrency).unwrap();
+
+    // The data directory is the pod's own volume, large enough for the CAS bound.
+    let claim = &at(&set, &["spec", "volumeClaimTemplates"])[0];
+    let data_mount = mount_of(claim["metadata"]["name"].as_str().unwrap());
+    assert_eq!(made.data_dir, std::path::Path::new(data_mount));
+    let storage = claim["spec"]["resources"]["requests"]["storage"]
+        .as_str()
+        .unwrap();
+    let gib: u64 = storage.strip_suffix("Gi").unwrap().parse().unwrap();
+    assert!(
+        made.cas_max_bytes + made.action_cache_max_bytes < gib << 30,
+        "the stores' bounds must fit the {storage} volume"
+    );
+
+    // Probes, services and container ports agree with grpc_port.
+    for probe in ["readinessProbe", "livenessProbe"] {
+        assert_eq!(
+            container[probe]["grpc"]["port"].as_u64(),
+            Some(u64::from(mesh.grpc_port)),
+            "{probe}"
+        );
+    }
+    let container_port = |name: &str| {
+        container["ports"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"].as_str() == Some(name))
+            .and_then(|p| p["containerPort"].as_u64())
+            .unwrap_or_else(|| panic!("no container port {name}"))
+    };
+    assert_eq!(container_port("grpc"), u64::from(mesh.grpc_port));
+    assert_eq!(container_port("gossip"), u64::from(mesh.bind_port));
+    let selector = at(&set, &["spec", "selector", "matchLabels"]);
+    for service in &services {
+        assert_eq!(&service["spec"]["selector"], selector);
+        for port in service["spec"]["ports"].as_sequence().unwrap() {
+            container_port(port["targetPort"].as_str().unwrap());
+        }
+    }
+    assert_eq!(pod["enableServiceLinks"].as_bool(), Some(false));
+    let metrics = flag("--metrics-addr");
+    assert_eq!(
+        metrics.rsplit_once(':').unwrap().1,
+        set["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"]
+            .as_str()
+            .unwrap()
+    );
+}
