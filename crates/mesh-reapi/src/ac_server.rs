@@ -18,8 +18,8 @@ use mesh_route::forwarded_by;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    ClusterCas, Digest, MissingBlobs, cas_server::check_digest_function, cluster::result_digests,
-    error::invalid, stats::Counters,
+    ClusterCas, Digest, MissingBlobs, action_key, cas_server::check_digest_function,
+    cluster::result_digests, error::invalid, stats::Counters,
 };
 
 /// The `ActionCache` service.
@@ -50,9 +50,15 @@ impl ActionCache for ActionCacheService {
         check_digest_function(request.get_ref().digest_function)?;
         let action =
             Digest::from_required(request.get_ref().action_digest.as_ref(), "action_digest")?;
+        // A peer asks by key (see [`crate::action_cache`]); a client by instance and action.
+        let key = if local_only {
+            action
+        } else {
+            action_key(&request.get_ref().instance_name, &action)
+        };
         match self
             .cluster
-            .action_result(&action, request.metadata(), local_only)
+            .action_result(&key, request.metadata(), local_only)
             .await?
         {
             Some(result) => {
@@ -86,12 +92,14 @@ impl ActionCache for ActionCacheService {
             .ok_or_else(|| invalid("action_result is required"))?;
         let digests = result_digests(&result)?;
         if local_only {
+            // A peer's copy (a write reaching its owner, or handoff): `action` is the key.
             self.cluster
                 .local_action_cache()
                 .put(action, &result)
                 .await?;
             return Ok(Response::new(result));
         }
+        let key = action_key(&request.instance_name, &action);
         let missing = self
             .cluster
             .find_missing_in_cluster(&digests, &[], &metadata)
@@ -99,9 +107,7 @@ impl ActionCache for ActionCacheService {
         if !missing.is_empty() {
             return Err(MissingBlobs(missing).into());
         }
-        self.cluster
-            .store_result(action, &result, &metadata)
-            .await?;
+        self.cluster.store_result(key, &result, &metadata).await?;
         Ok(Response::new(result))
     }
 }

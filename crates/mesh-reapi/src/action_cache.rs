@@ -6,6 +6,15 @@
 //! temporary file and renamed into place, so a reader never sees a partial entry; an entry
 //! that no longer decodes is dropped and reported as a miss. Finding entries written on other
 //! replicas is [`crate::ClusterCas`]'s job.
+//!
+//! **Instances.** Each instance name has an action cache of its own: entries are keyed by
+//! [`action_key`], which is the action digest itself for the default (empty) instance and a
+//! SHA-256 of the instance name and the action digest for any other, so one instance can
+//! neither read nor overwrite another's results (a CI and a developer with different
+//! toolchains do not poison each other). The CAS is shared by every instance: a blob is named
+//! by its content, so sharing it is safe and saves space. Replicas exchange entries by key
+//! (the peer calls carry the key, marked as forwarded), so placement, handoff and lookups
+//! need no instance name.
 
 use std::{fs, io, io::Write as _, path::Path};
 
@@ -16,6 +25,17 @@ use crate::{
     Digest,
     store::{InsertError, LruDir, StoreUsage},
 };
+
+/// The action cache key of `action` in instance `instance_name`: `action` itself for the
+/// default instance (`""`), otherwise the SHA-256 of a label, the instance name and the action
+/// digest, so no two instances share a key.
+pub fn action_key(instance_name: &str, action: &Digest) -> Digest {
+    if instance_name.is_empty() {
+        *action
+    } else {
+        Digest::of(format!("mesh-reapi action cache key\0{instance_name}\0{action}").as_bytes())
+    }
+}
 
 /// One replica's action cache. Cheap to clone.
 #[derive(Debug, Clone)]

@@ -1,8 +1,9 @@
 //! Identical actions in flight anywhere run once: claims at the action's owner.
 //!
-//! Each action digest has one owner among the replicas: the first of its rendezvous ranking
-//! ([`crate::placement`], the placement its cached result also gets). The owner keeps the
-//! cluster's table of actions in flight, `(instance, action digest) → operation name`. A
+//! Each action has one owner among the replicas: the first of the rendezvous ranking
+//! ([`crate::placement`]) of its [`crate::action_key`], the placement its cached result also
+//! gets. The owner keeps the cluster's table of actions in flight, `(instance, action digest)
+//! → operation name`. A
 //! replica about to run an action — after merging with an identical one in flight on itself
 //! ([`crate::scheduler`]) — claims it at the owner first (`mesh.reapi.v1.Claims/Claim`):
 //!
@@ -180,7 +181,11 @@ pub(crate) async fn claim(
     accept_finished: bool,
     metadata: &MetadataMap,
 ) -> Claimed {
-    let Some(owner) = cluster.owners(&action).into_iter().next() else {
+    let Some(owner) = cluster
+        .owners(&crate::action_key(instance, &action))
+        .into_iter()
+        .next()
+    else {
         return Claimed::Run;
     };
     let holder = if &owner == cluster.node().node_id() {
@@ -225,7 +230,11 @@ pub(crate) async fn release(
     operation: &str,
     cached: bool,
 ) {
-    let Some(owner) = cluster.owners(&action).into_iter().next() else {
+    let Some(owner) = cluster
+        .owners(&crate::action_key(instance, &action))
+        .into_iter()
+        .next()
+    else {
         return;
     };
     if &owner == cluster.node().node_id() {

@@ -38,7 +38,7 @@ use mesh_route::{OperationId, RouteRequest, forwarded_by, layer::CallTask};
 use tonic::{Request, Response, Status, metadata::MetadataMap};
 
 use crate::{
-    ActionLimits, ClusterCas, ClusterError, Digest,
+    ActionLimits, ClusterCas, ClusterError, Digest, action_key,
     cas_server::check_digest_function,
     error::invalid,
     executor::ActionSpec,
@@ -105,7 +105,11 @@ impl ExecutionService {
         let local_only = forwarded_by(metadata).is_some();
         Ok(self
             .cluster
-            .action_result(&action, metadata, local_only)
+            .action_result(
+                &action_key(&request.instance_name, &action),
+                metadata,
+                local_only,
+            )
             .await?)
     }
 
@@ -195,7 +199,8 @@ impl Execution for ExecutionService {
         let cached = if request.skip_cache_lookup {
             None
         } else {
-            self.cluster.action_result(&digest, &metadata, true).await?
+            let key = action_key(&request.instance_name, &digest);
+            self.cluster.action_result(&key, &metadata, true).await?
         };
         if !request.skip_cache_lookup && cached.is_none() {
             self.counters.cache_miss("Execute");

@@ -15,8 +15,8 @@
 //!   [`execution_server`]. Digests ([`Digest`]) and resource names ([`ResourceName`]) are
 //!   parsed and checked there, once; errors follow REAPI (`FAILED_PRECONDITION` with `MISSING`
 //!   violations for missing blobs, `INVALID_ARGUMENT` naming the value and the rule for
-//!   malformed input). Instance names are accepted and kept in operation names, but all
-//!   instances share one CAS and action cache.
+//!   malformed input). Each instance name has its own action cache and operations
+//!   ([`action_key`]); the CAS, named by content, is shared.
 //! * **Stores** — [`Cas`] and [`ActionCache`]: one replica's blobs and results on disk,
 //!   bounded, least recently used evicted, nothing half-written ever visible.
 //! * **Cluster** — [`ClusterCas`]: the replicas answer as one CAS and one action cache. Every
@@ -103,7 +103,7 @@ mod store;
 
 pub use ac_server::ActionCacheService;
 pub use action::{ActionLimits, InvalidAction, PlatformError, platform_tags};
-pub use action_cache::{ActionCache, ActionCacheError};
+pub use action_cache::{ActionCache, ActionCacheError, action_key};
 pub use auth::{AuthError, Authorization, Right};
 pub use bytestream_server::ByteStreamService;
 pub use capabilities_server::CapabilitiesService;

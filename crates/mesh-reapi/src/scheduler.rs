@@ -55,7 +55,7 @@ use tokio::{
 use tonic::{Code, Status, metadata::MetadataMap};
 
 use crate::{
-    ClusterCas, Digest,
+    ClusterCas, Digest, action_key,
     claims::{self, ClaimTable, Claimed},
     error::{exec_rpc_status, rpc_status},
     executor::{ActionSpec, Executor},
@@ -435,7 +435,11 @@ async fn run(
             if cacheable
                 && let Err(error) = inner
                     .cluster
-                    .store_result(spec.action_digest, &executed.result, &metadata)
+                    .store_result(
+                        action_key(&instance, &spec.action_digest),
+                        &executed.result,
+                        &metadata,
+                    )
                     .await
             {
                 tracing::warn!(action = %spec.action_digest, %error, "could not cache an action result");

@@ -355,3 +355,92 @@ async fn a_program_that_does_not_exist_is_invalid_argument() {
     );
     cluster.shutdown().await;
 }
+
+/// Each instance name has its own action cache and operations: a result cached in `ci` is not
+/// seen by `dev` (through either replica, so not only on the replica that ran it), a result
+/// written into `dev` does not replace `ci`'s, and `dev` runs the action itself. The CAS is
+/// shared: `dev` needed no upload of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_keep_their_own_results_and_operations() {
+    use mesh_reapi::proto::build::bazel::remote::execution::v2::{
+        ActionResult, UpdateActionResultRequest,
+    };
+
+    let cluster = Cluster::start(2, |_, _| {}).await;
+    let action = shell("echo built").build();
+    upload(&cluster, 0, &action.blobs).await;
+    let in_instance = |instance: &str| {
+        let mut request = execute_request(action.action, false);
+        request.instance_name = instance.to_owned();
+        request
+    };
+    let lookup = |instance: &str| GetActionResultRequest {
+        instance_name: instance.to_owned(),
+        action_digest: Some(action.action.to_proto()),
+        ..Default::default()
+    };
+
+    let ci = execute(&mut cluster.exec(0).await, in_instance("ci"))
+        .await
+        .unwrap();
+    assert!(ci.last().unwrap().name.starts_with("ci/operations/"));
+    let ci_result = finished(&ci).result.unwrap();
+    assert_eq!(ci_result.exit_code, 0);
+    for replica in 0..2 {
+        let mut ac = cluster.ac(replica).await;
+        let found = ac.get_action_result(lookup("ci")).await.unwrap().into_inner();
+        assert_eq!(found, ci_result, "ci's result through replica {replica}");
+        for other in ["dev", ""] {
+            let error = ac.get_action_result(lookup(other)).await.unwrap_err();
+            assert_eq!(
+                error.code(),
+                Code::NotFound,
+                "instance {other:?} through replica {replica} sees ci's result"
+            );
+        }
+    }
+
+    // A result written into dev (as a developer's machine uploads one) stays dev's.
+    let poisoned = ActionResult {
+        exit_code: 42,
+        ..Default::default()
+    };
+    cluster
+        .ac(1)
+        .await
+        .update_action_result(UpdateActionResultRequest {
+            instance_name: "dev".to_owned(),
+            action_digest: Some(action.action.to_proto()),
+            action_result: Some(poisoned.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut ac = cluster.ac(0).await;
+    let dev = ac.get_action_result(lookup("dev")).await.unwrap().into_inner();
+    assert_eq!(dev.exit_code, 42);
+    let ci_again = ac.get_action_result(lookup("ci")).await.unwrap().into_inner();
+    assert_eq!(ci_again, ci_result, "dev's write replaced ci's result");
+    let ci_cached = finished(
+        &execute(&mut cluster.exec(1).await, in_instance("ci"))
+            .await
+            .unwrap(),
+    );
+    assert!(ci_cached.cached_result);
+    assert_eq!(ci_cached.result.unwrap().exit_code, 0);
+
+    // A third instance finds nothing cached and runs the action itself.
+    let executed = cluster.replicas[0].stats().executed + cluster.replicas[1].stats().executed;
+    let team = execute(&mut cluster.exec(1).await, in_instance("team/b"))
+        .await
+        .unwrap();
+    assert!(team.last().unwrap().name.starts_with("team/b/operations/"));
+    let team = finished(&team);
+    assert!(!team.cached_result);
+    assert_eq!(team.result.unwrap().exit_code, 0);
+    assert_eq!(
+        cluster.replicas[0].stats().executed + cluster.replicas[1].stats().executed,
+        executed + 1
+    );
+    cluster.shutdown().await;
+}
