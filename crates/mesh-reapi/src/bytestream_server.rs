@@ -29,7 +29,12 @@ use futures::Stream;
 use mesh_route::forwarded_by;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::{BlobReader, CasError, ClusterCas, Digest, ResourceName, error::invalid};
+use crate::{
+    BlobReader, CasError, ClusterCas, ResourceName,
+    compression::{Deflater, Inflater},
+    error::invalid,
+    resource::Compressor,
+};
 
 /// The size of each `ReadResponse`'s data: 1 MiB, a quarter of the 4 MiB message limit.
 pub const READ_CHUNK: usize = 1024 * 1024;
@@ -67,6 +72,14 @@ impl ByteStream for ByteStreamService {
         let request = request.into_inner();
         let name = ResourceName::parse_read(&request.resource_name)?;
         let digest = name.digest;
+        if name.compressor == Compressor::Zstd && request.read_limit != 0 {
+            // remote_execution.proto: "Servers MUST return INVALID_ARGUMENT if
+            // ReadRequest.read_limit is non-zero" for compressed reads.
+            return Err(invalid(format!(
+                "read_limit {} must be 0 for a compressed read (read_offset counts uncompressed bytes)",
+                request.read_limit
+            )));
+        }
         // bytestream.proto: a negative offset, like one past the end, is OUT_OF_RANGE.
         let offset = u64::try_from(request.read_offset).map_err(|_| {
             Status::out_of_range(format!(
@@ -127,7 +140,10 @@ impl ByteStream for ByteStreamService {
             };
             self.cluster
                 .served("ByteStream", 1, end.saturating_sub(offset));
-            return Ok(Response::new(Box::pin(read_chunks(first, reader))));
+            return Ok(Response::new(match name.compressor {
+                Compressor::Zstd => Box::pin(compressed(read_chunks(first, reader))?),
+                _ => Box::pin(read_chunks(first, reader)),
+            }));
         }
     }
 
@@ -145,9 +161,9 @@ impl ByteStream for ByteStreamService {
         };
         let name = ResourceName::parse_write(&first.resource_name)?;
         let digest = name.digest;
-        let committed = |digest: Digest| {
+        let committed = |size: u64| {
             Response::new(WriteResponse {
-                committed_size: i64::try_from(digest.size()).unwrap_or(i64::MAX),
+                committed_size: i64::try_from(size).unwrap_or(i64::MAX),
             })
         };
         if self.cluster.local().contains(&digest) {
@@ -156,9 +172,24 @@ impl ByteStream for ByteStreamService {
                 // its owners hold it too before acknowledging (they are asked first).
                 self.cluster.replicate(&[digest], &metadata).await;
             }
-            return Ok(committed(digest));
+            // remote_execution.proto: the full size, or -1 for a compressed upload.
+            return Ok(match name.compressor {
+                Compressor::Zstd => Response::new(WriteResponse { committed_size: -1 }),
+                _ => committed(digest.size()),
+            });
         }
         let mut writer = self.cluster.local().writer(digest)?;
+        // A compressed upload: offsets count the compressed bytes received (after a first
+        // offset of 0), and what they inflate to is written, checked against the size as it
+        // comes.
+        let mut inflater = match name.compressor {
+            Compressor::Zstd => Some(
+                Inflater::new(digest.size())
+                    .map_err(|e| Status::internal(format!("starting a zstd stream: {e}")))?,
+            ),
+            _ => None,
+        };
+        let mut received: u64 = 0;
         let mut message = first;
         loop {
             if !message.resource_name.is_empty()
@@ -171,14 +202,24 @@ impl ByteStream for ByteStreamService {
                     crate::digest::abbreviate_long(&message.resource_name)
                 )));
             }
-            if u64::try_from(message.write_offset).ok() != Some(writer.written()) {
+            if u64::try_from(message.write_offset).ok() != Some(received) {
                 return Err(invalid(format!(
-                    "write_offset {} does not follow the {} bytes received so far for blob {digest}",
+                    "write_offset {} does not follow the {received} bytes received so far for blob {digest}",
                     message.write_offset,
-                    writer.written()
                 )));
             }
-            writer.write(&message.data).await?;
+            received += message.data.len() as u64;
+            match inflater.as_mut() {
+                None => writer.write(&message.data).await?,
+                Some(inflater) => {
+                    let mut input = &message.data[..];
+                    while let Some(piece) = inflater.step(&mut input).map_err(|rule| {
+                        invalid(format!("compressed upload of blob {digest}: {rule}"))
+                    })? {
+                        writer.write(piece).await?;
+                    }
+                }
+            }
             if message.finish_write {
                 break;
             }
@@ -193,6 +234,11 @@ impl ByteStream for ByteStreamService {
                 }
             };
         }
+        if let Some(inflater) = &inflater {
+            inflater
+                .finish()
+                .map_err(|rule| invalid(format!("compressed upload of blob {digest}: {rule}")))?;
+        }
         if writer.written() != digest.size() {
             return Err(invalid(format!(
                 "blob {digest} is {} bytes long, but the write finished after {} bytes; nothing was stored",
@@ -205,7 +251,7 @@ impl ByteStream for ByteStreamService {
             // Acknowledged only once its owners hold it (a peer's push is stored, not passed on).
             self.cluster.replicate(&[digest], &metadata).await;
         }
-        Ok(committed(digest))
+        Ok(committed(received))
     }
 
     async fn query_write_status(
@@ -251,4 +297,40 @@ fn read_chunks(
             }
         }
     })
+}
+
+/// `chunks` (a blob's range as it is read and checked) as one zstd frame. The frame is ended
+/// only after the last chunk arrived without error: a stream cut by an error never looks like
+/// a complete blob to the client.
+fn compressed(
+    chunks: impl Stream<Item = Result<ReadResponse, Status>> + Send + 'static,
+) -> Result<impl Stream<Item = Result<ReadResponse, Status>> + Send, Status> {
+    use futures::StreamExt as _;
+
+    let deflater = Deflater::new()
+        .map_err(|e| Status::internal(format!("starting a zstd stream: {e}")))?;
+    let state = (Box::pin(chunks), Some(deflater));
+    Ok(futures::stream::unfold(
+        state,
+        |(mut chunks, mut deflater)| async move {
+            loop {
+                let active = deflater.as_mut()?;
+                let (data, done) = match chunks.next().await {
+                    Some(Ok(chunk)) => (active.compress(&chunk.data), false),
+                    Some(Err(status)) => return Some((Err(status), (chunks, None))),
+                    None => (active.finish(), true),
+                };
+                let next = if done { None } else { deflater };
+                match data {
+                    Ok(data) if data.is_empty() && !done => deflater = next,
+                    Ok(data) if data.is_empty() => return None,
+                    Ok(data) => return Some((Ok(ReadResponse { data }), (chunks, next))),
+                    Err(error) => {
+                        let status = Status::internal(format!("zstd compression failed: {error}"));
+                        return Some((Err(status), (chunks, None)));
+                    }
+                }
+            }
+        },
+    ))
 }

@@ -3,15 +3,15 @@
 //! Exactly what Bazel 4.2.3 checks before anything else (see `REAPI-NOTES.md`): API versions
 //! with 2.0 inside `low..=high`, execution enabled with SHA-256, SHA-256 among the cache's
 //! digest functions; plus the batch limit ([`MAX_BATCH_TOTAL_SIZE`]), the largest blob the CAS
-//! can hold, and action cache updates enabled. No compressors and no blob splitting are
-//! offered, so clients never use them.
+//! can hold, action cache updates enabled, and zstd for ByteStream and batch calls
+//! ([`crate::compression`]). No blob splitting is offered, so clients never use it.
 
 use bazel_remote_apis::build::bazel::{
     remote::execution::v2::{
         ActionCacheUpdateCapabilities, CacheCapabilities, ExecutionCapabilities,
         GetCapabilitiesRequest, PriorityCapabilities, ServerCapabilities,
         capabilities_server::{Capabilities, CapabilitiesServer},
-        digest_function,
+        compressor, digest_function,
         priority_capabilities::PriorityRange,
         symlink_absolute_path_strategy,
     },
@@ -67,8 +67,8 @@ impl CapabilitiesService {
                 max_batch_total_size_bytes: MAX_BATCH_TOTAL_SIZE as i64,
                 symlink_absolute_path_strategy: symlink_absolute_path_strategy::Value::Allowed
                     as i32,
-                supported_compressors: Vec::new(),
-                supported_batch_update_compressors: Vec::new(),
+                supported_compressors: vec![compressor::Value::Zstd as i32],
+                supported_batch_update_compressors: vec![compressor::Value::Zstd as i32],
                 max_cas_blob_size_bytes: i64::try_from(self.max_cas_blob_size).unwrap_or(i64::MAX),
                 split_blob_support: false,
                 splice_blob_support: false,

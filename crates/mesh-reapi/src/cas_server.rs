@@ -36,7 +36,7 @@ use prost::Message as _;
 use tonic::{Code, Request, Response, Status, Streaming, metadata::MetadataMap};
 
 use crate::{
-    ClusterCas, ClusterError, Digest,
+    ClusterCas, ClusterError, Digest, compression,
     error::{invalid, rpc_status},
     peers::MAX_BATCH_TOTAL_SIZE,
 };
@@ -156,17 +156,37 @@ impl ContentAddressableStorage for CasService {
         }
         let mut responses = Vec::with_capacity(request.requests.len());
         for blob in request.requests {
-            let digest = Digest::from_required(blob.digest.as_ref(), "requests.digest");
-            let status = match digest {
-                Err(error) => rpc_status(Code::InvalidArgument, error.to_string()),
-                Ok(_) if blob.compressor != compressor::Value::Identity as i32 => rpc_status(
-                    Code::InvalidArgument,
-                    "compressed uploads are not supported: this server advertises no compressors",
-                ),
-                Ok(digest) => match self
+            let prepared = match Digest::from_required(blob.digest.as_ref(), "requests.digest") {
+                Err(error) => Err(rpc_status(Code::InvalidArgument, error.to_string())),
+                Ok(digest) => match compressor::Value::try_from(blob.compressor) {
+                    Ok(compressor::Value::Identity) => Ok((digest, blob.data)),
+                    Ok(compressor::Value::Zstd) => {
+                        compression::decompress_exact(&blob.data, digest.size())
+                            .map(|data| (digest, data))
+                            .map_err(|rule| {
+                                rpc_status(
+                                    Code::InvalidArgument,
+                                    format!("zstd-compressed blob {digest}: {rule}"),
+                                )
+                            })
+                    }
+                    other => Err(rpc_status(
+                        Code::InvalidArgument,
+                        format!(
+                            "compressor {} is not supported: this server offers zstd (Capabilities: supported_batch_update_compressors)",
+                            other
+                                .map(|c| c.as_str_name().to_owned())
+                                .unwrap_or_else(|_| blob.compressor.to_string())
+                        ),
+                    )),
+                },
+            };
+            let status = match prepared {
+                Err(status) => status,
+                Ok((digest, data)) => match self
                     .cluster
                     .local()
-                    .put_expecting(digest, blob.data.into())
+                    .put_expecting(digest, data.into())
                     .await
                 {
                     Ok(()) => rpc_status(Code::Ok, ""),
@@ -215,6 +235,10 @@ impl ContentAddressableStorage for CasService {
             )));
         }
         let valid: Vec<Digest> = parsed.iter().flatten().copied().collect();
+        // Blobs go back zstd-compressed when the client accepts it.
+        let zstd = request
+            .acceptable_compressors
+            .contains(&(compressor::Value::Zstd as i32));
         // One fetch for the whole batch; what stays missing is reported per blob.
         let _ = self
             .cluster
@@ -228,6 +252,13 @@ impl ContentAddressableStorage for CasService {
                     rpc_status(Code::InvalidArgument, error.to_string()),
                 ),
                 Ok(digest) => match self.read_local(&digest, &metadata, local_only).await {
+                    Ok(Some(data)) if zstd => match compression::compress(&data) {
+                        Ok(compressed) => (compressed, rpc_status(Code::Ok, "")),
+                        Err(error) => (
+                            Vec::new(),
+                            rpc_status(Code::Internal, format!("zstd compression failed: {error}")),
+                        ),
+                    },
                     Ok(Some(data)) => (data.to_vec(), rpc_status(Code::Ok, "")),
                     Ok(None) => (
                         Vec::new(),
@@ -236,10 +267,15 @@ impl ContentAddressableStorage for CasService {
                     Err(status) => (Vec::new(), rpc_status(status.code(), status.message())),
                 },
             };
+            let compressor = if zstd && status.code == Code::Ok as i32 {
+                compressor::Value::Zstd
+            } else {
+                compressor::Value::Identity
+            };
             responses.push(batch_read_blobs_response::Response {
                 digest: Some(proto),
                 data,
-                compressor: compressor::Value::Identity as i32,
+                compressor: compressor as i32,
                 status: Some(status),
             });
         }

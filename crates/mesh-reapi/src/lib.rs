@@ -84,6 +84,7 @@ pub mod cas_server;
 pub mod cgroups;
 pub mod claims;
 pub mod cluster;
+pub mod compression;
 pub mod config;
 mod digest;
 mod error;
@@ -118,7 +119,7 @@ pub use execution_server::{ExecutionService, OperationStream};
 pub use executor::{ActionSpec, ExecError, Executed};
 pub use peers::{MAX_BATCH_TOTAL_SIZE, PeerConfig};
 pub use presence::PresenceService;
-pub use resource::{ResourceName, ResourceNameError, ResourceRule};
+pub use resource::{Compressor, ResourceName, ResourceNameError, ResourceRule};
 pub use sandbox::{NETWORK_PROPERTY, SandboxError, SandboxMode};
 pub use scheduler::{OperationState, SchedulerConfig};
 pub use server::{

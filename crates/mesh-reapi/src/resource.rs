@@ -1,13 +1,15 @@
 //! ByteStream resource names (REAPI v2, "ByteStream API" section of `remote_execution.proto`).
 //!
-//! * reads: `{instance_name/}blobs/{hash}/{size}{/optional_metadata}`
-//! * writes: `{instance_name/}uploads/{uuid}/blobs/{hash}/{size}{/optional_metadata}`
+//! * reads: `{instance_name/}blobs/{hash}/{size}{/optional_metadata}`, or compressed,
+//!   `{instance_name/}compressed-blobs/zstd/{hash}/{size}`
+//! * writes: `{instance_name/}uploads/{uuid}/blobs/{hash}/{size}{/optional_metadata}`, or
+//!   `{instance_name/}uploads/{uuid}/compressed-blobs/zstd/{hash}/{size}{/…}`
 //!
 //! The instance name may itself contain `/` but never the reserved segments `blobs`,
-//! `uploads` or `compressed-blobs`, so the first reserved segment ends it. Compressed
-//! resources (`compressed-blobs/{compressor}/…`) are refused with a clear error: this server
-//! advertises no compressors. Digest functions other than SHA-256, which newer clients name
-//! with an extra segment (`blobs/blake3/{hash}/{size}`), are refused the same way.
+//! `uploads` or `compressed-blobs`, so the first reserved segment ends it. The only
+//! compressor is zstd ([`crate::compression`]); the hash and size are always those of the
+//! uncompressed blob. Digest functions other than SHA-256, which newer clients name with an
+//! extra segment (`blobs/blake3/{hash}/{size}`), are refused with a clear error.
 
 use crate::{Digest, DigestError, digest::abbreviate_long};
 
@@ -16,8 +18,20 @@ use crate::{Digest, DigestError, digest::abbreviate_long};
 pub struct ResourceName {
     /// Everything before the reserved segment, without the trailing `/` (may be empty).
     pub instance_name: String,
-    /// The blob.
+    /// The blob (uncompressed).
     pub digest: Digest,
+    /// How its bytes travel: as they are, or zstd-compressed.
+    pub compressor: Compressor,
+}
+
+/// How a blob's bytes travel in a ByteStream call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Compressor {
+    /// As they are (`blobs/…`).
+    Identity,
+    /// One zstd frame (`compressed-blobs/zstd/…`).
+    Zstd,
 }
 
 impl ResourceName {
@@ -67,22 +81,32 @@ fn parse(name: &str, kind: Kind) -> Result<ResourceName, ResourceNameError> {
             _ => return Err(error(ResourceRule::NotAnUpload)),
         }
     }
-    match rest {
-        ["compressed-blobs", ..] => Err(error(ResourceRule::Compressed)),
-        ["blobs", function, tail @ ..] if DIGEST_FUNCTIONS.contains(function) => {
+    let (compressor, tail) = match rest {
+        ["compressed-blobs", "zstd", tail @ ..] => (Compressor::Zstd, tail),
+        ["compressed-blobs", compressor, ..] => {
+            return Err(error(ResourceRule::Compressor {
+                compressor: (*compressor).to_owned(),
+            }));
+        }
+        ["compressed-blobs"] => return Err(error(ResourceRule::Truncated)),
+        ["blobs", tail @ ..] => (Compressor::Identity, tail),
+        ["uploads", ..] => return Err(error(ResourceRule::UploadInRead)),
+        _ => return Err(error(ResourceRule::NoBlobsSegment)),
+    };
+    match tail {
+        [function, tail @ ..] if DIGEST_FUNCTIONS.contains(function) => {
             if *function != "sha256" {
                 return Err(error(ResourceRule::DigestFunction {
                     function: (*function).to_owned(),
                 }));
             }
-            blob(tail, instance_name).map_err(error)
+            blob(tail, instance_name, compressor).map_err(error)
         }
-        ["blobs", tail @ ..] if tail.len() >= 2 => blob(tail, instance_name).map_err(error),
-        ["blobs", ..] => Err(error(ResourceRule::Truncated)),
-        ["uploads", ..] => Err(error(ResourceRule::UploadInRead)),
-        _ => Err(error(ResourceRule::NoBlobsSegment)),
+        tail if tail.len() >= 2 => blob(tail, instance_name, compressor).map_err(error),
+        _ => Err(error(ResourceRule::Truncated)),
     }
 }
+
 
 /// Names of digest functions as newer clients spell them in resource names.
 const DIGEST_FUNCTIONS: [&str; 10] = [
@@ -99,7 +123,11 @@ const DIGEST_FUNCTIONS: [&str; 10] = [
 ];
 
 /// `{hash}/{size}` and what may follow.
-fn blob(segments: &[&str], instance_name: String) -> Result<ResourceName, ResourceRule> {
+fn blob(
+    segments: &[&str],
+    instance_name: String,
+    compressor: Compressor,
+) -> Result<ResourceName, ResourceRule> {
     let [hash, size, ..] = segments else {
         return Err(ResourceRule::Truncated);
     };
@@ -109,6 +137,7 @@ fn blob(segments: &[&str], instance_name: String) -> Result<ResourceName, Resour
     Ok(ResourceName {
         instance_name,
         digest,
+        compressor,
     })
 }
 
@@ -136,7 +165,7 @@ pub enum ResourceRule {
     #[error("there is no \"blobs\" segment")]
     NoBlobsSegment,
     /// `blobs/` is not followed by a hash and a size.
-    #[error("\"blobs\" must be followed by a hash and a size")]
+    #[error("\"blobs\" (or \"compressed-blobs/zstd\") must be followed by a hash and a size")]
     Truncated,
     /// A write name without `uploads/{uuid}/`.
     #[error("a write must name \"uploads/{{uuid}}/\" before \"blobs\"")]
@@ -147,9 +176,12 @@ pub enum ResourceRule {
     /// An upload name given to a read.
     #[error("reads name \"blobs/\", not \"uploads/\"")]
     UploadInRead,
-    /// `compressed-blobs/…`.
-    #[error("compressed-blobs are not supported: this server advertises no compressors")]
-    Compressed,
+    /// `compressed-blobs/{compressor}/…` with a compressor other than zstd.
+    #[error("compressor {compressor:?} is not supported: this server offers zstd only")]
+    Compressor {
+        /// The compressor named.
+        compressor: String,
+    },
     /// `blobs/{function}/…` with a function other than SHA-256.
     #[error("digest function {function:?} is not supported: this server offers SHA-256 only")]
     DigestFunction {
@@ -204,7 +236,11 @@ mod tests {
                 "lowercase hexadecimal",
             ),
             ("blobs/abc/5".to_owned(), "not 3"),
-            (format!("compressed-blobs/zstd/{HASH}/5"), "no compressors"),
+            (
+                format!("compressed-blobs/deflate/{HASH}/5"),
+                "compressor \"deflate\" is not supported: this server offers zstd only",
+            ),
+            ("compressed-blobs/zstd/abc".to_owned(), "followed by a hash and a size"),
             (
                 format!("blobs/blake3/{HASH}/5"),
                 "\"blake3\" is not supported",
@@ -228,8 +264,8 @@ mod tests {
             ),
             ("uploads/u/blobs/zz/5".to_owned(), "not 2"),
             (
-                format!("main/uploads/u/compressed-blobs/zstd/{HASH}/5"),
-                "no compressors",
+                format!("main/uploads/u/compressed-blobs/identity/{HASH}/5"),
+                "compressor \"identity\" is not supported",
             ),
         ];
         for (name, rule) in write_cases {

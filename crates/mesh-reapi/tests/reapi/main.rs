@@ -8,6 +8,7 @@
 #![allow(missing_docs, unreachable_pub)]
 
 mod cluster;
+mod compression;
 mod confinement;
 mod drain;
 mod errors;
