@@ -19,8 +19,13 @@ fn build_like(len: usize) -> Vec<u8> {
     let mut i = 0u64;
     while data.len() < len {
         data.extend_from_slice(
-            format!("obj/{:x}.o: symbol_{} at 0x{:08x}\n", i % 977, i, i * 2654435761 % (1 << 32))
-                .as_bytes(),
+            format!(
+                "obj/{:x}.o: symbol_{} at 0x{:08x}\n",
+                i % 977,
+                i,
+                i * 2654435761 % (1 << 32)
+            )
+            .as_bytes(),
         );
         i += 1;
     }

@@ -218,7 +218,14 @@ async fn find_missing(
     response
         .missing_blob_digests
         .iter()
-        .map(|d| Digest::from_proto(d, "missing_blob_digests").map_err(|e| e.to_string()))
+        .map(|d| {
+            Digest::from_proto(
+                d,
+                "missing_blob_digests",
+                mesh_reapi::DigestFunction::Sha256,
+            )
+            .map_err(|e| e.to_string())
+        })
         .collect()
 }
 

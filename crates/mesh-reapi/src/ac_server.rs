@@ -18,8 +18,8 @@ use mesh_route::forwarded_by;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    ClusterCas, Digest, MissingBlobs, action_key, cas_server::check_digest_function,
-    cluster::result_digests, error::invalid, stats::Counters,
+    ClusterCas, Digest, DigestFunction, MissingBlobs, action_key, cluster::result_digests,
+    error::invalid, stats::Counters,
 };
 
 /// The `ActionCache` service.
@@ -47,9 +47,12 @@ impl ActionCache for ActionCacheService {
         request: Request<GetActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
         let local_only = forwarded_by(request.metadata()).is_some();
-        check_digest_function(request.get_ref().digest_function)?;
-        let action =
-            Digest::from_required(request.get_ref().action_digest.as_ref(), "action_digest")?;
+        let function = DigestFunction::from_request(request.get_ref().digest_function)?;
+        let action = Digest::from_required(
+            request.get_ref().action_digest.as_ref(),
+            "action_digest",
+            function,
+        )?;
         // A peer asks by key (see [`crate::action_cache`]); a client by instance and action.
         let key = if local_only {
             action
@@ -85,12 +88,13 @@ impl ActionCache for ActionCacheService {
         let local_only = forwarded_by(request.metadata()).is_some();
         let metadata = request.metadata().clone();
         let request = request.into_inner();
-        check_digest_function(request.digest_function)?;
-        let action = Digest::from_required(request.action_digest.as_ref(), "action_digest")?;
+        let function = DigestFunction::from_request(request.digest_function)?;
+        let action =
+            Digest::from_required(request.action_digest.as_ref(), "action_digest", function)?;
         let result = request
             .action_result
             .ok_or_else(|| invalid("action_result is required"))?;
-        let digests = result_digests(&result)?;
+        let digests = result_digests(&result, function)?;
         if local_only {
             // A peer's copy (a write reaching its owner, or handoff): `action` is the key.
             self.cluster

@@ -51,12 +51,18 @@ impl ActionSpec {
             action: digest,
             reason,
         };
-        let command_digest =
-            Digest::from_required(action.command_digest.as_ref(), "command_digest")
-                .map_err(|e| invalid(e.to_string()))?;
-        let input_root_digest =
-            Digest::from_required(action.input_root_digest.as_ref(), "input_root_digest")
-                .map_err(|e| invalid(e.to_string()))?;
+        let command_digest = Digest::from_required(
+            action.command_digest.as_ref(),
+            "command_digest",
+            digest.function(),
+        )
+        .map_err(|e| invalid(e.to_string()))?;
+        let input_root_digest = Digest::from_required(
+            action.input_root_digest.as_ref(),
+            "input_root_digest",
+            digest.function(),
+        )
+        .map_err(|e| invalid(e.to_string()))?;
         let timeout = match action.timeout {
             None => limits.default_timeout,
             Some(timeout) => {

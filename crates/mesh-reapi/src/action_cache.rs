@@ -27,13 +27,19 @@ use crate::{
 };
 
 /// The action cache key of `action` in instance `instance_name`: `action` itself for the
-/// default instance (`""`), otherwise the SHA-256 of a label, the instance name and the action
-/// digest, so no two instances share a key.
+/// default instance (`""`), otherwise the hash (with the action digest's own function) of a
+/// label, the instance name and the action digest, so no two instances share a key, and the
+/// key's function is always the action's.
 pub fn action_key(instance_name: &str, action: &Digest) -> Digest {
     if instance_name.is_empty() {
         *action
     } else {
-        Digest::of(format!("mesh-reapi action cache key\0{instance_name}\0{action}").as_bytes())
+        // Hashed with the action's own function: the key's function is the one its result's
+        // digests are in.
+        Digest::of_with(
+            action.function(),
+            format!("mesh-reapi action cache key\0{instance_name}\0{action}").as_bytes(),
+        )
     }
 }
 

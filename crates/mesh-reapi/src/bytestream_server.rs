@@ -307,8 +307,8 @@ fn compressed(
 ) -> Result<impl Stream<Item = Result<ReadResponse, Status>> + Send, Status> {
     use futures::StreamExt as _;
 
-    let deflater = Deflater::new()
-        .map_err(|e| Status::internal(format!("starting a zstd stream: {e}")))?;
+    let deflater =
+        Deflater::new().map_err(|e| Status::internal(format!("starting a zstd stream: {e}")))?;
     let state = (Box::pin(chunks), Some(deflater));
     Ok(futures::stream::unfold(
         state,

@@ -1,8 +1,9 @@
 //! `build.bazel.remote.execution.v2.Capabilities`: what this server offers.
 //!
 //! Exactly what Bazel 4.2.3 checks before anything else (see `REAPI-NOTES.md`): API versions
-//! with 2.0 inside `low..=high`, execution enabled with SHA-256, SHA-256 among the cache's
-//! digest functions; plus the batch limit ([`MAX_BATCH_TOTAL_SIZE`]), the largest blob the CAS
+//! with 2.0 inside `low..=high`, execution enabled with SHA-256 (the deprecated single
+//! `digest_function`), SHA-256 among the cache's digest functions; BLAKE3 offered next to it
+//! for clients that pick it ([`crate::DigestFunction`]); plus the batch limit ([`MAX_BATCH_TOTAL_SIZE`]), the largest blob the CAS
 //! can hold, action cache updates enabled, and zstd for ByteStream and batch calls
 //! ([`crate::compression`]). No blob splitting is offered, so clients never use it.
 
@@ -19,7 +20,7 @@ use bazel_remote_apis::build::bazel::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::peers::MAX_BATCH_TOTAL_SIZE;
+use crate::{DigestFunction, peers::MAX_BATCH_TOTAL_SIZE};
 
 /// The highest REAPI version this server speaks: v2.1 added `output_paths`, which the
 /// executor honours; later additions (blob splitting, v2.12+) are not offered.
@@ -45,6 +46,10 @@ impl CapabilitiesService {
     /// The capabilities message.
     pub fn capabilities(&self) -> ServerCapabilities {
         let sha256 = digest_function::Value::Sha256 as i32;
+        let functions: Vec<i32> = DigestFunction::ALL
+            .into_iter()
+            .map(DigestFunction::to_proto)
+            .collect();
         let no_priorities = || PriorityCapabilities {
             priorities: vec![PriorityRange {
                 min_priority: 0,
@@ -59,7 +64,7 @@ impl CapabilitiesService {
         };
         ServerCapabilities {
             cache_capabilities: Some(CacheCapabilities {
-                digest_functions: vec![sha256],
+                digest_functions: functions.clone(),
                 action_cache_update_capabilities: Some(ActionCacheUpdateCapabilities {
                     update_enabled: true,
                 }),
@@ -80,7 +85,7 @@ impl CapabilitiesService {
                 exec_enabled: true,
                 execution_priority_capabilities: Some(no_priorities()),
                 supported_node_properties: Vec::new(),
-                digest_functions: vec![sha256],
+                digest_functions: functions,
             }),
             deprecated_api_version: None,
             low_api_version: Some(version(2, 0)),

@@ -84,7 +84,7 @@ use tempfile::TempPath;
 use tokio::io::AsyncWriteExt as _;
 
 use crate::{
-    Digest,
+    Digest, DigestFunction,
     digest::Hasher,
     store::{InsertError, LruDir, Pins, StoreUsage},
 };
@@ -195,14 +195,18 @@ impl Cas {
         let store = LruDir::open("cas", &dir.join("blobs"), &tmp, max_bytes).map_err(
             CasError::io(format!("opening the CAS in {}", dir.display())),
         )?;
-        let (file, path) = store
-            .temp_file()
-            .map_err(CasError::io("creating the empty blob"))?;
-        drop(file);
-        store
-            .commit(Digest::EMPTY, path, 0)
-            .map_err(|e| CasError::insert(Digest::EMPTY, e))?;
-        let (pins, _) = store.pin([Digest::EMPTY]);
+        // The empty blob under every digest function.
+        let empties = DigestFunction::ALL.map(DigestFunction::empty);
+        for empty in empties {
+            let (file, path) = store
+                .temp_file()
+                .map_err(CasError::io("creating the empty blob"))?;
+            drop(file);
+            store
+                .commit(empty, path, 0)
+                .map_err(|e| CasError::insert(empty, e))?;
+        }
+        let (pins, _) = store.pin(empties);
         Ok(Self {
             dir: store,
             _empty: Arc::new(pins),
@@ -271,7 +275,7 @@ impl Cas {
             .take(digest.size().saturating_add(1))
             .read_to_end(&mut data)
             .map_err(CasError::io(format!("reading blob {digest}")))?;
-        let actual = Digest::of(&data);
+        let actual = Digest::of_with(digest.function(), &data);
         if actual != *digest {
             self.drop_corrupt(
                 digest,
@@ -346,7 +350,7 @@ impl Cas {
             reader(Some(ReadState {
                 file,
                 metadata,
-                hasher: Hasher::new(),
+                hasher: Hasher::for_function(target.function()),
             }))
         }))
     }
@@ -362,7 +366,7 @@ impl Cas {
     pub async fn put_expecting(&self, expected: Digest, data: Bytes) -> Result<(), CasError> {
         if self.dir.touch(&expected) {
             // Still check what the client sent, so a bad upload is reported, not hidden.
-            let actual = Digest::of(&data);
+            let actual = Digest::of_with(expected.function(), &data);
             return if actual == expected {
                 Ok(())
             } else {
@@ -392,16 +396,20 @@ impl Cas {
             expected,
             file: tokio::fs::File::from_std(file),
             path,
-            hasher: Hasher::new(),
+            hasher: Hasher::for_function(expected.function()),
         })
     }
 
-    /// Copies the file at `source` into the CAS, hashing while copying, and returns its
-    /// digest. Blocking: call from a blocking thread.
-    pub(crate) fn store_file(&self, source: &Path) -> Result<Digest, CasError> {
+    /// Copies the file at `source` into the CAS, hashing with `function` while copying, and
+    /// returns its digest. Blocking: call from a blocking thread.
+    pub(crate) fn store_file(
+        &self,
+        source: &Path,
+        function: DigestFunction,
+    ) -> Result<Digest, CasError> {
         let context = format!("storing output {}", source.display());
         let mut input = fs::File::open(source).map_err(CasError::io(context.clone()))?;
-        self.store_reader(&mut input, &context)
+        self.store_reader(&mut input, &context, function)
     }
 
     /// Copies everything `input` yields into the CAS, hashing while copying, and returns its
@@ -410,21 +418,27 @@ impl Cas {
         &self,
         input: &mut impl io::Read,
         context: &str,
+        function: DigestFunction,
     ) -> Result<Digest, CasError> {
         let context = || context.to_owned();
         let (mut output, path) = self
             .dir
             .temp_file()
             .map_err(CasError::io("creating a temporary file"))?;
-        let digest = copy_hashing(input, &mut output, COPY_BUFFER, &context)?;
+        let digest = copy_hashing(input, &mut output, COPY_BUFFER, &context, function)?;
         drop(output);
         self.commit_temp(digest, path)?;
         Ok(digest)
     }
 
-    /// Stores `data` (already in memory) from a blocking thread.
-    pub(crate) fn store_bytes_blocking(&self, data: &[u8]) -> Result<Digest, CasError> {
-        let digest = Digest::of(data);
+    /// Stores `data` (already in memory) under its digest by `function`, from a blocking
+    /// thread.
+    pub(crate) fn store_bytes_blocking(
+        &self,
+        data: &[u8],
+        function: DigestFunction,
+    ) -> Result<Digest, CasError> {
+        let digest = Digest::of_with(function, data);
         if self.dir.touch(&digest) {
             return Ok(digest);
         }
@@ -469,7 +483,8 @@ impl Cas {
         if let Some((input, metadata)) = source {
             let mut input = input.take(digest.size().saturating_add(1));
             let buffer = COPY_BUFFER.min(usize::try_from(digest.size()).unwrap_or(COPY_BUFFER));
-            let actual = copy_hashing(&mut input, &mut output, buffer, &context)?;
+            let actual =
+                copy_hashing(&mut input, &mut output, buffer, &context, digest.function())?;
             if actual != *digest {
                 drop(output);
                 fs::remove_file(dest).map_err(CasError::io(format!(
@@ -520,8 +535,9 @@ fn copy_hashing(
     output: &mut impl io::Write,
     buffer: usize,
     context: &dyn Fn() -> String,
+    function: DigestFunction,
 ) -> Result<Digest, CasError> {
-    let mut hasher = Hasher::new();
+    let mut hasher = Hasher::for_function(function);
     let mut buffer = vec![0u8; buffer.max(1)];
     loop {
         let n = match input.read(&mut buffer) {
@@ -902,7 +918,7 @@ mod tests {
         let (dir, cas) = cas(1 << 20);
         let source = dir.path().join("output");
         fs::write(&source, b"produced").unwrap();
-        let digest = cas.store_file(&source).unwrap();
+        let digest = cas.store_file(&source, DigestFunction::Sha256).unwrap();
         assert_eq!(digest, Digest::of(b"produced"));
         // Rewriting the source afterwards does not change the blob.
         fs::write(&source, b"tampered").unwrap();

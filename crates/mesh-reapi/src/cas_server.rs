@@ -27,7 +27,6 @@ use bazel_remote_apis::build::bazel::remote::execution::v2::{
     content_addressable_storage_server::{
         ContentAddressableStorage, ContentAddressableStorageServer,
     },
-    digest_function,
 };
 use bytes::Bytes;
 use futures::Stream;
@@ -36,7 +35,7 @@ use prost::Message as _;
 use tonic::{Code, Request, Response, Status, Streaming, metadata::MetadataMap};
 
 use crate::{
-    ClusterCas, ClusterError, Digest, compression,
+    ClusterCas, ClusterError, Digest, DigestFunction, compression,
     error::{invalid, rpc_status},
     peers::MAX_BATCH_TOTAL_SIZE,
 };
@@ -91,22 +90,6 @@ impl CasService {
     }
 }
 
-/// Only SHA-256 (or unspecified, which means SHA-256 here) is accepted.
-pub(crate) fn check_digest_function(value: i32) -> Result<(), Status> {
-    if value == digest_function::Value::Unknown as i32
-        || value == digest_function::Value::Sha256 as i32
-    {
-        Ok(())
-    } else {
-        let name = digest_function::Value::try_from(value)
-            .map(|v| v.as_str_name().to_owned())
-            .unwrap_or_else(|_| value.to_string());
-        Err(Status::invalid_argument(format!(
-            "digest function {name} is not supported: this server offers SHA256 only"
-        )))
-    }
-}
-
 fn unimplemented_splitting() -> Status {
     Status::unimplemented(
         "blob splitting and splicing are not offered by this server (Capabilities: split_blob_support = false, splice_blob_support = false)",
@@ -122,11 +105,11 @@ impl ContentAddressableStorage for CasService {
         let from_peer = forwarded_by(request.metadata()).is_some();
         let metadata = request.metadata().clone();
         let request = request.into_inner();
-        check_digest_function(request.digest_function)?;
+        let function = DigestFunction::from_request(request.digest_function)?;
         let digests = request
             .blob_digests
             .iter()
-            .map(|d| Digest::from_proto(d, "blob_digests"))
+            .map(|d| Digest::from_proto(d, "blob_digests", function))
             .collect::<Result<Vec<_>, _>>()?;
         let missing = if from_peer {
             self.cluster.local().find_missing(&digests)
@@ -147,7 +130,7 @@ impl ContentAddressableStorage for CasService {
         let from_peer = forwarded_by(request.metadata()).is_some();
         let metadata = request.metadata().clone();
         let request = request.into_inner();
-        check_digest_function(request.digest_function)?;
+        let function = DigestFunction::from_request(request.digest_function)?;
         let total: u64 = request.requests.iter().map(|r| r.data.len() as u64).sum();
         if total > MAX_BATCH_TOTAL_SIZE {
             return Err(Status::invalid_argument(format!(
@@ -156,7 +139,11 @@ impl ContentAddressableStorage for CasService {
         }
         let mut responses = Vec::with_capacity(request.requests.len());
         for blob in request.requests {
-            let prepared = match Digest::from_required(blob.digest.as_ref(), "requests.digest") {
+            let prepared = match Digest::from_required(
+                blob.digest.as_ref(),
+                "requests.digest",
+                function,
+            ) {
                 Err(error) => Err(rpc_status(Code::InvalidArgument, error.to_string())),
                 Ok(digest) => match compressor::Value::try_from(blob.compressor) {
                     Ok(compressor::Value::Identity) => Ok((digest, blob.data)),
@@ -208,7 +195,7 @@ impl ContentAddressableStorage for CasService {
                 .iter()
                 .filter(|r| r.status.as_ref().is_some_and(|s| s.code == 0))
                 .filter_map(|r| r.digest.as_ref())
-                .filter_map(|d| Digest::from_proto(d, "digest").ok())
+                .filter_map(|d| Digest::from_proto(d, "digest", function).ok())
                 .collect();
             self.cluster.replicate(&stored, &metadata).await;
         }
@@ -222,11 +209,11 @@ impl ContentAddressableStorage for CasService {
         let local_only = forwarded_by(request.metadata()).is_some();
         let metadata = request.metadata().clone();
         let request = request.into_inner();
-        check_digest_function(request.digest_function)?;
+        let function = DigestFunction::from_request(request.digest_function)?;
         let parsed: Vec<Result<Digest, _>> = request
             .digests
             .iter()
-            .map(|d| Digest::from_proto(d, "digests"))
+            .map(|d| Digest::from_proto(d, "digests", function))
             .collect();
         let total: u64 = parsed.iter().flatten().map(Digest::size).sum();
         if total > MAX_BATCH_TOTAL_SIZE {
@@ -296,8 +283,8 @@ impl ContentAddressableStorage for CasService {
         let local_only = forwarded_by(request.metadata()).is_some();
         let metadata = request.metadata().clone();
         let request = request.into_inner();
-        check_digest_function(request.digest_function)?;
-        let root = Digest::from_required(request.root_digest.as_ref(), "root_digest")?;
+        let function = DigestFunction::from_request(request.digest_function)?;
+        let root = Digest::from_required(request.root_digest.as_ref(), "root_digest", function)?;
         let page_size = match usize::try_from(request.page_size) {
             Ok(0) => DEFAULT_TREE_PAGE,
             Ok(size) => size,
@@ -345,8 +332,11 @@ impl ContentAddressableStorage for CasService {
                     ))
                 })?;
                 for child in &directory.directories {
-                    let child =
-                        Digest::from_required(child.digest.as_ref(), "DirectoryNode.digest")?;
+                    let child = Digest::from_required(
+                        child.digest.as_ref(),
+                        "DirectoryNode.digest",
+                        root.function(),
+                    )?;
                     if seen.insert(child) {
                         next.push(child);
                     }

@@ -68,7 +68,7 @@ use tokio::sync::watch;
 use tonic::metadata::MetadataMap;
 
 use crate::{
-    ActionCache, ActionCacheError, Cas, CasError, Digest,
+    ActionCache, ActionCacheError, Cas, CasError, Digest, DigestFunction,
     peers::{PeerConfig, Peers},
     placement::{Ring, Rings},
     stats::Counters,
@@ -704,7 +704,11 @@ impl ClusterCas {
         local_only: bool,
     ) -> Result<Option<ActionResult>, ClusterError> {
         if let Some(result) = self.action_cache.get(action).await? {
-            if local_only || self.outputs_available(&result, &[], metadata).await? {
+            if local_only
+                || self
+                    .outputs_available(&result, action.function(), &[], metadata)
+                    .await?
+            {
                 return Ok(Some(result));
             }
             // An owner may hold a newer result whose outputs still exist.
@@ -733,7 +737,10 @@ impl ClusterCas {
                     if let Some(worker) = worker_of(&result) {
                         hints.insert(0, worker);
                     }
-                    if !self.outputs_available(&result, &hints, metadata).await? {
+                    if !self
+                        .outputs_available(&result, action.function(), &hints, metadata)
+                        .await?
+                    {
                         continue;
                     }
                     self.action_cache.put(*action, &result).await?;
@@ -861,18 +868,24 @@ impl ClusterCas {
 
     /// Copies every blob an action result names (output files, the trees of output
     /// directories and every file in them, stdout, stderr) to its placement. The trees are
-    /// read here: the replica that ran the action holds them.
-    pub async fn replicate_outputs(&self, result: &ActionResult, metadata: &MetadataMap) {
-        let Ok(mut digests) = result_digests(result) else {
+    /// read here: the replica that ran the action holds them. The result's digests are of
+    /// `function`, the action's.
+    pub async fn replicate_outputs(
+        &self,
+        result: &ActionResult,
+        function: DigestFunction,
+        metadata: &MetadataMap,
+    ) {
+        let Ok(mut digests) = result_digests(result, function) else {
             return;
         };
         for directory in &result.output_directories {
-            let Some(tree) = tree_of(directory) else {
+            let Some(tree) = tree_of(directory, function) else {
                 continue;
             };
             if let Ok(Some(bytes)) = self.cas.read(&tree).await
                 && let Ok(tree) = <Tree as prost::Message>::decode(bytes)
-                && let Ok(mut files) = tree_file_digests(&tree)
+                && let Ok(mut files) = tree_file_digests(&tree, function)
             {
                 digests.append(&mut files);
             }
@@ -881,10 +894,12 @@ impl ClusterCas {
     }
 
     /// Whether every output of `result` exists somewhere in the cluster. Output directories'
-    /// `Tree`s are read (fetched if needed) so the files inside them are checked too.
+    /// `Tree`s are read (fetched if needed) so the files inside them are checked too. The
+    /// result's digests are of `function`.
     async fn outputs_available(
         &self,
         result: &ActionResult,
+        function: DigestFunction,
         hints: &[NodeId],
         metadata: &MetadataMap,
     ) -> Result<bool, ClusterError> {
@@ -894,12 +909,12 @@ impl ClusterCas {
         {
             hints.push(worker);
         }
-        let mut digests = match result_digests(result) {
+        let mut digests = match result_digests(result, function) {
             Ok(digests) => digests,
             Err(_) => return Ok(false),
         };
         for directory in &result.output_directories {
-            let Some(tree) = tree_of(directory) else {
+            let Some(tree) = tree_of(directory, function) else {
                 return Ok(false);
             };
             let tree: Tree = match self
@@ -914,7 +929,7 @@ impl ClusterCas {
                 ) => return Ok(false),
                 Err(other) => return Err(other),
             };
-            match tree_file_digests(&tree) {
+            match tree_file_digests(&tree, function) {
                 Ok(mut files) => digests.append(&mut files),
                 Err(_) => return Ok(false),
             }
@@ -961,11 +976,12 @@ impl Plan {
 /// The digest of an output directory's `Tree`, if it names a valid one.
 fn tree_of(
     directory: &bazel_remote_apis::build::bazel::remote::execution::v2::OutputDirectory,
+    function: DigestFunction,
 ) -> Option<Digest> {
     directory
         .tree_digest
         .as_ref()
-        .and_then(|d| Digest::from_proto(d, "tree_digest").ok())
+        .and_then(|d| Digest::from_proto(d, "tree_digest", function).ok())
 }
 
 /// The replica that ran the action, as recorded in its result.
@@ -976,19 +992,25 @@ pub(crate) fn worker_of(result: &ActionResult) -> Option<NodeId> {
         .and_then(|m| NodeId::new(&m.worker).ok())
 }
 
-/// Every blob an action result names directly: output files, trees, stdout and stderr.
-pub(crate) fn result_digests(result: &ActionResult) -> Result<Vec<Digest>, crate::DigestError> {
+/// Every blob an action result names directly: output files, trees, stdout and stderr; its
+/// digests are of `function`, the action's.
+pub(crate) fn result_digests(
+    result: &ActionResult,
+    function: DigestFunction,
+) -> Result<Vec<Digest>, crate::DigestError> {
     let mut digests = Vec::new();
     for file in &result.output_files {
         digests.push(Digest::from_required(
             file.digest.as_ref(),
             "output_files.digest",
+            function,
         )?);
     }
     for directory in &result.output_directories {
         digests.push(Digest::from_required(
             directory.tree_digest.as_ref(),
             "output_directories.tree_digest",
+            function,
         )?);
     }
     for (digest, field) in [
@@ -996,19 +1018,26 @@ pub(crate) fn result_digests(result: &ActionResult) -> Result<Vec<Digest>, crate
         (&result.stderr_digest, "stderr_digest"),
     ] {
         if let Some(digest) = digest {
-            digests.push(Digest::from_proto(digest, field)?);
+            digests.push(Digest::from_proto(digest, field, function)?);
         }
     }
     Ok(digests)
 }
 
-/// Every file blob in a `Tree`.
-pub(crate) fn tree_file_digests(tree: &Tree) -> Result<Vec<Digest>, crate::DigestError> {
+/// Every file blob in a `Tree` whose digests are of `function`.
+pub(crate) fn tree_file_digests(
+    tree: &Tree,
+    function: DigestFunction,
+) -> Result<Vec<Digest>, crate::DigestError> {
     let mut digests = Vec::new();
     let directories: Vec<&Directory> = tree.root.iter().chain(tree.children.iter()).collect();
     for directory in directories {
         for file in &directory.files {
-            digests.push(Digest::from_required(file.digest.as_ref(), "files.digest")?);
+            digests.push(Digest::from_required(
+                file.digest.as_ref(),
+                "files.digest",
+                function,
+            )?);
         }
     }
     let unique: HashSet<Digest> = digests.drain(..).collect();

@@ -37,6 +37,7 @@ impl std::fmt::Debug for Deflater {
 }
 
 impl Deflater {
+    /// A compressor at [`LEVEL`], before the first byte.
     pub fn new() -> io::Result<Self> {
         Ok(Self {
             encoder: Encoder::new(LEVEL)?,
@@ -115,6 +116,7 @@ impl std::fmt::Debug for Inflater {
 }
 
 impl Inflater {
+    /// A decompressor for data that must inflate to exactly `expected` bytes.
     pub fn new(expected: u64) -> io::Result<Self> {
         Self::with_pieces_of(expected, PIECE)
     }
@@ -198,7 +200,12 @@ mod tests {
             wire.extend(deflater.compress(chunk).unwrap());
         }
         wire.extend(deflater.finish().unwrap());
-        assert!(wire.len() * 10 < data.len(), "{} of {}", wire.len(), data.len());
+        assert!(
+            wire.len() * 10 < data.len(),
+            "{} of {}",
+            wire.len(),
+            data.len()
+        );
         assert_eq!(zstd::bulk::decompress(&wire, data.len()).unwrap(), data);
 
         // Inflated again in messages of any size: tiny ones, and one whose output is many
@@ -233,7 +240,10 @@ mod tests {
         let big = compressible(64 * PIECE);
         let bomb = compress(&big).unwrap();
         let error = decompress_exact(&bomb, 1000).unwrap_err();
-        assert_eq!(error, "the data inflates past the 1000 bytes its digest names");
+        assert_eq!(
+            error,
+            "the data inflates past the 1000 bytes its digest names"
+        );
 
         let data = compressible(5000);
         let wire = compress(&data).unwrap();

@@ -1,19 +1,90 @@
-//! SHA-256 digests, parsed and checked once at the edge.
+//! Digests, parsed and checked once at the edge.
 //!
 //! The Remote Execution API names every blob by `{hash}/{size}`: the lowercase hexadecimal
-//! SHA-256 of its bytes and its length. Everything behind the gRPC services works with
-//! [`Digest`], which can only hold a well-formed value, so a malformed digest is rejected where
-//! it enters (with an error naming the value and the rule) and never reaches a store.
+//! hash of its bytes and its length. The hash function is SHA-256 unless a request names
+//! another in its `digest_function` field (and ByteStream names in a segment:
+//! `blobs/blake3/{hash}/{size}`); this server offers SHA-256 and BLAKE3 (Bazel 6.4+'s
+//! `--digest_function=blake3`, which Buildbarn, BuildBuddy, NativeLink and Buildfarm accept),
+//! both 32-byte hashes. A [`Digest`] carries its function, so a BLAKE3 digest and a SHA-256
+//! digest never name the same blob, every blob is verified with its own function, and the
+//! digests an action's tree and outputs hold are read and computed with the action's.
+//!
+//! Everything behind the gRPC services works with [`Digest`], which can only hold a
+//! well-formed value, so a malformed digest is rejected where it enters (with an error naming
+//! the value and the rule) and never reaches a store.
 
 use std::{fmt, str::FromStr};
 
-use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
+use bazel_remote_apis::build::bazel::remote::execution::v2::{self as re, digest_function};
 use sha2::{Digest as _, Sha256};
 
-/// The length of a SHA-256 hash in bytes.
+/// The length of a hash in bytes (SHA-256 and BLAKE3 alike).
 pub const HASH_LEN: usize = 32;
 
-/// A blob's SHA-256 hash and size.
+/// The hash function of a digest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+#[non_exhaustive]
+pub enum DigestFunction {
+    /// SHA-256: the default, and what a request that names no function means.
+    #[default]
+    Sha256,
+    /// BLAKE3 with a 32-byte output.
+    Blake3,
+}
+
+impl DigestFunction {
+    /// Every function this server offers, in the order Capabilities lists them.
+    pub const ALL: [DigestFunction; 2] = [DigestFunction::Sha256, DigestFunction::Blake3];
+
+    /// The function a request's `digest_function` field names: unset (`UNKNOWN`) means
+    /// SHA-256; any function other than SHA-256 and BLAKE3 is refused, naming it.
+    pub fn from_request(value: i32) -> Result<Self, DigestError> {
+        match digest_function::Value::try_from(value) {
+            Ok(digest_function::Value::Unknown | digest_function::Value::Sha256) => {
+                Ok(Self::Sha256)
+            }
+            Ok(digest_function::Value::Blake3) => Ok(Self::Blake3),
+            other => Err(DigestError {
+                field: "digest_function".to_owned(),
+                value: other
+                    .map(|v| v.as_str_name().to_owned())
+                    .unwrap_or_else(|_| value.to_string()),
+                rule: DigestRule::Function,
+            }),
+        }
+    }
+
+    /// The function as the protocol's enum value.
+    pub fn to_proto(self) -> i32 {
+        match self {
+            Self::Sha256 => digest_function::Value::Sha256 as i32,
+            Self::Blake3 => digest_function::Value::Blake3 as i32,
+        }
+    }
+
+    /// The function's name in resource names (`blobs/blake3/…`): `sha256` or `blake3`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sha256 => "sha256",
+            Self::Blake3 => "blake3",
+        }
+    }
+
+    /// The function a resource name's segment names, if it is one this server offers.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|f| f.name() == name)
+    }
+
+    /// The digest of the empty blob under this function.
+    pub fn empty(self) -> Digest {
+        match self {
+            Self::Sha256 => Digest::EMPTY,
+            Self::Blake3 => Digest::of_with(self, b""),
+        }
+    }
+}
+
+/// A blob's hash, size and hash function (SHA-256 unless made otherwise).
 ///
 /// ```
 /// use mesh_reapi::Digest;
@@ -32,6 +103,7 @@ pub const HASH_LEN: usize = 32;
 pub struct Digest {
     hash: [u8; HASH_LEN],
     size: u64,
+    function: DigestFunction,
 }
 
 impl Digest {
@@ -43,23 +115,43 @@ impl Digest {
             0x78, 0x52, 0xb8, 0x55,
         ],
         size: 0,
+        function: DigestFunction::Sha256,
     };
 
-    /// A digest from its parts.
+    /// A SHA-256 digest from its parts.
     pub fn new(hash: [u8; HASH_LEN], size: u64) -> Self {
-        Self { hash, size }
+        Self::with_function(hash, size, DigestFunction::Sha256)
     }
 
-    /// The digest of `bytes`.
+    /// A digest from its parts.
+    pub fn with_function(hash: [u8; HASH_LEN], size: u64, function: DigestFunction) -> Self {
+        Self {
+            hash,
+            size,
+            function,
+        }
+    }
+
+    /// The SHA-256 digest of `bytes`.
     pub fn of(bytes: &[u8]) -> Self {
-        let mut hasher = Hasher::new();
+        Self::of_with(DigestFunction::Sha256, bytes)
+    }
+
+    /// The digest of `bytes` under `function`.
+    pub fn of_with(function: DigestFunction, bytes: &[u8]) -> Self {
+        let mut hasher = Hasher::for_function(function);
         hasher.update(bytes);
         hasher.finish()
     }
 
-    /// The SHA-256 hash.
+    /// The hash.
     pub fn hash(&self) -> &[u8; HASH_LEN] {
         &self.hash
+    }
+
+    /// The hash function.
+    pub fn function(&self) -> DigestFunction {
+        self.function
     }
 
     /// The hash in lowercase hexadecimal.
@@ -74,11 +166,16 @@ impl Digest {
 
     /// Whether this is the digest of the empty blob.
     pub fn is_empty(&self) -> bool {
-        *self == Self::EMPTY
+        self.size == 0 && *self == self.function.empty()
     }
 
-    /// Parses a digest received in a request; `field` names where it came from in the error.
-    pub fn from_proto(digest: &re::Digest, field: &str) -> Result<Self, DigestError> {
+    /// Parses a digest received in a request whose digest function is `function`; `field`
+    /// names where it came from in the error.
+    pub fn from_proto(
+        digest: &re::Digest,
+        field: &str,
+        function: DigestFunction,
+    ) -> Result<Self, DigestError> {
         let size = u64::try_from(digest.size_bytes).map_err(|_| DigestError {
             field: field.to_owned(),
             value: format!("{}/{}", abbreviate(&digest.hash), digest.size_bytes),
@@ -89,13 +186,21 @@ impl Digest {
             value: format!("{}/{}", abbreviate(&digest.hash), digest.size_bytes),
             rule,
         })?;
-        Ok(Self { hash, size })
+        Ok(Self {
+            hash,
+            size,
+            function,
+        })
     }
 
     /// Parses a required digest field: a missing one is an error naming `field`.
-    pub fn from_required(digest: Option<&re::Digest>, field: &str) -> Result<Self, DigestError> {
+    pub fn from_required(
+        digest: Option<&re::Digest>,
+        field: &str,
+        function: DigestFunction,
+    ) -> Result<Self, DigestError> {
         match digest {
-            Some(digest) => Self::from_proto(digest, field),
+            Some(digest) => Self::from_proto(digest, field, function),
             None => Err(DigestError {
                 field: field.to_owned(),
                 value: String::new(),
@@ -113,7 +218,7 @@ impl Digest {
     }
 
     /// The subject of a `MISSING` precondition violation naming this blob:
-    /// `blobs/{hash}/{size}`.
+    /// `blobs/{hash}/{size}` (`blobs/blake3/{hash}/{size}` for BLAKE3).
     pub fn missing_subject(&self) -> String {
         format!("blobs/{self}")
     }
@@ -125,9 +230,13 @@ impl From<Digest> for re::Digest {
     }
 }
 
+/// `{hash}/{size}`, and `blake3/{hash}/{size}` for BLAKE3 (the resource name form).
 impl fmt::Display for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.hex(), self.size)
+        match self.function {
+            DigestFunction::Sha256 => write!(f, "{}/{}", self.hex(), self.size),
+            function => write!(f, "{}/{}/{}", function.name(), self.hex(), self.size),
+        }
     }
 }
 
@@ -140,19 +249,30 @@ impl fmt::Debug for Digest {
 impl FromStr for Digest {
     type Err = DigestError;
 
-    /// Parses `{hash}/{size}`.
+    /// Parses `{hash}/{size}` (SHA-256) or `{function}/{hash}/{size}` (`blake3/…`).
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let error = |rule| DigestError {
             field: String::new(),
             value: abbreviate(text),
             rule,
         };
-        let (hash, size) = text
+        let (function, rest) = match text.split_once('/') {
+            Some((name, rest)) if rest.contains('/') => (
+                DigestFunction::from_name(name).ok_or_else(|| error(DigestRule::Form))?,
+                rest,
+            ),
+            _ => (DigestFunction::Sha256, text),
+        };
+        let (hash, size) = rest
             .split_once('/')
             .ok_or_else(|| error(DigestRule::Form))?;
         let size: u64 = parse_size(size).ok_or_else(|| error(DigestRule::Size))?;
         let hash = parse_hash(hash).map_err(error)?;
-        Ok(Self { hash, size })
+        Ok(Self {
+            hash,
+            size,
+            function,
+        })
     }
 }
 
@@ -232,19 +352,47 @@ pub(crate) fn abbreviate_long(text: &str) -> String {
 /// Computes a [`Digest`] over bytes fed in pieces.
 #[derive(Debug, Clone, Default)]
 pub struct Hasher {
-    sha: Sha256,
+    state: HashState,
     size: u64,
 }
 
+#[derive(Debug, Clone)]
+enum HashState {
+    Sha256(Sha256),
+    Blake3(Box<blake3::Hasher>),
+}
+
+impl Default for HashState {
+    fn default() -> Self {
+        Self::Sha256(Sha256::default())
+    }
+}
+
 impl Hasher {
-    /// A hasher that has seen nothing yet.
+    /// A SHA-256 hasher that has seen nothing yet.
     pub fn new() -> Self {
         Self::default()
     }
 
+    /// A hasher for `function` that has seen nothing yet.
+    pub fn for_function(function: DigestFunction) -> Self {
+        Self {
+            state: match function {
+                DigestFunction::Sha256 => HashState::Sha256(Sha256::default()),
+                DigestFunction::Blake3 => HashState::Blake3(Box::default()),
+            },
+            size: 0,
+        }
+    }
+
     /// Feeds more bytes.
     pub fn update(&mut self, bytes: &[u8]) {
-        self.sha.update(bytes);
+        match &mut self.state {
+            HashState::Sha256(sha) => sha.update(bytes),
+            HashState::Blake3(blake) => {
+                blake.update(bytes);
+            }
+        }
         self.size = self.size.saturating_add(bytes.len() as u64);
     }
 
@@ -255,12 +403,21 @@ impl Hasher {
 
     /// The digest of everything fed.
     pub fn finish(self) -> Digest {
-        let output = self.sha.finalize();
         let mut hash = [0u8; HASH_LEN];
-        hash.copy_from_slice(output.as_slice());
+        let function = match self.state {
+            HashState::Sha256(sha) => {
+                hash.copy_from_slice(sha.finalize().as_slice());
+                DigestFunction::Sha256
+            }
+            HashState::Blake3(blake) => {
+                hash = *blake.finalize().as_bytes();
+                DigestFunction::Blake3
+            }
+        };
         Digest {
             hash,
             size: self.size,
+            function,
         }
     }
 }
@@ -306,7 +463,7 @@ pub enum DigestRule {
     NegativeSize,
     /// The hash has the wrong length.
     #[error(
-        "the hash must be 64 lowercase hexadecimal characters (SHA-256, the only digest function this server offers), not {len}"
+        "the hash must be 64 lowercase hexadecimal characters (SHA-256 or BLAKE3, the digest functions this server offers), not {len}"
     )]
     HashLength {
         /// The length received.
@@ -314,9 +471,12 @@ pub enum DigestRule {
     },
     /// The hash has characters other than `0-9a-f`.
     #[error(
-        "the hash must be 64 lowercase hexadecimal characters [0-9a-f] (SHA-256, the only digest function this server offers)"
+        "the hash must be 64 lowercase hexadecimal characters [0-9a-f] (SHA-256 or BLAKE3, the digest functions this server offers)"
     )]
     HashCharacters,
+    /// A digest function this server does not offer.
+    #[error("this digest function is not supported: this server offers SHA256 and BLAKE3")]
+    Function,
     /// The text has no `/` between hash and size.
     #[error("expected \"{{hash}}/{{size}}\"")]
     Form,
@@ -358,7 +518,10 @@ mod tests {
         let proto = digest.to_proto();
         assert_eq!(proto.hash, HELLO);
         assert_eq!(proto.size_bytes, 5);
-        assert_eq!(Digest::from_proto(&proto, "x").unwrap(), digest);
+        assert_eq!(
+            Digest::from_proto(&proto, "x", DigestFunction::Sha256).unwrap(),
+            digest
+        );
     }
 
     #[test]
@@ -381,6 +544,7 @@ mod tests {
                     size_bytes: size,
                 },
                 "action_digest",
+                DigestFunction::Sha256,
             )
             .unwrap_err();
             let message = error.to_string();
@@ -388,7 +552,8 @@ mod tests {
             assert!(message.contains("in action_digest"), "{message}");
             assert!(message.contains(&format!("/{size}")), "{message}");
         }
-        let missing = Digest::from_required(None, "input_root_digest").unwrap_err();
+        let missing =
+            Digest::from_required(None, "input_root_digest", DigestFunction::Sha256).unwrap_err();
         assert!(
             missing.to_string().contains("input_root_digest"),
             "{missing}"
@@ -427,6 +592,7 @@ mod tests {
                 size_bytes: 1,
             },
             "f",
+            DigestFunction::Sha256,
         )
         .unwrap_err();
         assert!(error.to_string().len() < 1000);

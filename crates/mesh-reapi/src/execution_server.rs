@@ -38,8 +38,7 @@ use mesh_route::{OperationId, RouteRequest, forwarded_by, layer::CallTask};
 use tonic::{Request, Response, Status, metadata::MetadataMap};
 
 use crate::{
-    ActionLimits, ClusterCas, ClusterError, Digest, action_key,
-    cas_server::check_digest_function,
+    ActionLimits, ClusterCas, ClusterError, Digest, DigestFunction, action_key,
     error::invalid,
     executor::ActionSpec,
     platform_tags,
@@ -100,8 +99,9 @@ impl ExecutionService {
         if request.skip_cache_lookup {
             return Ok(None);
         }
-        check_digest_function(request.digest_function)?;
-        let action = Digest::from_required(request.action_digest.as_ref(), "action_digest")?;
+        let function = DigestFunction::from_request(request.digest_function)?;
+        let action =
+            Digest::from_required(request.action_digest.as_ref(), "action_digest", function)?;
         let local_only = forwarded_by(metadata).is_some();
         Ok(self
             .cluster
@@ -122,8 +122,9 @@ impl ExecutionService {
         request: &ExecuteRequest,
         metadata: &MetadataMap,
     ) -> Result<RouteRequest, Status> {
-        check_digest_function(request.digest_function)?;
-        let digest = Digest::from_required(request.action_digest.as_ref(), "action_digest")?;
+        let function = DigestFunction::from_request(request.digest_function)?;
+        let digest =
+            Digest::from_required(request.action_digest.as_ref(), "action_digest", function)?;
         let hints: Vec<NodeId> = forwarded_by(metadata).into_iter().collect();
         let action = self.read_action(&digest, &hints, metadata).await?;
         let spec = ActionSpec::parse(digest, &action, &self.limits).map_err(invalid)?;
@@ -193,8 +194,9 @@ impl Execution for ExecutionService {
             .get::<CallTask>()
             .and_then(CallTask::take);
         let request = request.into_inner();
-        check_digest_function(request.digest_function)?;
-        let digest = Digest::from_required(request.action_digest.as_ref(), "action_digest")?;
+        let function = DigestFunction::from_request(request.digest_function)?;
+        let digest =
+            Digest::from_required(request.action_digest.as_ref(), "action_digest", function)?;
         // The cluster was consulted before routing; an entry found on a peer was kept here.
         let cached = if request.skip_cache_lookup {
             None

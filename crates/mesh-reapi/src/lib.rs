@@ -114,7 +114,7 @@ pub use cgroups::ResourceLimits;
 pub use claims::ClaimsService;
 pub use cluster::{ClusterCas, ClusterError, MissingBlobs, ReplicationConfig};
 pub use config::ReapiSettings;
-pub use digest::{Digest, DigestError, DigestRule, HASH_LEN, Hasher};
+pub use digest::{Digest, DigestError, DigestFunction, DigestRule, HASH_LEN, Hasher};
 pub use execution_server::{ExecutionService, OperationStream};
 pub use executor::{ActionSpec, ExecError, Executed};
 pub use peers::{MAX_BATCH_TOTAL_SIZE, PeerConfig};

@@ -24,7 +24,7 @@ use mesh_proto::reapi::v1::{
 use mesh_route::{PeerCall, RouteError, Router};
 use tonic::{Code, metadata::MetadataMap};
 
-use crate::{BlobWriter, Cas, CasError, Digest};
+use crate::{BlobWriter, Cas, CasError, Digest, DigestFunction};
 
 /// Bytes per `ByteStream.Write` message when pushing a blob to a peer.
 const PUSH_CHUNK: usize = 1024 * 1024;
@@ -143,34 +143,46 @@ impl Peers<'_> {
         digests: &[Digest],
     ) -> Result<Vec<Digest>, PeerError> {
         let mut present = Vec::new();
-        for chunk in digests.chunks(PRESENCE_CHUNK) {
-            let call = self.call(node)?;
-            let mut client = PresenceClient::new(call.channel());
-            let request = call.request(HasRequest {
-                digests: crate::presence::pack(chunk),
-            });
-            match self
-                .bounded(node, self.config.call_timeout, client.has(request))
-                .await
-            {
-                Ok(response) => {
-                    let bitmap = response.into_inner().present;
-                    present.extend(
-                        chunk
-                            .iter()
-                            .enumerate()
-                            .filter(|(i, _)| crate::presence::bit(&bitmap, *i))
-                            .map(|(_, d)| *d),
-                    );
-                }
-                Err(PeerError::Status {
-                    code: Code::Unimplemented,
-                    ..
-                }) => present.extend(self.find_missing_has(node, chunk).await?),
-                Err(error) => return Err(error),
+        for (function, group) in by_function(digests) {
+            for chunk in group.chunks(PRESENCE_CHUNK) {
+                present.extend(self.has_chunk(node, function, chunk).await?);
             }
         }
         Ok(present)
+    }
+
+    /// [`Peers::has`] for digests of one function, at most [`PRESENCE_CHUNK`] of them.
+    async fn has_chunk(
+        &self,
+        node: &NodeId,
+        function: DigestFunction,
+        chunk: &[Digest],
+    ) -> Result<Vec<Digest>, PeerError> {
+        let call = self.call(node)?;
+        let mut client = PresenceClient::new(call.channel());
+        let request = call.request(HasRequest {
+            digests: crate::presence::pack(chunk),
+            digest_function: function.to_proto(),
+        });
+        match self
+            .bounded(node, self.config.call_timeout, client.has(request))
+            .await
+        {
+            Ok(response) => {
+                let bitmap = response.into_inner().present;
+                Ok(chunk
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| crate::presence::bit(&bitmap, *i))
+                    .map(|(_, d)| *d)
+                    .collect())
+            }
+            Err(PeerError::Status {
+                code: Code::Unimplemented,
+                ..
+            }) => self.find_missing_has(node, chunk).await,
+            Err(error) => Err(error),
+        }
     }
 
     /// Which of `digests` the peer has, asked with REAPI's `FindMissingBlobs` (a peer of an
@@ -184,10 +196,11 @@ impl Peers<'_> {
         for chunk in digests.chunks(FIND_MISSING_CHUNK) {
             let call = self.call(node)?;
             let mut client = ContentAddressableStorageClient::new(call.channel());
+            let function = chunk[0].function();
             let request = call.request(FindMissingBlobsRequest {
                 instance_name: String::new(),
                 blob_digests: chunk.iter().map(Digest::to_proto).collect(),
-                digest_function: 0,
+                digest_function: function.to_proto(),
             });
             let response = self
                 .bounded(
@@ -200,7 +213,7 @@ impl Peers<'_> {
             let missing: std::collections::HashSet<Digest> = response
                 .missing_blob_digests
                 .iter()
-                .filter_map(|d| Digest::from_proto(d, "missing_blob_digests").ok())
+                .filter_map(|d| Digest::from_proto(d, "missing_blob_digests", function).ok())
                 .collect();
             present.extend(chunk.iter().filter(|d| !missing.contains(d)).copied());
         }
@@ -218,7 +231,10 @@ impl Peers<'_> {
         let mut fetched = Vec::new();
         let (small, large): (Vec<Digest>, Vec<Digest>) =
             digests.iter().partition(|d| d.size() <= BATCHED_BLOB_MAX);
-        for batch in batches(&small) {
+        for batch in by_function(&small)
+            .into_iter()
+            .flat_map(|(_, group)| batches(&group))
+        {
             match self.batch_read(node, &batch, cas).await {
                 Ok(mut got) => fetched.append(&mut got),
                 Err(error) => {
@@ -247,11 +263,12 @@ impl Peers<'_> {
         let call = self.call(node)?;
         let mut client = ContentAddressableStorageClient::new(call.channel())
             .max_decoding_message_size(2 * MAX_BATCH_TOTAL_SIZE as usize);
+        let function = digests.first().map(Digest::function).unwrap_or_default();
         let request = call.request(BatchReadBlobsRequest {
             instance_name: String::new(),
             digests: digests.iter().map(Digest::to_proto).collect(),
             acceptable_compressors: Vec::new(),
-            digest_function: 0,
+            digest_function: function.to_proto(),
         });
         let response = self
             .bounded(
@@ -267,7 +284,7 @@ impl Peers<'_> {
             let Some(digest) = blob
                 .digest
                 .as_ref()
-                .and_then(|d| Digest::from_proto(d, "digest").ok())
+                .and_then(|d| Digest::from_proto(d, "digest", function).ok())
                 .filter(|d| ok && digests.contains(d))
             else {
                 continue;
@@ -344,7 +361,7 @@ impl Peers<'_> {
             inline_stdout: false,
             inline_stderr: false,
             inline_output_files: Vec::new(),
-            digest_function: 0,
+            digest_function: action.function().to_proto(),
         });
         match self
             .bounded(
@@ -385,7 +402,11 @@ impl Peers<'_> {
         let mut bytes = 0;
         let (small, large): (Vec<Digest>, Vec<Digest>) =
             lacking.iter().partition(|d| d.size() <= BATCHED_BLOB_MAX);
-        for batch in batches(&small) {
+        for batch in by_function(&small)
+            .into_iter()
+            .flat_map(|(_, group)| batches(&group))
+        {
+            let function = batch.first().map(Digest::function).unwrap_or_default();
             let mut requests = Vec::with_capacity(batch.len());
             for digest in &batch {
                 let data = cas.read(digest).await.map_err(|source| PeerError::Local {
@@ -410,7 +431,7 @@ impl Peers<'_> {
             let request = call.request(BatchUpdateBlobsRequest {
                 instance_name: String::new(),
                 requests,
-                digest_function: 0,
+                digest_function: function.to_proto(),
             });
             let response = self
                 .bounded(
@@ -425,7 +446,7 @@ impl Peers<'_> {
                 if let Some(digest) = blob
                     .digest
                     .as_ref()
-                    .and_then(|d| Digest::from_proto(d, "digest").ok())
+                    .and_then(|d| Digest::from_proto(d, "digest", function).ok())
                     .filter(|_| ok)
                 {
                     sent += 1;
@@ -524,7 +545,7 @@ impl Peers<'_> {
             action_digest: Some(action.to_proto()),
             action_result: Some(result.clone()),
             results_cache_policy: None,
-            digest_function: 0,
+            digest_function: action.function().to_proto(),
         });
         self.bounded(
             node,
@@ -577,6 +598,19 @@ fn tokio_stream_of<T: Send + 'static>(
     mut receiver: tokio::sync::mpsc::Receiver<T>,
 ) -> impl futures::Stream<Item = T> + Send + 'static {
     futures::stream::poll_fn(move |cx| receiver.poll_recv(cx))
+}
+
+/// `digests` grouped by hash function, in the order the functions first appear: every call to
+/// a peer names one function (`digest_function`).
+fn by_function(digests: &[Digest]) -> Vec<(DigestFunction, Vec<Digest>)> {
+    let mut groups: Vec<(DigestFunction, Vec<Digest>)> = Vec::new();
+    for digest in digests {
+        match groups.iter_mut().find(|(f, _)| *f == digest.function()) {
+            Some((_, group)) => group.push(*digest),
+            None => groups.push((digest.function(), vec![*digest])),
+        }
+    }
+    groups
 }
 
 /// Groups small blobs into batches whose total stays within [`MAX_BATCH_TOTAL_SIZE`].

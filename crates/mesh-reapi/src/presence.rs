@@ -13,7 +13,7 @@ use mesh_proto::reapi::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::{Cas, Digest, HASH_LEN};
+use crate::{Cas, Digest, DigestFunction, HASH_LEN};
 
 /// Bytes per digest on the wire: the hash, then the size as a big-endian `u64`.
 pub(crate) const PACKED_DIGEST: usize = HASH_LEN + 8;
@@ -28,8 +28,9 @@ pub(crate) fn pack(digests: &[Digest]) -> Vec<u8> {
     packed
 }
 
-/// Unpacks a [`HasRequest`]'s digests; a length that is not a multiple of 40 is refused.
-pub(crate) fn unpack(packed: &[u8]) -> Result<Vec<Digest>, String> {
+/// Unpacks a [`HasRequest`]'s digests of `function`; a length that is not a multiple of 40 is
+/// refused.
+pub(crate) fn unpack(packed: &[u8], function: DigestFunction) -> Result<Vec<Digest>, String> {
     if !packed.len().is_multiple_of(PACKED_DIGEST) {
         return Err(format!(
             "digests holds {} bytes, not a multiple of {PACKED_DIGEST} (a 32-byte hash and an 8-byte big-endian size per digest)",
@@ -43,7 +44,7 @@ pub(crate) fn unpack(packed: &[u8]) -> Result<Vec<Digest>, String> {
             hash.copy_from_slice(&chunk[..HASH_LEN]);
             let mut size = [0u8; 8];
             size.copy_from_slice(&chunk[HASH_LEN..]);
-            Digest::new(hash, u64::from_be_bytes(size))
+            Digest::with_function(hash, u64::from_be_bytes(size), function)
         })
         .collect())
 }
@@ -75,7 +76,9 @@ impl PresenceService {
 #[tonic::async_trait]
 impl Presence for PresenceService {
     async fn has(&self, request: Request<HasRequest>) -> Result<Response<HasResponse>, Status> {
-        let digests = unpack(&request.into_inner().digests).map_err(Status::invalid_argument)?;
+        let request = request.into_inner();
+        let function = DigestFunction::from_request(request.digest_function)?;
+        let digests = unpack(&request.digests, function).map_err(Status::invalid_argument)?;
         let mut present = vec![0u8; digests.len().div_ceil(8)];
         for (i, here) in self.cas.present(&digests).into_iter().enumerate() {
             if here {
@@ -95,8 +98,8 @@ mod tests {
         let digests = vec![Digest::of(b"a"), Digest::of(b"bb"), Digest::EMPTY];
         let packed = pack(&digests);
         assert_eq!(packed.len(), 3 * PACKED_DIGEST);
-        assert_eq!(unpack(&packed).unwrap(), digests);
-        let error = unpack(&packed[..41]).unwrap_err();
+        assert_eq!(unpack(&packed, DigestFunction::Sha256).unwrap(), digests);
+        let error = unpack(&packed[..41], DigestFunction::Sha256).unwrap_err();
         assert!(
             error.contains("41 bytes") && error.contains("multiple of 40"),
             "{error}"
@@ -115,6 +118,7 @@ mod tests {
         let response = PresenceService::new(cas)
             .has(Request::new(HasRequest {
                 digests: pack(&asked),
+                digest_function: 0,
             }))
             .await
             .unwrap()

@@ -8,10 +8,11 @@
 //! The instance name may itself contain `/` but never the reserved segments `blobs`,
 //! `uploads` or `compressed-blobs`, so the first reserved segment ends it. The only
 //! compressor is zstd ([`crate::compression`]); the hash and size are always those of the
-//! uncompressed blob. Digest functions other than SHA-256, which newer clients name with an
-//! extra segment (`blobs/blake3/{hash}/{size}`), are refused with a clear error.
+//! uncompressed blob. The digest function is SHA-256 unless a segment names BLAKE3
+//! (`blobs/blake3/{hash}/{size}`, as newer clients send); other functions are refused with a
+//! clear error.
 
-use crate::{Digest, DigestError, digest::abbreviate_long};
+use crate::{Digest, DigestError, DigestFunction, digest::abbreviate_long};
 
 /// A parsed ByteStream resource name.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,18 +96,19 @@ fn parse(name: &str, kind: Kind) -> Result<ResourceName, ResourceNameError> {
     };
     match tail {
         [function, tail @ ..] if DIGEST_FUNCTIONS.contains(function) => {
-            if *function != "sha256" {
+            let Some(function) = DigestFunction::from_name(function) else {
                 return Err(error(ResourceRule::DigestFunction {
                     function: (*function).to_owned(),
                 }));
-            }
-            blob(tail, instance_name, compressor).map_err(error)
+            };
+            blob(tail, instance_name, compressor, function).map_err(error)
         }
-        tail if tail.len() >= 2 => blob(tail, instance_name, compressor).map_err(error),
+        tail if tail.len() >= 2 => {
+            blob(tail, instance_name, compressor, DigestFunction::Sha256).map_err(error)
+        }
         _ => Err(error(ResourceRule::Truncated)),
     }
 }
-
 
 /// Names of digest functions as newer clients spell them in resource names.
 const DIGEST_FUNCTIONS: [&str; 10] = [
@@ -127,6 +129,7 @@ fn blob(
     segments: &[&str],
     instance_name: String,
     compressor: Compressor,
+    function: DigestFunction,
 ) -> Result<ResourceName, ResourceRule> {
     let [hash, size, ..] = segments else {
         return Err(ResourceRule::Truncated);
@@ -136,7 +139,7 @@ fn blob(
         .map_err(|e: DigestError| ResourceRule::Digest(e.rule().clone()))?;
     Ok(ResourceName {
         instance_name,
-        digest,
+        digest: Digest::with_function(*digest.hash(), digest.size(), function),
         compressor,
     })
 }
@@ -182,8 +185,8 @@ pub enum ResourceRule {
         /// The compressor named.
         compressor: String,
     },
-    /// `blobs/{function}/…` with a function other than SHA-256.
-    #[error("digest function {function:?} is not supported: this server offers SHA-256 only")]
+    /// `blobs/{function}/…` with a function other than SHA-256 and BLAKE3.
+    #[error("digest function {function:?} is not supported: this server offers sha256 and blake3")]
     DigestFunction {
         /// The function named.
         function: String,
@@ -240,10 +243,13 @@ mod tests {
                 format!("compressed-blobs/deflate/{HASH}/5"),
                 "compressor \"deflate\" is not supported: this server offers zstd only",
             ),
-            ("compressed-blobs/zstd/abc".to_owned(), "followed by a hash and a size"),
             (
-                format!("blobs/blake3/{HASH}/5"),
-                "\"blake3\" is not supported",
+                "compressed-blobs/zstd/abc".to_owned(),
+                "followed by a hash and a size",
+            ),
+            (
+                format!("blobs/sha1/{HASH}/5"),
+                "\"sha1\" is not supported: this server offers sha256 and blake3",
             ),
             (format!("uploads/u/blobs/{HASH}/5"), "reads name \"blobs/\""),
         ];

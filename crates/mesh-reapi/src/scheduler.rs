@@ -430,7 +430,7 @@ async fn run(
             // What the response names must outlive this replica: placed before it is sent.
             inner
                 .cluster
-                .replicate_outputs(&executed.result, &metadata)
+                .replicate_outputs(&executed.result, spec.action_digest.function(), &metadata)
                 .await;
             if cacheable
                 && let Err(error) = inner

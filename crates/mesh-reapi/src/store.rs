@@ -34,7 +34,7 @@ use std::{
 
 use tempfile::TempPath;
 
-use crate::Digest;
+use crate::{Digest, DigestFunction};
 
 /// The mode of every entry's file: readable, writable by nobody.
 const FILE_MODE: u32 = 0o444;
@@ -42,6 +42,24 @@ const FILE_MODE: u32 = 0o444;
 const DIR_MODE: u32 = 0o755;
 /// The mode of the temporary directory: entries being written are the owner's alone.
 const TMP_MODE: u32 = 0o700;
+
+/// The file name prefix of BLAKE3 keys.
+const BLAKE3_PREFIX: &str = "b3-";
+
+/// The key a file name (see [`LruDir::path`]) stands for.
+fn key_of_file_name(name: &str) -> Option<Digest> {
+    let (function, name) = match name.strip_prefix(BLAKE3_PREFIX) {
+        Some(rest) => (DigestFunction::Blake3, rest),
+        None => (DigestFunction::Sha256, name),
+    };
+    let (hash, size) = name.rsplit_once('-')?;
+    let digest = format!("{hash}/{size}").parse::<Digest>().ok()?;
+    Some(Digest::with_function(
+        *digest.hash(),
+        digest.size(),
+        function,
+    ))
+}
 
 /// An on-disk, size-bounded, least-recently-used set of files keyed by digest.
 #[derive(Debug, Clone)]
@@ -162,11 +180,7 @@ impl LruDir {
             for file in fs::read_dir(shard.path())? {
                 let file = file?;
                 let metadata = file.metadata()?;
-                let key = file
-                    .file_name()
-                    .to_str()
-                    .and_then(|name| name.rsplit_once('-'))
-                    .and_then(|(hash, size)| format!("{hash}/{size}").parse::<Digest>().ok());
+                let key = file.file_name().to_str().and_then(key_of_file_name);
                 match key {
                     Some(key) if metadata.is_file() => {
                         if metadata.mode() & 0o7777 != FILE_MODE {
@@ -214,13 +228,19 @@ impl LruDir {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Where `key`'s file lives (whether or not it is present).
+    /// Where `key`'s file lives (whether or not it is present): `{hash}-{size}` for a
+    /// SHA-256 key, `b3-{hash}-{size}` for a BLAKE3 one, in a directory named after the hash's
+    /// first two digits.
     pub(crate) fn path(&self, key: &Digest) -> PathBuf {
         let hex = key.hex();
+        let prefix = match key.function() {
+            DigestFunction::Sha256 => "",
+            DigestFunction::Blake3 => BLAKE3_PREFIX,
+        };
         self.inner
             .root
             .join(&hex[..2])
-            .join(format!("{hex}-{}", key.size()))
+            .join(format!("{prefix}{hex}-{}", key.size()))
     }
 
     /// The bound in bytes.
@@ -600,12 +620,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let first = store(dir.path(), 100);
         let a = add(&first, b"hello");
+        // The same bytes under BLAKE3: another key, another file, found again as BLAKE3.
+        let b3 = Digest::of_with(DigestFunction::Blake3, b"hello");
+        let (mut file, path) = first.temp_file().unwrap();
+        file.write_all(b"hello").unwrap();
+        first.commit(b3, path, 5).unwrap();
         fs::create_dir_all(dir.path().join("files/zz")).unwrap();
         fs::write(dir.path().join("files/zz/not-a-digest"), b"?").unwrap();
         drop(first);
         let second = store(dir.path(), 100);
         assert!(second.contains(&a));
-        assert_eq!(second.usage().bytes, 5);
+        assert!(second.contains(&b3));
+        let as_sha256 = Digest::new(*b3.hash(), 5);
+        assert!(!second.contains(&as_sha256), "a BLAKE3 file is not a SHA-256 blob");
+        assert_eq!(second.usage().bytes, 10);
         assert!(!dir.path().join("files/zz/not-a-digest").exists());
         // A smaller bound on reopening evicts at once.
         drop(second);

@@ -100,8 +100,12 @@ impl Executor {
                     Ok(path.join(name))
                 };
                 for file in &directory.files {
-                    let digest = Digest::from_required(file.digest.as_ref(), "FileNode.digest")
-                        .map_err(|e| ExecError::Invalid(e.to_string()))?;
+                    let digest = Digest::from_required(
+                        file.digest.as_ref(),
+                        "FileNode.digest",
+                        digest.function(),
+                    )
+                    .map_err(|e| ExecError::Invalid(e.to_string()))?;
                     inputs.files.push(InputFile {
                         path: check(&file.name)?,
                         digest,
@@ -109,9 +113,12 @@ impl Executor {
                     });
                 }
                 for child in &directory.directories {
-                    let digest =
-                        Digest::from_required(child.digest.as_ref(), "DirectoryNode.digest")
-                            .map_err(|e| ExecError::Invalid(e.to_string()))?;
+                    let digest = Digest::from_required(
+                        child.digest.as_ref(),
+                        "DirectoryNode.digest",
+                        digest.function(),
+                    )
+                    .map_err(|e| ExecError::Invalid(e.to_string()))?;
                     next.push((check(&child.name)?, digest));
                 }
                 for symlink in &directory.symlinks {

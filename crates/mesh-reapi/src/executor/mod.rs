@@ -218,13 +218,14 @@ impl Executor {
 
         timing.output_upload_start_timestamp = Some(now());
         let cas = self.cluster.local().clone();
+        let function = spec.action_digest.function();
         let mut result = tokio::task::spawn_blocking(move || {
-            let mut result = outputs::collect(&cas, &command, &root)?;
+            let mut result = outputs::collect(&cas, function, &command, &root)?;
             let stdout = cas
-                .store_file(&stdout_path)
+                .store_file(&stdout_path, function)
                 .map_err(|e| ExecError::Internal(e.to_string()))?;
             let stderr = cas
-                .store_file(&stderr_path)
+                .store_file(&stderr_path, function)
                 .map_err(|e| ExecError::Internal(e.to_string()))?;
             result.stdout_digest = Some(stdout.to_proto());
             result.stderr_digest = Some(stderr.to_proto());

@@ -16,14 +16,24 @@ use super::{
     ExecError,
     command::{CommandSpec, Outputs},
 };
-use crate::Digest;
+use crate::{Digest, DigestFunction};
+
+/// Where outputs go: the CAS, with the action's digest function (an action sent with BLAKE3
+/// gets BLAKE3 digests for its outputs, trees and logs).
+#[derive(Clone, Copy)]
+pub(crate) struct Sink<'a> {
+    cas: &'a crate::Cas,
+    function: DigestFunction,
+}
 
 /// Stores the outputs that exist beneath `root` and describes them. Blocking.
 pub(crate) fn collect(
     cas: &crate::Cas,
+    function: DigestFunction,
     command: &CommandSpec,
     root: &Path,
 ) -> Result<ActionResult, ExecError> {
+    let cas = Sink { cas, function };
     let root_dir = super::open_root(root)?;
     let cwd = if command.working_directory.as_os_str().is_empty() {
         root_dir
@@ -146,17 +156,23 @@ fn output_kind(dir: &Dir, path: &Path) -> Result<Option<Kind>, ExecError> {
 }
 
 /// Copies the regular file at `path` (beneath `dir`) into the CAS.
-fn store(cas: &crate::Cas, dir: &Dir, path: &Path) -> Result<Digest, ExecError> {
+fn store(cas: Sink<'_>, dir: &Dir, path: &Path) -> Result<Digest, ExecError> {
     let mut file = dir
         .open(path)
         .map_err(|e| escaped_or(path, "output", e))?
         .into_std();
-    cas.store_reader(&mut file, &format!("storing output {}", path.display()))
+    cas.cas
+        .store_reader(
+            &mut file,
+            &format!("storing output {}", path.display()),
+            cas.function,
+        )
         .map_err(|e| ExecError::Internal(e.to_string()))
 }
 
-fn store_message(cas: &crate::Cas, message: &impl prost::Message) -> Result<Digest, ExecError> {
-    cas.store_bytes_blocking(&message.encode_to_vec())
+fn store_message(cas: Sink<'_>, message: &impl prost::Message) -> Result<Digest, ExecError> {
+    cas.cas
+        .store_bytes_blocking(&message.encode_to_vec(), cas.function)
         .map_err(|e| ExecError::Internal(e.to_string()))
 }
 
@@ -171,7 +187,7 @@ fn output_symlink(name: &str, target: String) -> OutputSymlink {
 }
 
 fn output_file(
-    cas: &crate::Cas,
+    cas: Sink<'_>,
     dir: &Dir,
     name: &str,
     path: &Path,
@@ -188,7 +204,7 @@ fn output_file(
 
 /// Stores a directory's files and builds its `Tree` (root plus every distinct descendant).
 pub(crate) fn output_directory(
-    cas: &crate::Cas,
+    cas: Sink<'_>,
     parent: &Dir,
     name: &str,
     path: &Path,
@@ -216,7 +232,7 @@ pub(crate) fn output_directory(
 /// The `Directory` message of `dir` (entries sorted by name, as REAPI requires), storing its
 /// files and every descendant `Directory` on the way; `shown` names it in errors.
 fn directory_message(
-    cas: &crate::Cas,
+    cas: Sink<'_>,
     dir: &Dir,
     shown: &Path,
     children: &mut Vec<Directory>,
@@ -291,8 +307,17 @@ mod tests {
         fs::write(out.join("sub/deeper/c"), b"c").unwrap();
         std::os::unix::fs::symlink("b.txt", out.join("link")).unwrap();
         let parent = super::super::open_root(dir.path()).unwrap();
-        let output = output_directory(&cas, &parent, "out", Path::new("out")).unwrap();
-        let tree_digest = Digest::from_proto(output.tree_digest.as_ref().unwrap(), "t").unwrap();
+        let sink = Sink {
+            cas: &cas,
+            function: DigestFunction::Sha256,
+        };
+        let output = output_directory(sink, &parent, "out", Path::new("out")).unwrap();
+        let tree_digest = Digest::from_proto(
+            output.tree_digest.as_ref().unwrap(),
+            "t",
+            DigestFunction::Sha256,
+        )
+        .unwrap();
         let tree = Tree::decode(fs::read(cas.path_of(&tree_digest)).unwrap().as_slice()).unwrap();
         let root = tree.root.unwrap();
         let names: Vec<&str> = root.files.iter().map(|f| f.name.as_str()).collect();
@@ -307,8 +332,12 @@ mod tests {
         for file in [&b"b"[..], b"#!/bin/sh", b"c"] {
             assert!(cas.contains(&Digest::of(file)));
         }
-        let root_digest =
-            Digest::from_proto(output.root_directory_digest.as_ref().unwrap(), "r").unwrap();
+        let root_digest = Digest::from_proto(
+            output.root_directory_digest.as_ref().unwrap(),
+            "r",
+            DigestFunction::Sha256,
+        )
+        .unwrap();
         assert!(cas.contains(&root_digest));
     }
 

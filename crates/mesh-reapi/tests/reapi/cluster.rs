@@ -103,7 +103,12 @@ async fn inputs_uploaded_to_one_replica_run_on_another_and_outputs_are_read_ever
     // The output file, read from A and from C.
     let output = &result.output_files[0];
     assert_eq!(output.path, "out/result.txt");
-    let output_digest = Digest::from_proto(output.digest.as_ref().unwrap(), "d").unwrap();
+    let output_digest = Digest::from_proto(
+        output.digest.as_ref().unwrap(),
+        "d",
+        mesh_reapi::DigestFunction::Sha256,
+    )
+    .unwrap();
     for reader in [0, 2] {
         let (data, _) = read(&mut cluster.bytestream(reader).await, &output_digest)
             .await
@@ -116,6 +121,7 @@ async fn inputs_uploaded_to_one_replica_run_on_another_and_outputs_are_read_ever
     let tree_digest = Digest::from_proto(
         result.output_directories[0].tree_digest.as_ref().unwrap(),
         "t",
+        mesh_reapi::DigestFunction::Sha256,
     )
     .unwrap();
     let (tree_bytes, _) = read(&mut cluster.bytestream(2).await, &tree_digest)
@@ -126,7 +132,12 @@ async fn inputs_uploaded_to_one_replica_run_on_another_and_outputs_are_read_ever
     assert_eq!(root.files[0].name, "top");
     assert_eq!(root.directories[0].name, "sub");
     let leaf = &tree.children[0].files[0];
-    let leaf_digest = Digest::from_proto(leaf.digest.as_ref().unwrap(), "l").unwrap();
+    let leaf_digest = Digest::from_proto(
+        leaf.digest.as_ref().unwrap(),
+        "l",
+        mesh_reapi::DigestFunction::Sha256,
+    )
+    .unwrap();
     let (leaf_data, _) = read(&mut cluster.bytestream(2).await, &leaf_digest)
         .await
         .unwrap();
@@ -239,7 +250,12 @@ async fn a_repeat_is_a_cache_hit_whichever_replica_is_asked() {
         .unwrap()
         .into_inner();
     assert_eq!(Some(hit.clone()), first.result);
-    let output = Digest::from_proto(hit.output_files[0].digest.as_ref().unwrap(), "o").unwrap();
+    let output = Digest::from_proto(
+        hit.output_files[0].digest.as_ref().unwrap(),
+        "o",
+        mesh_reapi::DigestFunction::Sha256,
+    )
+    .unwrap();
     let (data, _) = read(&mut cluster.bytestream(0).await, &output)
         .await
         .unwrap();
@@ -789,8 +805,12 @@ async fn a_peer_serving_bytes_that_do_not_match_their_digest_is_not_believed() {
     let operations = execute(&mut cluster.exec(0).await, request).await.unwrap();
     let result = finished(&operations).result.unwrap();
     assert_eq!(result.exit_code, 0, "{result:?}");
-    let output =
-        Digest::from_proto(result.output_files[0].digest.as_ref().unwrap(), "out").unwrap();
+    let output = Digest::from_proto(
+        result.output_files[0].digest.as_ref().unwrap(),
+        "out",
+        mesh_reapi::DigestFunction::Sha256,
+    )
+    .unwrap();
     let (data, _) = read(&mut cluster.bytestream(0).await, &output)
         .await
         .unwrap();

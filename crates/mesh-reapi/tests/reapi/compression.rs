@@ -19,8 +19,13 @@ fn compressible(len: usize) -> Vec<u8> {
     let mut i = 0u64;
     while data.len() < len {
         data.extend_from_slice(
-            format!("obj/{:x}.o: symbol_{} at 0x{:08x}\n", i % 977, i, i * 2654435761 % (1 << 32))
-                .as_bytes(),
+            format!(
+                "obj/{:x}.o: symbol_{} at 0x{:08x}\n",
+                i % 977,
+                i,
+                i * 2654435761 % (1 << 32)
+            )
+            .as_bytes(),
         );
         i += 1;
     }
@@ -43,7 +48,10 @@ async fn read_compressed(cluster: &Cluster, i: usize, digest: &Digest) -> (usize
         .into_inner();
     let mut wire = Vec::new();
     while let Some(chunk) = stream.message().await.unwrap() {
-        assert!(chunk.data.len() <= 4 << 20, "a message over the 4 MiB limit");
+        assert!(
+            chunk.data.len() <= 4 << 20,
+            "a message over the 4 MiB limit"
+        );
         wire.extend_from_slice(&chunk.data);
     }
     let data = zstd::stream::decode_all(wire.as_slice()).unwrap();
@@ -59,7 +67,11 @@ async fn a_50_mib_blob_round_trips_compressed_in_under_half_its_bytes() {
     let data = compressible(50 << 20);
     let digest = Digest::of(&data);
     let wire = zstd::bulk::compress(&data, 3).unwrap();
-    assert!(wire.len() * 2 < data.len(), "{} bytes compressed", wire.len());
+    assert!(
+        wire.len() * 2 < data.len(),
+        "{} bytes compressed",
+        wire.len()
+    );
     let committed = write(
         &mut cluster.bytestream(0).await,
         format!("uploads/1/compressed-blobs/zstd/{digest}"),
@@ -68,13 +80,22 @@ async fn a_50_mib_blob_round_trips_compressed_in_under_half_its_bytes() {
     )
     .await
     .unwrap();
-    assert_eq!(committed, wire.len() as i64, "committed: the compressed bytes received");
+    assert_eq!(
+        committed,
+        wire.len() as i64,
+        "committed: the compressed bytes received"
+    );
     assert!(missing_on(&cluster, 1, &[digest]).await.is_empty());
 
     let (received, back) = read_compressed(&cluster, 1, &digest).await;
-    assert!(received * 2 < data.len(), "{received} bytes read compressed");
+    assert!(
+        received * 2 < data.len(),
+        "{received} bytes read compressed"
+    );
     assert!(back == data, "the compressed read inflates to the blob");
-    let (plain, _) = read(&mut cluster.bytestream(0).await, &digest).await.unwrap();
+    let (plain, _) = read(&mut cluster.bytestream(0).await, &digest)
+        .await
+        .unwrap();
     assert!(plain == data, "stored uncompressed, as its digest names");
 
     // Written again, compressed: already there, committed -1 as REAPI says.
@@ -129,8 +150,16 @@ async fn compressed_uploads_that_lie_are_refused_and_store_nothing() {
         .await
         .unwrap_err();
         assert_eq!(error.code(), Code::InvalidArgument, "{what}: {error:?}");
-        assert!(error.message().contains(rule), "{what}: {}", error.message());
-        assert_eq!(missing_on(&cluster, 0, &[digest]).await, vec![digest], "{what}");
+        assert!(
+            error.message().contains(rule),
+            "{what}: {}",
+            error.message()
+        );
+        assert_eq!(
+            missing_on(&cluster, 0, &[digest]).await,
+            vec![digest],
+            "{what}"
+        );
     }
 
     let error = bytestream
@@ -142,7 +171,11 @@ async fn compressed_uploads_that_lie_are_refused_and_store_nothing() {
         .await
         .unwrap_err();
     assert_eq!(error.code(), Code::InvalidArgument);
-    assert!(error.message().contains("read_limit 10 must be 0"), "{}", error.message());
+    assert!(
+        error.message().contains("read_limit 10 must be 0"),
+        "{}",
+        error.message()
+    );
     let error = bytestream
         .read(ReadRequest {
             resource_name: format!("compressed-blobs/brotli/{digest}"),
@@ -152,7 +185,9 @@ async fn compressed_uploads_that_lie_are_refused_and_store_nothing() {
         .await
         .unwrap_err();
     assert!(
-        error.message().contains("\"brotli\" is not supported: this server offers zstd only"),
+        error
+            .message()
+            .contains("\"brotli\" is not supported: this server offers zstd only"),
         "{}",
         error.message()
     );
@@ -192,8 +227,15 @@ async fn batches_carry_zstd_both_ways_and_capabilities_offer_it() {
         .unwrap()
         .into_inner()
         .responses;
-    let codes: Vec<i32> = responses.iter().map(|r| r.status.clone().unwrap().code).collect();
-    assert_eq!(codes, [0, 0, 0, 0, Code::InvalidArgument as i32], "{responses:?}");
+    let codes: Vec<i32> = responses
+        .iter()
+        .map(|r| r.status.clone().unwrap().code)
+        .collect();
+    assert_eq!(
+        codes,
+        [0, 0, 0, 0, Code::InvalidArgument as i32],
+        "{responses:?}"
+    );
 
     let read = cluster
         .cas(1)
@@ -209,7 +251,10 @@ async fn batches_carry_zstd_both_ways_and_capabilities_offer_it() {
     for (response, data) in read.responses.iter().zip(&blobs) {
         assert_eq!(response.compressor, compressor::Value::Zstd as i32);
         assert!(response.data.len() * 2 < data.len());
-        assert_eq!(&zstd::stream::decode_all(response.data.as_slice()).unwrap(), data);
+        assert_eq!(
+            &zstd::stream::decode_all(response.data.as_slice()).unwrap(),
+            data
+        );
     }
 
     let capabilities = CapabilitiesClient::connect(cluster.url(0))

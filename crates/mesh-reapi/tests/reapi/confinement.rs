@@ -71,6 +71,7 @@ fn stdout(cluster: &Cluster, response: &ExecuteResponse) -> String {
             .as_ref()
             .unwrap(),
         "stdout",
+        mesh_reapi::DigestFunction::Sha256,
     )
     .unwrap();
     let path = cluster.replicas[0]

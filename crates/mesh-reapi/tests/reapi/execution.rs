@@ -65,7 +65,12 @@ async fn commands_run_with_their_environment_directory_and_inputs() {
     let mut bytestream = cluster.bytestream(0).await;
     let file = |path: &str| {
         let file = result.output_files.iter().find(|f| f.path == path).unwrap();
-        Digest::from_proto(file.digest.as_ref().unwrap(), "d").unwrap()
+        Digest::from_proto(
+            file.digest.as_ref().unwrap(),
+            "d",
+            mesh_reapi::DigestFunction::Sha256,
+        )
+        .unwrap()
     };
     let env = file("out/env.txt");
     let tool = file("out/tool.txt");
@@ -74,7 +79,12 @@ async fn commands_run_with_their_environment_directory_and_inputs() {
         b"hello|wd|input bytes"
     );
     assert_eq!(read(&mut bytestream, &tool).await.unwrap().0, b"tool ran\n");
-    let stderr = Digest::from_proto(result.stderr_digest.as_ref().unwrap(), "e").unwrap();
+    let stderr = Digest::from_proto(
+        result.stderr_digest.as_ref().unwrap(),
+        "e",
+        mesh_reapi::DigestFunction::Sha256,
+    )
+    .unwrap();
     assert_eq!(
         read(&mut bytestream, &stderr).await.unwrap().0,
         b"to-stderr\n"
@@ -141,7 +151,12 @@ async fn a_timeout_kills_the_process_group_and_is_deadline_exceeded() {
     assert!(status.message.contains("timeout"), "{}", status.message);
     let result = response.result.expect("the partial result");
     assert_eq!(result.exit_code, 128 + 9, "killed by SIGKILL");
-    let stdout = Digest::from_proto(result.stdout_digest.as_ref().unwrap(), "o").unwrap();
+    let stdout = Digest::from_proto(
+        result.stdout_digest.as_ref().unwrap(),
+        "o",
+        mesh_reapi::DigestFunction::Sha256,
+    )
+    .unwrap();
     let (pid, _) = read(&mut cluster.bytestream(0).await, &stdout)
         .await
         .unwrap();
@@ -388,7 +403,11 @@ async fn instances_keep_their_own_results_and_operations() {
     assert_eq!(ci_result.exit_code, 0);
     for replica in 0..2 {
         let mut ac = cluster.ac(replica).await;
-        let found = ac.get_action_result(lookup("ci")).await.unwrap().into_inner();
+        let found = ac
+            .get_action_result(lookup("ci"))
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(found, ci_result, "ci's result through replica {replica}");
         for other in ["dev", ""] {
             let error = ac.get_action_result(lookup(other)).await.unwrap_err();
@@ -417,9 +436,17 @@ async fn instances_keep_their_own_results_and_operations() {
         .await
         .unwrap();
     let mut ac = cluster.ac(0).await;
-    let dev = ac.get_action_result(lookup("dev")).await.unwrap().into_inner();
+    let dev = ac
+        .get_action_result(lookup("dev"))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(dev.exit_code, 42);
-    let ci_again = ac.get_action_result(lookup("ci")).await.unwrap().into_inner();
+    let ci_again = ac
+        .get_action_result(lookup("ci"))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(ci_again, ci_result, "dev's write replaced ci's result");
     let ci_cached = finished(
         &execute(&mut cluster.exec(1).await, in_instance("ci"))

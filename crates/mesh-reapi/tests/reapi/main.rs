@@ -7,6 +7,7 @@
 //! `confinement` (actions touch only their own tree; the sandbox).
 #![allow(missing_docs, unreachable_pub)]
 
+mod blake3;
 mod cluster;
 mod compression;
 mod confinement;

@@ -43,8 +43,12 @@ async fn route_requests_carry_the_platform_as_required_tags() {
             .unwrap()
         })
         .unwrap();
-    let root =
-        mesh_reapi::Digest::from_proto(action.input_root_digest.as_ref().unwrap(), "root").unwrap();
+    let root = mesh_reapi::Digest::from_proto(
+        action.input_root_digest.as_ref().unwrap(),
+        "root",
+        mesh_reapi::DigestFunction::Sha256,
+    )
+    .unwrap();
     assert_eq!(
         affinity,
         root.hash(),
@@ -167,7 +171,12 @@ async fn execute_on_a_saturated_replica_runs_on_a_peer_and_every_replica_serves_
     assert_eq!(cluster.replicas[b].stats().executed, 1);
 
     // The output, read back from A and from C.
-    let output = Digest::from_proto(result.output_files[0].digest.as_ref().unwrap(), "d").unwrap();
+    let output = Digest::from_proto(
+        result.output_files[0].digest.as_ref().unwrap(),
+        "d",
+        mesh_reapi::DigestFunction::Sha256,
+    )
+    .unwrap();
     for reader in [a, c] {
         let (data, _) = read(&mut cluster.bytestream(reader).await, &output)
             .await

@@ -277,7 +277,7 @@ pub async fn missing_on(cluster: &Cluster, position: usize, digests: &[Digest]) 
         .into_inner()
         .missing_blob_digests
         .iter()
-        .map(|d| Digest::from_proto(d, "d").unwrap())
+        .map(|d| Digest::from_proto(d, "d", mesh_reapi::DigestFunction::Sha256).unwrap())
         .collect()
 }
 
