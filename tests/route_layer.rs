@@ -664,4 +664,37 @@ async fn a_held_call_ends_at_its_deadline_and_never_runs() {
     );
     assert_eq!(nodes[0].layer().stats().forwarded_out, 0);
     assert_eq!(nodes[0].layer().stats().local, 0);
+
+    // The layer ends it by itself: called directly, with no tonic server (whose own deadline
+    // would hide a layer that held the call forever) and an inner service that must not run.
+    let layered = tower::Layer::layer(
+        nodes[0].layer(),
+        tower::service_fn(|_: http::Request<tonic::body::Body>| async {
+            panic!("a held call ran after its deadline");
+            #[allow(unreachable_code)]
+            Ok::<_, std::convert::Infallible>(http::Response::new(tonic::body::Body::empty()))
+        }),
+    );
+    let message = EchoRequest::default().encode_to_vec();
+    let mut frame = vec![0];
+    frame.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+    frame.extend_from_slice(&message);
+    let request = http::Request::post("/mesh.test.v1.Echo/Echo")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", "300m")
+        .body(tonic::body::Body::new(http_body_util::Full::new(
+            Bytes::from(frame),
+        )))
+        .unwrap();
+    let response = bounded(
+        "the layer to end the held call",
+        tower::ServiceExt::oneshot(layered, request),
+    )
+    .await
+    .unwrap();
+    let status = Status::from_header_map(response.headers()).expect("a trailers-only status");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert_eq!(nodes[0].layer().stats().forwarded_out, 0);
+    assert_eq!(nodes[0].layer().stats().local, 0);
 }

@@ -222,6 +222,14 @@ fn a_slow_node_gets_no_healthy_node_declared_down() {
                 "a node that answers late but within the period refuted {refuted} early notices \
                  in 60 s, more than once per prober"
             );
+            if one_way == 350 {
+                // Its ack (a 700 ms round trip) comes after the early notice (575 ms into the
+                // probe): the notice was sent, before the period ended, and answered.
+                assert!(
+                    refuted > 0,
+                    "no prober told the unanswering node before its probe period ended"
+                );
+            }
         }
         // At 700 ms every probe the slow node sends, and every probe of it, times out. Its
         // suspicions of healthy nodes get no confirmation from witnesses and are refuted by

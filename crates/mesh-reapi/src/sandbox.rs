@@ -122,21 +122,7 @@ impl Sandbox {
                 None
             }
         };
-        let runner = match mode {
-            SandboxMode::Off => None,
-            _ => match probe() {
-                Ok(runner) => Some(runner),
-                Err(reason) if mode == SandboxMode::Required => {
-                    return Err(SandboxError { reason });
-                }
-                Err(reason) => {
-                    tracing::warn!(
-                        "actions run WITHOUT a sandbox: {reason}. Install bubblewrap (apt-get install bubblewrap) to isolate them, or set the sandbox to off to say this is intended"
-                    );
-                    None
-                }
-            },
-        };
+        let runner = choose_runner(mode, probe)?;
         Ok(Self {
             runner,
             hidden,
@@ -263,6 +249,27 @@ fn sandbox_arguments(
 }
 
 /// Finds `bwrap` on the `PATH` and runs `true` in a sandbox like an action's.
+/// The `bwrap` to run actions under for `mode`, given how probing for it goes: none when the
+/// sandbox is off, or (with a warning) when it cannot be set up and is not required.
+fn choose_runner(
+    mode: SandboxMode,
+    probe: impl FnOnce() -> Result<PathBuf, String>,
+) -> Result<Option<PathBuf>, SandboxError> {
+    match mode {
+        SandboxMode::Off => Ok(None),
+        _ => match probe() {
+            Ok(runner) => Ok(Some(runner)),
+            Err(reason) if mode == SandboxMode::Required => Err(SandboxError { reason }),
+            Err(reason) => {
+                tracing::warn!(
+                    "actions run WITHOUT a sandbox: {reason}. Install bubblewrap (apt-get install bubblewrap) to isolate them, or set the sandbox to off to say this is intended"
+                );
+                Ok(None)
+            }
+        },
+    }
+}
+
 fn probe() -> Result<PathBuf, String> {
     let bwrap = find_on_path("bwrap", std::env::var_os("PATH").as_deref())
         .ok_or_else(|| "bwrap (bubblewrap) is not installed (not on PATH)".to_owned())?;
@@ -309,6 +316,28 @@ pub(crate) fn find_on_path(name: &str, path: Option<&std::ffi::OsStr>) -> Option
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn required_refuses_to_start_without_a_sandbox_and_auto_warns_and_runs_without() {
+        let missing = || Err("bwrap (bubblewrap) is not installed (not on PATH)".to_owned());
+        let error = choose_runner(SandboxMode::Required, missing).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "actions must run sandboxed (sandbox = required), but the sandbox cannot be set up: \
+             bwrap (bubblewrap) is not installed (not on PATH)"
+        );
+        assert_eq!(choose_runner(SandboxMode::Auto, missing).unwrap(), None);
+        let bwrap = || Ok(PathBuf::from("/usr/bin/bwrap"));
+        for mode in [SandboxMode::Auto, SandboxMode::Required] {
+            assert_eq!(
+                choose_runner(mode, bwrap).unwrap(),
+                Some(PathBuf::from("/usr/bin/bwrap"))
+            );
+        }
+        let never =
+            || -> Result<PathBuf, String> { panic!("the sandbox is off: nothing to probe") };
+        assert_eq!(choose_runner(SandboxMode::Off, never).unwrap(), None);
+    }
 
     #[test]
     fn modes_parse_with_a_clear_error() {

@@ -4,8 +4,9 @@ use mesh_reapi::{
     Digest,
     proto::{
         build::bazel::remote::execution::v2::{
-            ActionResult, BatchReadBlobsRequest, Directory, GetActionResultRequest, GetTreeRequest,
-            OutputFile, Tree, UpdateActionResultRequest, WaitExecutionRequest,
+            ActionResult, BatchReadBlobsRequest, Directory, FindMissingBlobsRequest,
+            GetActionResultRequest, GetTreeRequest, OutputFile, Tree, UpdateActionResultRequest,
+            WaitExecutionRequest,
         },
         google::bytestream::ReadRequest,
     },
@@ -530,6 +531,21 @@ async fn calls_from_peers_are_answered_from_local_stores_only() {
     *request.metadata_mut() = from_b();
     let error = cluster.bytestream(2).await.read(request).await.unwrap_err();
     assert_eq!(error.code(), Code::NotFound);
+    // Asked which blobs are missing on B's behalf, C answers for its own store: missing.
+    let mut request = tonic::Request::new(FindMissingBlobsRequest {
+        blob_digests: vec![digest.to_proto()],
+        ..Default::default()
+    });
+    *request.metadata_mut() = from_b();
+    let missing = cluster
+        .cas(2)
+        .await
+        .find_missing_blobs(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .missing_blob_digests;
+    assert_eq!(missing, [digest.to_proto()], "C answers from its own store");
     let mut request = tonic::Request::new(GetActionResultRequest {
         action_digest: Some(action.action.to_proto()),
         ..Default::default()
@@ -549,6 +565,7 @@ async fn calls_from_peers_are_answered_from_local_stores_only() {
         "{stats:?}"
     );
     // Asked directly, C finds both on A.
+    assert!(missing_on(&cluster, 2, &[digest]).await.is_empty());
     let (read_back, _) = read(&mut cluster.bytestream(2).await, &digest)
         .await
         .unwrap();
