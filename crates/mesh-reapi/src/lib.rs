@@ -99,7 +99,7 @@ pub mod routing;
 pub mod sandbox;
 pub mod scheduler;
 mod server;
-mod stats;
+pub mod stats;
 mod store;
 
 pub use ac_server::ActionCacheService;
