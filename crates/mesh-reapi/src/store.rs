@@ -632,7 +632,10 @@ mod tests {
         assert!(second.contains(&a));
         assert!(second.contains(&b3));
         let as_sha256 = Digest::new(*b3.hash(), 5);
-        assert!(!second.contains(&as_sha256), "a BLAKE3 file is not a SHA-256 blob");
+        assert!(
+            !second.contains(&as_sha256),
+            "a BLAKE3 file is not a SHA-256 blob"
+        );
         assert_eq!(second.usage().bytes, 10);
         assert!(!dir.path().join("files/zz/not-a-digest").exists());
         // A smaller bound on reopening evicts at once.
