@@ -25,6 +25,10 @@
 //! cargo run --bin mesh-node -- --api reapi --data-dir /tmp/reapi-r0 --node-id r0 --bind-addr 127.0.0.1 --bind-port 7956 --grpc-port 50061 --timing local
 //! ```
 
+// The flags' doc comments are clap's help text, read on a terminal: `<node id>` there is a
+// placeholder, not HTML.
+#![allow(rustdoc::invalid_html_tags)]
+
 mod metrics_endpoint;
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};

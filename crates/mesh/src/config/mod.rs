@@ -12,7 +12,11 @@
 //! by their serde names, so a variant is spelled in one place too.
 //!
 //! Other parts of a server declare their own sections the same way and read them from the same
-//! file ([`Section`], [`from_file`]): `mesh-reapi`'s `[reapi]` is one.
+//! file ([`Section`], [`from_file`]): `mesh-reapi`'s `[reapi]` is one. A file with a known
+//! section name ([`SECTIONS`]) at its top level is read by section, and any other top-level
+//! key is refused with the list of sections; a file without sections holds the mesh keys at its
+//! top level (the seed server's flat files). Variables are `MESH_<KEY>` for `[mesh]` and
+//! `MESH_<SECTION>_<KEY>` for the others.
 //!
 //! A configuration for a Kubernetes StatefulSet behind a headless service (every other key at
 //! its default; the README lists the defaults):

@@ -65,7 +65,7 @@ pub fn from_file<T: Section>(path: impl AsRef<Path>) -> Result<T, ConfigError> {
     }
 }
 
-/// Reads section `T` from TOML text (see the [module docs](self) for the file's shapes).
+/// Reads section `T` from TOML text (see [`crate::config`] for the file's shapes).
 pub fn from_toml_str<T: Section>(text: &str) -> Result<T, String> {
     let table: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
     if table.keys().any(|key| SECTIONS.contains(&key.as_str())) {
@@ -79,7 +79,7 @@ pub fn from_toml_str<T: Section>(text: &str) -> Result<T, String> {
     }
 }
 
-/// Reads section `T` from YAML text (see the [module docs](self) for the file's shapes).
+/// Reads section `T` from YAML text (see [`crate::config`] for the file's shapes).
 pub fn from_yaml_str<T: Section>(text: &str) -> Result<T, String> {
     let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?;
     match &value {
