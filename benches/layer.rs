@@ -1,7 +1,9 @@
 //! What the route layer costs and carries, on real gRPC servers on 127.0.0.1:
 //!
-//! 1. **Added latency**: a unary `Echo` call sent straight to a node, against the same call
-//!    sent to a full node whose route layer forwards it (decode the first message, route,
+//! 1. **Added latency**: a unary `Echo` call sent straight to a node; the same call through a
+//!    plain pass-through proxy (a hyper HTTP/2 server handing every request to a tonic
+//!    `Channel` to the worker: one hop, no routing), the reference for what any hop costs; and
+//!    through a full node whose route layer forwards it (decode the first message, route,
 //!    forward the original request, relay the response). p50 / p99 over the stated samples.
 //! 2. **Routing throughput**: zero-length demo actions sent to one node of a five-node
 //!    cluster, 64 in flight, every one routed by the layer (most of them forwarded): actions
@@ -92,36 +94,98 @@ async fn latency(samples: usize) {
         payload: vec![7; 256],
         ..EchoRequest::default()
     };
-    let mut rows = Vec::new();
-    for (label, replica) in [
-        ("direct to the worker", &worker),
-        ("through the layer", &entry),
-    ] {
-        let mut client = EchoClient::new(replica.channel().await.unwrap());
+    let proxy = plain_proxy(worker.channel().await.unwrap()).await;
+    let proxy = tonic::transport::Endpoint::from_shared(format!("http://{proxy}"))
+        .unwrap()
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .unwrap();
+    let paths = [
+        ("direct to the worker", worker.channel().await.unwrap()),
+        ("through a plain proxy", proxy),
+        ("through the layer", entry.channel().await.unwrap()),
+    ];
+    let mut clients: Vec<_> = paths
+        .iter()
+        .map(|(_, channel)| EchoClient::new(channel.clone()))
+        .collect();
+    for client in &mut clients {
         for _ in 0..200 {
             client.echo(request.clone()).await.unwrap(); // warm up connections
         }
-        let mut times = Vec::with_capacity(samples);
-        for _ in 0..samples {
+    }
+    // The paths take turns, one call each, so a slower moment of the machine falls on all
+    // three alike instead of on whichever ran then.
+    let mut times = vec![Vec::with_capacity(samples); paths.len()];
+    for _ in 0..samples {
+        for (client, times) in clients.iter_mut().zip(&mut times) {
             let started = Instant::now();
             let reply = client.echo(request.clone()).await.unwrap();
             times.push(started.elapsed());
             assert_eq!(reply.get_ref().served_by, "worker");
         }
-        times.sort();
-        rows.push((label, percentile(&times, 0.5), percentile(&times, 0.99)));
     }
-    println!("unary call, 256-byte payload, {samples} sequential samples each");
+    let rows: Vec<(&str, Duration, Duration)> = paths
+        .iter()
+        .zip(&mut times)
+        .map(|((label, _), times)| {
+            times.sort();
+            (*label, percentile(times, 0.5), percentile(times, 0.99))
+        })
+        .collect();
+    println!("unary call, 256-byte payload, {samples} sequential samples per path, paths in turn");
     let us = |d: Duration| format!("{} µs", d.as_micros());
     println!("{:<22} {:>10} {:>10}", "", "p50", "p99");
     for (label, p50, p99) in &rows {
         println!("{label:<22} {:>10} {:>10}", us(*p50), us(*p99));
     }
-    println!(
-        "added by forwarding:   {:>10} {:>10}",
-        us(rows[1].1.saturating_sub(rows[0].1)),
-        us(rows[1].2.saturating_sub(rows[0].2))
-    );
+    let added = |row: usize, p: fn(&(&str, Duration, Duration)) -> Duration| {
+        let (hop, direct) = (p(&rows[row]), p(&rows[0]));
+        if hop >= direct {
+            format!("{} µs", (hop - direct).as_micros())
+        } else {
+            format!("-{} µs", (direct - hop).as_micros())
+        }
+    };
+    for (row, label) in [(1, "added by a plain hop:"), (2, "added by the layer:")] {
+        println!(
+            "{label:<22} {:>10} {:>10}",
+            added(row, |r| r.1),
+            added(row, |r| r.2)
+        );
+    }
+}
+
+/// A plain gRPC pass-through proxy: an HTTP/2 server that hands every request, untouched, to
+/// `worker` (a tonic `Channel`) and relays the response. What one hop costs with no routing:
+/// the reference the layer's hop is measured against.
+async fn plain_proxy(worker: tonic::transport::Channel) -> SocketAddr {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tower::ServiceExt as _;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            stream.set_nodelay(true).unwrap();
+            let worker = worker.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    move |request: http::Request<hyper::body::Incoming>| {
+                        worker.clone().oneshot(request.map(tonic::body::Body::new))
+                    },
+                );
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
 }
 
 async fn throughput(actions: usize, strategy: &str) {
