@@ -17,6 +17,13 @@
 //!   write from a peer (a copy being placed) is stored and not passed on.
 //! * `QueryWriteStatus`: complete for a blob that is present; otherwise nothing is committed
 //!   (partial uploads are not kept, so a client resumes from 0).
+//! * Compressed: `compressed-blobs/zstd/…` for either call ([`crate::compression`]). A read
+//!   compresses the checked pieces as they leave the store (`read_offset` counts uncompressed
+//!   bytes; a `read_limit` is refused, as REAPI says); a write inflates each message into
+//!   bounded pieces that go through the same checked writer, and its offsets count the
+//!   compressed bytes received. The digest is always that of the uncompressed blob.
+//! * BLAKE3: `blobs/blake3/…` (and `compressed-blobs/zstd/blake3/…`) name a BLAKE3 digest,
+//!   verified with BLAKE3 ([`crate::DigestFunction`]).
 
 use std::pin::Pin;
 
