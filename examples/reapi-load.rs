@@ -50,8 +50,10 @@ use tokio::{sync::Semaphore, task::JoinSet, time::Instant};
 use tonic::transport::{Channel, Endpoint};
 
 #[derive(Parser, Debug)]
-#[command(about = "Drive a running REAPI cluster: blob throughput, batches, FindMissingBlobs and \
-                   Execute rate, each beside its limit on this machine")]
+#[command(
+    about = "Drive a running REAPI cluster: blob throughput, batches, FindMissingBlobs and \
+                   Execute rate, each beside its limit on this machine"
+)]
 struct Args {
     /// The replica to drive.
     #[arg(long)]
@@ -107,13 +109,27 @@ async fn connect(url: &str) -> Result<Channel, Error> {
 }
 
 async fn run(args: &Args) -> Result<(), Error> {
-    let known = ["write", "read", "peer-read", "batch", "find-missing", "execute"];
+    let known = [
+        "write",
+        "read",
+        "peer-read",
+        "batch",
+        "find-missing",
+        "execute",
+    ];
     if let Some(phase) = args.phases.iter().find(|p| !known.contains(&p.as_str())) {
-        return Err(format!("unknown phase {phase:?}: the phases are {}", known.join(", ")).into());
+        return Err(format!(
+            "unknown phase {phase:?}: the phases are {}",
+            known.join(", ")
+        )
+        .into());
     }
     let wants = |phase: &str| args.phases.iter().any(|p| p == phase);
     let target = connect(&args.target).await?;
-    println!("{:<14} {:>14} {:>16}  limit on this machine", "phase", "result", "rate");
+    println!(
+        "{:<14} {:>14} {:>16}  limit on this machine",
+        "phase", "result", "rate"
+    );
 
     let size = args.blob_mib << 20;
     let mut rng = StdRng::seed_from_u64(u64::from(std::process::id()));
@@ -124,17 +140,35 @@ async fn run(args: &Args) -> Result<(), Error> {
         let limit = format!("SHA-256 + file write {:.0} MiB/s", mib_per_s(size, limit));
         if wants("write") {
             let took = write_blob(target.clone(), digest, &blob).await?;
-            report("write", &human_mib(size), mib_per_s(size, took), "MiB/s", &limit);
+            report(
+                "write",
+                &human_mib(size),
+                mib_per_s(size, took),
+                "MiB/s",
+                &limit,
+            );
         }
         if wants("read") {
             let took = read_blob(target.clone(), digest).await?;
-            report("read", &human_mib(size), mib_per_s(size, took), "MiB/s", &limit);
+            report(
+                "read",
+                &human_mib(size),
+                mib_per_s(size, took),
+                "MiB/s",
+                &limit,
+            );
         }
         if wants("peer-read") {
             match &args.peer {
                 Some(peer) => {
                     let took = read_blob(connect(peer).await?, digest).await?;
-                    report("peer-read", &human_mib(size), mib_per_s(size, took), "MiB/s", &limit);
+                    report(
+                        "peer-read",
+                        &human_mib(size),
+                        mib_per_s(size, took),
+                        "MiB/s",
+                        &limit,
+                    );
                 }
                 None => println!("{:<14} skipped: no --peer", "peer-read"),
             }

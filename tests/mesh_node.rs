@@ -8,7 +8,9 @@ mod cluster_processes;
 
 use std::path::Path;
 
-use cluster_processes::{NodeProcess, NodeSpec, http_get, meshctl_json, samples, text};
+use cluster_processes::{
+    NodeProcess, NodeSpec, examples, http_get, meshctl_json, run, samples, text,
+};
 use mesh_reapi::{
     Digest,
     proto::build::bazel::remote::execution::v2::{
@@ -206,4 +208,58 @@ async fn a_bad_reapi_value_is_refused_naming_its_key_value_and_rule() {
         let stderr = text(&output.stderr);
         assert!(stderr.starts_with(expected), "{stderr}");
     }
+}
+
+/// `reapi-load` (the load generator of BENCHMARKS.md) drives a replica through every phase and
+/// exits 0 with a line per phase; pointed at an address where nothing listens, it exits
+/// non-zero naming the address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_load_generator_drives_every_phase_and_fails_loudly() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let config = config_file(dir.path(), &dir.path().join("data"));
+    let mut node = NodeProcess::start(from_file(&config)).await;
+    let bin = examples();
+    let url = node.url();
+    let small = [
+        "--target",
+        &url,
+        "--peer",
+        &url,
+        "--blob-mib",
+        "2",
+        "--small-blobs",
+        "200",
+        "--actions",
+        "6",
+        "--concurrency",
+        "3",
+    ];
+    let output = run(&bin, "reapi-load", &small).await;
+    let stdout = text(&output.stdout);
+    assert!(output.status.success(), "{stdout}{}", text(&output.stderr));
+    for phase in [
+        "write",
+        "read",
+        "peer-read",
+        "batch",
+        "find-missing",
+        "execute",
+    ] {
+        assert!(
+            stdout.lines().any(|l| l.starts_with(&format!("{phase} "))),
+            "no {phase} line in {stdout}"
+        );
+    }
+    assert!(stdout.contains("6 actions"), "{stdout}");
+    node.terminate().await;
+
+    let output = run(
+        &bin,
+        "reapi-load",
+        &["--target", &url, "--phases", "execute"],
+    )
+    .await;
+    assert!(!output.status.success());
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains(&url), "{stderr}");
 }

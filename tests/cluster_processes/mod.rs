@@ -56,7 +56,7 @@ pub fn examples() -> PathBuf {
     }
     let status = cargo
         .args(["build", "--quiet", "--workspace"])
-        .args(["--example", "loadgen"])
+        .args(["--example", "loadgen", "--example", "reapi-load"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .status()
         .expect("cargo runs");
