@@ -1,6 +1,8 @@
 //! The body of a relayed response, and the framing that keeps it whole across a re-route.
 
 use std::{
+    fmt,
+    future::Future,
     pin::Pin,
     task::{Context, Poll},
 };
@@ -12,19 +14,39 @@ use tonic::Status;
 
 use super::grpc::whole_messages_len;
 
-/// A response body fed by the relay task: the peer's frames as they arrive, then its trailers
-/// (or trailers carrying the status that ended the relay). Dropping it cancels the relay and,
+/// The relay: the future that reads the upstream's frames and feeds them to the body.
+type Relay = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// A response body fed by the relay: the peer's frames as they arrive, then its trailers (or
+/// trailers carrying the status that ended the relay). The body drives the relay itself, in
+/// the task of the connection that polls it, as a plain proxy's body polls its upstream: no
+/// task of its own, so a frame costs no extra wake-up. Dropping the body drops the relay and,
 /// with it, the call upstream.
-#[derive(Debug)]
 pub struct RelayBody {
     frames: mpsc::Receiver<Frame<Bytes>>,
+    relay: Option<Relay>,
     ended: bool,
 }
 
+impl fmt::Debug for RelayBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RelayBody")
+            .field("relaying", &self.relay.is_some())
+            .field("ended", &self.ended)
+            .finish()
+    }
+}
+
 impl RelayBody {
-    pub(crate) fn new(frames: mpsc::Receiver<Frame<Bytes>>) -> Self {
+    /// The body of `frames`, which `relay` sends; the body polls `relay` whenever it has no
+    /// frame to hand out.
+    pub(crate) fn new(
+        frames: mpsc::Receiver<Frame<Bytes>>,
+        relay: impl Future<Output = ()> + Send + 'static,
+    ) -> Self {
         Self {
             frames,
+            relay: Some(Box::pin(relay)),
             ended: false,
         }
     }
@@ -40,6 +62,19 @@ impl Body for RelayBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         if self.ended {
             return Poll::Ready(None);
+        }
+        // Frames already sent first; then the relay runs until it sends one or waits.
+        if let Poll::Ready(Some(frame)) = self.frames.poll_recv(cx) {
+            if frame.is_trailers() {
+                self.ended = true;
+            }
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        if let Some(relay) = self.relay.as_mut()
+            && relay.as_mut().poll(cx).is_ready()
+        {
+            // Done: its last frame (trailers) is in the channel, and the sender is gone.
+            self.relay = None;
         }
         match self.frames.poll_recv(cx) {
             Poll::Ready(Some(frame)) => {
@@ -141,15 +176,25 @@ mod tests {
         assert_eq!(framer.push(next.clone()).unwrap(), next);
     }
 
+    /// The body runs the relay itself (nothing else polls it here), hands out what it sends,
+    /// and ends with trailers even if the relay ends without sending any.
     #[tokio::test]
-    async fn the_body_ends_with_trailers_even_if_the_relay_vanishes() {
+    async fn the_body_drives_its_relay_and_ends_with_trailers_even_if_the_relay_sends_none() {
         use http_body_util::BodyExt;
         let (tx, rx) = mpsc::channel(4);
-        tx.send(Frame::data(Bytes::from_static(b"abc")))
+        let relay = async move {
+            for piece in [&b"a"[..], b"bc"] {
+                tokio::task::yield_now().await;
+                tx.send(Frame::data(Bytes::from_static(piece)))
+                    .await
+                    .unwrap();
+            }
+        };
+        let body = RelayBody::new(rx, relay).collect();
+        let collected = tokio::time::timeout(std::time::Duration::from_secs(30), body)
             .await
+            .expect("the body ran its relay to the end")
             .unwrap();
-        drop(tx);
-        let collected = RelayBody::new(rx).collect().await.unwrap();
         let trailers = collected.trailers().unwrap().clone();
         assert_eq!(collected.to_bytes(), Bytes::from_static(b"abc"));
         assert_eq!(trailers.get("grpc-status").unwrap(), "14");

@@ -485,8 +485,9 @@ where
         http::Request::from_parts(head, Body::new(Full::new(self.body.clone())))
     }
 
-    /// Answers with the upstream's response head at once and relays its body from a task.
-    /// `retry` (idempotent spread calls only) lets the task route the call again when the
+    /// Answers with the upstream's response head at once and relays its body: the relay runs
+    /// inside the response body ([`RelayBody`]), polled by the connection that sends it.
+    /// `retry` (idempotent spread calls only) lets the relay route the call again when the
     /// peer dies mid-stream.
     fn relay(
         self,
@@ -500,11 +501,10 @@ where
         let (head, body) = response.into_parts();
         let (tx, rx) = mpsc::channel(16);
         // The relay is part of the call: it logs in the call's span.
-        tokio::spawn(
-            self.relay_task(target, body, retry, tx)
-                .instrument(tracing::Span::current()),
-        );
-        http::Response::from_parts(head, Body::new(RelayBody::new(rx)))
+        let relay = self
+            .relay_task(target, body, retry, tx)
+            .instrument(tracing::Span::current());
+        http::Response::from_parts(head, Body::new(RelayBody::new(rx, relay)))
     }
 
     async fn relay_task(
