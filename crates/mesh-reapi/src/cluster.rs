@@ -243,6 +243,12 @@ impl ClusterCas {
         self.rings.handoff_pending()
     }
 
+    /// Whether this replica is still in the current placement (a draining one leaves it once
+    /// its draining state reaches its own view).
+    pub(crate) fn placed_here(&self) -> bool {
+        self.rings.current().position(self.node.node_id()).is_some()
+    }
+
     /// The local CAS.
     pub fn local(&self) -> &Cas {
         &self.cas

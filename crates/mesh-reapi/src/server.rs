@@ -548,9 +548,18 @@ impl ReapiServer {
             cluster.set_leaving();
         }
         let settle = async move {
-            // The node left the placement when it started draining; its handoff task copies
-            // what it holds to the new owners once the placement settled.
-            while hand_off && cluster.handoff_pending() {
+            if !hand_off {
+                return;
+            }
+            // The node leaves the placement once its draining state is in its own view (a
+            // moment after the drain began, longer on a busy machine): until then the last
+            // placement counts as handed off, and waiting on that alone would end at once.
+            while cluster.placed_here() {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            // Then its handoff task copies what it holds to the new owners once that
+            // placement settled.
+            while cluster.handoff_pending() {
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
         };
