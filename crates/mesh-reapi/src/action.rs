@@ -10,7 +10,7 @@ use std::time::Duration;
 use bazel_remote_apis::build::bazel::remote::execution::v2::{Action, Command, Platform};
 use mesh_core::Tags;
 
-use crate::{Digest, executor::ActionSpec};
+use crate::Digest;
 
 /// How long actions may run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +38,24 @@ impl Default for ActionLimits {
 pub struct InvalidAction {
     action: Digest,
     reason: String,
+}
+
+/// A validated action, ready to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActionSpec {
+    /// The action's digest.
+    pub action_digest: Digest,
+    /// Its `Command`.
+    pub command_digest: Digest,
+    /// Its input root `Directory`.
+    pub input_root_digest: Digest,
+    /// How long the command may run.
+    pub timeout: Duration,
+    /// Whether the result must stay out of the action cache.
+    pub do_not_cache: bool,
+    /// Whether the action's platform lets it reach the network
+    /// ([`crate::sandbox::NETWORK_PROPERTY`]); its `Command`'s platform may say so too.
+    pub network: bool,
 }
 
 impl ActionSpec {

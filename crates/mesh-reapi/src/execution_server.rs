@@ -38,9 +38,10 @@ use mesh_route::{OperationId, RouteRequest, forwarded_by, layer::CallTask};
 use tonic::{Request, Response, Status, metadata::MetadataMap};
 
 use crate::{
-    ActionLimits, ClusterCas, ClusterError, Digest, DigestFunction, action_key,
+    ActionLimits, ClusterCas, ClusterError, Digest, DigestFunction,
+    action::ActionSpec,
+    action_key,
     error::invalid,
-    executor::ActionSpec,
     platform_tags,
     scheduler::{Scheduler, follow},
     stats::Counters,

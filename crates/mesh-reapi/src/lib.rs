@@ -103,7 +103,7 @@ pub mod stats;
 mod store;
 
 pub use ac_server::ActionCacheService;
-pub use action::{ActionLimits, InvalidAction, PlatformError, platform_tags};
+pub use action::{ActionLimits, ActionSpec, InvalidAction, PlatformError, platform_tags};
 pub use action_cache::{ActionCache, ActionCacheError, action_key};
 pub use auth::{AuthError, Authorization, Right};
 pub use bytestream_server::ByteStreamService;
@@ -116,7 +116,7 @@ pub use cluster::{ClusterCas, ClusterError, MissingBlobs, ReplicationConfig};
 pub use config::ReapiSettings;
 pub use digest::{Digest, DigestError, DigestFunction, DigestRule, HASH_LEN, Hasher};
 pub use execution_server::{ExecutionService, OperationStream};
-pub use executor::{ActionSpec, ExecError, Executed};
+pub use executor::{ExecError, Executed};
 pub use peers::{MAX_BATCH_TOTAL_SIZE, PeerConfig};
 pub use presence::PresenceService;
 pub use resource::{Compressor, ResourceName, ResourceNameError, ResourceRule};

@@ -55,10 +55,12 @@ use tokio::{
 use tonic::{Code, Status, metadata::MetadataMap};
 
 use crate::{
-    ClusterCas, Digest, action_key,
+    ClusterCas, Digest,
+    action::ActionSpec,
+    action_key,
     claims::{self, ClaimTable, Claimed},
     error::{exec_rpc_status, rpc_status},
-    executor::{ActionSpec, Executor},
+    executor::Executor,
     stats::{Counters, Outcome},
 };
 

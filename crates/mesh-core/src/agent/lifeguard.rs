@@ -21,25 +21,8 @@
 //! lost `Down` is repaired the usual way.
 use std::net::SocketAddr;
 
-use serde::{Deserialize, Serialize};
-
-use super::{Agent, timers::Tick};
+use super::{Agent, notice::Notice, timers::Tick};
 use crate::{Identity, transport::Transport, wire::Kind};
-
-/// A Lifeguard message about `member` at `incarnation`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) enum Notice {
-    /// You are suspected: refute.
-    Suspected { member: Identity, incarnation: u16 },
-    /// Please check whether `member` answers.
-    Check { member: Identity, incarnation: u16 },
-    /// `member` answered: it is alive at an incarnation above `incarnation`.
-    Alive { member: Identity, incarnation: u16 },
-    /// `member` did not answer the witness either.
-    Confirm { member: Identity, incarnation: u16 },
-    /// Our suspicion of `member` at `incarnation` timed out: it is down.
-    Down { member: Identity, incarnation: u16 },
-}
 
 impl<T: Transport> Agent<T> {
     fn send_notice(&mut self, notice: &Notice, to: SocketAddr) {

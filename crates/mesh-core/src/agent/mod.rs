@@ -26,6 +26,7 @@ mod announce;
 mod health;
 mod lifeguard;
 mod lineage;
+pub(crate) mod notice;
 mod publication;
 mod runtime;
 pub(crate) mod snapshot;
@@ -39,7 +40,6 @@ use tokio::{
     time::Instant,
 };
 
-pub(crate) use self::lifeguard::Notice;
 pub(crate) use self::runtime::FocaInstance;
 use self::{
     announce::Announcer,

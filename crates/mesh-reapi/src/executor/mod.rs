@@ -32,7 +32,7 @@ use std::{
     fs, io,
     os::unix::fs::{MetadataExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
-    time::{Duration, SystemTime},
+    time::SystemTime,
 };
 
 use bazel_remote_apis::{
@@ -42,31 +42,17 @@ use bazel_remote_apis::{
 use mesh_core::NodeId;
 use tonic::metadata::MetadataMap;
 
-use crate::{ClusterCas, ClusterError, Digest, MissingBlobs, sandbox::Sandbox};
+use crate::{
+    ClusterCas, ClusterError, Digest, MissingBlobs,
+    action::{ActionSpec, wants_network},
+    sandbox::Sandbox,
+};
 
 pub(crate) mod command;
 pub(crate) mod inputs;
 pub(crate) mod outputs;
 
 use command::CommandSpec;
-
-/// A validated action, ready to run.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ActionSpec {
-    /// The action's digest.
-    pub action_digest: Digest,
-    /// Its `Command`.
-    pub command_digest: Digest,
-    /// Its input root `Directory`.
-    pub input_root_digest: Digest,
-    /// How long the command may run.
-    pub timeout: Duration,
-    /// Whether the result must stay out of the action cache.
-    pub do_not_cache: bool,
-    /// Whether the action's platform lets it reach the network
-    /// ([`crate::sandbox::NETWORK_PROPERTY`]); its `Command`'s platform may say so too.
-    pub network: bool,
-}
 
 /// Running an action failed before it produced a result.
 #[derive(Debug, thiserror::Error)]
@@ -177,11 +163,7 @@ impl Executor {
             .read_message(&spec.command_digest, "Command", hints, metadata, false)
             .await?;
         #[allow(deprecated)] // Command.platform: what Bazel 4.2.3 sets.
-        let network = spec.network
-            || command
-                .platform
-                .as_ref()
-                .is_some_and(crate::action::wants_network);
+        let network = spec.network || command.platform.as_ref().is_some_and(wants_network);
         let command = CommandSpec::parse(&command)?;
         let inputs = self
             .collect_inputs(&spec.input_root_digest, hints, metadata)

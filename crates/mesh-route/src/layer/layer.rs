@@ -2,16 +2,17 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::Arc,
 };
 
 use mesh_core::{NodeId, TaskGuard};
 use tower::Layer;
 
-use super::{CallTask, PeerForwards, RouteService, Rule, outcome::PeerCounters, task::Running};
+use super::{
+    PeerForwards, RouteService, Rule,
+    stats::{Counters, LayerStats},
+    task::{CallTask, Running},
+};
 use crate::Router;
 
 /// The header naming a call across nodes: kept if the client sent one, otherwise generated
@@ -219,71 +220,6 @@ impl<S> Layer<S> for RouteLayer {
 
     fn layer(&self, inner: S) -> Self::Service {
         RouteService::new(inner, self.clone())
-    }
-}
-
-/// Counts of what a [`RouteLayer`] did with the calls that have a rule.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct LayerStats {
-    /// Calls with a rule served here: the rule said so, this node was chosen, or the call
-    /// arrived forwarded by a peer.
-    pub local: u64,
-    /// Of those, calls that arrived forwarded by a peer.
-    pub forwarded_in: u64,
-    /// Spread calls sent to a peer that accepted them.
-    pub forwarded_out: u64,
-    /// Calls sent to the peer that owns their operation.
-    pub to_owner: u64,
-    /// Idempotent calls routed again because their peer died before completing them.
-    pub rerouted: u64,
-    /// Peers skipped because they could not be connected to (the call went elsewhere).
-    pub unreachable: u64,
-    /// Relays cut short: the peer died or the connection broke, and the call was not
-    /// re-routed (the client saw `UNAVAILABLE`).
-    pub relays_broken: u64,
-    /// Calls answered with an error by the layer itself (bad request, no node, deadline).
-    pub refused: u64,
-    /// Calls of spread rules running here now, each counted as one pending task of the node
-    /// until its response ends (see [`CallTask`]): with no other work counted, the node's
-    /// [`LoadTracker::pending`](mesh_core::LoadTracker::pending) equals this.
-    pub running: u64,
-}
-
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    pub(crate) local: AtomicU64,
-    pub(crate) forwarded_in: AtomicU64,
-    pub(crate) forwarded_out: AtomicU64,
-    pub(crate) to_owner: AtomicU64,
-    pub(crate) rerouted: AtomicU64,
-    pub(crate) unreachable: AtomicU64,
-    pub(crate) relays_broken: AtomicU64,
-    pub(crate) refused: AtomicU64,
-    /// A gauge: calls counted here whose response has not ended.
-    pub(crate) running: AtomicU64,
-    /// Forwarded calls by peer, direction and outcome.
-    pub(crate) peers: PeerCounters,
-}
-
-impl Counters {
-    pub(crate) fn add(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn snapshot(&self) -> LayerStats {
-        let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
-        LayerStats {
-            local: read(&self.local),
-            forwarded_in: read(&self.forwarded_in),
-            forwarded_out: read(&self.forwarded_out),
-            to_owner: read(&self.to_owner),
-            rerouted: read(&self.rerouted),
-            unreachable: read(&self.unreachable),
-            relays_broken: read(&self.relays_broken),
-            refused: read(&self.refused),
-            running: read(&self.running),
-        }
     }
 }
 

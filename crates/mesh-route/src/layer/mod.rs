@@ -87,11 +87,12 @@ mod layer;
 mod outcome;
 mod rule;
 mod service;
+mod stats;
 mod task;
 
 pub use body::RelayBody;
-pub use layer::{DEFAULT_MAX_REQUEST_BYTES, InvalidPath, LayerStats, REQUEST_ID, RouteLayer};
-pub use outcome::{ForwardCounts, ForwardOutcome, PeerForwards};
+pub use layer::{DEFAULT_MAX_REQUEST_BYTES, InvalidPath, REQUEST_ID, RouteLayer};
 pub use rule::{Decision, Rule};
 pub use service::RouteService;
+pub use stats::{ForwardCounts, ForwardOutcome, LayerStats, PeerForwards};
 pub use task::CallTask;

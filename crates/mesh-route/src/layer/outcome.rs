@@ -1,18 +1,9 @@
-//! How forwarded calls ended, per peer: the layer's per-peer counters and the body wrapper that
-//! sees a call's end.
-//!
-//! A forwarded call ends in one of five ways ([`ForwardOutcome`]), told apart by what the
-//! response carried: a `grpc-status` of 0 (in trailers, or in the head of a trailers-only
-//! response) is `ok`, any other status `error`; a body that failed or ended without a status
-//! is `broken`; one dropped before its end (the client went away, or the membership declared
-//! the peer down mid-relay) is `cancelled`; a peer that was never reached is `unreachable`.
-//! Calls this node forwarded are counted under the peer that ran them (`outbound`), calls
-//! peers forwarded here under the peer that sent them (`inbound`, from `x-mesh-forwarded-by`).
+//! The body wrapper that sees how a forwarded call ends, and records it in the layer's
+//! per-peer counters ([`super::stats`], where the five outcomes are explained).
 
 use std::{
-    collections::BTreeMap,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::Arc,
     task::{Context, Poll},
 };
 
@@ -21,160 +12,8 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use mesh_core::NodeId;
 
-use super::layer::Counters;
+use super::stats::{Counters, Direction, ForwardOutcome};
 
-/// How one forwarded call ended: told apart by the `grpc-status` the response carried (0 is
-/// `Ok`), by a body that failed or ended without one (`Broken`), or was dropped before its end
-/// (`Cancelled`); a peer never reached is `Unreachable`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum ForwardOutcome {
-    /// It ended with status OK.
-    Ok,
-    /// It ended with another gRPC status.
-    Error,
-    /// Its response failed or ended without a status (the connection broke, the peer died).
-    Broken,
-    /// It was dropped before its end: the client went away, or the peer was declared down
-    /// while its response was relayed.
-    Cancelled,
-    /// The peer could not be reached; it never saw the call (outbound only).
-    Unreachable,
-}
-
-impl ForwardOutcome {
-    /// Every outcome, in the order stats list them.
-    pub const ALL: [ForwardOutcome; 5] = [
-        ForwardOutcome::Ok,
-        ForwardOutcome::Error,
-        ForwardOutcome::Broken,
-        ForwardOutcome::Cancelled,
-        ForwardOutcome::Unreachable,
-    ];
-
-    /// Its lower-case name, as metrics and the admin API label it.
-    pub fn name(self) -> &'static str {
-        match self {
-            ForwardOutcome::Ok => "ok",
-            ForwardOutcome::Error => "error",
-            ForwardOutcome::Broken => "broken",
-            ForwardOutcome::Cancelled => "cancelled",
-            ForwardOutcome::Unreachable => "unreachable",
-        }
-    }
-
-    /// From a `grpc-status` value: OK or an error.
-    fn of_status(status: &http::HeaderValue) -> Self {
-        if status.as_bytes() == b"0" {
-            ForwardOutcome::Ok
-        } else {
-            ForwardOutcome::Error
-        }
-    }
-}
-
-/// Forwarded calls that ended each way.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct ForwardCounts {
-    /// Ended OK.
-    pub ok: u64,
-    /// Ended with another status.
-    pub error: u64,
-    /// Broke before their status.
-    pub broken: u64,
-    /// Dropped before their end.
-    pub cancelled: u64,
-    /// Never reached the peer.
-    pub unreachable: u64,
-}
-
-impl ForwardCounts {
-    /// The count of one outcome.
-    pub fn get(&self, outcome: ForwardOutcome) -> u64 {
-        match outcome {
-            ForwardOutcome::Ok => self.ok,
-            ForwardOutcome::Error => self.error,
-            ForwardOutcome::Broken => self.broken,
-            ForwardOutcome::Cancelled => self.cancelled,
-            ForwardOutcome::Unreachable => self.unreachable,
-        }
-    }
-
-    /// Every call counted, whatever its outcome.
-    pub fn total(&self) -> u64 {
-        ForwardOutcome::ALL.iter().map(|o| self.get(*o)).sum()
-    }
-
-    fn add(&mut self, outcome: ForwardOutcome) {
-        let counter = match outcome {
-            ForwardOutcome::Ok => &mut self.ok,
-            ForwardOutcome::Error => &mut self.error,
-            ForwardOutcome::Broken => &mut self.broken,
-            ForwardOutcome::Cancelled => &mut self.cancelled,
-            ForwardOutcome::Unreachable => &mut self.unreachable,
-        };
-        *counter += 1;
-    }
-}
-
-/// The calls exchanged with one peer ([`RouteLayer::peer_stats`](super::RouteLayer::peer_stats)).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct PeerForwards {
-    /// Calls this node forwarded to the peer, by how they ended.
-    pub outbound: ForwardCounts,
-    /// Calls the peer forwarded to this node, by how they ended.
-    pub inbound: ForwardCounts,
-}
-
-/// Which way a call crossed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Direction {
-    /// We sent it to the peer.
-    Outbound,
-    /// The peer sent it to us.
-    Inbound,
-}
-
-impl Direction {
-    fn name(self) -> &'static str {
-        match self {
-            Direction::Outbound => "out",
-            Direction::Inbound => "in",
-        }
-    }
-}
-
-/// Per-peer counts, behind a lock taken once per finished call.
-#[derive(Debug, Default)]
-pub(crate) struct PeerCounters(Mutex<BTreeMap<NodeId, PeerForwards>>);
-
-impl PeerCounters {
-    pub(crate) fn record(&self, peer: &NodeId, direction: Direction, outcome: ForwardOutcome) {
-        {
-            let mut peers = self.0.lock().unwrap_or_else(|p| p.into_inner());
-            let counts = peers.entry(peer.clone()).or_default();
-            match direction {
-                Direction::Outbound => counts.outbound.add(outcome),
-                Direction::Inbound => counts.inbound.add(outcome),
-            }
-        }
-        metrics::counter!(
-            "mesh_route_forwards_total",
-            "peer" => peer.to_string(),
-            "direction" => direction.name(),
-            "outcome" => outcome.name(),
-        )
-        .increment(1);
-    }
-
-    pub(crate) fn snapshot(&self) -> BTreeMap<NodeId, PeerForwards> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-}
-
-/// Records how one forwarded call ends, exactly once.
 #[derive(Debug)]
 pub(crate) struct OutcomeRecorder {
     counters: Arc<Counters>,
@@ -282,6 +121,7 @@ mod tests {
     use http_body_util::BodyExt;
 
     use super::*;
+    use crate::layer::stats::ForwardCounts;
 
     fn recorder(counters: &Arc<Counters>) -> OutcomeRecorder {
         OutcomeRecorder::new(

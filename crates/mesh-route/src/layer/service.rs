@@ -20,9 +20,9 @@ use super::{
     Decision, ForwardOutcome, REQUEST_ID, RouteLayer,
     body::{MessageFramer, RelayBody},
     grpc,
-    layer::Counters,
-    outcome::{Direction, OutcomeRecorder},
+    outcome::OutcomeRecorder,
     rule::{Rule, RuleKind},
+    stats::{Counters, Direction},
     task::{CallTask, CountedBody},
 };
 use crate::{

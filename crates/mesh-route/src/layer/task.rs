@@ -11,7 +11,7 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use mesh_core::TaskGuard;
 use tonic::{Status, body::Body};
 
-use super::layer::Counters;
+use super::stats::Counters;
 
 /// The task guard of a call the route layer runs on this node, in the request's extensions.
 ///
