@@ -343,6 +343,7 @@ async fn find_missing(channel: Channel, present: &[Digest], uploaded: bool) -> R
     let absent: Vec<Digest> = (0..present.len())
         .map(|i| Digest::of(format!("absent {i} {}", std::process::id()).as_bytes()))
         .collect();
+    let absent_set: std::collections::HashSet<Digest> = absent.iter().copied().collect();
     let asked: Vec<Digest> = present
         .iter()
         .zip(&absent)
@@ -363,7 +364,7 @@ async fn find_missing(channel: Channel, present: &[Digest], uploaded: bool) -> R
         times.push(started.elapsed());
         let expected = chunk
             .iter()
-            .filter(|d| !uploaded || absent.contains(d))
+            .filter(|d| !uploaded || absent_set.contains(d))
             .count();
         if missing.len() != expected {
             return Err(format!(

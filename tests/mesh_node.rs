@@ -10,18 +10,15 @@ use std::path::Path;
 
 use cluster_processes::{
     NodeProcess, NodeSpec, examples, http_get, meshctl_json, run, samples, text,
+    upload_shell_action,
 };
 use mesh_reapi::{
     Digest,
     proto::build::bazel::remote::execution::v2::{
-        Action, BatchUpdateBlobsRequest, Command, ExecuteRequest, GetActionResultRequest,
-        action_cache_client::ActionCacheClient, batch_update_blobs_request,
-        command::EnvironmentVariable,
-        content_addressable_storage_client::ContentAddressableStorageClient,
+        ExecuteRequest, GetActionResultRequest, action_cache_client::ActionCacheClient,
         execution_client::ExecutionClient,
     },
 };
-use prost::Message as _;
 
 /// A configuration file with every setting of the replica in it.
 fn config_file(dir: &Path, data_dir: &Path) -> std::path::PathBuf {
@@ -81,40 +78,7 @@ async fn mesh_node_serves_reapi_from_one_file_and_reports_what_it_did() {
     );
 
     // `echo hello`, uploaded and executed, then looked up in the action cache.
-    #[allow(deprecated)]
-    let command = Command {
-        arguments: vec!["/bin/sh".into(), "-c".into(), "echo hello".into()],
-        environment_variables: vec![EnvironmentVariable {
-            name: "PATH".into(),
-            value: "/bin:/usr/bin".into(),
-        }],
-        ..Default::default()
-    }
-    .encode_to_vec();
-    let command_digest = Digest::of(&command);
-    let action = Action {
-        command_digest: Some(command_digest.to_proto()),
-        input_root_digest: Some(Digest::EMPTY.to_proto()),
-        ..Default::default()
-    }
-    .encode_to_vec();
-    let action_digest = Digest::of(&action);
-    let mut cas = ContentAddressableStorageClient::connect(node.url())
-        .await
-        .unwrap();
-    cas.batch_update_blobs(BatchUpdateBlobsRequest {
-        requests: [(command_digest, command), (action_digest, action)]
-            .into_iter()
-            .map(|(digest, data)| batch_update_blobs_request::Request {
-                digest: Some(digest.to_proto()),
-                data,
-                compressor: 0,
-            })
-            .collect(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let action_digest = upload_shell_action(&node.url(), "echo hello").await;
     let mut execution = ExecutionClient::connect(node.url()).await.unwrap();
     let mut stream = execution
         .execute(ExecuteRequest {

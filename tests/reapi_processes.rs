@@ -5,17 +5,10 @@
 
 mod cluster_processes;
 
-use cluster_processes::{NodeProcess, NodeSpec, poll};
-use mesh_reapi::{
-    Digest,
-    proto::build::bazel::remote::execution::v2::{
-        Action, BatchUpdateBlobsRequest, Command, ExecuteRequest, batch_update_blobs_request,
-        command::EnvironmentVariable,
-        content_addressable_storage_client::ContentAddressableStorageClient,
-        execution_client::ExecutionClient,
-    },
+use cluster_processes::{NodeProcess, NodeSpec, poll, upload_shell_action};
+use mesh_reapi::proto::build::bazel::remote::execution::v2::{
+    ExecuteRequest, execution_client::ExecutionClient,
 };
-use prost::Message as _;
 
 /// Host processes whose command line contains `token` (zombies excluded).
 fn processes_with(token: &str) -> usize {
@@ -59,52 +52,8 @@ async fn a_replica_killed_with_sigkill_leaves_no_action_process() {
     // `sleep` with a duration no other process has (longer than any wait here, so only the
     // sandbox can end it in time): how the action is found on the host.
     let token = format!("300.{}", std::process::id());
-    #[allow(deprecated)]
-    let command = Command {
-        arguments: vec![
-            "/bin/sh".into(),
-            "-c".into(),
-            format!("sleep {token} & sleep {token}"),
-        ],
-        environment_variables: vec![EnvironmentVariable {
-            name: "PATH".into(),
-            value: "/bin:/usr/bin".into(),
-        }],
-        ..Default::default()
-    }
-    .encode_to_vec();
-    let command_digest = Digest::of(&command);
-    let action = Action {
-        command_digest: Some(command_digest.to_proto()),
-        input_root_digest: Some(Digest::EMPTY.to_proto()),
-        ..Default::default()
-    }
-    .encode_to_vec();
-    let action_digest = Digest::of(&action);
-    let mut cas = ContentAddressableStorageClient::connect(node.url())
-        .await
-        .unwrap();
-    let uploaded = cas
-        .batch_update_blobs(BatchUpdateBlobsRequest {
-            requests: [(command_digest, command), (action_digest, action)]
-                .into_iter()
-                .map(|(digest, data)| batch_update_blobs_request::Request {
-                    digest: Some(digest.to_proto()),
-                    data,
-                    compressor: 0,
-                })
-                .collect(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(
-        uploaded
-            .responses
-            .iter()
-            .all(|r| r.status.as_ref().is_none_or(|s| s.code == 0))
-    );
+    let action_digest =
+        upload_shell_action(&node.url(), &format!("sleep {token} & sleep {token}")).await;
     let mut execution = ExecutionClient::connect(node.url()).await.unwrap();
     let running = tokio::spawn(async move {
         let mut stream = execution

@@ -385,3 +385,61 @@ pub fn samples(exposition: &str) -> HashMap<String, f64> {
         })
         .collect()
 }
+
+/// Uploads a REAPI action running `/bin/sh -c script` (PATH set, empty input root) to the
+/// replica at `url`, checking every blob was stored; returns the action's digest.
+pub async fn upload_shell_action(url: &str, script: &str) -> mesh_reapi::Digest {
+    use mesh_reapi::{
+        Digest,
+        proto::build::bazel::remote::execution::v2::{
+            Action, BatchUpdateBlobsRequest, Command, batch_update_blobs_request,
+            command::EnvironmentVariable,
+            content_addressable_storage_client::ContentAddressableStorageClient,
+        },
+    };
+    use prost::Message as _;
+
+    #[allow(deprecated)]
+    let command = Command {
+        arguments: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        environment_variables: vec![EnvironmentVariable {
+            name: "PATH".into(),
+            value: "/bin:/usr/bin".into(),
+        }],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let command_digest = Digest::of(&command);
+    let action = Action {
+        command_digest: Some(command_digest.to_proto()),
+        input_root_digest: Some(Digest::EMPTY.to_proto()),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let action_digest = Digest::of(&action);
+    let uploaded = ContentAddressableStorageClient::connect(url.to_owned())
+        .await
+        .unwrap()
+        .batch_update_blobs(BatchUpdateBlobsRequest {
+            requests: [(command_digest, command), (action_digest, action)]
+                .into_iter()
+                .map(|(digest, data)| batch_update_blobs_request::Request {
+                    digest: Some(digest.to_proto()),
+                    data,
+                    compressor: 0,
+                })
+                .collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        uploaded
+            .responses
+            .iter()
+            .all(|r| r.status.as_ref().is_none_or(|s| s.code == 0)),
+        "{uploaded:?}"
+    );
+    action_digest
+}
