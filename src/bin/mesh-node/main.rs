@@ -280,7 +280,17 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 .await
                 .map_err(|e| format!("binding the grpc listener to {}: {e}", resolved.grpc_bind))?;
             println!("reapi data in {}", data_dir.display());
-            Replica::Reapi(ReapiServer::start(builder, reapi, listener).await?)
+            let server = ReapiServer::start(builder, reapi, listener).await?;
+            println!(
+                "actions run {}, {} at once",
+                if server.reapi().sandboxed() {
+                    "sandboxed"
+                } else {
+                    "WITHOUT a sandbox"
+                },
+                server.node().load().max_concurrency()
+            );
+            Replica::Reapi(server)
         }
     };
     let node = replica.node().clone();
