@@ -348,13 +348,11 @@ async fn run(n: usize, options: &Options) -> Result<Row, String> {
     let local_missing = cluster.local().find_missing(&asked);
     let local = started.elapsed();
     std::hint::black_box(local_missing);
-    let metadata = MetadataMap::new();
+    let fetch = mesh_reapi::Fetch::answering(&MetadataMap::new());
     let mut in_process = Vec::new();
     for _ in 0..options.iterations.min(10) {
         let started = Instant::now();
-        let missing = cluster
-            .find_missing_in_cluster(&asked, &[], &metadata)
-            .await;
+        let missing = cluster.find_missing_in_cluster(&asked, &fetch).await;
         in_process.push(started.elapsed());
         if missing.len() != expected.len() {
             return Err(format!(

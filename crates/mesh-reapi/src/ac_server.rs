@@ -14,11 +14,10 @@ use bazel_remote_apis::build::bazel::remote::execution::v2::{
     ActionResult, GetActionResultRequest, UpdateActionResultRequest,
     action_cache_server::{ActionCache, ActionCacheServer},
 };
-use mesh_route::forwarded_by;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    ClusterCas, Digest, DigestFunction, MissingBlobs, action_key, cluster::result_digests,
+    ClusterCas, Digest, DigestFunction, Fetch, MissingBlobs, action_key, cluster::result_digests,
     error::invalid, stats::Counters,
 };
 
@@ -46,7 +45,8 @@ impl ActionCache for ActionCacheService {
         &self,
         request: Request<GetActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
-        let local_only = forwarded_by(request.metadata()).is_some();
+        let fetch = Fetch::answering(request.metadata());
+        let local_only = fetch.is_local();
         let function = DigestFunction::from_request(request.get_ref().digest_function)?;
         let action = Digest::from_required(
             request.get_ref().action_digest.as_ref(),
@@ -59,11 +59,7 @@ impl ActionCache for ActionCacheService {
         } else {
             action_key(&request.get_ref().instance_name, &action)
         };
-        match self
-            .cluster
-            .action_result(&key, request.metadata(), local_only)
-            .await?
-        {
+        match self.cluster.action_result(&key, &fetch).await? {
             Some(result) => {
                 if !local_only {
                     self.counters.cache_hit("GetActionResult");
@@ -85,8 +81,7 @@ impl ActionCache for ActionCacheService {
         &self,
         request: Request<UpdateActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
-        let local_only = forwarded_by(request.metadata()).is_some();
-        let metadata = request.metadata().clone();
+        let fetch = Fetch::answering(request.metadata());
         let request = request.into_inner();
         let function = DigestFunction::from_request(request.digest_function)?;
         let action =
@@ -95,7 +90,7 @@ impl ActionCache for ActionCacheService {
             .action_result
             .ok_or_else(|| invalid("action_result is required"))?;
         let digests = result_digests(&result, function)?;
-        if local_only {
+        if fetch.is_local() {
             // A peer's copy (a write reaching its owner, or handoff): `action` is the key.
             self.cluster
                 .local_action_cache()
@@ -104,14 +99,13 @@ impl ActionCache for ActionCacheService {
             return Ok(Response::new(result));
         }
         let key = action_key(&request.instance_name, &action);
-        let missing = self
-            .cluster
-            .find_missing_in_cluster(&digests, &[], &metadata)
-            .await;
+        let missing = self.cluster.find_missing_in_cluster(&digests, &fetch).await;
         if !missing.is_empty() {
             return Err(MissingBlobs(missing).into());
         }
-        self.cluster.store_result(key, &result, &metadata).await?;
+        self.cluster
+            .store_result(key, &result, fetch.metadata())
+            .await?;
         Ok(Response::new(result))
     }
 }

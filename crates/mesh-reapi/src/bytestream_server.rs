@@ -33,11 +33,10 @@ use bazel_remote_apis::google::bytestream::{
     byte_stream_server::{ByteStream, ByteStreamServer},
 };
 use futures::Stream;
-use mesh_route::forwarded_by;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
-    BlobReader, CasError, ClusterCas, ResourceName,
+    BlobReader, CasError, ClusterCas, Fetch, ResourceName,
     compression::{Deflater, Inflater},
     error::invalid,
     resource::Compressor,
@@ -74,8 +73,7 @@ impl ByteStream for ByteStreamService {
         &self,
         request: Request<ReadRequest>,
     ) -> Result<Response<Self::ReadStream>, Status> {
-        let local_only = forwarded_by(request.metadata()).is_some();
-        let metadata = request.metadata().clone();
+        let fetch = Fetch::answering(request.metadata());
         let request = request.into_inner();
         let name = ResourceName::parse_read(&request.resource_name)?;
         let digest = name.digest;
@@ -114,21 +112,19 @@ impl ByteStream for ByteStreamService {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            if !self.cluster.local().contains(&digest) {
-                self.cluster
-                    .ensure_local(&[digest], &[], &metadata, local_only)
-                    .await
-                    .map_err(|_| {
-                        Status::not_found(format!(
-                            "blob {digest} is not in the CAS of {}",
-                            if local_only {
-                                "this replica"
-                            } else {
-                                "any replica"
-                            }
-                        ))
-                    })?;
-            }
+            self.cluster
+                .ensure_local(&[digest], &fetch)
+                .await
+                .map_err(|_| {
+                    Status::not_found(format!(
+                        "blob {digest} is not in the CAS of {}",
+                        if fetch.is_local() {
+                            "this replica"
+                        } else {
+                            "any replica"
+                        }
+                    ))
+                })?;
             let Some(reader) = self.cluster.local().open_reader(&digest).await? else {
                 if attempts < 2 {
                     continue;
@@ -158,8 +154,7 @@ impl ByteStream for ByteStreamService {
         &self,
         request: Request<Streaming<WriteRequest>>,
     ) -> Result<Response<WriteResponse>, Status> {
-        let from_peer = forwarded_by(request.metadata()).is_some();
-        let metadata = request.metadata().clone();
+        let fetch = Fetch::answering(request.metadata());
         let mut stream = request.into_inner();
         let Some(first) = stream.message().await? else {
             return Err(invalid(
@@ -174,10 +169,10 @@ impl ByteStream for ByteStreamService {
             })
         };
         if self.cluster.local().contains(&digest) {
-            if !from_peer {
+            if !fetch.is_local() {
                 // Held here already (perhaps only as a copy this replica fetched): make sure
                 // its owners hold it too before acknowledging (they are asked first).
-                self.cluster.replicate(&[digest], &metadata).await;
+                self.cluster.replicate(&[digest], fetch.metadata()).await;
             }
             // remote_execution.proto: the full size, or -1 for a compressed upload.
             return Ok(match name.compressor {
@@ -254,9 +249,9 @@ impl ByteStream for ByteStreamService {
             )));
         }
         writer.commit().await?;
-        if !from_peer {
+        if !fetch.is_local() {
             // Acknowledged only once its owners hold it (a peer's push is stored, not passed on).
-            self.cluster.replicate(&[digest], &metadata).await;
+            self.cluster.replicate(&[digest], fetch.metadata()).await;
         }
         Ok(committed(received))
     }

@@ -30,12 +30,11 @@ use bazel_remote_apis::build::bazel::remote::execution::v2::{
 };
 use bytes::Bytes;
 use futures::Stream;
-use mesh_route::forwarded_by;
 use prost::Message as _;
-use tonic::{Code, Request, Response, Status, Streaming, metadata::MetadataMap};
+use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::{
-    ClusterCas, ClusterError, Digest, DigestFunction, compression,
+    ClusterCas, ClusterError, Digest, DigestFunction, Fetch, compression,
     error::{invalid, rpc_status},
     peers::MAX_BATCH_TOTAL_SIZE,
 };
@@ -68,23 +67,16 @@ impl CasService {
 
     /// A blob of a batch read, after the batch's fetch: from the local CAS, which checks it
     /// against its digest. One that was here but is dropped on reading (found corrupt, or
-    /// evicted just then) is fetched once more from the cluster (unless `local_only`).
-    async fn read_local(
-        &self,
-        digest: &Digest,
-        metadata: &MetadataMap,
-        local_only: bool,
-    ) -> Result<Option<Bytes>, Status> {
+    /// evicted just then) is fetched once more from the cluster (unless `fetch` is local).
+    async fn read_local(&self, digest: &Digest, fetch: &Fetch) -> Result<Option<Bytes>, Status> {
         let present = self.cluster.local().contains(digest);
         match self.cluster.local().read(digest).await? {
             Some(data) => Ok(Some(data)),
-            None if present && !local_only => {
-                match self.cluster.read(digest, &[], metadata, false).await {
-                    Ok(data) => Ok(Some(data)),
-                    Err(ClusterError::Missing(_)) => Ok(None),
-                    Err(error) => Err(error.into()),
-                }
-            }
+            None if present && !fetch.is_local() => match self.cluster.read(digest, fetch).await {
+                Ok(data) => Ok(Some(data)),
+                Err(ClusterError::Missing(_)) => Ok(None),
+                Err(error) => Err(error.into()),
+            },
             None => Ok(None),
         }
     }
@@ -102,8 +94,7 @@ impl ContentAddressableStorage for CasService {
         &self,
         request: Request<FindMissingBlobsRequest>,
     ) -> Result<Response<FindMissingBlobsResponse>, Status> {
-        let from_peer = forwarded_by(request.metadata()).is_some();
-        let metadata = request.metadata().clone();
+        let fetch = Fetch::answering(request.metadata());
         let request = request.into_inner();
         let function = DigestFunction::from_request(request.digest_function)?;
         let digests = request
@@ -111,13 +102,7 @@ impl ContentAddressableStorage for CasService {
             .iter()
             .map(|d| Digest::from_proto(d, "blob_digests", function))
             .collect::<Result<Vec<_>, _>>()?;
-        let missing = if from_peer {
-            self.cluster.local().find_missing(&digests)
-        } else {
-            self.cluster
-                .find_missing_in_cluster(&digests, &[], &metadata)
-                .await
-        };
+        let missing = self.cluster.find_missing_in_cluster(&digests, &fetch).await;
         Ok(Response::new(FindMissingBlobsResponse {
             missing_blob_digests: missing.iter().map(Digest::to_proto).collect(),
         }))
@@ -127,8 +112,7 @@ impl ContentAddressableStorage for CasService {
         &self,
         request: Request<BatchUpdateBlobsRequest>,
     ) -> Result<Response<BatchUpdateBlobsResponse>, Status> {
-        let from_peer = forwarded_by(request.metadata()).is_some();
-        let metadata = request.metadata().clone();
+        let fetch = Fetch::answering(request.metadata());
         let request = request.into_inner();
         let function = DigestFunction::from_request(request.digest_function)?;
         let total: u64 = request.requests.iter().map(|r| r.data.len() as u64).sum();
@@ -188,7 +172,7 @@ impl ContentAddressableStorage for CasService {
                 status: Some(status),
             });
         }
-        if !from_peer {
+        if !fetch.is_local() {
             // Answered only once the owners hold what was stored (a peer's push is not
             // passed on).
             let stored: Vec<Digest> = responses
@@ -197,7 +181,7 @@ impl ContentAddressableStorage for CasService {
                 .filter_map(|r| r.digest.as_ref())
                 .filter_map(|d| Digest::from_proto(d, "digest", function).ok())
                 .collect();
-            self.cluster.replicate(&stored, &metadata).await;
+            self.cluster.replicate(&stored, fetch.metadata()).await;
         }
         Ok(Response::new(BatchUpdateBlobsResponse { responses }))
     }
@@ -206,8 +190,7 @@ impl ContentAddressableStorage for CasService {
         &self,
         request: Request<BatchReadBlobsRequest>,
     ) -> Result<Response<BatchReadBlobsResponse>, Status> {
-        let local_only = forwarded_by(request.metadata()).is_some();
-        let metadata = request.metadata().clone();
+        let fetch = Fetch::answering(request.metadata());
         let request = request.into_inner();
         let function = DigestFunction::from_request(request.digest_function)?;
         let parsed: Vec<Result<Digest, _>> = request
@@ -227,10 +210,7 @@ impl ContentAddressableStorage for CasService {
             .acceptable_compressors
             .contains(&(compressor::Value::Zstd as i32));
         // One fetch for the whole batch; what stays missing is reported per blob.
-        let _ = self
-            .cluster
-            .ensure_local(&valid, &[], &metadata, local_only)
-            .await;
+        let _ = self.cluster.ensure_local(&valid, &fetch).await;
         let mut responses = Vec::with_capacity(parsed.len());
         for (proto, digest) in request.digests.into_iter().zip(parsed) {
             let (data, status) = match digest {
@@ -238,7 +218,7 @@ impl ContentAddressableStorage for CasService {
                     Vec::new(),
                     rpc_status(Code::InvalidArgument, error.to_string()),
                 ),
-                Ok(digest) => match self.read_local(&digest, &metadata, local_only).await {
+                Ok(digest) => match self.read_local(&digest, &fetch).await {
                     Ok(Some(data)) if zstd => match compression::compress(&data) {
                         Ok(compressed) => (compressed, rpc_status(Code::Ok, "")),
                         Err(error) => (
@@ -280,8 +260,7 @@ impl ContentAddressableStorage for CasService {
         &self,
         request: Request<GetTreeRequest>,
     ) -> Result<Response<Self::GetTreeStream>, Status> {
-        let local_only = forwarded_by(request.metadata()).is_some();
-        let metadata = request.metadata().clone();
+        let fetch = Fetch::answering(request.metadata());
         let request = request.into_inner();
         let function = DigestFunction::from_request(request.digest_function)?;
         let root = Digest::from_required(request.root_digest.as_ref(), "root_digest", function)?;
@@ -310,10 +289,7 @@ impl ContentAddressableStorage for CasService {
         let mut seen: HashSet<Digest> = HashSet::from([root]);
         let mut level = vec![root];
         while !level.is_empty() {
-            let _ = self
-                .cluster
-                .ensure_local(&level, &[], &metadata, local_only)
-                .await;
+            let _ = self.cluster.ensure_local(&level, &fetch).await;
             let mut next = Vec::new();
             for digest in level {
                 if digest.size() > crate::cluster::MAX_MESSAGE_SIZE {

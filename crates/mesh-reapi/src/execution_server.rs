@@ -38,7 +38,7 @@ use mesh_route::{OperationId, RouteRequest, forwarded_by, layer::CallTask};
 use tonic::{Request, Response, Status, metadata::MetadataMap};
 
 use crate::{
-    ActionLimits, ClusterCas, ClusterError, Digest, DigestFunction,
+    ActionLimits, ClusterCas, ClusterError, Digest, DigestFunction, Fetch,
     action::ActionSpec,
     action_key,
     error::invalid,
@@ -103,13 +103,11 @@ impl ExecutionService {
         let function = DigestFunction::from_request(request.digest_function)?;
         let action =
             Digest::from_required(request.action_digest.as_ref(), "action_digest", function)?;
-        let local_only = forwarded_by(metadata).is_some();
         Ok(self
             .cluster
             .action_result(
                 &action_key(&request.instance_name, &action),
-                metadata,
-                local_only,
+                &Fetch::answering(metadata),
             )
             .await?)
     }
@@ -126,8 +124,8 @@ impl ExecutionService {
         let function = DigestFunction::from_request(request.digest_function)?;
         let digest =
             Digest::from_required(request.action_digest.as_ref(), "action_digest", function)?;
-        let hints: Vec<NodeId> = forwarded_by(metadata).into_iter().collect();
-        let action = self.read_action(&digest, &hints, metadata).await?;
+        let fetch = Fetch::working_for(metadata);
+        let action = self.read_action(&digest, &fetch).await?;
         let spec = ActionSpec::parse(digest, &action, &self.limits).map_err(invalid)?;
         let command = if action
             .platform
@@ -138,13 +136,7 @@ impl ExecutionService {
         } else {
             Some(
                 self.cluster
-                    .read_message::<Command>(
-                        &spec.command_digest,
-                        "Command",
-                        &hints,
-                        metadata,
-                        false,
-                    )
+                    .read_message::<Command>(&spec.command_digest, "Command", &fetch)
                     .await
                     .map_err(Status::from)?,
             )
@@ -156,14 +148,9 @@ impl ExecutionService {
     }
 
     /// Reads and decodes an `Action` (a missing one is `FAILED_PRECONDITION` naming it).
-    pub async fn read_action(
-        &self,
-        digest: &Digest,
-        hints: &[NodeId],
-        metadata: &MetadataMap,
-    ) -> Result<Action, Status> {
+    pub async fn read_action(&self, digest: &Digest, fetch: &Fetch) -> Result<Action, Status> {
         self.cluster
-            .read_message::<Action>(digest, "Action", hints, metadata, false)
+            .read_message::<Action>(digest, "Action", fetch)
             .await
             .map_err(|error| match error {
                 ClusterError::Malformed { .. } | ClusterError::MessageTooLarge { .. } => {
@@ -183,11 +170,10 @@ impl Execution for ExecutionService {
         &self,
         request: Request<ExecuteRequest>,
     ) -> Result<Response<OperationStream>, Status> {
-        let from = forwarded_by(request.metadata());
-        if from.is_some() {
+        if forwarded_by(request.metadata()).is_some() {
             self.counters.forwarded_in();
         }
-        let metadata = request.metadata().clone();
+        let fetch = Fetch::working_for(request.metadata());
         // The route layer counts this call as one task of the node: a new action keeps that
         // count until it is done; a cache hit or a merged action ends it with the call.
         let call_task = request
@@ -203,7 +189,9 @@ impl Execution for ExecutionService {
             None
         } else {
             let key = action_key(&request.instance_name, &digest);
-            self.cluster.action_result(&key, &metadata, true).await?
+            self.cluster
+                .action_result(&key, &Fetch::local(fetch.metadata()))
+                .await?
         };
         if !request.skip_cache_lookup && cached.is_none() {
             self.counters.cache_miss("Execute");
@@ -215,14 +203,12 @@ impl Execution for ExecutionService {
                 .cached(&request.instance_name, digest, result);
             return Ok(Response::new(Box::pin(follow(updates))));
         }
-        let hints: Vec<NodeId> = from.into_iter().collect();
-        let action = self.read_action(&digest, &hints, &metadata).await?;
+        let action = self.read_action(&digest, &fetch).await?;
         let spec = ActionSpec::parse(digest, &action, &self.limits).map_err(invalid)?;
         let submitted = self.scheduler.submit(
             &request.instance_name,
             spec,
-            hints,
-            metadata,
+            fetch,
             !request.skip_cache_lookup,
             call_task,
         );

@@ -112,7 +112,7 @@ pub use cas::{BlobReader, BlobWriter, Cas, CasError};
 pub use cas_server::CasService;
 pub use cgroups::ResourceLimits;
 pub use claims::ClaimsService;
-pub use cluster::{ClusterCas, ClusterError, MissingBlobs, ReplicationConfig};
+pub use cluster::{ClusterCas, ClusterError, Fetch, MissingBlobs, ReplicationConfig};
 pub use config::ReapiSettings;
 pub use digest::{Digest, DigestError, DigestFunction, DigestRule, HASH_LEN, Hasher};
 pub use execution_server::{ExecutionService, OperationStream};

@@ -55,7 +55,7 @@ use tokio::{
 use tonic::{Code, Status, metadata::MetadataMap};
 
 use crate::{
-    ClusterCas, Digest,
+    ClusterCas, Digest, Fetch,
     action::ActionSpec,
     action_key,
     claims::{self, ClaimTable, Claimed},
@@ -221,16 +221,15 @@ impl Scheduler {
         lock(&self.inner)
     }
 
-    /// Accepts `spec` (or joins the identical action already in flight). `hints` name nodes
-    /// likely to hold its inputs; `metadata` is the caller's, for fetches from peers;
+    /// Accepts `spec` (or joins the identical action already in flight). `fetch` names the
+    /// nodes likely to hold its inputs and carries the caller's metadata, for peers;
     /// `accept_cached` is false when the client asked to skip the cache (an identical action
     /// that just finished elsewhere is then not followed: this one runs).
     pub(crate) fn submit(
         &self,
         instance_name: &str,
         spec: ActionSpec,
-        hints: Vec<NodeId>,
-        metadata: MetadataMap,
+        fetch: Fetch,
         accept_cached: bool,
         call_task: Option<TaskGuard>,
     ) -> Submitted {
@@ -280,8 +279,7 @@ impl Scheduler {
             key.0,
             accept_cached,
             spec,
-            hints,
-            metadata,
+            fetch,
             queued_at,
             guard,
             completion,
@@ -353,8 +351,7 @@ async fn run(
     instance: String,
     accept_cached: bool,
     spec: ActionSpec,
-    hints: Vec<NodeId>,
-    metadata: MetadataMap,
+    fetch: Fetch,
     queued_at: SystemTime,
     guard: TaskGuard,
     completion: Completion,
@@ -371,7 +368,7 @@ async fn run(
             &name,
             &stale,
             accept_cached,
-            &metadata,
+            fetch.metadata(),
         )
         .await;
         let Claimed::Follow(other) = claimed else {
@@ -383,7 +380,7 @@ async fn run(
         guard = None;
         let mut broken = 0;
         loop {
-            match follow_elsewhere(&inner, &other, &metadata, &completion.sender).await {
+            match follow_elsewhere(&inner, &other, fetch.metadata(), &completion.sender).await {
                 Followed::Done(response) => {
                     inner.counters.merged();
                     tracing::debug!(action = %spec.action_digest, operation = %other, "followed an identical action running elsewhere");
@@ -410,10 +407,7 @@ async fn run(
         .duration_since(queued_at)
         .unwrap_or_default();
     let started = tokio::time::Instant::now();
-    let outcome = inner
-        .executor
-        .run(&spec, queued_at, &hints, &metadata)
-        .await;
+    let outcome = inner.executor.run(&spec, queued_at, &fetch).await;
     let ran = started.elapsed();
     let mut cached = false;
     let response = match outcome {
@@ -432,7 +426,11 @@ async fn run(
             // What the response names must outlive this replica: placed before it is sent.
             inner
                 .cluster
-                .replicate_outputs(&executed.result, spec.action_digest.function(), &metadata)
+                .replicate_outputs(
+                    &executed.result,
+                    spec.action_digest.function(),
+                    fetch.metadata(),
+                )
                 .await;
             if cacheable
                 && let Err(error) = inner
@@ -440,7 +438,7 @@ async fn run(
                     .store_result(
                         action_key(&instance, &spec.action_digest),
                         &executed.result,
-                        &metadata,
+                        fetch.metadata(),
                     )
                     .await
             {

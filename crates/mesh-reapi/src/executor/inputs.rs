@@ -14,12 +14,10 @@ use std::{
 };
 
 use bazel_remote_apis::build::bazel::remote::execution::v2::Directory;
-use mesh_core::NodeId;
 use prost::Message as _;
-use tonic::metadata::MetadataMap;
 
 use super::{ExecError, Executor, internal};
-use crate::{ClusterError, Digest, MissingBlobs, cluster::MAX_MESSAGE_SIZE};
+use crate::{ClusterError, Digest, Fetch, MissingBlobs, cluster::MAX_MESSAGE_SIZE};
 
 /// One input file to materialise.
 pub(crate) struct InputFile {
@@ -42,8 +40,7 @@ impl Executor {
     pub(super) async fn collect_inputs(
         &self,
         root: &Digest,
-        hints: &[NodeId],
-        metadata: &MetadataMap,
+        fetch: &Fetch,
     ) -> Result<Inputs, ExecError> {
         let mut decoded: HashMap<Digest, Directory> = HashMap::new();
         let mut level: Vec<(PathBuf, Digest)> = vec![(PathBuf::new(), *root)];
@@ -61,9 +58,7 @@ impl Executor {
                 }
                 .into());
             }
-            self.cluster
-                .ensure_local(&wanted, hints, metadata, false)
-                .await?;
+            self.cluster.ensure_local(&wanted, fetch).await?;
             for digest in wanted {
                 if decoded.contains_key(&digest) {
                     continue;
@@ -143,14 +138,11 @@ impl Executor {
     pub(super) async fn pin_inputs(
         &self,
         digests: &[Digest],
-        hints: &[NodeId],
-        metadata: &MetadataMap,
+        fetch: &Fetch,
     ) -> Result<crate::store::Pins, ExecError> {
         let mut attempts = 0;
         loop {
-            self.cluster
-                .ensure_local(digests, hints, metadata, false)
-                .await?;
+            self.cluster.ensure_local(digests, fetch).await?;
             let (pins, missing) = self.cluster.local().pin(digests.iter().copied());
             if missing.is_empty() {
                 return Ok(pins);

@@ -40,10 +40,9 @@ use bazel_remote_apis::{
     google::protobuf::Timestamp,
 };
 use mesh_core::NodeId;
-use tonic::metadata::MetadataMap;
 
 use crate::{
-    ClusterCas, ClusterError, Digest, MissingBlobs,
+    ClusterCas, ClusterError, Digest, Fetch, MissingBlobs,
     action::{ActionSpec, wants_network},
     sandbox::Sandbox,
 };
@@ -122,19 +121,17 @@ impl Executor {
         }
     }
 
-    /// Runs `spec`. `queued_at` is when the action was accepted; `hints` are nodes likely to
-    /// hold its inputs (the node that forwarded it).
+    /// Runs `spec`. `queued_at` is when the action was accepted; `fetch` names the nodes
+    /// likely to hold its inputs (the node that forwarded it) and carries the caller's
+    /// metadata for peers.
     pub(crate) async fn run(
         &self,
         spec: &ActionSpec,
         queued_at: SystemTime,
-        hints: &[NodeId],
-        metadata: &MetadataMap,
+        fetch: &Fetch,
     ) -> Result<Executed, ExecError> {
         let scratch = self.work_dir.join(uuid::Uuid::now_v7().to_string());
-        let outcome = self
-            .run_in(spec, queued_at, hints, metadata, &scratch)
-            .await;
+        let outcome = self.run_in(spec, queued_at, fetch, &scratch).await;
         let cleanup = scratch.clone();
         let removed = tokio::task::spawn_blocking(move || remove_tree(&cleanup)).await;
         if let Ok(Err(error)) = removed {
@@ -147,8 +144,7 @@ impl Executor {
         &self,
         spec: &ActionSpec,
         queued_at: SystemTime,
-        hints: &[NodeId],
-        metadata: &MetadataMap,
+        fetch: &Fetch,
         scratch: &Path,
     ) -> Result<Executed, ExecError> {
         let mut timing = ExecutedActionMetadata {
@@ -160,16 +156,14 @@ impl Executor {
         };
         let command: Command = self
             .cluster
-            .read_message(&spec.command_digest, "Command", hints, metadata, false)
+            .read_message(&spec.command_digest, "Command", fetch)
             .await?;
         #[allow(deprecated)] // Command.platform: what Bazel 4.2.3 sets.
         let network = spec.network || command.platform.as_ref().is_some_and(wants_network);
         let command = CommandSpec::parse(&command)?;
-        let inputs = self
-            .collect_inputs(&spec.input_root_digest, hints, metadata)
-            .await?;
+        let inputs = self.collect_inputs(&spec.input_root_digest, fetch).await?;
         let file_digests: Vec<Digest> = inputs.files.iter().map(|f| f.digest).collect();
-        let pins = self.pin_inputs(&file_digests, hints, metadata).await?;
+        let pins = self.pin_inputs(&file_digests, fetch).await?;
         let root = scratch.join("root");
         let cas = self.cluster.local().clone();
         let materialise_root = root.clone();

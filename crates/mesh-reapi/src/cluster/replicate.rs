@@ -1,0 +1,191 @@
+//! Writes are placed before they are acknowledged: copies to a digest's owners.
+//!
+//! Each digest goes down its rendezvous ranking ([`crate::placement`]), skipping this
+//! replica, until `R` peers hold it: every round sends each digest to as many candidates as
+//! it still needs, one batched push per peer and all peers in parallel; a peer that fails is
+//! replaced by the next of the ranking in the next round. A push asks first what the peer
+//! has, so nothing is sent twice.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use bazel_remote_apis::build::bazel::remote::execution::v2::{ActionResult, Tree};
+use futures::{StreamExt as _, stream::FuturesUnordered};
+use mesh_core::NodeId;
+use tonic::metadata::MetadataMap;
+
+use super::{
+    ClusterCas, ClusterError,
+    results::{result_digests, tree_file_digests, tree_of},
+};
+use crate::{Digest, DigestFunction, placement::Ring};
+
+impl ClusterCas {
+    /// Copies `digests` (all present here) to their placement: for each, the first `R`
+    /// replicas of its ranking other than this one, each asked first what it has. A replica
+    /// that cannot be reached is replaced by the next in the ranking. Returns the digests
+    /// that got fewer than `R` copies elsewhere (all of them on a replica with no peers).
+    pub async fn replicate(&self, digests: &[Digest], metadata: &MetadataMap) -> Vec<Digest> {
+        let ring = self.rings.current();
+        let mut plans: Vec<Plan> = Vec::new();
+        let mut seen = HashSet::new();
+        for digest in digests {
+            if digest.size() == 0 || !seen.insert(*digest) {
+                continue;
+            }
+            plans.push(Plan::new(
+                *digest,
+                &ring,
+                self.node.node_id(),
+                self.replication.factor,
+            ));
+        }
+        let peers = self.peers(metadata);
+        let mut failed: HashSet<NodeId> = HashSet::new();
+        loop {
+            let mut by_node: HashMap<NodeId, Vec<usize>> = HashMap::new();
+            // Each round sends every digest to as many candidates as it still needs, in
+            // parallel; a failure is made up for with the next candidates in the next round.
+            for (index, plan) in plans.iter_mut().enumerate() {
+                let mut assigned = 0;
+                while assigned < plan.needed {
+                    let Some(node) = plan.next_candidate() else {
+                        break;
+                    };
+                    if failed.contains(&node) {
+                        continue;
+                    }
+                    by_node.entry(node).or_default().push(index);
+                    assigned += 1;
+                }
+            }
+            if by_node.is_empty() {
+                break;
+            }
+            let pushes: FuturesUnordered<_> = by_node
+                .into_iter()
+                .map(|(node, indices)| {
+                    let digests: Vec<Digest> = indices.iter().map(|i| plans[*i].digest).collect();
+                    let peers = &peers;
+                    async move {
+                        let result = peers.push(&node, &digests, &self.cas).await;
+                        (node, indices, result)
+                    }
+                })
+                .collect();
+            let results: Vec<_> = pushes.collect().await;
+            for (node, indices, result) in results {
+                match result {
+                    Ok(pushed) => {
+                        self.counters.replicated(pushed.sent, pushed.bytes);
+                        for index in indices {
+                            if pushed.held.contains(&plans[index].digest) {
+                                plans[index].needed -= 1;
+                            }
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(peer = %node, %error, "could not place blobs on a peer; trying the next in their ranking");
+                        failed.insert(node);
+                    }
+                }
+            }
+        }
+        let short: Vec<Digest> = plans
+            .iter()
+            .filter(|plan| plan.needed > 0 && plan.possible)
+            .map(|plan| plan.digest)
+            .collect();
+        if !short.is_empty() {
+            tracing::warn!(
+                blobs = short.len(),
+                "fewer copies than the replication factor: handoff will retry"
+            );
+        }
+        short
+    }
+
+    /// Stores `result` for `action` here and on the action's placement (the first `R`
+    /// replicas of its ranking other than this one).
+    pub async fn store_result(
+        &self,
+        action: Digest,
+        result: &ActionResult,
+        metadata: &MetadataMap,
+    ) -> Result<(), ClusterError> {
+        self.action_cache.put(action, result).await?;
+        let ring = self.rings.current();
+        let mut plan = Plan::new(action, &ring, self.node.node_id(), self.replication.factor);
+        let peers = self.peers(metadata);
+        while plan.needed > 0 {
+            let Some(node) = plan.next_candidate() else {
+                break;
+            };
+            match peers.put_action_result(&node, &action, result).await {
+                Ok(()) => plan.needed -= 1,
+                Err(error) => {
+                    tracing::warn!(peer = %node, %action, %error, "could not place an action result on a peer; trying the next");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies every blob an action result names (output files, the trees of output
+    /// directories and every file in them, stdout, stderr) to its placement. The trees are
+    /// read here: the replica that ran the action holds them. The result's digests are of
+    /// `function`, the action's.
+    pub async fn replicate_outputs(
+        &self,
+        result: &ActionResult,
+        function: DigestFunction,
+        metadata: &MetadataMap,
+    ) {
+        let Ok(mut digests) = result_digests(result, function) else {
+            return;
+        };
+        for directory in &result.output_directories {
+            let Some(tree) = tree_of(directory, function) else {
+                continue;
+            };
+            if let Ok(Some(bytes)) = self.cas.read(&tree).await
+                && let Ok(tree) = <Tree as prost::Message>::decode(bytes)
+                && let Ok(mut files) = tree_file_digests(&tree, function)
+            {
+                digests.append(&mut files);
+            }
+        }
+        self.replicate(&digests, metadata).await;
+    }
+}
+
+/// Where one digest's copies go: down its ranking, skipping this replica, until `R` peers
+/// hold it.
+struct Plan {
+    digest: Digest,
+    candidates: VecDeque<NodeId>,
+    needed: usize,
+    /// Whether the ranking had `R` peers at all (a smaller cluster keeps what it can).
+    possible: bool,
+}
+
+impl Plan {
+    fn new(digest: Digest, ring: &Ring, local: &NodeId, factor: usize) -> Self {
+        let candidates: VecDeque<NodeId> = ring
+            .ranked(&digest)
+            .into_iter()
+            .filter(|node| *node != local)
+            .cloned()
+            .collect();
+        let needed = factor.min(candidates.len());
+        Self {
+            digest,
+            possible: candidates.len() >= factor,
+            candidates,
+            needed,
+        }
+    }
+
+    fn next_candidate(&mut self) -> Option<NodeId> {
+        self.candidates.pop_front()
+    }
+}
