@@ -79,7 +79,7 @@ pub(crate) fn exec_rpc_status(error: &ExecError) -> rpc::Status {
         ExecError::Missing(missing) => missing_rpc_status(missing),
         ExecError::Invalid(message) => rpc_status(Code::InvalidArgument, message.clone()),
         ExecError::OutputType(message) => rpc_status(Code::FailedPrecondition, message.clone()),
-        ExecError::Internal(message) => rpc_status(Code::Internal, message.clone()),
+        ExecError::Internal { .. } => rpc_status(Code::Internal, error.to_string()),
     }
 }
 

@@ -116,7 +116,7 @@ pub use cluster::{ClusterCas, ClusterError, Fetch, MissingBlobs, ReplicationConf
 pub use config::ReapiSettings;
 pub use digest::{Digest, DigestError, DigestFunction, DigestRule, HASH_LEN, Hasher};
 pub use execution_server::{ExecutionService, OperationStream};
-pub use executor::{ExecError, Executed};
+pub use executor::{ExecError, Executed, InternalCause};
 pub use peers::{MAX_BATCH_TOTAL_SIZE, PeerConfig};
 pub use presence::PresenceService;
 pub use resource::{Compressor, ResourceName, ResourceNameError, ResourceRule};

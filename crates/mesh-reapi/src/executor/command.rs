@@ -141,7 +141,7 @@ impl CommandSpec {
                         path.display().to_string()
                     ))
                 } else {
-                    ExecError::Internal(format!("creating {what} {}: {error}", path.display()))
+                    internal(format!("creating {what} {}", path.display()))(error)
                 }
             })
         };
@@ -230,14 +230,14 @@ pub(crate) async fn run(
         .stdout(Stdio::from(stdout_file))
         .stderr(Stdio::from(stderr_file));
     let mut child = process.spawn().map_err(|error| {
-        let message = format!("the command's program {program:?} could not be started: {error}");
+        let context = format!("the command's program {program:?} could not be started");
         match error.kind() {
             // The action's fault: it names something that cannot run.
             io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied => {
-                ExecError::Invalid(message)
+                ExecError::Invalid(format!("{context}: {error}"))
             }
             // Ours (too many processes or open files): worth a retry.
-            _ => ExecError::Internal(message),
+            _ => internal(context)(error),
         }
     })?;
     let group = child

@@ -68,7 +68,7 @@ impl Executor {
                     .local()
                     .read(&digest)
                     .await
-                    .map_err(|e| ExecError::Internal(e.to_string()))?
+                    .map_err(internal(format!("reading input directory {digest}")))?
                     .ok_or_else(|| MissingBlobs(vec![digest]))?;
                 let directory = Directory::decode(bytes).map_err(|e| {
                     ExecError::Invalid(format!(
@@ -188,7 +188,10 @@ pub(crate) fn materialise(cas: &crate::Cas, root: &Path, inputs: &Inputs) -> Res
         let dest = root.join(&file.path);
         let copied = cas
             .copy_out(&file.digest, &dest, file.executable)
-            .map_err(|e| ExecError::Internal(e.to_string()))?;
+            .map_err(internal(format!(
+                "copying input file {} into the action's directory",
+                file.digest
+            )))?;
         if !copied {
             return Err(MissingBlobs(vec![file.digest]).into());
         }

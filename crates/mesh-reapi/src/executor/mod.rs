@@ -67,9 +67,47 @@ pub enum ExecError {
     /// An output exists with the wrong type: `FAILED_PRECONDITION`.
     #[error("{0}")]
     OutputType(String),
-    /// This server failed (file system, process spawning): `INTERNAL`.
-    #[error("{0}")]
-    Internal(String),
+    /// This server failed (file system, process spawning, the local store): `INTERNAL`.
+    /// `context` says what it was doing; `source` is the cause, kept typed (an
+    /// [`std::io::Error`]'s kind tells a full disk from a missing file).
+    #[error("{context}: {source}")]
+    Internal {
+        /// What this server was doing, naming the path or blob.
+        context: String,
+        /// Why it failed.
+        #[source]
+        source: InternalCause,
+    },
+}
+
+/// The cause of an [`ExecError::Internal`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InternalCause {
+    /// A file system or process call failed.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    /// The local CAS failed (boxed, as is the next: a result stays small).
+    #[error(transparent)]
+    Cas(Box<crate::CasError>),
+    /// The cluster store failed for another reason than missing or malformed blobs.
+    #[error(transparent)]
+    Cluster(Box<ClusterError>),
+    /// A blocking task of this action panicked or was cancelled.
+    #[error(transparent)]
+    Task(#[from] tokio::task::JoinError),
+}
+
+impl From<crate::CasError> for InternalCause {
+    fn from(error: crate::CasError) -> Self {
+        Self::Cas(Box::new(error))
+    }
+}
+
+impl From<ClusterError> for InternalCause {
+    fn from(error: ClusterError) -> Self {
+        Self::Cluster(Box::new(error))
+    }
 }
 
 impl From<ClusterError> for ExecError {
@@ -79,13 +117,19 @@ impl From<ClusterError> for ExecError {
             ClusterError::Malformed { .. } | ClusterError::MessageTooLarge { .. } => {
                 ExecError::Invalid(error.to_string())
             }
-            other => ExecError::Internal(other.to_string()),
+            other => internal("using the cluster store")(other),
         }
     }
 }
 
-pub(crate) fn internal(context: impl std::fmt::Display) -> impl FnOnce(io::Error) -> ExecError {
-    move |error| ExecError::Internal(format!("{context}: {error}"))
+/// Turns a cause into an [`ExecError::Internal`] saying what this server was doing.
+pub(crate) fn internal<E: Into<InternalCause>>(
+    context: impl std::fmt::Display,
+) -> impl FnOnce(E) -> ExecError {
+    move |error| ExecError::Internal {
+        context: context.to_string(),
+        source: error.into(),
+    }
 }
 
 /// What running an action produced.
@@ -173,7 +217,7 @@ impl Executor {
             prepared.prepare_directories(&materialise_root)
         })
         .await
-        .map_err(|e| ExecError::Internal(format!("materialising inputs: {e}")))??;
+        .map_err(internal("materialising inputs"))??;
         drop(pins);
         timing.input_fetch_completed_timestamp = Some(now());
 
@@ -199,16 +243,16 @@ impl Executor {
             let mut result = outputs::collect(&cas, function, &command, &root)?;
             let stdout = cas
                 .store_file(&stdout_path, function)
-                .map_err(|e| ExecError::Internal(e.to_string()))?;
+                .map_err(internal("storing the action's stdout"))?;
             let stderr = cas
                 .store_file(&stderr_path, function)
-                .map_err(|e| ExecError::Internal(e.to_string()))?;
+                .map_err(internal("storing the action's stderr"))?;
             result.stdout_digest = Some(stdout.to_proto());
             result.stderr_digest = Some(stderr.to_proto());
             Ok::<_, ExecError>(result)
         })
         .await
-        .map_err(|e| ExecError::Internal(format!("collecting outputs: {e}")))??;
+        .map_err(internal("collecting outputs"))??;
         result.exit_code = run.exit_code;
         timing.output_upload_completed_timestamp = Some(now());
         timing.worker_completed_timestamp = Some(now());
@@ -278,6 +322,26 @@ pub(crate) fn now() -> Timestamp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_internal_failure_names_what_failed_and_keeps_its_cause_typed() {
+        let error = internal("storing output out/a")(io::Error::from(io::ErrorKind::StorageFull));
+        assert!(
+            error.to_string().starts_with("storing output out/a: "),
+            "{error}"
+        );
+        let cause = std::error::Error::source(&error).expect("a source");
+        let cause = cause
+            .downcast_ref::<InternalCause>()
+            .expect("the cause is an InternalCause");
+        assert!(
+            matches!(cause, InternalCause::Io(io) if io.kind() == io::ErrorKind::StorageFull),
+            "{cause:?}"
+        );
+        let status = crate::error::exec_rpc_status(&error);
+        assert_eq!(status.code, tonic::Code::Internal as i32);
+        assert_eq!(status.message, error.to_string());
+    }
 
     #[test]
     fn commands_are_checked() {

@@ -15,6 +15,7 @@ use cap_std::fs::Dir;
 use super::{
     ExecError,
     command::{CommandSpec, Outputs},
+    internal,
 };
 use crate::{Digest, DigestFunction};
 
@@ -126,7 +127,7 @@ fn escaped_or(path: &Path, what: &str, error: io::Error) -> ExecError {
             path.display().to_string()
         ))
     } else {
-        ExecError::Internal(format!("inspecting {what} {}: {error}", path.display()))
+        internal(format!("inspecting {what} {}", path.display()))(error)
     }
 }
 
@@ -167,13 +168,13 @@ fn store(cas: Sink<'_>, dir: &Dir, path: &Path) -> Result<Digest, ExecError> {
             &format!("storing output {}", path.display()),
             cas.function,
         )
-        .map_err(|e| ExecError::Internal(e.to_string()))
+        .map_err(internal(format!("storing output {}", path.display())))
 }
 
 fn store_message(cas: Sink<'_>, message: &impl prost::Message) -> Result<Digest, ExecError> {
     cas.cas
         .store_bytes_blocking(&message.encode_to_vec(), cas.function)
-        .map_err(|e| ExecError::Internal(e.to_string()))
+        .map_err(internal("storing an output directory's message"))
 }
 
 /// An output that is a symbolic link, kept as a link (REAPI v2.0 clients read these fields).
@@ -238,7 +239,7 @@ fn directory_message(
     children: &mut Vec<Directory>,
     seen: &mut HashSet<Digest>,
 ) -> Result<Directory, ExecError> {
-    let listing = |e| ExecError::Internal(format!("listing output {}: {e}", shown.display()));
+    let listing = |e: io::Error| internal(format!("listing output {}", shown.display()))(e);
     let mut names: Vec<String> = Vec::new();
     for entry in dir.entries().map_err(listing)? {
         let entry = entry.map_err(listing)?;
