@@ -18,18 +18,18 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     ClusterCas, Digest, DigestFunction, Fetch, MissingBlobs, action_key, cluster::result_digests,
-    error::invalid, stats::Counters,
+    error::invalid, stats::ReapiCounters,
 };
 
 /// The `ActionCache` service.
 #[derive(Debug, Clone)]
 pub struct ActionCacheService {
     cluster: ClusterCas,
-    counters: std::sync::Arc<Counters>,
+    counters: std::sync::Arc<ReapiCounters>,
 }
 
 impl ActionCacheService {
-    pub(crate) fn new(cluster: ClusterCas, counters: std::sync::Arc<Counters>) -> Self {
+    pub(crate) fn new(cluster: ClusterCas, counters: std::sync::Arc<ReapiCounters>) -> Self {
         Self { cluster, counters }
     }
 

@@ -1,6 +1,6 @@
 //! The local action cache of one replica: `ActionResult`s keyed by action digest, on disk,
 //! bounded in bytes, least recently used evicted first (the same store as the CAS, see
-//! [`crate::store`]).
+//! [`crate::lru_dir`]).
 //!
 //! Entries are the encoded `ActionResult` messages. Like CAS blobs they are written to a
 //! temporary file and renamed into place, so a reader never sees a partial entry; an entry
@@ -23,7 +23,7 @@ use prost::Message as _;
 
 use crate::{
     Digest,
-    store::{InsertError, LruDir, StoreUsage},
+    lru_dir::{InsertError, LruDir, StoreUsage},
 };
 
 /// The action cache key of `action` in instance `instance_name`: `action` itself for the

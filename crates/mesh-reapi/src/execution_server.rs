@@ -44,7 +44,7 @@ use crate::{
     error::invalid,
     platform_tags,
     scheduler::{Scheduler, follow},
-    stats::Counters,
+    stats::ReapiCounters,
 };
 
 /// The stream of operation updates both methods return.
@@ -58,7 +58,7 @@ pub struct ExecutionService {
     scheduler: Scheduler,
     limits: ActionLimits,
     retention: std::time::Duration,
-    counters: std::sync::Arc<Counters>,
+    counters: std::sync::Arc<ReapiCounters>,
 }
 
 impl ExecutionService {
@@ -68,7 +68,7 @@ impl ExecutionService {
         scheduler: Scheduler,
         limits: ActionLimits,
         retention: std::time::Duration,
-        counters: std::sync::Arc<Counters>,
+        counters: std::sync::Arc<ReapiCounters>,
     ) -> Self {
         Self {
             node_id,

@@ -91,6 +91,7 @@ mod error;
 pub mod execution_server;
 pub mod executor;
 pub mod handoff;
+mod lru_dir;
 mod peers;
 pub mod placement;
 pub mod presence;
@@ -100,7 +101,6 @@ pub mod sandbox;
 pub mod scheduler;
 mod server;
 pub mod stats;
-mod store;
 
 pub use ac_server::ActionCacheService;
 pub use action::{ActionLimits, ActionSpec, InvalidAction, PlatformError, platform_tags};
@@ -117,6 +117,7 @@ pub use config::ReapiSettings;
 pub use digest::{Digest, DigestError, DigestFunction, DigestRule, HASH_LEN, Hasher};
 pub use execution_server::{ExecutionService, OperationStream};
 pub use executor::{ExecError, Executed, InternalCause};
+pub use lru_dir::StoreUsage;
 pub use peers::{MAX_BATCH_TOTAL_SIZE, PeerConfig};
 pub use presence::PresenceService;
 pub use resource::{Compressor, ResourceName, ResourceNameError, ResourceRule};
@@ -126,7 +127,6 @@ pub use server::{
     DrainConfig, DrainReport, NodeSource, Reapi, ReapiConfig, ReapiError, ReapiServer,
 };
 pub use stats::ReapiStats;
-pub use store::StoreUsage;
 
 /// The REAPI bindings this crate serves, re-exported for clients and tests.
 pub use bazel_remote_apis as proto;

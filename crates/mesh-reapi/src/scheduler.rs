@@ -61,7 +61,7 @@ use crate::{
     claims::{self, ClaimTable, Claimed},
     error::{exec_rpc_status, rpc_status},
     executor::Executor,
-    stats::{Counters, Outcome},
+    stats::{Outcome, ReapiCounters},
 };
 
 /// How often an operation claims an action (and follows another replica's operation) before
@@ -165,7 +165,7 @@ struct Inner {
     load: LoadTracker,
     slots: Semaphore,
     config: SchedulerConfig,
-    counters: Arc<Counters>,
+    counters: Arc<ReapiCounters>,
     claims: ClaimTable,
     registry: Mutex<Registry>,
 }
@@ -199,7 +199,7 @@ impl Scheduler {
         cluster: ClusterCas,
         max_concurrency: usize,
         config: SchedulerConfig,
-        counters: Arc<Counters>,
+        counters: Arc<ReapiCounters>,
         claims: ClaimTable,
     ) -> Self {
         let inner = Arc::new(Inner {

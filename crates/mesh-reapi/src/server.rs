@@ -17,7 +17,7 @@ use crate::{
     ByteStreamService, CapabilitiesService, Cas, CasError, CasService, ClaimsService, ClusterCas,
     ExecutionService, PeerConfig, PresenceService, ReapiStats, ReplicationConfig, ResourceLimits,
     SandboxError, SandboxMode, SchedulerConfig, claims::ClaimTable, executor::Executor, handoff,
-    routing, sandbox::Sandbox, scheduler::Scheduler, stats::Counters,
+    routing, sandbox::Sandbox, scheduler::Scheduler, stats::ReapiCounters,
 };
 
 /// How one replica stores and runs things.
@@ -131,7 +131,7 @@ struct Inner {
     execution: ExecutionService,
     action_cache: ActionCacheService,
     scheduler: Scheduler,
-    counters: Arc<Counters>,
+    counters: Arc<ReapiCounters>,
     cas_max_bytes: u64,
     layer: RouteLayer,
     claims: ClaimTable,
@@ -161,7 +161,7 @@ impl Reapi {
             ));
         }
         node.load().set_max_concurrency(config.max_concurrency);
-        let counters = Arc::new(Counters::default());
+        let counters = Arc::new(ReapiCounters::default());
         let cas = Cas::open(&config.data_dir.join("cas"), config.cas_max_bytes)?;
         let action_cache =
             ActionCache::open(&config.data_dir.join("ac"), config.action_cache_max_bytes)?;

@@ -116,7 +116,7 @@ impl ReapiStats {
 
 /// The live counters.
 #[derive(Debug, Default)]
-pub(crate) struct Counters {
+pub(crate) struct ReapiCounters {
     executed: AtomicU64,
     merged: AtomicU64,
     cache_hits: AtomicU64,
@@ -135,7 +135,7 @@ fn add(counter: &AtomicU64, n: u64) {
     counter.fetch_add(n, Ordering::Relaxed);
 }
 
-impl Counters {
+impl ReapiCounters {
     /// An action this replica ran (or tried to): `queued` from `Execute` to its start,
     /// `ran` from its start to its end.
     pub(crate) fn executed(&self, outcome: Outcome, queued: Duration, ran: Duration) {

@@ -74,7 +74,7 @@ use crate::{
     ActionCache, ActionCacheError, Cas, CasError, Digest,
     peers::{PeerConfig, Peers},
     placement::Rings,
-    stats::Counters,
+    stats::ReapiCounters,
 };
 
 mod fetch;
@@ -246,7 +246,7 @@ pub struct ClusterCas {
     replication: ReplicationConfig,
     rings: Rings,
     fetching: InFlightFetches,
-    counters: Arc<Counters>,
+    counters: Arc<ReapiCounters>,
     /// The replica leaves for good (a drain with handoff): its handoff then sends what it
     /// holds to every owner that lacks it.
     leaving: Arc<std::sync::atomic::AtomicBool>,
@@ -260,7 +260,7 @@ impl ClusterCas {
         node: Node,
         config: PeerConfig,
         replication: ReplicationConfig,
-        counters: Arc<Counters>,
+        counters: Arc<ReapiCounters>,
     ) -> Self {
         Self {
             cas,
@@ -323,7 +323,7 @@ impl ClusterCas {
         self.leaving.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    pub(crate) fn counters(&self) -> &Counters {
+    pub(crate) fn counters(&self) -> &ReapiCounters {
         &self.counters
     }
 

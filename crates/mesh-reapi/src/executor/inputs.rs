@@ -139,7 +139,7 @@ impl Executor {
         &self,
         digests: &[Digest],
         fetch: &Fetch,
-    ) -> Result<crate::store::Pins, ExecError> {
+    ) -> Result<crate::lru_dir::Pins, ExecError> {
         let mut attempts = 0;
         loop {
             self.cluster.ensure_local(digests, fetch).await?;

@@ -2,7 +2,7 @@
 //! least recently used evicted first.
 //!
 //! Every blob is written to a temporary file, its SHA-256 and size are checked against the
-//! digest it claims, and only then is it renamed into place ([`crate::store`] explains the
+//! digest it claims, and only then is it renamed into place ([`crate::lru_dir`] explains the
 //! directory layout and the eviction rules). A blob that fails the check never becomes
 //! visible, and a write that is abandoned halfway (the client went away, the stream broke)
 //! leaves nothing behind.
@@ -15,7 +15,7 @@
 //! # A blob served is the blob stored
 //!
 //! Blob files are read-only (`0o444`) in directories only the server's user may change
-//! ([`crate::store`]). That stops stray writes, not a process of the server's own user, which
+//! ([`crate::lru_dir`]). That stops stray writes, not a process of the server's own user, which
 //! may `chmod` first: the protection against actions is the executor's sandbox, in which the
 //! data directory is not visible at all. Whatever gets past both (an action run with the
 //! sandbox switched off, an operator's mistake, a failing disk) is caught on the way out:
@@ -81,15 +81,21 @@ use std::{
 
 use bytes::Bytes;
 use tempfile::TempPath;
-use tokio::io::AsyncWriteExt as _;
 
 use crate::{
     Digest, DigestFunction,
     digest::Hasher,
-    store::{InsertError, LruDir, Pins, StoreUsage},
+    lru_dir::{InsertError, LruDir, Pins, StoreUsage},
 };
 
-const COPY_BUFFER: usize = 256 * 1024;
+/// The piece size of copies and checked reads.
+pub(super) const COPY_BUFFER: usize = 256 * 1024;
+
+mod reader;
+mod writer;
+
+pub use reader::BlobReader;
+pub use writer::BlobWriter;
 
 /// One replica's blobs on disk. Cheap to clone.
 ///
@@ -314,7 +320,7 @@ impl Cas {
 
     /// Removes a blob found not to match its digest (unless a new file replaced it
     /// meanwhile), and counts and logs it.
-    fn drop_corrupt(&self, digest: &Digest, file: &fs::Metadata, found: &str) {
+    pub(super) fn drop_corrupt(&self, digest: &Digest, file: &fs::Metadata, found: &str) {
         if self.dir.remove_if_file(digest, file) {
             self.corrupt_dropped.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("reapi_corrupt_blobs_total").increment(1);
@@ -333,26 +339,14 @@ impl Cas {
         if !self.dir.touch(digest) {
             return Ok(None);
         }
-        let reader = |state| BlobReader {
-            cas: self.clone(),
-            digest: *digest,
-            state,
-            next: 0,
-            end: digest.size(),
-        };
         if digest.is_empty() {
-            return Ok(Some(reader(None)));
+            return Ok(Some(BlobReader::new(self.clone(), *digest, None)));
         }
         let cas = self.clone();
         let target = *digest;
         let opened = blocking(target, move || cas.open_stored(&target)).await?;
-        Ok(opened.map(|(file, metadata)| {
-            reader(Some(ReadState {
-                file,
-                metadata,
-                hasher: Hasher::for_function(target.function()),
-            }))
-        }))
+        Ok(opened
+            .map(|(file, metadata)| BlobReader::new(self.clone(), target, Some((file, metadata)))))
     }
 
     /// Stores `data` under its own digest and returns the digest.
@@ -391,13 +385,7 @@ impl Cas {
             .dir
             .temp_file()
             .map_err(CasError::io("creating a temporary file"))?;
-        Ok(BlobWriter {
-            cas: self.clone(),
-            expected,
-            file: tokio::fs::File::from_std(file),
-            path,
-            hasher: Hasher::for_function(expected.function()),
-        })
+        Ok(BlobWriter::new(self.clone(), expected, file, path))
     }
 
     /// Copies the file at `source` into the CAS, hashing with `function` while copying, and
@@ -454,7 +442,7 @@ impl Cas {
         Ok(digest)
     }
 
-    fn commit_temp(&self, digest: Digest, path: TempPath) -> Result<(), CasError> {
+    pub(super) fn commit_temp(&self, digest: Digest, path: TempPath) -> Result<(), CasError> {
         self.dir
             .commit(digest, path, digest.size())
             .map_err(|e| CasError::insert(digest, e))
@@ -552,248 +540,6 @@ fn copy_hashing(
             .map_err(CasError::io(context()))?;
     }
     Ok(hasher.finish())
-}
-
-/// Writes one blob in pieces; nothing is visible until [`BlobWriter::commit`] checks the
-/// digest. Dropping the writer discards what was written.
-#[derive(Debug)]
-pub struct BlobWriter {
-    cas: Cas,
-    expected: Digest,
-    file: tokio::fs::File,
-    path: TempPath,
-    hasher: Hasher,
-}
-
-impl BlobWriter {
-    /// Appends `data`; more bytes than the digest's size is an error.
-    pub async fn write(&mut self, data: &[u8]) -> Result<(), CasError> {
-        let received = self.hasher.size().saturating_add(data.len() as u64);
-        if received > self.expected.size() {
-            return Err(CasError::TooMuchData {
-                expected: self.expected,
-                received,
-            });
-        }
-        self.hasher.update(data);
-        self.file
-            .write_all(data)
-            .await
-            .map_err(CasError::io(format!("writing blob {}", self.expected)))
-    }
-
-    /// Bytes written so far.
-    pub fn written(&self) -> u64 {
-        self.hasher.size()
-    }
-
-    /// The digest this blob must have.
-    pub fn expected(&self) -> Digest {
-        self.expected
-    }
-
-    /// Checks the digest and makes the blob visible.
-    pub async fn commit(mut self) -> Result<(), CasError> {
-        self.file
-            .flush()
-            .await
-            .map_err(CasError::io(format!("writing blob {}", self.expected)))?;
-        let actual = self.hasher.finish();
-        if actual != self.expected {
-            return Err(CasError::DigestMismatch {
-                expected: self.expected,
-                actual,
-            });
-        }
-        drop(self.file);
-        let cas = self.cas;
-        let path = self.path;
-        let expected = self.expected;
-        // The rename (and any eviction it triggers) touches the file system.
-        tokio::task::spawn_blocking(move || cas.commit_temp(expected, path))
-            .await
-            .map_err(|e| CasError::Io {
-                context: format!("storing blob {expected}"),
-                source: io::Error::other(e),
-            })?
-    }
-}
-
-/// A stored blob read in pieces, checked against its digest on the way (from
-/// [`Cas::open_reader`]).
-///
-/// The file is read from its start and hashed as it goes, also where the requested range
-/// ([`BlobReader::range`]) starts later; the piece that completes the range is returned only
-/// once the whole file has been hashed and matched. So a caller that received every piece
-/// has served the blob exactly as it was stored, and one that gets
-/// [`CasError::Corrupt`] instead of the last piece must not use what it got: the blob has
-/// been dropped from the CAS by then. A range that fits in one piece is checked before
-/// anything of it is returned.
-#[derive(Debug)]
-pub struct BlobReader {
-    cas: Cas,
-    digest: Digest,
-    /// The open file; `None` for the empty blob, while a piece is being read, and after the
-    /// end or an error.
-    state: Option<ReadState>,
-    /// The offset of the next byte to return.
-    next: u64,
-    /// The end of the range (exclusive).
-    end: u64,
-}
-
-#[derive(Debug)]
-struct ReadState {
-    file: fs::File,
-    metadata: fs::Metadata,
-    /// Everything read so far, from offset 0.
-    hasher: Hasher,
-}
-
-/// Why reading a piece failed.
-enum ReadFault {
-    /// The file does not match the digest; what was found instead.
-    Corrupt(String),
-    Io(io::Error),
-}
-
-impl BlobReader {
-    /// The blob being read.
-    pub fn digest(&self) -> Digest {
-        self.digest
-    }
-
-    /// Returns only `[offset, end)` of the blob (both clamped to its size); the whole blob is
-    /// still read and checked. Call before the first [`BlobReader::next_chunk`].
-    pub fn range(mut self, offset: u64, end: u64) -> Self {
-        self.end = end.min(self.digest.size());
-        self.next = offset.min(self.end);
-        self
-    }
-
-    /// The next piece of the range, at most `max` bytes long (at least 1); `Ok(None)` once the
-    /// range is done (at once for an empty range, which checks nothing) or after an error.
-    pub async fn next_chunk(&mut self, max: usize) -> Result<Option<Vec<u8>>, CasError> {
-        if self.next >= self.end {
-            return Ok(None);
-        }
-        let Some(mut state) = self.state.take() else {
-            return Ok(None);
-        };
-        let (start, end, digest) = (self.next, self.end, self.digest);
-        let want = usize::try_from(end - start)
-            .unwrap_or(usize::MAX)
-            .min(max.max(1));
-        let (state, piece) = tokio::task::spawn_blocking(move || {
-            let piece = state.read_piece(&digest, start, want, end);
-            (state, piece)
-        })
-        .await
-        .map_err(|e| CasError::Io {
-            context: format!("reading blob {digest}"),
-            source: io::Error::other(e),
-        })?;
-        match piece {
-            Ok(piece) => {
-                self.next = start + piece.len() as u64;
-                if self.next < self.end {
-                    self.state = Some(state);
-                }
-                Ok(Some(piece))
-            }
-            Err(ReadFault::Corrupt(found)) => {
-                let cas = self.cas.clone();
-                // The file stays open until it is dropped (see `LruDir::remove_if_file`).
-                tokio::task::spawn_blocking(move || {
-                    cas.drop_corrupt(&digest, &state.metadata, &found);
-                    drop(state);
-                })
-                .await
-                .map_err(|e| CasError::Io {
-                    context: format!("dropping blob {digest}"),
-                    source: io::Error::other(e),
-                })?;
-                Err(CasError::Corrupt { digest })
-            }
-            Err(ReadFault::Io(error)) => Err(CasError::io(format!("reading blob {digest}"))(error)),
-        }
-    }
-}
-
-impl ReadState {
-    /// Reads `want` bytes at `start` (hashing whatever lies before it first); if they end the
-    /// range at `end`, hashes the rest of the file and checks it against `digest`. Blocking.
-    fn read_piece(
-        &mut self,
-        digest: &Digest,
-        start: u64,
-        want: usize,
-        end: u64,
-    ) -> Result<Vec<u8>, ReadFault> {
-        if self.hasher.size() < start {
-            // The range starts later: the bytes before it are part of the check.
-            let mut buffer = vec![0u8; COPY_BUFFER];
-            while self.hasher.size() < start {
-                let n = usize::try_from(start - self.hasher.size())
-                    .unwrap_or(COPY_BUFFER)
-                    .min(COPY_BUFFER);
-                self.fill(&mut buffer[..n])?;
-                self.hasher.update(&buffer[..n]);
-            }
-        }
-        debug_assert_eq!(self.hasher.size(), start);
-        let mut piece = vec![0u8; want];
-        self.fill(&mut piece)?;
-        self.hasher.update(&piece);
-        if start + want as u64 == end {
-            // The last piece of the range: nothing of it leaves before the whole file matched.
-            let mut buffer = vec![0u8; COPY_BUFFER];
-            loop {
-                let n = match self.file.read(&mut buffer) {
-                    Ok(0) => break,
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(ReadFault::Io(e)),
-                };
-                self.hasher.update(&buffer[..n]);
-                if self.hasher.size() > digest.size() {
-                    return Err(ReadFault::Corrupt(format!(
-                        "its file is longer than {} bytes",
-                        digest.size()
-                    )));
-                }
-            }
-            if self.hasher.size() < digest.size() {
-                return Err(ReadFault::Corrupt(format!(
-                    "its file ends after {} bytes",
-                    self.hasher.size()
-                )));
-            }
-            let actual = std::mem::take(&mut self.hasher).finish();
-            if actual != *digest {
-                return Err(ReadFault::Corrupt(format!(
-                    "its bytes have digest {actual}"
-                )));
-            }
-        }
-        Ok(piece)
-    }
-
-    /// Fills `buffer` from the file; a file that ends first is corrupt (it has the digest's
-    /// size when opened, so it changed).
-    fn fill(&mut self, buffer: &mut [u8]) -> Result<(), ReadFault> {
-        let at = self.hasher.size();
-        self.file.read_exact(buffer).map_err(|e| {
-            if e.kind() == io::ErrorKind::UnexpectedEof {
-                ReadFault::Corrupt(format!(
-                    "its file ends before {} bytes",
-                    at + buffer.len() as u64
-                ))
-            } else {
-                ReadFault::Io(e)
-            }
-        })
-    }
 }
 
 /// Runs blocking file work for `digest` on the blocking pool.
