@@ -23,7 +23,7 @@ use tonic::{
 
 use crate::support::{Cluster, upload_with};
 
-#[path = "../../../../tests/support/pki.rs"]
+#[path = "../../../../tests/node/support/pki.rs"]
 mod pki;
 use pki::Pki;
 

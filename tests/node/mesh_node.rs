@@ -4,7 +4,7 @@
 //! its `reapi_*` Prometheus series and in `meshctl stats`; a bad value is refused naming its
 //! key.
 
-mod cluster_processes;
+use crate::cluster_processes;
 
 use std::path::Path;
 

@@ -2,7 +2,7 @@
 //! like a Kubernetes headless service. All nodes share 127.0.0.1, so their distinct gossip
 //! ports come from SRV records. Real sockets: every assertion is a condition waited for.
 
-mod support;
+use crate::support;
 
 use std::{net::SocketAddr, time::Duration};
 

@@ -3,7 +3,7 @@
 //! only adds the layer is written). The handlers here block until the test releases them, so
 //! every check waits for a condition, never for a time.
 
-mod support;
+use crate::support;
 
 use std::sync::{
     Arc,

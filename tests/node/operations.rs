@@ -2,7 +2,7 @@
 //! the Prometheus endpoint and the logs (real processes on 127.0.0.1, ephemeral ports); the
 //! gRPC health service of in-process replicas; and the advisory coordinator on simulated time.
 
-mod cluster_processes;
+use crate::cluster_processes;
 
 use std::{
     collections::HashMap,

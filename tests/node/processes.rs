@@ -2,7 +2,7 @@
 //! worker killed with SIGKILL in the middle of a burst. Every action must still complete:
 //! `Execute` is idempotent, so the route layer runs the dead worker's actions again elsewhere.
 
-mod cluster_processes;
+use crate::cluster_processes;
 
 use std::process::Stdio;
 

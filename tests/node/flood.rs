@@ -8,7 +8,7 @@
 //! nowhere), so the counts are exact on any machine, however loaded. Overflowing the node's
 //! own input queue is tested apart, on simulated time (mesh-core's `cluster.rs`).
 
-mod support;
+use crate::support;
 
 use std::{sync::Arc, time::Duration};
 

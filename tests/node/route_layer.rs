@@ -4,7 +4,7 @@
 //! broken connection or by the membership, re-routing of idempotent calls, deadlines, and bad
 //! input.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

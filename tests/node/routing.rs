@@ -1,7 +1,7 @@
 //! Routing through real gRPC servers on 127.0.0.1: forwarding, operation ownership, retries,
 //! channel eviction and herding.
 
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 

@@ -11,7 +11,7 @@
 //! says why and skips, unless `NETNS_TEST_REQUIRED=1` (set by `.ci/run` where namespaces work),
 //! which makes a skip a failure.
 
-mod cluster_processes;
+use crate::cluster_processes;
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},

@@ -2,7 +2,7 @@
 //! forwarding over TLS, clients and peers without a cluster certificate rejected, and plaintext
 //! peers refused by a TLS node.
 
-mod support;
+use crate::support;
 
 #[path = "support/pki.rs"]
 mod pki;

@@ -182,7 +182,7 @@ fn documented_defaults_are_pinned() {
 /// `MeshConfig::default()`.
 #[test]
 fn the_readme_configuration_block_is_the_defaults() {
-    let readme = include_str!("../README.md");
+    let readme = include_str!("../../README.md");
     let section = &readme[readme
         .find("## Configuration")
         .expect("a configuration section")..];

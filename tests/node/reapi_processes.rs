@@ -3,7 +3,7 @@
 //! running on the host. Skips with a message where the replica runs actions without a
 //! sandbox (no bubblewrap), unless `SANDBOX_TEST_REQUIRED=1`.
 
-mod cluster_processes;
+use crate::cluster_processes;
 
 use cluster_processes::{NodeProcess, NodeSpec, poll, upload_shell_action};
 use mesh_reapi::proto::build::bazel::remote::execution::v2::{
