@@ -116,14 +116,29 @@ impl ClusterCas {
         let ring = self.rings.current();
         let mut plan = Plan::new(action, &ring, self.node.node_id(), self.replication.factor);
         let peers = self.peers(metadata);
+        // Each round writes to as many candidates as are still needed, in parallel; a peer
+        // that fails is replaced by the next of the ranking in the next round.
         while plan.needed > 0 {
-            let Some(node) = plan.next_candidate() else {
+            let needed = plan.needed;
+            let round: Vec<NodeId> = std::iter::from_fn(|| plan.next_candidate())
+                .take(needed)
+                .collect();
+            if round.is_empty() {
                 break;
-            };
-            match peers.put_action_result(&node, &action, result).await {
-                Ok(()) => plan.needed -= 1,
-                Err(error) => {
-                    tracing::warn!(peer = %node, %action, %error, "could not place an action result on a peer; trying the next");
+            }
+            let puts: FuturesUnordered<_> = round
+                .iter()
+                .map(|node| {
+                    let peers = &peers;
+                    async move { (node, peers.put_action_result(node, &action, result).await) }
+                })
+                .collect();
+            for (node, put) in puts.collect::<Vec<_>>().await {
+                match put {
+                    Ok(()) => plan.needed -= 1,
+                    Err(error) => {
+                        tracing::warn!(peer = %node, %action, %error, "could not place an action result on a peer; trying the next");
+                    }
                 }
             }
         }

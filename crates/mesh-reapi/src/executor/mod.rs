@@ -44,6 +44,7 @@ use mesh_core::NodeId;
 use crate::{
     ClusterCas, ClusterError, Digest, Fetch, MissingBlobs,
     action::{ActionSpec, wants_network},
+    cluster::MAX_MESSAGE_SIZE,
     sandbox::Sandbox,
 };
 
@@ -141,6 +142,16 @@ pub struct Executed {
     pub timed_out: bool,
 }
 
+/// An action's inputs, present on this replica and pinned until they are copied into its
+/// directory ([`Executor::fetch_inputs`]).
+pub(crate) struct Fetched {
+    command: CommandSpec,
+    network: bool,
+    inputs: inputs::Inputs,
+    pins: crate::lru_dir::Pins,
+    timing: ExecutedActionMetadata,
+}
+
 /// Runs actions in directories under `work_dir`, reading and writing blobs through `cluster`.
 #[derive(Debug, Clone)]
 pub(crate) struct Executor {
@@ -165,17 +176,60 @@ impl Executor {
         }
     }
 
-    /// Runs `spec`. `queued_at` is when the action was accepted; `fetch` names the nodes
-    /// likely to hold its inputs (the node that forwarded it) and carries the caller's
-    /// metadata for peers.
-    pub(crate) async fn run(
+    /// Makes the inputs of `spec` present here and pins them against eviction: the `Command`
+    /// and the input tree read (fetched from peers where missing; `fetch` names the nodes
+    /// likely to hold them, the node that forwarded the action first, and carries the caller's
+    /// metadata), every input file fetched. No slot is needed for this: it waits on peers, not
+    /// on this machine. `queued_at` is when the action was accepted.
+    pub(crate) async fn fetch_inputs(
         &self,
         spec: &ActionSpec,
         queued_at: SystemTime,
         fetch: &Fetch,
+    ) -> Result<Fetched, ExecError> {
+        let timing = ExecutedActionMetadata {
+            worker: self.node_id.to_string(),
+            queued_timestamp: Some(timestamp(queued_at)),
+            worker_start_timestamp: Some(now()),
+            input_fetch_start_timestamp: Some(now()),
+            ..Default::default()
+        };
+        // The command and the input root's top directory in one round to peers (a forwarded
+        // action finds them on the replica that forwarded it); what is still missing or
+        // malformed is reported by the reads below.
+        let first: Vec<Digest> = [spec.command_digest, spec.input_root_digest]
+            .into_iter()
+            .filter(|digest| digest.size() <= MAX_MESSAGE_SIZE)
+            .collect();
+        let _ = self.cluster.ensure_local(&first, fetch).await;
+        let command: Command = self
+            .cluster
+            .read_message(&spec.command_digest, "Command", fetch)
+            .await?;
+        #[allow(deprecated)] // Command.platform: what Bazel 4.2.3 sets.
+        let network = spec.network || command.platform.as_ref().is_some_and(wants_network);
+        let command = CommandSpec::parse(&command)?;
+        let inputs = self.collect_inputs(&spec.input_root_digest, fetch).await?;
+        let file_digests: Vec<Digest> = inputs.files.iter().map(|f| f.digest).collect();
+        let pins = self.pin_inputs(&file_digests, fetch).await?;
+        Ok(Fetched {
+            command,
+            network,
+            inputs,
+            pins,
+            timing,
+        })
+    }
+
+    /// Runs `spec` with its `fetched` inputs, in a directory of its own that is removed
+    /// afterwards.
+    pub(crate) async fn run(
+        &self,
+        spec: &ActionSpec,
+        fetched: Fetched,
     ) -> Result<Executed, ExecError> {
         let scratch = self.work_dir.join(uuid::Uuid::now_v7().to_string());
-        let outcome = self.run_in(spec, queued_at, fetch, &scratch).await;
+        let outcome = self.run_in(spec, fetched, &scratch).await;
         let cleanup = scratch.clone();
         let removed = tokio::task::spawn_blocking(move || remove_tree(&cleanup)).await;
         if let Ok(Err(error)) = removed {
@@ -187,27 +241,16 @@ impl Executor {
     async fn run_in(
         &self,
         spec: &ActionSpec,
-        queued_at: SystemTime,
-        fetch: &Fetch,
+        fetched: Fetched,
         scratch: &Path,
     ) -> Result<Executed, ExecError> {
-        let mut timing = ExecutedActionMetadata {
-            worker: self.node_id.to_string(),
-            queued_timestamp: Some(timestamp(queued_at)),
-            worker_start_timestamp: Some(now()),
-            input_fetch_start_timestamp: Some(now()),
-            ..Default::default()
-        };
-        let command: Command = self
-            .cluster
-            .read_message(&spec.command_digest, "Command", fetch)
-            .await?;
-        #[allow(deprecated)] // Command.platform: what Bazel 4.2.3 sets.
-        let network = spec.network || command.platform.as_ref().is_some_and(wants_network);
-        let command = CommandSpec::parse(&command)?;
-        let inputs = self.collect_inputs(&spec.input_root_digest, fetch).await?;
-        let file_digests: Vec<Digest> = inputs.files.iter().map(|f| f.digest).collect();
-        let pins = self.pin_inputs(&file_digests, fetch).await?;
+        let Fetched {
+            command,
+            network,
+            inputs,
+            pins,
+            mut timing,
+        } = fetched;
         let root = scratch.join("root");
         let cas = self.cluster.local().clone();
         let materialise_root = root.clone();

@@ -6,7 +6,12 @@
 //!   The guard is the `Execute` call's own, which the route layer counted when it placed the
 //!   call here ([`mesh_route::layer::CallTask`]), so the call and its action count once.
 //!   At most `max_concurrency` actions execute at a time (a fair semaphore: first come, first
-//!   run); the rest wait in order.
+//!   run); the rest wait in order. A slot covers only what uses this machine: copying the
+//!   inputs in, the command, collecting the outputs. Inputs are fetched from peers (and pinned
+//!   against eviction) before a slot is taken, and the outputs and the result are placed on
+//!   their owners after it is given back, so a slot never waits on the network. Pins held by
+//!   waiting actions may take the CAS over its bound for a while; eviction catches up when
+//!   they run.
 //! * **Merging**: an `Execute` of an action already queued or running here (same instance,
 //!   same action digest) does not run it again: the caller follows the running operation, under
 //!   its name (Buildfarm and NativeLink merge the same way). Across replicas, the first
@@ -401,7 +406,9 @@ async fn run(
         stale = other;
     }
     let guard = guard.unwrap_or_else(|| inner.load.begin_task());
-    let Ok(_slot) = inner.slots.acquire().await else {
+    // Inputs are fetched before a slot is taken: that waits on peers, not on this machine.
+    let fetched = inner.executor.fetch_inputs(&spec, queued_at, &fetch).await;
+    let Ok(slot) = inner.slots.acquire().await else {
         return;
     };
     completion
@@ -411,7 +418,14 @@ async fn run(
         .duration_since(queued_at)
         .unwrap_or_default();
     let started = tokio::time::Instant::now();
-    let outcome = inner.executor.run(&spec, queued_at, &fetch).await;
+    let outcome = match fetched {
+        Ok(fetched) => inner.executor.run(&spec, fetched).await,
+        Err(error) => Err(error),
+    };
+    // The slot bounds what runs on this machine; placing the outputs and the result, and
+    // releasing the claim, are calls to peers, and the next action may run meanwhile. The
+    // load (`guard`) still counts this one until its outcome is published.
+    drop(slot);
     let ran = started.elapsed();
     let mut cached = false;
     let response = match outcome {
