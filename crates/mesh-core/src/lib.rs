@@ -64,27 +64,29 @@
 //!    it on the receive task (`receive.rs`).
 //! 2. `wire.rs`: [`wire::Envelope::open`] checks magic, version and kind and, with a
 //!    [`Keyring`] (`keyring/`), decrypts and authenticates it. Failures are counted
-//!    (`stats.rs`) and dropped here.
+//!    (`counters.rs`) and dropped here.
 //! 3. `input.rs`: the body is decoded once: a SWIM packet stays bytes for foca, a pushed
-//!    [`NodeState`] (`state.rs`) and a leave notice become values. The result goes to the
+//!    [`NodeState`] (`node_state.rs`) and a leave notice become values. The result goes to the
 //!    membership task over a bounded channel (full: counted as overload, dropped).
 //! 4. `agent/mod.rs`: the membership task takes one step per input. A SWIM packet goes to
 //!    foca with `agent/runtime.rs` as its runtime (replies sealed and sent at once, timers into
-//!    the ordered queue of `agent/timers.rs`); states piggybacked on it reach `store.rs`, whose
-//!    broadcast handler keeps a state only if it is newer. A pushed state is handed to the same
-//!    handler already decoded, and foca re-gossips it if it was new to us.
+//!    the ordered queue of `agent/timers.rs`); states piggybacked on it reach
+//!    `state_table.rs`, whose broadcast handler keeps a state only if it is newer. A pushed
+//!    state is handed to the same handler already decoded, and foca re-gossips it if it was
+//!    new to us.
 //! 5. foca's notifications become events in `agent/lineage.rs` ([`MeshEvent`], `events.rs`):
 //!    joined, rejoined, failed, left, one owner per node id; `agent/announce.rs` introduces us
 //!    to strangers that pushed us a state.
 //! 6. `agent/snapshot.rs` assembles a new [`MembershipView`] (`view.rs`) from foca's members
 //!    and the state table (at most one per 50 µs per member, so large clusters stay cheap);
-//!    `shared.rs` publishes it (an `ArcSwap`) and wakes waiters, then the events it explains.
+//!    `handle_state.rs` publishes it (an `ArcSwap`) and wakes waiters, then the events it
+//!    explains.
 //! 7. `membership.rs`: the router (`mesh_route`) reads [`Membership::view`] for every decision,
 //!    lock-free, and compares peers by [`load_ratio`].
 //!
 //! **A state change, from a task guard to a peer's router.**
 //! 1. `load.rs`: a [`TaskGuard`] changes the pending count and wakes the membership task
-//!    (as do [`Membership::set_tags`] and the other setters, through `shared.rs`).
+//!    (as do [`Membership::set_tags`] and the other setters, through `handle_state.rs`).
 //! 2. `agent/publication.rs`: the change is coalesced (one version per
 //!    [`Timing::state_publish_interval`]), assembled from the local fields and the load,
 //!    encoded, queued in foca's broadcasts and pushed to up to
@@ -129,26 +131,27 @@
 
 mod agent;
 mod budget;
+mod counters;
 mod discovery;
 mod events;
+mod handle_state;
 mod identity;
 mod input;
 pub mod keyring;
 mod load;
 mod membership;
 mod node_id;
+mod node_state;
 mod receive;
-mod shared;
 #[cfg(feature = "sim")]
 pub mod sim;
-mod state;
-mod stats;
-mod store;
+mod state_table;
 mod timing;
 mod transport;
 mod view;
 pub mod wire;
 
+pub use counters::MeshStats;
 pub use events::MeshEvent;
 pub use identity::Identity;
 pub use keyring::{
@@ -161,11 +164,10 @@ pub use membership::{
     StartError, StoppedError,
 };
 pub use node_id::{MAX_NODE_ID_LEN, NodeId, NodeIdError, abbreviate};
-pub use state::{
+pub use node_state::{
     MAX_ENDPOINT_LEN, MAX_STATE_SIZE, MAX_TAG_KEY_LEN, MAX_TAG_VALUE_LEN, NodeState, StateError,
     Tags, load_ratio,
 };
-pub use stats::MeshStats;
 pub use timing::{Timing, TimingError};
 pub use transport::{Transport, UdpTransport};
 pub use view::{DepartedMember, Departure, LocalStatus, Member, MembershipView, PeerStatus};

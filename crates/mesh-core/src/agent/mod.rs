@@ -53,10 +53,10 @@ use self::{
 use crate::{
     Identity, LocalStatus, MeshEvent, NodeState,
     budget::GossipBudget,
+    counters::Dropped,
+    handle_state::Shared,
     input::{Input, Message},
-    shared::Shared,
-    stats::Dropped,
-    store::{SharedStore, StateGossip},
+    state_table::{SharedStore, StateGossip},
     timing::Timing,
     transport::Transport,
 };
@@ -323,7 +323,7 @@ impl<T: Transport> Agent<T> {
             .store
             .with_staged(Arc::clone(&state), || foca.add_broadcast(bytes))
         {
-            // `queued`: the handler (`store.rs`) queued it for gossip: a newer version than
+            // `queued`: the handler (`state_table.rs`) queued it for gossip: a newer version than
             // ours, or a first state within the share of pushed first states passed on.
             Ok(queued) => {
                 if queued && had_older && self.lineage.live_addr(&state.node_id) == Some(from) {

@@ -20,8 +20,8 @@ use super::{
 use crate::{
     Identity,
     budget::GossipBudget,
-    shared::Shared,
-    store::StateGossip,
+    handle_state::Shared,
+    state_table::StateGossip,
     transport::Transport,
     wire::{Envelope, Kind, MAX_DATAGRAM},
 };
@@ -256,7 +256,7 @@ pub(crate) mod testing {
 
     use crate::{
         LoadTracker,
-        shared::{LocalFields, Shared},
+        handle_state::{LocalFields, Shared},
         transport::Transport,
         view::MembershipView,
         wire::{Envelope, Kind, MAX_DATAGRAM},
