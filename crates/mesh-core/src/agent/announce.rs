@@ -117,16 +117,17 @@ impl<T: Transport> Agent<T> {
     /// Announces to seeds and discovered addresses; with `only_strangers`, skips addresses of
     /// live members.
     pub(super) fn announce_to_known(&mut self, only_strangers: bool) {
-        if matches!(self.status, LocalStatus::Left) || self.lineage.is_superseded() {
+        if matches!(self.cx.status(), LocalStatus::Left) || self.lineage.is_superseded() {
             return;
         }
-        let own = self.foca.identity().addr();
+        let own = self.cx.foca.identity().addr();
         let members: HashSet<SocketAddr> =
-            self.foca.iter_members().map(|m| m.id().addr()).collect();
+            self.cx.foca.iter_members().map(|m| m.id().addr()).collect();
         for addr in self.announcer.targets(own, &members, only_strangers) {
             if let Err(error) = self
+                .cx
                 .foca
-                .announce(announce_target(addr), self.io.runtime(self.now))
+                .announce(announce_target(addr), self.cx.io.runtime(self.cx.now))
             {
                 tracing::debug!(%error, %addr, "announce failed");
             }
@@ -142,17 +143,18 @@ impl<T: Transport> Agent<T> {
     /// member).
     pub(super) fn introduce_to_stranger(&mut self, state: &NodeState, from: SocketAddr) {
         if self.lineage.knows_live(&state.node_id)
-            || state.node_id == *self.foca.identity().node_id()
+            || state.node_id == *self.cx.foca.identity().node_id()
         {
             return;
         }
-        let interval = self.timing.rejoin_interval;
-        if !self.announcer.should_introduce(from, self.now, interval) {
+        let interval = self.cx.timing.rejoin_interval;
+        if !self.announcer.should_introduce(from, self.cx.now, interval) {
             return;
         }
         if let Err(error) = self
+            .cx
             .foca
-            .announce(announce_target(from), self.io.runtime(self.now))
+            .announce(announce_target(from), self.cx.io.runtime(self.cx.now))
         {
             tracing::debug!(%error, %from, "introduction failed");
         }
@@ -169,51 +171,60 @@ impl<T: Transport> Agent<T> {
         else {
             return;
         };
-        let own = self.foca.identity();
+        let own = self.cx.foca.identity();
         if header.dst.node_id() != own.node_id()
             || header.dst.generation() >= own.generation()
             || header.src.addr() != from
         {
             return;
         }
-        let interval = self.timing.rejoin_interval;
-        if !self.announcer.should_introduce(from, self.now, interval) {
+        let interval = self.cx.timing.rejoin_interval;
+        if !self.announcer.should_introduce(from, self.cx.now, interval) {
             return;
         }
-        if let Err(error) = self.foca.announce(header.src, self.io.runtime(self.now)) {
+        if let Err(error) = self
+            .cx
+            .foca
+            .announce(header.src, self.cx.io.runtime(self.cx.now))
+        {
             tracing::debug!(%error, %from, "answering for an earlier life failed");
         }
     }
 
     pub(super) fn leave(&mut self, reply: oneshot::Sender<()>) {
-        if self.status == LocalStatus::Left {
+        if self.cx.status() == LocalStatus::Left {
             let _ = reply.send(());
             return;
         }
-        self.shared.lock_local().draining = true;
+        self.cx.shared.lock_local().draining = true;
         self.publish(true);
         self.push_state(usize::MAX);
         self.send_leave_notices();
-        if let Err(error) = self.foca.leave_cluster(self.io.runtime(self.now)) {
+        if let Err(error) = self.cx.foca.leave_cluster(self.cx.io.runtime(self.cx.now)) {
             tracing::debug!(%error, "foca leave failed");
         }
-        self.set_status(LocalStatus::Left);
+        self.cx.set_status(LocalStatus::Left);
         self.leave_reply = Some(reply);
         // A second round shortly after makes a single lost datagram harmless.
-        let linger = self.timing.probe_rtt.min(self.timing.leave_timeout / 2);
-        self.io
+        let linger = self
+            .cx
+            .timing
+            .probe_rtt
+            .min(self.cx.timing.leave_timeout / 2);
+        self.cx
+            .io
             .timers
-            .schedule(self.now + linger, Tick::FinishLeave);
+            .schedule(self.cx.now + linger, Tick::FinishLeave);
     }
 
     /// Tells every member we are leaving.
     pub(super) fn send_leave_notices(&mut self) {
-        let Ok(body) = postcard::to_allocvec(self.foca.identity()) else {
+        let Ok(body) = postcard::to_allocvec(self.cx.foca.identity()) else {
             return;
         };
-        let members: Vec<SocketAddr> = self.foca.iter_members().map(|m| m.id().addr()).collect();
+        let members = self.cx.member_addrs();
         for addr in members {
-            self.io.out.send(Kind::Leave, &body, addr);
+            self.cx.io.out.send(Kind::Leave, &body, addr);
         }
     }
 }

@@ -27,7 +27,7 @@ use crate::{Identity, transport::Transport, wire::Kind};
 impl<T: Transport> Agent<T> {
     fn send_notice(&mut self, notice: &Notice, to: SocketAddr) {
         match postcard::to_allocvec(notice) {
-            Ok(body) => self.io.out.send(Kind::Lifeguard, &body, to),
+            Ok(body) => self.cx.io.out.send(Kind::Lifeguard, &body, to),
             Err(error) => tracing::debug!(%error, "encoding a lifeguard message failed"),
         }
     }
@@ -47,19 +47,20 @@ impl<T: Transport> Agent<T> {
     /// Suspicions foca raised during the last call: tell each suspect (buddy system) and ask
     /// witnesses to check it.
     pub(super) fn tell_about_suspicions(&mut self) {
-        let raised = std::mem::take(&mut self.io.guard.raised);
+        let raised = std::mem::take(&mut self.cx.io.guard.raised);
         for (member, incarnation) in raised {
-            self.shared.counters.suspicion_raised();
+            self.cx.shared.counters.suspicion_raised();
             self.tell_suspect(member.clone(), incarnation);
-            if let Some(id) = self.io.guard.suspicions.id_of(&member, incarnation) {
-                let again = self.now + self.timing.probe_rtt / 2;
-                self.io.timers.schedule(again, Tick::SuspectAgain(id));
+            if let Some(id) = self.cx.io.guard.suspicions.id_of(&member, incarnation) {
+                let again = self.cx.now + self.cx.timing.probe_rtt / 2;
+                self.cx.io.timers.schedule(again, Tick::SuspectAgain(id));
             }
-            let witnesses = self.timing.suspicion_confirmations as usize;
+            let witnesses = self.cx.timing.suspicion_confirmations as usize;
             if witnesses == 0 {
                 continue;
             }
             let candidates: Vec<SocketAddr> = self
+                .cx
                 .foca
                 .iter_members()
                 .filter(|m| m.id() != &member && m.state() == foca::State::Alive)
@@ -69,7 +70,7 @@ impl<T: Transport> Agent<T> {
                 member: member.clone(),
                 incarnation,
             };
-            for witness in self.publisher.push_targets(&candidates, witnesses) {
+            for witness in self.cx.choose_peers(&candidates, witnesses) {
                 self.send_notice(&check, witness);
             }
         }
@@ -97,13 +98,19 @@ impl<T: Transport> Agent<T> {
                 member,
                 incarnation,
             } => {
-                let first = self.io.guard.suspicions.confirmations(&member) == Some(0);
-                if let Some(due) = self.io.guard.suspicions.confirm(&member, incarnation, from) {
-                    self.io.timers.schedule(due.at, Tick::Suspicion(due.id));
+                let first = self.cx.io.guard.suspicions.confirmations(&member) == Some(0);
+                if let Some(due) = self
+                    .cx
+                    .io
+                    .guard
+                    .suspicions
+                    .confirm(&member, incarnation, from)
+                {
+                    self.cx.io.timers.schedule(due.at, Tick::Suspicion(due.id));
                     if first {
                         // Like Lifeguard's nacks: someone else cannot reach the suspect either,
                         // so our failed probe says nothing about our own health.
-                        self.io.guard.health.better();
+                        self.cx.io.guard.health.better();
                     }
                 }
             }
@@ -113,17 +120,18 @@ impl<T: Transport> Agent<T> {
     /// Someone suspects us: refute through foca (which bumps our incarnation and gossips it),
     /// count it against our health once per incarnation, and answer directly.
     fn suspected(&mut self, member: Identity, incarnation: u16, from: SocketAddr) {
-        if member != *self.foca.identity() {
+        if member != *self.cx.foca.identity() {
             return; // About a previous life of ours, or not about us at all.
         }
         if self.refuted_up_to.is_none_or(|done| done < incarnation) {
             self.refuted_up_to = Some(incarnation);
-            self.io.guard.health.worse();
-            self.shared.counters.refuted_self();
+            self.cx.io.guard.health.worse();
+            self.cx.shared.counters.refuted_self();
             let us = foca::Member::new(member.clone(), incarnation, foca::State::Suspect);
             if let Err(error) =
-                self.foca
-                    .apply_many(std::iter::once(us), true, self.io.runtime(self.now))
+                self.cx
+                    .foca
+                    .apply_many(std::iter::once(us), true, self.cx.io.runtime(self.cx.now))
             {
                 tracing::debug!(%error, "refuting a suspicion failed");
             }
@@ -139,47 +147,53 @@ impl<T: Transport> Agent<T> {
 
     /// We are a witness: ask the suspect ourselves, and answer the asker once we know.
     fn check(&mut self, member: Identity, incarnation: u16, from: SocketAddr) {
-        if member == *self.foca.identity() {
+        if member == *self.cx.foca.identity() {
             // Asked about ourselves: we are evidently alive.
             self.suspected(member, incarnation, from);
             return;
         }
-        let Some(id) = self.io.guard.checks.ask(&member, incarnation, from) else {
+        let Some(id) = self.cx.io.guard.checks.ask(&member, incarnation, from) else {
             return;
         };
         self.tell_suspect(member, incarnation);
-        let rtt = self.timing.probe_rtt;
-        self.io
+        let rtt = self.cx.timing.probe_rtt;
+        self.cx
+            .io
             .timers
-            .schedule(self.now + rtt / 2, Tick::CheckRetry(id));
-        self.io.timers.schedule(self.now + rtt, Tick::CheckDue(id));
+            .schedule(self.cx.now + rtt / 2, Tick::CheckRetry(id));
+        self.cx
+            .io
+            .timers
+            .schedule(self.cx.now + rtt, Tick::CheckDue(id));
     }
 
     /// `member` proved it is alive above `incarnation`: apply that (ending any suspicion of
     /// it, ours and, through foca's gossip, everyone's) and pass it on to whoever asked us.
     fn alive(&mut self, member: Identity, incarnation: u16) {
         let active = self
+            .cx
             .foca
             .iter_members()
             .any(|m| *m.id() == member && m.incarnation() <= incarnation);
-        if active && member.addr() != self.foca.identity().addr() {
+        if active && member.addr() != self.cx.foca.identity().addr() {
             // The suspect bumped its incarnation past `incarnation` before answering.
             let refuted = foca::Member::new(
                 member.clone(),
                 incarnation.saturating_add(1),
                 foca::State::Alive,
             );
-            if let Err(error) =
-                self.foca
-                    .apply_many(std::iter::once(refuted), true, self.io.runtime(self.now))
-            {
+            if let Err(error) = self.cx.foca.apply_many(
+                std::iter::once(refuted),
+                true,
+                self.cx.io.runtime(self.cx.now),
+            ) {
                 tracing::debug!(%error, "applying a refutation failed");
             }
         }
-        if self.io.guard.suspicions.end(&member, incarnation) {
-            self.shared.counters.suspicion_refuted();
+        if self.cx.io.guard.suspicions.end(&member, incarnation) {
+            self.cx.shared.counters.suspicion_refuted();
         }
-        for (asked, asker) in self.io.guard.checks.answered(&member, incarnation) {
+        for (asked, asker) in self.cx.io.guard.checks.answered(&member, incarnation) {
             self.send_notice(
                 &Notice::Alive {
                     member: member.clone(),
@@ -194,20 +208,25 @@ impl<T: Transport> Agent<T> {
     /// at that incarnation. (foca itself would also deliver it after a refutation, and then
     /// sends the refuted member `TurnUndead`, which makes a healthy node renew its identity.)
     pub(super) fn suspicion_due(&mut self, id: u64) {
-        let Some((member, incarnation, timer)) = self.io.guard.suspicions.expire(id, self.now)
+        let Some((member, incarnation, timer)) =
+            self.cx.io.guard.suspicions.expire(id, self.cx.now)
         else {
             return;
         };
-        let still_suspected = self.foca.iter_members().any(|m| {
+        let still_suspected = self.cx.foca.iter_members().any(|m| {
             *m.id() == member && m.state() == foca::State::Suspect && m.incarnation() == incarnation
         });
         if !still_suspected {
             return;
         }
-        if let Err(error) = self.foca.handle_timer(timer, self.io.runtime(self.now)) {
+        if let Err(error) = self
+            .cx
+            .foca
+            .handle_timer(timer, self.cx.io.runtime(self.cx.now))
+        {
             tracing::debug!(%error, "foca suspicion timer error");
         }
-        if self.foca.iter_members().all(|m| *m.id() != member) {
+        if self.cx.foca.iter_members().all(|m| *m.id() != member) {
             self.tell_everyone_down(member, incarnation);
         }
     }
@@ -219,7 +238,7 @@ impl<T: Transport> Agent<T> {
             member,
             incarnation,
         };
-        let members: Vec<SocketAddr> = self.foca.iter_members().map(|m| m.id().addr()).collect();
+        let members = self.cx.member_addrs();
         for addr in members {
             self.send_notice(&down, addr);
         }
@@ -231,8 +250,9 @@ impl<T: Transport> Agent<T> {
     fn told_down(&mut self, member: Identity, incarnation: u16) {
         let down = foca::Member::new(member, incarnation, foca::State::Down);
         if let Err(error) =
-            self.foca
-                .apply_many(std::iter::once(down), true, self.io.runtime(self.now))
+            self.cx
+                .foca
+                .apply_many(std::iter::once(down), true, self.cx.io.runtime(self.cx.now))
         {
             tracing::debug!(%error, "applying a down notice failed");
         }
@@ -246,40 +266,42 @@ impl<T: Transport> Agent<T> {
     /// timeout counts from then: with the longer spacing, 100 nodes at 30% loss declared
     /// about one healthy node down per 100 s (BENCHMARKS.md).
     pub(super) fn suspect_again(&mut self, id: u64) {
-        let Some((member, incarnation)) = self.io.guard.suspicions.running(id) else {
+        let Some((member, incarnation)) = self.cx.io.guard.suspicions.running(id) else {
             return;
         };
         self.tell_suspect(member, incarnation);
-        let again = self.now + self.timing.probe_rtt / 2;
-        self.io.timers.schedule(again, Tick::SuspectAgain(id));
+        let again = self.cx.now + self.cx.timing.probe_rtt / 2;
+        self.cx.io.timers.schedule(again, Tick::SuspectAgain(id));
     }
 
     /// foca just reached the indirect stage of a probe: if the direct probe went unanswered,
     /// tell the target early once the indirect probes have had a quarter of the rest of the
     /// period (`health::ProbeWatch`).
     pub(super) fn indirect_stage_started(&mut self) {
-        let watch = &self.io.guard.watch;
+        let watch = &self.cx.io.guard.watch;
         let probe = watch.current();
-        if watch.to_tell(probe, self.now).is_none() {
+        if watch.to_tell(probe, self.cx.now).is_none() {
             return;
         }
         let share = self
+            .cx
             .timing
             .probe_period
-            .saturating_sub(self.timing.probe_rtt)
+            .saturating_sub(self.cx.timing.probe_rtt)
             / 4;
-        let at = self.now + self.io.guard.health.scale(share);
-        self.io.timers.schedule(at, Tick::TellEarly(probe));
+        let at = self.cx.now + self.cx.io.guard.health.scale(share);
+        self.cx.io.timers.schedule(at, Tick::TellEarly(probe));
     }
 
     /// Neither the direct nor the indirect probes of `probe`'s target were answered in time:
     /// tell it now that it is about to be suspected. A suspicion foca raises at the end of the
     /// period counts from this notice; an answer before then averts it.
     pub(super) fn tell_early(&mut self, probe: u64) {
-        let Some(target) = self.io.guard.watch.to_tell(probe, self.now).cloned() else {
+        let Some(target) = self.cx.io.guard.watch.to_tell(probe, self.cx.now).cloned() else {
             return;
         };
         let Some(incarnation) = self
+            .cx
             .foca
             .iter_members()
             .find(|m| *m.id() == target)
@@ -288,19 +310,23 @@ impl<T: Transport> Agent<T> {
             return;
         };
         self.tell_suspect(target.clone(), incarnation);
-        self.io.guard.watch.told(target, incarnation, self.now);
+        self.cx
+            .io
+            .guard
+            .watch
+            .told(target, incarnation, self.cx.now);
     }
 
     /// Half the wait has passed without an answer: ask the suspect once more.
     pub(super) fn check_retry(&mut self, id: u64) {
-        if let Some((member, incarnation)) = self.io.guard.checks.is_waiting(id) {
+        if let Some((member, incarnation)) = self.cx.io.guard.checks.is_waiting(id) {
             self.tell_suspect(member, incarnation);
         }
     }
 
     /// The suspect never answered us either: confirm to everyone who asked.
     pub(super) fn check_due(&mut self, id: u64) {
-        if let Some((member, incarnation, askers)) = self.io.guard.checks.timed_out(id) {
+        if let Some((member, incarnation, askers)) = self.cx.io.guard.checks.timed_out(id) {
             let confirm = Notice::Confirm {
                 member,
                 incarnation,

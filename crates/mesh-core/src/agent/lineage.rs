@@ -294,25 +294,25 @@ impl Lineage {
 impl<T: Transport> Agent<T> {
     pub(super) fn member_up(&mut self, id: Identity) {
         self.resize();
-        let local = self.foca.identity().clone();
+        let local = self.cx.foca.identity().clone();
         // Borrowed, not collected: a cold start of n nodes makes n member-ups on every node.
-        let active = self.foca.iter_members().map(|m| m.id());
-        let arrival = self.lineage.arrived(id, &local, active, self.now);
+        let active = self.cx.foca.iter_members().map(|m| m.id());
+        let arrival = self.lineage.arrived(id, &local, active, self.cx.now);
         for older in arrival.declare_down {
             self.declare_down(older);
         }
         if arrival.flapped {
-            self.shared.counters.flapped();
+            self.cx.shared.counters.flapped();
         }
         match arrival.outcome {
             Outcome::Joined(id) => {
                 self.join_sync(id.addr());
-                self.emit(MeshEvent::Joined(id));
+                self.cx.emit(MeshEvent::Joined(id));
             }
             Outcome::Rejoined { previous, current } => {
                 self.join_sync(current.addr());
-                self.store.lock().bury(&previous, self.now);
-                self.emit(MeshEvent::Rejoined { previous, current });
+                self.cx.store.lock().bury(&previous, self.cx.now);
+                self.cx.emit(MeshEvent::Rejoined { previous, current });
             }
             Outcome::Superseded(newer) => self.superseded(local, newer),
             Outcome::Nothing => {}
@@ -321,28 +321,28 @@ impl<T: Transport> Agent<T> {
 
     pub(super) fn member_down(&mut self, id: Identity) {
         self.resize();
-        self.store.lock().bury(&id, self.now);
-        if let Some(event) = self.lineage.departed(id, self.now) {
-            self.emit(event);
+        self.cx.store.lock().bury(&id, self.cx.now);
+        if let Some(event) = self.lineage.departed(id, self.cx.now) {
+            self.cx.emit(event);
         }
     }
 
     pub(super) fn renamed(&mut self, old: Identity, new: Identity) {
-        let new_is_active = self.foca.iter_members().any(|m| *m.id() == new);
+        let new_is_active = self.cx.foca.iter_members().any(|m| *m.id() == new);
         let new_addr = new.addr();
         if let Some(event) = self
             .lineage
-            .renamed(old.clone(), new, new_is_active, self.now)
+            .renamed(old.clone(), new, new_is_active, self.cx.now)
         {
             self.join_sync(new_addr);
-            self.store.lock().bury(&old, self.now);
-            self.emit(event);
+            self.cx.store.lock().bury(&old, self.cx.now);
+            self.cx.emit(event);
         }
     }
 
     /// A peer's leave notice: if it is a member, it is down now, and reported as left.
     pub(super) fn peer_leaving(&mut self, identity: Identity) {
-        if !self.foca.iter_members().any(|m| *m.id() == identity) {
+        if !self.cx.foca.iter_members().any(|m| *m.id() == identity) {
             return;
         }
         self.lineage.leaving(identity.clone());
@@ -352,7 +352,11 @@ impl<T: Transport> Agent<T> {
     /// Declares a life down so the whole cluster drops it.
     fn declare_down(&mut self, id: Identity) {
         let down = std::iter::once(foca::Member::down(id));
-        if let Err(error) = self.foca.apply_many(down, true, self.io.runtime(self.now)) {
+        if let Err(error) = self
+            .cx
+            .foca
+            .apply_many(down, true, self.cx.io.runtime(self.cx.now))
+        {
             tracing::debug!(%error, "declaring a member down failed");
         }
     }
@@ -362,30 +366,31 @@ impl<T: Transport> Agent<T> {
             %local, %newer,
             "another process claims this node id with a newer generation; leaving the cluster to it"
         );
-        self.emit(MeshEvent::Superseded { local, newer });
-        if let Err(error) = self.foca.leave_cluster(self.io.runtime(self.now)) {
+        self.cx.emit(MeshEvent::Superseded { local, newer });
+        if let Err(error) = self.cx.foca.leave_cluster(self.cx.io.runtime(self.cx.now)) {
             tracing::debug!(%error, "leaving after being superseded failed");
         }
-        self.set_status(LocalStatus::Defunct);
+        self.cx.set_status(LocalStatus::Defunct);
     }
 
     /// foca gave up on us (declared down and it could not renew on its own): take a new
     /// generation and announce again, unless we left or were superseded.
     pub(super) fn defunct(&mut self) {
-        if self.status == LocalStatus::Left || self.lineage.is_superseded() {
+        if self.cx.status() == LocalStatus::Left || self.lineage.is_superseded() {
             return;
         }
-        let Some(renewed) = foca::Identity::renew(self.foca.identity()) else {
-            self.set_status(LocalStatus::Defunct);
+        let Some(renewed) = foca::Identity::renew(self.cx.foca.identity()) else {
+            self.cx.set_status(LocalStatus::Defunct);
             return;
         };
         tracing::warn!(new = %renewed, "declared down by the cluster; rejoining with a new generation");
         if let Err(error) = self
+            .cx
             .foca
-            .change_identity(renewed.clone(), self.io.runtime(self.now))
+            .change_identity(renewed.clone(), self.cx.io.runtime(self.cx.now))
         {
             tracing::warn!(%error, "changing identity failed");
-            self.set_status(LocalStatus::Defunct);
+            self.cx.set_status(LocalStatus::Defunct);
             return;
         }
         self.renewed(renewed);
@@ -402,24 +407,25 @@ impl<T: Transport> Agent<T> {
         self.publisher.restart();
         // A new identity counts its incarnations from zero again.
         self.refuted_up_to = None;
-        self.set_status(LocalStatus::Joining);
+        self.cx.set_status(LocalStatus::Joining);
         self.publish(true);
     }
 
     /// Reports members that became suspect since the last look.
     pub(super) fn observe_suspects(&mut self) {
         let suspects = self
+            .cx
             .foca
             .iter_members()
             .filter(|m| m.state() == foca::State::Suspect)
             .map(|m| m.id().clone());
-        let (changed, newly) = self.lineage.observe_suspects(suspects, self.now);
+        let (changed, newly) = self.lineage.observe_suspects(suspects, self.cx.now);
         if changed {
-            self.snapshots.mark_dirty();
+            self.cx.snapshots.mark_dirty();
         }
         for id in newly {
-            self.shared.counters.suspected();
-            self.emit(MeshEvent::Suspect(id));
+            self.cx.shared.counters.suspected();
+            self.cx.emit(MeshEvent::Suspect(id));
         }
     }
 }

@@ -23,6 +23,7 @@
 //! | [`snapshot`] | assembling the immutable view readers get |
 
 mod announce;
+mod context;
 mod health;
 mod lifeguard;
 mod lineage;
@@ -40,14 +41,14 @@ use tokio::{
     time::Instant,
 };
 
-pub(crate) use self::runtime::FocaInstance;
 use self::{
     announce::Announcer,
+    context::Context,
     health::SuspicionTimeouts,
     lineage::Lineage,
     publication::Publisher,
     runtime::{Guard, Io, Outbound},
-    snapshot::{Snapshots, Sources},
+    snapshot::Sources,
     timers::{Periodic, Tick},
 };
 use crate::{
@@ -74,25 +75,16 @@ pub(crate) struct AgentParts<T> {
 }
 
 pub(crate) struct Agent<T> {
-    foca: FocaInstance,
-    io: Io<T>,
-    store: SharedStore,
-    shared: Arc<Shared>,
-    timing: Timing,
-    /// The instant of the step being taken.
-    now: Instant,
+    /// What every component works with during a step (`context.rs`).
+    cx: Context<T>,
     /// Bytes of foca payload per datagram, and the cluster size foca is configured for.
     max_payload: usize,
     configured_size: u32,
-    status: LocalStatus,
     lineage: Lineage,
     publisher: Publisher,
     announcer: Announcer,
-    snapshots: Snapshots,
     leave_reply: Option<oneshot::Sender<()>>,
     stopped: bool,
-    /// Events waiting for the next view.
-    events: Vec<MeshEvent>,
     /// When the last view was published, and whether a coalesced one is scheduled.
     last_view: Option<Instant>,
     view_scheduled: bool,
@@ -126,32 +118,25 @@ impl<T: Transport> Agent<T> {
             PostcardCodec,
             StateGossip::new(store.clone(), budget.clone(), local),
         );
-        Self {
-            foca,
-            io: Io::new(
-                out,
-                Guard::new(
-                    timing.max_health_multiplier,
-                    SuspicionTimeouts::new(&timing, 1),
-                    timing.probe_period,
-                ),
-                budget,
+        let io = Io::new(
+            out,
+            Guard::new(
+                timing.max_health_multiplier,
+                SuspicionTimeouts::new(&timing, 1),
+                timing.probe_period,
             ),
-            store,
-            shared,
-            timing,
-            now: Instant::now(),
+            budget,
+        );
+        Self {
+            cx: Context::new(foca, io, store, shared, timing, push_rng, Instant::now()),
             max_payload,
             configured_size: 1,
-            status: LocalStatus::Joining,
             lineage: Lineage::default(),
-            publisher: Publisher::new(push_rng),
+            publisher: Publisher::default(),
             announcer: Announcer::new(local_addr, seeds),
-            snapshots: Snapshots::new(),
             leave_reply: None,
             stopped: false,
             refuted_up_to: None,
-            events: Vec::new(),
             last_view: None,
             view_scheduled: false,
         }
@@ -164,8 +149,8 @@ impl<T: Transport> Agent<T> {
         mut shutdown: watch::Receiver<bool>,
     ) {
         self.start(Instant::now());
-        let load = self.shared.load.clone();
-        let shared = Arc::clone(&self.shared);
+        let load = self.cx.shared.load.clone();
+        let shared = Arc::clone(&self.cx.shared);
         while !self.stopped {
             let deadline = self.next_deadline();
             tokio::select! {
@@ -189,38 +174,39 @@ impl<T: Transport> Agent<T> {
         if let Some(reply) = self.leave_reply.take() {
             let _ = reply.send(());
         }
-        tracing::debug!(identity = %self.foca.identity(), "membership task stopped");
+        tracing::debug!(identity = %self.cx.foca.identity(), "membership task stopped");
     }
 
     /// First step: publish our state, start the periodic work.
     pub(crate) fn start(&mut self, now: Instant) {
-        self.now = now;
+        self.cx.now = now;
         self.publish(true);
         for work in Periodic::ALL {
-            self.io
+            self.cx
+                .io
                 .timers
-                .schedule(work.first_run(now, &self.timing), Tick::Every(work));
+                .schedule(work.first_run(now, &self.cx.timing), Tick::Every(work));
         }
         self.settle();
     }
 
     /// A step: the timers due at `now`, each settled before the next.
     pub(crate) fn on_timers(&mut self, now: Instant) {
-        self.now = now;
-        while let Some(tick) = self.io.timers.pop_due(now) {
+        self.cx.now = now;
+        while let Some(tick) = self.cx.io.timers.pop_due(now) {
             match tick {
                 Tick::Foca(foca::Timer::PeriodicGossip(token)) => self.gossip_round(token),
                 Tick::Foca(timer) => {
                     let cycle = matches!(timer, foca::Timer::ProbeRandomMember(_));
                     let indirect = matches!(timer, foca::Timer::SendIndirectProbe { .. });
                     if cycle {
-                        self.io.guard.begin_cycle();
+                        self.cx.io.guard.begin_cycle();
                     }
-                    if let Err(error) = self.foca.handle_timer(timer, self.io.runtime(now)) {
+                    if let Err(error) = self.cx.foca.handle_timer(timer, self.cx.io.runtime(now)) {
                         tracing::debug!(%error, "foca timer error");
                     }
                     if cycle {
-                        self.io.guard.end_cycle();
+                        self.cx.io.guard.end_cycle();
                     }
                     if indirect {
                         self.indirect_stage_started();
@@ -242,8 +228,8 @@ impl<T: Transport> Agent<T> {
                 }
                 Tick::Every(work) => {
                     self.periodic(work);
-                    let next = now + work.period(&self.timing);
-                    self.io.timers.schedule(next, Tick::Every(work));
+                    let next = now + work.period(&self.cx.timing);
+                    self.cx.io.timers.schedule(next, Tick::Every(work));
                 }
             }
             // Timers may produce notifications that schedule more work; handle them in order.
@@ -253,7 +239,7 @@ impl<T: Transport> Agent<T> {
 
     /// A step: one input.
     pub(crate) fn on_input(&mut self, input: Input, now: Instant) {
-        self.now = now;
+        self.cx.now = now;
         match input {
             Input::Datagram { message, from } => self.on_message(message, from),
             Input::Join(addrs) => {
@@ -271,23 +257,26 @@ impl<T: Transport> Agent<T> {
 
     /// A step: our load or local fields changed.
     pub(crate) fn on_local_change(&mut self, now: Instant) {
-        self.now = now;
+        self.cx.now = now;
         self.request_publish();
         self.settle();
     }
 
     /// When the next timer is due.
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
-        self.io.timers.next_deadline()
+        self.cx.io.timers.next_deadline()
     }
 
     fn periodic(&mut self, work: Periodic) {
         match work {
             Periodic::Refresh => self.refresh_state(),
             Periodic::Rejoin => {
-                if matches!(self.status, LocalStatus::Joining | LocalStatus::Isolated) {
+                if matches!(
+                    self.cx.status(),
+                    LocalStatus::Joining | LocalStatus::Isolated
+                ) {
                     self.announce_to_known(false);
-                    self.shared.discovery_wanted.notify_one();
+                    self.cx.shared.discovery_wanted.notify_one();
                 }
             }
             Periodic::Maintenance => self.maintain(),
@@ -295,14 +284,22 @@ impl<T: Transport> Agent<T> {
     }
 
     fn on_message(&mut self, message: Message, from: SocketAddr) {
-        if self.status == LocalStatus::Left || self.lineage.is_superseded() {
+        if self.cx.status() == LocalStatus::Left || self.lineage.is_superseded() {
             return;
         }
         match message {
             Message::Foca(packet) => {
-                self.io.guard.watch.received_datagram(&packet, self.now);
-                if let Err(error) = self.foca.handle_data(&packet, self.io.runtime(self.now)) {
-                    self.shared.counters.dropped(Dropped::FocaRejected);
+                self.cx
+                    .io
+                    .guard
+                    .watch
+                    .received_datagram(&packet, self.cx.now);
+                if let Err(error) = self
+                    .cx
+                    .foca
+                    .handle_data(&packet, self.cx.io.runtime(self.cx.now))
+                {
+                    self.cx.shared.counters.dropped(Dropped::FocaRejected);
                     tracing::debug!(%error, "foca rejected a datagram");
                 }
                 self.answer_for_an_earlier_life(&packet, from);
@@ -317,9 +314,10 @@ impl<T: Transport> Agent<T> {
     /// us is both stored and passed on by gossip, so the peers the owner did not push to learn
     /// it within a few gossip rounds instead of waiting for the owner's own retransmissions.
     fn pushed_state(&mut self, state: Arc<NodeState>, bytes: &[u8], from: SocketAddr) {
-        let had_older = self.store.lock().get(&state.node_id).is_some();
-        let foca = &mut self.foca;
+        let had_older = self.cx.store.lock().get(&state.node_id).is_some();
+        let foca = &mut self.cx.foca;
         match self
+            .cx
             .store
             .with_staged(Arc::clone(&state), || foca.add_broadcast(bytes))
         {
@@ -334,7 +332,7 @@ impl<T: Transport> Agent<T> {
                 self.introduce_to_stranger(&state, from);
             }
             Err(error) => {
-                self.shared.counters.dropped(Dropped::StateRejected);
+                self.cx.shared.counters.dropped(Dropped::StateRejected);
                 tracing::debug!(%error, "rejected a pushed node state");
             }
         }
@@ -350,18 +348,22 @@ impl<T: Transport> Agent<T> {
     ///   membership update), within the budget.
     fn gossip_round(&mut self, token: foca::TimerToken) {
         let round = foca::Timer::PeriodicGossip(token);
-        if self.foca.updates_backlog() == 0 && self.io.budget.is_spent() {
-            let next = self.now + self.timing.gossip_interval;
-            self.io.timers.schedule(next, Tick::Foca(round));
+        if self.cx.foca.updates_backlog() == 0 && self.cx.io.budget.is_spent() {
+            let next = self.cx.now + self.cx.timing.gossip_interval;
+            self.cx.io.timers.schedule(next, Tick::Foca(round));
             return;
         }
-        if let Err(error) = self.foca.handle_timer(round, self.io.runtime(self.now)) {
+        if let Err(error) = self
+            .cx
+            .foca
+            .handle_timer(round, self.cx.io.runtime(self.cx.now))
+        {
             tracing::debug!(%error, "foca gossip timer error");
         }
-        if self.foca.updates_backlog() > 0
-            && self.foca.custom_broadcast_backlog() > 0
-            && !self.io.budget.is_spent()
-            && let Err(error) = self.foca.broadcast(self.io.runtime(self.now))
+        if self.cx.foca.updates_backlog() > 0
+            && self.cx.foca.custom_broadcast_backlog() > 0
+            && !self.cx.io.budget.is_spent()
+            && let Err(error) = self.cx.foca.broadcast(self.cx.io.runtime(self.cx.now))
         {
             tracing::debug!(%error, "broadcasting states failed");
         }
@@ -372,7 +374,7 @@ impl<T: Transport> Agent<T> {
     fn settle(&mut self) {
         loop {
             self.tell_about_suspicions();
-            let notes = self.io.take_notes();
+            let notes = self.cx.io.take_notes();
             if notes.is_empty() {
                 break;
             }
@@ -380,48 +382,42 @@ impl<T: Transport> Agent<T> {
                 self.on_notification(note);
             }
         }
-        self.shared
+        self.cx
+            .shared
             .counters
-            .set_health_score(self.io.guard.health.score());
+            .set_health_score(self.cx.io.guard.health.score());
         // Views are coalesced (see `view_interval`); their events wait with them.
         let due = self
             .last_view
-            .is_none_or(|at| self.now >= at + self.view_interval());
+            .is_none_or(|at| self.cx.now >= at + self.view_interval());
         if due {
             self.flush_view();
         } else if !self.view_scheduled && self.view_pending() {
             self.view_scheduled = true;
-            let at = self.last_view.unwrap_or(self.now) + self.view_interval();
-            self.io.timers.schedule(at, Tick::View);
+            let at = self.last_view.unwrap_or(self.cx.now) + self.view_interval();
+            self.cx.io.timers.schedule(at, Tick::View);
         }
     }
 
     /// Publishes what changed since the last view, then the events that describe it: an event
     /// is never ahead of the view.
     fn flush_view(&mut self) {
-        let accepted = self.store.lock().take_accepted();
-        let local = self.foca.identity().node_id().clone();
+        let accepted = self.cx.store.lock().take_accepted();
+        let local = self.cx.foca.identity().node_id().clone();
         for state in accepted {
             if state.node_id != local {
-                self.snapshots.mark_dirty();
-                self.emit(MeshEvent::Updated(state));
+                self.cx.snapshots.mark_dirty();
+                self.cx.emit(MeshEvent::Updated(state));
             }
         }
-        if self.store.lock().take_dirty() {
-            self.snapshots.mark_dirty();
+        if self.cx.store.lock().take_dirty() {
+            self.cx.snapshots.mark_dirty();
         }
-        if self.snapshots.take_dirty() {
+        if self.cx.snapshots.take_dirty() {
             self.publish_view();
-            self.last_view = Some(self.now);
+            self.last_view = Some(self.cx.now);
         }
-        for event in self.events.drain(..) {
-            self.shared.emit(event);
-        }
-    }
-
-    /// An event, delivered with the next view.
-    fn emit(&mut self, event: MeshEvent) {
-        self.events.push(event);
+        self.cx.deliver_events();
     }
 
     /// The least time between two views: 50 µs per member, at most 50 ms. Assembling a view
@@ -438,11 +434,11 @@ impl<T: Transport> Agent<T> {
 
     /// Whether anything waits to be published in a view.
     fn view_pending(&mut self) -> bool {
-        let dirty = self.snapshots.take_dirty();
+        let dirty = self.cx.snapshots.take_dirty();
         if dirty {
-            self.snapshots.mark_dirty();
+            self.cx.snapshots.mark_dirty();
         }
-        dirty || !self.events.is_empty() || self.store.lock().has_pending()
+        dirty || self.cx.has_events() || self.cx.store.lock().has_pending()
     }
 
     fn on_notification(&mut self, note: OwnedNotification<Identity>) {
@@ -450,38 +446,42 @@ impl<T: Transport> Agent<T> {
             OwnedNotification::MemberUp(id) => self.member_up(id),
             OwnedNotification::MemberDown(id) => self.member_down(id),
             OwnedNotification::Rename(old, new) => self.renamed(old, new),
-            OwnedNotification::Active => self.set_status(LocalStatus::Active),
+            OwnedNotification::Active => self.cx.set_status(LocalStatus::Active),
             OwnedNotification::Idle => {
-                if self.status != LocalStatus::Left {
-                    self.set_status(LocalStatus::Isolated);
+                if self.cx.status() != LocalStatus::Left {
+                    self.cx.set_status(LocalStatus::Isolated);
                     self.announce_to_known(false);
-                    self.shared.discovery_wanted.notify_one();
+                    self.cx.shared.discovery_wanted.notify_one();
                 }
             }
             OwnedNotification::Defunct => self.defunct(),
             OwnedNotification::Rejoin(id) => self.renewed(id),
         }
-        self.snapshots.mark_dirty();
+        self.cx.snapshots.mark_dirty();
     }
 
     /// Suspicion, and forgetting what is too old to matter.
     fn maintain(&mut self) {
         self.observe_suspects();
-        let now = self.now;
+        let now = self.cx.now;
         self.announcer
-            .forget_introductions(now, self.timing.rejoin_interval);
-        if self.lineage.forget_down(now, self.timing.remove_down_after) {
-            self.snapshots.mark_dirty(); // reaped departed members leave the view
+            .forget_introductions(now, self.cx.timing.rejoin_interval);
+        if self
+            .lineage
+            .forget_down(now, self.cx.timing.remove_down_after)
+        {
+            self.cx.snapshots.mark_dirty(); // reaped departed members leave the view
         }
-        snapshot::record_gauges(&self.shared.view());
+        snapshot::record_gauges(&self.cx.shared.view());
         let members: std::collections::HashSet<(crate::NodeId, u64)> = self
+            .cx
             .foca
             .iter_members()
             .map(|m| (m.id().node_id().clone(), m.id().generation()))
             .collect();
-        let local = self.foca.identity().clone();
-        let keep = self.timing.state_refresh_interval * 10;
-        self.store.lock().prune(
+        let local = self.cx.foca.identity().clone();
+        let keep = self.cx.timing.state_refresh_interval * 10;
+        self.cx.store.lock().prune(
             |id, generation| {
                 members.contains(&(id.clone(), generation))
                     || (id == local.node_id() && generation == local.generation())
@@ -492,41 +492,33 @@ impl<T: Transport> Agent<T> {
     }
 
     fn publish_view(&mut self) {
-        let store = self.store.lock();
-        let view = self.snapshots.assemble(
+        let store = self.cx.store.lock();
+        let view = self.cx.snapshots.assemble(
             Sources {
-                local: self.foca.identity(),
+                local: self.cx.foca.identity(),
                 local_state: self.publisher.current().map(|p| Arc::clone(&p.state)),
-                members: self.foca.iter_members().map(|m| (m.id(), m.state())),
+                members: self.cx.foca.iter_members().map(|m| (m.id(), m.state())),
                 store: &store,
-                status: self.status,
+                status: self.cx.status(),
                 lineage: &self.lineage,
             },
-            self.now,
+            self.cx.now,
         );
         drop(store);
-        self.shared.publish_view(view);
-    }
-
-    fn set_status(&mut self, status: LocalStatus) {
-        if self.status != status {
-            self.status = status;
-            self.snapshots.mark_dirty();
-            self.emit(MeshEvent::LocalStatus(status));
-        }
+        self.cx.shared.publish_view(view);
     }
 
     /// Re-sizes foca's configuration (suspicion timeout, retransmissions) to the cluster.
     fn resize(&mut self) {
-        let size = u32::try_from(self.foca.num_members() + 1).unwrap_or(u32::MAX);
+        let size = u32::try_from(self.cx.foca.num_members() + 1).unwrap_or(u32::MAX);
         if size == self.configured_size {
             return;
         }
-        let config = self.timing.foca_config(size, self.max_payload);
-        match self.foca.set_config(config) {
+        let config = self.cx.timing.foca_config(size, self.max_payload);
+        match self.cx.foca.set_config(config) {
             Ok(()) => {
                 self.configured_size = size;
-                self.io.guard.timeouts = SuspicionTimeouts::new(&self.timing, size);
+                self.cx.io.guard.timeouts = SuspicionTimeouts::new(&self.cx.timing, size);
             }
             Err(error) => tracing::warn!(%error, size, "resizing foca config failed"),
         }
@@ -749,7 +741,7 @@ mod tests {
     fn probing_a_peer() -> (Agent<Recorder>, Arc<Recorder>, Identity, Instant) {
         let (mut agent, transport, _shared, t0) = started();
         let x = Identity::new(NodeId::new("x").unwrap(), "127.0.0.1:2".parse().unwrap(), 1);
-        let me = agent.foca.identity().clone();
+        let me = agent.cx.foca.identity().clone();
         agent.on_input(foca_input(&x, &me, foca::Message::Announce), t0);
         let pinged = step_until(&mut agent, t0, |_| !pings_to(&transport, &x).is_empty());
         (agent, transport, x, pinged)
@@ -758,6 +750,7 @@ mod tests {
     /// Whether foca holds `x` in `state`.
     fn holds(agent: &Agent<Recorder>, x: &Identity, state: foca::State) -> bool {
         agent
+            .cx
             .foca
             .iter_members()
             .any(|m| m.id() == x && m.state() == state)
@@ -784,14 +777,14 @@ mod tests {
     async fn a_probe_target_that_answers_is_not_told() {
         let (mut agent, transport, x, pinged) = probing_a_peer();
         let timing = Timing::local();
-        let me = agent.foca.identity().clone();
+        let me = agent.cx.foca.identity().clone();
         let number = pings_to(&transport, &x)[0];
         // x answers late: after the direct probe timed out, before the early notice was due.
         let timed_out = pinged + timing.probe_rtt;
-        let now = step_until(&mut agent, pinged, |a| a.now >= timed_out);
+        let now = step_until(&mut agent, pinged, |a| a.cx.now >= timed_out);
         agent.on_input(foca_input(&x, &me, foca::Message::Ack(number)), now);
         let period_end = pinged + timing.probe_period;
-        step_until(&mut agent, now, |a| a.now >= period_end);
+        step_until(&mut agent, now, |a| a.cx.now >= period_end);
         assert!(
             holds(&agent, &x, foca::State::Alive),
             "foca took the late answer"
@@ -807,7 +800,7 @@ mod tests {
     async fn a_target_that_answers_after_its_early_notice_is_not_told_early_again() {
         let (mut agent, transport, x, pinged) = probing_a_peer();
         let timing = Timing::local();
-        let me = agent.foca.identity().clone();
+        let me = agent.cx.foca.identity().clone();
         let told = step_until(&mut agent, pinged, |_| notices_to(&transport, &x) > 0);
         // x's ack comes after the early notice, still inside the period: foca takes it.
         let number = pings_to(&transport, &x)[0];

@@ -19,7 +19,6 @@ use std::{
     time::Duration,
 };
 
-use rand::{rngs::StdRng, seq::IndexedRandom};
 use tokio::time::Instant;
 
 use super::{Agent, timers::Tick};
@@ -33,13 +32,12 @@ pub(crate) struct Published {
     pub(crate) bytes: Vec<u8>,
 }
 
-/// Versions and coalescing of our own state, and the choice of peers to push it to.
-#[derive(Debug)]
+/// Versions and coalescing of our own state, and where refreshes of it go next.
+#[derive(Debug, Default)]
 pub(crate) struct Publisher {
     version: u64,
     published: Option<Published>,
     scheduled: bool,
-    rng: StdRng,
     /// Where the next anti-entropy refresh starts in the sorted member list.
     refresh_cursor: usize,
     /// Our load or local fields changed since the last publication.
@@ -58,18 +56,6 @@ pub(crate) enum Request {
 }
 
 impl Publisher {
-    /// `rng` chooses the peers each version is pushed to.
-    pub(crate) fn new(rng: StdRng) -> Self {
-        Self {
-            version: 0,
-            published: None,
-            scheduled: false,
-            rng,
-            refresh_cursor: 0,
-            changed: false,
-        }
-    }
-
     /// Our state changed at `now`; at most one version per `interval` is published.
     pub(crate) fn request(&mut self, now: Instant, interval: Duration) -> Request {
         self.changed = true;
@@ -165,25 +151,16 @@ impl Publisher {
             .copied()
             .collect()
     }
-
-    /// Up to `fanout` of `members`, chosen at random.
-    pub(crate) fn push_targets(
-        &mut self,
-        members: &[SocketAddr],
-        fanout: usize,
-    ) -> Vec<SocketAddr> {
-        members.sample(&mut self.rng, fanout).copied().collect()
-    }
 }
 
 /// Handing publications to foca and the socket.
 impl<T: Transport> Agent<T> {
     /// Our state changed (load or local fields): publish now or schedule it.
     pub(super) fn request_publish(&mut self) {
-        let interval = self.timing.state_publish_interval;
-        match self.publisher.request(self.now, interval) {
+        let interval = self.cx.timing.state_publish_interval;
+        match self.publisher.request(self.cx.now, interval) {
             Request::Now => self.publish(false),
-            Request::At(at) => self.io.timers.schedule(at, Tick::Publish),
+            Request::At(at) => self.cx.io.timers.schedule(at, Tick::Publish),
             Request::Scheduled => {}
         }
     }
@@ -191,14 +168,14 @@ impl<T: Transport> Agent<T> {
     /// Publishes a new version of our state if it changed (or `force`): into foca's broadcast
     /// queue and pushed directly to a bounded set of peers.
     pub(super) fn publish(&mut self, force: bool) {
-        if self.status == LocalStatus::Left && !force {
+        if self.cx.status() == LocalStatus::Left && !force {
             return;
         }
-        let identity = self.foca.identity();
+        let identity = self.cx.foca.identity();
         // Held from reading the load to recording the new version, so that a task begun
         // before `Membership::version_counting_current_load` reads the version is counted by
         // the version it names (mesh-route's accounting of forwarded calls relies on it).
-        let shared = Arc::clone(&self.shared);
+        let shared = Arc::clone(&self.cx.shared);
         let mut last_published = shared
             .published
             .lock()
@@ -208,18 +185,22 @@ impl<T: Transport> Agent<T> {
             .node_state(identity.node_id().clone(), identity.generation());
         candidate.pending = shared.load.pending();
         candidate.max_concurrency = shared.load.max_concurrency();
-        let Some(published) = self.publisher.publish(candidate, self.now, force) else {
+        let Some(published) = self.publisher.publish(candidate, self.cx.now, force) else {
             return;
         };
         let (state, bytes) = (Arc::clone(&published.state), published.bytes.clone());
         *last_published = (state.generation, state.version);
         drop(last_published);
-        let foca = &mut self.foca;
-        if let Err(error) = self.store.with_staged(state, || foca.add_broadcast(&bytes)) {
+        let foca = &mut self.cx.foca;
+        if let Err(error) = self
+            .cx
+            .store
+            .with_staged(state, || foca.add_broadcast(&bytes))
+        {
             tracing::warn!(%error, "could not queue our state for gossip");
         }
-        self.push_state(self.timing.state_push_fanout.get());
-        self.snapshots.mark_dirty();
+        self.push_state(self.cx.timing.state_push_fanout.get());
+        self.cx.snapshots.mark_dirty();
     }
 
     /// Sends our current state directly to up to `fanout` random active members.
@@ -228,26 +209,25 @@ impl<T: Transport> Agent<T> {
             return;
         };
         let bytes = published.bytes.clone();
-        let members: Vec<SocketAddr> = self.foca.iter_members().map(|m| m.id().addr()).collect();
-        for addr in self.publisher.push_targets(&members, fanout) {
-            self.io.out.send(Kind::StatePush, &bytes, addr);
+        let members = self.cx.member_addrs();
+        for addr in self.cx.choose_peers(&members, fanout) {
+            self.cx.io.out.send(Kind::StatePush, &bytes, addr);
         }
     }
 
     /// Anti-entropy: re-send our state while we are part of a cluster.
     pub(super) fn refresh_state(&mut self) {
-        if matches!(self.status, LocalStatus::Left | LocalStatus::Defunct) {
+        if matches!(self.cx.status(), LocalStatus::Left | LocalStatus::Defunct) {
             return;
         }
         let Some(published) = self.publisher.current() else {
             return;
         };
         let bytes = published.bytes.clone();
-        let mut members: Vec<SocketAddr> =
-            self.foca.iter_members().map(|m| m.id().addr()).collect();
-        let fanout = self.timing.state_push_fanout.get();
+        let mut members = self.cx.member_addrs();
+        let fanout = self.cx.timing.state_push_fanout.get();
         for addr in self.publisher.refresh_targets(&mut members, fanout) {
-            self.io.out.send(Kind::StatePush, &bytes, addr);
+            self.cx.io.out.send(Kind::StatePush, &bytes, addr);
         }
     }
 
@@ -258,20 +238,21 @@ impl<T: Transport> Agent<T> {
     /// relay, which comes from someone other than the owner, do not relay it again. Each
     /// version is relayed at most once per node because only a version new to us gets here.
     pub(super) fn relay_state(&mut self, state: &NodeState, bytes: &[u8], owner: SocketAddr) {
-        let fanout = self.timing.state_relay_fanout;
+        let fanout = self.cx.timing.state_relay_fanout;
         // Up to the push fan-out the owner pushed to every member: nothing to relay.
-        if fanout == 0 || self.foca.num_members() <= self.timing.state_push_fanout.get() {
+        if fanout == 0 || self.cx.foca.num_members() <= self.cx.timing.state_push_fanout.get() {
             return;
         }
-        let own = self.foca.identity().addr();
+        let own = self.cx.foca.identity().addr();
         let members: Vec<SocketAddr> = self
+            .cx
             .foca
             .iter_members()
             .map(|m| m.id().addr())
             .filter(|a| *a != owner && *a != own)
             .collect();
-        for addr in self.publisher.push_targets(&members, fanout) {
-            self.io.out.send(Kind::StatePush, bytes, addr);
+        for addr in self.cx.choose_peers(&members, fanout) {
+            self.cx.io.out.send(Kind::StatePush, bytes, addr);
         }
         tracing::trace!(node = %state.node_id, version = state.version, "relayed a state");
     }
@@ -280,16 +261,16 @@ impl<T: Transport> Agent<T> {
     pub(super) fn join_sync(&mut self, to: SocketAddr) {
         if let Some(published) = self.publisher.current() {
             let bytes = published.bytes.clone();
-            self.io.out.send(Kind::StatePush, &bytes, to);
+            self.cx.io.out.send(Kind::StatePush, &bytes, to);
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use rand::SeedableRng;
+    use rand::{SeedableRng, rngs::StdRng};
 
-    use super::*;
+    use super::{super::context::choose, *};
     use crate::NodeId;
 
     fn state(pending: u32) -> NodeState {
@@ -300,7 +281,7 @@ mod tests {
     }
 
     fn publisher() -> Publisher {
-        Publisher::new(StdRng::seed_from_u64(1))
+        Publisher::default()
     }
 
     #[test]
@@ -421,15 +402,16 @@ mod tests {
     #[test]
     fn pushes_go_to_at_most_fanout_distinct_members() {
         let mut publisher = publisher();
+        let mut rng = StdRng::seed_from_u64(1);
         let members: Vec<SocketAddr> = (1..=10)
             .map(|port| SocketAddr::from(([127, 0, 0, 1], port)))
             .collect();
-        let targets = publisher.push_targets(&members, 3);
+        let targets = choose(&mut rng, &members, 3);
         assert_eq!(targets.len(), 3);
         let distinct: std::collections::HashSet<_> = targets.iter().collect();
         assert_eq!(distinct.len(), 3);
         assert!(targets.iter().all(|t| members.contains(t)));
-        assert_eq!(publisher.push_targets(&members, usize::MAX).len(), 10);
+        assert_eq!(choose(&mut rng, &members, usize::MAX).len(), 10);
         // Refreshes go round: every member within ceil(10 / 4) = 3 refreshes.
         let mut seen = std::collections::HashSet::new();
         for _ in 0..3 {
@@ -441,11 +423,11 @@ mod tests {
         }
         assert_eq!(seen.len(), 10, "every member refreshed within three rounds");
         assert!(publisher.refresh_targets(&mut [], 4).is_empty());
-        assert!(publisher.push_targets(&[], 3).is_empty());
+        assert!(choose(&mut rng, &[], 3).is_empty());
         // Seeded: the same seed chooses the same peers.
         assert_eq!(
-            Publisher::new(StdRng::seed_from_u64(9)).push_targets(&members, 4),
-            Publisher::new(StdRng::seed_from_u64(9)).push_targets(&members, 4)
+            choose(&mut StdRng::seed_from_u64(9), &members, 4),
+            choose(&mut StdRng::seed_from_u64(9), &members, 4)
         );
     }
 }
