@@ -11,7 +11,8 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use crate::{
-    Identity, NodeState, StateError, agent::notice::Notice, counters::Dropped, wire::Kind,
+    Identity, NodeState, StateError, agent::lifeguard::notice::Notice, counters::Dropped,
+    wire::Kind,
 };
 
 /// A datagram's message, decoded.

@@ -406,7 +406,7 @@ impl<T: Transport> Agent<T> {
         tracing::info!(identity = %id, "rejoining under a renewed identity");
         self.publisher.restart();
         // A new identity counts its incarnations from zero again.
-        self.refuted_up_to = None;
+        self.lifeguard.identity_renewed();
         self.cx.set_status(LocalStatus::Joining);
         self.publish(true);
     }

@@ -24,10 +24,8 @@
 
 mod announce;
 mod context;
-mod health;
-mod lifeguard;
+pub(crate) mod lifeguard;
 mod lineage;
-pub(crate) mod notice;
 mod publication;
 mod runtime;
 pub(crate) mod snapshot;
@@ -44,10 +42,10 @@ use tokio::{
 use self::{
     announce::Announcer,
     context::Context,
-    health::SuspicionTimeouts,
+    lifeguard::{Lifeguard, guard::Guard},
     lineage::Lineage,
     publication::Publisher,
-    runtime::{Guard, Io, Outbound},
+    runtime::{Io, Outbound},
     snapshot::Sources,
     timers::{Periodic, Tick},
 };
@@ -80,6 +78,7 @@ pub(crate) struct Agent<T> {
     /// Bytes of foca payload per datagram, and the cluster size foca is configured for.
     max_payload: usize,
     configured_size: u32,
+    lifeguard: Lifeguard,
     lineage: Lineage,
     publisher: Publisher,
     announcer: Announcer,
@@ -88,9 +87,6 @@ pub(crate) struct Agent<T> {
     /// When the last view was published, and whether a coalesced one is scheduled.
     last_view: Option<Instant>,
     view_scheduled: bool,
-    /// The highest incarnation of ours we were told is suspected (Lifeguard counts each
-    /// suspicion of us once against our health, however many tell us).
-    refuted_up_to: Option<u16>,
 }
 
 impl<T: Transport> Agent<T> {
@@ -118,25 +114,17 @@ impl<T: Transport> Agent<T> {
             PostcardCodec,
             StateGossip::new(store.clone(), budget.clone(), local),
         );
-        let io = Io::new(
-            out,
-            Guard::new(
-                timing.max_health_multiplier,
-                SuspicionTimeouts::new(&timing, 1),
-                timing.probe_period,
-            ),
-            budget,
-        );
+        let io = Io::new(out, Guard::with_timing(&timing), budget);
         Self {
             cx: Context::new(foca, io, store, shared, timing, push_rng, Instant::now()),
             max_payload,
             configured_size: 1,
+            lifeguard: Lifeguard::default(),
             lineage: Lineage::default(),
             publisher: Publisher::default(),
             announcer: Announcer::new(local_addr, seeds),
             leave_reply: None,
             stopped: false,
-            refuted_up_to: None,
             last_view: None,
             view_scheduled: false,
         }
@@ -196,28 +184,9 @@ impl<T: Transport> Agent<T> {
         while let Some(tick) = self.cx.io.timers.pop_due(now) {
             match tick {
                 Tick::Foca(foca::Timer::PeriodicGossip(token)) => self.gossip_round(token),
-                Tick::Foca(timer) => {
-                    let cycle = matches!(timer, foca::Timer::ProbeRandomMember(_));
-                    let indirect = matches!(timer, foca::Timer::SendIndirectProbe { .. });
-                    if cycle {
-                        self.cx.io.guard.begin_cycle();
-                    }
-                    if let Err(error) = self.cx.foca.handle_timer(timer, self.cx.io.runtime(now)) {
-                        tracing::debug!(%error, "foca timer error");
-                    }
-                    if cycle {
-                        self.cx.io.guard.end_cycle();
-                    }
-                    if indirect {
-                        self.indirect_stage_started();
-                    }
-                }
+                Tick::Foca(timer) => self.lifeguard.deliver_foca_timer(&mut self.cx, timer),
+                Tick::Lifeguard(tick) => self.lifeguard.on_tick(&mut self.cx, tick),
                 Tick::View => self.view_scheduled = false,
-                Tick::Suspicion(id) => self.suspicion_due(id),
-                Tick::TellEarly(probe) => self.tell_early(probe),
-                Tick::SuspectAgain(id) => self.suspect_again(id),
-                Tick::CheckRetry(id) => self.check_retry(id),
-                Tick::CheckDue(id) => self.check_due(id),
                 Tick::Publish => {
                     self.publisher.fired();
                     self.publish(false);
@@ -289,11 +258,7 @@ impl<T: Transport> Agent<T> {
         }
         match message {
             Message::Foca(packet) => {
-                self.cx
-                    .io
-                    .guard
-                    .watch
-                    .received_datagram(&packet, self.cx.now);
+                self.lifeguard.foca_datagram(&mut self.cx, &packet);
                 if let Err(error) = self
                     .cx
                     .foca
@@ -306,7 +271,7 @@ impl<T: Transport> Agent<T> {
             }
             Message::StatePush { state, bytes } => self.pushed_state(state, &bytes, from),
             Message::Leave(identity) => self.peer_leaving(identity),
-            Message::Lifeguard(notice) => self.on_notice(notice, from),
+            Message::Lifeguard(notice) => self.lifeguard.on_notice(&mut self.cx, notice, from),
         }
     }
 
@@ -373,7 +338,7 @@ impl<T: Transport> Agent<T> {
     /// publishes the view if anything readers see changed.
     fn settle(&mut self) {
         loop {
-            self.tell_about_suspicions();
+            self.lifeguard.tell_about_suspicions(&mut self.cx);
             let notes = self.cx.io.take_notes();
             if notes.is_empty() {
                 break;
@@ -518,7 +483,7 @@ impl<T: Transport> Agent<T> {
         match self.cx.foca.set_config(config) {
             Ok(()) => {
                 self.configured_size = size;
-                self.cx.io.guard.timeouts = SuspicionTimeouts::new(&self.cx.timing, size);
+                self.cx.io.guard.resized(&self.cx.timing, size);
             }
             Err(error) => tracing::warn!(%error, size, "resizing foca config failed"),
         }
