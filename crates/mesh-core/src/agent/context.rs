@@ -8,7 +8,7 @@
 //! `&mut Context` for the call: foca and what its runtime writes to (the socket, the ordered
 //! timers, Lifeguard's guard), the instant of the step, the timing, the table of peers'
 //! states, what handles share with the task, our own status, the generator that chooses
-//! peers, and the events and view marks readers will see. A component never calls another;
+//! peers, and what readers will learn with the next view (events, and whether it changed). A component never calls another;
 //! what one component's work means for another, the task's loop dispatches.
 
 use std::{net::SocketAddr, sync::Arc};
@@ -16,10 +16,7 @@ use std::{net::SocketAddr, sync::Arc};
 use rand::{rngs::StdRng, seq::IndexedRandom};
 use tokio::time::Instant;
 
-use super::{
-    runtime::{FocaInstance, Io},
-    snapshot::Snapshots,
-};
+use super::runtime::{FocaInstance, Io};
 use crate::{
     LocalStatus, MeshEvent, handle_state::Shared, state_table::SharedStore, timing::Timing,
 };
@@ -38,13 +35,13 @@ pub(super) struct Context<T> {
     pub(super) store: SharedStore,
     /// What the handles share with the task: local fields, load, counters, wake-ups.
     pub(super) shared: Arc<Shared>,
-    /// Whether the view readers get is out of date (`snapshot.rs`).
-    pub(super) snapshots: Snapshots,
     /// Chooses peers at random: push and relay targets, witnesses.
     peers_rng: StdRng,
     status: LocalStatus,
     /// Events waiting for the next view.
     events: Vec<MeshEvent>,
+    /// Something readers see changed since the loop last looked.
+    view_changed: bool,
 }
 
 impl<T> Context<T> {
@@ -65,10 +62,10 @@ impl<T> Context<T> {
             io,
             store,
             shared,
-            snapshots: Snapshots::new(),
             peers_rng,
             status: LocalStatus::Joining,
             events: Vec::new(),
+            view_changed: false,
         }
     }
 
@@ -81,9 +78,19 @@ impl<T> Context<T> {
     pub(super) fn set_status(&mut self, status: LocalStatus) {
         if self.status != status {
             self.status = status;
-            self.snapshots.mark_dirty();
+            self.view_changed();
             self.emit(MeshEvent::LocalStatus(status));
         }
+    }
+
+    /// Something readers see changed: a new view is due.
+    pub(super) fn view_changed(&mut self) {
+        self.view_changed = true;
+    }
+
+    /// Whether something readers see changed since the last call.
+    pub(super) fn take_view_changed(&mut self) -> bool {
+        std::mem::take(&mut self.view_changed)
     }
 
     /// An event, delivered with the next view.

@@ -46,7 +46,7 @@ use self::{
     lineage::Lineage,
     publication::Publisher,
     runtime::{Io, Outbound},
-    snapshot::Sources,
+    snapshot::{Snapshots, Sources},
     timers::{Periodic, Tick},
 };
 use crate::{
@@ -82,6 +82,8 @@ pub(crate) struct Agent<T> {
     lineage: Lineage,
     publisher: Publisher,
     announcer: Announcer,
+    /// The epoch and local status of the views readers get (`snapshot.rs`).
+    snapshots: Snapshots,
     leave_reply: Option<oneshot::Sender<()>>,
     stopped: bool,
     /// When the last view was published, and whether a coalesced one is scheduled.
@@ -123,6 +125,7 @@ impl<T: Transport> Agent<T> {
             lineage: Lineage::default(),
             publisher: Publisher::default(),
             announcer: Announcer::new(local_addr, seeds),
+            snapshots: Snapshots::new(),
             leave_reply: None,
             stopped: false,
             last_view: None,
@@ -270,7 +273,7 @@ impl<T: Transport> Agent<T> {
                 self.answer_for_an_earlier_life(&packet, from);
             }
             Message::StatePush { state, bytes } => self.pushed_state(state, &bytes, from),
-            Message::Leave(identity) => self.peer_leaving(identity),
+            Message::Leave(identity) => self.lineage.leave_notice(&mut self.cx, identity),
             Message::Lifeguard(notice) => self.lifeguard.on_notice(&mut self.cx, notice, from),
         }
     }
@@ -371,14 +374,14 @@ impl<T: Transport> Agent<T> {
         let local = self.cx.foca.identity().node_id().clone();
         for state in accepted {
             if state.node_id != local {
-                self.cx.snapshots.mark_dirty();
+                self.snapshots.mark_dirty();
                 self.cx.emit(MeshEvent::Updated(state));
             }
         }
         if self.cx.store.lock().take_dirty() {
-            self.cx.snapshots.mark_dirty();
+            self.snapshots.mark_dirty();
         }
-        if self.cx.snapshots.take_dirty() {
+        if self.take_view_dirty() {
             self.publish_view();
             self.last_view = Some(self.cx.now);
         }
@@ -397,20 +400,39 @@ impl<T: Transport> Agent<T> {
             .min(std::time::Duration::from_millis(50))
     }
 
+    /// Whether the view is out of date, because the loop or a component changed something
+    /// readers see; clears the mark.
+    fn take_view_dirty(&mut self) -> bool {
+        let changed = self.cx.take_view_changed();
+        self.snapshots.take_dirty() || changed
+    }
+
     /// Whether anything waits to be published in a view.
     fn view_pending(&mut self) -> bool {
-        let dirty = self.cx.snapshots.take_dirty();
+        let dirty = self.take_view_dirty();
         if dirty {
-            self.cx.snapshots.mark_dirty();
+            self.snapshots.mark_dirty();
         }
         dirty || self.cx.has_events() || self.cx.store.lock().has_pending()
     }
 
     fn on_notification(&mut self, note: OwnedNotification<Identity>) {
         match note {
-            OwnedNotification::MemberUp(id) => self.member_up(id),
-            OwnedNotification::MemberDown(id) => self.member_down(id),
-            OwnedNotification::Rename(old, new) => self.renamed(old, new),
+            OwnedNotification::MemberUp(id) => {
+                self.resize();
+                if let Some(newcomer) = self.lineage.member_up(&mut self.cx, id) {
+                    self.join_sync(newcomer.addr());
+                }
+            }
+            OwnedNotification::MemberDown(id) => {
+                self.resize();
+                self.lineage.member_down(&mut self.cx, id);
+            }
+            OwnedNotification::Rename(old, new) => {
+                if let Some(rejoined) = self.lineage.member_renamed(&mut self.cx, old, new) {
+                    self.join_sync(rejoined.addr());
+                }
+            }
             OwnedNotification::Active => self.cx.set_status(LocalStatus::Active),
             OwnedNotification::Idle => {
                 if self.cx.status() != LocalStatus::Left {
@@ -419,15 +441,33 @@ impl<T: Transport> Agent<T> {
                     self.cx.shared.discovery_wanted.notify_one();
                 }
             }
-            OwnedNotification::Defunct => self.defunct(),
-            OwnedNotification::Rejoin(id) => self.renewed(id),
+            OwnedNotification::Defunct => {
+                if let Some(renewed) = self.lineage.renew_identity(&mut self.cx) {
+                    self.identity_renewed(renewed);
+                    self.announce_to_known(false);
+                }
+            }
+            OwnedNotification::Rejoin(id) => self.identity_renewed(id),
         }
-        self.cx.snapshots.mark_dirty();
+        self.snapshots.mark_dirty();
+    }
+
+    /// Our identity changed (foca renewed it after we were declared down): our state's
+    /// generation follows it, and Lifeguard counts our incarnations from zero again.
+    fn identity_renewed(&mut self, id: Identity) {
+        if self.lineage.is_superseded() {
+            return;
+        }
+        tracing::info!(identity = %id, "rejoining under a renewed identity");
+        self.publisher.restart();
+        self.lifeguard.identity_renewed();
+        self.cx.set_status(LocalStatus::Joining);
+        self.publish(true);
     }
 
     /// Suspicion, and forgetting what is too old to matter.
     fn maintain(&mut self) {
-        self.observe_suspects();
+        self.lineage.report_suspects(&mut self.cx);
         let now = self.cx.now;
         self.announcer
             .forget_introductions(now, self.cx.timing.rejoin_interval);
@@ -435,7 +475,7 @@ impl<T: Transport> Agent<T> {
             .lineage
             .forget_down(now, self.cx.timing.remove_down_after)
         {
-            self.cx.snapshots.mark_dirty(); // reaped departed members leave the view
+            self.snapshots.mark_dirty(); // reaped departed members leave the view
         }
         snapshot::record_gauges(&self.cx.shared.view());
         let members: std::collections::HashSet<(crate::NodeId, u64)> = self
@@ -458,7 +498,7 @@ impl<T: Transport> Agent<T> {
 
     fn publish_view(&mut self) {
         let store = self.cx.store.lock();
-        let view = self.cx.snapshots.assemble(
+        let view = self.snapshots.assemble(
             Sources {
                 local: self.cx.foca.identity(),
                 local_state: self.publisher.current().map(|p| Arc::clone(&p.state)),

@@ -200,7 +200,7 @@ impl<T: Transport> Agent<T> {
             tracing::warn!(%error, "could not queue our state for gossip");
         }
         self.push_state(self.cx.timing.state_push_fanout.get());
-        self.cx.snapshots.mark_dirty();
+        self.cx.view_changed();
     }
 
     /// Sends our current state directly to up to `fanout` random active members.
