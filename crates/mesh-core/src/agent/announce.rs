@@ -197,8 +197,8 @@ impl<T: Transport> Agent<T> {
             return;
         }
         self.cx.shared.lock_local().draining = true;
-        self.publish(true);
-        self.push_state(usize::MAX);
+        self.publisher.publish(&mut self.cx, true);
+        self.publisher.push(&mut self.cx, usize::MAX);
         self.send_leave_notices();
         if let Err(error) = self.cx.foca.leave_cluster(self.cx.io.runtime(self.cx.now)) {
             tracing::debug!(%error, "foca leave failed");

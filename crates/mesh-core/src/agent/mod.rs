@@ -171,7 +171,7 @@ impl<T: Transport> Agent<T> {
     /// First step: publish our state, start the periodic work.
     pub(crate) fn start(&mut self, now: Instant) {
         self.cx.now = now;
-        self.publish(true);
+        self.publisher.publish(&mut self.cx, true);
         for work in Periodic::ALL {
             self.cx
                 .io
@@ -190,10 +190,7 @@ impl<T: Transport> Agent<T> {
                 Tick::Foca(timer) => self.lifeguard.deliver_foca_timer(&mut self.cx, timer),
                 Tick::Lifeguard(tick) => self.lifeguard.on_tick(&mut self.cx, tick),
                 Tick::View => self.view_scheduled = false,
-                Tick::Publish => {
-                    self.publisher.fired();
-                    self.publish(false);
-                }
+                Tick::Publish => self.publisher.publish_scheduled(&mut self.cx),
                 Tick::FinishLeave => {
                     self.send_leave_notices();
                     self.stopped = true;
@@ -230,7 +227,7 @@ impl<T: Transport> Agent<T> {
     /// A step: our load or local fields changed.
     pub(crate) fn on_local_change(&mut self, now: Instant) {
         self.cx.now = now;
-        self.request_publish();
+        self.publisher.state_changed(&mut self.cx);
         self.settle();
     }
 
@@ -241,7 +238,7 @@ impl<T: Transport> Agent<T> {
 
     fn periodic(&mut self, work: Periodic) {
         match work {
-            Periodic::Refresh => self.refresh_state(),
+            Periodic::Refresh => self.publisher.refresh(&mut self.cx),
             Periodic::Rejoin => {
                 if matches!(
                     self.cx.status(),
@@ -293,7 +290,7 @@ impl<T: Transport> Agent<T> {
             // ours, or a first state within the share of pushed first states passed on.
             Ok(queued) => {
                 if queued && had_older && self.lineage.live_addr(&state.node_id) == Some(from) {
-                    self.relay_state(&state, bytes, from);
+                    self.publisher.relay(&mut self.cx, &state, bytes, from);
                 }
                 // New to us or not: gossip often brings a state before its owner's join sync
                 // does, and the owner is still a stranger then.
@@ -421,7 +418,7 @@ impl<T: Transport> Agent<T> {
             OwnedNotification::MemberUp(id) => {
                 self.resize();
                 if let Some(newcomer) = self.lineage.member_up(&mut self.cx, id) {
-                    self.join_sync(newcomer.addr());
+                    self.publisher.join_sync(&mut self.cx, newcomer.addr());
                 }
             }
             OwnedNotification::MemberDown(id) => {
@@ -430,7 +427,7 @@ impl<T: Transport> Agent<T> {
             }
             OwnedNotification::Rename(old, new) => {
                 if let Some(rejoined) = self.lineage.member_renamed(&mut self.cx, old, new) {
-                    self.join_sync(rejoined.addr());
+                    self.publisher.join_sync(&mut self.cx, rejoined.addr());
                 }
             }
             OwnedNotification::Active => self.cx.set_status(LocalStatus::Active),
@@ -462,7 +459,7 @@ impl<T: Transport> Agent<T> {
         self.publisher.restart();
         self.lifeguard.identity_renewed();
         self.cx.set_status(LocalStatus::Joining);
-        self.publish(true);
+        self.publisher.publish(&mut self.cx, true);
     }
 
     /// Suspicion, and forgetting what is too old to matter.
