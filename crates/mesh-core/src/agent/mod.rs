@@ -192,7 +192,7 @@ impl<T: Transport> Agent<T> {
                 Tick::View => self.view_scheduled = false,
                 Tick::Publish => self.publisher.publish_scheduled(&mut self.cx),
                 Tick::FinishLeave => {
-                    self.send_leave_notices();
+                    self.announcer.send_leave_notices(&mut self.cx);
                     self.stopped = true;
                 }
                 Tick::Every(work) => {
@@ -267,7 +267,8 @@ impl<T: Transport> Agent<T> {
                     self.cx.shared.counters.dropped(Dropped::FocaRejected);
                     tracing::debug!(%error, "foca rejected a datagram");
                 }
-                self.answer_for_an_earlier_life(&packet, from);
+                self.announcer
+                    .answer_for_an_earlier_life(&mut self.cx, &packet, from);
             }
             Message::StatePush { state, bytes } => self.pushed_state(state, &bytes, from),
             Message::Leave(identity) => self.lineage.leave_notice(&mut self.cx, identity),
@@ -294,7 +295,10 @@ impl<T: Transport> Agent<T> {
                 }
                 // New to us or not: gossip often brings a state before its owner's join sync
                 // does, and the owner is still a stranger then.
-                self.introduce_to_stranger(&state, from);
+                if !self.lineage.knows_live(&state.node_id) {
+                    self.announcer
+                        .introduce_to_stranger(&mut self.cx, &state.node_id, from);
+                }
             }
             Err(error) => {
                 self.cx.shared.counters.dropped(Dropped::StateRejected);
@@ -508,6 +512,29 @@ impl<T: Transport> Agent<T> {
         );
         drop(store);
         self.cx.shared.publish_view(view);
+    }
+
+    /// Announces to seeds and discovered addresses (see `announce.rs`), unless another process
+    /// took over our node id.
+    fn announce_to_known(&mut self, only_strangers: bool) {
+        if !self.lineage.is_superseded() {
+            self.announcer
+                .announce_to_known(&mut self.cx, only_strangers);
+        }
+    }
+
+    /// Leaving (memberlist's graceful leave): our state, marked draining, goes to every member
+    /// before the leave notices; `reply` is answered when the task stops.
+    fn leave(&mut self, reply: oneshot::Sender<()>) {
+        if self.cx.status() == LocalStatus::Left {
+            let _ = reply.send(());
+            return;
+        }
+        self.cx.shared.lock_local().draining = true;
+        self.publisher.publish(&mut self.cx, true);
+        self.publisher.push(&mut self.cx, usize::MAX);
+        self.announcer.leave_cluster(&mut self.cx);
+        self.leave_reply = Some(reply);
     }
 
     /// Re-sizes foca's configuration (suspicion timeout, retransmissions) to the cluster.
