@@ -15,12 +15,12 @@
 //! `suspicion_multiplier × max(1, log10(n) − 1) × probe_period` down to the nominal one as
 //! they confirm (dynamic suspicion); the suspect is told directly, again every half probe
 //! timeout, and refutes in one round trip (buddy system); and a node whose own probes keep
-//! failing stretches its probe period and timeout (local health awareness). `agent/health.rs`
-//! explains what is built where foca has no hook. Beyond Lifeguard, a probe target that
-//! answers neither directly nor through others is told before the probe period ends and its
-//! time to refute counts from then, and the node whose suspicion timed out tells every other
-//! member directly that the member is down, rather than leaving it to gossip
-//! (`agent/lifeguard.rs`).
+//! failing stretches its probe period and timeout (local health awareness). `agent/lifeguard/`
+//! holds all of it and explains what is built where foca has no hook. Beyond Lifeguard, a
+//! probe target that answers neither directly nor through others is told before the probe
+//! period ends and its time to refute counts from then, and the node whose suspicion timed
+//! out tells every other member directly that the member is down, rather than leaving it to
+//! gossip (`agent/lifeguard/` too).
 //! Members announce themselves to nodes they consider down, and to every address the discovery
 //! source returns that is not a member, which is what merges the two sides of a healed
 //! partition without an operator.
@@ -68,12 +68,15 @@
 //! 3. `input.rs`: the body is decoded once: a SWIM packet stays bytes for foca, a pushed
 //!    [`NodeState`] (`node_state.rs`) and a leave notice become values. The result goes to the
 //!    membership task over a bounded channel (full: counted as overload, dropped).
-//! 4. `agent/mod.rs`: the membership task takes one step per input. A SWIM packet goes to
-//!    foca with `agent/runtime.rs` as its runtime (replies sealed and sent at once, timers into
-//!    the ordered queue of `agent/timers.rs`); states piggybacked on it reach
-//!    `state_table.rs`, whose broadcast handler keeps a state only if it is newer. A pushed
-//!    state is handed to the same handler already decoded, and foca re-gossips it if it was
-//!    new to us.
+//! 4. `agent/mod.rs`: the membership task takes one step per input, and dispatches it to its
+//!    components (Lifeguard, lineage, publication, announcements), each handed the step
+//!    context of `agent/context.rs`. A SWIM packet goes to foca with `agent/runtime.rs` as its
+//!    runtime: replies are sealed and sent at once, and timers go into the ordered queue of
+//!    `agent/timers.rs`, past Lifeguard's guard (`agent/lifeguard/guard.rs`), which stretches
+//!    probe timers and holds suspicions back. A Lifeguard message goes to
+//!    `agent/lifeguard/`. States piggybacked on a SWIM packet reach `state_table.rs`, whose
+//!    broadcast handler keeps a state only if it is newer. A pushed state is handed to the
+//!    same handler already decoded, and foca re-gossips it if it was new to us.
 //! 5. foca's notifications become events in `agent/lineage.rs` ([`MeshEvent`], `events.rs`):
 //!    joined, rejoined, failed, left, one owner per node id; `agent/announce.rs` introduces us
 //!    to strangers that pushed us a state.

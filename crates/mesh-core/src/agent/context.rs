@@ -8,8 +8,13 @@
 //! `&mut Context` for the call: foca and what its runtime writes to (the socket, the ordered
 //! timers, Lifeguard's guard), the instant of the step, the timing, the table of peers'
 //! states, what handles share with the task, our own status, the generator that chooses
-//! peers, and what readers will learn with the next view (events, and whether it changed). A component never calls another;
-//! what one component's work means for another, the task's loop dispatches.
+//! peers, and what readers will learn with the next view (events, and whether it changed).
+//! A component's step never calls another component; what it means for another, the task's
+//! loop dispatches.
+//!
+//! The context owns what it holds rather than borrowing it from the task for each call: the
+//! task (`mod.rs`) keeps it in one field beside its components, so `&mut self.cx` and
+//! `&mut self.lifeguard` are borrowed side by side.
 
 use std::{net::SocketAddr, sync::Arc};
 

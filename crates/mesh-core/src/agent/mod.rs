@@ -8,19 +8,27 @@
 //! produced (which may produce more), reports new peer states, and publishes a new view if
 //! anything readers can see changed.
 //!
-//! The loop only dispatches; each concern is a small type of its own, in the order a datagram
-//! meets them:
+//! The loop only dispatches. Each concern of the task is a component that owns its state, in
+//! a file of its own, so a field's type says which file to open; for every call it is handed
+//! the *step context* ([`Context`]: foca and what its runtime writes to, the instant of the
+//! step, the timing, the state table, our status, the events). A component's step never
+//! calls another component: what it means for another (a newcomer gets our state, a renewed
+//! identity restarts our versions and Lifeguard's count of refutations, a leave publishes
+//! our draining state before the notices) comes back to the loop, which makes the next call.
 //!
-//! | file | concern |
-//! |---|---|
-//! | [`runtime`] | foca's runtime: sealing and sending datagrams, scheduling timers, collecting notifications |
-//! | [`timers`] | the ordered timer queue and the ticks it delivers |
-//! | [`health`] | Lifeguard's state: local health score, dynamic suspicion deadlines, witness checks |
-//! | [`lifeguard`] | Lifeguard's messages: buddy notices, witness checks, refutations, confirmations, down notices |
-//! | [`lineage`] | identity lives turned into events: joined, rejoined, failed, left, superseded |
-//! | [`publication`] | our own state: versions, coalescing, direct pushes |
-//! | [`announce`] | announcing to seeds and discovered peers, introductions, leaving |
-//! | [`snapshot`] | assembling the immutable view readers get |
+//! | field of [`Agent`] | type | file | concern |
+//! |---|---|---|---|
+//! | `cx` | [`Context`] | [`context`] | what every component works with during a step |
+//! | `lifeguard` | [`Lifeguard`] | [`lifeguard`] | Lifeguard (Dadgar, Phillips and Currey, 2018) on foca's SWIM: local health, dynamic suspicion, buddy and down notices, witnesses |
+//! | `lineage` | [`Lineage`] | [`lineage`] | identity lives turned into events: joined, rejoined, failed, left, superseded |
+//! | `publisher` | [`Publisher`] | [`publication`] | our own state: versions, coalescing, pushes, relays, refreshes |
+//! | `announcer` | [`Announcer`] | [`announce`] | announcing to seeds and discovered peers, introductions, leaving |
+//! | `snapshots` | [`Snapshots`] | [`snapshot`] | assembling the immutable view readers get |
+//!
+//! Beneath them, in the order a datagram meets them: [`runtime`] is foca's runtime (sealing
+//! and sending datagrams, scheduling timers, collecting notifications; it carries Lifeguard's
+//! guard, through which foca's timers pass), and [`timers`] the ordered timer queue and the
+//! ticks it delivers.
 
 mod announce;
 mod context;
@@ -72,15 +80,20 @@ pub(crate) struct AgentParts<T> {
     pub(crate) rng_seed: Option<u64>,
 }
 
+/// The membership task: the step context, the components, and the view's timing.
 pub(crate) struct Agent<T> {
     /// What every component works with during a step (`context.rs`).
     cx: Context<T>,
     /// Bytes of foca payload per datagram, and the cluster size foca is configured for.
     max_payload: usize,
     configured_size: u32,
+    /// Lifeguard's messages, timers and probe cycle (`lifeguard/`).
     lifeguard: Lifeguard,
+    /// The lives of every node id, and the events they make (`lineage.rs`).
     lineage: Lineage,
+    /// Versions and publications of our own state (`publication.rs`).
     publisher: Publisher,
+    /// Seeds, discovered addresses and introductions (`announce.rs`).
     announcer: Announcer,
     /// The epoch and local status of the views readers get (`snapshot.rs`).
     snapshots: Snapshots,
