@@ -26,7 +26,7 @@
 //!   (`Timer::ChangeSuspectToDown`, `Config::suspect_to_down_after`) and its suspect updates
 //!   carry no originator, so confirmations cannot come from its gossip: the suspecting node
 //!   asks `k` random members (*witnesses*) to check the suspect, and each witness that cannot
-//!   reach it either confirms ([`Checks`](checks::Checks) is the witness's side). The timer
+//!   reach it either confirms ([`Checks`] is the witness's side). The timer
 //!   is intercepted where foca submits it ([`Guard`](guard::Guard)) and delivered at the
 //!   dynamic deadline, and only if the member is still suspected at that incarnation.
 //! * **Buddy system**: the suspect is told at once, directly, that it is suspected, and again

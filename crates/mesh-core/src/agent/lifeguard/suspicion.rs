@@ -86,10 +86,10 @@ pub(crate) struct Due {
 
 impl Suspicions {
     /// foca suspects `member` at `incarnation` and submitted `timer` to declare it down; the
-    /// suspect was first told at `since` (now, or earlier in the probe, see [`ProbeWatch`]),
-    /// and its time to refute counts from then. Returns when to look again, or `None` if this
-    /// suspicion is already running (foca submits a timer for every failed probe of a member
-    /// that is still suspect).
+    /// suspect was first told at `since` (now, or earlier in the probe, see
+    /// [`ProbeWatch`](super::probe_watch::ProbeWatch)), and its time to refute counts from
+    /// then. Returns when to look again, or `None` if this suspicion is already running (foca
+    /// submits a timer for every failed probe of a member that is still suspect).
     pub(crate) fn start(
         &mut self,
         member: &Identity,
