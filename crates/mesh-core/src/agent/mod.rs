@@ -364,10 +364,7 @@ impl<T: Transport> Agent<T> {
                 self.on_notification(note);
             }
         }
-        self.cx
-            .shared
-            .counters
-            .set_health_score(self.cx.io.guard.health.score());
+        self.lifeguard.report_health(&self.cx);
         // Views are coalesced (see `view_interval`); their events wait with them.
         let due = self
             .last_view

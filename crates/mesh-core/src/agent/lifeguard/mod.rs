@@ -155,6 +155,13 @@ impl Lifeguard {
         cx.io.guard.watch.received_datagram(packet, cx.now);
     }
 
+    /// Sets the health-score counter to the current local health score.
+    pub(super) fn report_health<T>(&self, cx: &Context<T>) {
+        cx.shared
+            .counters
+            .set_health_score(cx.io.guard.health.score());
+    }
+
     /// Our identity was renewed: its incarnations count from zero again.
     pub(super) fn identity_renewed(&mut self) {
         self.refuted_up_to = None;
