@@ -8,7 +8,7 @@ use std::{sync::Arc, time::Duration};
 use mesh_discovery::{DynDiscover, LastKnownGood};
 use tokio::sync::mpsc;
 
-use crate::{input::Input, shared::Shared};
+use crate::{handle_state::Shared, input::Input};
 
 pub(crate) async fn discovery_loop(
     discovery: Arc<dyn DynDiscover>,

@@ -10,7 +10,10 @@ use std::{net::SocketAddr, sync::Arc};
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
-use crate::{Identity, NodeState, StateError, agent::notice::Notice, stats::Dropped, wire::Kind};
+use crate::{
+    Identity, NodeState, StateError, agent::lifeguard::notice::Notice, counters::Dropped,
+    wire::Kind,
+};
 
 /// A datagram's message, decoded.
 #[derive(Debug)]

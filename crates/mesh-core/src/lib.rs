@@ -15,12 +15,12 @@
 //! `suspicion_multiplier × max(1, log10(n) − 1) × probe_period` down to the nominal one as
 //! they confirm (dynamic suspicion); the suspect is told directly, again every half probe
 //! timeout, and refutes in one round trip (buddy system); and a node whose own probes keep
-//! failing stretches its probe period and timeout (local health awareness). `agent/health.rs`
-//! explains what is built where foca has no hook. Beyond Lifeguard, a probe target that
-//! answers neither directly nor through others is told before the probe period ends and its
-//! time to refute counts from then, and the node whose suspicion timed out tells every other
-//! member directly that the member is down, rather than leaving it to gossip
-//! (`agent/lifeguard.rs`).
+//! failing stretches its probe period and timeout (local health awareness). `agent/lifeguard/`
+//! holds all of it and explains what is built where foca has no hook. Beyond Lifeguard, a
+//! probe target that answers neither directly nor through others is told before the probe
+//! period ends and its time to refute counts from then, and the node whose suspicion timed
+//! out tells every other member directly that the member is down, rather than leaving it to
+//! gossip (`agent/lifeguard/` too).
 //! Members announce themselves to nodes they consider down, and to every address the discovery
 //! source returns that is not a member, which is what merges the two sides of a healed
 //! partition without an operator.
@@ -64,27 +64,32 @@
 //!    it on the receive task (`receive.rs`).
 //! 2. `wire.rs`: [`wire::Envelope::open`] checks magic, version and kind and, with a
 //!    [`Keyring`] (`keyring/`), decrypts and authenticates it. Failures are counted
-//!    (`stats.rs`) and dropped here.
+//!    (`counters.rs`) and dropped here.
 //! 3. `input.rs`: the body is decoded once: a SWIM packet stays bytes for foca, a pushed
-//!    [`NodeState`] (`state.rs`) and a leave notice become values. The result goes to the
+//!    [`NodeState`] (`node_state.rs`) and a leave notice become values. The result goes to the
 //!    membership task over a bounded channel (full: counted as overload, dropped).
-//! 4. `agent/mod.rs`: the membership task takes one step per input. A SWIM packet goes to
-//!    foca with `agent/runtime.rs` as its runtime (replies sealed and sent at once, timers into
-//!    the ordered queue of `agent/timers.rs`); states piggybacked on it reach `store.rs`, whose
-//!    broadcast handler keeps a state only if it is newer. A pushed state is handed to the same
-//!    handler already decoded, and foca re-gossips it if it was new to us.
+//! 4. `agent/mod.rs`: the membership task takes one step per input, and dispatches it to its
+//!    components (Lifeguard, lineage, publication, announcements), each handed the step
+//!    context of `agent/context.rs`. A SWIM packet goes to foca with `agent/runtime.rs` as its
+//!    runtime: replies are sealed and sent at once, and timers go into the ordered queue of
+//!    `agent/timers.rs`, past Lifeguard's guard (`agent/lifeguard/guard.rs`), which stretches
+//!    probe timers and holds suspicions back. A Lifeguard message goes to
+//!    `agent/lifeguard/`. States piggybacked on a SWIM packet reach `state_table.rs`, whose
+//!    broadcast handler keeps a state only if it is newer. A pushed state is handed to the
+//!    same handler already decoded, and foca re-gossips it if it was new to us.
 //! 5. foca's notifications become events in `agent/lineage.rs` ([`MeshEvent`], `events.rs`):
 //!    joined, rejoined, failed, left, one owner per node id; `agent/announce.rs` introduces us
 //!    to strangers that pushed us a state.
 //! 6. `agent/snapshot.rs` assembles a new [`MembershipView`] (`view.rs`) from foca's members
 //!    and the state table (at most one per 50 µs per member, so large clusters stay cheap);
-//!    `shared.rs` publishes it (an `ArcSwap`) and wakes waiters, then the events it explains.
+//!    `handle_state.rs` publishes it (an `ArcSwap`) and wakes waiters, then the events it
+//!    explains.
 //! 7. `membership.rs`: the router (`mesh_route`) reads [`Membership::view`] for every decision,
 //!    lock-free, and compares peers by [`load_ratio`].
 //!
 //! **A state change, from a task guard to a peer's router.**
 //! 1. `load.rs`: a [`TaskGuard`] changes the pending count and wakes the membership task
-//!    (as do [`Membership::set_tags`] and the other setters, through `shared.rs`).
+//!    (as do [`Membership::set_tags`] and the other setters, through `handle_state.rs`).
 //! 2. `agent/publication.rs`: the change is coalesced (one version per
 //!    [`Timing::state_publish_interval`]), assembled from the local fields and the load,
 //!    encoded, queued in foca's broadcasts and pushed to up to
@@ -129,26 +134,27 @@
 
 mod agent;
 mod budget;
+mod counters;
 mod discovery;
 mod events;
+mod handle_state;
 mod identity;
 mod input;
 pub mod keyring;
 mod load;
 mod membership;
 mod node_id;
+mod node_state;
 mod receive;
-mod shared;
 #[cfg(feature = "sim")]
 pub mod sim;
-mod state;
-mod stats;
-mod store;
+mod state_table;
 mod timing;
 mod transport;
 mod view;
 pub mod wire;
 
+pub use counters::MeshStats;
 pub use events::MeshEvent;
 pub use identity::Identity;
 pub use keyring::{
@@ -161,11 +167,10 @@ pub use membership::{
     StartError, StoppedError,
 };
 pub use node_id::{MAX_NODE_ID_LEN, NodeId, NodeIdError, abbreviate};
-pub use state::{
+pub use node_state::{
     MAX_ENDPOINT_LEN, MAX_STATE_SIZE, MAX_TAG_KEY_LEN, MAX_TAG_VALUE_LEN, NodeState, StateError,
     Tags, load_ratio,
 };
-pub use stats::MeshStats;
 pub use timing::{Timing, TimingError};
 pub use transport::{Transport, UdpTransport};
 pub use view::{DepartedMember, Departure, LocalStatus, Member, MembershipView, PeerStatus};

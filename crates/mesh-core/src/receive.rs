@@ -10,9 +10,9 @@ use tokio::sync::mpsc;
 
 use crate::{
     WireError,
+    counters::Dropped,
+    handle_state::Shared,
     input::{Input, Message},
-    shared::Shared,
-    stats::Dropped,
     transport::Transport,
     wire::{Envelope, MAX_DATAGRAM},
 };

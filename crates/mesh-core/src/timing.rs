@@ -265,7 +265,7 @@ impl Timing {
         config.probe_period = self.probe_period;
         config.probe_rtt = self.probe_rtt;
         // The longest a suspicion may wait (unconfirmed). The membership task holds foca's
-        // suspicion timer back until the dynamic deadline instead (agent/health.rs).
+        // suspicion timer back until the dynamic deadline instead (agent/lifeguard/).
         config.suspect_to_down_after = self
             .suspicion_timeout(size.get())
             .mul_f64(self.suspicion_max_multiplier);

@@ -20,10 +20,10 @@ use std::{
 };
 
 use foca::{Codec, PostcardCodec};
-use tokio::{sync::oneshot, time::Instant};
+use tokio::time::Instant;
 
-use super::{Agent, timers::Tick};
-use crate::{Identity, LocalStatus, NodeId, NodeState, transport::Transport, wire::Kind};
+use super::{context::Context, timers::Tick};
+use crate::{Identity, LocalStatus, NodeId, transport::Transport, wire::Kind};
 
 /// The addresses a node announces to, and whom it introduced itself to lately.
 #[derive(Debug)]
@@ -112,47 +112,53 @@ pub(crate) fn announce_target(addr: SocketAddr) -> Identity {
     Identity::new(NodeId::placeholder(), addr, 0)
 }
 
-/// Announcing and leaving through foca and the socket.
-impl<T: Transport> Agent<T> {
-    /// Announces to seeds and discovered addresses; with `only_strangers`, skips addresses of
-    /// live members.
-    pub(super) fn announce_to_known(&mut self, only_strangers: bool) {
-        if matches!(self.status, LocalStatus::Left) || self.lineage.is_superseded() {
+/// The task's steps: announcing and leaving through foca and the socket.
+impl Announcer {
+    /// Announces to seeds and discovered addresses, unless we left; with `only_strangers`,
+    /// skips addresses of live members.
+    pub(super) fn announce_to_known<T: Transport>(
+        &mut self,
+        cx: &mut Context<T>,
+        only_strangers: bool,
+    ) {
+        if matches!(cx.status(), LocalStatus::Left) {
             return;
         }
-        let own = self.foca.identity().addr();
-        let members: HashSet<SocketAddr> =
-            self.foca.iter_members().map(|m| m.id().addr()).collect();
-        for addr in self.announcer.targets(own, &members, only_strangers) {
-            if let Err(error) = self
+        let own = cx.foca.identity().addr();
+        let members: HashSet<SocketAddr> = cx.foca.iter_members().map(|m| m.id().addr()).collect();
+        for addr in self.targets(own, &members, only_strangers) {
+            if let Err(error) = cx
                 .foca
-                .announce(announce_target(addr), self.io.runtime(self.now))
+                .announce(announce_target(addr), cx.io.runtime(cx.now))
             {
                 tracing::debug!(%error, %addr, "announce failed");
             }
         }
     }
 
-    /// A node that pushes us its state knows us; if we do not know it, announce ourselves to
-    /// it so its reply teaches us who it is. Without this, knowledge that is one-sided after a
-    /// burst of joins (gossip retransmissions exhausted) waits for the other node to probe us,
-    /// which can take a full probe round (n probe periods): 90 s in a 100-node cold start.
-    /// Called whether or not the state was new to us: the owner's join sync often arrives
-    /// after gossip brought the same state (a 1,000-node cold start waited 3 s for such a
-    /// member).
-    pub(super) fn introduce_to_stranger(&mut self, state: &NodeState, from: SocketAddr) {
-        if self.lineage.knows_live(&state.node_id)
-            || state.node_id == *self.foca.identity().node_id()
-        {
+    /// A node we do not know (`node_id` is not a live member's) pushed us its state from
+    /// `from`, so it knows us: announce ourselves to it so its reply teaches us who it is.
+    /// Without this, knowledge that is one-sided after a burst of joins (gossip
+    /// retransmissions exhausted) waits for the other node to probe us, which can take a full
+    /// probe round (n probe periods): 90 s in a 100-node cold start. Called whether or not the
+    /// state was new to us: the owner's join sync often arrives after gossip brought the same
+    /// state (a 1,000-node cold start waited 3 s for such a member).
+    pub(super) fn introduce_to_stranger<T: Transport>(
+        &mut self,
+        cx: &mut Context<T>,
+        node_id: &NodeId,
+        from: SocketAddr,
+    ) {
+        if *node_id == *cx.foca.identity().node_id() {
             return;
         }
-        let interval = self.timing.rejoin_interval;
-        if !self.announcer.should_introduce(from, self.now, interval) {
+        let interval = cx.timing.rejoin_interval;
+        if !self.should_introduce(from, cx.now, interval) {
             return;
         }
-        if let Err(error) = self
+        if let Err(error) = cx
             .foca
-            .announce(announce_target(from), self.io.runtime(self.now))
+            .announce(announce_target(from), cx.io.runtime(cx.now))
         {
             tracing::debug!(%error, %from, "introduction failed");
         }
@@ -164,56 +170,52 @@ impl<T: Transport> Agent<T> {
     /// so it learns the new life at once — the restart is a rename, not a failure — instead of
     /// when its next state refresh happens to reach us; a node without seeds has no other way
     /// back in.
-    pub(super) fn answer_for_an_earlier_life(&mut self, packet: &[u8], from: SocketAddr) {
+    pub(super) fn answer_for_an_earlier_life<T: Transport>(
+        &mut self,
+        cx: &mut Context<T>,
+        packet: &[u8],
+        from: SocketAddr,
+    ) {
         let Ok(header) = Codec::<Identity>::decode_header(&mut PostcardCodec, &mut &packet[..])
         else {
             return;
         };
-        let own = self.foca.identity();
+        let own = cx.foca.identity();
         if header.dst.node_id() != own.node_id()
             || header.dst.generation() >= own.generation()
             || header.src.addr() != from
         {
             return;
         }
-        let interval = self.timing.rejoin_interval;
-        if !self.announcer.should_introduce(from, self.now, interval) {
+        let interval = cx.timing.rejoin_interval;
+        if !self.should_introduce(from, cx.now, interval) {
             return;
         }
-        if let Err(error) = self.foca.announce(header.src, self.io.runtime(self.now)) {
+        if let Err(error) = cx.foca.announce(header.src, cx.io.runtime(cx.now)) {
             tracing::debug!(%error, %from, "answering for an earlier life failed");
         }
     }
 
-    pub(super) fn leave(&mut self, reply: oneshot::Sender<()>) {
-        if self.status == LocalStatus::Left {
-            let _ = reply.send(());
-            return;
-        }
-        self.shared.lock_local().draining = true;
-        self.publish(true);
-        self.push_state(usize::MAX);
-        self.send_leave_notices();
-        if let Err(error) = self.foca.leave_cluster(self.io.runtime(self.now)) {
+    /// Leaves the cluster once our draining state is published: tells every member, leaves
+    /// foca, and schedules the second round of notices, after which the task stops.
+    pub(super) fn leave_cluster<T: Transport>(&mut self, cx: &mut Context<T>) {
+        self.send_leave_notices(cx);
+        if let Err(error) = cx.foca.leave_cluster(cx.io.runtime(cx.now)) {
             tracing::debug!(%error, "foca leave failed");
         }
-        self.set_status(LocalStatus::Left);
-        self.leave_reply = Some(reply);
+        cx.set_status(LocalStatus::Left);
         // A second round shortly after makes a single lost datagram harmless.
-        let linger = self.timing.probe_rtt.min(self.timing.leave_timeout / 2);
-        self.io
-            .timers
-            .schedule(self.now + linger, Tick::FinishLeave);
+        let linger = cx.timing.probe_rtt.min(cx.timing.leave_timeout / 2);
+        cx.io.timers.schedule(cx.now + linger, Tick::FinishLeave);
     }
 
     /// Tells every member we are leaving.
-    pub(super) fn send_leave_notices(&mut self) {
-        let Ok(body) = postcard::to_allocvec(self.foca.identity()) else {
+    pub(super) fn send_leave_notices<T: Transport>(&mut self, cx: &mut Context<T>) {
+        let Ok(body) = postcard::to_allocvec(cx.foca.identity()) else {
             return;
         };
-        let members: Vec<SocketAddr> = self.foca.iter_members().map(|m| m.id().addr()).collect();
-        for addr in members {
-            self.io.out.send(Kind::Leave, &body, addr);
+        for addr in cx.member_addrs() {
+            cx.io.out.send(Kind::Leave, &body, addr);
         }
     }
 }

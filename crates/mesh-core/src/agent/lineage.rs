@@ -5,8 +5,9 @@
 //! pod keeps its name and gets a new IP), and both lives may be active for a moment. The mesh
 //! keeps one owner per node id (DESIGN.md, "Identity"): the newer life wins, the older one is
 //! declared down cluster-wide (foca's `apply_many` with `Member::down`), and the change is one
-//! `Rejoined` event instead of a `Joined` and a `Failed`. [`Lineage`] makes these decisions;
-//! the `impl Agent` below carries them out on foca, the state table and the event channel.
+//! `Rejoined` event instead of a `Joined` and a `Failed`. [`Lineage`] makes these decisions,
+//! and its step methods (`member_up`, `member_down`, …, given the membership task's step
+//! context) carry them out on foca, the state table and the events.
 //!
 //! SWIM's suspicion is not a foca notification; it is observed by diffing the suspect members
 //! on every maintenance tick ([`Lineage::observe_suspects`]).
@@ -20,7 +21,7 @@ use std::collections::{HashMap, HashSet};
 
 use tokio::time::Instant;
 
-use super::Agent;
+use super::context::Context;
 use crate::{Identity, LocalStatus, MeshEvent, NodeId, transport::Transport, view::Departure};
 
 /// The latest life of one node id.
@@ -290,138 +291,137 @@ impl Lineage {
     }
 }
 
-/// Carrying lineage decisions out on foca, the state table and the event channel.
-impl<T: Transport> Agent<T> {
-    pub(super) fn member_up(&mut self, id: Identity) {
-        self.resize();
-        let local = self.foca.identity().clone();
+/// The task's steps: lineage decisions carried out on foca, the state table and the events.
+impl Lineage {
+    /// foca reports member `id` up. Returns the member if it is a node id we did not know or a
+    /// newer life of one: it gets our state now (join sync).
+    pub(super) fn member_up<T: Transport>(
+        &mut self,
+        cx: &mut Context<T>,
+        id: Identity,
+    ) -> Option<Identity> {
+        let local = cx.foca.identity().clone();
         // Borrowed, not collected: a cold start of n nodes makes n member-ups on every node.
-        let active = self.foca.iter_members().map(|m| m.id());
-        let arrival = self.lineage.arrived(id, &local, active, self.now);
+        let active = cx.foca.iter_members().map(|m| m.id());
+        let arrival = self.arrived(id, &local, active, cx.now);
         for older in arrival.declare_down {
-            self.declare_down(older);
+            declare_down(cx, older);
         }
         if arrival.flapped {
-            self.shared.counters.flapped();
+            cx.shared.counters.flapped();
         }
         match arrival.outcome {
             Outcome::Joined(id) => {
-                self.join_sync(id.addr());
-                self.emit(MeshEvent::Joined(id));
+                cx.emit(MeshEvent::Joined(id.clone()));
+                Some(id)
             }
             Outcome::Rejoined { previous, current } => {
-                self.join_sync(current.addr());
-                self.store.lock().bury(&previous, self.now);
-                self.emit(MeshEvent::Rejoined { previous, current });
+                cx.store.lock().bury(&previous, cx.now);
+                cx.emit(MeshEvent::Rejoined {
+                    previous,
+                    current: current.clone(),
+                });
+                Some(current)
             }
-            Outcome::Superseded(newer) => self.superseded(local, newer),
-            Outcome::Nothing => {}
+            Outcome::Superseded(newer) => {
+                superseded(cx, local, newer);
+                None
+            }
+            Outcome::Nothing => None,
         }
     }
 
-    pub(super) fn member_down(&mut self, id: Identity) {
-        self.resize();
-        self.store.lock().bury(&id, self.now);
-        if let Some(event) = self.lineage.departed(id, self.now) {
-            self.emit(event);
+    /// foca reports member `id` down: its state goes, and its end is reported.
+    pub(super) fn member_down<T: Transport>(&mut self, cx: &mut Context<T>, id: Identity) {
+        cx.store.lock().bury(&id, cx.now);
+        if let Some(event) = self.departed(id, cx.now) {
+            cx.emit(event);
         }
     }
 
-    pub(super) fn renamed(&mut self, old: Identity, new: Identity) {
-        let new_is_active = self.foca.iter_members().any(|m| *m.id() == new);
-        let new_addr = new.addr();
-        if let Some(event) = self
-            .lineage
-            .renamed(old.clone(), new, new_is_active, self.now)
-        {
-            self.join_sync(new_addr);
-            self.store.lock().bury(&old, self.now);
-            self.emit(event);
-        }
+    /// foca replaced `old` with `new` at the same address. Returns the new life if the rename
+    /// is a rejoin: it gets our state now (join sync).
+    pub(super) fn member_renamed<T: Transport>(
+        &mut self,
+        cx: &mut Context<T>,
+        old: Identity,
+        new: Identity,
+    ) -> Option<Identity> {
+        let new_is_active = cx.foca.iter_members().any(|m| *m.id() == new);
+        let event = self.renamed(old.clone(), new.clone(), new_is_active, cx.now)?;
+        cx.store.lock().bury(&old, cx.now);
+        cx.emit(event);
+        Some(new)
     }
 
     /// A peer's leave notice: if it is a member, it is down now, and reported as left.
-    pub(super) fn peer_leaving(&mut self, identity: Identity) {
-        if !self.foca.iter_members().any(|m| *m.id() == identity) {
+    pub(super) fn leave_notice<T: Transport>(&mut self, cx: &mut Context<T>, identity: Identity) {
+        if !cx.foca.iter_members().any(|m| *m.id() == identity) {
             return;
         }
-        self.lineage.leaving(identity.clone());
-        self.declare_down(identity);
-    }
-
-    /// Declares a life down so the whole cluster drops it.
-    fn declare_down(&mut self, id: Identity) {
-        let down = std::iter::once(foca::Member::down(id));
-        if let Err(error) = self.foca.apply_many(down, true, self.io.runtime(self.now)) {
-            tracing::debug!(%error, "declaring a member down failed");
-        }
-    }
-
-    fn superseded(&mut self, local: Identity, newer: Identity) {
-        tracing::error!(
-            %local, %newer,
-            "another process claims this node id with a newer generation; leaving the cluster to it"
-        );
-        self.emit(MeshEvent::Superseded { local, newer });
-        if let Err(error) = self.foca.leave_cluster(self.io.runtime(self.now)) {
-            tracing::debug!(%error, "leaving after being superseded failed");
-        }
-        self.set_status(LocalStatus::Defunct);
+        self.leaving(identity.clone());
+        declare_down(cx, identity);
     }
 
     /// foca gave up on us (declared down and it could not renew on its own): take a new
-    /// generation and announce again, unless we left or were superseded.
-    pub(super) fn defunct(&mut self) {
-        if self.status == LocalStatus::Left || self.lineage.is_superseded() {
-            return;
+    /// generation, unless we left or were superseded. Returns the new identity.
+    pub(super) fn renew_identity<T: Transport>(&mut self, cx: &mut Context<T>) -> Option<Identity> {
+        if cx.status() == LocalStatus::Left || self.is_superseded() {
+            return None;
         }
-        let Some(renewed) = foca::Identity::renew(self.foca.identity()) else {
-            self.set_status(LocalStatus::Defunct);
-            return;
+        let Some(renewed) = foca::Identity::renew(cx.foca.identity()) else {
+            cx.set_status(LocalStatus::Defunct);
+            return None;
         };
         tracing::warn!(new = %renewed, "declared down by the cluster; rejoining with a new generation");
-        if let Err(error) = self
+        if let Err(error) = cx
             .foca
-            .change_identity(renewed.clone(), self.io.runtime(self.now))
+            .change_identity(renewed.clone(), cx.io.runtime(cx.now))
         {
             tracing::warn!(%error, "changing identity failed");
-            self.set_status(LocalStatus::Defunct);
-            return;
+            cx.set_status(LocalStatus::Defunct);
+            return None;
         }
-        self.renewed(renewed);
-        self.announce_to_known(false);
-    }
-
-    /// Our identity changed (foca renewed it after we were declared down): our state's
-    /// generation follows it.
-    pub(super) fn renewed(&mut self, id: Identity) {
-        if self.lineage.is_superseded() {
-            return;
-        }
-        tracing::info!(identity = %id, "rejoining under a renewed identity");
-        self.publisher.restart();
-        // A new identity counts its incarnations from zero again.
-        self.refuted_up_to = None;
-        self.set_status(LocalStatus::Joining);
-        self.publish(true);
+        Some(renewed)
     }
 
     /// Reports members that became suspect since the last look.
-    pub(super) fn observe_suspects(&mut self) {
-        let suspects = self
+    pub(super) fn report_suspects<T: Transport>(&mut self, cx: &mut Context<T>) {
+        let suspects = cx
             .foca
             .iter_members()
             .filter(|m| m.state() == foca::State::Suspect)
             .map(|m| m.id().clone());
-        let (changed, newly) = self.lineage.observe_suspects(suspects, self.now);
+        let (changed, newly) = self.observe_suspects(suspects, cx.now);
         if changed {
-            self.snapshots.mark_dirty();
+            cx.view_changed();
         }
         for id in newly {
-            self.shared.counters.suspected();
-            self.emit(MeshEvent::Suspect(id));
+            cx.shared.counters.suspected();
+            cx.emit(MeshEvent::Suspect(id));
         }
     }
+}
+
+/// Declares a life down so the whole cluster drops it.
+fn declare_down<T: Transport>(cx: &mut Context<T>, id: Identity) {
+    let down = std::iter::once(foca::Member::down(id));
+    if let Err(error) = cx.foca.apply_many(down, true, cx.io.runtime(cx.now)) {
+        tracing::debug!(%error, "declaring a member down failed");
+    }
+}
+
+/// Another process took over our node id: leave the cluster to it.
+fn superseded<T: Transport>(cx: &mut Context<T>, local: Identity, newer: Identity) {
+    tracing::error!(
+        %local, %newer,
+        "another process claims this node id with a newer generation; leaving the cluster to it"
+    );
+    cx.emit(MeshEvent::Superseded { local, newer });
+    if let Err(error) = cx.foca.leave_cluster(cx.io.runtime(cx.now)) {
+        tracing::debug!(%error, "leaving after being superseded failed");
+    }
+    cx.set_status(LocalStatus::Defunct);
 }
 
 #[cfg(test)]

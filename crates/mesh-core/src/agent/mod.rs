@@ -8,25 +8,32 @@
 //! produced (which may produce more), reports new peer states, and publishes a new view if
 //! anything readers can see changed.
 //!
-//! The loop only dispatches; each concern is a small type of its own, in the order a datagram
-//! meets them:
+//! The loop only dispatches. Each concern of the task is a component that owns its state, in
+//! a file of its own, so a field's type says which file to open; for every call it is handed
+//! the *step context* ([`Context`]: foca and what its runtime writes to, the instant of the
+//! step, the timing, the state table, our status, the events). A component's step never
+//! calls another component: what it means for another (a newcomer gets our state, a renewed
+//! identity restarts our versions and Lifeguard's count of refutations, a leave publishes
+//! our draining state before the notices) comes back to the loop, which makes the next call.
 //!
-//! | file | concern |
-//! |---|---|
-//! | [`runtime`] | foca's runtime: sealing and sending datagrams, scheduling timers, collecting notifications |
-//! | [`timers`] | the ordered timer queue and the ticks it delivers |
-//! | [`health`] | Lifeguard's state: local health score, dynamic suspicion deadlines, witness checks |
-//! | [`lifeguard`] | Lifeguard's messages: buddy notices, witness checks, refutations, confirmations, down notices |
-//! | [`lineage`] | identity lives turned into events: joined, rejoined, failed, left, superseded |
-//! | [`publication`] | our own state: versions, coalescing, direct pushes |
-//! | [`announce`] | announcing to seeds and discovered peers, introductions, leaving |
-//! | [`snapshot`] | assembling the immutable view readers get |
+//! | field of [`Agent`] | type | file | concern |
+//! |---|---|---|---|
+//! | `cx` | [`Context`] | [`context`] | what every component works with during a step |
+//! | `lifeguard` | [`Lifeguard`] | [`lifeguard`] | Lifeguard (Dadgar, Phillips and Currey, 2018) on foca's SWIM: local health, dynamic suspicion, buddy and down notices, witnesses |
+//! | `lineage` | [`Lineage`] | [`lineage`] | identity lives turned into events: joined, rejoined, failed, left, superseded |
+//! | `publisher` | [`Publisher`] | [`publication`] | our own state: versions, coalescing, pushes, relays, refreshes |
+//! | `announcer` | [`Announcer`] | [`announce`] | announcing to seeds and discovered peers, introductions, leaving |
+//! | `snapshots` | [`Snapshots`] | [`snapshot`] | assembling the immutable view readers get |
+//!
+//! Beneath them, in the order a datagram meets them: [`runtime`] is foca's runtime (sealing
+//! and sending datagrams, scheduling timers, collecting notifications; it carries Lifeguard's
+//! guard, through which foca's timers pass), and [`timers`] the ordered timer queue and the
+//! ticks it delivers.
 
 mod announce;
-mod health;
-mod lifeguard;
+mod context;
+pub(crate) mod lifeguard;
 mod lineage;
-pub(crate) mod notice;
 mod publication;
 mod runtime;
 pub(crate) mod snapshot;
@@ -40,23 +47,23 @@ use tokio::{
     time::Instant,
 };
 
-pub(crate) use self::runtime::FocaInstance;
 use self::{
     announce::Announcer,
-    health::SuspicionTimeouts,
+    context::Context,
+    lifeguard::{Lifeguard, guard::Guard},
     lineage::Lineage,
     publication::Publisher,
-    runtime::{Guard, Io, Outbound},
+    runtime::{Io, Outbound},
     snapshot::{Snapshots, Sources},
     timers::{Periodic, Tick},
 };
 use crate::{
     Identity, LocalStatus, MeshEvent, NodeState,
     budget::GossipBudget,
+    counters::Dropped,
+    handle_state::Shared,
     input::{Input, Message},
-    shared::Shared,
-    stats::Dropped,
-    store::{SharedStore, StateGossip},
+    state_table::{SharedStore, StateGossip},
     timing::Timing,
     transport::Transport,
 };
@@ -73,32 +80,28 @@ pub(crate) struct AgentParts<T> {
     pub(crate) rng_seed: Option<u64>,
 }
 
+/// The membership task: the step context, the components, and the view's timing.
 pub(crate) struct Agent<T> {
-    foca: FocaInstance,
-    io: Io<T>,
-    store: SharedStore,
-    shared: Arc<Shared>,
-    timing: Timing,
-    /// The instant of the step being taken.
-    now: Instant,
+    /// What every component works with during a step (`context.rs`).
+    cx: Context<T>,
     /// Bytes of foca payload per datagram, and the cluster size foca is configured for.
     max_payload: usize,
     configured_size: u32,
-    status: LocalStatus,
+    /// Lifeguard's messages, timers and probe cycle (`lifeguard/`).
+    lifeguard: Lifeguard,
+    /// The lives of every node id, and the events they make (`lineage.rs`).
     lineage: Lineage,
+    /// Versions and publications of our own state (`publication.rs`).
     publisher: Publisher,
+    /// Seeds, discovered addresses and introductions (`announce.rs`).
     announcer: Announcer,
+    /// The epoch and local status of the views readers get (`snapshot.rs`).
     snapshots: Snapshots,
     leave_reply: Option<oneshot::Sender<()>>,
     stopped: bool,
-    /// Events waiting for the next view.
-    events: Vec<MeshEvent>,
     /// When the last view was published, and whether a coalesced one is scheduled.
     last_view: Option<Instant>,
     view_scheduled: bool,
-    /// The highest incarnation of ours we were told is suspected (Lifeguard counts each
-    /// suspicion of us once against our health, however many tell us).
-    refuted_up_to: Option<u16>,
 }
 
 impl<T: Transport> Agent<T> {
@@ -126,32 +129,18 @@ impl<T: Transport> Agent<T> {
             PostcardCodec,
             StateGossip::new(store.clone(), budget.clone(), local),
         );
+        let io = Io::new(out, Guard::with_timing(&timing), budget);
         Self {
-            foca,
-            io: Io::new(
-                out,
-                Guard::new(
-                    timing.max_health_multiplier,
-                    SuspicionTimeouts::new(&timing, 1),
-                    timing.probe_period,
-                ),
-                budget,
-            ),
-            store,
-            shared,
-            timing,
-            now: Instant::now(),
+            cx: Context::new(foca, io, store, shared, timing, push_rng, Instant::now()),
             max_payload,
             configured_size: 1,
-            status: LocalStatus::Joining,
+            lifeguard: Lifeguard::default(),
             lineage: Lineage::default(),
-            publisher: Publisher::new(push_rng),
+            publisher: Publisher::default(),
             announcer: Announcer::new(local_addr, seeds),
             snapshots: Snapshots::new(),
             leave_reply: None,
             stopped: false,
-            refuted_up_to: None,
-            events: Vec::new(),
             last_view: None,
             view_scheduled: false,
         }
@@ -164,8 +153,8 @@ impl<T: Transport> Agent<T> {
         mut shutdown: watch::Receiver<bool>,
     ) {
         self.start(Instant::now());
-        let load = self.shared.load.clone();
-        let shared = Arc::clone(&self.shared);
+        let load = self.cx.shared.load.clone();
+        let shared = Arc::clone(&self.cx.shared);
         while !self.stopped {
             let deadline = self.next_deadline();
             tokio::select! {
@@ -189,61 +178,40 @@ impl<T: Transport> Agent<T> {
         if let Some(reply) = self.leave_reply.take() {
             let _ = reply.send(());
         }
-        tracing::debug!(identity = %self.foca.identity(), "membership task stopped");
+        tracing::debug!(identity = %self.cx.foca.identity(), "membership task stopped");
     }
 
     /// First step: publish our state, start the periodic work.
     pub(crate) fn start(&mut self, now: Instant) {
-        self.now = now;
-        self.publish(true);
+        self.cx.now = now;
+        self.publisher.publish(&mut self.cx, true);
         for work in Periodic::ALL {
-            self.io
+            self.cx
+                .io
                 .timers
-                .schedule(work.first_run(now, &self.timing), Tick::Every(work));
+                .schedule(work.first_run(now, &self.cx.timing), Tick::Every(work));
         }
         self.settle();
     }
 
     /// A step: the timers due at `now`, each settled before the next.
     pub(crate) fn on_timers(&mut self, now: Instant) {
-        self.now = now;
-        while let Some(tick) = self.io.timers.pop_due(now) {
+        self.cx.now = now;
+        while let Some(tick) = self.cx.io.timers.pop_due(now) {
             match tick {
                 Tick::Foca(foca::Timer::PeriodicGossip(token)) => self.gossip_round(token),
-                Tick::Foca(timer) => {
-                    let cycle = matches!(timer, foca::Timer::ProbeRandomMember(_));
-                    let indirect = matches!(timer, foca::Timer::SendIndirectProbe { .. });
-                    if cycle {
-                        self.io.guard.begin_cycle();
-                    }
-                    if let Err(error) = self.foca.handle_timer(timer, self.io.runtime(now)) {
-                        tracing::debug!(%error, "foca timer error");
-                    }
-                    if cycle {
-                        self.io.guard.end_cycle();
-                    }
-                    if indirect {
-                        self.indirect_stage_started();
-                    }
-                }
+                Tick::Foca(timer) => self.lifeguard.deliver_foca_timer(&mut self.cx, timer),
+                Tick::Lifeguard(tick) => self.lifeguard.on_tick(&mut self.cx, tick),
                 Tick::View => self.view_scheduled = false,
-                Tick::Suspicion(id) => self.suspicion_due(id),
-                Tick::TellEarly(probe) => self.tell_early(probe),
-                Tick::SuspectAgain(id) => self.suspect_again(id),
-                Tick::CheckRetry(id) => self.check_retry(id),
-                Tick::CheckDue(id) => self.check_due(id),
-                Tick::Publish => {
-                    self.publisher.fired();
-                    self.publish(false);
-                }
+                Tick::Publish => self.publisher.publish_scheduled(&mut self.cx),
                 Tick::FinishLeave => {
-                    self.send_leave_notices();
+                    self.announcer.send_leave_notices(&mut self.cx);
                     self.stopped = true;
                 }
                 Tick::Every(work) => {
                     self.periodic(work);
-                    let next = now + work.period(&self.timing);
-                    self.io.timers.schedule(next, Tick::Every(work));
+                    let next = now + work.period(&self.cx.timing);
+                    self.cx.io.timers.schedule(next, Tick::Every(work));
                 }
             }
             // Timers may produce notifications that schedule more work; handle them in order.
@@ -253,7 +221,7 @@ impl<T: Transport> Agent<T> {
 
     /// A step: one input.
     pub(crate) fn on_input(&mut self, input: Input, now: Instant) {
-        self.now = now;
+        self.cx.now = now;
         match input {
             Input::Datagram { message, from } => self.on_message(message, from),
             Input::Join(addrs) => {
@@ -271,23 +239,26 @@ impl<T: Transport> Agent<T> {
 
     /// A step: our load or local fields changed.
     pub(crate) fn on_local_change(&mut self, now: Instant) {
-        self.now = now;
-        self.request_publish();
+        self.cx.now = now;
+        self.publisher.state_changed(&mut self.cx);
         self.settle();
     }
 
     /// When the next timer is due.
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
-        self.io.timers.next_deadline()
+        self.cx.io.timers.next_deadline()
     }
 
     fn periodic(&mut self, work: Periodic) {
         match work {
-            Periodic::Refresh => self.refresh_state(),
+            Periodic::Refresh => self.publisher.refresh(&mut self.cx),
             Periodic::Rejoin => {
-                if matches!(self.status, LocalStatus::Joining | LocalStatus::Isolated) {
+                if matches!(
+                    self.cx.status(),
+                    LocalStatus::Joining | LocalStatus::Isolated
+                ) {
                     self.announce_to_known(false);
-                    self.shared.discovery_wanted.notify_one();
+                    self.cx.shared.discovery_wanted.notify_one();
                 }
             }
             Periodic::Maintenance => self.maintain(),
@@ -295,21 +266,26 @@ impl<T: Transport> Agent<T> {
     }
 
     fn on_message(&mut self, message: Message, from: SocketAddr) {
-        if self.status == LocalStatus::Left || self.lineage.is_superseded() {
+        if self.cx.status() == LocalStatus::Left || self.lineage.is_superseded() {
             return;
         }
         match message {
             Message::Foca(packet) => {
-                self.io.guard.watch.received_datagram(&packet, self.now);
-                if let Err(error) = self.foca.handle_data(&packet, self.io.runtime(self.now)) {
-                    self.shared.counters.dropped(Dropped::FocaRejected);
+                self.lifeguard.foca_datagram(&mut self.cx, &packet);
+                if let Err(error) = self
+                    .cx
+                    .foca
+                    .handle_data(&packet, self.cx.io.runtime(self.cx.now))
+                {
+                    self.cx.shared.counters.dropped(Dropped::FocaRejected);
                     tracing::debug!(%error, "foca rejected a datagram");
                 }
-                self.answer_for_an_earlier_life(&packet, from);
+                self.announcer
+                    .answer_for_an_earlier_life(&mut self.cx, &packet, from);
             }
             Message::StatePush { state, bytes } => self.pushed_state(state, &bytes, from),
-            Message::Leave(identity) => self.peer_leaving(identity),
-            Message::Lifeguard(notice) => self.on_notice(notice, from),
+            Message::Leave(identity) => self.lineage.leave_notice(&mut self.cx, identity),
+            Message::Lifeguard(notice) => self.lifeguard.on_notice(&mut self.cx, notice, from),
         }
     }
 
@@ -317,24 +293,28 @@ impl<T: Transport> Agent<T> {
     /// us is both stored and passed on by gossip, so the peers the owner did not push to learn
     /// it within a few gossip rounds instead of waiting for the owner's own retransmissions.
     fn pushed_state(&mut self, state: Arc<NodeState>, bytes: &[u8], from: SocketAddr) {
-        let had_older = self.store.lock().get(&state.node_id).is_some();
-        let foca = &mut self.foca;
+        let had_older = self.cx.store.lock().get(&state.node_id).is_some();
+        let foca = &mut self.cx.foca;
         match self
+            .cx
             .store
             .with_staged(Arc::clone(&state), || foca.add_broadcast(bytes))
         {
-            // `queued`: the handler (`store.rs`) queued it for gossip: a newer version than
+            // `queued`: the handler (`state_table.rs`) queued it for gossip: a newer version than
             // ours, or a first state within the share of pushed first states passed on.
             Ok(queued) => {
                 if queued && had_older && self.lineage.live_addr(&state.node_id) == Some(from) {
-                    self.relay_state(&state, bytes, from);
+                    self.publisher.relay(&mut self.cx, &state, bytes, from);
                 }
                 // New to us or not: gossip often brings a state before its owner's join sync
                 // does, and the owner is still a stranger then.
-                self.introduce_to_stranger(&state, from);
+                if !self.lineage.knows_live(&state.node_id) {
+                    self.announcer
+                        .introduce_to_stranger(&mut self.cx, &state.node_id, from);
+                }
             }
             Err(error) => {
-                self.shared.counters.dropped(Dropped::StateRejected);
+                self.cx.shared.counters.dropped(Dropped::StateRejected);
                 tracing::debug!(%error, "rejected a pushed node state");
             }
         }
@@ -350,18 +330,22 @@ impl<T: Transport> Agent<T> {
     ///   membership update), within the budget.
     fn gossip_round(&mut self, token: foca::TimerToken) {
         let round = foca::Timer::PeriodicGossip(token);
-        if self.foca.updates_backlog() == 0 && self.io.budget.is_spent() {
-            let next = self.now + self.timing.gossip_interval;
-            self.io.timers.schedule(next, Tick::Foca(round));
+        if self.cx.foca.updates_backlog() == 0 && self.cx.io.budget.is_spent() {
+            let next = self.cx.now + self.cx.timing.gossip_interval;
+            self.cx.io.timers.schedule(next, Tick::Foca(round));
             return;
         }
-        if let Err(error) = self.foca.handle_timer(round, self.io.runtime(self.now)) {
+        if let Err(error) = self
+            .cx
+            .foca
+            .handle_timer(round, self.cx.io.runtime(self.cx.now))
+        {
             tracing::debug!(%error, "foca gossip timer error");
         }
-        if self.foca.updates_backlog() > 0
-            && self.foca.custom_broadcast_backlog() > 0
-            && !self.io.budget.is_spent()
-            && let Err(error) = self.foca.broadcast(self.io.runtime(self.now))
+        if self.cx.foca.updates_backlog() > 0
+            && self.cx.foca.custom_broadcast_backlog() > 0
+            && !self.cx.io.budget.is_spent()
+            && let Err(error) = self.cx.foca.broadcast(self.cx.io.runtime(self.cx.now))
         {
             tracing::debug!(%error, "broadcasting states failed");
         }
@@ -371,8 +355,8 @@ impl<T: Transport> Agent<T> {
     /// publishes the view if anything readers see changed.
     fn settle(&mut self) {
         loop {
-            self.tell_about_suspicions();
-            let notes = self.io.take_notes();
+            self.lifeguard.tell_about_suspicions(&mut self.cx);
+            let notes = self.cx.io.take_notes();
             if notes.is_empty() {
                 break;
             }
@@ -380,48 +364,39 @@ impl<T: Transport> Agent<T> {
                 self.on_notification(note);
             }
         }
-        self.shared
-            .counters
-            .set_health_score(self.io.guard.health.score());
+        self.lifeguard.report_health(&self.cx);
         // Views are coalesced (see `view_interval`); their events wait with them.
         let due = self
             .last_view
-            .is_none_or(|at| self.now >= at + self.view_interval());
+            .is_none_or(|at| self.cx.now >= at + self.view_interval());
         if due {
             self.flush_view();
         } else if !self.view_scheduled && self.view_pending() {
             self.view_scheduled = true;
-            let at = self.last_view.unwrap_or(self.now) + self.view_interval();
-            self.io.timers.schedule(at, Tick::View);
+            let at = self.last_view.unwrap_or(self.cx.now) + self.view_interval();
+            self.cx.io.timers.schedule(at, Tick::View);
         }
     }
 
     /// Publishes what changed since the last view, then the events that describe it: an event
     /// is never ahead of the view.
     fn flush_view(&mut self) {
-        let accepted = self.store.lock().take_accepted();
-        let local = self.foca.identity().node_id().clone();
+        let accepted = self.cx.store.lock().take_accepted();
+        let local = self.cx.foca.identity().node_id().clone();
         for state in accepted {
             if state.node_id != local {
                 self.snapshots.mark_dirty();
-                self.emit(MeshEvent::Updated(state));
+                self.cx.emit(MeshEvent::Updated(state));
             }
         }
-        if self.store.lock().take_dirty() {
+        if self.cx.store.lock().take_dirty() {
             self.snapshots.mark_dirty();
         }
-        if self.snapshots.take_dirty() {
+        if self.take_view_dirty() {
             self.publish_view();
-            self.last_view = Some(self.now);
+            self.last_view = Some(self.cx.now);
         }
-        for event in self.events.drain(..) {
-            self.shared.emit(event);
-        }
-    }
-
-    /// An event, delivered with the next view.
-    fn emit(&mut self, event: MeshEvent) {
-        self.events.push(event);
+        self.cx.deliver_events();
     }
 
     /// The least time between two views: 50 µs per member, at most 50 ms. Assembling a view
@@ -436,52 +411,93 @@ impl<T: Transport> Agent<T> {
             .min(std::time::Duration::from_millis(50))
     }
 
+    /// Whether the view is out of date, because the loop or a component changed something
+    /// readers see; clears the mark.
+    fn take_view_dirty(&mut self) -> bool {
+        let changed = self.cx.take_view_changed();
+        self.snapshots.take_dirty() || changed
+    }
+
     /// Whether anything waits to be published in a view.
     fn view_pending(&mut self) -> bool {
-        let dirty = self.snapshots.take_dirty();
+        let dirty = self.take_view_dirty();
         if dirty {
             self.snapshots.mark_dirty();
         }
-        dirty || !self.events.is_empty() || self.store.lock().has_pending()
+        dirty || self.cx.has_events() || self.cx.store.lock().has_pending()
     }
 
     fn on_notification(&mut self, note: OwnedNotification<Identity>) {
         match note {
-            OwnedNotification::MemberUp(id) => self.member_up(id),
-            OwnedNotification::MemberDown(id) => self.member_down(id),
-            OwnedNotification::Rename(old, new) => self.renamed(old, new),
-            OwnedNotification::Active => self.set_status(LocalStatus::Active),
-            OwnedNotification::Idle => {
-                if self.status != LocalStatus::Left {
-                    self.set_status(LocalStatus::Isolated);
-                    self.announce_to_known(false);
-                    self.shared.discovery_wanted.notify_one();
+            OwnedNotification::MemberUp(id) => {
+                self.resize();
+                if let Some(newcomer) = self.lineage.member_up(&mut self.cx, id) {
+                    self.publisher.join_sync(&mut self.cx, newcomer.addr());
                 }
             }
-            OwnedNotification::Defunct => self.defunct(),
-            OwnedNotification::Rejoin(id) => self.renewed(id),
+            OwnedNotification::MemberDown(id) => {
+                self.resize();
+                self.lineage.member_down(&mut self.cx, id);
+            }
+            OwnedNotification::Rename(old, new) => {
+                if let Some(rejoined) = self.lineage.member_renamed(&mut self.cx, old, new) {
+                    self.publisher.join_sync(&mut self.cx, rejoined.addr());
+                }
+            }
+            OwnedNotification::Active => self.cx.set_status(LocalStatus::Active),
+            OwnedNotification::Idle => {
+                if self.cx.status() != LocalStatus::Left {
+                    self.cx.set_status(LocalStatus::Isolated);
+                    self.announce_to_known(false);
+                    self.cx.shared.discovery_wanted.notify_one();
+                }
+            }
+            OwnedNotification::Defunct => {
+                if let Some(renewed) = self.lineage.renew_identity(&mut self.cx) {
+                    self.identity_renewed(renewed);
+                    self.announce_to_known(false);
+                }
+            }
+            OwnedNotification::Rejoin(id) => self.identity_renewed(id),
         }
         self.snapshots.mark_dirty();
     }
 
+    /// Our identity changed (foca renewed it after we were declared down): our state's
+    /// generation follows it, and Lifeguard counts our incarnations from zero again.
+    fn identity_renewed(&mut self, id: Identity) {
+        if self.lineage.is_superseded() {
+            return;
+        }
+        tracing::info!(identity = %id, "rejoining under a renewed identity");
+        self.publisher.restart();
+        self.lifeguard.identity_renewed();
+        self.cx.set_status(LocalStatus::Joining);
+        self.publisher.publish(&mut self.cx, true);
+    }
+
     /// Suspicion, and forgetting what is too old to matter.
     fn maintain(&mut self) {
-        self.observe_suspects();
-        let now = self.now;
+        self.lineage.report_suspects(&mut self.cx);
+        let now = self.cx.now;
         self.announcer
-            .forget_introductions(now, self.timing.rejoin_interval);
-        if self.lineage.forget_down(now, self.timing.remove_down_after) {
+            .forget_introductions(now, self.cx.timing.rejoin_interval);
+        if self
+            .lineage
+            .forget_down(now, self.cx.timing.remove_down_after)
+        {
             self.snapshots.mark_dirty(); // reaped departed members leave the view
         }
-        snapshot::record_gauges(&self.shared.view());
+        snapshot::record_gauges(&self.cx.shared.view());
         let members: std::collections::HashSet<(crate::NodeId, u64)> = self
+            .cx
             .foca
             .iter_members()
             .map(|m| (m.id().node_id().clone(), m.id().generation()))
             .collect();
-        let local = self.foca.identity().clone();
-        let keep = self.timing.state_refresh_interval * 10;
-        self.store.lock().prune(
+        let local = self.cx.foca.identity().clone();
+        let keep = self.cx.timing.state_refresh_interval * 10;
+        self.cx.store.lock().prune(
             |id, generation| {
                 members.contains(&(id.clone(), generation))
                     || (id == local.node_id() && generation == local.generation())
@@ -492,41 +508,56 @@ impl<T: Transport> Agent<T> {
     }
 
     fn publish_view(&mut self) {
-        let store = self.store.lock();
+        let store = self.cx.store.lock();
         let view = self.snapshots.assemble(
             Sources {
-                local: self.foca.identity(),
+                local: self.cx.foca.identity(),
                 local_state: self.publisher.current().map(|p| Arc::clone(&p.state)),
-                members: self.foca.iter_members().map(|m| (m.id(), m.state())),
+                members: self.cx.foca.iter_members().map(|m| (m.id(), m.state())),
                 store: &store,
-                status: self.status,
+                status: self.cx.status(),
                 lineage: &self.lineage,
             },
-            self.now,
+            self.cx.now,
         );
         drop(store);
-        self.shared.publish_view(view);
+        self.cx.shared.publish_view(view);
     }
 
-    fn set_status(&mut self, status: LocalStatus) {
-        if self.status != status {
-            self.status = status;
-            self.snapshots.mark_dirty();
-            self.emit(MeshEvent::LocalStatus(status));
+    /// Announces to seeds and discovered addresses (see `announce.rs`), unless another process
+    /// took over our node id.
+    fn announce_to_known(&mut self, only_strangers: bool) {
+        if !self.lineage.is_superseded() {
+            self.announcer
+                .announce_to_known(&mut self.cx, only_strangers);
         }
+    }
+
+    /// Leaving (memberlist's graceful leave): our state, marked draining, goes to every member
+    /// before the leave notices; `reply` is answered when the task stops.
+    fn leave(&mut self, reply: oneshot::Sender<()>) {
+        if self.cx.status() == LocalStatus::Left {
+            let _ = reply.send(());
+            return;
+        }
+        self.cx.shared.lock_local().draining = true;
+        self.publisher.publish(&mut self.cx, true);
+        self.publisher.push(&mut self.cx, usize::MAX);
+        self.announcer.leave_cluster(&mut self.cx);
+        self.leave_reply = Some(reply);
     }
 
     /// Re-sizes foca's configuration (suspicion timeout, retransmissions) to the cluster.
     fn resize(&mut self) {
-        let size = u32::try_from(self.foca.num_members() + 1).unwrap_or(u32::MAX);
+        let size = u32::try_from(self.cx.foca.num_members() + 1).unwrap_or(u32::MAX);
         if size == self.configured_size {
             return;
         }
-        let config = self.timing.foca_config(size, self.max_payload);
-        match self.foca.set_config(config) {
+        let config = self.cx.timing.foca_config(size, self.max_payload);
+        match self.cx.foca.set_config(config) {
             Ok(()) => {
                 self.configured_size = size;
-                self.io.guard.timeouts = SuspicionTimeouts::new(&self.timing, size);
+                self.cx.io.guard.resized(&self.cx.timing, size);
             }
             Err(error) => tracing::warn!(%error, size, "resizing foca config failed"),
         }
@@ -749,7 +780,7 @@ mod tests {
     fn probing_a_peer() -> (Agent<Recorder>, Arc<Recorder>, Identity, Instant) {
         let (mut agent, transport, _shared, t0) = started();
         let x = Identity::new(NodeId::new("x").unwrap(), "127.0.0.1:2".parse().unwrap(), 1);
-        let me = agent.foca.identity().clone();
+        let me = agent.cx.foca.identity().clone();
         agent.on_input(foca_input(&x, &me, foca::Message::Announce), t0);
         let pinged = step_until(&mut agent, t0, |_| !pings_to(&transport, &x).is_empty());
         (agent, transport, x, pinged)
@@ -758,6 +789,7 @@ mod tests {
     /// Whether foca holds `x` in `state`.
     fn holds(agent: &Agent<Recorder>, x: &Identity, state: foca::State) -> bool {
         agent
+            .cx
             .foca
             .iter_members()
             .any(|m| m.id() == x && m.state() == state)
@@ -784,14 +816,14 @@ mod tests {
     async fn a_probe_target_that_answers_is_not_told() {
         let (mut agent, transport, x, pinged) = probing_a_peer();
         let timing = Timing::local();
-        let me = agent.foca.identity().clone();
+        let me = agent.cx.foca.identity().clone();
         let number = pings_to(&transport, &x)[0];
         // x answers late: after the direct probe timed out, before the early notice was due.
         let timed_out = pinged + timing.probe_rtt;
-        let now = step_until(&mut agent, pinged, |a| a.now >= timed_out);
+        let now = step_until(&mut agent, pinged, |a| a.cx.now >= timed_out);
         agent.on_input(foca_input(&x, &me, foca::Message::Ack(number)), now);
         let period_end = pinged + timing.probe_period;
-        step_until(&mut agent, now, |a| a.now >= period_end);
+        step_until(&mut agent, now, |a| a.cx.now >= period_end);
         assert!(
             holds(&agent, &x, foca::State::Alive),
             "foca took the late answer"
@@ -807,7 +839,7 @@ mod tests {
     async fn a_target_that_answers_after_its_early_notice_is_not_told_early_again() {
         let (mut agent, transport, x, pinged) = probing_a_peer();
         let timing = Timing::local();
-        let me = agent.foca.identity().clone();
+        let me = agent.cx.foca.identity().clone();
         let told = step_until(&mut agent, pinged, |_| notices_to(&transport, &x) > 0);
         // x's ack comes after the early notice, still inside the period: foca takes it.
         let number = pings_to(&transport, &x)[0];

@@ -10,8 +10,8 @@
 //! Load changes arrive in bursts (a task guard per request), so a new version is published at
 //! most once per [`Timing::state_publish_interval`](crate::Timing::state_publish_interval): a
 //! change inside that window schedules one publication at its end, which carries whatever the
-//! state is by then. [`Publisher`] keeps that bookkeeping; the `impl Agent` below hands the
-//! result to foca and the socket.
+//! state is by then. [`Publisher`] keeps that bookkeeping, and its step methods (given the
+//! membership task's step context) hand the result to foca and the socket.
 
 use std::{
     net::SocketAddr,
@@ -19,10 +19,9 @@ use std::{
     time::Duration,
 };
 
-use rand::{rngs::StdRng, seq::IndexedRandom};
 use tokio::time::Instant;
 
-use super::{Agent, timers::Tick};
+use super::{context::Context, timers::Tick};
 use crate::{LocalStatus, NodeState, transport::Transport, wire::Kind};
 
 /// The version of our state last published, and when.
@@ -33,13 +32,12 @@ pub(crate) struct Published {
     pub(crate) bytes: Vec<u8>,
 }
 
-/// Versions and coalescing of our own state, and the choice of peers to push it to.
-#[derive(Debug)]
+/// Versions and coalescing of our own state, and where refreshes of it go next.
+#[derive(Debug, Default)]
 pub(crate) struct Publisher {
     version: u64,
     published: Option<Published>,
     scheduled: bool,
-    rng: StdRng,
     /// Where the next anti-entropy refresh starts in the sorted member list.
     refresh_cursor: usize,
     /// Our load or local fields changed since the last publication.
@@ -58,18 +56,6 @@ pub(crate) enum Request {
 }
 
 impl Publisher {
-    /// `rng` chooses the peers each version is pushed to.
-    pub(crate) fn new(rng: StdRng) -> Self {
-        Self {
-            version: 0,
-            published: None,
-            scheduled: false,
-            rng,
-            refresh_cursor: 0,
-            changed: false,
-        }
-    }
-
     /// Our state changed at `now`; at most one version per `interval` is published.
     pub(crate) fn request(&mut self, now: Instant, interval: Duration) -> Request {
         self.changed = true;
@@ -100,7 +86,7 @@ impl Publisher {
     /// us until a version newer than the one they had when we answered it, so a call that came
     /// and went between two versions must still produce the next one, or they would count it
     /// against us until some later change (mesh-route's optimistic accounting).
-    pub(crate) fn publish(
+    pub(crate) fn next_version(
         &mut self,
         mut candidate: NodeState,
         now: Instant,
@@ -165,40 +151,37 @@ impl Publisher {
             .copied()
             .collect()
     }
-
-    /// Up to `fanout` of `members`, chosen at random.
-    pub(crate) fn push_targets(
-        &mut self,
-        members: &[SocketAddr],
-        fanout: usize,
-    ) -> Vec<SocketAddr> {
-        members.sample(&mut self.rng, fanout).copied().collect()
-    }
 }
 
-/// Handing publications to foca and the socket.
-impl<T: Transport> Agent<T> {
+/// The task's steps: publications handed to foca and the socket.
+impl Publisher {
     /// Our state changed (load or local fields): publish now or schedule it.
-    pub(super) fn request_publish(&mut self) {
-        let interval = self.timing.state_publish_interval;
-        match self.publisher.request(self.now, interval) {
-            Request::Now => self.publish(false),
-            Request::At(at) => self.io.timers.schedule(at, Tick::Publish),
+    pub(super) fn state_changed<T: Transport>(&mut self, cx: &mut Context<T>) {
+        let interval = cx.timing.state_publish_interval;
+        match self.request(cx.now, interval) {
+            Request::Now => self.publish(cx, false),
+            Request::At(at) => cx.io.timers.schedule(at, Tick::Publish),
             Request::Scheduled => {}
         }
     }
 
+    /// The scheduled publication is due: it carries whatever our state is by now.
+    pub(super) fn publish_scheduled<T: Transport>(&mut self, cx: &mut Context<T>) {
+        self.fired();
+        self.publish(cx, false);
+    }
+
     /// Publishes a new version of our state if it changed (or `force`): into foca's broadcast
     /// queue and pushed directly to a bounded set of peers.
-    pub(super) fn publish(&mut self, force: bool) {
-        if self.status == LocalStatus::Left && !force {
+    pub(super) fn publish<T: Transport>(&mut self, cx: &mut Context<T>, force: bool) {
+        if cx.status() == LocalStatus::Left && !force {
             return;
         }
-        let identity = self.foca.identity();
+        let identity = cx.foca.identity();
         // Held from reading the load to recording the new version, so that a task begun
         // before `Membership::version_counting_current_load` reads the version is counted by
         // the version it names (mesh-route's accounting of forwarded calls relies on it).
-        let shared = Arc::clone(&self.shared);
+        let shared = Arc::clone(&cx.shared);
         let mut last_published = shared
             .published
             .lock()
@@ -208,46 +191,46 @@ impl<T: Transport> Agent<T> {
             .node_state(identity.node_id().clone(), identity.generation());
         candidate.pending = shared.load.pending();
         candidate.max_concurrency = shared.load.max_concurrency();
-        let Some(published) = self.publisher.publish(candidate, self.now, force) else {
+        let Some(published) = self.next_version(candidate, cx.now, force) else {
             return;
         };
         let (state, bytes) = (Arc::clone(&published.state), published.bytes.clone());
         *last_published = (state.generation, state.version);
         drop(last_published);
-        let foca = &mut self.foca;
-        if let Err(error) = self.store.with_staged(state, || foca.add_broadcast(&bytes)) {
+        let foca = &mut cx.foca;
+        if let Err(error) = cx.store.with_staged(state, || foca.add_broadcast(&bytes)) {
             tracing::warn!(%error, "could not queue our state for gossip");
         }
-        self.push_state(self.timing.state_push_fanout.get());
-        self.snapshots.mark_dirty();
+        let fanout = cx.timing.state_push_fanout.get();
+        self.push(cx, fanout);
+        cx.view_changed();
     }
 
     /// Sends our current state directly to up to `fanout` random active members.
-    pub(super) fn push_state(&mut self, fanout: usize) {
-        let Some(published) = self.publisher.current() else {
+    pub(super) fn push<T: Transport>(&mut self, cx: &mut Context<T>, fanout: usize) {
+        let Some(published) = self.current() else {
             return;
         };
         let bytes = published.bytes.clone();
-        let members: Vec<SocketAddr> = self.foca.iter_members().map(|m| m.id().addr()).collect();
-        for addr in self.publisher.push_targets(&members, fanout) {
-            self.io.out.send(Kind::StatePush, &bytes, addr);
+        let members = cx.member_addrs();
+        for addr in cx.choose_peers(&members, fanout) {
+            cx.io.out.send(Kind::StatePush, &bytes, addr);
         }
     }
 
     /// Anti-entropy: re-send our state while we are part of a cluster.
-    pub(super) fn refresh_state(&mut self) {
-        if matches!(self.status, LocalStatus::Left | LocalStatus::Defunct) {
+    pub(super) fn refresh<T: Transport>(&mut self, cx: &mut Context<T>) {
+        if matches!(cx.status(), LocalStatus::Left | LocalStatus::Defunct) {
             return;
         }
-        let Some(published) = self.publisher.current() else {
+        let Some(published) = self.current() else {
             return;
         };
         let bytes = published.bytes.clone();
-        let mut members: Vec<SocketAddr> =
-            self.foca.iter_members().map(|m| m.id().addr()).collect();
-        let fanout = self.timing.state_push_fanout.get();
-        for addr in self.publisher.refresh_targets(&mut members, fanout) {
-            self.io.out.send(Kind::StatePush, &bytes, addr);
+        let mut members = cx.member_addrs();
+        let fanout = cx.timing.state_push_fanout.get();
+        for addr in self.refresh_targets(&mut members, fanout) {
+            cx.io.out.send(Kind::StatePush, &bytes, addr);
         }
     }
 
@@ -257,39 +240,45 @@ impl<T: Transport> Agent<T> {
     /// a cold start would otherwise multiply by the fan-out), and only once: receivers of a
     /// relay, which comes from someone other than the owner, do not relay it again. Each
     /// version is relayed at most once per node because only a version new to us gets here.
-    pub(super) fn relay_state(&mut self, state: &NodeState, bytes: &[u8], owner: SocketAddr) {
-        let fanout = self.timing.state_relay_fanout;
+    pub(super) fn relay<T: Transport>(
+        &mut self,
+        cx: &mut Context<T>,
+        state: &NodeState,
+        bytes: &[u8],
+        owner: SocketAddr,
+    ) {
+        let fanout = cx.timing.state_relay_fanout;
         // Up to the push fan-out the owner pushed to every member: nothing to relay.
-        if fanout == 0 || self.foca.num_members() <= self.timing.state_push_fanout.get() {
+        if fanout == 0 || cx.foca.num_members() <= cx.timing.state_push_fanout.get() {
             return;
         }
-        let own = self.foca.identity().addr();
-        let members: Vec<SocketAddr> = self
+        let own = cx.foca.identity().addr();
+        let members: Vec<SocketAddr> = cx
             .foca
             .iter_members()
             .map(|m| m.id().addr())
             .filter(|a| *a != owner && *a != own)
             .collect();
-        for addr in self.publisher.push_targets(&members, fanout) {
-            self.io.out.send(Kind::StatePush, bytes, addr);
+        for addr in cx.choose_peers(&members, fanout) {
+            cx.io.out.send(Kind::StatePush, bytes, addr);
         }
         tracing::trace!(node = %state.node_id, version = state.version, "relayed a state");
     }
 
     /// Join sync: a newcomer gets our state now instead of waiting for gossip.
-    pub(super) fn join_sync(&mut self, to: SocketAddr) {
-        if let Some(published) = self.publisher.current() {
+    pub(super) fn join_sync<T: Transport>(&mut self, cx: &mut Context<T>, to: SocketAddr) {
+        if let Some(published) = self.current() {
             let bytes = published.bytes.clone();
-            self.io.out.send(Kind::StatePush, &bytes, to);
+            cx.io.out.send(Kind::StatePush, &bytes, to);
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use rand::SeedableRng;
+    use rand::{SeedableRng, rngs::StdRng};
 
-    use super::*;
+    use super::{super::context::choose, *};
     use crate::NodeId;
 
     fn state(pending: u32) -> NodeState {
@@ -300,25 +289,25 @@ mod tests {
     }
 
     fn publisher() -> Publisher {
-        Publisher::new(StdRng::seed_from_u64(1))
+        Publisher::default()
     }
 
     #[test]
     fn versions_count_changes_only() {
         let mut publisher = publisher();
         let now = Instant::now();
-        let first = publisher.publish(state(0), now, false).unwrap();
+        let first = publisher.next_version(state(0), now, false).unwrap();
         assert_eq!(first.state.version, 1);
         assert_eq!(NodeState::decode(&first.bytes).unwrap(), *first.state);
         // The same state again (whatever version it claims) publishes nothing.
         let mut same = state(0);
         same.version = 99;
-        assert!(publisher.publish(same, now, false).is_none());
+        assert!(publisher.next_version(same, now, false).is_none());
         assert_eq!(publisher.current().unwrap().state.version, 1);
         // A change is the next version; forcing republishes an unchanged state.
         assert_eq!(
             publisher
-                .publish(state(1), now, false)
+                .next_version(state(1), now, false)
                 .unwrap()
                 .state
                 .version,
@@ -326,7 +315,7 @@ mod tests {
         );
         assert_eq!(
             publisher
-                .publish(state(1), now, true)
+                .next_version(state(1), now, true)
                 .unwrap()
                 .state
                 .version,
@@ -343,7 +332,7 @@ mod tests {
         publisher.request(now, interval);
         assert_eq!(
             publisher
-                .publish(state(0), now, false)
+                .next_version(state(0), now, false)
                 .unwrap()
                 .state
                 .version,
@@ -356,26 +345,30 @@ mod tests {
         publisher.fired();
         assert_eq!(
             publisher
-                .publish(state(0), now + interval, false)
+                .next_version(state(0), now + interval, false)
                 .unwrap()
                 .state
                 .version,
             2
         );
         // Without a requested change nothing is published.
-        assert!(publisher.publish(state(0), now + interval, false).is_none());
+        assert!(
+            publisher
+                .next_version(state(0), now + interval, false)
+                .is_none()
+        );
     }
 
     #[test]
     fn a_new_generation_counts_from_one_again() {
         let mut publisher = publisher();
         let now = Instant::now();
-        publisher.publish(state(0), now, false);
-        publisher.publish(state(1), now, false);
+        publisher.next_version(state(0), now, false);
+        publisher.next_version(state(1), now, false);
         publisher.restart();
         let mut renewed = state(1);
         renewed.generation = 8;
-        let published = publisher.publish(renewed, now, true).unwrap();
+        let published = publisher.next_version(renewed, now, true).unwrap();
         assert_eq!(
             (published.state.generation, published.state.version),
             (8, 1)
@@ -386,12 +379,12 @@ mod tests {
     fn a_state_that_cannot_be_encoded_keeps_the_previous_one() {
         let mut publisher = publisher();
         let now = Instant::now();
-        publisher.publish(state(0), now, false);
+        publisher.next_version(state(0), now, false);
         let mut huge = state(0);
         for i in 0..40 {
             huge.tags.insert(format!("key-{i}"), "v".repeat(30));
         }
-        assert!(publisher.publish(huge, now, false).is_none());
+        assert!(publisher.next_version(huge, now, false).is_none());
         assert!(publisher.current().unwrap().state.tags.is_empty());
     }
 
@@ -402,7 +395,7 @@ mod tests {
         let t0 = Instant::now();
         // Nothing published yet: at once.
         assert_eq!(publisher.request(t0, interval), Request::Now);
-        publisher.publish(state(0), t0, false);
+        publisher.next_version(state(0), t0, false);
         // Within the interval: one publication at its end, and later changes ride along.
         let t1 = t0 + Duration::from_millis(30);
         assert_eq!(publisher.request(t1, interval), Request::At(t0 + interval));
@@ -413,7 +406,7 @@ mod tests {
         );
         publisher.fired();
         let t2 = t0 + interval;
-        publisher.publish(state(3), t2, false);
+        publisher.next_version(state(3), t2, false);
         // After the interval, a change is published at once.
         assert_eq!(publisher.request(t2 + interval, interval), Request::Now);
     }
@@ -421,15 +414,16 @@ mod tests {
     #[test]
     fn pushes_go_to_at_most_fanout_distinct_members() {
         let mut publisher = publisher();
+        let mut rng = StdRng::seed_from_u64(1);
         let members: Vec<SocketAddr> = (1..=10)
             .map(|port| SocketAddr::from(([127, 0, 0, 1], port)))
             .collect();
-        let targets = publisher.push_targets(&members, 3);
+        let targets = choose(&mut rng, &members, 3);
         assert_eq!(targets.len(), 3);
         let distinct: std::collections::HashSet<_> = targets.iter().collect();
         assert_eq!(distinct.len(), 3);
         assert!(targets.iter().all(|t| members.contains(t)));
-        assert_eq!(publisher.push_targets(&members, usize::MAX).len(), 10);
+        assert_eq!(choose(&mut rng, &members, usize::MAX).len(), 10);
         // Refreshes go round: every member within ceil(10 / 4) = 3 refreshes.
         let mut seen = std::collections::HashSet::new();
         for _ in 0..3 {
@@ -441,11 +435,11 @@ mod tests {
         }
         assert_eq!(seen.len(), 10, "every member refreshed within three rounds");
         assert!(publisher.refresh_targets(&mut [], 4).is_empty());
-        assert!(publisher.push_targets(&[], 3).is_empty());
+        assert!(choose(&mut rng, &[], 3).is_empty());
         // Seeded: the same seed chooses the same peers.
         assert_eq!(
-            Publisher::new(StdRng::seed_from_u64(9)).push_targets(&members, 4),
-            Publisher::new(StdRng::seed_from_u64(9)).push_targets(&members, 4)
+            choose(&mut StdRng::seed_from_u64(9), &members, 4),
+            choose(&mut StdRng::seed_from_u64(9), &members, 4)
         );
     }
 }

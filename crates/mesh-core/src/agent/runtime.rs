@@ -14,14 +14,14 @@ use rand::{SeedableRng, rngs::StdRng};
 use tokio::time::Instant;
 
 use super::{
-    health::{Checks, LocalHealth, ProbeWatch, SuspicionTimeouts, Suspicions},
+    lifeguard::guard::Guard,
     timers::{Tick, TimerQueue},
 };
 use crate::{
     Identity,
     budget::GossipBudget,
-    shared::Shared,
-    store::StateGossip,
+    handle_state::Shared,
+    state_table::StateGossip,
     transport::Transport,
     wire::{Envelope, Kind, MAX_DATAGRAM},
 };
@@ -79,70 +79,16 @@ impl<T: Transport> Outbound<T> {
     }
 }
 
-/// What foca's runtime writes to: the outbound socket, the timer queue, Lifeguard's state and
+/// What foca's runtime writes to: the outbound socket, the timer queue, Lifeguard's guard and
 /// the notifications waiting to be handled.
 pub(crate) struct Io<T> {
     pub(crate) out: Outbound<T>,
     /// Charged for every foca datagram that was allowed to carry states.
     pub(crate) budget: GossipBudget,
     pub(crate) timers: TimerQueue<Tick>,
+    /// Lifeguard's state that foca's timers pass through (`lifeguard/guard.rs`).
     pub(crate) guard: Guard,
     notes: Vec<OwnedNotification<Identity>>,
-}
-
-/// Lifeguard's state (`health.rs`), where foca's timers pass through it.
-#[derive(Debug)]
-pub(crate) struct Guard {
-    pub(crate) health: LocalHealth,
-    pub(crate) suspicions: Suspicions,
-    pub(crate) checks: Checks,
-    pub(crate) timeouts: SuspicionTimeouts,
-    /// The probe foca is running: its target, and whether it was answered.
-    pub(crate) watch: ProbeWatch,
-    /// Suspicions foca raised since the loop last looked: their suspects and witnesses are
-    /// told once foca returns.
-    pub(crate) raised: Vec<(Identity, u16)>,
-    /// A probe was started in the previous probe cycle and its outcome is still unknown.
-    probe_in_flight: bool,
-    /// Within the current call: foca started a probe, or declared the previous one failed.
-    probe_started: bool,
-    probe_failed: bool,
-}
-
-impl Guard {
-    pub(crate) fn new(max_health: u8, timeouts: SuspicionTimeouts, probe_period: Duration) -> Self {
-        Self {
-            health: LocalHealth::new(max_health),
-            suspicions: Suspicions::default(),
-            checks: Checks::default(),
-            timeouts,
-            watch: ProbeWatch::new(probe_period),
-            raised: Vec::new(),
-            probe_in_flight: false,
-            probe_started: false,
-            probe_failed: false,
-        }
-    }
-
-    /// foca is about to run a probe cycle (`Timer::ProbeRandomMember`).
-    pub(crate) fn begin_cycle(&mut self) {
-        self.probe_started = false;
-        self.probe_failed = false;
-    }
-
-    /// The probe cycle ran: the previous probe's outcome moves the health score (foca reports a
-    /// failure by submitting `Timer::ChangeSuspectToDown` during the cycle, and nothing on
-    /// success).
-    pub(crate) fn end_cycle(&mut self) {
-        if self.probe_in_flight {
-            if self.probe_failed {
-                self.health.worse();
-            } else {
-                self.health.better();
-            }
-        }
-        self.probe_in_flight = self.probe_started;
-    }
 }
 
 impl<T: Transport> Io<T> {
@@ -185,41 +131,10 @@ impl<T: Transport> foca::Runtime<Identity> for Effects<'_, T> {
     }
 
     /// Lifeguard sits here: probe timers are stretched by the local health score, and
-    /// suspicion timers are held back until their dynamic deadline (`health.rs`).
+    /// suspicion timers are held back until their dynamic deadline (`lifeguard/guard.rs`).
     fn submit_after(&mut self, event: foca::Timer<Identity>, after: Duration) {
-        let guard = &mut self.io.guard;
-        let after = match &event {
-            foca::Timer::ProbeRandomMember(_) => guard.health.scale(after),
-            foca::Timer::SendIndirectProbe { probed_id, .. } => {
-                guard.probe_started = true;
-                guard.watch.started(probed_id.clone(), self.now);
-                guard.health.scale(after)
-            }
-            foca::Timer::ChangeSuspectToDown {
-                member_id,
-                incarnation,
-                ..
-            } => {
-                guard.probe_failed = true;
-                let (member, incarnation) = (member_id.clone(), *incarnation);
-                let timeouts = guard.timeouts;
-                let since = guard
-                    .watch
-                    .told_at(&member, incarnation)
-                    .unwrap_or(self.now);
-                if let Some(due) =
-                    guard
-                        .suspicions
-                        .start(&member, incarnation, event, since, timeouts)
-                {
-                    guard.raised.push((member, incarnation));
-                    self.io.timers.schedule(due.at, Tick::Suspicion(due.id));
-                }
-                return;
-            }
-            _ => after,
-        };
-        self.io.timers.schedule(self.now + after, Tick::Foca(event));
+        let io = &mut *self.io;
+        io.guard.submit(event, after, self.now, &mut io.timers);
     }
 }
 
@@ -256,7 +171,7 @@ pub(crate) mod testing {
 
     use crate::{
         LoadTracker,
-        shared::{LocalFields, Shared},
+        handle_state::{LocalFields, Shared},
         transport::Transport,
         view::MembershipView,
         wire::{Envelope, Kind, MAX_DATAGRAM},
@@ -322,7 +237,13 @@ mod tests {
     use foca::Runtime;
 
     use super::{testing::Recorder, *};
-    use crate::{NodeId, agent::snapshot};
+    use crate::{
+        NodeId,
+        agent::{
+            lifeguard::{suspicion::SuspicionTimeouts, tick::LifeguardTick},
+            snapshot,
+        },
+    };
 
     #[tokio::test(start_paused = true)]
     async fn the_runtime_seals_sends_and_schedules_in_order() {
@@ -446,7 +367,7 @@ mod tests {
         );
         assert!(matches!(
             io.timers.pop_due(now + Duration::from_secs(12)),
-            Some(Tick::Suspicion(_))
+            Some(Tick::Lifeguard(LifeguardTick::Suspicion(_)))
         ));
         // A cycle whose probe was answered brings the score back down.
         io.guard.begin_cycle();

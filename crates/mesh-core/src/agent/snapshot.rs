@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use super::lineage::Lineage;
 use crate::{
     Identity, LocalStatus, NodeState,
-    store::StateStore,
+    state_table::StateStore,
     view::{DepartedMember, Departure, Member, MembershipView, PeerStatus, choose_coordinator},
 };
 
@@ -173,7 +173,7 @@ impl Snapshots {
     }
 }
 
-/// Sets the membership gauges from `view` (see [`crate::stats`] for the list). Constant work
+/// Sets the membership gauges from `view` (see [`crate::counters`] for the list). Constant work
 /// per call whatever the cluster's size, bar one pass over the members.
 pub(crate) fn record_gauges(view: &MembershipView) {
     let (mut alive, mut suspect) = (1_u32, 0_u32); // the local node is alive

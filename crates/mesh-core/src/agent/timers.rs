@@ -9,6 +9,7 @@ use std::{cmp::Ordering, collections::BinaryHeap, time::Duration};
 
 use tokio::time::Instant;
 
+use super::lifeguard::tick::LifeguardTick;
 use crate::{Identity, Timing};
 
 /// Timers of the membership task; foca's own are one kind among them.
@@ -23,17 +24,8 @@ pub(crate) enum Tick {
     Every(Periodic),
     /// Publish the coalesced view.
     View,
-    /// A suspicion we raised may have reached its (dynamic) deadline.
-    Suspicion(u64),
-    /// The direct probe with this number timed out: tell its target early unless an answer
-    /// came since (`health::ProbeWatch`).
-    TellEarly(u64),
-    /// A suspicion we raised is still running: tell the suspect again.
-    SuspectAgain(u64),
-    /// A check we run as a witness: ask the suspect again.
-    CheckRetry(u64),
-    /// A check we run as a witness: the suspect had its chance.
-    CheckDue(u64),
+    /// One of Lifeguard's own timers (`lifeguard/`).
+    Lifeguard(LifeguardTick),
 }
 
 /// The periodic work of the membership task.

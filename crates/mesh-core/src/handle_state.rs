@@ -11,8 +11,8 @@ use tokio::sync::{Notify, broadcast, watch};
 
 use crate::{
     LoadTracker, MeshEvent, NodeId, NodeState, StateError, Tags,
-    state::{validate_endpoint, validate_tags},
-    stats::Counters,
+    counters::Counters,
+    node_state::{validate_endpoint, validate_tags},
     view::MembershipView,
 };
 

@@ -3,8 +3,9 @@
 //! Node states travel three ways (see the crate docs): piggybacked on SWIM messages as foca
 //! custom broadcasts, pushed directly by their owner, and refreshed periodically. All three end
 //! here, where a state is kept only if its `(generation, version)` is newer than what we hold.
-//! Foca re-disseminates exactly the states [`StateGossip::receive_item`] reports as new, so a
-//! stale copy still circulating dies out instead of undoing a newer one.
+//! Foca re-disseminates exactly the states that [`StateGossip`]'s
+//! [`receive_item`](foca::BroadcastHandler::receive_item) reports as new, so a stale copy
+//! still circulating dies out instead of undoing a newer one.
 //!
 //! A state that is already decoded (our own, or one its owner pushed to us, which the receive
 //! task decoded) is *staged* before it is handed to foca's broadcast queue, and the handler
@@ -47,7 +48,7 @@ pub(crate) struct StateStore {
     accepted: Vec<Arc<NodeState>>,
     /// Set when anything readers can see changed (new state, refreshed age).
     dirty: bool,
-    /// A decoded state about to be offered to foca ([`SharedStore::offer`]).
+    /// A decoded state about to be offered to foca ([`SharedStore::with_staged`]).
     staged: Option<Arc<NodeState>>,
 }
 

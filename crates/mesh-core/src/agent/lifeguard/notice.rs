@@ -1,7 +1,7 @@
 //! Lifeguard's messages as they travel in [`Kind::Lifeguard`](crate::wire::Kind) datagrams
-//! (what each one asks and who sends it: [`super::lifeguard`]). In a file of their own because
-//! the membership task's input ([`crate::input`]) carries them too, and it must not depend on
-//! the agent that reads it.
+//! (what each one asks and who sends it: [`super`]). In a file of their own because the
+//! membership task's input ([`crate::input`]) carries them too, and it must not depend on the
+//! agent that reads it.
 
 use serde::{Deserialize, Serialize};
 
