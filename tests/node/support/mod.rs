@@ -17,7 +17,7 @@ use mesh_demo::{
 use tonic::transport::Channel;
 
 /// mesh-core's simulated-time harness; here for its event helpers.
-#[path = "../../../crates/mesh-core/tests/support/one_host.rs"]
+#[path = "../../../crates/mesh-core/tests/core/support/one_host.rs"]
 pub mod one_host;
 #[allow(unused_imports)] // Not every test binary drains events.
 pub use one_host::drain as drain_events;

@@ -5,7 +5,7 @@
 //! The local timing preset (100 ms probe timeout) on simulated time: the failures are the
 //! partition's, never a loaded machine's.
 
-mod support;
+use crate::support;
 
 use mesh_core::MeshEvent;
 use support::one_host::{Links, cluster, drain, simulate, until};

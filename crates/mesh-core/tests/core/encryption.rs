@@ -7,8 +7,8 @@
 //! never happens (an outsider never joins, rotation never breaks membership), which on real
 //! sockets a loaded machine could fake by delaying a probe answer past its 100 ms timeout.
 
-mod support;
-mod udp;
+use crate::support;
+use crate::udp;
 
 use std::{net::SocketAddr, time::Duration};
 

@@ -1,7 +1,7 @@
 //! Deterministic fault scenarios on simulated time (turmoil): partitions, crashes, restarts,
 //! loss, one-way links and slow nodes. Every run with the same seed is the same run.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -7,8 +7,8 @@
 //! graceful leave) runs on simulated time ([`support::one_host`]), where a 100 ms probe
 //! timeout is 100 ms whatever the machine's load.
 
-mod support;
-mod udp;
+use crate::support;
+use crate::udp;
 
 use std::{
     collections::{BTreeMap, VecDeque},

@@ -2,7 +2,7 @@
 //! turmoil's simulated one (which the fault tests run on), and the one-host test socket the
 //! simulated-time cluster tests run on (turmoil's, with cuttable links).
 
-mod support;
+use crate::support;
 
 use std::{future::Future, net::SocketAddr, time::Duration};
 
