@@ -1,4 +1,24 @@
 //! [`Node`]: one member of the mesh, started from code.
+//!
+//! # Addresses, by one name each
+//!
+//! A node has two sockets, and every layer names them the same way: *gossip* (UDP, the
+//! membership) and *gRPC* (the server the route layer forwards to), each with a *bind* address
+//! (where the socket listens) and an *advertise* address (where peers reach it):
+//!
+//! | socket | `[mesh]` keys | [`NodeBuilder`] | running |
+//! |---|---|---|---|
+//! | gossip bind | `bind_addr`, `bind_port` | `gossip_bind` | [`Node::gossip_addr`] |
+//! | gossip advertise | `advertise_addr`, `advertise_port` | `gossip_advertise` | its identity |
+//! | gRPC bind | `bind_addr`, `grpc_port` | (the server's own) | |
+//! | gRPC advertise | `grpc_advertise_addr` | `grpc_endpoint` | gossiped `grpc_endpoint` |
+//!
+//! The unprefixed configuration keys are the gossip socket's, as in memberlist and serf
+//! (`BindAddr`, `AdvertiseAddr`); the configuration resolves them into
+//! [`ResolvedConfig::gossip_bind`](crate::config::ResolvedConfig::gossip_bind) and
+//! `gossip_advertise`. Below the facade, `mesh_core::MembershipBuilder` *is* the gossip layer,
+//! so its setters drop the prefix (`bind_addr`, `advertise_addr`) and the running membership
+//! reports its bound socket as `local_addr`, as a socket does.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
