@@ -66,7 +66,7 @@ pub struct MeshStats {
 }
 
 #[derive(Debug, Default)]
-pub(crate) struct Counters {
+pub(crate) struct MeshCounters {
     received: AtomicU64,
     sent: AtomicU64,
     bytes_received: AtomicU64,
@@ -97,7 +97,7 @@ pub(crate) enum Dropped {
     StateRejected,
 }
 
-impl Counters {
+impl MeshCounters {
     pub(crate) fn received(&self, len: usize) {
         self.received.fetch_add(1, Ordering::Relaxed);
         self.bytes_received.fetch_add(len as u64, Ordering::Relaxed);

@@ -11,7 +11,7 @@ use tokio::sync::{Notify, broadcast, watch};
 
 use crate::{
     LoadTracker, MeshEvent, NodeId, NodeState, StateError, Tags,
-    counters::Counters,
+    counters::MeshCounters,
     node_state::{validate_endpoint, validate_tags},
     view::MembershipView,
 };
@@ -58,7 +58,7 @@ pub(crate) struct Shared {
     /// Woken when the membership task wants the discovery source asked again (isolated).
     pub(crate) discovery_wanted: Notify,
     pub(crate) load: LoadTracker,
-    pub(crate) counters: Counters,
+    pub(crate) counters: MeshCounters,
     /// The generation and version of our last published state (`(0, 0)`: none yet).
     pub(crate) published: Mutex<(u64, u64)>,
 }
@@ -80,7 +80,7 @@ impl Shared {
             local_changed: Notify::new(),
             discovery_wanted: Notify::new(),
             load,
-            counters: Counters::default(),
+            counters: MeshCounters::default(),
             published: Mutex::new((0, 0)),
         }
     }
