@@ -28,23 +28,26 @@ mod channels;
 mod dialer;
 mod error;
 mod forward;
+mod headers;
 pub mod layer;
 mod operation;
+mod peer;
 mod router;
 pub mod select;
 #[cfg(feature = "tls")]
 pub mod tls;
 
-pub use channels::{ChannelConfig, PeerChannels, PeerCredential};
+pub use channels::{ChannelConfig, PeerChannels};
 pub use dialer::{DialFuture, Dialer, PeerStream};
 pub use error::RouteError;
-pub use forward::{
-    COUNTED_FROM, FORWARDED_BY, ForwardChannel, Forwarded, ForwardedBy, PeerCall,
-    failed_before_accept, forwarded_by,
+pub use forward::Forwarded;
+pub use headers::{
+    COUNTED_FROM, FORWARDED_BY, ForwardedBy, PeerCredential, REQUEST_ID, forwarded_by,
 };
 pub use layer::Decision;
 pub use operation::{OperationId, OperationIdError, OperationIdReason};
-pub use router::{PeerTarget, Placement, Route, Router, RouterBuilder, RouterStats, WhenFull};
+pub use peer::{ForwardChannel, PeerCall, PeerTarget, failed_before_accept};
+pub use router::{Placement, Route, Router, RouterBuilder, RouterStats, WhenFull};
 pub use select::{
     Affinity, Candidate, LeastLoaded, LoadFactorError, PowerOfTwoChoices, Random, RoundRobin,
     RouteRequest, Strategy, WeightedCapacity, backpressure,

@@ -20,7 +20,7 @@ use tokio::{
 
 use crate::{
     Candidate, ChannelConfig, LeastLoaded, OperationId, PeerChannels, RouteError, RouteRequest,
-    Strategy, forward::ForwardedBy,
+    Strategy, headers::ForwardedBy, peer::PeerTarget,
 };
 
 /// Where a call should run.
@@ -79,47 +79,6 @@ struct LocalClaim(Arc<AtomicU32>);
 impl Drop for LocalClaim {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// A peer life to forward to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PeerTarget {
-    node_id: NodeId,
-    endpoint: String,
-    generation: u64,
-}
-
-impl PeerTarget {
-    pub(crate) fn new(node_id: NodeId, endpoint: String, generation: u64) -> Self {
-        Self {
-            node_id,
-            endpoint,
-            generation,
-        }
-    }
-
-    pub(crate) fn from_member(member: &Member, state: &NodeState) -> Option<Self> {
-        Some(Self::new(
-            member.node_id().clone(),
-            state.grpc_endpoint.clone()?,
-            member.identity().generation(),
-        ))
-    }
-
-    /// The peer's node id.
-    pub fn node_id(&self) -> &NodeId {
-        &self.node_id
-    }
-
-    /// Its gRPC endpoint.
-    pub fn endpoint(&self) -> &str {
-        &self.endpoint
-    }
-
-    /// Its identity generation.
-    pub fn generation(&self) -> u64 {
-        self.generation
     }
 }
 

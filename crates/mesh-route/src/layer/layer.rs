@@ -15,12 +15,6 @@ use super::{
 };
 use crate::Router;
 
-/// The header naming a call across nodes: kept if the client sent one, otherwise generated
-/// (a UUIDv7) by the node the call arrived at, and forwarded with the call. Every node that
-/// handles the call logs it in the `call` span's `request_id` field, so one grep of the logs of
-/// every node follows the call.
-pub const REQUEST_ID: &str = "x-request-id";
-
 /// Requests larger than this are refused by default (tonic's default limit for a decoded
 /// message is the same 4 MiB).
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;

@@ -90,8 +90,9 @@ mod service;
 mod stats;
 mod task;
 
+pub use crate::headers::REQUEST_ID;
 pub use body::RelayBody;
-pub use layer::{DEFAULT_MAX_REQUEST_BYTES, InvalidPath, REQUEST_ID, RouteLayer};
+pub use layer::{DEFAULT_MAX_REQUEST_BYTES, InvalidPath, RouteLayer};
 pub use rule::{Decision, Rule};
 pub use service::RouteService;
 pub use stats::{ForwardCounts, ForwardOutcome, LayerStats, PeerForwards};

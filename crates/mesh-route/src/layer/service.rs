@@ -17,7 +17,7 @@ use tower::{Service, ServiceExt};
 use tracing::Instrument;
 
 use super::{
-    Decision, ForwardOutcome, REQUEST_ID, RouteLayer,
+    Decision, ForwardOutcome, RouteLayer,
     body::{MessageFramer, RelayBody},
     grpc,
     outcome::OutcomeRecorder,
@@ -26,8 +26,9 @@ use super::{
     task::{CallTask, CountedBody},
 };
 use crate::{
-    FORWARDED_BY, OperationId, PeerTarget, Route, RouteError, RouteRequest,
-    forward::{COUNTED_FROM, counted_from, lost_connection, never_reached, peer_lost},
+    OperationId, Route, RouteError, RouteRequest,
+    headers::{COUNTED_FROM, FORWARDED_BY, NOT_RELAYED, REQUEST_ID, counted_from},
+    peer::{PeerTarget, lost_connection, never_reached, peer_lost},
 };
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -463,11 +464,7 @@ where
         if let Some(path) = head.uri.path_and_query() {
             head.uri = http::Uri::from(path.clone());
         }
-        for hop in [
-            http::header::HOST,
-            http::header::CONNECTION,
-            http::header::CONTENT_LENGTH,
-        ] {
+        for hop in NOT_RELAYED {
             head.headers.remove(hop);
         }
         self.layer
