@@ -17,10 +17,13 @@ use tokio::{
     sync::{broadcast, watch},
     task::JoinHandle,
 };
+use tonic::metadata::MetadataMap;
 
 use crate::{
     Candidate, ChannelConfig, LeastLoaded, OperationId, PeerChannels, RouteError, RouteRequest,
-    Strategy, headers::ForwardedBy, peer::PeerTarget,
+    Strategy,
+    headers::ForwardedBy,
+    peer::{PeerCall, PeerTarget},
 };
 
 /// Where a call should run.
@@ -55,7 +58,7 @@ pub enum WhenFull {
 ///
 /// For a peer, the count lasts until the peer's next state version (optimistic accounting);
 /// if the call then never reaches the peer, the router takes the count back itself when the
-/// forwarding fails to connect ([`Router::forward`], the route layer). For this node, the
+/// route layer fails to connect to the peer. For this node, the
 /// count lasts as long as the `Placement`: keep it until the call has started (holds its task
 /// guard), so calls placed meanwhile do not take the same slot.
 #[derive(Debug)]
@@ -628,6 +631,24 @@ impl Router {
             .ok_or_else(|| unreachable("its state has not arrived yet"))?;
         PeerTarget::from_member(member, state)
             .ok_or_else(|| unreachable("it advertises no grpc endpoint"))
+    }
+
+    /// A call to one chosen peer, for the embedder's own peer-to-peer requests (fetching a
+    /// blob from the replica that holds it, asking a peer what it has). The channel stamps
+    /// [`FORWARDED_BY`](crate::FORWARDED_BY), so the peer answers from what it has itself and
+    /// never passes the call on; `metadata` is propagated like a forwarded call's.
+    ///
+    /// Fails with [`RouteError::NotAPeer`] when `node` is this node or not a live member, and
+    /// with [`RouteError::OwnerUnreachable`] when it has no usable gRPC endpoint yet.
+    pub fn peer(&self, node: &NodeId, metadata: &MetadataMap) -> Result<PeerCall, RouteError> {
+        let target = self.peer_target(node)?;
+        let channel = self.inner.channels.get(&target)?;
+        Ok(PeerCall::new(
+            target,
+            channel,
+            self.inner.forwarded_by.clone(),
+            metadata,
+        ))
     }
 
     /// Who owns an operation: this node, or a reachable peer. `NOT_FOUND` (as a

@@ -76,8 +76,8 @@
 //!
 //! Forwarding assumes the replicas serve the same methods with the same message encoding; a
 //! compressed request message is served where it arrived (the layer does not decompress).
-//! [`Router::forward`](crate::Router::forward) stays available underneath for calls an
-//! embedder makes itself.
+//! This is the crate's one forwarding implementation; for a call an embedder makes itself to
+//! one chosen peer, [`Router::peer`](crate::Router::peer) gives a channel stamped the same way.
 
 mod body;
 mod cutoff;

@@ -697,3 +697,28 @@ fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     }
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::headers::{NOT_RELAYED, propagated};
+
+    #[test]
+    fn a_call_keeps_its_request_id_or_gets_one() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(REQUEST_ID, "req-7".parse().unwrap());
+        assert_eq!(ensure_request_id(&mut headers).as_deref(), Some("req-7"));
+        assert_eq!(headers.get(REQUEST_ID).unwrap(), "req-7");
+        let mut fresh = http::HeaderMap::new();
+        let id = ensure_request_id(&mut fresh).unwrap();
+        assert_eq!(fresh.get(REQUEST_ID).unwrap(), id.as_str());
+        assert_eq!(uuid::Uuid::parse_str(&id).unwrap().get_version_num(), 7);
+        // A forwarded call carries it: it is not hop-by-hop.
+        assert!(!NOT_RELAYED.iter().any(|name| name == REQUEST_ID));
+        let metadata = MetadataMap::from_headers(fresh);
+        assert_eq!(
+            propagated(&metadata).get(REQUEST_ID),
+            metadata.get(REQUEST_ID)
+        );
+    }
+}
