@@ -13,7 +13,7 @@ use super::{
     stats::{Counters, LayerStats},
     task::{CallTask, Running},
 };
-use crate::Router;
+use crate::router::Router;
 
 /// Requests larger than this are refused by default (tonic's default limit for a decoded
 /// message is the same 4 MiB).

@@ -26,9 +26,12 @@ use super::{
     task::{CallTask, CountedBody},
 };
 use crate::{
-    OperationId, Route, RouteError, RouteRequest,
+    error::RouteError,
     headers::{COUNTED_FROM, FORWARDED_BY, NOT_RELAYED, REQUEST_ID, counted_from},
+    operation::OperationId,
     peer::{PeerTarget, lost_connection, never_reached, peer_lost},
+    router::Route,
+    select::RouteRequest,
 };
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -115,7 +118,7 @@ where
                     self.layer.hand_over(task, request.extensions_mut())
                 });
                 let response = LoadTracker::already_counted(self.inner.call(request));
-                let membership = self.layer.router.inner.membership.clone();
+                let membership = self.layer.router.membership().clone();
                 let cutoff = Arc::clone(&self.layer.cutoff);
                 Box::pin(
                     async move {
@@ -413,7 +416,7 @@ where
             target.node_id().clone(),
             Direction::Outbound,
         );
-        let channel: Channel = match router.inner.channels.get(target) {
+        let channel: Channel = match router.channels().get(target) {
             Ok(channel) => channel,
             Err(error) => {
                 tracing::warn!(%error, "skipping a peer with an unusable endpoint");
@@ -467,11 +470,7 @@ where
         for hop in NOT_RELAYED {
             head.headers.remove(hop);
         }
-        self.layer
-            .router
-            .inner
-            .forwarded_by
-            .stamp(&mut head.headers);
+        self.layer.router.forwarded_by().stamp(&mut head.headers);
         if let Some(deadline) = self.deadline {
             let left = deadline.saturating_duration_since(Instant::now());
             head.headers
@@ -572,13 +571,7 @@ where
         tx: &mpsc::Sender<http_body::Frame<Bytes>>,
     ) -> Pumped {
         let mut departed = match target {
-            Some(target) => match self
-                .layer
-                .router
-                .inner
-                .departures
-                .watch(target.node_id(), target.generation())
-            {
+            Some(target) => match self.layer.router.watch_departure(target) {
                 Some(watch) => Some(watch),
                 None => return Pumped::Broke(peer_lost(target.node_id())),
             },
