@@ -290,7 +290,7 @@ impl PeerChannels {
 #[cfg(all(test, feature = "tls"))]
 mod tests {
     use super::*;
-    use crate::{CaBundle, tls::testing::TestCa};
+    use crate::tls::{CaBundle, testing::TestCa};
 
     fn target(endpoint: &str) -> PeerTarget {
         PeerTarget::new(NodeId::new("peer-1").unwrap(), endpoint.to_owned(), 1)

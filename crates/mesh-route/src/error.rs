@@ -1,7 +1,7 @@
 use mesh_core::{NodeId, Tags};
 use tonic::{Code, Status};
 
-use crate::{OperationId, OperationIdError};
+use crate::operation::{OperationId, OperationIdError};
 
 /// Why a call could not be routed. Converts into the gRPC status a client should see.
 #[derive(Debug, thiserror::Error)]
