@@ -85,6 +85,7 @@ mod grpc;
 #[allow(clippy::module_inception)]
 mod layer;
 mod outcome;
+mod routing;
 mod rule;
 mod service;
 mod stats;
