@@ -1,3 +1,8 @@
+//! [`RouteError`]: why a call could not be routed, and the gRPC status each reason becomes —
+//! `UNAVAILABLE` for what a retry may fix, `NOT_FOUND` for an operation whose owner is gone (the
+//! Remote Execution API tells clients to run `Execute` again), `FAILED_PRECONDITION` when no
+//! node could ever run it.
+
 use mesh_core::{NodeId, Tags};
 use tonic::{Code, Status};
 
