@@ -412,26 +412,49 @@ async fn entry_nodes_with_stale_state_spread_a_burst_instead_of_herding() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unary_calls_are_forwarded_too() {
-    use mesh::proto::admin::v1::{ListMembersRequest, mesh_admin_client::MeshAdminClient};
-    use mesh::route::Forwarded;
+    use mesh::{
+        admin::AdminService,
+        proto::admin::v1::{
+            ListMembersRequest, mesh_admin_client::MeshAdminClient,
+            mesh_admin_server::MeshAdminServer,
+        },
+        route::{
+            Decision,
+            layer::{RouteLayer, Rule},
+        },
+    };
 
     let nodes = cluster(vec![Spec::new("entry", 1), Spec::new("peer", 4)]).await;
     let _busy = nodes[0].node.load().begin_task();
-    let router = nodes[0].node.router();
-    let mut metadata = tonic::metadata::MetadataMap::new();
-    metadata.insert("x-request-id", "unary-1".parse().unwrap());
-    let forwarded = router
-        .forward(&mesh::RouteRequest::new(), &metadata, |peer| async move {
-            MeshAdminClient::new(peer.channel())
-                .list_members(peer.request(ListMembersRequest {}))
-                .await
-        })
+    // The entry's own admin service behind a route layer that spreads ListMembers, called
+    // through the layer as a server would be.
+    let layer = RouteLayer::new(nodes[0].node.router().clone())
+        .rule(
+            "/mesh.admin.v1.MeshAdmin/ListMembers",
+            Rule::spread(|_: ListMembersRequest, _| async {
+                Ok(Decision::Route(mesh::RouteRequest::new()))
+            }),
+        )
+        .unwrap();
+    let entry = tower::Layer::layer(
+        &layer,
+        MeshAdminServer::new(AdminService::for_node(&nodes[0].node)),
+    );
+    let mut request = Request::new(ListMembersRequest {});
+    request
+        .metadata_mut()
+        .insert("x-request-id", "unary-1".parse().unwrap());
+    let response = MeshAdminClient::new(entry)
+        .list_members(request)
         .await
         .unwrap();
-    let Forwarded::Remote { node, response } = forwarded else {
-        panic!("a full entry node must forward");
-    };
-    assert_eq!(node.as_str(), "peer");
+    assert_eq!(
+        layer.stats().forwarded_out,
+        1,
+        "a full entry node must forward"
+    );
+    let forwarded_to: Vec<String> = layer.peer_stats().keys().map(|n| n.to_string()).collect();
+    assert_eq!(forwarded_to, ["peer"]);
     // The answer is the peer's own: it lists the cluster as the peer sees it.
     assert_eq!(response.into_inner().local_node_id, "peer");
 }

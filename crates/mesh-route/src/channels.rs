@@ -22,9 +22,14 @@ use http::{
 use mesh_core::{NodeId, abbreviate};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::{Dialer, PeerTarget, RouteError, dialer::DialerService};
 #[cfg(feature = "tls")]
-use crate::{PeerTls, tls::PeerConnector};
+use crate::tls::{PeerConnector, PeerTls};
+use crate::{
+    dialer::{Dialer, DialerService},
+    error::RouteError,
+    headers::PeerCredential,
+    peer::PeerTarget,
+};
 
 /// Why an `https://` endpoint is refused when peer channels have no TLS.
 #[cfg(feature = "tls")]
@@ -61,44 +66,6 @@ pub struct ChannelConfig {
     /// calls alike), so a peer can tell the cluster's own calls from clients' — e.g. a
     /// cluster token that a server's authorization checks. `None` by default.
     pub credential: Option<PeerCredential>,
-}
-
-/// A header that proves a call comes from a replica of the cluster (see
-/// [`ChannelConfig::credential`]). Its value is marked sensitive, so HTTP/2 never indexes it
-/// and `Debug` never shows it.
-#[derive(Clone)]
-pub struct PeerCredential {
-    name: http::HeaderName,
-    value: http::HeaderValue,
-}
-
-impl PeerCredential {
-    /// The header `name` with the value `secret`; `None` when either is not a valid header
-    /// name or value.
-    pub fn new(name: &str, secret: &str) -> Option<Self> {
-        let name = http::HeaderName::from_bytes(name.as_bytes()).ok()?;
-        let mut value = http::HeaderValue::from_str(secret).ok()?;
-        value.set_sensitive(true);
-        Some(Self { name, value })
-    }
-
-    /// The header's name.
-    pub fn name(&self) -> &http::HeaderName {
-        &self.name
-    }
-
-    pub(crate) fn stamp(&self, headers: &mut http::HeaderMap) {
-        headers.insert(self.name.clone(), self.value.clone());
-    }
-}
-
-impl std::fmt::Debug for PeerCredential {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PeerCredential")
-            .field("name", &self.name)
-            .field("value", &"<redacted>")
-            .finish()
-    }
 }
 
 impl Default for ChannelConfig {
@@ -323,7 +290,7 @@ impl PeerChannels {
 #[cfg(all(test, feature = "tls"))]
 mod tests {
     use super::*;
-    use crate::{CaBundle, tls::testing::TestCa};
+    use crate::tls::{CaBundle, testing::TestCa};
 
     fn target(endpoint: &str) -> PeerTarget {
         PeerTarget::new(NodeId::new("peer-1").unwrap(), endpoint.to_owned(), 1)

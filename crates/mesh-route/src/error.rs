@@ -1,7 +1,12 @@
+//! [`RouteError`]: why a call could not be routed, and the gRPC status each reason becomes —
+//! `UNAVAILABLE` for what a retry may fix, `NOT_FOUND` for an operation whose owner is gone (the
+//! Remote Execution API tells clients to run `Execute` again), `FAILED_PRECONDITION` when no
+//! node could ever run it.
+
 use mesh_core::{NodeId, Tags};
 use tonic::{Code, Status};
 
-use crate::{OperationId, OperationIdError};
+use crate::operation::{OperationId, OperationIdError};
 
 /// Why a call could not be routed. Converts into the gRPC status a client should see.
 #[derive(Debug, thiserror::Error)]

@@ -13,13 +13,14 @@
 //!   `WaitExecution` from any node to the owner, and answer `NOT_FOUND` when the owner is gone.
 //! * [`PeerChannels`] keeps one lazily connected channel per peer life and drops it when the
 //!   peer fails, leaves, restarts or moves.
-//! * [`Router::forward`] makes the call on the chosen peer with the caller's metadata, marks it
-//!   as forwarded (one hop, never loops), and retries elsewhere only when the peer could not be
-//!   connected to — never once it accepted the call. [`Router::relay`] relays a response stream
-//!   and cuts it short if the peer fails.
-//! * [`layer::RouteLayer`] is how a server embeds all of this: a tower layer around a tonic
-//!   server with a [`layer::Rule`] per method (spread by load, to the owner, idempotent),
-//!   forwarding the original HTTP/2 request and relaying the response as it is.
+//! * [`layer::RouteLayer`] is how a server embeds all of this, and the one way calls are
+//!   forwarded: a tower layer around a tonic server with a [`layer::Rule`] per method (spread
+//!   by load, to the owner, idempotent). It sends the original HTTP/2 request to the chosen
+//!   peer marked [`FORWARDED_BY`] (one hop, never loops), tries elsewhere only when the peer
+//!   could not be connected to — never once it accepted the call, unless the rule is
+//!   idempotent — and relays the response as it is, cut short if the peer fails.
+//! * [`Router::peer`] gives an embedder a [`PeerCall`] for its own call to one chosen peer
+//!   (fetching a blob from the replica that holds it), stamped like a forwarded call.
 //! * [`PeerTls`] makes peer channels TLS only (optionally mutual TLS); [`tls`] says what that
 //!   protects and what it does not.
 #![forbid(unsafe_code)]
@@ -27,24 +28,25 @@
 mod channels;
 mod dialer;
 mod error;
-mod forward;
+mod headers;
 pub mod layer;
 mod operation;
+mod peer;
 mod router;
 pub mod select;
 #[cfg(feature = "tls")]
 pub mod tls;
 
-pub use channels::{ChannelConfig, PeerChannels, PeerCredential};
+pub use channels::{ChannelConfig, PeerChannels};
 pub use dialer::{DialFuture, Dialer, PeerStream};
 pub use error::RouteError;
-pub use forward::{
-    COUNTED_FROM, FORWARDED_BY, ForwardChannel, Forwarded, ForwardedBy, PeerCall,
-    failed_before_accept, forwarded_by,
+pub use headers::{
+    COUNTED_FROM, FORWARDED_BY, ForwardedBy, PeerCredential, REQUEST_ID, forwarded_by,
 };
 pub use layer::Decision;
 pub use operation::{OperationId, OperationIdError, OperationIdReason};
-pub use router::{PeerTarget, Placement, Route, Router, RouterBuilder, RouterStats, WhenFull};
+pub use peer::{ForwardChannel, PeerCall, PeerTarget, failed_before_accept};
+pub use router::{Placement, Route, Router, RouterBuilder, RouterStats, WhenFull};
 pub use select::{
     Affinity, Candidate, LeastLoaded, LoadFactorError, PowerOfTwoChoices, Random, RoundRobin,
     RouteRequest, Strategy, WeightedCapacity, backpressure,

@@ -1,25 +1,18 @@
-//! The layer: a tiny clone of the rules and the router, wrapped around a service.
+//! The layer: a tiny clone of the rules and the router ([`Routing`]), wrapped around a
+//! service.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    sync::Arc,
-};
+use std::{collections::BTreeMap, sync::Arc};
 
-use mesh_core::{NodeId, TaskGuard};
+use mesh_core::NodeId;
 use tower::Layer;
 
 use super::{
-    PeerForwards, RouteService, Rule,
-    stats::{Counters, LayerStats},
-    task::{CallTask, Running},
+    routing::Routing,
+    rule::Rule,
+    service::RouteService,
+    stats::{LayerStats, PeerForwards},
 };
-use crate::Router;
-
-/// The header naming a call across nodes: kept if the client sent one, otherwise generated
-/// (a UUIDv7) by the node the call arrived at, and forwarded with the call. Every node that
-/// handles the call logs it in the `call` span's `request_id` field, so one grep of the logs of
-/// every node follows the call.
-pub const REQUEST_ID: &str = "x-request-id";
+use crate::router::Router;
 
 /// Requests larger than this are refused by default (tonic's default limit for a decoded
 /// message is the same 4 MiB).
@@ -47,20 +40,8 @@ pub const DEFAULT_MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 /// ```
 #[derive(Clone)]
 pub struct RouteLayer {
-    pub(crate) router: Router,
-    pub(crate) rules: Arc<HashMap<String, Rule>>,
-    pub(crate) max_request_bytes: usize,
-    pub(crate) counters: Arc<Counters>,
-    pub(crate) check: Option<CheckFn>,
-    pub(crate) cutoff: Arc<super::cutoff::Cutoff>,
+    routing: Routing,
 }
-
-/// A check every call passes before anything else (see [`RouteLayer::check_calls`]).
-pub(crate) type CheckFn =
-    Arc<dyn Fn(&str, &mut http::HeaderMap) -> Result<(), tonic::Status> + Send + Sync>;
-
-/// Shows whether a check is set, not the check.
-pub(crate) struct CheckDebug<'a>(pub(crate) &'a Option<CheckFn>);
 
 /// A gRPC method path that is not of the form `/{package.Service}/{Method}`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -77,12 +58,7 @@ impl RouteLayer {
     /// A layer with no rules yet: every call goes to the inner service.
     pub fn new(router: Router) -> Self {
         Self {
-            router,
-            rules: Arc::default(),
-            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
-            counters: Arc::default(),
-            check: None,
-            cutoff: Arc::default(),
+            routing: Routing::new(router, DEFAULT_MAX_REQUEST_BYTES),
         }
     }
 
@@ -95,14 +71,14 @@ impl RouteLayer {
         mut self,
         check: impl Fn(&str, &mut http::HeaderMap) -> Result<(), tonic::Status> + Send + Sync + 'static,
     ) -> Self {
-        self.check = Some(Arc::new(check));
+        self.routing.check = Some(Arc::new(check));
         self
     }
 
     /// Routes the calls of the method at `path` (`/{package.Service}/{Method}`) by `rule`.
     pub fn rule(mut self, path: &str, rule: Rule) -> Result<Self, InvalidPath> {
         check_path(path)?;
-        Arc::make_mut(&mut self.rules).insert(path.to_owned(), rule);
+        Arc::make_mut(&mut self.routing.rules).insert(path.to_owned(), rule);
         Ok(self)
     }
 
@@ -111,7 +87,7 @@ impl RouteLayer {
     /// layer holds the request until the call completes, so an idempotent call can be sent
     /// again.
     pub fn max_request_bytes(mut self, limit: usize) -> Self {
-        self.max_request_bytes = limit;
+        self.routing.max_request_bytes = limit;
         self
     }
 
@@ -121,63 +97,24 @@ impl RouteLayer {
     /// that peer routes it again if its rule is idempotent, as if this node had died; a
     /// client's own call ends with `UNAVAILABLE`, which gRPC clients retry.
     pub fn cut_running_calls(&self) {
-        self.cutoff.cut();
+        self.routing.cutoff.cut();
     }
 
     /// The router the layer routes with.
     pub fn router(&self) -> &Router {
-        &self.router
+        &self.routing.router
     }
 
     /// What the layer has done so far.
     pub fn stats(&self) -> LayerStats {
-        self.counters.snapshot()
+        self.routing.counters.snapshot()
     }
 
     /// The calls exchanged with each peer so far, by direction and by how they ended (see
     /// [`ForwardOutcome`](super::ForwardOutcome)); also exported as the
     /// `mesh_route_forwards_total{peer, direction, outcome}` counter.
     pub fn peer_stats(&self) -> BTreeMap<NodeId, PeerForwards> {
-        self.counters.peers.snapshot()
-    }
-
-    /// Counts one call run here as a pending task of this node.
-    pub(crate) fn begin_task(&self) -> TaskGuard {
-        self.router.membership().load().begin_task()
-    }
-
-    /// Hands a counted call's guard to the inner service through the request's extensions
-    /// (see [`CallTask`]); the layer ends it with the response unless the service takes it.
-    pub(crate) fn hand_over(&self, task: TaskGuard, extensions: &mut http::Extensions) -> CallTask {
-        let task = CallTask::new(task, Running::start(&self.counters));
-        extensions.insert(task.clone());
-        task
-    }
-
-    /// The span a call with a rule runs in: this node, the method, the request id, and the
-    /// peer it came `from` (a forwarded call) or, once chosen, the `peer` it went to.
-    pub(crate) fn call_span(
-        &self,
-        path: &str,
-        request_id: Option<&str>,
-        from: Option<&str>,
-    ) -> tracing::Span {
-        let span = tracing::info_span!(
-            "call",
-            node = %self.router.membership().node_id(),
-            path = %path,
-            request_id = tracing::field::Empty,
-            from = tracing::field::Empty,
-            peer = tracing::field::Empty,
-        );
-        // Plain text, not quoted: `request_id=0199…` is what an operator greps for.
-        if let Some(id) = request_id {
-            span.record("request_id", tracing::field::display(id));
-        }
-        if let Some(from) = from {
-            span.record("from", tracing::field::display(from));
-        }
-        span
+        self.routing.counters.peers.snapshot()
     }
 }
 
@@ -199,19 +136,7 @@ fn check_path(path: &str) -> Result<(), InvalidPath> {
 
 impl std::fmt::Debug for RouteLayer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RouteLayer")
-            .field("router", &self.router)
-            .field("rules", &self.rules)
-            .field("max_request_bytes", &self.max_request_bytes)
-            .field("counters", &self.counters)
-            .field("check", &CheckDebug(&self.check))
-            .finish()
-    }
-}
-
-impl std::fmt::Debug for CheckDebug<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_some() { "Some(..)" } else { "None" })
+        self.routing.debug_as("RouteLayer", f)
     }
 }
 
@@ -219,7 +144,7 @@ impl<S> Layer<S> for RouteLayer {
     type Service = RouteService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RouteService::new(inner, self.clone())
+        RouteService::new(inner, self.routing.clone())
     }
 }
 

@@ -76,8 +76,8 @@
 //!
 //! Forwarding assumes the replicas serve the same methods with the same message encoding; a
 //! compressed request message is served where it arrived (the layer does not decompress).
-//! [`Router::forward`](crate::Router::forward) stays available underneath for calls an
-//! embedder makes itself.
+//! This is the crate's one forwarding implementation; for a call an embedder makes itself to
+//! one chosen peer, [`Router::peer`](crate::Router::peer) gives a channel stamped the same way.
 
 mod body;
 mod cutoff;
@@ -85,13 +85,15 @@ mod grpc;
 #[allow(clippy::module_inception)]
 mod layer;
 mod outcome;
+mod routing;
 mod rule;
 mod service;
 mod stats;
 mod task;
 
+pub use crate::headers::REQUEST_ID;
 pub use body::RelayBody;
-pub use layer::{DEFAULT_MAX_REQUEST_BYTES, InvalidPath, REQUEST_ID, RouteLayer};
+pub use layer::{DEFAULT_MAX_REQUEST_BYTES, InvalidPath, RouteLayer};
 pub use rule::{Decision, Rule};
 pub use service::RouteService;
 pub use stats::{ForwardCounts, ForwardOutcome, LayerStats, PeerForwards};

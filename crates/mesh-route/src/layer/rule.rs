@@ -5,7 +5,7 @@ use std::{fmt, future::Future, pin::Pin, sync::Arc};
 use bytes::Bytes;
 use tonic::{Status, metadata::MetadataMap};
 
-use crate::RouteRequest;
+use crate::select::RouteRequest;
 
 /// Where a call with a *spread* rule should run, as the rule's function decides.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -17,32 +17,36 @@ use tower::{Service, ServiceExt};
 use tracing::Instrument;
 
 use super::{
-    Decision, ForwardOutcome, REQUEST_ID, RouteLayer,
     body::{MessageFramer, RelayBody},
     grpc,
     outcome::OutcomeRecorder,
-    rule::{Rule, RuleKind},
-    stats::{Counters, Direction},
+    routing::Routing,
+    rule::{Decision, Rule, RuleKind},
+    stats::{Counters, Direction, ForwardOutcome},
     task::{CallTask, CountedBody},
 };
 use crate::{
-    FORWARDED_BY, OperationId, PeerTarget, Route, RouteError, RouteRequest,
-    forward::{COUNTED_FROM, counted_from, lost_connection, never_reached, peer_lost},
+    error::RouteError,
+    headers::{COUNTED_FROM, FORWARDED_BY, NOT_RELAYED, REQUEST_ID, counted_from},
+    operation::OperationId,
+    peer::{PeerTarget, lost_connection, never_reached, peer_lost},
+    router::Route,
+    select::RouteRequest,
 };
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The [`RouteLayer`]'s service around `S` (a tonic server's routes, or any service of
-/// `http::Request<tonic::body::Body>`).
+/// The [`RouteLayer`](super::RouteLayer)'s service around `S` (a tonic server's routes, or any
+/// service of `http::Request<tonic::body::Body>`).
 #[derive(Debug, Clone)]
 pub struct RouteService<S> {
     inner: S,
-    layer: RouteLayer,
+    routing: Routing,
 }
 
 impl<S> RouteService<S> {
-    pub(crate) fn new(inner: S, layer: RouteLayer) -> Self {
-        Self { inner, layer }
+    pub(crate) fn new(inner: S, routing: Routing) -> Self {
+        Self { inner, routing }
     }
 }
 
@@ -63,33 +67,33 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
-        if let Some(check) = &self.layer.check {
+        if let Some(check) = &self.routing.check {
             let path = request.uri().path().to_owned();
             if let Err(status) = check(&path, request.headers_mut()) {
-                return Box::pin(std::future::ready(Ok(refuse(&self.layer, status))));
+                return Box::pin(std::future::ready(Ok(refuse(&self.routing, status))));
             }
         }
-        let rule = self.layer.rules.get(request.uri().path()).cloned();
+        let rule = self.routing.rules.get(request.uri().path()).cloned();
         let forwarded = request.headers().contains_key(FORWARDED_BY);
         if forwarded && rule.is_some() {
-            Counters::add(&self.layer.counters.local);
-            Counters::add(&self.layer.counters.forwarded_in);
+            Counters::add(&self.routing.counters.local);
+            Counters::add(&self.routing.counters.forwarded_in);
         }
         match rule {
             // One hop only: a call a peer forwarded runs here, whatever this node thinks.
             Some(rule) if !forwarded => {
                 let request_id = ensure_request_id(request.headers_mut());
-                let span = self
-                    .layer
-                    .call_span(request.uri().path(), request_id.as_deref(), None);
+                let span =
+                    self.routing
+                        .call_span(request.uri().path(), request_id.as_deref(), None);
                 // The ready service serves this call; a fresh clone waits for the next one.
                 let fresh = self.inner.clone();
                 let inner = std::mem::replace(&mut self.inner, fresh);
-                let layer = self.layer.clone();
+                let routing = self.routing.clone();
                 Box::pin(
                     async move {
-                        let cutoff = Arc::clone(&layer.cutoff);
-                        let response = Call::handle(layer, inner, rule, request).await;
+                        let cutoff = Arc::clone(&routing.cutoff);
+                        let response = Call::handle(routing, inner, rule, request).await;
                         Ok(response.map(|body| cutoff.wrap(body, false)))
                     }
                     .instrument(span),
@@ -99,23 +103,27 @@ where
                 // Forwarded by a peer: served here, counted under that peer by how it ends.
                 let headers = request.headers();
                 let from = header_text(headers, FORWARDED_BY);
-                let span = self.layer.call_span(
+                let span = self.routing.call_span(
                     request.uri().path(),
                     header_text(headers, REQUEST_ID),
                     from,
                 );
                 let recorder = from.and_then(|from| NodeId::new(from).ok()).map(|from| {
-                    OutcomeRecorder::new(Arc::clone(&self.layer.counters), from, Direction::Inbound)
+                    OutcomeRecorder::new(
+                        Arc::clone(&self.routing.counters),
+                        from,
+                        Direction::Inbound,
+                    )
                 });
                 // New work is counted from now until its response ends; following an
                 // operation adds none.
                 let task = rule.spreads().then(|| {
-                    let task = self.layer.begin_task();
-                    self.layer.hand_over(task, request.extensions_mut())
+                    let task = self.routing.begin_task();
+                    self.routing.hand_over(task, request.extensions_mut())
                 });
                 let response = LoadTracker::already_counted(self.inner.call(request));
-                let membership = self.layer.router.inner.membership.clone();
-                let cutoff = Arc::clone(&self.layer.cutoff);
+                let membership = self.routing.router.membership().clone();
+                let cutoff = Arc::clone(&self.routing.cutoff);
                 Box::pin(
                     async move {
                         tracing::debug!("serving a call forwarded by a peer");
@@ -153,7 +161,7 @@ where
             None => {
                 let forwarded = request.headers().contains_key(FORWARDED_BY);
                 let response = self.inner.call(request);
-                let cutoff = Arc::clone(&self.layer.cutoff);
+                let cutoff = Arc::clone(&self.routing.cutoff);
                 Box::pin(async move {
                     let response = response.await.map_err(Into::into)?;
                     Ok(response.map(|body| cutoff.wrap(Body::new(body), forwarded)))
@@ -166,7 +174,7 @@ where
 /// One call with a rule, from its arrival to its last relayed frame. Holds the request, so
 /// an idempotent call can be sent again.
 struct Call<S> {
-    layer: RouteLayer,
+    routing: Routing,
     /// In a mutex only so that a call can be shared by reference across awaits (`S` need not
     /// be `Sync`); each use clones the service out.
     inner: std::sync::Mutex<S>,
@@ -216,19 +224,19 @@ where
     B::Error: Into<BoxError>,
 {
     async fn handle(
-        layer: RouteLayer,
+        routing: Routing,
         inner: S,
         rule: Rule,
         request: http::Request<Body>,
     ) -> http::Response<Body> {
         let (head, body) = request.into_parts();
         let deadline = grpc::timeout(&head.headers).map(|timeout| Instant::now() + timeout);
-        let body = match read_body(body, layer.max_request_bytes, head.uri.path()).await {
+        let body = match read_body(body, routing.max_request_bytes, head.uri.path()).await {
             Ok(body) => body,
-            Err(status) => return refuse(&layer, status),
+            Err(status) => return refuse(&routing, status),
         };
         let call = Call {
-            layer,
+            routing,
             inner: std::sync::Mutex::new(inner),
             rule,
             head,
@@ -241,24 +249,24 @@ where
                 // Nothing to decide on (e.g. a compressed message): the inner service serves
                 // it here and reports any problem in its own terms.
                 tracing::debug!(path = call.head.uri.path(), reason, "serving a call here");
-                let task = call.rule.spreads().then(|| call.layer.begin_task());
+                let task = call.rule.spreads().then(|| call.routing.begin_task());
                 return call.serve_here(task).await;
             }
         };
         match call.rule.kind.clone() {
             RuleKind::ToOwner(name) => match name(message) {
                 Ok(name) => call.send_to_owner(&name).await,
-                Err(status) => refuse(&call.layer, status),
+                Err(status) => refuse(&call.routing, status),
             },
             RuleKind::Spread(decide) => {
                 let metadata = MetadataMap::from_headers(call.head.headers.clone());
                 match decide(message, metadata).await {
                     Ok(Decision::Local) => {
-                        let task = call.layer.begin_task();
+                        let task = call.routing.begin_task();
                         call.serve_here(Some(task)).await
                     }
                     Ok(Decision::Route(route)) => call.spread(route).await,
-                    Err(status) => refuse(&call.layer, status),
+                    Err(status) => refuse(&call.routing, status),
                 }
             }
         }
@@ -268,30 +276,30 @@ where
     async fn send_to_owner(self, name: &str) -> http::Response<Body> {
         let operation: OperationId = match name.parse() {
             Ok(operation) => operation,
-            Err(error) => return refuse(&self.layer, RouteError::from(error).into()),
+            Err(error) => return refuse(&self.routing, RouteError::from(error).into()),
         };
-        let target = match self.layer.router.owner(&operation) {
+        let target = match self.routing.router.owner(&operation) {
             // Following an operation adds no work: not counted.
             Ok(Route::Local) => return self.serve_here(None).await,
             Ok(Route::Peer(target)) => target,
-            Err(error) => return refuse(&self.layer, error.into()),
+            Err(error) => return refuse(&self.routing, error.into()),
         };
         // Following an operation adds no work: the owner's load does not count it.
         match self.send(&target, false).await {
             Ok(response) => {
-                Counters::add(&self.layer.counters.to_owner);
+                Counters::add(&self.routing.counters.to_owner);
                 self.relay(Some(target), response, None)
             }
-            Err(Sent::Unusable(error)) => refuse(&self.layer, error.into()),
+            Err(Sent::Unusable(error)) => refuse(&self.routing, error.into()),
             Err(Sent::Unreachable(message)) => {
                 let error = RouteError::OwnerUnreachable {
                     node: target.node_id().clone(),
                     endpoint: target.endpoint().to_owned(),
                     message,
                 };
-                refuse(&self.layer, error.into())
+                refuse(&self.routing, error.into())
             }
-            Err(Sent::Broke(status)) => refuse(&self.layer, status),
+            Err(Sent::Broke(status)) => refuse(&self.routing, status),
         }
     }
 
@@ -300,7 +308,7 @@ where
     async fn spread(self, route: RouteRequest) -> http::Response<Body> {
         let mut excluded = Vec::new();
         match self.dispatch(&route, &mut excluded).await {
-            Err(status) => refuse(&self.layer, status),
+            Err(status) => refuse(&self.routing, status),
             Ok(Upstream::Here(response)) => response,
             Ok(Upstream::Peer(target, response)) => {
                 let retry = self.rule.idempotent.then_some((route, excluded));
@@ -317,8 +325,8 @@ where
         route: &RouteRequest,
         excluded: &mut Vec<NodeId>,
     ) -> Result<Upstream, Status> {
-        let router = &self.layer.router;
-        let counters = &self.layer.counters;
+        let router = &self.routing.router;
+        let counters = &self.routing.counters;
         loop {
             let placed = router.route_when_available(route, excluded);
             let placement =
@@ -337,7 +345,7 @@ where
                 Route::Local => {
                     // The call's own task takes over the slot the placement held, before
                     // the placement lets it go: counted once, for as long as it runs.
-                    let task = self.layer.begin_task();
+                    let task = self.routing.begin_task();
                     drop(placement);
                     return Ok(Upstream::Here(self.serve_here(Some(task)).await));
                 }
@@ -368,10 +376,10 @@ where
     /// The inner service's answer, here. `task` counts the call (new work) until its
     /// response ends, unless the service takes it ([`CallTask`]).
     async fn serve_here(&self, task: Option<TaskGuard>) -> http::Response<Body> {
-        Counters::add(&self.layer.counters.local);
+        Counters::add(&self.routing.counters.local);
         let mut request =
             http::Request::from_parts(self.head.clone(), Body::new(Full::new(self.body.clone())));
-        let task = task.map(|task| self.layer.hand_over(task, request.extensions_mut()));
+        let task = task.map(|task| self.routing.hand_over(task, request.extensions_mut()));
         let inner = self
             .inner
             .lock()
@@ -395,7 +403,7 @@ where
     /// `placed`: the router placed the call on `target` and counts it against the peer until
     /// the peer's state does (new work); an operation's follow-up is not counted.
     async fn send(&self, target: &PeerTarget, placed: bool) -> Result<http::Response<Body>, Sent> {
-        let router = &self.layer.router;
+        let router = &self.routing.router;
         let answered = |counted_from| {
             if placed {
                 router.forward_answered(target, counted_from);
@@ -408,11 +416,11 @@ where
         };
         tracing::Span::current().record("peer", tracing::field::display(target.node_id()));
         let outcome = OutcomeRecorder::new(
-            Arc::clone(&self.layer.counters),
+            Arc::clone(&self.routing.counters),
             target.node_id().clone(),
             Direction::Outbound,
         );
-        let channel: Channel = match router.inner.channels.get(target) {
+        let channel: Channel = match router.channels().get(target) {
             Ok(channel) => channel,
             Err(error) => {
                 tracing::warn!(%error, "skipping a peer with an unusable endpoint");
@@ -463,18 +471,10 @@ where
         if let Some(path) = head.uri.path_and_query() {
             head.uri = http::Uri::from(path.clone());
         }
-        for hop in [
-            http::header::HOST,
-            http::header::CONNECTION,
-            http::header::CONTENT_LENGTH,
-        ] {
+        for hop in NOT_RELAYED {
             head.headers.remove(hop);
         }
-        self.layer
-            .router
-            .inner
-            .forwarded_by
-            .stamp(&mut head.headers);
+        self.routing.router.forwarded_by().stamp(&mut head.headers);
         if let Some(deadline) = self.deadline {
             let left = deadline.saturating_duration_since(Instant::now());
             head.headers
@@ -527,11 +527,11 @@ where
             // Whatever comes next, a torn message must not reach the client.
             framer.discard_partial();
             let (Some(dead), Some((route, excluded))) = (target.take(), retry.as_mut()) else {
-                Counters::add(&self.layer.counters.relays_broken);
+                Counters::add(&self.routing.counters.relays_broken);
                 let _ = tx.send(trailers(&status)).await;
                 return;
             };
-            Counters::add(&self.layer.counters.rerouted);
+            Counters::add(&self.routing.counters.rerouted);
             tracing::info!(
                 peer = %dead.node_id(),
                 error = %status.message(),
@@ -575,13 +575,7 @@ where
         tx: &mpsc::Sender<http_body::Frame<Bytes>>,
     ) -> Pumped {
         let mut departed = match target {
-            Some(target) => match self
-                .layer
-                .router
-                .inner
-                .departures
-                .watch(target.node_id(), target.generation())
-            {
+            Some(target) => match self.routing.router.watch_departure(target) {
                 Some(watch) => Some(watch),
                 None => return Pumped::Broke(peer_lost(target.node_id())),
             },
@@ -680,8 +674,8 @@ async fn read_body(body: Body, limit: usize, path: &str) -> Result<Bytes, Status
     }
 }
 
-fn refuse(layer: &RouteLayer, status: Status) -> http::Response<Body> {
-    Counters::add(&layer.counters.refused);
+fn refuse(routing: &Routing, status: Status) -> http::Response<Body> {
+    Counters::add(&routing.counters.refused);
     status.into_http()
 }
 
@@ -699,4 +693,29 @@ fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::headers::{NOT_RELAYED, propagated};
+
+    #[test]
+    fn a_call_keeps_its_request_id_or_gets_one() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(REQUEST_ID, "req-7".parse().unwrap());
+        assert_eq!(ensure_request_id(&mut headers).as_deref(), Some("req-7"));
+        assert_eq!(headers.get(REQUEST_ID).unwrap(), "req-7");
+        let mut fresh = http::HeaderMap::new();
+        let id = ensure_request_id(&mut fresh).unwrap();
+        assert_eq!(fresh.get(REQUEST_ID).unwrap(), id.as_str());
+        assert_eq!(uuid::Uuid::parse_str(&id).unwrap().get_version_num(), 7);
+        // A forwarded call carries it: it is not hop-by-hop.
+        assert!(!NOT_RELAYED.iter().any(|name| name == REQUEST_ID));
+        let metadata = MetadataMap::from_headers(fresh);
+        assert_eq!(
+            propagated(&metadata).get(REQUEST_ID),
+            metadata.get(REQUEST_ID)
+        );
+    }
 }

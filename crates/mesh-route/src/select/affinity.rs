@@ -1,3 +1,7 @@
+//! [`Affinity`]: the same key to the same node — rendezvous hashing (Thaler & Ravishankar,
+//! 1998) — unless that node is over a bounded share of the load (Mirrokni, Thorup &
+//! Zadimoghaddam, 2018). The type's documentation gives the algorithm.
+
 use super::shared::traced_backpressure;
 use super::{Candidate, LeastLoaded, RouteRequest, Strategy, stable_hash};
 

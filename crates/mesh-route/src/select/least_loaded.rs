@@ -1,3 +1,6 @@
+//! [`LeastLoaded`]: the seed server's rule — the lowest load ratio below 1, the local node
+//! winning ties and keeping the call when nobody has capacity (backpressure).
+
 use super::{Candidate, RouteRequest, Strategy, backpressure, shared::os_seed, stable_hash};
 
 /// The lowest load ratio among nodes below their limit; the local node wins ties and is kept

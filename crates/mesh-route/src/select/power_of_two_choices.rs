@@ -1,3 +1,6 @@
+//! [`PowerOfTwoChoices`]: the less loaded of two random candidates with capacity
+//! (Mitzenmacher, 2001; the rule of tower's `balance::p2c`).
+
 use std::cmp::Ordering;
 
 use rand::RngExt;

@@ -1,3 +1,5 @@
+//! [`Random`]: a uniform choice among the candidates with capacity, the baseline.
+
 use rand::RngExt;
 
 use super::shared::{SharedRng, indices_with_capacity, traced_backpressure};

@@ -1,3 +1,5 @@
+//! [`RoundRobin`]: the next candidate with capacity on a ring of node ids salted per router.
+
 use std::sync::{Mutex, PoisonError};
 
 use mesh_core::NodeId;

@@ -1,3 +1,5 @@
+//! [`WeightedCapacity`]: a random candidate, weighted by its free slots.
+
 use rand::RngExt;
 
 use super::shared::{SharedRng, traced_backpressure};

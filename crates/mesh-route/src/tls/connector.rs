@@ -252,7 +252,7 @@ mod tests {
     use tokio_rustls::TlsAcceptor;
 
     use super::*;
-    use crate::{CaBundle, TlsIdentity, tls::testing::TestCa};
+    use crate::tls::{CaBundle, TlsIdentity, testing::TestCa};
 
     /// A TLS server on 127.0.0.1 with a certificate from `ca`, requiring client certificates
     /// from `client_ca` if given, offering `alpn`, writing `greeting` once the session is up.
