@@ -12,18 +12,18 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use mesh_core::NodeId;
 
-use super::stats::{Counters, Direction, ForwardOutcome};
+use super::stats::{Direction, ForwardOutcome, LayerCounters};
 
 #[derive(Debug)]
 pub(crate) struct OutcomeRecorder {
-    counters: Arc<Counters>,
+    counters: Arc<LayerCounters>,
     peer: NodeId,
     direction: Direction,
     done: bool,
 }
 
 impl OutcomeRecorder {
-    pub(crate) fn new(counters: Arc<Counters>, peer: NodeId, direction: Direction) -> Self {
+    pub(crate) fn new(counters: Arc<LayerCounters>, peer: NodeId, direction: Direction) -> Self {
         Self {
             counters,
             peer,
@@ -123,7 +123,7 @@ mod tests {
     use super::*;
     use crate::layer::stats::ForwardCounts;
 
-    fn recorder(counters: &Arc<Counters>) -> OutcomeRecorder {
+    fn recorder(counters: &Arc<LayerCounters>) -> OutcomeRecorder {
         OutcomeRecorder::new(
             Arc::clone(counters),
             NodeId::new("b").unwrap(),
@@ -131,7 +131,7 @@ mod tests {
         )
     }
 
-    fn outbound(counters: &Counters) -> ForwardCounts {
+    fn outbound(counters: &LayerCounters) -> ForwardCounts {
         counters.peers.snapshot()[&NodeId::new("b").unwrap()].outbound
     }
 
@@ -150,7 +150,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_call_is_counted_once_by_how_it_ended() {
-        let counters = Arc::new(Counters::default());
+        let counters = Arc::new(LayerCounters::default());
         // Trailers-only: at once.
         let response = http::Response::builder()
             .header("grpc-status", "5")

@@ -12,7 +12,7 @@ use mesh_core::TaskGuard;
 use super::{
     cutoff::Cutoff,
     rule::Rule,
-    stats::Counters,
+    stats::LayerCounters,
     task::{CallTask, Running},
 };
 use crate::router::Router;
@@ -28,7 +28,7 @@ pub(crate) struct Routing {
     pub(crate) router: Router,
     pub(crate) rules: Arc<HashMap<String, Rule>>,
     pub(crate) max_request_bytes: usize,
-    pub(crate) counters: Arc<Counters>,
+    pub(crate) counters: Arc<LayerCounters>,
     pub(crate) check: Option<CheckFn>,
     pub(crate) cutoff: Arc<Cutoff>,
 }

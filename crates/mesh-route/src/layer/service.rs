@@ -22,7 +22,7 @@ use super::{
     outcome::OutcomeRecorder,
     routing::Routing,
     rule::{Decision, Rule, RuleKind},
-    stats::{Counters, Direction, ForwardOutcome},
+    stats::{Direction, ForwardOutcome, LayerCounters},
     task::{CallTask, CountedBody},
 };
 use crate::{
@@ -76,8 +76,8 @@ where
         let rule = self.routing.rules.get(request.uri().path()).cloned();
         let forwarded = request.headers().contains_key(FORWARDED_BY);
         if forwarded && rule.is_some() {
-            Counters::add(&self.routing.counters.local);
-            Counters::add(&self.routing.counters.forwarded_in);
+            LayerCounters::add(&self.routing.counters.local);
+            LayerCounters::add(&self.routing.counters.forwarded_in);
         }
         match rule {
             // One hop only: a call a peer forwarded runs here, whatever this node thinks.
@@ -287,7 +287,7 @@ where
         // Following an operation adds no work: the owner's load does not count it.
         match self.send(&target, false).await {
             Ok(response) => {
-                Counters::add(&self.routing.counters.to_owner);
+                LayerCounters::add(&self.routing.counters.to_owner);
                 self.relay(Some(target), response, None)
             }
             Err(Sent::Unusable(error)) => refuse(&self.routing, error.into()),
@@ -353,15 +353,15 @@ where
             };
             match self.send(&target, true).await {
                 Ok(response) => {
-                    Counters::add(&counters.forwarded_out);
+                    LayerCounters::add(&counters.forwarded_out);
                     return Ok(Upstream::Peer(target, response));
                 }
                 Err(Sent::Unusable(_) | Sent::Unreachable(_)) => {
-                    Counters::add(&counters.unreachable);
+                    LayerCounters::add(&counters.unreachable);
                 }
                 Err(Sent::Broke(status)) if !self.rule.idempotent => return Err(status),
                 Err(Sent::Broke(status)) => {
-                    Counters::add(&counters.rerouted);
+                    LayerCounters::add(&counters.rerouted);
                     tracing::info!(
                         peer = %target.node_id(),
                         error = %status.message(),
@@ -376,7 +376,7 @@ where
     /// The inner service's answer, here. `task` counts the call (new work) until its
     /// response ends, unless the service takes it ([`CallTask`]).
     async fn serve_here(&self, task: Option<TaskGuard>) -> http::Response<Body> {
-        Counters::add(&self.routing.counters.local);
+        LayerCounters::add(&self.routing.counters.local);
         let mut request =
             http::Request::from_parts(self.head.clone(), Body::new(Full::new(self.body.clone())));
         let task = task.map(|task| self.routing.hand_over(task, request.extensions_mut()));
@@ -527,11 +527,11 @@ where
             // Whatever comes next, a torn message must not reach the client.
             framer.discard_partial();
             let (Some(dead), Some((route, excluded))) = (target.take(), retry.as_mut()) else {
-                Counters::add(&self.routing.counters.relays_broken);
+                LayerCounters::add(&self.routing.counters.relays_broken);
                 let _ = tx.send(trailers(&status)).await;
                 return;
             };
-            Counters::add(&self.routing.counters.rerouted);
+            LayerCounters::add(&self.routing.counters.rerouted);
             tracing::info!(
                 peer = %dead.node_id(),
                 error = %status.message(),
@@ -675,7 +675,7 @@ async fn read_body(body: Body, limit: usize, path: &str) -> Result<Bytes, Status
 }
 
 fn refuse(routing: &Routing, status: Status) -> http::Response<Body> {
-    Counters::add(&routing.counters.refused);
+    LayerCounters::add(&routing.counters.refused);
     status.into_http()
 }
 

@@ -1,4 +1,4 @@
-//! What a route layer counts: its totals ([`LayerStats`], read from the live `Counters`) and
+//! What a route layer counts: its totals ([`LayerStats`], read from the live `LayerCounters`) and
 //! how forwarded calls ended, per peer and direction ([`PeerForwards`]). The data only: the
 //! layer, the call task and the outcome recorder write to it, and it depends on none of them.
 //!
@@ -195,13 +195,14 @@ pub struct LayerStats {
     /// Calls answered with an error by the layer itself (bad request, no node, deadline).
     pub refused: u64,
     /// Calls of spread rules running here now, each counted as one pending task of the node
-    /// until its response ends (see [`CallTask`](super::CallTask)): with no other work counted, the node's
-    /// [`LoadTracker::pending`](mesh_core::LoadTracker::pending) equals this.
+    /// until its response ends (see [`CallTask`](super::CallTask)): with no other work
+    /// counted, the node's [`LoadTracker::pending`](mesh_core::LoadTracker::pending) equals
+    /// this.
     pub running: u64,
 }
 
 #[derive(Debug, Default)]
-pub(crate) struct Counters {
+pub(crate) struct LayerCounters {
     pub(crate) local: AtomicU64,
     pub(crate) forwarded_in: AtomicU64,
     pub(crate) forwarded_out: AtomicU64,
@@ -216,7 +217,7 @@ pub(crate) struct Counters {
     pub(crate) peers: PeerCounters,
 }
 
-impl Counters {
+impl LayerCounters {
     pub(crate) fn add(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
     }

@@ -11,7 +11,7 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use mesh_core::TaskGuard;
 use tonic::{Status, body::Body};
 
-use super::stats::Counters;
+use super::stats::LayerCounters;
 
 /// The task guard of a call the route layer runs on this node, in the request's extensions.
 ///
@@ -69,10 +69,10 @@ impl CallTask {
 /// One call in the layer's `running` gauge, until every handle of its [`CallTask`] is gone
 /// (the response ended and the service let go of the request).
 #[derive(Debug)]
-pub(crate) struct Running(Arc<Counters>);
+pub(crate) struct Running(Arc<LayerCounters>);
 
 impl Running {
-    pub(crate) fn start(counters: &Arc<Counters>) -> Self {
+    pub(crate) fn start(counters: &Arc<LayerCounters>) -> Self {
         counters.running.fetch_add(1, Ordering::Relaxed);
         Self(Arc::clone(counters))
     }

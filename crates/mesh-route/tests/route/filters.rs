@@ -7,7 +7,7 @@
 //! On simulated time (turmoil), so state ages and suspicion are exact, not a loaded
 //! machine's scheduling.
 
-#[path = "../../mesh-core/tests/core/support/one_host.rs"]
+#[path = "../../../mesh-core/tests/core/support/one_host.rs"]
 mod one_host;
 
 use std::time::Duration;
