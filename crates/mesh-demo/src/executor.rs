@@ -1,7 +1,7 @@
 //! Simulated work on a bounded pool of worker slots.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     sync::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicU64, Ordering},
@@ -35,20 +35,32 @@ struct ExecutorInner {
     node_id: NodeId,
     load: LoadTracker,
     slots: Semaphore,
-    operations: Mutex<HashMap<OperationId, Tracked>>,
+    operations: Mutex<Operations>,
     executed: AtomicU64,
 }
 
-#[derive(Debug)]
-struct Tracked {
-    updates: watch::Receiver<Operation>,
-    completed_at: Option<Instant>,
+/// The operations this node can still be asked about: every one not yet completed, and the
+/// completed ones for [`COMPLETED_RETENTION`].
+#[derive(Debug, Default)]
+struct Operations {
+    by_id: HashMap<OperationId, watch::Receiver<Operation>>,
+    /// Completed operations in the order they completed, which is the order they expire in:
+    /// pruning pops from the front and stops at the first one still retained, so it costs
+    /// only what it removes (a scan of the whole table on every call made the node slower
+    /// with every operation it had run).
+    completed: VecDeque<(Instant, OperationId)>,
 }
 
-impl Tracked {
-    fn expired(&self, now: Instant) -> bool {
-        self.completed_at
-            .is_some_and(|at| now.duration_since(at) >= COMPLETED_RETENTION)
+impl Operations {
+    fn prune(&mut self, now: Instant) {
+        while let Some((at, _)) = self.completed.front() {
+            if now.duration_since(*at) < COMPLETED_RETENTION {
+                break;
+            }
+            if let Some((_, id)) = self.completed.pop_front() {
+                self.by_id.remove(&id);
+            }
+        }
     }
 }
 
@@ -61,7 +73,7 @@ impl DemoExecutor {
                 node_id,
                 load,
                 slots: Semaphore::new(slots.min(Semaphore::MAX_PERMITS)),
-                operations: Mutex::new(HashMap::new()),
+                operations: Mutex::new(Operations::default()),
                 executed: AtomicU64::new(0),
             }),
         }
@@ -69,14 +81,13 @@ impl DemoExecutor {
 
     /// The operations still followable; completed ones past [`COMPLETED_RETENTION`] are
     /// forgotten on every access, so retention holds on an idle node too.
-    fn operations(&self) -> MutexGuard<'_, HashMap<OperationId, Tracked>> {
+    fn operations(&self) -> MutexGuard<'_, Operations> {
         let mut operations = self
             .inner
             .operations
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let now = Instant::now();
-        operations.retain(|_, tracked| !tracked.expired(now));
+        operations.prune(Instant::now());
         operations
     }
 
@@ -103,13 +114,7 @@ impl DemoExecutor {
             done: false,
             response: None,
         });
-        self.operations().insert(
-            id.clone(),
-            Tracked {
-                updates: receiver.clone(),
-                completed_at: None,
-            },
-        );
+        self.operations().by_id.insert(id.clone(), receiver.clone());
         let executor = self.clone();
         tokio::spawn(async move {
             let queued_at = Instant::now();
@@ -118,7 +123,10 @@ impl DemoExecutor {
             };
             updates.send_modify(|op| op.stage = Stage::Executing as i32);
             let started_at = Instant::now();
-            tokio::time::sleep(Duration::from_millis(action.duration_ms)).await;
+            if action.duration_ms > 0 {
+                // Not for 0: tokio's timer would round it up to its next 1 ms tick.
+                tokio::time::sleep(Duration::from_millis(action.duration_ms)).await;
+            }
             let response = ExecuteResponse {
                 executed_by: executor.inner.node_id.to_string(),
                 exit_code: action.exit_code,
@@ -128,9 +136,10 @@ impl DemoExecutor {
                 request_id,
             };
             executor.inner.executed.fetch_add(1, Ordering::Relaxed);
-            if let Some(tracked) = executor.operations().get_mut(&id) {
-                tracked.completed_at = Some(Instant::now());
-            }
+            executor
+                .operations()
+                .completed
+                .push_back((Instant::now(), id.clone()));
             updates.send_modify(|op| {
                 op.stage = Stage::Completed as i32;
                 op.done = true;
@@ -143,7 +152,7 @@ impl DemoExecutor {
 
     /// The updates of an operation this node owns, if it still knows it.
     pub fn watch(&self, id: &OperationId) -> Option<watch::Receiver<Operation>> {
-        self.operations().get(id).map(|t| t.updates.clone())
+        self.operations().by_id.get(id).cloned()
     }
 
     /// The node this executor runs on.
