@@ -174,6 +174,43 @@ fn millis(d: Duration) -> u64 {
 mod tests {
     use super::*;
 
+    async fn run_one(executor: &DemoExecutor, node: &NodeId) -> OperationId {
+        let id = OperationId::new(node.clone());
+        let mut updates = executor.submit(
+            id.clone(),
+            id.to_string(),
+            Action::default(),
+            None,
+            String::new(),
+            None,
+        );
+        while !updates.borrow_and_update().done {
+            updates.changed().await.unwrap();
+        }
+        id
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_operation_is_kept_for_the_retention_after_its_own_completion() {
+        let node = NodeId::new("n").unwrap();
+        let executor = DemoExecutor::new(node.clone(), LoadTracker::new(4));
+        let first = run_one(&executor, &node).await;
+        tokio::time::sleep(Duration::from_secs(100)).await;
+        let second = run_one(&executor, &node).await;
+        let third = run_one(&executor, &node).await;
+        tokio::time::sleep(COMPLETED_RETENTION - Duration::from_secs(50)).await;
+        assert!(
+            executor.watch(&first).is_none(),
+            "first: past its retention"
+        );
+        assert!(executor.watch(&second).is_some(), "second: 50 s left");
+        assert!(executor.watch(&third).is_some(), "third: 50 s left");
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(executor.watch(&second).is_none() && executor.watch(&third).is_none());
+        assert!(executor.operations().completed.is_empty());
+        assert!(executor.operations().by_id.is_empty());
+    }
+
     #[tokio::test(start_paused = true)]
     async fn completed_operations_are_forgotten_after_the_retention_even_when_idle() {
         let node = NodeId::new("n").unwrap();
