@@ -9,7 +9,9 @@
 //!    flight, every one routed by the layer: actions completed per second. Zero-length actions
 //!    end at once, so the entry node has a free slot for most of them and keeps them (what a
 //!    routing decision alone costs); 1 ms actions keep its 8 slots full, so most are forwarded
-//!    (what a forwarded call costs).
+//!    (what a forwarded call costs); and unary `Echo` calls holding a slot for 1 ms, which
+//!    the layer counts itself and whose trailers free the peer's slot for the router as soon
+//!    as they end.
 //!
 //! `cargo bench --bench layer` (run with `-- --samples N --actions M` to change the sizes).
 
@@ -46,8 +48,17 @@ fn builder(name: &str, slots: u32, seed: Option<SocketAddr>) -> mesh::NodeBuilde
 }
 
 async fn echo_replica(name: &str, slots: u32, seed: Option<SocketAddr>) -> Replica<()> {
+    echo_replica_when_full(name, slots, seed, WhenFull::RunLocally).await
+}
+
+async fn echo_replica_when_full(
+    name: &str,
+    slots: u32,
+    seed: Option<SocketAddr>,
+    when_full: WhenFull,
+) -> Replica<()> {
     Replica::start(
-        builder(name, slots, seed).when_full(WhenFull::RunLocally),
+        builder(name, slots, seed).when_full(when_full),
         "127.0.0.1:0".parse().unwrap(),
         None,
         |node| {
@@ -245,6 +256,46 @@ async fn throughput(actions: usize, duration_ms: u64, strategy: &str) {
     }
 }
 
+/// Unary `Echo` calls holding a slot for `hold_ms` each, sent to `node-0` of five nodes with 8
+/// slots each, 64 in flight: the layer counts each call itself (its task ends with the
+/// response), so each answer's trailers tell the entry node when the peer stopped counting it.
+async fn unary_throughput(calls: usize, hold_ms: u64) {
+    let mut replicas: Vec<Replica<()>> = Vec::new();
+    for i in 0..5 {
+        let seed = replicas.first().map(|r| r.node().gossip_addr());
+        replicas.push(echo_replica_when_full(&format!("node-{i}"), 8, seed, WhenFull::Wait).await);
+    }
+    let members: Vec<&Node> = replicas.iter().map(Replica::node).collect();
+    converge(&members).await;
+    let client = EchoClient::new(replicas[0].channel().await.unwrap());
+    let request = EchoRequest {
+        payload: vec![7; 64],
+        hold_ms,
+        ..EchoRequest::default()
+    };
+    let started = Instant::now();
+    let forwarded = futures::stream::iter(0..calls)
+        .map(|_| {
+            let mut client = client.clone();
+            let request = request.clone();
+            async move { client.echo(request).await.unwrap().into_inner().served_by != "node-0" }
+        })
+        .buffer_unordered(64)
+        .filter(|forwarded| std::future::ready(*forwarded))
+        .count()
+        .await;
+    let elapsed = started.elapsed();
+    println!(
+        "\nunary Echo holding {hold_ms} ms through node-0 of 5 (8 slots each), 64 in flight: \
+         {:.2?}, {:.0} calls/s, {forwarded} of {calls} forwarded",
+        elapsed,
+        calls as f64 / elapsed.as_secs_f64()
+    );
+    for replica in &replicas {
+        replica.node().shutdown().await;
+    }
+}
+
 fn arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();
     args.iter()
@@ -265,5 +316,6 @@ fn main() {
             throughput(arg("--actions", 20_000), duration_ms, "least-loaded").await;
             throughput(arg("--actions", 20_000), duration_ms, "round-robin").await;
         }
+        unary_throughput(arg("--actions", 20_000), 1).await;
     });
 }

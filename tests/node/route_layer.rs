@@ -13,7 +13,7 @@ use futures::StreamExt;
 use mesh::{
     Node, NodeId, OperationId, WhenFull,
     route::{
-        COUNTED_FROM, Decision, FORWARDED_BY, RouteRequest,
+        COUNTED_FROM, COUNTED_UNTIL, Decision, FORWARDED_BY, RouteRequest,
         layer::{RouteLayer, Rule},
     },
 };
@@ -292,9 +292,10 @@ async fn metadata_travels_and_the_forwarded_call_is_marked_once() {
     };
     assert!(left <= Duration::from_secs(20), "{seen}");
     assert!(left > Duration::ZERO, "{seen}");
-    // The worker named the state version that counts the call; the entry node read it and
-    // did not pass it on.
+    // The worker named the state versions that count the call, from its answer and until
+    // its trailers; the entry node read both and passed neither on.
     assert!(response.metadata().get(COUNTED_FROM).is_none());
+    assert!(response.metadata().get(COUNTED_UNTIL).is_none());
 
     // A call that says it was already forwarded runs where it lands, full or not.
     let mut request = Request::new(EchoRequest::default());
@@ -322,6 +323,20 @@ async fn metadata_travels_and_the_forwarded_call_is_marked_once() {
         version.parse::<u64>().unwrap() > before.version,
         "{counted_from} after {}",
         before.version
+    );
+    // And as the call ended, the first version that no longer counts it: not before the one
+    // that counts it.
+    let counted_until = response
+        .metadata()
+        .get(COUNTED_UNTIL)
+        .expect("the trailers name the version that no longer counts the call")
+        .to_str()
+        .unwrap();
+    let (until_generation, until) = counted_until.split_once(':').unwrap();
+    assert_eq!(until_generation.parse::<u64>().unwrap(), before.generation);
+    assert!(
+        until.parse::<u64>().unwrap() >= version.parse::<u64>().unwrap(),
+        "{counted_until} before {counted_from}"
     );
 }
 

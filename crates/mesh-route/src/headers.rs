@@ -32,6 +32,15 @@ pub const FORWARDED_BY: &str = "x-mesh-forwarded-by";
 /// the response. The route layer sets it on the calls it serves for a peer.
 pub const COUNTED_FROM: &str = "x-mesh-counted-from";
 
+/// The trailer by which a node that took a forwarded call says, as the call ends, from which
+/// version of its gossiped state the call is no longer counted, as `{generation}:{version}`.
+/// The forwarding router then knows that the peer's versions from [`COUNTED_FROM`] up to
+/// this one count a call that has ended, and subtracts it from them: a peer that runs short
+/// calls gets its next ones as soon as they end, not a publication interval later. gRPC's
+/// ORCA reports load in trailers the same way. The route layer sets it on the calls it serves
+/// for a peer, and the forwarding router removes it before relaying the trailers.
+pub const COUNTED_UNTIL: &str = "x-mesh-counted-until";
+
 /// The header naming a call across nodes: kept if the client sent one, otherwise generated
 /// (a UUIDv7) by the node the call arrived at, and forwarded with the call. Every node that
 /// handles the call logs it in the `call` span's `request_id` field, so one grep of the logs of
@@ -72,9 +81,25 @@ pub fn forwarded_by(metadata: &MetadataMap) -> Option<NodeId> {
 
 /// The `(generation, version)` a [`COUNTED_FROM`] header carries, if it is there and well formed.
 pub(crate) fn counted_from(headers: &http::HeaderMap) -> Option<(u64, u64)> {
-    let text = headers.get(COUNTED_FROM)?.to_str().ok()?;
+    state_version(headers, COUNTED_FROM)
+}
+
+/// The `(generation, version)` a [`COUNTED_UNTIL`] trailer carries, if it is there and well
+/// formed.
+pub(crate) fn counted_until(trailers: &http::HeaderMap) -> Option<(u64, u64)> {
+    state_version(trailers, COUNTED_UNTIL)
+}
+
+fn state_version(headers: &http::HeaderMap, name: &str) -> Option<(u64, u64)> {
+    let text = headers.get(name)?.to_str().ok()?;
     let (generation, version) = text.split_once(':')?;
     Some((generation.parse().ok()?, version.parse().ok()?))
+}
+
+/// `(generation, version)` as a [`COUNTED_FROM`] or [`COUNTED_UNTIL`] value.
+pub(crate) fn state_version_value((generation, version): (u64, u64)) -> http::HeaderValue {
+    http::HeaderValue::from_str(&format!("{generation}:{version}"))
+        .unwrap_or_else(|_| http::HeaderValue::from_static("0:0"))
 }
 
 /// The caller's metadata a call made anew to a peer carries (see [`NOT_PROPAGATED`]).

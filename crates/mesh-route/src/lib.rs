@@ -41,7 +41,8 @@ pub use channels::{ChannelConfig, PeerChannels};
 pub use dialer::{DialFuture, Dialer, PeerStream};
 pub use error::RouteError;
 pub use headers::{
-    COUNTED_FROM, FORWARDED_BY, ForwardedBy, PeerCredential, REQUEST_ID, forwarded_by,
+    COUNTED_FROM, COUNTED_UNTIL, FORWARDED_BY, ForwardedBy, PeerCredential, REQUEST_ID,
+    forwarded_by,
 };
 pub use layer::Decision;
 pub use operation::{OperationId, OperationIdError, OperationIdReason};

@@ -14,6 +14,10 @@ use mesh_core::NodeId;
 
 use super::stats::{Direction, ForwardOutcome, LayerCounters};
 
+/// What the forwarding side does with a forwarded call's trailers before they are relayed
+/// (read and remove the peer's [`COUNTED_UNTIL`](crate::COUNTED_UNTIL)).
+pub(crate) type TrailersHook = Box<dyn FnOnce(&mut HeaderMap) + Send>;
+
 #[derive(Debug)]
 pub(crate) struct OutcomeRecorder {
     counters: Arc<LayerCounters>,
@@ -50,6 +54,15 @@ impl OutcomeRecorder {
         self,
         response: http::Response<tonic::body::Body>,
     ) -> http::Response<tonic::body::Body> {
+        self.observe_with(response, None)
+    }
+
+    /// [`OutcomeRecorder::observe`], with `hook` run on the trailers before they pass on.
+    pub(crate) fn observe_with(
+        self,
+        response: http::Response<tonic::body::Body>,
+        hook: Option<TrailersHook>,
+    ) -> http::Response<tonic::body::Body> {
         if let Some(status) = response.headers().get("grpc-status") {
             let outcome = ForwardOutcome::of_status(status);
             self.finish(outcome);
@@ -59,6 +72,7 @@ impl OutcomeRecorder {
             tonic::body::Body::new(ObservedBody {
                 inner: body,
                 recorder: self,
+                hook,
             })
         })
     }
@@ -70,10 +84,12 @@ impl Drop for OutcomeRecorder {
     }
 }
 
-/// A response body that tells its [`OutcomeRecorder`] how it ended; frames pass unchanged.
+/// A response body that tells its [`OutcomeRecorder`] how it ended; frames pass unchanged,
+/// but for what its hook takes out of the trailers.
 struct ObservedBody {
     inner: tonic::body::Body,
     recorder: OutcomeRecorder,
+    hook: Option<TrailersHook>,
 }
 
 impl Body for ObservedBody {
@@ -85,10 +101,13 @@ impl Body for ObservedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
         let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
+        let mut polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &mut polled {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(trailers) = frame.trailers_ref() {
+                if let Some(trailers) = frame.trailers_mut() {
+                    if let Some(hook) = this.hook.take() {
+                        hook(trailers);
+                    }
                     this.recorder.record(outcome_of_trailers(trailers));
                 }
             }

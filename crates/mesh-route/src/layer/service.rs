@@ -10,7 +10,7 @@ use std::{
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
-use mesh_core::{LoadTracker, NodeId, TaskGuard};
+use mesh_core::{LoadTracker, Membership, NodeId, TaskGuard};
 use tokio::{sync::mpsc, time::Instant};
 use tonic::{Status, body::Body, metadata::MetadataMap, transport::Channel};
 use tower::{Service, ServiceExt};
@@ -19,7 +19,7 @@ use tracing::Instrument;
 use super::{
     body::{MessageFramer, RelayBody},
     grpc,
-    outcome::OutcomeRecorder,
+    outcome::{OutcomeRecorder, TrailersHook},
     routing::Routing,
     rule::{Decision, Rule, RuleKind},
     stats::{Direction, ForwardOutcome, LayerCounters},
@@ -27,7 +27,10 @@ use super::{
 };
 use crate::{
     error::RouteError,
-    headers::{COUNTED_FROM, FORWARDED_BY, NOT_RELAYED, REQUEST_ID, counted_from},
+    headers::{
+        COUNTED_FROM, COUNTED_UNTIL, FORWARDED_BY, NOT_RELAYED, REQUEST_ID, counted_from,
+        counted_until,
+    },
     operation::OperationId,
     peer::{PeerTarget, lost_connection, never_reached, peer_lost},
     router::Route,
@@ -131,7 +134,11 @@ where
                             Ok(response) => {
                                 // The call's task has begun: tell the caller which state
                                 // version counts it.
-                                let mut response = counted(response.map(Body::new), task);
+                                let mut response = counted(
+                                    response.map(Body::new),
+                                    task,
+                                    Some(membership.clone()),
+                                );
                                 let (generation, version) =
                                     membership.version_counting_current_load();
                                 if let Ok(value) =
@@ -390,7 +397,7 @@ where
             None => inner.oneshot(request).await,
         };
         match response {
-            Ok(response) => counted(response.map(Body::new), task),
+            Ok(response) => counted(response.map(Body::new), task, None),
             Err(error) => {
                 drop(task.and_then(|task| task.take()));
                 Status::from_error(error.into()).into_http()
@@ -406,7 +413,9 @@ where
         let router = &self.routing.router;
         let answered = |counted_from| {
             if placed {
-                router.forward_answered(target, counted_from);
+                router.forward_answered(target, counted_from)
+            } else {
+                None
             }
         };
         let never_arrived = || {
@@ -439,8 +448,19 @@ where
             Ok(mut response) => {
                 let stamp = counted_from(response.headers());
                 response.headers_mut().remove(COUNTED_FROM);
-                answered(stamp);
-                Ok(outcome.observe(response))
+                let answered = answered(stamp);
+                // As the call ends, the peer names the first version of its state that no
+                // longer counts it: the router takes it off the versions before that.
+                let router = router.clone();
+                let target = target.clone();
+                let hook: TrailersHook = Box::new(move |trailers: &mut http::HeaderMap| {
+                    let until = counted_until(trailers);
+                    trailers.remove(COUNTED_UNTIL);
+                    if let (Some(answered), Some(until)) = (answered, until) {
+                        router.forward_ended(&target, answered, until);
+                    }
+                });
+                Ok(outcome.observe_with(response, Some(hook)))
             }
             Err(error) if never_reached(&error) => {
                 never_arrived();
@@ -455,7 +475,7 @@ where
                 Err(Sent::Unreachable(error_chain(&error)))
             }
             Err(error) => {
-                answered(None);
+                let _ = answered(None);
                 outcome.finish(ForwardOutcome::Broken);
                 Err(Sent::Broke(lost_connection(
                     target.node_id(),
@@ -635,10 +655,16 @@ where
     }
 }
 
-/// `response`, ending `task` (if the call is counted) when it ends.
-fn counted(response: http::Response<Body>, task: Option<CallTask>) -> http::Response<Body> {
+/// `response`, ending `task` (if the call is counted) when it ends; with `stamp` (a call a
+/// peer forwarded here), its trailers say from which version of this node's state it is no
+/// longer counted.
+fn counted(
+    response: http::Response<Body>,
+    task: Option<CallTask>,
+    stamp: Option<Membership>,
+) -> http::Response<Body> {
     match task {
-        Some(task) => response.map(|body| Body::new(CountedBody::new(body, task))),
+        Some(task) => response.map(|body| Body::new(CountedBody::new(body, task, stamp))),
         None => response,
     }
 }

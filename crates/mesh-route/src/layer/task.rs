@@ -8,10 +8,11 @@ use std::{
 
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use mesh_core::TaskGuard;
+use mesh_core::{Membership, TaskGuard};
 use tonic::{Status, body::Body};
 
 use super::stats::LayerCounters;
+use crate::headers::{COUNTED_UNTIL, state_version_value};
 
 /// The task guard of a call the route layer runs on this node, in the request's extensions.
 ///
@@ -86,17 +87,25 @@ impl Drop for Running {
 
 /// A response body that ends its call's task when it ends: at its trailers, at its last
 /// frame, or when it is dropped (the client went away).
+///
+/// For a call a peer forwarded here (`stamp`), the trailers also say from which version of
+/// this node's state the call is no longer counted ([`COUNTED_UNTIL`]), read before the task
+/// ends: every version before it was published while the call was still counted, so the
+/// forwarding router never takes the call off a version that does not count it. A call whose
+/// task the service took (its work goes on) gets no stamp.
 #[derive(Debug)]
 pub(crate) struct CountedBody {
     inner: Body,
     task: Option<CallTask>,
+    stamp: Option<Membership>,
 }
 
 impl CountedBody {
-    pub(crate) fn new(inner: Body, task: CallTask) -> Self {
+    pub(crate) fn new(inner: Body, task: CallTask, stamp: Option<Membership>) -> Self {
         let mut body = Self {
             inner,
             task: Some(task),
+            stamp,
         };
         // A trailers-only response (an error, or an empty answer) has nothing left to run.
         if body.inner.is_end_stream() {
@@ -126,7 +135,15 @@ impl HttpBody for CountedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let mut polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &mut polled
+            && let Some(trailers) = frame.trailers_mut()
+            && let Some(membership) = &self.stamp
+            && self.task.as_ref().is_some_and(CallTask::is_held)
+        {
+            let until = membership.version_counting_current_load();
+            trailers.insert(COUNTED_UNTIL, state_version_value(until));
+        }
         match &polled {
             Poll::Ready(None | Some(Err(_))) => self.end(),
             Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => self.end(),

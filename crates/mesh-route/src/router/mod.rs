@@ -23,6 +23,8 @@ mod in_flight;
 mod placement;
 mod stats;
 
+pub(crate) use in_flight::Answered;
+
 use std::{sync::Arc, time::Duration};
 
 use mesh_core::{Membership, NodeId};
@@ -297,11 +299,31 @@ impl Router {
     /// without an answer. With `counted_from` (the peer's `(generation, version)` from
     /// [`COUNTED_FROM`](crate::COUNTED_FROM)) the call counts until that version of the peer's
     /// state; without it, until a version newer than the one we have now.
-    pub(crate) fn forward_answered(&self, target: &PeerTarget, counted_from: Option<(u64, u64)>) {
+    pub(crate) fn forward_answered(
+        &self,
+        target: &PeerTarget,
+        counted_from: Option<(u64, u64)>,
+    ) -> Option<Answered> {
         let inner = &*self.inner;
         inner
             .in_flight
-            .answered(&inner.membership.view(), target, counted_from);
+            .answered(&inner.membership.view(), target, counted_from)
+    }
+
+    /// A call forwarded to `target` that answered as `answered` has ended, and the peer's
+    /// state no longer counts it from `counted_until` on (its
+    /// [`COUNTED_UNTIL`](crate::COUNTED_UNTIL) trailer): the versions before that stop
+    /// counting it here too.
+    pub(crate) fn forward_ended(
+        &self,
+        target: &PeerTarget,
+        answered: Answered,
+        counted_until: (u64, u64),
+    ) {
+        let inner = &*self.inner;
+        inner
+            .in_flight
+            .ended(&inner.membership.view(), target, answered, counted_until);
     }
 
     /// Takes back the count of a call placed on `target` that never reached the peer.

@@ -139,7 +139,7 @@ impl Placer {
             candidates.push(Candidate {
                 node_id: peer.node_id(),
                 local: false,
-                pending: state.pending.saturating_add(in_flight.extra(state)),
+                pending: in_flight.pending(state),
                 max_concurrency: state.max_concurrency,
                 state,
             });
