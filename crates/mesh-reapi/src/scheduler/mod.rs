@@ -69,12 +69,12 @@ use crate::{
     stats::{Outcome, ReapiCounters},
 };
 
-/// How often an operation claims an action (and follows another replica's operation) before
-/// it runs the action itself.
 mod follow;
 
 use follow::{Followed, follow_elsewhere};
 
+/// How often an operation claims an action (and follows another replica's operation) before
+/// it runs the action itself.
 const FOLLOW_ATTEMPTS: usize = 3;
 /// How often a broken connection to a followed operation's replica, still a member, is
 /// followed again before the operation counts as gone.
