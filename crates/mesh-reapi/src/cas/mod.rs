@@ -88,6 +88,9 @@ use crate::{
     lru_dir::{InsertError, LruDir, Pins, StoreUsage},
 };
 
+/// The largest blob [`Cas::store_reader`] reads into memory before storing it.
+const SMALL_BLOB: usize = 64 * 1024;
+
 /// The piece size of copies and checked reads.
 pub(super) const COPY_BUFFER: usize = 256 * 1024;
 
@@ -408,12 +411,26 @@ impl Cas {
         context: &str,
         function: DigestFunction,
     ) -> Result<Digest, CasError> {
+        // A small blob (most outputs, and an action's stdout and stderr) is read into memory
+        // first, so one that is empty or already here costs no temporary file: creating and
+        // deleting files is most of what an action's bookkeeping costs the file system.
+        let mut head = Vec::new();
+        input
+            .take(SMALL_BLOB as u64 + 1)
+            .read_to_end(&mut head)
+            .map_err(CasError::io(context.to_owned()))?;
+        if head.len() <= SMALL_BLOB {
+            return self.store_bytes_blocking(&head, function);
+        }
         let context = || context.to_owned();
         let (mut output, path) = self
             .dir
             .temp_file()
             .map_err(CasError::io("creating a temporary file"))?;
-        let digest = copy_hashing(input, &mut output, COPY_BUFFER, &context, function)?;
+        let mut hasher = Hasher::for_function(function);
+        hasher.update(&head);
+        output.write_all(&head).map_err(CasError::io(context()))?;
+        let digest = copy_hashing(input, &mut output, COPY_BUFFER, &context, hasher)?;
         drop(output);
         self.commit_temp(digest, path)?;
         Ok(digest)
@@ -471,8 +488,13 @@ impl Cas {
         if let Some((input, metadata)) = source {
             let mut input = input.take(digest.size().saturating_add(1));
             let buffer = COPY_BUFFER.min(usize::try_from(digest.size()).unwrap_or(COPY_BUFFER));
-            let actual =
-                copy_hashing(&mut input, &mut output, buffer, &context, digest.function())?;
+            let actual = copy_hashing(
+                &mut input,
+                &mut output,
+                buffer,
+                &context,
+                Hasher::for_function(digest.function()),
+            )?;
             if actual != *digest {
                 drop(output);
                 fs::remove_file(dest).map_err(CasError::io(format!(
@@ -516,16 +538,16 @@ impl Cas {
     }
 }
 
-/// Copies `input` to `output` in pieces of `buffer` bytes, hashing what passes, and returns
-/// the digest of the bytes copied (`context` names the copy in errors). Blocking.
+/// Copies `input` to `output` in pieces of `buffer` bytes, hashing what passes with `hasher`
+/// (which may have hashed a first part already), and returns the digest (`context` names the
+/// copy in errors). Blocking.
 fn copy_hashing(
     input: &mut impl io::Read,
     output: &mut impl io::Write,
     buffer: usize,
     context: &dyn Fn() -> String,
-    function: DigestFunction,
+    mut hasher: Hasher,
 ) -> Result<Digest, CasError> {
-    let mut hasher = Hasher::for_function(function);
     let mut buffer = vec![0u8; buffer.max(1)];
     loop {
         let n = match input.read(&mut buffer) {
@@ -569,6 +591,34 @@ mod tests {
 
     fn tmp_files(dir: &Path) -> usize {
         fs::read_dir(dir.join("tmp")).unwrap().count()
+    }
+
+    #[tokio::test]
+    async fn stored_readers_of_every_size_around_the_in_memory_limit_keep_their_bytes() {
+        let (dir, cas) = cas(1 << 24);
+        for size in [
+            0,
+            1,
+            SMALL_BLOB - 1,
+            SMALL_BLOB,
+            SMALL_BLOB + 1,
+            3 * SMALL_BLOB + 7,
+        ] {
+            let data: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
+            for function in [DigestFunction::Sha256, DigestFunction::Blake3] {
+                let digest = cas
+                    .store_reader(&mut &data[..], "a test output", function)
+                    .unwrap();
+                assert_eq!(digest, Digest::of_with(function, &data), "{size} bytes");
+                assert_eq!(cas.read(&digest).await.unwrap().unwrap(), data, "{size}");
+                // Stored again: the same digest, nothing left behind.
+                let again = cas
+                    .store_reader(&mut &data[..], "a test output", function)
+                    .unwrap();
+                assert_eq!(again, digest);
+                assert_eq!(tmp_files(dir.path()), 0, "{size} bytes");
+            }
+        }
     }
 
     #[tokio::test]
