@@ -5,8 +5,8 @@
 //! | series | kind | labels |
 //! |---|---|---|
 //! | `reapi_executions_total` | counter | `outcome`: `exit_zero`, `exit_nonzero`, `timed_out`, `failed` (no result), `cache_hit`, `merged` |
-//! | `reapi_queue_seconds` | histogram | time from `Execute` to the action's start |
-//! | `reapi_execution_seconds` | histogram | time the action ran (inputs, command, outputs) |
+//! | `reapi_queue_seconds` | histogram | time from `Execute` until the action gets a slot (its inputs are fetched from peers meanwhile) |
+//! | `reapi_execution_seconds` | histogram | time the action held its slot (inputs copied in, command, outputs collected) |
 //! | `reapi_action_cache_hits_total`, `reapi_action_cache_misses_total` | counter | `api`: `GetActionResult`, `Execute` |
 //! | `reapi_action_cache_peer_hits_total` | counter | entries found on a peer and copied here |
 //! | `reapi_store_bytes`, `reapi_store_entries` | gauge | `store`: `cas`, `action_cache` |

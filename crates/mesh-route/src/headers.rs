@@ -96,7 +96,9 @@ fn state_version(headers: &http::HeaderMap, name: &str) -> Option<(u64, u64)> {
     Some((generation.parse().ok()?, version.parse().ok()?))
 }
 
-/// `(generation, version)` as a [`COUNTED_FROM`] or [`COUNTED_UNTIL`] value.
+/// `(generation, version)` as a [`COUNTED_FROM`] or [`COUNTED_UNTIL`] value, in the form
+/// [`counted_from`] and [`counted_until`] read. Digits and a colon are always a valid header
+/// value; the fallback only keeps this free of `unwrap`.
 pub(crate) fn state_version_value((generation, version): (u64, u64)) -> http::HeaderValue {
     http::HeaderValue::from_str(&format!("{generation}:{version}"))
         .unwrap_or_else(|_| http::HeaderValue::from_static("0:0"))

@@ -29,7 +29,7 @@ use crate::{
     error::RouteError,
     headers::{
         COUNTED_FROM, COUNTED_UNTIL, FORWARDED_BY, NOT_RELAYED, REQUEST_ID, counted_from,
-        counted_until,
+        counted_until, state_version_value,
     },
     operation::OperationId,
     peer::{PeerTarget, lost_connection, never_reached, peer_lost},
@@ -139,13 +139,10 @@ where
                                     task,
                                     Some(membership.clone()),
                                 );
-                                let (generation, version) =
-                                    membership.version_counting_current_load();
-                                if let Ok(value) =
-                                    http::HeaderValue::try_from(format!("{generation}:{version}"))
-                                {
-                                    response.headers_mut().insert(COUNTED_FROM, value);
-                                }
+                                response.headers_mut().insert(
+                                    COUNTED_FROM,
+                                    state_version_value(membership.version_counting_current_load()),
+                                );
                                 response
                             }
                             Err(error) => {
