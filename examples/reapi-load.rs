@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | `write` | one large blob streamed with `ByteStream.Write` to `--target` | SHA-256 of the bytes plus a file write, in this process |
 //! | `read` | the same blob read back from `--target` (it holds it) | the same |
-//! | `peer-read` | the same blob read through `--peer` (fetched from a peer) | the same |
+//! | `peer-read` | the same blob read through `--peer`: a fetch from a peer when `--peer` lacks it | the same |
 //! | `batch` | `--small-blobs` small blobs uploaded with `BatchUpdateBlobs` | — |
 //! | `find-missing` | `FindMissingBlobs` of those plus as many absent ones, 10,000 digests a call | — |
 //! | `execute` | `--actions` no-op actions (`true`, each with a unique digest, so no cache hit), `--concurrency` in flight | spawning `true` in a loop, in this process |
@@ -14,10 +14,15 @@
 //! run with a message naming it and a non-zero exit. Progress goes to stderr every second.
 //!
 //! ```text
-//! # a cluster to drive (three replicas in one process; it prints their endpoints)
-//! cargo run --release --example reapi-cluster -- --sandbox off
+//! # a cluster to drive (four replicas in one process; it prints their endpoints)
+//! cargo run --release --example reapi-cluster -- --sandbox off --nodes 4
 //! cargo run --release --example reapi-load -- --target http://127.0.0.1:P0 --peer http://127.0.0.1:P1
 //! ```
+//!
+//! A written blob is held by the replica it was written to and by its two owners (`R` = 2),
+//! so among three replicas every one holds it and `peer-read` reads a local copy. With four,
+//! one replica lacks each new blob: run the load once with each of the others as `--peer`,
+//! and the slowest `peer-read` is the real fetch.
 
 use std::{
     process::ExitCode,
@@ -58,7 +63,8 @@ struct Args {
     /// The replica to drive.
     #[arg(long)]
     target: String,
-    /// Another replica of the same cluster, to read the large blob through (a peer fetch).
+    /// Another replica of the same cluster, to read the large blob through (a fetch from a
+    /// peer when it lacks the blob: among three replicas every one holds it).
     #[arg(long)]
     peer: Option<String>,
     /// Size of the large blob, in MiB.
