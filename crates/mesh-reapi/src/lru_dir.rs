@@ -170,6 +170,11 @@ impl LruDir {
     ) -> io::Result<Self> {
         create_dir(root, DIR_MODE)?;
         create_dir(tmp, TMP_MODE)?;
+        // Every shard made now, so that storing an entry costs no `mkdir` (and no wait on
+        // the root directory's lock behind other writers' `mkdir`s).
+        for shard in 0..=u8::MAX {
+            create_dir(&root.join(format!("{shard:02x}")), DIR_MODE)?;
+        }
         let mut found: Vec<(SystemTime, Digest, u64)> = Vec::new();
         for shard in fs::read_dir(root)? {
             let shard = shard?;
@@ -305,10 +310,18 @@ impl LruDir {
             index.touch(&key);
             return Ok(());
         }
-        if let Some(parent) = path.parent() {
-            create_dir(parent, DIR_MODE)?;
+        // The shard directories are made at open; one removed since is made again.
+        let file = match file.persist(&path) {
+            Ok(()) => None,
+            Err(error) if error.error.kind() == io::ErrorKind::NotFound => Some(error.path),
+            Err(error) => return Err(InsertError::Io(error.error)),
+        };
+        if let Some(file) = file {
+            if let Some(parent) = path.parent() {
+                create_dir(parent, DIR_MODE)?;
+            }
+            file.persist(&path).map_err(|e| InsertError::Io(e.error))?;
         }
-        file.persist(&path).map_err(|e| InsertError::Io(e.error))?;
         index.insert(key, size);
         self.evict(&mut index);
         Ok(())
@@ -580,11 +593,14 @@ mod tests {
         assert_eq!(mode(&root), DIR_MODE);
         assert_eq!(mode(&root.join("2c")), DIR_MODE);
         assert_eq!(mode(&dir.path().join("tmp")), TMP_MODE);
-        // A new entry, in a new shard and in a shard someone opened up meanwhile.
+        // Every shard is made at open, with the store's mode.
+        for shard in ["00", "7f", "ff"] {
+            assert_eq!(mode(&root.join(shard)), DIR_MODE, "{shard}");
+        }
+        // A new entry, in a shard made at open and in one removed since (made again).
         let a = add(&store, b"a");
         let shard = store.path(&Digest::of(b"b")).parent().unwrap().to_owned();
-        fs::create_dir(&shard).unwrap();
-        fs::set_permissions(&shard, fs::Permissions::from_mode(0o777)).unwrap();
+        fs::remove_dir(&shard).unwrap();
         let b = add(&store, b"b");
         for key in [a, b] {
             let path = store.path(&key);

@@ -391,18 +391,6 @@ impl Cas {
         Ok(BlobWriter::new(self.clone(), expected, file, path))
     }
 
-    /// Copies the file at `source` into the CAS, hashing with `function` while copying, and
-    /// returns its digest. Blocking: call from a blocking thread.
-    pub(crate) fn store_file(
-        &self,
-        source: &Path,
-        function: DigestFunction,
-    ) -> Result<Digest, CasError> {
-        let context = format!("storing output {}", source.display());
-        let mut input = fs::File::open(source).map_err(CasError::io(context.clone()))?;
-        self.store_reader(&mut input, &context, function)
-    }
-
     /// Copies everything `input` yields into the CAS, hashing while copying, and returns its
     /// digest (`context` names it in errors). Blocking: call from a blocking thread.
     pub(crate) fn store_reader(
@@ -714,7 +702,13 @@ mod tests {
         let (dir, cas) = cas(1 << 20);
         let source = dir.path().join("output");
         fs::write(&source, b"produced").unwrap();
-        let digest = cas.store_file(&source, DigestFunction::Sha256).unwrap();
+        let digest = cas
+            .store_reader(
+                &mut fs::File::open(&source).unwrap(),
+                "output",
+                DigestFunction::Sha256,
+            )
+            .unwrap();
         assert_eq!(digest, Digest::of(b"produced"));
         // Rewriting the source afterwards does not change the blob.
         fs::write(&source, b"tampered").unwrap();

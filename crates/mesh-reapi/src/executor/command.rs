@@ -164,18 +164,18 @@ pub(crate) struct Run {
     pub(crate) timed_out: bool,
 }
 
-/// Runs the command beneath `root` (in the sandbox unless it is off), its output to the
-/// files `stdout` and `stderr`, for at most `timeout`.
+/// Runs the command beneath `place.root` (in the sandbox unless it is off), its stdout and
+/// stderr to `output`'s two files, for at most `timeout`.
 pub(crate) async fn run(
     sandbox: &Sandbox,
     command: &CommandSpec,
-    root: &Path,
-    stdout: &Path,
-    stderr: &Path,
+    place: &super::Place,
+    output: [&fs::File; 2],
     timeout: Duration,
     network: bool,
 ) -> Result<Run, ExecError> {
     let program = &command.arguments[0];
+    let root = place.root.as_path();
     // REAPI: a relative program path is relative to the input root; a bare name is looked
     // up in the command's PATH. Checked here, so a program that is not there is the action's
     // error (INVALID_ARGUMENT), with the sandbox as without.
@@ -205,17 +205,17 @@ pub(crate) async fn run(
             ))
         })?
     };
-    let stdout_file = fs::File::create(stdout).map_err(internal("creating the stdout file"))?;
-    let stderr_file = fs::File::create(stderr).map_err(internal("creating the stderr file"))?;
+    let [stdout_file, stderr_file] = output;
+    let stdout_file = stdout_file
+        .try_clone()
+        .map_err(internal("handing the stdout file to the command"))?;
+    let stderr_file = stderr_file
+        .try_clone()
+        .map_err(internal("handing the stderr file to the command"))?;
     let cwd = root.join(&command.working_directory);
-    let group_id = root
-        .parent()
-        .and_then(Path::file_name)
-        .map(|name| name.to_string_lossy().into_owned())
-        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
     // Kept until the action's processes are gone; dropping it removes the groups.
     let group = sandbox
-        .action_group(&group_id)
+        .action_group(&place.id)
         .map_err(internal("making the action's control groups"))?;
     let mut process = sandbox.command(&Launch {
         program: &program_path,

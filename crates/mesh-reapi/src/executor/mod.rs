@@ -7,8 +7,12 @@
 //!    are read from the CAS, level by level, fetching what is missing from peers
 //!    ([`ClusterCas::ensure_local`]); then every input file. Names are checked (no `/`, `.`,
 //!    `..`, empty, duplicates). The files are pinned against eviction and **copied** into a
-//!    fresh directory of the action's own (`{data_dir}/work/{uuid}/root`), so nothing the action
-//!    does can change the CAS.
+//!    fresh directory of the action's own, its input root (`{data_dir}/work/{uuid}`), so nothing
+//!    the action does can change the CAS. Its stdout and stderr go to unnamed temporary files
+//!    (`O_TMPFILE`) in `work/`, outside the tree the sandbox shows it. That is one directory
+//!    per action and no other name: on ext4 a `mkdir`, and every name added to or removed
+//!    from `work/` (its lock is shared by all running actions), cost more than the rest of a
+//!    no-op action's bookkeeping.
 //! 2. **Run** (`executor/command.rs`): parents of every output path and the working directory
 //!    are created (REAPI: the server creates them) beneath the action's directory, never through a
 //!    link out of it; then `arguments` run in `working_directory` with exactly the command's
@@ -29,7 +33,8 @@
 //! or trees `INVALID_ARGUMENT`, a timeout `DEADLINE_EXCEEDED` (with the partial result).
 
 use std::{
-    fs, io,
+    fs,
+    io::{self, Seek as _},
     os::unix::fs::{MetadataExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     time::SystemTime,
@@ -228,12 +233,18 @@ impl Executor {
         spec: &ActionSpec,
         fetched: Fetched,
     ) -> Result<Executed, ExecError> {
-        let scratch = self.work_dir.join(uuid::Uuid::now_v7().to_string());
-        let outcome = self.run_in(spec, fetched, &scratch).await;
-        let cleanup = scratch.clone();
-        let removed = tokio::task::spawn_blocking(move || remove_tree(&cleanup)).await;
-        if let Ok(Err(error)) = removed {
-            tracing::warn!(dir = %scratch.display(), %error, "could not remove an action's directory");
+        let id = uuid::Uuid::now_v7().to_string();
+        let place = Place {
+            root: self.work_dir.join(&id),
+            id,
+        };
+        let outcome = self.run_in(spec, fetched, &place).await;
+        let removed = tokio::task::spawn_blocking(move || {
+            remove_tree(&place.root).map_err(|error| (place.root, error))
+        })
+        .await;
+        if let Ok(Err((root, error))) = removed {
+            tracing::warn!(dir = %root.display(), %error, "could not remove an action's directory");
         }
         outcome
     }
@@ -242,7 +253,7 @@ impl Executor {
         &self,
         spec: &ActionSpec,
         fetched: Fetched,
-        scratch: &Path,
+        place: &Place,
     ) -> Result<Executed, ExecError> {
         let Fetched {
             command,
@@ -251,13 +262,20 @@ impl Executor {
             pins,
             mut timing,
         } = fetched;
-        let root = scratch.join("root");
+        let root = place.root.clone();
         let cas = self.cluster.local().clone();
         let materialise_root = root.clone();
         let prepared = command.clone();
-        tokio::task::spawn_blocking(move || {
+        let work_dir = self.work_dir.clone();
+        let (stdout, stderr) = tokio::task::spawn_blocking(move || {
             inputs::materialise(&cas, &materialise_root, &inputs)?;
-            prepared.prepare_directories(&materialise_root)
+            prepared.prepare_directories(&materialise_root)?;
+            // Unnamed (`O_TMPFILE` where the file system has it): gone when closed.
+            let output = || {
+                tempfile::tempfile_in(&work_dir)
+                    .map_err(internal("creating a file for the action's output"))
+            };
+            Ok::<_, ExecError>((output()?, output()?))
         })
         .await
         .map_err(internal("materialising inputs"))??;
@@ -265,18 +283,16 @@ impl Executor {
         timing.input_fetch_completed_timestamp = Some(now());
 
         timing.execution_start_timestamp = Some(now());
-        let stdout_path = scratch.join("stdout");
-        let stderr_path = scratch.join("stderr");
         let run = command::run(
             &self.sandbox,
             &command,
-            &root,
-            &stdout_path,
-            &stderr_path,
+            place,
+            [&stdout, &stderr],
             spec.timeout,
             network,
         )
         .await?;
+
         timing.execution_completed_timestamp = Some(now());
 
         timing.output_upload_start_timestamp = Some(now());
@@ -284,12 +300,14 @@ impl Executor {
         let function = spec.action_digest.function();
         let mut result = tokio::task::spawn_blocking(move || {
             let mut result = outputs::collect(&cas, function, &command, &root)?;
-            let stdout = cas
-                .store_file(&stdout_path, function)
-                .map_err(internal("storing the action's stdout"))?;
-            let stderr = cas
-                .store_file(&stderr_path, function)
-                .map_err(internal("storing the action's stderr"))?;
+            let store = |mut file: fs::File, what: &str| {
+                file.seek(io::SeekFrom::Start(0))
+                    .and_then(|_| Ok(cas.store_reader(&mut file, what, function)))
+                    .map_err(internal(format!("reading {what}")))?
+                    .map_err(internal(format!("storing {what}")))
+            };
+            let stdout = store(stdout, "the action's stdout")?;
+            let stderr = store(stderr, "the action's stderr")?;
             result.stdout_digest = Some(stdout.to_proto());
             result.stderr_digest = Some(stderr.to_proto());
             Ok::<_, ExecError>(result)
@@ -305,6 +323,13 @@ impl Executor {
             timed_out: run.timed_out,
         })
     }
+}
+
+/// Where one action runs: its input root, a directory of its own. `id` is unique among
+/// actions (it names the directory and the action's control groups).
+pub(crate) struct Place {
+    pub(crate) id: String,
+    pub(crate) root: PathBuf,
 }
 
 /// A handle on the action's directory: every path opened through it stays beneath it (a
