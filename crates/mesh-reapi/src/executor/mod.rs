@@ -302,7 +302,7 @@ impl Executor {
             let mut result = outputs::collect(&cas, function, &command, &root)?;
             let store = |mut file: fs::File, what: &str| {
                 file.seek(io::SeekFrom::Start(0))
-                    .and_then(|_| Ok(cas.store_reader(&mut file, what, function)))
+                    .map(|_| cas.store_reader(&mut file, what, function))
                     .map_err(internal(format!("reading {what}")))?
                     .map_err(internal(format!("storing {what}")))
             };
