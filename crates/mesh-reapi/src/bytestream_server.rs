@@ -11,8 +11,11 @@
 //!   blob as stored.
 //! * `Write` of `{instance/}uploads/{uuid}/blobs/{hash}/{size}` streams into a temporary file,
 //!   checking offsets as it goes; only when `finish_write` arrives and the SHA-256 and size
-//!   match is the blob renamed into the CAS, then copied to its owners
-//!   ([`ClusterCas::replicate`]) before the write is answered. A blob already present ends the
+//!   match is the blob renamed into the CAS; it is answered only once its owners hold it
+//!   too. A blob over 1 MiB is passed on to its owners as it arrives (`ClusterCas::tee`:
+//!   they hash and store it while this replica does, and get `finish_write` once this
+//!   replica has checked it); a smaller one, or one an owner failed to take, is copied after
+//!   it is stored ([`ClusterCas::replicate`]). A blob already present ends the
 //!   call at once with its full `committed_size` (REAPI allows this; Bazel stops sending). A
 //!   write from a peer (a copy being placed) is stored and not passed on.
 //! * `QueryWriteStatus`: complete for a blob that is present; otherwise nothing is committed
@@ -36,7 +39,8 @@ use futures::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
-    BlobReader, CasError, ClusterCas, Fetch, ResourceName,
+    BlobReader, BlobWriter, CasError, ClusterCas, Fetch, ResourceName,
+    cluster::{TEE_MIN, Tee},
     compression::{Deflater, Inflater},
     error::invalid,
     resource::Compressor,
@@ -181,6 +185,9 @@ impl ByteStream for ByteStreamService {
             });
         }
         let mut writer = self.cluster.local().writer(digest)?;
+        // A large upload from a client is passed on to its owners as it arrives.
+        let mut tee = (!fetch.is_local() && digest.size() > TEE_MIN)
+            .then(|| self.cluster.tee(digest, fetch.metadata()));
         // A compressed upload: offsets count the compressed bytes received (after a first
         // offset of 0), and what they inflate to is written, checked against the size as it
         // comes.
@@ -212,13 +219,13 @@ impl ByteStream for ByteStreamService {
             }
             received += message.data.len() as u64;
             match inflater.as_mut() {
-                None => writer.write(&message.data).await?,
+                None => write_piece(&mut writer, tee.as_mut(), &message.data).await?,
                 Some(inflater) => {
                     let mut input = &message.data[..];
                     while let Some(piece) = inflater.step(&mut input).map_err(|rule| {
                         invalid(format!("compressed upload of blob {digest}: {rule}"))
                     })? {
-                        writer.write(piece).await?;
+                        write_piece(&mut writer, tee.as_mut(), piece).await?;
                     }
                 }
             }
@@ -250,8 +257,15 @@ impl ByteStream for ByteStreamService {
         }
         writer.commit().await?;
         if !fetch.is_local() {
-            // Acknowledged only once its owners hold it (a peer's push is stored, not passed on).
-            self.cluster.replicate(&[digest], fetch.metadata()).await;
+            // Acknowledged only once its owners hold it (a peer's push is stored, not passed
+            // on): those it was passed on to, or, where that fell short, the usual placement.
+            let placed = match tee {
+                Some(tee) => tee.finish().await,
+                None => false,
+            };
+            if !placed {
+                self.cluster.replicate(&[digest], fetch.metadata()).await;
+            }
         }
         Ok(committed(received))
     }
@@ -277,6 +291,18 @@ impl ByteStream for ByteStreamService {
 /// on the way ends the stream with `NOT_FOUND` instead of its last piece (it has been dropped;
 /// reading it again fetches a good copy), so a stream that ends without an error carried the
 /// blob as stored.
+/// Writes one piece of an upload here and passes it on to the owners at the same time.
+async fn write_piece(
+    writer: &mut BlobWriter,
+    tee: Option<&mut Tee>,
+    piece: &[u8],
+) -> Result<(), CasError> {
+    match tee {
+        None => writer.write(piece).await,
+        Some(tee) => tokio::join!(writer.write(piece), tee.write(piece)).0,
+    }
+}
+
 fn read_chunks(
     first: Option<Vec<u8>>,
     reader: BlobReader,

@@ -531,6 +531,39 @@ impl Peers<'_> {
         Ok(u64::try_from(response.committed_size).ok() == Some(digest.size()))
     }
 
+    /// Opens a `ByteStream.Write` of `digest` to the peer before the blob is complete here:
+    /// the bytes of an upload are passed on as they arrive ([`crate::cluster::Tee`]). The call
+    /// runs in a task of its own; [`PeerWrite::send`] feeds it and [`PeerWrite::finish`]
+    /// ends it.
+    pub(crate) fn open_write(&self, node: &NodeId, digest: Digest) -> Result<PeerWrite, PeerError> {
+        let call = self.call(node)?;
+        let (sender, receiver) = tokio::sync::mpsc::channel::<WriteRequest>(2);
+        let mut client = ByteStreamClient::new(call.channel());
+        let request = call.request(tokio_stream_of(receiver));
+        let peer = node.clone();
+        let task = tokio::spawn(async move {
+            client
+                .write(request)
+                .await
+                .map(|response| response.into_inner().committed_size)
+                .map_err(|status| PeerError::Status {
+                    node: peer,
+                    code: status.code(),
+                    message: status.message().to_owned(),
+                })
+        });
+        Ok(PeerWrite {
+            node: node.clone(),
+            digest,
+            sender,
+            task,
+            sent: 0,
+            named: false,
+            held: false,
+            config: self.config,
+        })
+    }
+
     /// Stores `result` as the peer's own action-cache entry for `action`.
     pub(crate) async fn put_action_result(
         &self,
@@ -594,6 +627,105 @@ impl Peers<'_> {
 }
 
 /// The messages of `receiver` as a stream (a request stream for a client-streaming call).
+/// A `ByteStream.Write` to a peer fed piece by piece ([`Peers::open_write`]). Dropped
+/// before [`PeerWrite::finish`], its stream ends without `finish_write`, so the peer stores
+/// nothing.
+#[derive(Debug)]
+pub(crate) struct PeerWrite {
+    node: NodeId,
+    digest: Digest,
+    sender: tokio::sync::mpsc::Sender<WriteRequest>,
+    task: tokio::task::JoinHandle<Result<i64, PeerError>>,
+    sent: u64,
+    /// Whether the first message (the one that names the resource) went.
+    named: bool,
+    /// Whether the peer answered early that it holds the blob already (REAPI lets a write
+    /// end so): nothing more is sent.
+    held: bool,
+    config: PeerConfig,
+}
+
+impl PeerWrite {
+    /// The peer written to.
+    pub(crate) fn node(&self) -> &NodeId {
+        &self.node
+    }
+
+    /// Sends the next piece (never the last message: that is [`PeerWrite::finish`]'s). A
+    /// peer that takes no piece for the stream idle timeout, or whose call ended, is an
+    /// error; the write is then abandoned (drop it).
+    pub(crate) async fn send(&mut self, data: Vec<u8>) -> Result<(), PeerError> {
+        if self.held {
+            return Ok(());
+        }
+        let len = data.len() as u64;
+        let message = self.message(data, false);
+        self.deliver(message).await?;
+        self.sent += len;
+        Ok(())
+    }
+
+    /// Ends the write with `finish_write` and waits for the peer's answer: `Ok(true)` when it
+    /// stored the whole blob (it checks the digest itself).
+    pub(crate) async fn finish(mut self) -> Result<bool, PeerError> {
+        if self.held {
+            return Ok(true);
+        }
+        let message = self.message(Vec::new(), true);
+        self.deliver(message).await?;
+        if self.held {
+            return Ok(true);
+        }
+        let timeout = self.config.call_timeout;
+        let PeerWrite {
+            node, task, digest, ..
+        } = self;
+        match tokio::time::timeout(timeout, task).await {
+            Ok(Ok(Ok(committed))) => Ok(u64::try_from(committed).ok() == Some(digest.size())),
+            Ok(Ok(Err(error))) => Err(error),
+            Ok(Err(_)) | Err(_) => Err(PeerError::Timeout { node, timeout }),
+        }
+    }
+
+    fn message(&mut self, data: Vec<u8>, finish_write: bool) -> WriteRequest {
+        let first = !std::mem::replace(&mut self.named, true);
+        WriteRequest {
+            resource_name: if first {
+                format!("uploads/{}/blobs/{}", uuid::Uuid::new_v4(), self.digest)
+            } else {
+                String::new()
+            },
+            write_offset: i64::try_from(self.sent).unwrap_or(i64::MAX),
+            finish_write,
+            data,
+        }
+    }
+
+    async fn deliver(&mut self, message: WriteRequest) -> Result<(), PeerError> {
+        let timeout = self.config.stream_idle_timeout;
+        match tokio::time::timeout(timeout, self.sender.send(message)).await {
+            Ok(Ok(())) => Ok(()),
+            // The call ended: its task says why (the peer may hold the blob already).
+            Ok(Err(_)) => match (&mut self.task).await {
+                Ok(Ok(committed)) if u64::try_from(committed).ok() == Some(self.digest.size()) => {
+                    self.held = true;
+                    Ok(())
+                }
+                Ok(Err(error)) => Err(error),
+                _ => Err(PeerError::Status {
+                    node: self.node.clone(),
+                    code: Code::Aborted,
+                    message: format!("the write of blob {} ended early", self.digest),
+                }),
+            },
+            Err(_) => Err(PeerError::Timeout {
+                node: self.node.clone(),
+                timeout,
+            }),
+        }
+    }
+}
+
 fn tokio_stream_of<T: Send + 'static>(
     mut receiver: tokio::sync::mpsc::Receiver<T>,
 ) -> impl futures::Stream<Item = T> + Send + 'static {

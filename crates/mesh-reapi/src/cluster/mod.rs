@@ -83,6 +83,7 @@ mod replicate;
 mod results;
 
 use fetch::InFlightFetches;
+pub(crate) use replicate::{TEE_MIN, Tee};
 pub(crate) use results::result_digests;
 
 /// How far one request's reads and lookups may reach, and on whose behalf: the request's

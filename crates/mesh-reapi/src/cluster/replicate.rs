@@ -5,6 +5,11 @@
 //! it still needs, one batched push per peer and all peers in parallel; a peer that fails is
 //! replaced by the next of the ranking in the next round. A push asks first what the peer
 //! has, so nothing is sent twice.
+//!
+//! A large upload does not wait to be stored before it is placed: [`ClusterCas::tee`] passes
+//! it on to its owners as it arrives (GFS's pipelined write, without the chain: the receiving
+//! replica sends to each owner), and only the owners that fail to take it are made up for
+//! afterwards, as above.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
@@ -17,7 +22,7 @@ use super::{
     ClusterCas, ClusterError,
     results::{result_digests, tree_file_digests, tree_of},
 };
-use crate::{Digest, DigestFunction, placement::Ring};
+use crate::{Digest, DigestFunction, peers::PeerWrite, placement::Ring};
 
 impl ClusterCas {
     /// Copies `digests` (all present here) to their placement: for each, the first `R`
@@ -170,6 +175,100 @@ impl ClusterCas {
             }
         }
         self.replicate(&digests, metadata).await;
+    }
+}
+
+/// Blobs larger than this are passed on to their owners while they are received
+/// ([`ClusterCas::tee`]); smaller ones go in batches once stored ([`ClusterCas::replicate`]).
+pub(crate) const TEE_MIN: u64 = 1024 * 1024;
+
+impl ClusterCas {
+    /// Starts passing a blob that is being uploaded here on to its owners: a write opened to
+    /// each of the first `R` replicas of its ranking, fed each piece as it arrives
+    /// ([`Tee::write`]). The owners hash and store while this replica does, instead of after
+    /// it, from a copy it would read back; the blob is sent once, not read again. The last
+    /// message (`finish_write`) goes only once this replica has checked the whole blob
+    /// ([`Tee::finish`]); a tee dropped before that leaves nothing on the owners.
+    pub(crate) fn tee(&self, digest: Digest, metadata: &MetadataMap) -> Tee {
+        let ring = self.rings.current();
+        let plan = Plan::new(digest, &ring, self.node.node_id(), self.replication.factor);
+        let peers = self.peers(metadata);
+        let writes = plan
+            .candidates
+            .iter()
+            .take(plan.needed)
+            .filter_map(|node| match peers.open_write(node, digest) {
+                Ok(write) => Some(write),
+                Err(error) => {
+                    tracing::warn!(peer = %node, %digest, %error, "could not pass an upload on to an owner; it is placed after it is stored");
+                    None
+                }
+            })
+            .collect();
+        Tee {
+            digest,
+            writes,
+            complete: plan.possible,
+            needed: plan.needed,
+            counters: self.counters.clone(),
+        }
+    }
+}
+
+/// An upload passed on to its owners as it arrives ([`ClusterCas::tee`]).
+#[derive(Debug)]
+pub(crate) struct Tee {
+    digest: Digest,
+    writes: Vec<PeerWrite>,
+    /// How many owners the blob needs, and whether the ranking had that many.
+    needed: usize,
+    complete: bool,
+    counters: std::sync::Arc<crate::stats::ReapiCounters>,
+}
+
+impl Tee {
+    /// Passes the next piece on to every owner still taking it; one that fails is dropped
+    /// (the blob is placed on another after it is stored).
+    pub(crate) async fn write(&mut self, data: &[u8]) {
+        let sends = self
+            .writes
+            .iter_mut()
+            .map(|write| write.send(data.to_vec()));
+        let results = futures::future::join_all(sends).await;
+        let mut results = results.into_iter();
+        let digest = self.digest;
+        self.writes.retain(|write| match results.next() {
+            Some(Err(error)) => {
+                tracing::warn!(peer = %write.node(), %digest, %error, "an owner stopped taking an upload; it is placed after it is stored");
+                false
+            }
+            _ => true,
+        });
+    }
+
+    /// Ends every owner's write, once this replica has stored and checked the blob. Returns
+    /// whether its placement is complete: every owner it needs now holds it. When not, the
+    /// caller places it the usual way ([`ClusterCas::replicate`]).
+    pub(crate) async fn finish(self) -> bool {
+        let digest = self.digest;
+        let ends = self.writes.into_iter().map(|write| async move {
+            let node = write.node().clone();
+            (node, write.finish().await)
+        });
+        let mut held = 0;
+        for (node, end) in futures::future::join_all(ends).await {
+            match end {
+                Ok(true) => held += 1,
+                Ok(false) => {
+                    tracing::warn!(peer = %node, %digest, "an owner did not store a passed-on upload");
+                }
+                Err(error) => {
+                    tracing::warn!(peer = %node, %digest, %error, "an owner did not store a passed-on upload");
+                }
+            }
+        }
+        self.counters.replicated(held, held * digest.size());
+        self.complete && held >= self.needed as u64
     }
 }
 

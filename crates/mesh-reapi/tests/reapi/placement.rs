@@ -116,6 +116,81 @@ async fn a_blob_survives_its_writer_and_one_more_replica() {
     cluster.shutdown().await;
 }
 
+/// A large upload is passed on to its owners while it arrives. An owner that cannot take it
+/// (its store is too small) is made up for by the next replica of the ranking before the
+/// write is answered; and an upload whose bytes do not match its digest is stored nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_upload_reaches_its_owners_as_it_arrives_and_a_refusing_owner_is_replaced() {
+    // r1 can hold nothing over 1 MiB.
+    let mut cluster = Cluster::start(4, |i, config| {
+        if i == 1 {
+            config.cas_max_bytes = 1 << 20;
+        }
+    })
+    .await;
+    // A blob whose owners are r1 and another replica, not the writer r0: r1 is passed the
+    // upload and refuses it.
+    let (data, digest) = (0u8..)
+        .map(|salt| {
+            let data: Vec<u8> = (0..3 * 1024 * 1024 + 17)
+                .map(|i: u32| (i % 251) as u8 ^ salt)
+                .collect();
+            let digest = Digest::of(&data);
+            (data, digest)
+        })
+        .find(|(_, digest)| {
+            let owners = cluster.replicas[0].reapi().cluster().owners(digest);
+            owners.iter().any(|o| o.as_str() == "r1") && owners.iter().all(|o| o.as_str() != "r0")
+        })
+        .expect("a blob r1 owns");
+    let committed = write(
+        &mut cluster.bytestream(0).await,
+        format!("uploads/t/blobs/{digest}"),
+        &data,
+        1024 * 1024,
+    )
+    .await
+    .unwrap();
+    assert_eq!(committed, data.len() as i64);
+    // Answered: the writer and two more replicas hold it, r1 not among them.
+    let holders: Vec<String> = (0..4)
+        .filter(|p| cluster.holds(*p, &digest))
+        .map(|p| cluster.node_id(p))
+        .collect();
+    assert_eq!(holders.len(), 3, "the writer and two others: {holders:?}");
+    assert!(holders.iter().all(|h| h != "r1"), "{holders:?}");
+    let stats = cluster.replicas[0].stats();
+    assert_eq!(stats.bytes_replicated, 2 * data.len() as u64, "{stats:?}");
+
+    // The same size with one byte changed: refused, and on no replica under either digest.
+    let mut lie = data.clone();
+    lie[2 * 1024 * 1024 + 5] ^= 1;
+    let claimed: Digest = format!("{}/{}", Digest::of(&lie[1..]).hex(), lie.len())
+        .parse()
+        .unwrap();
+    let error = write(
+        &mut cluster.bytestream(0).await,
+        format!("uploads/u/blobs/{claimed}"),
+        &lie,
+        1024 * 1024,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(error.code(), tonic::Code::InvalidArgument, "{error:?}");
+    let actual = Digest::of(&lie);
+    for position in 0..4 {
+        for digest in [claimed, actual] {
+            assert!(
+                !cluster.holds(position, &digest),
+                "{} holds {digest}",
+                cluster.node_id(position)
+            );
+        }
+    }
+    cluster.stop(0).await;
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_joining_replica_receives_its_share() {
     let mut cluster = Cluster::start(2, |_, _| {}).await;
