@@ -255,8 +255,11 @@ impl LruDir {
 
     /// A new temporary file, deleted unless committed with [`LruDir::commit`].
     pub(crate) fn temp_file(&self) -> io::Result<(fs::File, TempPath)> {
+        // Read-only from its creation (the handle returned may still write): no moment where
+        // it is both visible in the store and writable, and no `chmod` when it is committed.
         Ok(tempfile::Builder::new()
             .prefix("incoming-")
+            .permissions(fs::Permissions::from_mode(FILE_MODE))
             .tempfile_in(&self.inner.tmp)?
             .into_parts())
     }
@@ -301,9 +304,7 @@ impl LruDir {
             return Err(InsertError::TooLarge { size, max });
         }
         let path = self.path(&key);
-        // Read-only before it has a name in the store: no moment where it is both visible
-        // and writable.
-        fs::set_permissions(&file, fs::Permissions::from_mode(FILE_MODE))?;
+        // `file` is read-only already ([`LruDir::temp_file`]).
         let mut index = self.lock();
         if index.entries.contains_key(&key) && path.exists() {
             // Someone stored the same entry first; ours is dropped (and deleted).
