@@ -7,8 +7,12 @@
 //!   is checked against the digest as it is read ([`crate::BlobReader`]): a blob found corrupt
 //!   before anything was sent is dropped and fetched again from a peer; one found corrupt
 //!   at its last piece ends the stream with `NOT_FOUND` instead of that piece (it is dropped,
-//!   and the next read fetches a good copy). A stream that ends without error carried the
-//!   blob as stored.
+//!   and the next read fetches a good copy). A whole blob over 4 MiB that this replica
+//!   lacks is handed on while it is fetched from a peer and stored (`ClusterCas::stream_fetch`),
+//!   its last piece only once the whole matched its digest; a peer that fails or lies part-way
+//!   ends the stream with `UNAVAILABLE` (nothing of that copy is kept, and the retry reads the
+//!   blob fetched whole and checked). A stream that ends without error carried the blob as
+//!   its digest names it.
 //! * `Write` of `{instance/}uploads/{uuid}/blobs/{hash}/{size}` streams into a temporary file,
 //!   checking offsets as it goes; only when `finish_write` arrives and the SHA-256 and size
 //!   match is the blob renamed into the CAS; it is answered only once its owners hold it
@@ -40,7 +44,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
     BlobReader, BlobWriter, CasError, ClusterCas, Fetch, ResourceName,
-    cluster::{TEE_MIN, Tee},
+    cluster::{STREAMED_FETCH_MIN, StreamedFetch, TEE_MIN, Tee},
     compression::{Deflater, Inflater},
     error::invalid,
     resource::Compressor,
@@ -112,6 +116,16 @@ impl ByteStream for ByteStreamService {
         } else {
             digest.size().min(offset.saturating_add(limit))
         };
+        // A whole large blob this replica lacks: handed on as it is fetched.
+        if name.compressor == Compressor::Identity
+            && offset == 0
+            && end == digest.size()
+            && digest.size() > STREAMED_FETCH_MIN
+            && let Some(streamed) = self.cluster.stream_fetch(digest, &fetch).await
+        {
+            self.cluster.served("ByteStream", 1, digest.size());
+            return Ok(Response::new(Box::pin(streamed_read(digest, streamed))));
+        }
         // A blob dropped on the way (evicted, or found corrupt) is fetched once more.
         let mut attempts = 0;
         loop {
@@ -291,6 +305,24 @@ impl ByteStream for ByteStreamService {
 /// on the way ends the stream with `NOT_FOUND` instead of its last piece (it has been dropped;
 /// reading it again fetches a good copy), so a stream that ends without an error carried the
 /// blob as stored.
+/// The pieces of a blob fetched from a peer for this read, as they arrive; the last comes
+/// only once the whole blob matched its digest and is stored.
+fn streamed_read(
+    digest: crate::Digest,
+    streamed: StreamedFetch,
+) -> impl Stream<Item = Result<ReadResponse, Status>> + Send {
+    futures::stream::unfold(streamed, move |mut streamed| async move {
+        let item = match streamed.next().await? {
+            Ok(data) => Ok(ReadResponse { data }),
+            Err(error) => Err(Status::unavailable(format!(
+                "blob {digest} was being fetched from peer {} for this read and the fetch failed part-way: {error}; nothing of that copy was kept, and a retry reads another",
+                streamed.peer()
+            ))),
+        };
+        Some((item, streamed))
+    })
+}
+
 /// Writes one piece of an upload here and passes it on to the owners at the same time.
 async fn write_piece(
     writer: &mut BlobWriter,

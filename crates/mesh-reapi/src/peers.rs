@@ -311,30 +311,12 @@ impl Peers<'_> {
             source,
         };
         let mut writer: BlobWriter = cas.writer(digest).map_err(store_error)?;
-        let call = self.call(node)?;
-        let mut client = ByteStreamClient::new(call.channel());
-        let request = call.request(ReadRequest {
-            resource_name: format!("blobs/{digest}"),
-            read_offset: 0,
-            read_limit: 0,
-        });
-        let mut stream = match self
-            .bounded(node, self.config.call_timeout, client.read(request))
-            .await
-        {
-            Ok(response) => response.into_inner(),
-            Err(PeerError::Status {
-                code: Code::NotFound,
-                ..
-            }) => return Ok(false),
-            Err(error) => return Err(error),
+        let Some(mut read) = self.open_read(node, digest).await? else {
+            return Ok(false);
         };
         loop {
-            let message = self
-                .bounded(node, self.config.stream_idle_timeout, stream.message())
-                .await;
-            match message {
-                Ok(Some(chunk)) => writer.write(&chunk.data).await.map_err(store_error)?,
+            match read.next().await {
+                Ok(Some(piece)) => writer.write(&piece).await.map_err(store_error)?,
                 Ok(None) => break,
                 Err(PeerError::Status {
                     code: Code::NotFound,
@@ -345,6 +327,37 @@ impl Peers<'_> {
         }
         writer.commit().await.map_err(store_error)?;
         Ok(true)
+    }
+
+    /// Opens a `ByteStream.Read` of the whole of `digest` on the peer. `Ok(None)`: the peer
+    /// does not hold it.
+    pub(crate) async fn open_read(
+        &self,
+        node: &NodeId,
+        digest: Digest,
+    ) -> Result<Option<PeerRead>, PeerError> {
+        let call = self.call(node)?;
+        let mut client = ByteStreamClient::new(call.channel());
+        let request = call.request(ReadRequest {
+            resource_name: format!("blobs/{digest}"),
+            read_offset: 0,
+            read_limit: 0,
+        });
+        match self
+            .bounded(node, self.config.call_timeout, client.read(request))
+            .await
+        {
+            Ok(response) => Ok(Some(PeerRead {
+                node: node.clone(),
+                stream: response.into_inner(),
+                idle: self.config.stream_idle_timeout,
+            })),
+            Err(PeerError::Status {
+                code: Code::NotFound,
+                ..
+            }) => Ok(None),
+            Err(error) => Err(error),
+        }
     }
 
     /// The peer's own cached result for `action`, if it has one.
@@ -627,6 +640,38 @@ impl Peers<'_> {
 }
 
 /// The messages of `receiver` as a stream (a request stream for a client-streaming call).
+/// A blob being read from a peer ([`Peers::open_read`]), piece by piece.
+#[derive(Debug)]
+pub(crate) struct PeerRead {
+    node: NodeId,
+    stream: tonic::Streaming<bazel_remote_apis::google::bytestream::ReadResponse>,
+    idle: Duration,
+}
+
+impl PeerRead {
+    /// The peer read from.
+    pub(crate) fn node(&self) -> &NodeId {
+        &self.node
+    }
+
+    /// The next piece, `Ok(None)` at the end. A peer silent for the stream idle timeout is an
+    /// error.
+    pub(crate) async fn next(&mut self) -> Result<Option<Vec<u8>>, PeerError> {
+        match tokio::time::timeout(self.idle, self.stream.message()).await {
+            Ok(Ok(message)) => Ok(message.map(|message| message.data)),
+            Ok(Err(status)) => Err(PeerError::Status {
+                node: self.node.clone(),
+                code: status.code(),
+                message: status.message().to_owned(),
+            }),
+            Err(_) => Err(PeerError::Timeout {
+                node: self.node.clone(),
+                timeout: self.idle,
+            }),
+        }
+    }
+}
+
 /// A `ByteStream.Write` to a peer fed piece by piece ([`Peers::open_write`]). Dropped
 /// before [`PeerWrite::finish`], its stream ends without `finish_write`, so the peer stores
 /// nothing.

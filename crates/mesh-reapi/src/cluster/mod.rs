@@ -83,6 +83,7 @@ mod replicate;
 mod results;
 
 use fetch::InFlightFetches;
+pub(crate) use fetch::{STREAMED_FETCH_MIN, StreamedFetch};
 pub(crate) use replicate::{TEE_MIN, Tee};
 pub(crate) use results::result_digests;
 

@@ -690,7 +690,14 @@ mod liar {
                 ContentAddressableStorage, ContentAddressableStorageServer,
             },
         },
-        google::rpc,
+        google::{
+            bytestream::{
+                QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest, ReadResponse,
+                WriteRequest, WriteResponse,
+                byte_stream_server::{ByteStream, ByteStreamServer},
+            },
+            rpc,
+        },
     };
     use tonic::{Request, Response, Status, Streaming};
 
@@ -701,6 +708,48 @@ mod liar {
         pub(super) fn routes() -> tonic::service::Routes {
             tonic::service::Routes::new(ContentAddressableStorageServer::new(Liar))
                 .add_service(PresenceServer::new(Liar))
+                .add_service(ByteStreamServer::new(Liar))
+        }
+    }
+
+    #[tonic::async_trait]
+    impl ByteStream for Liar {
+        type ReadStream = futures::stream::Iter<std::vec::IntoIter<Result<ReadResponse, Status>>>;
+
+        /// Any blob "found": pieces of 1 MiB of the right total length and the wrong content.
+        async fn read(
+            &self,
+            request: Request<ReadRequest>,
+        ) -> Result<Response<Self::ReadStream>, Status> {
+            let name = request.into_inner().resource_name;
+            let size: usize = name
+                .rsplit('/')
+                .next()
+                .and_then(|size| size.parse().ok())
+                .ok_or_else(|| Status::invalid_argument("no size"))?;
+            let pieces: Vec<_> = (0..size)
+                .step_by(1 << 20)
+                .map(|start| {
+                    Ok(ReadResponse {
+                        data: vec![b'!'; (size - start).min(1 << 20)],
+                    })
+                })
+                .collect();
+            Ok(Response::new(futures::stream::iter(pieces)))
+        }
+
+        async fn write(
+            &self,
+            _: Request<Streaming<WriteRequest>>,
+        ) -> Result<Response<WriteResponse>, Status> {
+            Err(Status::unimplemented("a liar stores nothing"))
+        }
+
+        async fn query_write_status(
+            &self,
+            _: Request<QueryWriteStatusRequest>,
+        ) -> Result<Response<QueryWriteStatusResponse>, Status> {
+            Err(Status::unimplemented("a liar stores nothing"))
         }
     }
 
@@ -837,6 +886,102 @@ async fn a_peer_serving_bytes_that_do_not_match_their_digest_is_not_believed() {
         asks.keys().any(|node| node.as_str() == "liar"),
         "the liar was never asked, so the test shows nothing: {asks:?}"
     );
+    liar_server.abort();
+    liar.shutdown().await;
+    cluster.shutdown().await;
+}
+
+/// A large blob read through a replica that lacks it is handed on while it is fetched: the
+/// first piece reaches the client before the replica holds the whole blob, and when the read
+/// ends the replica holds it, checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_blob_read_through_a_replica_that_lacks_it_streams_while_it_is_fetched() {
+    let cluster = Cluster::start(2, |_, _| {}).await;
+    let data: Vec<u8> = (0..16 * 1024 * 1024 + 3)
+        .map(|i: u32| (i % 253) as u8)
+        .collect();
+    let digest = cluster.put_only_on(1, &data).await;
+    let mut stream = cluster
+        .bytestream(0)
+        .await
+        .read(ReadRequest {
+            resource_name: format!("blobs/{digest}"),
+            read_offset: 0,
+            read_limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut received = stream.message().await.unwrap().expect("a first piece").data;
+    // The client has read one piece and flow control holds the rest: r0 cannot have
+    // fetched and stored all 16 MiB.
+    assert!(
+        !cluster.holds(0, &digest),
+        "r0 held the whole blob before it sent the first piece: it was not streamed"
+    );
+    while let Some(piece) = stream.message().await.unwrap() {
+        received.extend_from_slice(&piece.data);
+    }
+    assert!(received == data, "the blob as written");
+    assert!(cluster.holds(0, &digest), "r0 keeps the fetched copy");
+    let asks = cluster.replicas[0].reapi().cluster().fetch_asks();
+    assert!(asks.keys().any(|node| node.as_str() == "r1"), "{asks:?}");
+    cluster.shutdown().await;
+}
+
+/// A peer that lies about a large blob while it is streamed to a client: the client's read
+/// ends with `UNAVAILABLE` naming the peer (never with the wrong bytes as a whole blob),
+/// nothing of that copy is kept, and the client's retry reads the real blob, fetched whole
+/// and checked before anything is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_lying_about_a_streamed_blob_fails_that_read_only_and_the_retry_reads_the_real_one()
+{
+    let cluster = Cluster::start(2, |_, _| {}).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let liar_addr = listener.local_addr().unwrap();
+    let liar_server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_routes(liar::Liar::routes())
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let liar = cluster.join_member("liar", liar_addr).await;
+    // A blob on r1 only, whose best owner after r0 is the liar: r0 asks the liar first.
+    let r0 = cluster.replicas[0].reapi().cluster();
+    let (data, digest) = (0u8..)
+        .map(|salt| {
+            let data: Vec<u8> = (0..6 * 1024 * 1024)
+                .map(|i: u32| (i % 251) as u8 ^ salt)
+                .collect();
+            let digest = Digest::of(&data);
+            (data, digest)
+        })
+        .find(|(_, digest)| {
+            r0.owners(digest)
+                .iter()
+                .find(|node| node.as_str() != "r0")
+                .is_some_and(|node| node.as_str() == "liar")
+        })
+        .expect("a blob the liar owns");
+    assert_eq!(cluster.put_only_on(1, &data).await, digest);
+
+    let error = read(&mut cluster.bytestream(0).await, &digest)
+        .await
+        .expect_err("the liar's bytes are not a blob");
+    assert_eq!(error.code(), Code::Unavailable, "{error:?}");
+    assert!(
+        error.message().contains("liar") && error.message().contains("retry"),
+        "{error:?}"
+    );
+    assert!(
+        !cluster.holds(0, &digest),
+        "nothing of the liar's copy is kept"
+    );
+
+    let (again, _) = read(&mut cluster.bytestream(0).await, &digest)
+        .await
+        .expect("the retry reads the real blob");
+    assert!(again == data, "the real bytes");
+    assert!(cluster.holds(0, &digest));
     liar_server.abort();
     liar.shutdown().await;
     cluster.shutdown().await;
