@@ -155,25 +155,25 @@ async fn run(args: &Args) -> Result<(), Error> {
             );
         }
         if wants("read") {
-            let took = read_blob(target.clone(), digest).await?;
+            let (took, first) = read_blob(target.clone(), digest).await?;
             report(
                 "read",
                 &human_mib(size),
                 mib_per_s(size, took),
                 "MiB/s",
-                &limit,
+                &format!("{limit}; first piece after {} ms", first.as_millis()),
             );
         }
         if wants("peer-read") {
             match &args.peer {
                 Some(peer) => {
-                    let took = read_blob(connect(peer).await?, digest).await?;
+                    let (took, first) = read_blob(connect(peer).await?, digest).await?;
                     report(
                         "peer-read",
                         &human_mib(size),
                         mib_per_s(size, took),
                         "MiB/s",
-                        &limit,
+                        &format!("{limit}; first piece after {} ms", first.as_millis()),
                     );
                 }
                 None => println!("{:<14} skipped: no --peer", "peer-read"),
@@ -275,8 +275,9 @@ async fn write_blob(channel: Channel, digest: Digest, blob: &[u8]) -> Result<Dur
     Ok(started.elapsed())
 }
 
-/// Reads the blob whole and checks its digest.
-async fn read_blob(channel: Channel, digest: Digest) -> Result<Duration, Error> {
+/// Reads the blob whole and checks its digest; returns how long that took and how long the
+/// first piece took to arrive.
+async fn read_blob(channel: Channel, digest: Digest) -> Result<(Duration, Duration), Error> {
     let started = Instant::now();
     let progress = Progress::start("read", digest.size(), "bytes");
     let counter = progress.counter();
@@ -291,11 +292,13 @@ async fn read_blob(channel: Channel, digest: Digest) -> Result<Duration, Error> 
         .map_err(|e| format!("ByteStream.Read of {digest}: {e}"))?
         .into_inner();
     let mut hasher = mesh_reapi::Hasher::new();
+    let mut first = None;
     while let Some(chunk) = stream
         .message()
         .await
         .map_err(|e| format!("ByteStream.Read of {digest}: {e}"))?
     {
+        first.get_or_insert_with(|| started.elapsed());
         hasher.update(&chunk.data);
         counter.fetch_add(chunk.data.len() as u64, Ordering::Relaxed);
     }
@@ -305,7 +308,7 @@ async fn read_blob(channel: Channel, digest: Digest) -> Result<Duration, Error> 
     if read != digest {
         return Err(format!("ByteStream.Read of {digest} returned {read}").into());
     }
-    Ok(took)
+    Ok((took, first.unwrap_or(took)))
 }
 
 /// Uploads blobs in batches of at most 2 MiB.
