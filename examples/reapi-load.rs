@@ -5,12 +5,12 @@
 //! |---|---|---|
 //! | `write` | one large blob streamed with `ByteStream.Write` to `--target` | SHA-256 of the bytes plus a file write, in this process |
 //! | `read` | the same blob read back from `--target` (it holds it) | the same |
-//! | `peer-read` | the same blob read through `--peer`: a fetch from a peer when `--peer` lacks it | the same |
+//! | `peer-read` | the same blob read through `--peer`: a fetch from a peer when `--peer` lacks it (handed on while it is fetched) | the same |
 //! | `batch` | `--small-blobs` small blobs uploaded with `BatchUpdateBlobs` | — |
 //! | `find-missing` | `FindMissingBlobs` of those plus as many absent ones, 10,000 digests a call | — |
 //! | `execute` | `--actions` no-op actions (`true`, each with a unique digest, so no cache hit), `--concurrency` in flight | spawning `true` in a loop, in this process |
 //!
-//! Every read is checked against its digest, and every action must exit 0: any error stops the
+//! Reads also report when their first piece arrived. Every read is checked against its digest, and every action must exit 0: any error stops the
 //! run with a message naming it and a non-zero exit. Progress goes to stderr every second.
 //!
 //! ```text
