@@ -10,8 +10,9 @@
 //! | `find-missing` | `FindMissingBlobs` of those plus as many absent ones, 10,000 digests a call | — |
 //! | `execute` | `--actions` no-op actions (`true`, each with a unique digest, so no cache hit), `--concurrency` in flight | spawning `true` in a loop, in this process |
 //!
-//! Reads also report when their first piece arrived. Every read is checked against its digest, and every action must exit 0: any error stops the
-//! run with a message naming it and a non-zero exit. Progress goes to stderr every second.
+//! Reads also report when their first piece arrived. Every read is checked against its
+//! digest, and every action must exit 0: any error stops the run with a message naming it and
+//! a non-zero exit. Progress goes to stderr every second.
 //!
 //! ```text
 //! # a cluster to drive (four replicas in one process; it prints their endpoints)
