@@ -639,7 +639,6 @@ impl Peers<'_> {
     }
 }
 
-/// The messages of `receiver` as a stream (a request stream for a client-streaming call).
 /// A blob being read from a peer ([`Peers::open_read`]), piece by piece.
 #[derive(Debug)]
 pub(crate) struct PeerRead {
@@ -673,8 +672,8 @@ impl PeerRead {
 }
 
 /// A `ByteStream.Write` to a peer fed piece by piece ([`Peers::open_write`]). Dropped
-/// before [`PeerWrite::finish`], its stream ends without `finish_write`, so the peer stores
-/// nothing.
+/// before [`PeerWrite::finish`], its call is cancelled without `finish_write`, so the peer
+/// stores nothing.
 #[derive(Debug)]
 pub(crate) struct PeerWrite {
     node: NodeId,
@@ -710,25 +709,36 @@ impl PeerWrite {
         Ok(())
     }
 
-    /// Ends the write with `finish_write` and waits for the peer's answer: `Ok(true)` when it
-    /// stored the whole blob (it checks the digest itself).
-    pub(crate) async fn finish(mut self) -> Result<bool, PeerError> {
+    /// Ends the write with `finish_write` and waits for the peer's answer: whether it stored
+    /// the whole blob (it checks the digest itself) or held it already.
+    pub(crate) async fn finish(mut self) -> Result<Finished, PeerError> {
         if self.held {
-            return Ok(true);
+            return Ok(Finished::AlreadyHeld);
         }
         let message = self.message(Vec::new(), true);
         self.deliver(message).await?;
         if self.held {
-            return Ok(true);
+            return Ok(Finished::AlreadyHeld);
         }
+        let committed = self.answer().await?;
+        Ok(
+            if u64::try_from(committed).ok() == Some(self.digest.size()) {
+                Finished::Stored
+            } else {
+                Finished::Refused
+            },
+        )
+    }
+
+    /// The peer's answer to the call (`committed_size`), waited for at most the call timeout.
+    async fn answer(&mut self) -> Result<i64, PeerError> {
         let timeout = self.config.call_timeout;
-        let PeerWrite {
-            node, task, digest, ..
-        } = self;
-        match tokio::time::timeout(timeout, task).await {
-            Ok(Ok(Ok(committed))) => Ok(u64::try_from(committed).ok() == Some(digest.size())),
-            Ok(Ok(Err(error))) => Err(error),
-            Ok(Err(_)) | Err(_) => Err(PeerError::Timeout { node, timeout }),
+        match tokio::time::timeout(timeout, &mut self.task).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) | Err(_) => Err(PeerError::Timeout {
+                node: self.node.clone(),
+                timeout,
+            }),
         }
     }
 
@@ -750,13 +760,12 @@ impl PeerWrite {
         let timeout = self.config.stream_idle_timeout;
         match tokio::time::timeout(timeout, self.sender.send(message)).await {
             Ok(Ok(())) => Ok(()),
-            // The call ended: its task says why (the peer may hold the blob already).
-            Ok(Err(_)) => match (&mut self.task).await {
-                Ok(Ok(committed)) if u64::try_from(committed).ok() == Some(self.digest.size()) => {
+            // The call ended: its answer says why (the peer may hold the blob already).
+            Ok(Err(_)) => match self.answer().await? {
+                committed if u64::try_from(committed).ok() == Some(self.digest.size()) => {
                     self.held = true;
                     Ok(())
                 }
-                Ok(Err(error)) => Err(error),
                 _ => Err(PeerError::Status {
                     node: self.node.clone(),
                     code: Code::Aborted,
@@ -771,6 +780,25 @@ impl PeerWrite {
     }
 }
 
+/// How a [`PeerWrite`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Finished {
+    /// The peer stored the blob it was sent.
+    Stored,
+    /// The peer held the blob already and ended the write early.
+    AlreadyHeld,
+    /// The peer answered without storing the whole blob.
+    Refused,
+}
+
+impl Drop for PeerWrite {
+    fn drop(&mut self) {
+        // Unfinished: the call is cancelled (a no-op once it has ended).
+        self.task.abort();
+    }
+}
+
+/// The messages of `receiver` as a stream (a request stream for a client-streaming call).
 fn tokio_stream_of<T: Send + 'static>(
     mut receiver: tokio::sync::mpsc::Receiver<T>,
 ) -> impl futures::Stream<Item = T> + Send + 'static {

@@ -22,7 +22,11 @@ use super::{
     ClusterCas, ClusterError,
     results::{result_digests, tree_file_digests, tree_of},
 };
-use crate::{Digest, DigestFunction, peers::PeerWrite, placement::Ring};
+use crate::{
+    Digest, DigestFunction,
+    peers::{Finished, PeerWrite},
+    placement::Ring,
+};
 
 impl ClusterCas {
     /// Copies `digests` (all present here) to their placement: for each, the first `R`
@@ -255,11 +259,15 @@ impl Tee {
             let node = write.node().clone();
             (node, write.finish().await)
         });
-        let mut held = 0;
+        let (mut held, mut sent) = (0, 0);
         for (node, end) in futures::future::join_all(ends).await {
             match end {
-                Ok(true) => held += 1,
-                Ok(false) => {
+                Ok(Finished::Stored) => {
+                    held += 1;
+                    sent += 1;
+                }
+                Ok(Finished::AlreadyHeld) => held += 1,
+                Ok(Finished::Refused) => {
                     tracing::warn!(peer = %node, %digest, "an owner did not store a passed-on upload");
                 }
                 Err(error) => {
@@ -267,8 +275,8 @@ impl Tee {
                 }
             }
         }
-        self.counters.replicated(held, held * digest.size());
-        self.complete && held >= self.needed as u64
+        self.counters.replicated(sent, sent * digest.size());
+        self.complete && held >= self.needed
     }
 }
 
