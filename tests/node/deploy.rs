@@ -335,7 +335,9 @@ fn the_reapi_manifests_match_the_binarys_flags_and_the_configuration_keys() {
         at(&set, &["spec", "serviceName"]).as_str(),
         Some(headless_name)
     );
-    let made = reapi.reapi_config("reapi-1", mesh.max_concurrency).unwrap();
+    let made = reapi
+        .reapi_config("reapi-1", Some(mesh.max_concurrency))
+        .unwrap();
 
     // The data directory is the pod's own volume, large enough for the CAS bound.
     let claim = &at(&set, &["spec", "volumeClaimTemplates"])[0];

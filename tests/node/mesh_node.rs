@@ -58,6 +58,31 @@ fn from_file(config: &Path) -> NodeSpec {
     spec
 }
 
+/// Without `max_concurrency` in `[mesh]` or `[reapi]`, a REAPI replica runs one action per
+/// CPU (not the mesh's default of 16 tasks): actions are mostly compilers, and more at once
+/// than CPUs makes each slower.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reapi_replica_runs_one_action_per_cpu_unless_told_otherwise() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let config = config_file(dir.path(), &dir.path().join("data"));
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("max_concurrency = 3\n", "")).unwrap();
+    let node = NodeProcess::start(from_file(&config)).await;
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    assert!(
+        node.stdout
+            .find(&[&format!("actions run WITHOUT a sandbox, {cpus} at once")])
+            .is_some(),
+        "{:?}",
+        node.stdout.all()
+    );
+    assert!(
+        node.stdout.find(&[&format!(", {cpus} slots")]).is_some(),
+        "gossiped as the node's capacity: {:?}",
+        node.stdout.all()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mesh_node_serves_reapi_from_one_file_and_reports_what_it_did() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();

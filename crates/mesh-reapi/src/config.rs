@@ -47,7 +47,8 @@ mesh::config_section! {
         #[serde(deserialize_with = "mesh::config::size")]
         action_cache_max_bytes: ByteSize = ByteSize::mib(256),
         /// How many actions run at once, gossiped as the node's capacity. 0 (the default):
-        /// the `[mesh]` section's `max_concurrency`.
+        /// the `[mesh]` section's `max_concurrency` where that is set, otherwise one per CPU
+        /// (actions are mostly compilers: more at once than CPUs only makes each slower).
         max_concurrency: u32 = 0,
         /// Whether actions run in the sandbox (bubblewrap): `auto` (the default: where it
         /// works, with a warning where it does not), `required` or `off`.
@@ -103,12 +104,13 @@ impl ReapiSettings {
     }
 
     /// Checks every value and makes the replica's configuration: `node_id` names the default
-    /// data directory, `mesh_max_concurrency` is the `[mesh]` section's `max_concurrency`
-    /// (used when `max_concurrency` is 0). Reads the token files when they are set.
+    /// data directory, `mesh_max_concurrency` is the `[mesh]` section's `max_concurrency` if
+    /// it was set (used when `max_concurrency` is 0; `None`: one action per CPU,
+    /// [`ReapiConfig::new`]'s default). Reads the token files when they are set.
     pub fn reapi_config(
         &self,
         node_id: &str,
-        mesh_max_concurrency: u32,
+        mesh_max_concurrency: Option<u32>,
     ) -> Result<ReapiConfig, ConfigError> {
         let data_dir = if self.data_dir.is_empty() {
             std::env::temp_dir().join(format!("mesh-reapi-{node_id}"))
@@ -119,9 +121,11 @@ impl ReapiSettings {
         config.cas_max_bytes = positive_size("cas_max_bytes", self.cas_max_bytes)?;
         config.action_cache_max_bytes =
             positive_size("action_cache_max_bytes", self.action_cache_max_bytes)?;
-        config.max_concurrency = match self.max_concurrency {
-            0 => mesh_max_concurrency,
-            n => n,
+        config.max_concurrency = match (self.max_concurrency, mesh_max_concurrency) {
+            (0, Some(mesh)) => mesh,
+            // ReapiConfig::new's: one per CPU.
+            (0, None) => config.max_concurrency,
+            (n, _) => n,
         };
         if config.max_concurrency == 0 {
             return Err(invalid(
@@ -226,12 +230,23 @@ mod tests {
     /// The section's defaults make the configuration `ReapiConfig::new` documents.
     #[test]
     fn the_defaults_are_the_servers_defaults() {
-        let made = ReapiSettings::default().reapi_config("r0", 7).unwrap();
+        let made = ReapiSettings::default().reapi_config("r0", None).unwrap();
         let new = ReapiConfig::new(std::env::temp_dir().join("mesh-reapi-r0"));
         assert_eq!(made.data_dir, new.data_dir);
         assert_eq!(made.cas_max_bytes, new.cas_max_bytes);
         assert_eq!(made.action_cache_max_bytes, new.action_cache_max_bytes);
-        assert_eq!(made.max_concurrency, 7, "0 takes [mesh] max_concurrency");
+        assert_eq!(
+            made.max_concurrency, new.max_concurrency,
+            "one per CPU when neither section sets it"
+        );
+        assert_eq!(
+            ReapiSettings::default()
+                .reapi_config("r0", Some(7))
+                .unwrap()
+                .max_concurrency,
+            7,
+            "0 takes [mesh] max_concurrency where it is set"
+        );
         assert_eq!(made.limits, new.limits);
         assert_eq!(made.scheduler.retention, new.scheduler.retention);
         assert_eq!(made.peers.call_timeout, new.peers.call_timeout);
@@ -266,7 +281,7 @@ mod tests {
                 .set(key, value)
                 .unwrap_or_else(|e| panic!("{key}: {e}"));
         }
-        let config = settings.reapi_config("r0", 16).unwrap();
+        let config = settings.reapi_config("r0", Some(16)).unwrap();
         assert_eq!(config.data_dir, PathBuf::from("/data"));
         assert_eq!(config.cas_max_bytes, 2 << 30);
         assert_eq!(config.max_concurrency, 3);
@@ -279,7 +294,10 @@ mod tests {
         let refused = |key: &str, value: &str| {
             let mut settings = ReapiSettings::default();
             settings.set(key, value).unwrap();
-            settings.reapi_config("r0", 16).unwrap_err().to_string()
+            settings
+                .reapi_config("r0", Some(16))
+                .unwrap_err()
+                .to_string()
         };
         assert_eq!(
             refused("replication_factor", "0"),

@@ -94,7 +94,8 @@ struct Args {
     /// gRPC port of this replica.
     #[arg(long)]
     grpc_port: Option<String>,
-    /// Tasks this replica runs at once (default 16).
+    /// Tasks this replica runs at once (default 16; with `--api reapi`, one action per CPU
+    /// unless this, `[mesh]` or `[reapi] max_concurrency` says otherwise).
     #[arg(long)]
     max_concurrency: Option<String>,
     /// Timing preset: lan (default), wan or local.
@@ -266,8 +267,20 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             None => DemoNode::start(builder, resolved.grpc_bind).await?,
         }),
         Api::Reapi => {
-            let mut reapi =
-                reapi_settings.reapi_config(resolved.node_id.as_str(), config.max_concurrency)?;
+            // `[mesh] max_concurrency` sets how many actions run only where it is set (file,
+            // environment or flag); otherwise `[reapi]` decides, one per CPU by default.
+            let mesh_set = args.max_concurrency.is_some()
+                || std::env::var_os("MESH_MAX_CONCURRENCY").is_some()
+                || match &args.config {
+                    Some(path) => {
+                        mesh::config::sets_in_file::<MeshConfig>(path, "max_concurrency")?
+                    }
+                    None => false,
+                };
+            let mut reapi = reapi_settings.reapi_config(
+                resolved.node_id.as_str(),
+                mesh_set.then_some(config.max_concurrency),
+            )?;
             let data_dir = reapi.data_dir.clone();
             reapi.tls = resolved.tls.map(|tls| tls.server);
             if reapi.authorization.is_some() {

@@ -55,7 +55,9 @@ mod text;
 pub use keys::{DiscoveryMode, MeshConfig, StrategyKind, TimingPreset, WhenFullMode};
 pub use resolve::{ResolvedConfig, ResolvedTls};
 
-pub use section::{SECTIONS, Section, apply_vars, from_file, from_toml_str, from_yaml_str};
+pub use section::{
+    SECTIONS, Section, apply_vars, from_file, from_toml_str, from_yaml_str, sets_in_file,
+};
 pub use text::{ByteSize, Choice, FromText, choice, size};
 
 /// A configuration could not be loaded or is invalid.
@@ -146,6 +148,42 @@ mod tests {
     use mesh_route::WhenFull;
 
     use super::*;
+
+    #[test]
+    fn a_key_set_in_a_file_is_told_from_its_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases = [
+            ("top.toml", "max_concurrency = 4\n", true),
+            (
+                "section.toml",
+                "[mesh]\nmax_concurrency = 4\n[reapi]\ndata_dir = \"/d\"\n",
+                true,
+            ),
+            ("other.toml", "[reapi]\nmax_concurrency = 4\n", false),
+            ("absent.toml", "node_id = \"n\"\n", false),
+            ("top.yaml", "max_concurrency: 4\n", true),
+            (
+                "section.yaml",
+                "mesh:\n  max_concurrency: 4\nreapi: {}\n",
+                true,
+            ),
+            ("absent.yaml", "mesh:\n  node_id: n\n", false),
+            ("empty.yaml", "", false),
+        ];
+        for (name, text, set) in cases {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            assert_eq!(
+                sets_in_file::<MeshConfig>(&path, "max_concurrency").unwrap(),
+                set,
+                "{name}"
+            );
+        }
+        let error = sets_in_file::<MeshConfig>(dir.path().join("x.ini"), "max_concurrency")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("x.ini"), "{error}");
+    }
     use crate::config::text::{DURATION_RULE, one_of};
 
     #[test]

@@ -65,6 +65,50 @@ pub fn from_file<T: Section>(path: impl AsRef<Path>) -> Result<T, ConfigError> {
     }
 }
 
+/// Whether the TOML or YAML file at `path` sets `key` in section `T` (the mesh section's keys
+/// may also be at the top level): a value the file sets, told from the default. A caller whose
+/// default depends on another section's key (`[reapi] max_concurrency` takes `[mesh]`'s only
+/// when that is set) asks this.
+pub fn sets_in_file<T: Section>(path: impl AsRef<Path>, key: &str) -> Result<bool, ConfigError> {
+    let path = path.as_ref();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let parse_error = |message: String| ConfigError::Parse {
+        path: path.to_owned(),
+        message,
+    };
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("toml") => {
+            let table: toml::Table =
+                toml::from_str(&text).map_err(|e| parse_error(e.to_string()))?;
+            let sectioned = table.keys().any(|k| SECTIONS.contains(&k.as_str()));
+            Ok(match table.get(T::NAME) {
+                Some(toml::Value::Table(section)) => section.contains_key(key),
+                _ => !sectioned && T::NAME == "mesh" && table.contains_key(key),
+            })
+        }
+        Some("yaml" | "yml") => {
+            let value: serde_yaml_ng::Value =
+                serde_yaml_ng::from_str(&text).map_err(|e| parse_error(e.to_string()))?;
+            let serde_yaml_ng::Value::Mapping(map) = value else {
+                return Ok(false);
+            };
+            let sectioned = map
+                .keys()
+                .any(|k| k.as_str().is_some_and(|k| SECTIONS.contains(&k)));
+            Ok(match map.get(T::NAME) {
+                Some(serde_yaml_ng::Value::Mapping(section)) => section.contains_key(key),
+                _ => !sectioned && T::NAME == "mesh" && map.contains_key(key),
+            })
+        }
+        _ => Err(ConfigError::UnknownFormat {
+            path: path.to_owned(),
+        }),
+    }
+}
+
 /// Reads section `T` from TOML text (see [`crate::config`] for the file's shapes).
 pub fn from_toml_str<T: Section>(text: &str) -> Result<T, String> {
     let table: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
