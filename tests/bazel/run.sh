@@ -125,6 +125,19 @@ trap cleanup EXIT
 # Bazel outside the source tree: a copy of the workspace, output bases in $work.
 cp -r "$here/." "$work/ws"
 rm -f "$work/ws/run.sh"
+# A source over 1 MiB, made here rather than kept in the repository: Bazel uploads it with
+# ByteStream.Write, which the receiving replica passes on to the blob's owners as it arrives
+# (and, when an owner was killed, places on the next one before answering).
+mkdir -p "$work/ws/big"
+seq 1 300000 >"$work/ws/big/numbers.txt"
+cat >"$work/ws/big/BUILD" <<'BUILD'
+genrule(
+    name = "numbers_sum",
+    srcs = ["numbers.txt"],
+    outs = ["numbers_sum.txt"],
+    cmd = "(wc -c < $<; sha256sum < $<) > $@",
+)
+BUILD
 cd "$work/ws"
 bazel_in() { # bazel_in <local|remote> <command> [args…]
     local base="$1"; shift
