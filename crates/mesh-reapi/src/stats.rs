@@ -14,6 +14,7 @@
 //! | `reapi_peer_blobs_fetched_total`, `reapi_peer_bytes_fetched_total` | counter | |
 //! | `reapi_blobs_served_total`, `reapi_bytes_served_total` | counter | `api`: `ByteStream`, `BatchReadBlobs` |
 //! | `reapi_blobs_replicated_total`, `reapi_bytes_replicated_total` | counter | copies to owners |
+//! | `reapi_blobs_passed_on_total` | counter | of those, uploads passed on while they arrived |
 //! | `reapi_blobs_handed_off_total`, `reapi_bytes_handed_off_total` | counter | handoff copies |
 //! | `reapi_corrupt_blobs_total` | counter | blobs found not to match their digest |
 
@@ -70,6 +71,9 @@ pub struct ReapiStats {
     pub blobs_replicated: u64,
     /// Bytes of those copies.
     pub bytes_replicated: u64,
+    /// Of those copies, uploads passed on to their owners while they arrived (the others
+    /// were copied once stored).
+    pub blobs_passed_on: u64,
     /// Blobs this replica copied to new owners after membership changes (handoff).
     pub blobs_handed_off: u64,
     /// Bytes of those copies.
@@ -102,6 +106,7 @@ impl ReapiStats {
             ("bytes_fetched", self.bytes_fetched),
             ("blobs_replicated", self.blobs_replicated),
             ("bytes_replicated", self.bytes_replicated),
+            ("blobs_passed_on", self.blobs_passed_on),
             ("blobs_handed_off", self.blobs_handed_off),
             ("bytes_handed_off", self.bytes_handed_off),
             ("handoff_passes", self.handoff_passes),
@@ -125,6 +130,7 @@ pub(crate) struct ReapiCounters {
     bytes_fetched: AtomicU64,
     blobs_replicated: AtomicU64,
     bytes_replicated: AtomicU64,
+    blobs_passed_on: AtomicU64,
     blobs_handed_off: AtomicU64,
     bytes_handed_off: AtomicU64,
     handoff_passes: AtomicU64,
@@ -191,6 +197,13 @@ impl ReapiCounters {
         metrics::counter!("reapi_bytes_replicated_total").increment(bytes);
     }
 
+    /// Copies to owners of an upload, passed on while it arrived.
+    pub(crate) fn passed_on(&self, blobs: u64, bytes: u64) {
+        self.replicated(blobs, bytes);
+        add(&self.blobs_passed_on, blobs);
+        metrics::counter!("reapi_blobs_passed_on_total").increment(blobs);
+    }
+
     pub(crate) fn handed_off(&self, blobs: u64, bytes: u64) {
         add(&self.blobs_handed_off, blobs);
         add(&self.bytes_handed_off, bytes);
@@ -221,6 +234,7 @@ impl ReapiCounters {
             blobs_fetched: get(&self.blobs_fetched),
             bytes_fetched: get(&self.bytes_fetched),
             blobs_replicated: get(&self.blobs_replicated),
+            blobs_passed_on: get(&self.blobs_passed_on),
             bytes_replicated: get(&self.bytes_replicated),
             blobs_handed_off: get(&self.blobs_handed_off),
             bytes_handed_off: get(&self.bytes_handed_off),

@@ -275,7 +275,7 @@ impl Tee {
                 }
             }
         }
-        self.counters.replicated(sent, sent * digest.size());
+        self.counters.passed_on(sent, sent * digest.size());
         self.complete && held >= self.needed
     }
 }

@@ -159,8 +159,10 @@ async fn a_large_upload_reaches_its_owners_as_it_arrives_and_a_refusing_owner_is
         .collect();
     assert_eq!(holders.len(), 3, "the writer and two others: {holders:?}");
     assert!(holders.iter().all(|h| h != "r1"), "{holders:?}");
+    // Passed on to the owner that took it; copied to its replacement once stored.
     let stats = cluster.replicas[0].stats();
     assert_eq!(stats.bytes_replicated, 2 * data.len() as u64, "{stats:?}");
+    assert_eq!(stats.blobs_passed_on, 1, "{stats:?}");
 
     // The same size with one byte changed: refused, and on no replica under either digest.
     let mut lie = data.clone();

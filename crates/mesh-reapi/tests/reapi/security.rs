@@ -290,6 +290,40 @@ async fn tokens_grant_rights_and_replicas_use_the_cluster_token() {
     );
     let mut laptop_1 = cas(channel(url(1), None).await.unwrap(), Some("laptop-token"));
     assert_eq!(missing(&mut laptop_1, &digests).await.unwrap(), 0);
+    // A large upload is passed on to r1 as it arrives, with the cluster's token.
+    let large: Vec<u8> = (0..2 * 1024 * 1024 + 9)
+        .map(|i: u32| (i % 239) as u8)
+        .collect();
+    let large_digest = Digest::of(&large);
+    let pieces: Vec<_> = large
+        .chunks(1024 * 1024)
+        .enumerate()
+        .map(
+            |(i, piece)| mesh_reapi::proto::google::bytestream::WriteRequest {
+                resource_name: if i == 0 {
+                    format!("uploads/t/blobs/{large_digest}")
+                } else {
+                    String::new()
+                },
+                write_offset: (i * 1024 * 1024) as i64,
+                finish_write: (i + 1) * 1024 * 1024 >= large.len(),
+                data: piece.to_vec(),
+            },
+        )
+        .collect();
+    let written = mesh_reapi::proto::google::bytestream::byte_stream_client::ByteStreamClient::with_interceptor(
+        channel_0.clone(),
+        Bearer(Some("ci-token".to_owned())),
+    )
+    .write(futures::stream::iter(pieces))
+    .await
+    .unwrap();
+    assert_eq!(written.into_inner().committed_size, large.len() as i64);
+    assert!(
+        cluster.holds(1, &large_digest),
+        "r1 took the passed-on upload"
+    );
+    assert_eq!(cluster.replicas[0].stats().blobs_passed_on, 1);
 
     // Read-only: reads cached results, cannot store one.
     let action = Digest::of(b"an action");
