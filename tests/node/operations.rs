@@ -420,7 +420,9 @@ async fn the_node_example_runs_one_reapi_replica_per_process() {
     let r1 = NodeProcess::start(reapi("r1").arg("--join", &r0.gossip)).await;
     // One cluster, seen through the admin API every replica serves.
     let members = wait_for_members(bin, &r1, &["r0", "r1"]).await;
-    assert_eq!(members["r0"]["state"]["max_concurrency"], 16);
+    // No max_concurrency given: one action per CPU, gossiped as the replica's capacity.
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    assert_eq!(members["r0"]["state"]["max_concurrency"], cpus);
     for replica in [&r0, &r1] {
         let mut client = CapabilitiesClient::connect(replica.url()).await.unwrap();
         let capabilities = client
