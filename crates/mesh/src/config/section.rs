@@ -47,22 +47,7 @@ pub trait Section: serde::de::DeserializeOwned + Default {
 /// Reads section `T` from a TOML (`.toml`) or YAML (`.yaml`, `.yml`) file: its `[T::NAME]`
 /// table, or its defaults when the file has none.
 pub fn from_file<T: Section>(path: impl AsRef<Path>) -> Result<T, ConfigError> {
-    let path = path.as_ref();
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    let parse_error = |message: String| ConfigError::Parse {
-        path: path.to_owned(),
-        message,
-    };
-    match path.extension().and_then(|e| e.to_str()) {
-        Some("toml") => from_toml_str(&text).map_err(parse_error),
-        Some("yaml" | "yml") => from_yaml_str(&text).map_err(parse_error),
-        _ => Err(ConfigError::UnknownFormat {
-            path: path.to_owned(),
-        }),
-    }
+    parse_file(path.as_ref(), from_toml_str, from_yaml_str)
 }
 
 /// Whether the TOML or YAML file at `path` sets `key` in section `T` (the mesh section's keys
@@ -70,7 +55,39 @@ pub fn from_file<T: Section>(path: impl AsRef<Path>) -> Result<T, ConfigError> {
 /// default depends on another section's key (`[reapi] max_concurrency` takes `[mesh]`'s only
 /// when that is set) asks this.
 pub fn sets_in_file<T: Section>(path: impl AsRef<Path>, key: &str) -> Result<bool, ConfigError> {
-    let path = path.as_ref();
+    let is_section = |name: &str| SECTIONS.contains(&name);
+    parse_file(
+        path.as_ref(),
+        |text| {
+            let table: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
+            let sectioned = table.keys().any(|name| is_section(name));
+            Ok(match table.get(T::NAME) {
+                Some(toml::Value::Table(section)) => section.contains_key(key),
+                _ => !sectioned && T::NAME == "mesh" && table.contains_key(key),
+            })
+        },
+        |text| {
+            let value: serde_yaml_ng::Value =
+                serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?;
+            let serde_yaml_ng::Value::Mapping(map) = value else {
+                return Ok(false);
+            };
+            let sectioned = map.keys().any(|name| name.as_str().is_some_and(is_section));
+            Ok(match map.get(T::NAME) {
+                Some(serde_yaml_ng::Value::Mapping(section)) => section.contains_key(key),
+                _ => !sectioned && T::NAME == "mesh" && map.contains_key(key),
+            })
+        },
+    )
+}
+
+/// Reads the file at `path` and parses its text with `toml` or `yaml`, by its extension;
+/// every error names the file.
+fn parse_file<R>(
+    path: &Path,
+    toml: impl FnOnce(&str) -> Result<R, String>,
+    yaml: impl FnOnce(&str) -> Result<R, String>,
+) -> Result<R, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_owned(),
         source,
@@ -80,29 +97,8 @@ pub fn sets_in_file<T: Section>(path: impl AsRef<Path>, key: &str) -> Result<boo
         message,
     };
     match path.extension().and_then(|e| e.to_str()) {
-        Some("toml") => {
-            let table: toml::Table =
-                toml::from_str(&text).map_err(|e| parse_error(e.to_string()))?;
-            let sectioned = table.keys().any(|k| SECTIONS.contains(&k.as_str()));
-            Ok(match table.get(T::NAME) {
-                Some(toml::Value::Table(section)) => section.contains_key(key),
-                _ => !sectioned && T::NAME == "mesh" && table.contains_key(key),
-            })
-        }
-        Some("yaml" | "yml") => {
-            let value: serde_yaml_ng::Value =
-                serde_yaml_ng::from_str(&text).map_err(|e| parse_error(e.to_string()))?;
-            let serde_yaml_ng::Value::Mapping(map) = value else {
-                return Ok(false);
-            };
-            let sectioned = map
-                .keys()
-                .any(|k| k.as_str().is_some_and(|k| SECTIONS.contains(&k)));
-            Ok(match map.get(T::NAME) {
-                Some(serde_yaml_ng::Value::Mapping(section)) => section.contains_key(key),
-                _ => !sectioned && T::NAME == "mesh" && map.contains_key(key),
-            })
-        }
+        Some("toml") => toml(&text).map_err(parse_error),
+        Some("yaml" | "yml") => yaml(&text).map_err(parse_error),
         _ => Err(ConfigError::UnknownFormat {
             path: path.to_owned(),
         }),
