@@ -15,7 +15,7 @@ use prost::Message as _;
 use tonic::{Code, metadata::AsciiMetadataValue};
 
 use crate::support::{
-    Cluster, Gate, execute, execute_request, finished, missing_on, read, shell, upload,
+    Cluster, Gate, blob_where, execute, execute_request, finished, missing_on, read, shell, upload,
     wait_execution,
 };
 
@@ -947,21 +947,12 @@ async fn a_peer_lying_about_a_streamed_blob_fails_that_read_only_and_the_retry_r
     let liar = cluster.join_member("liar", liar_addr).await;
     // A blob on r1 only, whose best owner after r0 is the liar: r0 asks the liar first.
     let r0 = cluster.replicas[0].reapi().cluster();
-    let (data, digest) = (0u8..)
-        .map(|salt| {
-            let data: Vec<u8> = (0..6 * 1024 * 1024)
-                .map(|i: u32| (i % 251) as u8 ^ salt)
-                .collect();
-            let digest = Digest::of(&data);
-            (data, digest)
-        })
-        .find(|(_, digest)| {
-            r0.owners(digest)
-                .iter()
-                .find(|node| node.as_str() != "r0")
-                .is_some_and(|node| node.as_str() == "liar")
-        })
-        .expect("a blob the liar owns");
+    let (data, digest) = blob_where(6 * 1024 * 1024, |digest| {
+        r0.owners(digest)
+            .iter()
+            .find(|node| node.as_str() != "r0")
+            .is_some_and(|node| node.as_str() == "liar")
+    });
     assert_eq!(cluster.put_only_on(1, &data).await, digest);
 
     let error = read(&mut cluster.bytestream(0).await, &digest)

@@ -21,8 +21,8 @@ use mesh_reapi::{
 use prost::Message as _;
 
 use crate::support::{
-    Cluster, Gate, bounded, data_dir, eventually, execute_request, finished, missing_on, read,
-    response, shell, test_config, upload, upload_with, write,
+    Cluster, Gate, blob_where, bounded, data_dir, eventually, execute_request, finished,
+    missing_on, read, response, shell, test_config, upload, upload_with, write,
 };
 
 /// `n` small blobs and their digests.
@@ -130,19 +130,10 @@ async fn a_large_upload_reaches_its_owners_as_it_arrives_and_a_refusing_owner_is
     .await;
     // A blob whose owners are r1 and another replica, not the writer r0: r1 is passed the
     // upload and refuses it.
-    let (data, digest) = (0u8..)
-        .map(|salt| {
-            let data: Vec<u8> = (0..3 * 1024 * 1024 + 17)
-                .map(|i: u32| (i % 251) as u8 ^ salt)
-                .collect();
-            let digest = Digest::of(&data);
-            (data, digest)
-        })
-        .find(|(_, digest)| {
-            let owners = cluster.replicas[0].reapi().cluster().owners(digest);
-            owners.iter().any(|o| o.as_str() == "r1") && owners.iter().all(|o| o.as_str() != "r0")
-        })
-        .expect("a blob r1 owns");
+    let (data, digest) = blob_where(3 * 1024 * 1024 + 17, |digest| {
+        let owners = cluster.replicas[0].reapi().cluster().owners(digest);
+        owners.iter().any(|o| o.as_str() == "r1") && owners.iter().all(|o| o.as_str() != "r0")
+    });
     let committed = write(
         &mut cluster.bytestream(0).await,
         format!("uploads/t/blobs/{digest}"),

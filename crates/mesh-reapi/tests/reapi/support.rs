@@ -281,6 +281,19 @@ pub async fn missing_on(cluster: &Cluster, position: usize, digests: &[Digest]) 
         .collect()
 }
 
+/// A blob of `len` bytes (one pattern, varied by a salt) whose digest `wanted` accepts: a test
+/// picks one whose owners are the replicas it needs.
+pub fn blob_where(len: u32, wanted: impl Fn(&Digest) -> bool) -> (Vec<u8>, Digest) {
+    (0u8..=u8::MAX)
+        .map(|salt| {
+            let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8 ^ salt).collect();
+            let digest = Digest::of(&data);
+            (data, digest)
+        })
+        .find(|(_, digest)| wanted(digest))
+        .expect("one of 256 salts gives a blob the test wants")
+}
+
 /// Uploads small blobs with `BatchUpdateBlobs`, checking every blob's status.
 pub async fn upload(cluster: &Cluster, i: usize, blobs: &[(Digest, Vec<u8>)]) {
     upload_with(&mut cluster.cas(i).await, blobs).await;
