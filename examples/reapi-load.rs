@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | `write` | one large blob streamed with `ByteStream.Write` to `--target` | SHA-256 of the bytes plus a file write, in this process |
 //! | `read` | the same blob read back from `--target` (it holds it) | the same |
-//! | `peer-read` | the same blob read through `--peer`: a fetch from a peer when `--peer` lacks it (handed on while it is fetched) | the same |
+//! | `peer-read` | the same blob read through each `--peer`: a fetch from a peer where that replica lacks it (handed on while it is fetched) | the same |
 //! | `batch` | `--small-blobs` small blobs uploaded with `BatchUpdateBlobs` | — |
 //! | `find-missing` | `FindMissingBlobs` of those plus as many absent ones, 10,000 digests a call | — |
 //! | `execute` | `--actions` no-op actions (`true`, each with a unique digest, so no cache hit), `--concurrency` in flight | spawning `true` in a loop, in this process |
@@ -17,13 +17,15 @@
 //! ```text
 //! # a cluster to drive (four replicas in one process; it prints their endpoints)
 //! cargo run --release --example reapi-cluster -- --sandbox off --nodes 4
-//! cargo run --release --example reapi-load -- --target http://127.0.0.1:P0 --peer http://127.0.0.1:P1
+//! cargo run --release --example reapi-load -- --target http://127.0.0.1:P0 \
+//!     --peer http://127.0.0.1:P1 --peer http://127.0.0.1:P2 --peer http://127.0.0.1:P3
 //! ```
 //!
 //! A written blob is held by the replica it was written to and by its two owners (`R` = 2),
 //! so among three replicas every one holds it and `peer-read` reads a local copy. With four,
-//! one replica lacks each new blob: run the load once with each of the others as `--peer`,
-//! and the slowest `peer-read` is the real fetch.
+//! one replica lacks each new blob, and which one changes with the blob (a new one each run):
+//! name all three others as `--peer`, and the `peer-read` whose first piece comes last is the
+//! real fetch.
 
 use std::{
     process::ExitCode,
@@ -65,9 +67,10 @@ struct Args {
     #[arg(long)]
     target: String,
     /// Another replica of the same cluster, to read the large blob through (a fetch from a
-    /// peer when it lacks the blob: among three replicas every one holds it).
+    /// peer where it lacks the blob: among three replicas every one holds it). Repeat it to
+    /// read through each of several.
     #[arg(long)]
-    peer: Option<String>,
+    peer: Vec<String>,
     /// Size of the large blob, in MiB.
     #[arg(long, default_value_t = 200)]
     blob_mib: u64,
@@ -166,18 +169,21 @@ async fn run(args: &Args) -> Result<(), Error> {
             );
         }
         if wants("peer-read") {
-            match &args.peer {
-                Some(peer) => {
-                    let (took, first) = read_blob(connect(peer).await?, digest).await?;
-                    report(
-                        "peer-read",
-                        &human_mib(size),
-                        mib_per_s(size, took),
-                        "MiB/s",
-                        &format!("{limit}; first piece after {} ms", first.as_millis()),
-                    );
-                }
-                None => println!("{:<14} skipped: no --peer", "peer-read"),
+            if args.peer.is_empty() {
+                println!("{:<14} skipped: no --peer", "peer-read");
+            }
+            for peer in &args.peer {
+                let (took, first) = read_blob(connect(peer).await?, digest).await?;
+                report(
+                    "peer-read",
+                    &human_mib(size),
+                    mib_per_s(size, took),
+                    "MiB/s",
+                    &format!(
+                        "{limit}; first piece after {} ms; through {peer}",
+                        first.as_millis()
+                    ),
+                );
             }
         }
     }
