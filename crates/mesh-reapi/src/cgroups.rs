@@ -4,9 +4,21 @@
 //! ends, under a group this replica makes for its actions. Its process limit (`pids.max`) stops
 //! a fork bomb; its memory limit (`memory.max`, or `memory.limit_in_bytes` in version 1) has the
 //! kernel kill the action's processes rather than the replica when an action allocates too much.
-//! The action's first process enters the group before it runs anything (a `/bin/sh` wrapper
-//! writes its own pid into `cgroup.procs`, then `exec`s the sandbox), so every process it
-//! starts is counted from the first fork on.
+//! The action's first process is in the group before it runs anything, so every process it
+//! starts is counted from the first fork on. It gets there in one of two ways:
+//!
+//! * **Born there** (cgroup v1, process limit only): cgroup v1 puts each *thread* in a group
+//!   (its `tasks` file), and a child starts in the group of the thread that forked it. The
+//!   thread that spawns the action writes its own thread id into the action's `tasks`, spawns,
+//!   and writes it back into this replica's own `tasks`. The action costs one `exec`, its
+//!   own. While the thread is inside, it counts as one of the action's processes, so this way
+//!   is taken only for a limit of at least 2 (the action can never exceed its limit; for a few
+//!   microseconds it has one process fewer). It is not taken with a memory limit: for those
+//!   microseconds the kernel's OOM killer could pick the replica, which shares the group.
+//! * **A wrapper** (cgroup v2, or a memory limit): a `/bin/sh` writes its own pid into
+//!   `cgroup.procs`, then `exec`s the sandbox. Version 2 moves whole processes only, and the
+//!   way to start a child inside a group there, `clone3` with `CLONE_INTO_CGROUP`, needs
+//!   `unsafe` code this crate does not have.
 //!
 //! Where: the unified hierarchy (cgroup v2) when this replica's own group delegates the `pids`
 //! and `memory` controllers to groups below it (`cgroup.subtree_control`, as systemd's
@@ -18,6 +30,7 @@
 use std::{
     fs, io,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 /// How many processes and how much memory one action may use.
@@ -44,6 +57,10 @@ impl Default for ResourceLimits {
 pub(crate) struct Cgroups {
     /// (controller directory of this replica's action groups, file name of its limit, limit).
     limits: Vec<(PathBuf, &'static str, u64)>,
+    /// Where the spawning thread goes back to, when actions are born in their groups (see
+    /// the module docs): the `tasks` files of this replica's own groups. `None`: a wrapper
+    /// moves the action's first process.
+    home: Option<Arc<[PathBuf]>>,
 }
 
 /// The groups of one running action; dropping it removes them (they are empty by then: the
@@ -51,12 +68,64 @@ pub(crate) struct Cgroups {
 #[derive(Debug)]
 pub(crate) struct ActionGroup {
     dirs: Vec<PathBuf>,
+    /// [`Cgroups::home`].
+    home: Option<Arc<[PathBuf]>>,
 }
 
 impl ActionGroup {
-    /// The `cgroup.procs` files the action's first process writes its pid into.
-    pub(crate) fn procs(&self) -> impl Iterator<Item = PathBuf> + '_ {
-        self.dirs.iter().map(|dir| dir.join("cgroup.procs"))
+    /// The `cgroup.procs` files the action's first process must write its pid into, through
+    /// a wrapper; empty when [`ActionGroup::spawn_inside`] puts it there instead.
+    pub(crate) fn procs(&self) -> Vec<PathBuf> {
+        match self.home {
+            Some(_) => Vec::new(),
+            None => self
+                .dirs
+                .iter()
+                .map(|dir| dir.join("cgroup.procs"))
+                .collect(),
+        }
+    }
+
+    /// Runs `spawn` (which starts the action's first process) so that the process is born in
+    /// these groups, where they allow it (see the module docs); otherwise just runs it, and
+    /// the wrapper of [`ActionGroup::procs`] moves the process.
+    ///
+    /// The calling thread is in the groups only while `spawn` runs; an error moving it in is
+    /// returned without spawning anything.
+    pub(crate) fn spawn_inside<T>(&self, spawn: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+        let Some(home) = &self.home else {
+            return spawn();
+        };
+        let thread = rustix::thread::gettid().as_raw_nonzero().to_string();
+        let go_home = || {
+            for tasks in home.iter() {
+                if let Err(error) = fs::write(tasks, &thread) {
+                    // Not expected (this replica's own group, as writable as the action's):
+                    // the thread's next spawn moves it again, but the group stays until then.
+                    tracing::error!(
+                        %error,
+                        tasks = %tasks.display(),
+                        "could not move a thread back out of an action's control group"
+                    );
+                }
+            }
+        };
+        for dir in &self.dirs {
+            let tasks = dir.join("tasks");
+            if let Err(error) = fs::write(&tasks, &thread) {
+                go_home();
+                return Err(io::Error::new(
+                    error.kind(),
+                    format!(
+                        "entering the action's control group {}: {error}",
+                        tasks.display()
+                    ),
+                ));
+            }
+        }
+        let spawned = spawn();
+        go_home();
+        spawned
     }
 }
 
@@ -145,11 +214,13 @@ impl Cgroups {
                             (base.clone(), file, *limit)
                         })
                         .collect(),
+                    home: None,
                 }));
             }
         }
         // v1: a hierarchy per controller.
         let mut limits_v1 = Vec::new();
+        let mut home = Vec::new();
         for (controller, limit) in &wanted {
             let Some((_, path)) = own
                 .iter()
@@ -169,14 +240,25 @@ impl Cgroups {
             } else {
                 "memory.limit_in_bytes"
             };
+            home.push(base.with_file_name("tasks"));
             limits_v1.push((base, file, *limit));
         }
-        Ok(Some(Self { limits: limits_v1 }))
+        // Born in the group: v1, and only a process limit of at least 2 (see the module docs).
+        let born_inside = wanted
+            .iter()
+            .all(|(controller, limit)| *controller == "pids" && *limit >= 2);
+        Ok(Some(Self {
+            limits: limits_v1,
+            home: born_inside.then(|| home.into()),
+        }))
     }
 
     /// Makes the groups of one action (`id` unique among running actions) with their limits.
     pub(crate) fn action(&self, id: &str) -> io::Result<ActionGroup> {
-        let mut group = ActionGroup { dirs: Vec::new() };
+        let mut group = ActionGroup {
+            dirs: Vec::new(),
+            home: self.home.clone(),
+        };
         for (base, file, limit) in &self.limits {
             let dir = base.join(id);
             if !group.dirs.contains(&dir) {
@@ -273,10 +355,37 @@ mod tests {
             fs::read_to_string(dir.join("memory.max")).unwrap(),
             "1073741824"
         );
-        assert_eq!(
-            action.procs().collect::<Vec<_>>(),
-            [dir.join("cgroup.procs")]
-        );
+        assert_eq!(action.procs(), [dir.join("cgroup.procs")]);
+    }
+
+    #[test]
+    fn with_a_process_limit_only_v1_actions_are_born_in_their_group() {
+        let root = tempfile::tempdir().unwrap();
+        fs::create_dir_all(root.path().join("pids/box")).unwrap();
+        let groups = own(&[("", "/"), ("pids", "/box"), ("memory", "/box")]);
+        let limits = |max_processes| ResourceLimits {
+            max_processes: Some(max_processes),
+            max_memory_bytes: None,
+        };
+        let cgroups = Cgroups::prepare_in(root.path(), &groups, limits(8), "reapi")
+            .unwrap()
+            .unwrap();
+        let action = cgroups.action("a3").unwrap();
+        assert!(action.procs().is_empty(), "no wrapper");
+        let home = root.path().join("pids/box/tasks");
+        let inside = root.path().join("pids/box/reapi/a3/tasks");
+        let thread = rustix::thread::gettid().as_raw_nonzero().to_string();
+        // The thread is in the action's group while it spawns, and back home after.
+        let spawned = action
+            .spawn_inside(|| Ok(fs::read_to_string(&inside).unwrap()))
+            .unwrap();
+        assert_eq!(spawned, thread);
+        assert_eq!(fs::read_to_string(&home).unwrap(), thread);
+        // One process allowed: the thread would take it; the wrapper moves the process.
+        let cgroups = Cgroups::prepare_in(root.path(), &groups, limits(1), "reapi")
+            .unwrap()
+            .unwrap();
+        assert_eq!(cgroups.action("a4").unwrap().procs().len(), 1);
     }
 
     #[test]
@@ -301,7 +410,11 @@ mod tests {
             fs::read_to_string(memory.join("memory.limit_in_bytes")).unwrap(),
             "4096"
         );
-        assert_eq!(action.procs().count(), 2);
+        assert_eq!(
+            action.procs().len(),
+            2,
+            "a memory limit: moved by the wrapper"
+        );
         let error =
             Cgroups::prepare_in(root.path(), &own(&[("", "/")]), limits, "reapi").unwrap_err();
         assert!(error.contains("no pids controller"), "{error}");

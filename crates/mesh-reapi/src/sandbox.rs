@@ -78,8 +78,9 @@ pub struct SandboxError {
 
 /// One action's process: `program` and `arguments` with exactly `environment`, in `cwd`, with
 /// `root` (the action's directory, holding `cwd`) writable and nothing else; `network` shares
-/// the host's network; `group` is the action's control groups, which its first process enters
-/// before it runs anything.
+/// the host's network; `group` is the action's control groups, which its first process is in
+/// before it runs anything (born there, or moved by the wrapper this command then starts with;
+/// spawn it with [`ActionGroup::spawn_inside`]).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Launch<'a> {
     pub(crate) program: &'a Path,
@@ -172,10 +173,10 @@ impl Sandbox {
                 ))
                 .collect(),
         };
-        if let Some(group) = group {
+        let procs = group.map(ActionGroup::procs).unwrap_or_default();
+        if !procs.is_empty() {
             // `sh -c 'echo $$ > "$1" && … && shift N && exec "$@"' sh FILES… ARGV…`: the
             // first process joins the groups, then becomes the action (or its sandbox).
-            let procs: Vec<PathBuf> = group.procs().collect();
             let mut script = String::new();
             for i in 1..=procs.len() {
                 script.push_str(&format!("echo $$ > \"${i}\" && "));

@@ -229,7 +229,12 @@ pub(crate) async fn run(
     process
         .stdout(Stdio::from(stdout_file))
         .stderr(Stdio::from(stderr_file));
-    let mut child = process.spawn().map_err(|error| {
+    let spawned = match &group {
+        // Born in its control groups where they allow it, else moved by a wrapper.
+        Some(group) => group.spawn_inside(|| process.spawn()),
+        None => process.spawn(),
+    };
+    let mut child = spawned.map_err(|error| {
         let context = format!("the command's program {program:?} could not be started");
         match error.kind() {
             // The action's fault: it names something that cannot run.
