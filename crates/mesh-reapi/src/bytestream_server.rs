@@ -198,7 +198,7 @@ impl ByteStream for ByteStreamService {
                 _ => committed(digest.size()),
             });
         }
-        let mut writer = self.cluster.local().writer(digest)?;
+        let mut writer = self.cluster.local().writer(digest).await?;
         // A large upload from a client is passed on to its owners as it arrives.
         let mut tee = (!fetch.is_local() && digest.size() > TEE_MIN)
             .then(|| self.cluster.tee(digest, fetch.metadata()));

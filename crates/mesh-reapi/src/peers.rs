@@ -310,7 +310,7 @@ impl Peers<'_> {
             node: node.clone(),
             source,
         };
-        let mut writer: BlobWriter = cas.writer(digest).map_err(store_error)?;
+        let mut writer: BlobWriter = cas.writer(digest).await.map_err(store_error)?;
         let Some(mut read) = self.open_read(node, digest).await? else {
             return Ok(false);
         };

@@ -370,25 +370,39 @@ impl Cas {
                 Err(CasError::DigestMismatch { expected, actual })
             };
         }
-        let mut writer = self.writer(expected)?;
-        writer.write(&data).await?;
-        writer.commit().await
+        self.check_size(expected)?;
+        // Checked, written and committed on the blocking pool: creating a file is file-system
+        // work (and the replica's runtime may be a single thread).
+        let cas = self.clone();
+        blocking(expected, move || {
+            let actual = Digest::of_with(expected.function(), &data);
+            if actual != expected {
+                return Err(CasError::DigestMismatch { expected, actual });
+            }
+            cas.store_checked_blocking(expected, &data)
+        })
+        .await
     }
 
     /// A streaming writer for a blob that must turn out to be `expected`.
-    pub fn writer(&self, expected: Digest) -> Result<BlobWriter, CasError> {
-        let max = self.dir.max_bytes();
-        if expected.size() > max {
-            return Err(CasError::TooLarge {
-                digest: expected,
-                max,
-            });
-        }
-        let (file, path) = self
-            .dir
-            .temp_file()
-            .map_err(CasError::io("creating a temporary file"))?;
+    pub async fn writer(&self, expected: Digest) -> Result<BlobWriter, CasError> {
+        self.check_size(expected)?;
+        let dir = self.dir.clone();
+        let (file, path) = blocking(expected, move || {
+            dir.temp_file()
+                .map_err(CasError::io("creating a temporary file"))
+        })
+        .await?;
         Ok(BlobWriter::new(self.clone(), expected, file, path))
+    }
+
+    /// A blob larger than the whole store is refused before anything is written.
+    fn check_size(&self, digest: Digest) -> Result<(), CasError> {
+        let max = self.dir.max_bytes();
+        if digest.size() > max {
+            return Err(CasError::TooLarge { digest, max });
+        }
+        Ok(())
     }
 
     /// Copies everything `input` yields into the CAS, hashing while copying, and returns its
@@ -432,8 +446,14 @@ impl Cas {
         function: DigestFunction,
     ) -> Result<Digest, CasError> {
         let digest = Digest::of_with(function, data);
+        self.store_checked_blocking(digest, data)?;
+        Ok(digest)
+    }
+
+    /// Stores `data`, known to match `digest`, unless it is here already; blocking.
+    fn store_checked_blocking(&self, digest: Digest, data: &[u8]) -> Result<(), CasError> {
         if self.dir.touch(&digest) {
-            return Ok(digest);
+            return Ok(());
         }
         let (mut output, path) = self
             .dir
@@ -443,8 +463,7 @@ impl Cas {
             .write_all(data)
             .map_err(CasError::io(format!("writing blob {digest}")))?;
         drop(output);
-        self.commit_temp(digest, path)?;
-        Ok(digest)
+        self.commit_temp(digest, path)
     }
 
     pub(super) fn commit_temp(&self, digest: Digest, path: TempPath) -> Result<(), CasError> {
@@ -560,7 +579,7 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(work)
         .await
         .map_err(|e| CasError::Io {
-            context: format!("reading blob {digest}"),
+            context: format!("file work on blob {digest}"),
             source: io::Error::other(e),
         })?
 }
@@ -625,7 +644,7 @@ mod tests {
         let (dir, cas) = cas(1 << 20);
         let data = b"hello, world".repeat(100);
         let digest = Digest::of(&data);
-        let mut writer = cas.writer(digest).unwrap();
+        let mut writer = cas.writer(digest).await.unwrap();
         for chunk in data.chunks(7) {
             writer.write(chunk).await.unwrap();
             assert!(!cas.contains(&digest), "nothing visible before commit");
@@ -639,7 +658,7 @@ mod tests {
     async fn a_digest_mismatch_names_both_digests_and_stores_nothing() {
         let (dir, cas) = cas(1 << 20);
         let claimed = Digest::of(b"hello");
-        let mut writer = cas.writer(claimed).unwrap();
+        let mut writer = cas.writer(claimed).await.unwrap();
         writer.write(b"HELLO").await.unwrap();
         let error = writer.commit().await.unwrap_err();
         let message = error.to_string();
@@ -663,7 +682,7 @@ mod tests {
     async fn extra_data_is_refused_and_abandoned_writes_leave_nothing() {
         let (dir, cas) = cas(1 << 20);
         let digest = Digest::of(b"abc");
-        let mut writer = cas.writer(digest).unwrap();
+        let mut writer = cas.writer(digest).await.unwrap();
         writer.write(b"ab").await.unwrap();
         let error = writer.write(b"cd").await.unwrap_err();
         assert!(error.to_string().contains("at least 4 bytes"), "{error}");
@@ -676,7 +695,7 @@ mod tests {
     async fn blobs_larger_than_the_bound_are_refused_up_front() {
         let (_dir, cas) = cas(4);
         let digest = Digest::of(b"too large");
-        let error = cas.writer(digest).unwrap_err();
+        let error = cas.writer(digest).await.unwrap_err();
         assert!(error.to_string().contains("bound of 4 bytes"), "{error}");
     }
 

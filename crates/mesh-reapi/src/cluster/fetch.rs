@@ -354,7 +354,7 @@ impl ClusterCas {
                     continue;
                 }
             };
-            let writer = self.cas.writer(digest).ok()?;
+            let writer = self.cas.writer(digest).await.ok()?;
             let mut streamed = StreamedFetch {
                 cluster: self.clone(),
                 digest,
