@@ -114,13 +114,12 @@ impl ActionGroup {
             let tasks = dir.join("tasks");
             if let Err(error) = fs::write(&tasks, &thread) {
                 go_home();
-                return Err(io::Error::new(
-                    error.kind(),
-                    format!(
-                        "entering the action's control group {}: {error}",
-                        tasks.display()
-                    ),
-                ));
+                // `Other`, whatever the cause: the replica's failure, never the action's (a
+                // spawn's `NotFound` or `PermissionDenied` is read as the action's program).
+                return Err(io::Error::other(format!(
+                    "entering the action's control group {}: {error}",
+                    tasks.display()
+                )));
             }
         }
         let spawned = spawn();
@@ -380,6 +379,14 @@ mod tests {
             .spawn_inside(|| Ok(fs::read_to_string(&inside).unwrap()))
             .unwrap();
         assert_eq!(spawned, thread);
+        assert_eq!(fs::read_to_string(&home).unwrap(), thread);
+        // A group that cannot be entered is the replica's failure, not a missing program,
+        // and the thread is back home.
+        fs::remove_dir_all(root.path().join("pids/box/reapi/a3")).unwrap();
+        fs::write(&home, "").unwrap();
+        let error = action.spawn_inside(|| Ok(())).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::Other, "{error}");
+        assert!(error.to_string().contains("reapi/a3/tasks"), "{error}");
         assert_eq!(fs::read_to_string(&home).unwrap(), thread);
         // One process allowed: the thread would take it; the wrapper moves the process.
         let cgroups = Cgroups::prepare_in(root.path(), &groups, limits(1), "reapi")
