@@ -473,51 +473,68 @@ async fn an_action_is_held_to_its_process_and_memory_limits() {
 /// With a process limit only, on cgroup v1 an action is born in its group: the thread that
 /// spawns it steps into the group for the spawn and back out (`cgroups` module docs). The
 /// limit holds the same, and no thread of the replica is left in an action's group.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_action_with_a_process_limit_only_is_held_to_it_and_no_replica_thread_stays_in_its_group()
- {
-    let cluster = Cluster::start(1, |_, config| {
-        config.resources.max_processes = Some(16);
-        config.resources.max_memory_bytes = None;
-    })
-    .await;
-    if !limited(&cluster, "process limit only") {
-        return cluster.shutdown().await;
-    }
-    let forks = shell(
-        "n=0; for i in $(seq 1 40); do sleep 2 & n=$((n+1)); done 2>/dev/null; \
-         echo started; wait",
-    );
-    let within = shell("for i in 1 2 3; do sleep 0.1 & done; wait; echo ok");
-    // Several at once, so spawns from different threads overlap.
-    let (a, b, c, d) = tokio::join!(
-        run(&cluster, &forks),
-        run(&cluster, &within),
-        run(&cluster, &forks),
-        run(&cluster, &within),
-    );
-    for response in [&a, &c] {
-        let result = response.result.as_ref().expect("a result");
-        assert_ne!(
-            result.exit_code, 0,
-            "forking past the limit fails: {response:?}"
+#[test]
+fn an_action_with_a_process_limit_only_is_held_to_it_and_no_replica_thread_stays_in_its_group() {
+    // A runtime of its own, with a thread name no other test uses: the threads that spawn
+    // this test's actions (and only they, as tests run side by side) carry it.
+    const THREADS: &str = "born-in-group";
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name(THREADS)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let cluster = Cluster::start(1, |_, config| {
+            config.resources.max_processes = Some(16);
+            config.resources.max_memory_bytes = None;
+        })
+        .await;
+        if !limited(&cluster, "process limit only") {
+            return cluster.shutdown().await;
+        }
+        let forks = shell(
+            "n=0; for i in $(seq 1 40); do sleep 2 & n=$((n+1)); done 2>/dev/null; \
+             echo started; wait",
         );
-    }
-    for response in [&b, &d] {
-        assert_eq!(stdout(&cluster, response), "ok\n", "{response:?}");
-    }
-    // Every thread of this process (the replica's among them) is in the process's groups.
-    let process = std::fs::read_to_string("/proc/self/cgroup").unwrap();
-    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
-        let Ok(groups) = std::fs::read_to_string(task.path().join("cgroup")) else {
-            continue; // the thread has ended
-        };
-        assert_eq!(
-            groups,
-            process,
-            "thread {:?} is in the process's groups",
-            task.file_name()
+        let within = shell("for i in 1 2 3; do sleep 0.1 & done; wait; echo ok");
+        // Several at once, so spawns from different threads overlap.
+        let (a, b, c, d) = tokio::join!(
+            run(&cluster, &forks),
+            run(&cluster, &within),
+            run(&cluster, &forks),
+            run(&cluster, &within),
         );
-    }
-    cluster.shutdown().await;
+        for response in [&a, &c] {
+            let result = response.result.as_ref().expect("a result");
+            assert_ne!(
+                result.exit_code, 0,
+                "forking past the limit fails: {response:?}"
+            );
+        }
+        for response in [&b, &d] {
+            assert_eq!(stdout(&cluster, response), "ok\n", "{response:?}");
+        }
+        // Every thread of this runtime is in the process's groups.
+        let process = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        let mut checked = 0;
+        for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+            let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            if name.trim_end() != THREADS {
+                continue;
+            }
+            let Ok(groups) = std::fs::read_to_string(task.path().join("cgroup")) else {
+                continue; // the thread has ended
+            };
+            assert_eq!(
+                groups,
+                process,
+                "thread {:?} is in the process's groups",
+                task.file_name()
+            );
+            checked += 1;
+        }
+        assert!(checked >= 2, "the runtime's threads were found ({checked})");
+        cluster.shutdown().await;
+    });
 }
