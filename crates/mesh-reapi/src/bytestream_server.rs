@@ -233,13 +233,13 @@ impl ByteStream for ByteStreamService {
             }
             received += message.data.len() as u64;
             match inflater.as_mut() {
-                None => write_piece(&mut writer, tee.as_mut(), &message.data).await?,
+                None => write_piece(&mut writer, tee.as_mut(), message.data).await?,
                 Some(inflater) => {
                     let mut input = &message.data[..];
                     while let Some(piece) = inflater.step(&mut input).map_err(|rule| {
                         invalid(format!("compressed upload of blob {digest}: {rule}"))
                     })? {
-                        write_piece(&mut writer, tee.as_mut(), piece).await?;
+                        write_piece(&mut writer, tee.as_mut(), piece.to_vec()).await?;
                     }
                 }
             }
@@ -327,11 +327,11 @@ fn streamed_read(
 async fn write_piece(
     writer: &mut BlobWriter,
     tee: Option<&mut Tee>,
-    piece: &[u8],
+    piece: Vec<u8>,
 ) -> Result<(), CasError> {
     match tee {
-        None => writer.write(piece).await,
-        Some(tee) => tokio::join!(writer.write(piece), tee.write(piece)).0,
+        None => writer.write_owned(piece).await,
+        Some(tee) => tokio::join!(writer.write_owned(piece.clone()), tee.write(&piece)).0,
     }
 }
 

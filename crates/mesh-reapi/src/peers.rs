@@ -316,7 +316,7 @@ impl Peers<'_> {
         };
         loop {
             match read.next().await {
-                Ok(Some(piece)) => writer.write(&piece).await.map_err(store_error)?,
+                Ok(Some(piece)) => writer.write_owned(piece).await.map_err(store_error)?,
                 Ok(None) => break,
                 Err(PeerError::Status {
                     code: Code::NotFound,

@@ -692,6 +692,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_piece_that_cannot_be_written_fails_the_blob_and_stores_nothing() {
+        let (dir, cas) = cas(1 << 20);
+        let data = b"written behind".to_vec();
+        let digest = Digest::of(&data);
+        // The temporary file opened read-only: the write of the first piece fails.
+        let (_file, path) = cas.dir.temp_file().unwrap();
+        let read_only = fs::File::open(&path).unwrap();
+        let mut writer = BlobWriter::new(cas.clone(), digest, read_only, path);
+        writer.write(&data[..5]).await.unwrap();
+        let error = writer.write(&data[5..]).await.unwrap_err();
+        assert!(
+            error.to_string().contains(&format!("writing blob {digest}")),
+            "{error}"
+        );
+        let error = writer.commit().await.unwrap_err();
+        assert!(error.to_string().contains("an earlier piece"), "{error}");
+        assert!(!cas.contains(&digest));
+        assert_eq!(tmp_files(dir.path()), 0);
+    }
+
+    #[tokio::test]
     async fn blobs_larger_than_the_bound_are_refused_up_front() {
         let (_dir, cas) = cas(4);
         let digest = Digest::of(b"too large");
