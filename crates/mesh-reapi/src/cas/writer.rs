@@ -83,7 +83,7 @@ impl BlobWriter {
         }
     }
 
-    /// Bytes written so far.
+    /// Bytes taken so far, the piece still being written included.
     pub fn written(&self) -> u64 {
         self.accepted
     }
