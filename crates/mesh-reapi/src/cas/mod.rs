@@ -703,7 +703,9 @@ mod tests {
         writer.write(&data[..5]).await.unwrap();
         let error = writer.write(&data[5..]).await.unwrap_err();
         assert!(
-            error.to_string().contains(&format!("writing blob {digest}")),
+            error
+                .to_string()
+                .contains(&format!("writing blob {digest}")),
             "{error}"
         );
         let error = writer.commit().await.unwrap_err();
