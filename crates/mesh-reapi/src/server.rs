@@ -543,11 +543,17 @@ impl ReapiServer {
             }
         };
         let cluster = self.reapi.cluster().clone();
+        let scheduler = self.reapi.inner.scheduler.clone();
         let hand_off = config.hand_off;
         if hand_off {
             cluster.set_leaving();
         }
         let settle = async move {
+            // An action stops counting as load when it gives back its slot; placing what it
+            // produced on its owners still has to finish (its client may be gone).
+            while scheduler.running_operations() > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
             if !hand_off {
                 return;
             }

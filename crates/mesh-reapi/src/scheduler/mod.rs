@@ -2,9 +2,13 @@
 //! finished operations followable for a while.
 //!
 //! * **Load**: every accepted action takes a [`mesh_core::TaskGuard`] at once and holds it
-//!   until its operation is done, so the load the mesh gossips (queued + executing) is exact.
-//!   The guard is the `Execute` call's own, which the route layer counted when it placed the
-//!   call here ([`mesh_route::layer::CallTask`]), so the call and its action count once.
+//!   until it gives back its slot, so the load the mesh gossips is exactly the actions that
+//!   wait for a slot here or hold one. The guard is the `Execute` call's own, which the route
+//!   layer counted when it placed the call here ([`mesh_route::layer::CallTask`]), so the
+//!   call and its action count once. Placing the outputs and the result on their owners
+//!   afterwards is calls to peers, and is not counted: the route layer sends this replica
+//!   its next action meanwhile (counting it held the slots' share of the cluster idle for
+//!   those calls). A drain still waits for it ([`Scheduler::running_operations`]).
 //!   At most `max_concurrency` actions execute at a time (a fair semaphore: first come, first
 //!   run); the rest wait in order. A slot covers only what uses this machine: copying the
 //!   inputs in, the command, collecting the outputs. Inputs are fetched from peers (and pinned
@@ -343,6 +347,11 @@ impl Scheduler {
     pub(crate) fn known_operations(&self) -> usize {
         self.registry().operations.len()
     }
+
+    /// Operations not finished yet: queued, running, or placing what they produced.
+    pub(crate) fn running_operations(&self) -> usize {
+        self.registry().in_flight.len()
+    }
 }
 
 fn lock(inner: &Inner) -> MutexGuard<'_, Registry> {
@@ -423,9 +432,10 @@ async fn run(
         Err(error) => Err(error),
     };
     // The slot bounds what runs on this machine; placing the outputs and the result, and
-    // releasing the claim, are calls to peers, and the next action may run meanwhile. The
-    // load (`guard`) still counts this one until its outcome is published.
+    // releasing the claim, are calls to peers, and the next action may run meanwhile.
     drop(slot);
+    // Nor is this action load any more: what is left is calls to peers (see the module docs).
+    drop(guard);
     let ran = started.elapsed();
     let mut cached = false;
     let response = match outcome {
@@ -505,8 +515,6 @@ async fn run(
     )
     .await;
     completion.finish(response);
-    // The load drops only once followers can see the outcome.
-    drop(guard);
 }
 
 /// Publishes an operation's outcome exactly once, and removes it from the in-flight set; if

@@ -218,7 +218,7 @@ async fn identical_actions_in_flight_are_merged() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn load_is_held_from_queueing_to_completion_within_max_concurrency() {
+async fn load_is_held_from_queueing_until_the_slot_is_given_back_within_max_concurrency() {
     let cluster = Cluster::start(1, |_, config| config.max_concurrency = 1).await;
     let load = cluster.replicas[0].node().load().clone();
     assert_eq!(load.max_concurrency(), 1);
@@ -469,5 +469,95 @@ async fn instances_keep_their_own_results_and_operations() {
         cluster.replicas[0].stats().executed + cluster.replicas[1].stats().executed,
         executed + 1
     );
+    cluster.shutdown().await;
+}
+
+/// A peer whose `UpdateActionResult` never answers: it says when the call arrived.
+mod staller {
+    use std::sync::Arc;
+
+    use mesh_reapi::proto::build::bazel::remote::execution::v2::{
+        ActionResult, GetActionResultRequest, UpdateActionResultRequest,
+        action_cache_server::{ActionCache, ActionCacheServer},
+    };
+    use tokio::sync::Notify;
+    use tonic::{Request, Response, Status};
+
+    #[derive(Clone)]
+    pub(super) struct Staller {
+        pub(super) arrived: Arc<Notify>,
+    }
+
+    impl Staller {
+        pub(super) fn routes(self) -> tonic::service::Routes {
+            tonic::service::Routes::new(ActionCacheServer::new(self))
+        }
+    }
+
+    #[tonic::async_trait]
+    impl ActionCache for Staller {
+        async fn get_action_result(
+            &self,
+            _: Request<GetActionResultRequest>,
+        ) -> Result<Response<ActionResult>, Status> {
+            Err(Status::not_found("a staller keeps no results"))
+        }
+
+        async fn update_action_result(
+            &self,
+            _: Request<UpdateActionResultRequest>,
+        ) -> Result<Response<ActionResult>, Status> {
+            self.arrived.notify_one();
+            std::future::pending().await
+        }
+    }
+}
+
+/// Once an action gives back its slot it is no longer its replica's load: placing its result
+/// on its owners is calls to peers, and the route layer may send the replica its next action
+/// meanwhile. A drain still waits for that placement, also when the client went away: here
+/// the owner never answers, so the drain is cut at its grace period instead of reporting
+/// that everything finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_action_placing_its_result_is_not_load_and_a_drain_waits_for_it() {
+    let mut cluster = Cluster::start(1, |_, config| config.max_concurrency = 1).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let staller_addr = listener.local_addr().unwrap();
+    let staller = staller::Staller {
+        arrived: std::sync::Arc::new(tokio::sync::Notify::new()),
+    };
+    let arrived = staller.arrived.clone();
+    let staller_server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_routes(staller.routes())
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    // The staller is the only other member: it owns the result's copy.
+    let member = cluster.join_member("staller", staller_addr).await;
+    let action = shell("true").salt("placing").build();
+    upload(&cluster, 0, &action.blobs).await;
+    let mut client = cluster.exec(0).await;
+    let request = execute_request(action.action, true);
+    let call = tokio::spawn(async move { execute(&mut client, request).await });
+    bounded("the result to be placed on the staller", arrived.notified()).await;
+    let r0 = cluster.replicas.remove(0);
+    assert_eq!(
+        r0.node().load().pending(),
+        0,
+        "an action placing its result holds no load"
+    );
+    assert!(!call.is_finished(), "the operation is still placing");
+    // The client goes away; the operation goes on placing its result.
+    call.abort();
+    let mut config = mesh_reapi::DrainConfig::default();
+    config.grace = Duration::from_secs(2);
+    let report = r0.drain(config).await;
+    assert!(
+        !report.drained.finished,
+        "the drain waited for the placement, and was cut: {report:?}"
+    );
+    assert_eq!(report.drained.pending, 0, "{report:?}");
+    staller_server.abort();
+    member.shutdown().await;
     cluster.shutdown().await;
 }
