@@ -8,7 +8,7 @@
 //!   call and its action count once. Placing the outputs and the result on their owners
 //!   afterwards is calls to peers, and is not counted: the route layer sends this replica
 //!   its next action meanwhile (counting it held the slots' share of the cluster idle for
-//!   those calls). A drain still waits for it ([`Scheduler::running_operations`]).
+//!   those calls). A drain still waits for it (`Scheduler::running_operations`).
 //!   At most `max_concurrency` actions execute at a time (a fair semaphore: first come, first
 //!   run); the rest wait in order. A slot covers only what uses this machine: copying the
 //!   inputs in, the command, collecting the outputs. Inputs are fetched from peers (and pinned
