@@ -97,23 +97,14 @@ impl ActionGroup {
             return spawn();
         };
         let thread = rustix::thread::gettid().as_raw_nonzero().to_string();
-        let go_home = || {
-            for tasks in home.iter() {
-                if let Err(error) = fs::write(tasks, &thread) {
-                    // Not expected (this replica's own group, as writable as the action's):
-                    // the thread's next spawn moves it again, but the group stays until then.
-                    tracing::error!(
-                        %error,
-                        tasks = %tasks.display(),
-                        "could not move a thread back out of an action's control group"
-                    );
-                }
-            }
+        // Back home however this ends, a panic in `spawn` included.
+        let _home = GoHome {
+            home,
+            thread: &thread,
         };
         for dir in &self.dirs {
             let tasks = dir.join("tasks");
             if let Err(error) = fs::write(&tasks, &thread) {
-                go_home();
                 // `Other`, whatever the cause: the replica's failure, never the action's (a
                 // spawn's `NotFound` or `PermissionDenied` is read as the action's program).
                 return Err(io::Error::other(format!(
@@ -122,9 +113,29 @@ impl ActionGroup {
                 )));
             }
         }
-        let spawned = spawn();
-        go_home();
-        spawned
+        spawn()
+    }
+}
+
+/// Moves a thread back into this replica's own groups when dropped.
+struct GoHome<'a> {
+    home: &'a [PathBuf],
+    thread: &'a str,
+}
+
+impl Drop for GoHome<'_> {
+    fn drop(&mut self) {
+        for tasks in self.home {
+            if let Err(error) = fs::write(tasks, self.thread) {
+                // Not expected: `Cgroups::prepare_in` checked these files take a thread. The
+                // thread's next spawn moves it again, but the group stays until then.
+                tracing::error!(
+                    %error,
+                    tasks = %tasks.display(),
+                    "could not move a thread back out of an action's control group"
+                );
+            }
+        }
     }
 }
 
@@ -242,10 +253,13 @@ impl Cgroups {
             home.push(base.with_file_name("tasks"));
             limits_v1.push((base, file, *limit));
         }
-        // Born in the group: v1, and only a process limit of at least 2 (see the module docs).
+        // Born in the group: v1, only a process limit of at least 2 (see the module docs),
+        // and a thread can go back home: this one is moved to where it already is.
+        let thread = rustix::thread::gettid().as_raw_nonzero().to_string();
         let born_inside = wanted
             .iter()
-            .all(|(controller, limit)| *controller == "pids" && *limit >= 2);
+            .all(|(controller, limit)| *controller == "pids" && *limit >= 2)
+            && home.iter().all(|tasks| fs::write(tasks, &thread).is_ok());
         Ok(Some(Self {
             limits: limits_v1,
             home: born_inside.then(|| home.into()),
@@ -393,6 +407,13 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(cgroups.action("a4").unwrap().procs().len(), 1);
+        // A home group that does not take a thread (here `tasks` is no file): the wrapper.
+        fs::create_dir_all(root.path().join("pids/box2/tasks")).unwrap();
+        let groups = own(&[("", "/"), ("pids", "/box2")]);
+        let cgroups = Cgroups::prepare_in(root.path(), &groups, limits(8), "reapi")
+            .unwrap()
+            .unwrap();
+        assert_eq!(cgroups.action("a5").unwrap().procs().len(), 1);
     }
 
     #[test]

@@ -529,7 +529,9 @@ impl ReapiServer {
     }
 
     /// Stops without cutting a call ([`mesh::drain`]): takes no new work, tells clients to go
-    /// elsewhere (GOAWAY), lets running calls and actions finish for up to `config.grace`,
+    /// elsewhere (GOAWAY), lets running calls and actions finish for up to `config.grace`
+    /// (an action that ran here also places its outputs and result on their owners, whether
+    /// or not its client is still there; `Drained::pending` does not count those),
     /// with [`DrainConfig::hand_off`] hands every blob and result it holds to their owners
     /// without it, then leaves the mesh and stops. What still runs after the grace period is
     /// cut (a call forwarded here by a peer is then routed again by that peer).
@@ -548,12 +550,14 @@ impl ReapiServer {
         if hand_off {
             cluster.set_leaving();
         }
-        let settle = async move {
-            // An action stops counting as load when it gives back its slot; placing what it
-            // produced on its owners still has to finish (its client may be gone).
-            while scheduler.running_operations() > 0 {
+        // An action stops counting as load when it gives back its slot; placing what it
+        // produced on its owners still has to finish (its client may be gone).
+        let placed = async move {
+            while scheduler.placing_operations() > 0 {
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
+        };
+        let handoff_done = async move {
             if !hand_off {
                 return;
             }
@@ -568,6 +572,9 @@ impl ReapiServer {
             while cluster.handoff_pending() {
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
+        };
+        let settle = async move {
+            tokio::join!(placed, handoff_done);
         };
         let stop_accepting = move || {
             if let Some(stop) = stop {

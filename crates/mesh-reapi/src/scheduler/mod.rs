@@ -8,7 +8,7 @@
 //!   call and its action count once. Placing the outputs and the result on their owners
 //!   afterwards is calls to peers, and is not counted: the route layer sends this replica
 //!   its next action meanwhile (counting it held the slots' share of the cluster idle for
-//!   those calls). A drain still waits for it (`Scheduler::running_operations`).
+//!   those calls). A drain still waits for it (`Scheduler::placing_operations`).
 //!   At most `max_concurrency` actions execute at a time (a fair semaphore: first come, first
 //!   run); the rest wait in order. A slot covers only what uses this machine: copying the
 //!   inputs in, the command, collecting the outputs. Inputs are fetched from peers (and pinned
@@ -39,7 +39,10 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    sync::{Arc, Mutex, MutexGuard, Weak},
+    sync::{
+        Arc, Mutex, MutexGuard, Weak,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, SystemTime},
 };
 
@@ -177,6 +180,8 @@ struct Inner {
     cluster: ClusterCas,
     load: LoadTracker,
     slots: Semaphore,
+    /// Operations that gave back their slot and are placing their outputs and result.
+    placing: AtomicUsize,
     config: SchedulerConfig,
     counters: Arc<ReapiCounters>,
     claims: ClaimTable,
@@ -221,6 +226,7 @@ impl Scheduler {
             executor,
             cluster,
             slots: Semaphore::new(max_concurrency.clamp(1, Semaphore::MAX_PERMITS)),
+            placing: AtomicUsize::new(0),
             config,
             counters,
             claims,
@@ -348,9 +354,11 @@ impl Scheduler {
         self.registry().operations.len()
     }
 
-    /// Operations not finished yet: queued, running, or placing what they produced.
-    pub(crate) fn running_operations(&self) -> usize {
-        self.registry().in_flight.len()
+    /// Operations that ran here and are placing what they produced on its owners (their
+    /// outcome not published yet). Operations following an identical action elsewhere are
+    /// not counted.
+    pub(crate) fn placing_operations(&self) -> usize {
+        self.inner.placing.load(Ordering::SeqCst)
     }
 }
 
@@ -435,6 +443,9 @@ async fn run(
     // releasing the claim, are calls to peers, and the next action may run meanwhile.
     drop(slot);
     // Nor is this action load any more: what is left is calls to peers (see the module docs).
+    // It counts as placing until its outcome is published (counted before the load drops, so
+    // a drain never sees it in neither).
+    let _placing = Placing::start(&inner.placing);
     drop(guard);
     let ran = started.elapsed();
     let mut cached = false;
@@ -515,6 +526,22 @@ async fn run(
     )
     .await;
     completion.finish(response);
+}
+
+/// One operation in [`Inner::placing`] while it lives.
+struct Placing<'a>(&'a AtomicUsize);
+
+impl<'a> Placing<'a> {
+    fn start(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Self(count)
+    }
+}
+
+impl Drop for Placing<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Publishes an operation's outcome exactly once, and removes it from the in-flight set; if
