@@ -7,8 +7,8 @@
 //!   layer counted when it placed the call here ([`mesh_route::layer::CallTask`]), so the
 //!   call and its action count once. Placing the outputs and the result on their owners
 //!   afterwards is calls to peers, and is not counted: the route layer sends this replica
-//!   its next action meanwhile (counting it held the slots' share of the cluster idle for
-//!   those calls). A drain still waits for it (`Scheduler::placing_operations`).
+//!   its next action meanwhile (counted, it made the replica look full while its slots were
+//!   free). A drain still waits for it (`Scheduler::placing_operations`).
 //!   At most `max_concurrency` actions execute at a time (a fair semaphore: first come, first
 //!   run); the rest wait in order. A slot covers only what uses this machine: copying the
 //!   inputs in, the command, collecting the outputs. Inputs are fetched from peers (and pinned
