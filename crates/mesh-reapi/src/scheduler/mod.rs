@@ -8,7 +8,9 @@
 //!   call and its action count once. Placing the outputs and the result on their owners
 //!   afterwards is calls to peers, and is not counted: the route layer sends this replica
 //!   its next action meanwhile (counted, it made the replica look full while its slots were
-//!   free). A drain still waits for it (`Scheduler::placing_operations`).
+//!   free). A drain still waits for it (`Scheduler::placing_operations`). Past four
+//!   placements a slot, an action stays load until its own placement is done: slow owners
+//!   then slow the route layer down, and finished actions do not pile up here.
 //!   At most `max_concurrency` actions execute at a time (a fair semaphore: first come, first
 //!   run); the rest wait in order. A slot covers only what uses this machine: copying the
 //!   inputs in, the command, collecting the outputs. Inputs are fetched from peers (and pinned
@@ -182,6 +184,8 @@ struct Inner {
     slots: Semaphore,
     /// Operations that gave back their slot and are placing their outputs and result.
     placing: AtomicUsize,
+    /// How many of those are not load: `PLACING_PER_SLOT` a slot.
+    placing_max: usize,
     config: SchedulerConfig,
     counters: Arc<ReapiCounters>,
     claims: ClaimTable,
@@ -227,6 +231,7 @@ impl Scheduler {
             cluster,
             slots: Semaphore::new(max_concurrency.clamp(1, Semaphore::MAX_PERMITS)),
             placing: AtomicUsize::new(0),
+            placing_max: max_concurrency.max(1).saturating_mul(PLACING_PER_SLOT),
             config,
             counters,
             claims,
@@ -445,8 +450,11 @@ async fn run(
     // Nor is this action load any more: what is left is calls to peers (see the module docs).
     // It counts as placing until its outcome is published (counted before the load drops, so
     // a drain never sees it in neither).
-    let _placing = Placing::start(&inner.placing);
-    drop(guard);
+    let (_placing, placing) = Placing::start(&inner.placing);
+    // Back-pressure: past `PLACING_PER_SLOT` placements a slot, an action stays load until
+    // its own placement is done, so slow owners slow the route layer down instead of letting
+    // finished actions pile up here.
+    let _guard = (placing > inner.placing_max).then_some(guard);
     let ran = started.elapsed();
     let mut cached = false;
     let response = match outcome {
@@ -532,11 +540,16 @@ async fn run(
 struct Placing<'a>(&'a AtomicUsize);
 
 impl<'a> Placing<'a> {
-    fn start(count: &'a AtomicUsize) -> Self {
-        count.fetch_add(1, Ordering::SeqCst);
-        Self(count)
+    /// Counts one more, and says how many there are with it.
+    fn start(count: &'a AtomicUsize) -> (Self, usize) {
+        let now = count.fetch_add(1, Ordering::SeqCst) + 1;
+        (Self(count), now)
     }
 }
+
+/// Placements a slot may have going at once before the actions placing count as load again
+/// (see `run`).
+const PLACING_PER_SLOT: usize = 4;
 
 impl Drop for Placing<'_> {
     fn drop(&mut self) {

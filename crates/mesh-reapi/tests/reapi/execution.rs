@@ -474,7 +474,10 @@ async fn instances_keep_their_own_results_and_operations() {
 
 /// A peer whose `UpdateActionResult` never answers: it says when the call arrived.
 mod staller {
-    use std::sync::Arc;
+    use std::sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    };
 
     use mesh_reapi::proto::build::bazel::remote::execution::v2::{
         ActionResult, GetActionResultRequest, UpdateActionResultRequest,
@@ -483,9 +486,11 @@ mod staller {
     use tokio::sync::Notify;
     use tonic::{Request, Response, Status};
 
-    #[derive(Clone)]
+    #[derive(Clone, Default)]
     pub(super) struct Staller {
         pub(super) arrived: Arc<Notify>,
+        /// `UpdateActionResult` calls received so far.
+        pub(super) calls: Arc<AtomicUsize>,
     }
 
     impl Staller {
@@ -507,6 +512,7 @@ mod staller {
             &self,
             _: Request<UpdateActionResultRequest>,
         ) -> Result<Response<ActionResult>, Status> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
             self.arrived.notify_one();
             std::future::pending().await
         }
@@ -523,9 +529,7 @@ async fn an_action_placing_its_result_is_not_load_and_a_drain_waits_for_it() {
     let mut cluster = Cluster::start(1, |_, config| config.max_concurrency = 1).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let staller_addr = listener.local_addr().unwrap();
-    let staller = staller::Staller {
-        arrived: std::sync::Arc::new(tokio::sync::Notify::new()),
-    };
+    let staller = staller::Staller::default();
     let arrived = staller.arrived.clone();
     let staller_server = tokio::spawn(
         tonic::transport::Server::builder()
@@ -557,6 +561,57 @@ async fn an_action_placing_its_result_is_not_load_and_a_drain_waits_for_it() {
         "the drain waited for the placement, and was cut: {report:?}"
     );
     assert_eq!(report.drained.pending, 0, "{report:?}");
+    staller_server.abort();
+    member.shutdown().await;
+    cluster.shutdown().await;
+}
+
+/// Placements that do not count as load are bounded: four a slot. Past that, an action stays
+/// its replica's load until its own placement is done, so owners that do not answer slow the
+/// route layer down instead of letting finished actions pile up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_four_placements_a_slot_an_action_placing_its_result_is_load_again() {
+    let cluster = Cluster::start(1, |_, config| config.max_concurrency = 1).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let staller_addr = listener.local_addr().unwrap();
+    let staller = staller::Staller::default();
+    let calls = staller.calls.clone();
+    let staller_server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_routes(staller.routes())
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let member = cluster.join_member("staller", staller_addr).await;
+    let mut running = Vec::new();
+    for i in 0..5 {
+        let action = shell("true").salt(&format!("pile-{i}")).build();
+        upload(&cluster, 0, &action.blobs).await;
+        let mut client = cluster.exec(0).await;
+        // Marked as forwarded, so it runs on r0: the route layer would send the actions that
+        // find r0 busy to the staller, a member with room.
+        let mut request = tonic::Request::new(execute_request(action.action, true));
+        request.metadata_mut().insert(
+            mesh_route::FORWARDED_BY,
+            tonic::metadata::AsciiMetadataValue::from_static("staller"),
+        );
+        running.push(tokio::spawn(
+            async move { execute(&mut client, request).await },
+        ));
+    }
+    let load = cluster.replicas[0].node().load().clone();
+    eventually(
+        "five results stuck on their way to the staller",
+        async || calls.load(std::sync::atomic::Ordering::SeqCst) == 5,
+    )
+    .await;
+    assert_eq!(
+        load.pending(),
+        1,
+        "the fifth placement at once is load again (one slot: four are not)"
+    );
+    for call in running {
+        call.abort();
+    }
     staller_server.abort();
     member.shutdown().await;
     cluster.shutdown().await;
