@@ -845,14 +845,7 @@ mod liar {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_serving_bytes_that_do_not_match_their_digest_is_not_believed() {
     let cluster = Cluster::start(2, |_, _| {}).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let liar_addr = listener.local_addr().unwrap();
-    let liar_server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_routes(liar::Liar::routes())
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
-    );
-    let liar = cluster.join_member("liar", liar_addr).await;
+    let liar = cluster.join_fake("liar", liar::Liar::routes()).await;
     let action = shell("cat in/source.txt > out/result.txt")
         .input("in/source.txt", b"the real input")
         .output_file("out/result.txt")
@@ -886,7 +879,6 @@ async fn a_peer_serving_bytes_that_do_not_match_their_digest_is_not_believed() {
         asks.keys().any(|node| node.as_str() == "liar"),
         "the liar was never asked, so the test shows nothing: {asks:?}"
     );
-    liar_server.abort();
     liar.shutdown().await;
     cluster.shutdown().await;
 }
@@ -937,14 +929,7 @@ async fn a_large_blob_read_through_a_replica_that_lacks_it_streams_while_it_is_f
 async fn a_peer_lying_about_a_streamed_blob_fails_that_read_only_and_the_retry_reads_the_real_one()
 {
     let cluster = Cluster::start(2, |_, _| {}).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let liar_addr = listener.local_addr().unwrap();
-    let liar_server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_routes(liar::Liar::routes())
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
-    );
-    let liar = cluster.join_member("liar", liar_addr).await;
+    let liar = cluster.join_fake("liar", liar::Liar::routes()).await;
     // A blob on r1 only, whose best owner after r0 is the liar: r0 asks the liar first.
     let r0 = cluster.replicas[0].reapi().cluster();
     let (data, digest) = blob_where(6 * 1024 * 1024, |digest| {
@@ -973,7 +958,6 @@ async fn a_peer_lying_about_a_streamed_blob_fails_that_read_only_and_the_retry_r
         .expect("the retry reads the real blob");
     assert!(again == data, "the real bytes");
     assert!(cluster.holds(0, &digest));
-    liar_server.abort();
     liar.shutdown().await;
     cluster.shutdown().await;
 }

@@ -527,17 +527,10 @@ mod staller {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_action_placing_its_result_is_not_load_and_a_drain_waits_for_it() {
     let mut cluster = Cluster::start(1, |_, config| config.max_concurrency = 1).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let staller_addr = listener.local_addr().unwrap();
     let staller = staller::Staller::default();
     let arrived = staller.arrived.clone();
-    let staller_server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_routes(staller.routes())
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
-    );
     // The staller is the only other member: it owns the result's copy.
-    let member = cluster.join_member("staller", staller_addr).await;
+    let member = cluster.join_fake("staller", staller.routes()).await;
     let action = shell("true").salt("placing").build();
     upload(&cluster, 0, &action.blobs).await;
     let mut client = cluster.exec(0).await;
@@ -561,7 +554,6 @@ async fn an_action_placing_its_result_is_not_load_and_a_drain_waits_for_it() {
         "the drain waited for the placement, and was cut: {report:?}"
     );
     assert_eq!(report.drained.pending, 0, "{report:?}");
-    staller_server.abort();
     member.shutdown().await;
     cluster.shutdown().await;
 }
@@ -572,16 +564,9 @@ async fn an_action_placing_its_result_is_not_load_and_a_drain_waits_for_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_four_placements_a_slot_an_action_placing_its_result_is_load_again() {
     let cluster = Cluster::start(1, |_, config| config.max_concurrency = 1).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let staller_addr = listener.local_addr().unwrap();
     let staller = staller::Staller::default();
     let calls = staller.calls.clone();
-    let staller_server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_routes(staller.routes())
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
-    );
-    let member = cluster.join_member("staller", staller_addr).await;
+    let member = cluster.join_fake("staller", staller.routes()).await;
     let mut running = Vec::new();
     for i in 0..5 {
         let action = shell("true").salt(&format!("pile-{i}")).build();
@@ -612,7 +597,6 @@ async fn past_four_placements_a_slot_an_action_placing_its_result_is_load_again(
     for call in running {
         call.abort();
     }
-    staller_server.abort();
     member.shutdown().await;
     cluster.shutdown().await;
 }

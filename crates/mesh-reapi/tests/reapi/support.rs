@@ -143,6 +143,20 @@ impl Cluster {
         node
     }
 
+    /// Serves `routes` (a fake or misbehaving peer) on 127.0.0.1 and joins it to the mesh as
+    /// member `name` ([`Cluster::join_member`]).
+    pub async fn join_fake(&self, name: &str, routes: tonic::service::Routes) -> FakeMember {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_routes(routes)
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        let node = self.join_member(name, addr).await;
+        FakeMember { node, server }
+    }
+
     /// Waits until every replica sees every other (and only them) with its endpoint.
     pub async fn converge(&self) {
         self.converge_to(self.replicas.len()).await;
@@ -680,4 +694,18 @@ pub fn processes_with(token: &str) -> Vec<u32> {
         }
     }
     found
+}
+
+/// A fake peer joined with [`Cluster::join_fake`]: its mesh node and its gRPC server.
+pub struct FakeMember {
+    node: mesh::Node,
+    server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl FakeMember {
+    /// Stops serving and leaves the mesh.
+    pub async fn shutdown(self) {
+        self.server.abort();
+        self.node.shutdown().await;
+    }
 }
