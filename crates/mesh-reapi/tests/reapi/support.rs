@@ -225,8 +225,11 @@ impl Cluster {
     }
 
     /// Stores a blob on the replica at `position` only, as if every other copy had been
-    /// evicted (no placement).
+    /// evicted (no placement). It first waits for every handoff pass to settle, so no pass
+    /// still walking this replica's store (one started by a member that just joined) copies
+    /// the blob to its owners after all.
     pub async fn put_only_on(&self, position: usize, data: &[u8]) -> Digest {
+        self.handoff_settled().await;
         self.replicas[position]
             .reapi()
             .cluster()
