@@ -240,6 +240,17 @@ async fn the_load_generator_drives_every_phase_and_fails_loudly() {
         );
     }
     assert!(stdout.contains("6 actions"), "{stdout}");
+    // Each figure is printed as a share of its limit on this machine.
+    for (phase, limit) in [
+        ("write", "SHA-256 + file write"),
+        ("execute", "spawning `true`"),
+    ] {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("{phase} ")))
+            .unwrap();
+        assert!(line.contains(&format!(" of {limit} ")), "{line}");
+    }
     node.terminate().await;
 
     let output = run(
