@@ -13,7 +13,9 @@
 //! Each limit is measured twice, before its phases and after them, and the faster measure is
 //! the one a result is divided by (the slower is printed beside it): on a shared host a slow
 //! moment during one measure would otherwise flatter the ratio. Reads also report when their
-//! first piece arrived. Every read is checked against its
+//! first piece arrived. `execute` also reports where an action's time went, by the timestamps
+//! of its result's `ExecutedActionMetadata`: before its replica queued it (routing and
+//! forwarding, and the answer's way back), queued for a slot, and in the worker. Every read is checked against its
 //! digest, and every action must exit 0: any error stops the run with a message naming it and
 //! a non-zero exit. Progress goes to stderr every second.
 //!
@@ -491,27 +493,34 @@ async fn execute(channel: Channel, actions: usize, concurrency: usize) -> Result
             {
                 last = Some(operation);
             }
-            let exit = match last.and_then(|o| o.result) {
+            let result = match last.and_then(|o| o.result) {
                 Some(operation::Result::Response(any)) => {
                     mesh_reapi::proto::build::bazel::remote::execution::v2::ExecuteResponse::decode(
                         any.value.as_slice(),
                     )
                     .map_err(|e| format!("Execute of {digest}: a bad response: {e}"))?
                     .result
-                    .map(|r| r.exit_code)
                 }
                 other => return Err(format!("Execute of {digest} ended with {other:?}")),
             };
+            let exit = result.as_ref().map(|r| r.exit_code);
             if exit != Some(0) {
                 return Err(format!("Execute of {digest}: exit code {exit:?}"));
             }
             counter.fetch_add(1, Ordering::Relaxed);
-            Ok::<_, String>(began.elapsed())
+            let total = began.elapsed();
+            Ok::<_, String>((
+                total,
+                Stages::of(total, result.and_then(|r| r.execution_metadata)),
+            ))
         });
     }
     let mut times = Vec::with_capacity(actions);
+    let mut stages = Vec::with_capacity(actions);
     while let Some(done) = calls.join_next().await {
-        times.push(done??);
+        let (total, stage) = done??;
+        times.push(total);
+        stages.extend(stage);
     }
     let took = started.elapsed();
     progress.stop();
@@ -531,7 +540,56 @@ async fn execute(channel: Channel, actions: usize, concurrency: usize) -> Result
             percentile(&times, 0.99).as_millis()
         ),
     );
+    if !stages.is_empty() {
+        let median = |pick: fn(&Stages) -> Duration| {
+            let mut values: Vec<Duration> = stages.iter().map(pick).collect();
+            values.sort();
+            percentile(&values, 0.5).as_secs_f64() * 1e3
+        };
+        println!(
+            "{:<14} medians an action, from its result's metadata: {:.1} ms before its replica \
+             queued it (routing, forwarding, the answer's way back), {:.1} ms queued for a slot, \
+             {:.1} ms in the worker (inputs, command, outputs)",
+            "",
+            median(|s| s.outside),
+            median(|s| s.queued),
+            median(|s| s.worker),
+        );
+    }
     Ok(())
+}
+
+/// Where one action's time went, by the timestamps of its `ExecutedActionMetadata`.
+struct Stages {
+    /// The client's whole call, less the time from queued to worker completed.
+    outside: Duration,
+    /// From queued to worker started.
+    queued: Duration,
+    /// From worker started to worker completed.
+    worker: Duration,
+}
+
+impl Stages {
+    fn of(
+        total: Duration,
+        metadata: Option<
+            mesh_reapi::proto::build::bazel::remote::execution::v2::ExecutedActionMetadata,
+        >,
+    ) -> Option<Self> {
+        let metadata = metadata?;
+        let at = |t: Option<mesh_reapi::proto::google::protobuf::Timestamp>| {
+            t.map(|t| t.seconds as f64 + f64::from(t.nanos) * 1e-9)
+        };
+        let queued = at(metadata.queued_timestamp)?;
+        let started = at(metadata.worker_start_timestamp)?;
+        let completed = at(metadata.worker_completed_timestamp)?;
+        let seconds = |s: f64| Duration::from_secs_f64(s.max(0.0));
+        Some(Self {
+            outside: total.saturating_sub(seconds(completed - queued)),
+            queued: seconds(started - queued),
+            worker: seconds(completed - started),
+        })
+    }
 }
 
 /// How many `true` processes this machine spawns and waits for per second, one at a time.

@@ -251,6 +251,7 @@ async fn the_load_generator_drives_every_phase_and_fails_loudly() {
             .unwrap();
         assert!(line.contains(&format!(" of {limit} ")), "{line}");
     }
+    assert!(stdout.contains("ms in the worker"), "{stdout}");
     node.terminate().await;
 
     let output = run(
