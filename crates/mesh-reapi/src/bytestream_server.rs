@@ -301,10 +301,6 @@ impl ByteStream for ByteStreamService {
     }
 }
 
-/// The rest of a blob's range in [`READ_CHUNK`] pieces after `first`. A blob found corrupt
-/// on the way ends the stream with `NOT_FOUND` instead of its last piece (it has been dropped;
-/// reading it again fetches a good copy), so a stream that ends without an error carried the
-/// blob as stored.
 /// The pieces of a blob fetched from a peer for this read, as they arrive; the last comes
 /// only once the whole blob matched its digest and is stored.
 fn streamed_read(
@@ -335,6 +331,10 @@ async fn write_piece(
     }
 }
 
+/// The rest of a blob's range in [`READ_CHUNK`] pieces after `first`. A blob found corrupt
+/// on the way ends the stream with `NOT_FOUND` instead of its last piece (it has been dropped;
+/// reading it again fetches a good copy), so a stream that ends without an error carried the
+/// blob as stored.
 fn read_chunks(
     first: Option<Vec<u8>>,
     reader: BlobReader,
