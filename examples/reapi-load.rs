@@ -14,8 +14,9 @@
 //! the one a result is divided by (the slower is printed beside it): on a shared host a slow
 //! moment during one measure would otherwise flatter the ratio. Reads also report when their
 //! first piece arrived. `execute` also reports where an action's time went, by the timestamps
-//! of its result's `ExecutedActionMetadata`: before its replica queued it (routing and
-//! forwarding, and the answer's way back), queued for a slot, and in the worker. Every read is checked against its
+//! of its result's `ExecutedActionMetadata`: outside its replica's queue and worker (held by
+//! the route layer, routed and forwarded before; its result placed and the answer on its way
+//! back after), queued for a slot, and in the worker. Every read is checked against its
 //! digest, and every action must exit 0: any error stops the run with a message naming it and
 //! a non-zero exit. Progress goes to stderr every second.
 //!
@@ -547,9 +548,9 @@ async fn execute(channel: Channel, actions: usize, concurrency: usize) -> Result
             percentile(&values, 0.5).as_secs_f64() * 1e3
         };
         println!(
-            "{:<14} medians an action, from its result's metadata: {:.1} ms before its replica \
-             queued it (routing, forwarding, the answer's way back), {:.1} ms queued for a slot, \
-             {:.1} ms in the worker (inputs, command, outputs)",
+            "{:<14} medians an action, from its result's metadata: {:.1} ms outside its \
+             replica's queue and worker (held and routed before, its result placed after), \
+             {:.1} ms queued for a slot, {:.1} ms in the worker (inputs, command, outputs)",
             "",
             median(|s| s.outside),
             median(|s| s.queued),
