@@ -78,16 +78,16 @@ struct Args {
     #[arg(long)]
     peer: Vec<String>,
     /// Size of the large blob, in MiB.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 200, value_parser = at_least_one::<u64>)]
     blob_mib: u64,
     /// Number of small blobs (1 KiB each) for the batch and FindMissingBlobs phases.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 10_000, value_parser = at_least_one::<usize>)]
     small_blobs: usize,
     /// Number of no-op actions to execute.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 300, value_parser = at_least_one::<usize>)]
     actions: usize,
     /// Actions in flight at once.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = at_least_one::<usize>)]
     concurrency: usize,
     /// Phases to run, comma-separated (default: all).
     #[arg(
@@ -96,6 +96,15 @@ struct Args {
         default_value = "write,read,peer-read,batch,find-missing,execute"
     )]
     phases: Vec<String>,
+}
+
+/// A count or size that must be at least 1 (clap names the flag and the value it refuses).
+fn at_least_one<T: std::str::FromStr + PartialOrd + From<u8>>(value: &str) -> Result<T, String> {
+    match value.parse::<T>() {
+        Ok(n) if n >= T::from(1) => Ok(n),
+        Ok(_) => Err("it must be at least 1".to_owned()),
+        Err(_) => Err("it must be a whole number, at least 1".to_owned()),
+    }
 }
 
 /// Bytes per `ByteStream.Write` message.

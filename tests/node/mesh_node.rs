@@ -201,7 +201,7 @@ async fn a_bad_reapi_value_is_refused_naming_its_key_value_and_rule() {
 
 /// `reapi-load` (the load generator of BENCHMARKS.md) drives a replica through every phase and
 /// exits 0 with a line per phase; pointed at an address where nothing listens, it exits
-/// non-zero naming the address.
+/// non-zero naming the address, and a count of zero is refused naming its flag.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_load_generator_drives_every_phase_and_fails_loudly() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
@@ -263,4 +263,15 @@ async fn the_load_generator_drives_every_phase_and_fails_loudly() {
     assert!(!output.status.success());
     let stderr = text(&output.stderr);
     assert!(stderr.contains(&url), "{stderr}");
+
+    // A count of zero would measure nothing (and divide by it): refused, naming the flag.
+    for flag in ["--blob-mib", "--small-blobs", "--actions", "--concurrency"] {
+        let output = run(&bin, "reapi-load", &["--target", &url, flag, "0"]).await;
+        assert!(!output.status.success(), "{flag} 0 was accepted");
+        let stderr = text(&output.stderr);
+        assert!(
+            stderr.contains(flag) && stderr.contains("at least 1"),
+            "{stderr}"
+        );
+    }
 }
