@@ -2,7 +2,8 @@
 //!
 //! Starts `--nodes` replicas (default 3) on 127.0.0.1 with ephemeral ports, each a mesh node
 //! with its own CAS and action cache under `--data-dir` (default: a fresh directory in the
-//! system's temporary directory, removed on exit), joined into one cluster. Prints each
+//! system's temporary directory, removed on exit), joined into one cluster. Prints where its
+//! data is as it starts, then each
 //! replica's endpoint on a line of its own (`grpc://127.0.0.1:PORT`), whether actions run
 //! sandboxed (`--sandbox auto|required|off`; auto uses bubblewrap where it works), then the
 //! Bazel flags to use, then `ready`. On Ctrl-C or SIGTERM it prints who did what — actions executed, cache
@@ -55,7 +56,7 @@ struct Args {
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     max_concurrency: Option<u32>,
     /// The `--jobs` value suggested in the printed Bazel flags.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
     jobs: u32,
     /// Whether actions run in the sandbox (bubblewrap): auto (where it works), required, off.
     #[arg(long, default_value = "auto")]
@@ -127,11 +128,18 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             true,
         ),
     };
-    let result = serve(&args, &data_dir).await;
-    if temporary {
-        let _ = std::fs::remove_dir_all(&data_dir);
+    // Removed however `serve` ends, a panic included (printing to a closed pipe panics).
+    let _cleanup = temporary.then(|| RemoveOnDrop(data_dir.clone()));
+    serve(&args, &data_dir).await
+}
+
+/// Removes a temporary data directory when dropped.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
-    result
 }
 
 /// What every replica of this process shares.
@@ -187,6 +195,15 @@ impl Setup<'_> {
 }
 
 async fn serve(args: &Args, data_dir: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+    // Registered before anything starts: a SIGTERM that comes while the replicas start (or
+    // right after `ready`) stops the cluster cleanly instead of killing the process with its
+    // data directory left behind.
+    let mut signals = Signals::new()?;
+    println!(
+        "starting {} replicas, data in {}",
+        args.nodes,
+        data_dir.display()
+    );
     let setup = Setup {
         args,
         data_dir,
@@ -216,11 +233,7 @@ async fn serve(args: &Args, data_dir: &std::path::Path) -> Result<(), Box<dyn st
     }
     let scheme = if setup.tls.is_some() { "grpcs" } else { "grpc" };
     let endpoint = |replica: &Replica<Reapi>| format!("{scheme}://{}", replica.grpc_addr());
-    println!(
-        "{} replicas in one cluster, data in {}",
-        replicas.len(),
-        data_dir.display()
-    );
+    println!("{} replicas in one cluster", replicas.len());
     for replica in &replicas {
         println!("{}", endpoint(replica));
     }
@@ -240,7 +253,7 @@ async fn serve(args: &Args, data_dir: &std::path::Path) -> Result<(), Box<dyn st
     );
     println!("ready");
 
-    let crashed = run_until_stopped(&setup, &mut replicas).await?;
+    let crashed = run_until_stopped(&setup, &mut replicas, &mut signals).await?;
 
     println!();
     println!(
@@ -332,22 +345,49 @@ async fn rolling_restart(
     Ok(())
 }
 
+/// The signals the cluster answers, registered once at its start.
+struct Signals {
+    /// Ctrl-C.
+    interrupt: tokio::signal::unix::Signal,
+    /// SIGTERM.
+    terminate: tokio::signal::unix::Signal,
+    /// SIGUSR1: crash the last replica.
+    crash: tokio::signal::unix::Signal,
+    /// SIGUSR2: a rolling restart.
+    roll: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+            crash: signal(SignalKind::user_defined1())?,
+            roll: signal(SignalKind::user_defined2())?,
+        })
+    }
+}
+
 /// Serves until Ctrl-C or SIGTERM; on SIGUSR1, crashes the last replica as soon as it is
 /// running an action; on SIGUSR2, restarts every replica in turn (a rolling update). Returns
 /// the crashed replicas (still readable: their counters outlive them).
 async fn run_until_stopped(
     setup: &Setup<'_>,
     replicas: &mut Vec<Replica<Reapi>>,
+    signals: &mut Signals,
 ) -> Result<Vec<Replica<Reapi>>, Box<dyn std::error::Error>> {
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut crash = signal(SignalKind::user_defined1())?;
-    let mut roll = signal(SignalKind::user_defined2())?;
+    let Signals {
+        interrupt,
+        terminate,
+        crash,
+        roll,
+    } = signals;
     let mut crashed = Vec::new();
     let mut armed = false;
     let mut poll = tokio::time::interval(Duration::from_millis(5));
     loop {
         tokio::select! {
-            result = tokio::signal::ctrl_c() => { result?; break; }
+            _ = interrupt.recv() => break,
             _ = terminate.recv() => break,
             _ = roll.recv() => rolling_restart(setup, replicas).await?,
             _ = crash.recv() => {

@@ -275,3 +275,57 @@ async fn the_load_generator_drives_every_phase_and_fails_loudly() {
         );
     }
 }
+
+/// `reapi-cluster` stopped with SIGTERM while its replicas are still starting (as a
+/// supervisor or a script may) shuts down cleanly once they have: exit 0, its report printed,
+/// and the temporary data directory it made removed. Its signal handlers are in place before
+/// it prints anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reapi_cluster_example_stops_cleanly_on_sigterm_while_it_starts() {
+    use tokio::io::AsyncBufReadExt as _;
+
+    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let mut child = tokio::process::Command::new(examples().join("reapi-cluster"))
+        .args(["--nodes", "3", "--sandbox", "off"])
+        // Its default data directory is made in the temporary directory.
+        .env("TMPDIR", tmp.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(std::time::Duration::from_secs(60), lines.next_line())
+        .await
+        .expect("a first line within 60 s")
+        .unwrap()
+        .expect("a first line");
+    // SIGTERM at once: the replicas are still starting.
+    let pid = child.id().unwrap().to_string();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let (_, dir) = first
+        .split_once("data in ")
+        .unwrap_or_else(|| panic!("the first line names the data directory: {first:?}"));
+    let data_dir = std::path::PathBuf::from(dir);
+    assert!(data_dir.starts_with(tmp.path()), "{}", data_dir.display());
+
+    let mut rest = Vec::new();
+    let exit = tokio::time::timeout(std::time::Duration::from_secs(120), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            rest.push(line);
+        }
+        child.wait().await.unwrap()
+    })
+    .await
+    .expect("reapi-cluster exits within 120 s of SIGTERM");
+    assert!(exit.success(), "exited with {exit}; printed {rest:?}");
+    assert!(
+        rest.iter().any(|line| line.starts_with("r2 ")),
+        "no report line for r2 in {rest:?}"
+    );
+    assert!(!data_dir.exists(), "{} was left behind", data_dir.display());
+}

@@ -57,6 +57,7 @@ pub fn examples() -> PathBuf {
     let status = cargo
         .args(["build", "--quiet", "--workspace"])
         .args(["--example", "loadgen", "--example", "reapi-load"])
+        .args(["--example", "reapi-cluster"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .status()
         .expect("cargo runs");
