@@ -9,7 +9,7 @@ use crate::cluster_processes;
 use std::path::Path;
 
 use cluster_processes::{
-    NodeProcess, NodeSpec, examples, http_get, meshctl_json, run, samples, text,
+    NodeProcess, NodeSpec, bounded, examples, http_get, meshctl_json, run, samples, text,
     upload_shell_action,
 };
 use mesh_reapi::{
@@ -328,4 +328,50 @@ async fn the_reapi_cluster_example_stops_cleanly_on_sigterm_while_it_starts() {
         "no report line for r2 in {rest:?}"
     );
     assert!(!data_dir.exists(), "{} was left behind", data_dir.display());
+}
+
+/// `mesh-node` told to stop while it starts (a SIGTERM at its first line, before its server
+/// is up) finishes starting, drains and leaves: exit 0 and the drain's lines, not a process
+/// killed mid-start. Its handlers are in place before it prints anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_node_drains_on_a_sigterm_that_comes_while_it_starts() {
+    use tokio::io::AsyncBufReadExt as _;
+
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let config = config_file(dir.path(), &dir.path().join("data"));
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mesh-node"))
+        .args(["--api", "reapi", "--config"])
+        .arg(&config)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = bounded("mesh-node's first line", lines.next_line())
+        .await
+        .unwrap()
+        .expect("a first line");
+    assert!(first.starts_with("reapi data in "), "{first}");
+    let pid = child.id().unwrap().to_string();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let mut rest = Vec::new();
+    let exit = bounded("mesh-node to exit after SIGTERM", async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            rest.push(line);
+        }
+        child.wait().await.unwrap()
+    })
+    .await;
+    assert!(exit.success(), "exited with {exit}; printed {rest:?}");
+    assert!(
+        rest.iter().any(|line| line.starts_with("draining: "))
+            && rest.iter().any(|line| line.contains("left the cluster")),
+        "{rest:?}"
+    );
 }

@@ -226,6 +226,10 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    // Registered before anything starts: a SIGTERM that comes while the node starts (a
+    // rollout that changes its mind) is answered with a drain as soon as it has, instead of
+    // killing the process mid-start.
+    let shutdown = ShutdownSignal::register();
     let (mut config, mut reapi_settings) = match &args.config {
         Some(path) => (
             MeshConfig::from_file(path)?,
@@ -333,7 +337,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         }
     });
 
-    shutdown_signal().await;
+    shutdown.wait().await;
     println!(
         "draining: no new work, clients told to go elsewhere, up to {} for running calls",
         humantime::format_duration(args.drain_grace)
@@ -394,25 +398,59 @@ impl Replica {
     }
 }
 
-/// Ctrl-C, or SIGTERM (what Kubernetes sends before killing a pod).
-async fn shutdown_signal() {
+/// Ctrl-C, or SIGTERM (what Kubernetes sends before killing a pod), listened for from the
+/// moment it is made: a signal that arrives before [`ShutdownSignal::wait`] is not lost.
+struct ShutdownSignal {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+    interrupt: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    terminate: Option<tokio::signal::unix::Signal>,
+}
+
+impl ShutdownSignal {
+    fn register() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Self {
+                interrupt: signal(SignalKind::interrupt()).ok(),
+                terminate: signal(SignalKind::terminate()).ok(),
             }
         }
+        #[cfg(not(unix))]
+        {
+            Self {}
+        }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+
+    /// Waits for either signal.
+    async fn wait(self) {
+        #[cfg(unix)]
+        {
+            let Self {
+                interrupt,
+                terminate,
+            } = self;
+            let recv = |signal: Option<tokio::signal::unix::Signal>| async move {
+                match signal {
+                    Some(mut signal) => {
+                        signal.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            if interrupt.is_none() && terminate.is_none() {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+            tokio::select! {
+                () = recv(interrupt) => {}
+                () = recv(terminate) => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
