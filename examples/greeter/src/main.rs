@@ -131,6 +131,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .init();
     let args = Args::parse();
+    // Listened for from the start: a SIGTERM that comes while the node starts is answered
+    // with a drain once it is up, instead of killing the process mid-start.
+    let shutdown = shutdown_signal();
 
     // Bind first, so the node can advertise the real port (with --grpc 127.0.0.1:0 too).
     let listener = TcpListener::bind(args.grpc).await?;
@@ -190,7 +193,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     tracing::info!(node = %node.node_id(), %grpc_addr, "serving");
 
-    shutdown_signal().await;
+    shutdown.await;
     // Drain: readiness off and no new work routed here, GOAWAY so clients go elsewhere, the
     // calls running finish (up to the grace period, then they are cut), then leave: peers
     // see "left", not "failed".
@@ -210,18 +213,25 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// Ctrl-C, or SIGTERM (what Kubernetes sends before it kills a pod).
-async fn shutdown_signal() {
+/// Ctrl-C, or SIGTERM (what Kubernetes sends before it kills a pod), listened for from the
+/// moment this is called.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    {
+    let signals = {
         use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
+        signal(SignalKind::interrupt())
+            .and_then(|interrupt| Ok((interrupt, signal(SignalKind::terminate())?)))
+            .ok()
+    };
+    async move {
+        #[cfg(unix)]
+        if let Some((mut interrupt, mut terminate)) = signals {
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
             }
             return;
         }
+        let _ = tokio::signal::ctrl_c().await;
     }
-    let _ = tokio::signal::ctrl_c().await;
 }
