@@ -3,13 +3,13 @@
 //! Starts `--nodes` replicas (default 3) on 127.0.0.1 with ephemeral ports, each a mesh node
 //! with its own CAS and action cache under `--data-dir` (default: a fresh directory in the
 //! system's temporary directory, removed on exit), joined into one cluster. Prints where its
-//! data is as it starts, then each
-//! replica's endpoint on a line of its own (`grpc://127.0.0.1:PORT`), whether actions run
-//! sandboxed (`--sandbox auto|required|off`; auto uses bubblewrap where it works), then the
-//! Bazel flags to use, then `ready`. On Ctrl-C or SIGTERM it prints who did what — actions executed, cache
-//! hits, bytes fetched from peers, bytes it placed on the owners of what it stored, bytes it
-//! handed to new owners after a replica left, `Execute` calls forwarded in and out and
-//! re-routed — and exits.
+//! data is as it starts; once the cluster has formed, each replica's endpoint on a line of
+//! its own (`grpc://127.0.0.1:PORT`), whether actions run sandboxed (`--sandbox
+//! auto|required|off`; auto uses bubblewrap where it works), the Bazel flags to use, then
+//! `ready`. On Ctrl-C or SIGTERM (even one that comes while it starts) it prints who did what
+//! — actions executed, cache hits, bytes fetched from peers, bytes it placed on the owners of
+//! what it stored, bytes it handed to new owners after a replica left, `Execute` calls
+//! forwarded in and out and re-routed — and exits.
 //!
 //! Each replica runs on a thread and runtime of its own, as if it were a process: `SIGUSR1`
 //! crashes the last replica the next time it is running an action (no goodbye, every socket
