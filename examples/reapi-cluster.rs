@@ -316,6 +316,8 @@ async fn rolling_restart(
         let started = tokio::time::Instant::now();
         let drained = stopping.drain(setup.args.drain_grace).await;
         let executed = reapi.stats().executed;
+        // The last handle on the stopped replica: its data directory is free once it goes.
+        drop(reapi);
         let drained_ms = started.elapsed().as_millis();
         let restarted = setup.start(index, grpc_bind, seed).await?;
         let expected = replicas.len() + 1;

@@ -375,3 +375,40 @@ async fn mesh_node_drains_on_a_sigterm_that_comes_while_it_starts() {
         "{rest:?}"
     );
 }
+
+/// Two `mesh-node`s pointed at one data directory: the second is refused before it touches
+/// anything there, naming the directory and the process that holds it; once the first has
+/// exited the directory is free again (the kernel drops the lock with the process).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_mesh_node_on_the_same_data_directory_is_refused() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let data_dir = dir.path().join("data");
+    let config = config_file(dir.path(), &data_dir);
+    let mut first = NodeProcess::start(from_file(&config)).await;
+    let first_pid = first.pid();
+
+    let second = bounded(
+        "the second node to exit",
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_mesh-node"))
+            .args(["--api", "reapi", "--config"])
+            .arg(&config)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert!(!second.status.success(), "the second node started");
+    let stderr = text(&second.stderr);
+    assert!(
+        stderr.contains(&format!("data directory {} is in use", data_dir.display()))
+            && stderr.contains(&format!("process {first_pid} holds")),
+        "{stderr}"
+    );
+    // The first never noticed: it still serves.
+    assert!(first.child_running(), "the first node exited");
+    first.terminate().await;
+
+    let mut again = NodeProcess::start(from_file(&config)).await;
+    again.terminate().await;
+}

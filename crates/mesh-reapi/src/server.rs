@@ -85,6 +85,9 @@ pub enum ReapiError {
     /// A setting is out of range.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The data directory is another replica's, or could not be locked.
+    #[error(transparent)]
+    DataDir(#[from] crate::DataDirError),
     /// The CAS could not be opened.
     #[error(transparent)]
     Cas(#[from] CasError),
@@ -138,6 +141,8 @@ struct Inner {
     handoff: JoinHandle<()>,
     sandboxed: bool,
     limits_resources: bool,
+    /// This replica's hold on its data directory, released with the last clone.
+    _lock: crate::data_lock::DataDirLock,
 }
 
 impl Drop for Inner {
@@ -160,6 +165,8 @@ impl Reapi {
                 "replication.factor 0 is invalid: it must be at least 1 (2 keeps every blob through the loss of a replica)".to_owned(),
             ));
         }
+        // Before anything under the directory is touched: the work directory is cleared below.
+        let lock = crate::data_lock::DataDirLock::acquire(&config.data_dir)?;
         node.load().set_max_concurrency(config.max_concurrency);
         let counters = Arc::new(ReapiCounters::default());
         let cas = Cas::open(&config.data_dir.join("cas"), config.cas_max_bytes)?;
@@ -223,6 +230,7 @@ impl Reapi {
                 handoff,
                 sandboxed,
                 limits_resources,
+                _lock: lock,
             }),
         })
     }

@@ -231,6 +231,16 @@ impl NodeProcess {
         format!("http://{}", self.grpc)
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the node is running")
+    }
+
+    /// Whether the process has not exited.
+    pub fn child_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// SIGTERM (a graceful leave), and wait for the process to exit.
     pub async fn terminate(&mut self) {
         let pid = self.child.id().expect("the node is running").to_string();
