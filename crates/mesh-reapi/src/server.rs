@@ -154,6 +154,10 @@ impl Drop for Inner {
 impl Reapi {
     /// Opens the replica's stores under `config.data_dir` and sets the node's concurrency
     /// limit to `config.max_concurrency`. Must be called inside a tokio runtime.
+    ///
+    /// The directory is this replica's alone while any clone of the returned `Reapi` lives
+    /// (an exclusive `flock` on `{data_dir}/lock`): opening it again, in this process or
+    /// another, fails with [`ReapiError::DataDir`] until every handle on the first is dropped.
     pub fn open(node: Node, config: &ReapiConfig) -> Result<Self, ReapiError> {
         if config.max_concurrency == 0 {
             return Err(ReapiError::Config(
