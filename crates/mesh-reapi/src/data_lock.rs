@@ -7,7 +7,9 @@
 //! it, before it can touch the first one's files: opening a replica clears its work
 //! directory, which holds the running actions' trees, and both would evict from one CAS.
 //! The kernel drops the lock with the process, so a replica that crashed never blocks its
-//! own restart. PostgreSQL guards its data directory the same way with `postmaster.pid`;
+//! own restart. The directory's file system must support `flock` (local ones and NFS do);
+//! on one that does not, the replica refuses to start, naming the directory and the
+//! system's error, rather than run unguarded. PostgreSQL guards its data directory the same way with `postmaster.pid`;
 //! a lock the kernel releases leaves no stale process id to check.
 
 use std::{
