@@ -41,9 +41,11 @@ pub enum DataDirError {
         /// What the lock file says of its holder (its process id), or `unknown`.
         holder: String,
     },
-    /// The lock file could not be made or locked.
-    #[error("locking the data directory {dir}: {source}")]
+    /// The directory or its lock file could not be made, or the lock taken.
+    #[error("{what} the data directory {dir}: {source}")]
     Io {
+        /// What failed: `creating` or `locking`.
+        what: &'static str,
         /// The directory.
         dir: PathBuf,
         /// The cause.
@@ -56,11 +58,15 @@ impl DataDirLock {
     /// Creates `dir` if needed and locks it for this replica, writing this process's id into
     /// the lock file for whoever is refused next.
     pub(crate) fn acquire(dir: &Path) -> Result<Self, DataDirError> {
-        let io_error = |source| DataDirError::Io {
-            dir: dir.to_owned(),
-            source,
+        let error = |what| {
+            move |source| DataDirError::Io {
+                what,
+                dir: dir.to_owned(),
+                source,
+            }
         };
-        fs::create_dir_all(dir).map_err(io_error)?;
+        let io_error = error("locking");
+        fs::create_dir_all(dir).map_err(error("creating"))?;
         let mut file = fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -83,7 +89,7 @@ impl DataDirLock {
                     },
                 });
             }
-            Err(errno) => return Err(io_error(errno.into())),
+            Err(errno) => return Err(io_error(io::Error::from(errno))),
         }
         file.set_len(0)
             .and_then(|()| file.rewind())
@@ -115,5 +121,18 @@ mod tests {
         );
         drop(first);
         DataDirLock::acquire(&dir).expect("free again once the first is dropped");
+    }
+
+    #[test]
+    fn a_directory_that_cannot_be_made_is_named_with_the_cause() {
+        let root = tempfile::tempdir().unwrap();
+        let file = root.path().join("a-file");
+        fs::write(&file, b"").unwrap();
+        let dir = file.join("data");
+        let text = DataDirLock::acquire(&dir).unwrap_err().to_string();
+        assert!(
+            text.starts_with(&format!("creating the data directory {}: ", dir.display())),
+            "{text}"
+        );
     }
 }
