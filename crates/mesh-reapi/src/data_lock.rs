@@ -9,8 +9,9 @@
 //! The kernel drops the lock with the process, so a replica that crashed never blocks its
 //! own restart. The directory's file system must support `flock` (local ones and NFS do);
 //! on one that does not, the replica refuses to start, naming the directory and the
-//! system's error, rather than run unguarded. PostgreSQL guards its data directory the same way with `postmaster.pid`;
-//! a lock the kernel releases leaves no stale process id to check.
+//! system's error, rather than run unguarded. PostgreSQL guards its data directory with
+//! `postmaster.pid`, whose process id it must check for staleness; a lock the kernel
+//! releases needs no such check.
 
 use std::{
     fs,
