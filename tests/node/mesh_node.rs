@@ -9,8 +9,8 @@ use crate::cluster_processes;
 use std::path::Path;
 
 use cluster_processes::{
-    NodeProcess, NodeSpec, bounded, examples, http_get, meshctl_json, run, samples, text,
-    upload_shell_action,
+    NodeProcess, NodeSpec, SignalledAtStart, bounded, examples, http_get, meshctl_json, run,
+    samples, text, upload_shell_action,
 };
 use mesh_reapi::{
     Digest,
@@ -282,50 +282,30 @@ async fn the_load_generator_drives_every_phase_and_fails_loudly() {
 /// it prints anything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_reapi_cluster_example_stops_cleanly_on_sigterm_while_it_starts() {
-    use tokio::io::AsyncBufReadExt as _;
-
     let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let mut child = tokio::process::Command::new(examples().join("reapi-cluster"))
+    let mut command = tokio::process::Command::new(examples().join("reapi-cluster"));
+    command
         .args(["--nodes", "3", "--sandbox", "off"])
         // Its default data directory is made in the temporary directory.
-        .env("TMPDIR", tmp.path())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = tokio::time::timeout(std::time::Duration::from_secs(60), lines.next_line())
-        .await
-        .expect("a first line within 60 s")
-        .unwrap()
-        .expect("a first line");
-    // SIGTERM at once: the replicas are still starting.
-    let pid = child.id().unwrap().to_string();
-    let kill = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let (_, dir) = first
+        .env("TMPDIR", tmp.path());
+    // SIGTERM at its first line: the replicas are still starting.
+    let run = SignalledAtStart::run(command).await;
+    let (_, dir) = run
+        .first
         .split_once("data in ")
-        .unwrap_or_else(|| panic!("the first line names the data directory: {first:?}"));
+        .unwrap_or_else(|| panic!("the first line names the data directory: {:?}", run.first));
     let data_dir = std::path::PathBuf::from(dir);
     assert!(data_dir.starts_with(tmp.path()), "{}", data_dir.display());
-
-    let mut rest = Vec::new();
-    let exit = tokio::time::timeout(std::time::Duration::from_secs(120), async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            rest.push(line);
-        }
-        child.wait().await.unwrap()
-    })
-    .await
-    .expect("reapi-cluster exits within 120 s of SIGTERM");
-    assert!(exit.success(), "exited with {exit}; printed {rest:?}");
     assert!(
-        rest.iter().any(|line| line.starts_with("r2 ")),
-        "no report line for r2 in {rest:?}"
+        run.exit.success(),
+        "exited with {}; printed {:?}",
+        run.exit,
+        run.rest
+    );
+    assert!(
+        run.rest.iter().any(|line| line.starts_with("r2 ")),
+        "no report line for r2 in {:?}",
+        run.rest
     );
     assert!(!data_dir.exists(), "{} was left behind", data_dir.display());
 }
@@ -335,44 +315,26 @@ async fn the_reapi_cluster_example_stops_cleanly_on_sigterm_while_it_starts() {
 /// killed mid-start. Its handlers are in place before it prints anything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mesh_node_drains_on_a_sigterm_that_comes_while_it_starts() {
-    use tokio::io::AsyncBufReadExt as _;
-
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let config = config_file(dir.path(), &dir.path().join("data"));
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mesh-node"))
-        .args(["--api", "reapi", "--config"])
-        .arg(&config)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = bounded("mesh-node's first line", lines.next_line())
-        .await
-        .unwrap()
-        .expect("a first line");
-    assert!(first.starts_with("reapi data in "), "{first}");
-    let pid = child.id().unwrap().to_string();
-    let kill = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let mut rest = Vec::new();
-    let exit = bounded("mesh-node to exit after SIGTERM", async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            rest.push(line);
-        }
-        child.wait().await.unwrap()
-    })
-    .await;
-    assert!(exit.success(), "exited with {exit}; printed {rest:?}");
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_mesh-node"));
+    command.args(["--api", "reapi", "--config"]).arg(&config);
+    let run = SignalledAtStart::run(command).await;
+    assert!(run.first.starts_with("reapi data in "), "{}", run.first);
     assert!(
-        rest.iter().any(|line| line.starts_with("draining: "))
-            && rest.iter().any(|line| line.contains("left the cluster")),
-        "{rest:?}"
+        run.exit.success(),
+        "exited with {}; printed {:?}",
+        run.exit,
+        run.rest
+    );
+    assert!(
+        run.rest.iter().any(|line| line.starts_with("draining: "))
+            && run
+                .rest
+                .iter()
+                .any(|line| line.contains("left the cluster")),
+        "{:?}",
+        run.rest
     );
 }
 

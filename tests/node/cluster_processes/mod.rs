@@ -243,12 +243,7 @@ impl NodeProcess {
 
     /// SIGTERM (a graceful leave), and wait for the process to exit.
     pub async fn terminate(&mut self) {
-        let pid = self.child.id().expect("the node is running").to_string();
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill -TERM {pid}");
+        sigterm(&self.child);
         let exit = bounded(&format!("node {} to exit", self.name), self.child.wait())
             .await
             .unwrap();
@@ -259,6 +254,56 @@ impl NodeProcess {
     pub async fn kill9(&mut self) {
         self.child.start_kill().unwrap();
         self.child.wait().await.unwrap();
+    }
+}
+
+/// Sends SIGTERM to `child`.
+pub fn sigterm(child: &Child) {
+    let pid = child.id().expect("the process is running").to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -TERM {pid}");
+}
+
+/// A process started from `command` that is sent SIGTERM as soon as it prints its first line
+/// (for a program that must answer a signal that comes while it starts).
+pub struct SignalledAtStart {
+    /// Its first line, printed before the signal was sent.
+    pub first: String,
+    /// Every line it printed after that.
+    pub rest: Vec<String>,
+    /// How it exited.
+    pub exit: std::process::ExitStatus,
+}
+
+impl SignalledAtStart {
+    /// Starts `command` (its stdout read here, its stderr dropped), sends SIGTERM once it has
+    /// printed a line, and waits for it to exit, each within [`BOUND`].
+    pub async fn run(mut command: Command) -> Self {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the program starts");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let first = bounded("its first line", lines.next_line())
+            .await
+            .unwrap()
+            .expect("a first line");
+        sigterm(&child);
+        let (rest, exit) = bounded("it to exit after SIGTERM", async {
+            let mut rest = Vec::new();
+            while let Some(line) = lines.next_line().await.unwrap() {
+                rest.push(line);
+            }
+            (rest, child.wait().await.unwrap())
+        })
+        .await;
+        Self { first, rest, exit }
     }
 }
 
