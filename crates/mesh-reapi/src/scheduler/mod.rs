@@ -536,6 +536,10 @@ async fn run(
     completion.finish(response);
 }
 
+/// Placements a slot may have going at once before the actions placing count as load again
+/// (see `run`).
+const PLACING_PER_SLOT: usize = 4;
+
 /// One operation in [`Inner::placing`] while it lives.
 struct Placing<'a>(&'a AtomicUsize);
 
@@ -546,10 +550,6 @@ impl<'a> Placing<'a> {
         (Self(count), now)
     }
 }
-
-/// Placements a slot may have going at once before the actions placing count as load again
-/// (see `run`).
-const PLACING_PER_SLOT: usize = 4;
 
 impl Drop for Placing<'_> {
     fn drop(&mut self) {

@@ -443,10 +443,7 @@ async fn an_action_is_held_to_its_process_and_memory_limits() {
         return cluster.shutdown().await;
     }
     // Forty children of 16 allowed: forks fail, and the action sees it.
-    let forks = shell(
-        "n=0; for i in $(seq 1 40); do sleep 2 & n=$((n+1)); done 2>/dev/null; \
-         echo started; wait",
-    );
+    let forks = forty_children();
     let response = run(&cluster, &forks).await;
     let result = response.result.as_ref().expect("a result");
     assert_ne!(
@@ -468,6 +465,14 @@ async fn an_action_is_held_to_its_process_and_memory_limits() {
     let response = run(&cluster, &small).await;
     assert_eq!(stdout(&cluster, &response), "ok\n");
     cluster.shutdown().await;
+}
+
+/// An action that starts forty children, past the limits of 16 these tests set.
+fn forty_children() -> TestAction {
+    shell(
+        "n=0; for i in $(seq 1 40); do sleep 2 & n=$((n+1)); done 2>/dev/null; \
+         echo started; wait",
+    )
 }
 
 /// With a process limit only, on cgroup v1 an action is born in its group: the thread that
@@ -493,10 +498,7 @@ fn an_action_with_a_process_limit_only_is_held_to_it_and_no_replica_thread_stays
         if !limited(&cluster, "process limit only") {
             return cluster.shutdown().await;
         }
-        let forks = shell(
-            "n=0; for i in $(seq 1 40); do sleep 2 & n=$((n+1)); done 2>/dev/null; \
-             echo started; wait",
-        );
+        let forks = forty_children();
         let within = shell("for i in 1 2 3; do sleep 0.1 & done; wait; echo ok");
         // Several at once, so spawns from different threads overlap.
         let (a, b, c, d) = tokio::join!(
